@@ -1,0 +1,142 @@
+"""Configuration of the hybrid model: Lightning linear attention and InfLLM-V2 sparse attention layers.
+
+Copied verbatim into every exported model folder; imports only transformers.
+"""
+
+from __future__ import annotations
+
+from transformers import PretrainedConfig
+
+# transformers validates `layer_types` against its own vocabulary, so the two kinds use its names: Lightning layers are
+# "linear_attention"; the softmax-attention layers ("full_attention") run as InfLLM-V2 sparse attention beyond
+# `sparse_dense_len`. The short names "lightning" and "sparse" are accepted on input.
+LIGHTNING = "linear_attention"
+SPARSE = "full_attention"
+LAYER_KINDS = (LIGHTNING, SPARSE)
+LAYER_ALIASES = {"lightning": LIGHTNING, "linear": LIGHTNING, "sparse": SPARSE, "attention": SPARSE}
+DECAY_SCHEDULES = ("sala", "layerwise")
+
+
+class HybridConfig(PretrainedConfig):
+    """Shape of the source model plus the hybrid's per-layer choices.
+
+    `layer_types[i]` is "linear_attention" (Lightning) or "full_attention" (sparse). Lightning options follow MiniCPM-SALA (fixed ALiBi-slope decay, the
+    same in every layer, unless `lightning_decay="layerwise"`); sparse options are InfLLM-V2's defaults. With `hype`
+    the sparse layers use no positional encoding (NoPE) and the Lightning layers keep RoPE; without it both use RoPE.
+    """
+
+    model_type = "hybridize"
+    keys_to_ignore_at_inference = ["past_key_values", "cache"]
+
+    def __init__(
+        self,
+        vocab_size: int = 32000,
+        hidden_size: int = 4096,
+        intermediate_size: int = 11008,
+        num_hidden_layers: int = 32,
+        num_attention_heads: int = 32,
+        num_key_value_heads: int | None = None,
+        head_dim: int | None = None,
+        hidden_act: str = "silu",
+        max_position_embeddings: int = 2048,
+        initializer_range: float = 0.02,
+        rms_norm_eps: float = 1e-6,
+        use_cache: bool = True,
+        tie_word_embeddings: bool = False,
+        rope_parameters: dict | None = None,
+        qkv_bias: bool = False,
+        o_bias: bool = False,
+        mlp_bias: bool = False,
+        qk_norm: bool = False,
+        layer_types: list[str] | None = None,
+        hype: bool = True,
+        output_gates: bool = True,
+        lightning_decay: str = "sala",
+        lightning_chunk_size: int = 64,
+        sparse_dense_len: int = 8192,
+        sparse_block_size: int = 64,
+        sparse_compress_kernel: int = 32,
+        sparse_compress_stride: int = 16,
+        sparse_topk: int = 96,
+        sparse_init_blocks: int = 1,
+        sparse_local_blocks: int = 32,
+        sparse_query_log_scale: float | None = None,
+        source_model_type: str | None = None,
+        pad_token_id: int | None = None,
+        bos_token_id: int | None = 1,
+        eos_token_id: int | list[int] | None = 2,
+        **kwargs,
+    ):
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.intermediate_size = intermediate_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.num_key_value_heads = num_attention_heads if num_key_value_heads is None else num_key_value_heads
+        self.head_dim = hidden_size // num_attention_heads if head_dim is None else head_dim
+        self.hidden_act = hidden_act
+        self.max_position_embeddings = max_position_embeddings
+        self.initializer_range = initializer_range
+        self.rms_norm_eps = rms_norm_eps
+        self.use_cache = use_cache
+        self.rope_parameters = dict(rope_parameters or {"rope_type": "default", "rope_theta": 10000.0})
+        self.rope_parameters.setdefault("rope_type", "default")
+        self.qkv_bias = qkv_bias
+        self.o_bias = o_bias
+        self.mlp_bias = mlp_bias
+        self.qk_norm = qk_norm
+        if layer_types is None:
+            layer_types = default_layer_types(num_hidden_layers)
+        self.layer_types = [LAYER_ALIASES.get(t, t) for t in layer_types]
+        self.hype = hype
+        self.output_gates = output_gates
+        self.lightning_decay = lightning_decay
+        self.lightning_chunk_size = lightning_chunk_size
+        self.sparse_dense_len = sparse_dense_len
+        self.sparse_block_size = sparse_block_size
+        self.sparse_compress_kernel = sparse_compress_kernel
+        self.sparse_compress_stride = sparse_compress_stride
+        self.sparse_topk = sparse_topk
+        self.sparse_init_blocks = sparse_init_blocks
+        self.sparse_local_blocks = sparse_local_blocks
+        self.sparse_query_log_scale = sparse_query_log_scale
+        self.source_model_type = source_model_type
+        self._validate()
+        super().__init__(
+            pad_token_id=pad_token_id,
+            bos_token_id=bos_token_id,
+            eos_token_id=eos_token_id,
+            tie_word_embeddings=tie_word_embeddings,
+            **kwargs,
+        )
+
+    def _validate(self) -> None:
+        if len(self.layer_types) != self.num_hidden_layers:
+            raise ValueError(
+                f"layer_types has {len(self.layer_types)} entries but num_hidden_layers is {self.num_hidden_layers}"
+            )
+        bad = sorted({t for t in self.layer_types if t not in LAYER_KINDS})
+        if bad:
+            raise ValueError(f"layer_types may contain only {LAYER_KINDS}, got {bad}")
+        if self.lightning_decay not in DECAY_SCHEDULES:
+            raise ValueError(f"lightning_decay must be one of {DECAY_SCHEDULES}, got {self.lightning_decay!r}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
+        if self.sparse_init_blocks + self.sparse_local_blocks > self.sparse_topk:
+            raise ValueError("sparse_topk must cover sparse_init_blocks + sparse_local_blocks")
+        if self.sparse_local_blocks < 1:
+            raise ValueError("sparse_local_blocks must be at least 1 (the query's own block)")
+        if self.sparse_block_size % self.sparse_compress_stride:
+            raise ValueError("sparse_block_size must be a multiple of sparse_compress_stride")
+
+    @property
+    def sparse_layers(self) -> list[int]:
+        return [i for i, t in enumerate(self.layer_types) if t == SPARSE]
+
+
+def default_layer_types(num_layers: int) -> list[str]:
+    """Every fourth layer sparse (the last of each group of four), the rest Lightning."""
+    return [SPARSE if i % 4 == 3 else LIGHTNING for i in range(num_layers)]
+
+
+__all__ = ["HybridConfig", "LIGHTNING", "SPARSE", "LAYER_KINDS", "default_layer_types"]

