@@ -24,7 +24,33 @@ def _fail_cleanly(fn, *args, **kwargs):
         raise UserError(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+# Commands that live in their own modules (imported only when used, so `hybridize --help` stays fast).
+LAZY_COMMANDS = {
+    "score": "hybridize.select.cli:score",
+    "train": "hybridize.train.cli:train",
+    "eval": "hybridize.eval.cli:eval_command",
+    "bench": "hybridize.eval.cli:bench_command",
+    "push": "hybridize.hub:push_command",
+}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx):
+        return sorted(set(super().list_commands(ctx)) | set(LAZY_COMMANDS))
+
+    def get_command(self, ctx, name):
+        if name in LAZY_COMMANDS:
+            import importlib
+
+            module, attr = LAZY_COMMANDS[name].split(":")
+            try:
+                return getattr(importlib.import_module(module), attr)
+            except (ImportError, AttributeError):
+                return None  # not built yet
+        return super().get_command(ctx, name)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="hybridize")
 def main():
     """Turn a dense Llama-family Transformer into a Lightning + InfLLM-V2 sparse hybrid."""
