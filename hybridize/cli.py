@@ -45,8 +45,10 @@ class LazyGroup(click.Group):
             module, attr = LAZY_COMMANDS[name].split(":")
             try:
                 return getattr(importlib.import_module(module), attr)
-            except (ImportError, AttributeError):
-                return None  # not built yet
+            except ModuleNotFoundError as e:
+                if e.name == module:
+                    return None  # this command's module is not part of this build
+                raise
         return super().get_command(ctx, name)
 
 
