@@ -9,7 +9,8 @@ For one query at position t (0-based, logical: padding removed) over keys 0..t:
 3. Block score of 64-token block j: the max of those scores over the compressed keys that overlap block j (for the
    defaults: max-pool with kernel 5, stride 4, padding 1).
 4. Selection: the init block(s) and the local window (the query's own block and the `local_blocks - 1` before it) are
-   always kept; the rest of the `topk` budget goes to the highest-scoring earlier blocks; nothing after the own block.
+   always kept; the rest of the `topk` budget goes to the highest-scoring earlier blocks (equal scores: the later
+   block wins); nothing after the own block.
    Queries whose key length t + 1 is below `dense_len`, or that see no more than `topk` blocks, keep every block.
 5. Attention: ordinary softmax attention of the query over the tokens of its selected blocks (causal in its own block).
 
@@ -99,7 +100,10 @@ def select_blocks(
     dense_query = ((t + 1) < dense_len) | ((own + 1) <= topk)  # (Tq, 1)
     ranked = block_scores.masked_fill(forced, float("inf")).masked_fill(~visible_blocks, float("-inf"))
     k_eff = min(topk, num_kv_blocks)
-    top = ranked.topk(k_eff, dim=-1).indices
+    # Ties (common: neighbouring blocks share the compressed keys they overlap) go to the later block: a stable
+    # descending sort over the blocks in reverse order.
+    order = torch.sort(ranked.flip(-1), dim=-1, descending=True, stable=True).indices[..., :k_eff]
+    top = num_kv_blocks - 1 - order
     chosen = torch.zeros_like(ranked, dtype=torch.bool).scatter_(-1, top, True)
     mask = (chosen | forced | dense_query) & visible_blocks
     if return_scores:

@@ -1,0 +1,25 @@
+import os
+
+import pytest
+import torch
+
+# Two CPU cores on CI: more threads only add contention.
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def seed():
+    """A fresh seed per test run (printed on failure) so random-input checks see new data each time."""
+    value = int.from_bytes(os.urandom(4), "little")
+    torch.manual_seed(value)
+    print(f"seed={value}")
+    return value

@@ -1,0 +1,39 @@
+"""Tiny real transformers models shared by the tests."""
+
+from __future__ import annotations
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+TINY_SPARSE = dict(  # block structure small enough that short sequences cross many blocks
+    sparse_dense_len=24,
+    sparse_block_size=16,
+    sparse_compress_kernel=8,
+    sparse_compress_stride=4,
+    sparse_topk=4,
+    sparse_init_blocks=1,
+    sparse_local_blocks=2,
+)
+
+
+def tiny_llama(num_kv_heads: int = 2, layers: int = 4, tie: bool = False, vocab: int = 97, seed: int = 0):
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=112,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=num_kv_heads,
+        max_position_embeddings=1024,
+        tie_word_embeddings=tie,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    model = LlamaForCausalLM(config).eval()
+    # Random init gives near-uniform logits; scale up so greedy choices are not decided by rounding.
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8.0)
+    return model
