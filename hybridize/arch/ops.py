@@ -16,6 +16,26 @@ except ImportError:  # the hybridize package
     from hybridize.kernels.lightning_reference import lightning_attn_chunked, lightning_attn_recurrent
     from hybridize.kernels.sparse_reference import compress_keys, infllm_v2_attention, num_compressed
 
+try:  # Lightning Triton kernels (HAS_TRITON is False where triton is missing)
+    from .lightning_triton import HAS_TRITON as _LIGHTNING_TRITON
+    from .lightning_triton import lightning_attn_chunked_triton, lightning_attn_recurrent_triton
+except ImportError:
+    try:
+        from hybridize.kernels.lightning_triton import HAS_TRITON as _LIGHTNING_TRITON
+        from hybridize.kernels.lightning_triton import lightning_attn_chunked_triton, lightning_attn_recurrent_triton
+    except ImportError:
+        _LIGHTNING_TRITON = False
+
+try:  # InfLLM-V2 sparse Triton kernels (HAS_TRITON is False where triton is missing)
+    from .sparse_triton import HAS_TRITON as _SPARSE_TRITON
+    from .sparse_triton import infllm_v2_attention_triton, supports as _sparse_supports
+except ImportError:
+    try:
+        from hybridize.kernels.sparse_triton import HAS_TRITON as _SPARSE_TRITON
+        from hybridize.kernels.sparse_triton import infllm_v2_attention_triton, supports as _sparse_supports
+    except ImportError:
+        _SPARSE_TRITON = False
+
 __all__ = ["lightning_attention", "sparse_attention", "compress_keys", "num_compressed"]
 
 # Below this many new tokens with a carried state, the recurrence is cheaper than the chunked form.
@@ -24,15 +44,32 @@ _RECURRENT_MAX_TOKENS = 16
 
 def lightning_attention(q, k, v, log_decay, *, scale, initial_state=None, output_final_state=False,
                         chunk_size=64, cu_seqlens=None):
-    """Decayed linear attention. q, k, v (B, H, T, D); returns (o, final_state or None)."""
+    """Decayed linear attention. q, k, v (B, H, T, D); returns (o, final_state or None).
+    CUDA tensors go to the Triton kernels (which use their own block size); anything else to the PyTorch reference."""
+    if _LIGHTNING_TRITON and q.is_cuda:
+        decoding = initial_state is not None and q.shape[2] <= _RECURRENT_MAX_TOKENS and cu_seqlens is None
+        if decoding and not (torch.is_grad_enabled() and any(
+                t.requires_grad for t in (q, k, v, initial_state))):
+            return lightning_attn_recurrent_triton(q, k, v, log_decay, scale, initial_state, output_final_state)
+        return lightning_attn_chunked_triton(q, k, v, log_decay, scale, initial_state, output_final_state, 64,
+                                             cu_seqlens)
     if initial_state is not None and q.shape[2] <= _RECURRENT_MAX_TOKENS and cu_seqlens is None:
         return lightning_attn_recurrent(q, k, v, log_decay, scale, initial_state, output_final_state)
     return lightning_attn_chunked(q, k, v, log_decay, scale, initial_state, output_final_state, chunk_size,
                                   cu_seqlens)
 
 
+_TRITON_ONLY_OPTIONS = ("selection", "select_tokens", "coarse", "coarse_kernel", "coarse_stride")
+
+
 def sparse_attention(q, k, v, q_pos, ckeys=None, **options):
-    """InfLLM-V2 attention for one logical (unpadded) sequence batch; dense below `dense_len`."""
+    """InfLLM-V2 attention for one logical (unpadded) sequence batch; dense below `dense_len`.
+    CUDA tensors go to the Triton kernels (exact per-token selection unless `selection="block"` / `coarse=True` ask
+    for the documented approximations of sparse_triton.py); anything else to the PyTorch reference."""
+    if _SPARSE_TRITON and q.is_cuda and _sparse_supports(
+            q, k, block_size=options.get("block_size", 64), stride=options.get("stride", 16)):
+        return infllm_v2_attention_triton(q, k, v, q_pos, ckeys, **options)
+    options = {name: value for name, value in options.items() if name not in _TRITON_ONLY_OPTIONS}
     return infllm_v2_attention(q, k, v, q_pos, ckeys, **options)
 
 

@@ -1,0 +1,411 @@
+"""Lightning attention (decayed linear attention) in Triton: chunked forward/backward and a decode step.
+
+Computes exactly the function of `lightning_reference.py` (same arguments, same outputs):
+
+    S_t = g_h * S_{t-1} + k_t^T v_t,   o_t = scale * q_t S_t,   g_h = exp(log_decay[h])
+
+Design (memory-bound at d = 128 on Hopper). One kernel, `_scan_chunks_kernel`, does all the work: a program owns one
+(sequence, head, column tile) and walks the chunks of its sequence in order, keeping its slice of the state in
+registers, so no per-chunk state ever goes to memory. Per chunk of CH tokens, with M[i, j] = g^(i-j) for i >= j:
+
+    out  = scale_out * ( ((a b^T) * M * scale_state) c  +  (g^(i+1) a) X )
+    X   <- g^len X + scale_state * (g^(len-1-j) b)^T c
+
+The same kernel walked backwards in time (REVERSE) gives the adjoint recurrence, so the backward pass is three scans:
+
+    dq = scan(a=dO, b=v,  c=k,  X0 = S0^T)            forward in time, scale_out = scale
+    dv = scan(a=k,  b=q,  c=dO, X0 = dS_T)            reverse in time, scale_state = scale; its last state * g = dS0
+    dk = scan(a=v,  b=dO, c=q,  X0 = dS_T^T)          reverse in time, scale_state = scale
+
+where dS_T is the gradient arriving at the final state (zero when unused). All decays are exp(log_decay * distance)
+in float32; states and accumulation are float32; the intra-chunk products run on the tensor cores in the input dtype.
+
+`cu_seqlens` packs documents along T (B must be 1): a program then owns one document, and the state restarts there.
+The decode kernel reads each (batch, head) state tile once, applies one or a few tokens and writes it once.
+
+This file imports only torch and triton (triton inside try so that machines without it can still import the model).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - exercised only where triton is missing
+    HAS_TRITON = False
+
+__all__ = [
+    "HAS_TRITON",
+    "ScanConfig",
+    "lightning_attn_chunked_triton",
+    "lightning_attn_recurrent_triton",
+    "lightning_attn_step_triton",
+]
+
+
+@dataclass(frozen=True)
+class ScanConfig:
+    """Launch parameters of the chunk scan. `block_c`: width of the column tile one program owns (more tiles, more
+    programs); `state_lowp`: multiply the carried state in the input dtype (faster, a bf16 rounding of the state)
+    instead of tf32."""
+
+    block_c: int = 64
+    num_warps: int = 4
+    num_stages: int = 2
+    state_lowp: bool = False
+
+
+DEFAULT_CONFIG = ScanConfig()
+DEFAULT_BWD_CONFIG = ScanConfig()
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _scan_chunks_kernel(
+        A, Bm, Cm, Out, Init, Final, LogDecay, CuSeqlens,
+        T, H, DA, DC,
+        s_ab, s_ah, s_at,
+        s_bb, s_bh, s_bt,
+        s_cb, s_ch, s_ct,
+        s_ob, s_oh, s_ot,
+        s_in, s_ih, s_ir, s_ic,
+        s_fn, s_fh, s_fr, s_fc,
+        scale_out, scale_state,
+        CH: tl.constexpr, BA: tl.constexpr, BC: tl.constexpr,
+        HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr, VARLEN: tl.constexpr, REVERSE: tl.constexpr,
+        STATE_LOWP: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        pid_c = tl.program_id(1)
+        n = pid // H
+        h = pid % H
+        if VARLEN:
+            bos = tl.load(CuSeqlens + n).to(tl.int64)
+            L = (tl.load(CuSeqlens + n + 1).to(tl.int64) - bos).to(tl.int32)
+            nb = (n * 0).to(tl.int64)
+        else:
+            bos = (n * 0).to(tl.int64)
+            L = T
+            nb = n.to(tl.int64)
+        h64 = h.to(tl.int64)
+        a_base = A + nb * s_ab + h64 * s_ah
+        b_base = Bm + nb * s_bb + h64 * s_bh
+        c_base = Cm + nb * s_cb + h64 * s_ch
+        o_base = Out + nb * s_ob + h64 * s_oh
+
+        ra = tl.arange(0, BA)
+        rc = pid_c * BC + tl.arange(0, BC)
+        ma = ra < DA
+        mc = rc < DC
+        idx = tl.arange(0, CH)
+        fidx = idx.to(tl.float32)
+        ld = tl.load(LogDecay + h).to(tl.float32)
+
+        if REVERSE:
+            diff = fidx[None, :] - fidx[:, None]
+        else:
+            diff = fidx[:, None] - fidx[None, :]
+        decay_mask = tl.where(diff >= 0, tl.exp(ld * tl.maximum(diff, 0.0)), 0.0)
+
+        n64 = n.to(tl.int64)
+        if HAS_INIT:
+            x_ptrs = Init + n64 * s_in + h64 * s_ih + ra[:, None] * s_ir + rc[None, :] * s_ic
+            X = tl.load(x_ptrs, mask=ma[:, None] & mc[None, :], other=0.0).to(tl.float32)
+        else:
+            X = tl.full((BA, BC), 0.0, tl.float32)
+
+        nchunks = (L + CH - 1) // CH
+        for i in range(nchunks):
+            if REVERSE:
+                ci = nchunks - 1 - i
+            else:
+                ci = i
+            start = ci * CH
+            t = start + idx
+            mt = t < L
+            rows = bos + t.to(tl.int64)
+            a = tl.load(a_base + rows[:, None] * s_at + ra[None, :], mask=mt[:, None] & ma[None, :], other=0.0)
+            b = tl.load(b_base + rows[:, None] * s_bt + ra[None, :], mask=mt[:, None] & ma[None, :], other=0.0)
+            c = tl.load(c_base + rows[:, None] * s_ct + rc[None, :], mask=mt[:, None] & mc[None, :], other=0.0)
+            clen = tl.minimum(L - start, CH).to(tl.float32)
+            if REVERSE:
+                # the first chunk walked holds the last token, whose state is X0 itself (no decay step before it)
+                shift = tl.where(i == 0, 1.0, 0.0)
+                a_decay = tl.exp(ld * tl.maximum(clen - fidx - shift, 0.0))
+                b_decay = tl.exp(ld * fidx)
+                x_decay = tl.exp(ld * (clen - shift))
+            else:
+                a_decay = tl.exp(ld * (fidx + 1.0))
+                b_decay = tl.exp(ld * tl.maximum(clen - 1.0 - fidx, 0.0))
+                x_decay = tl.exp(ld * clen)
+            a_decay = tl.where(mt, a_decay, 0.0)
+            b_decay = tl.where(mt, b_decay * scale_state, 0.0)
+
+            scores = tl.dot(a, tl.trans(b)) * (decay_mask * scale_state)
+            acc = tl.dot(scores.to(c.dtype), c)
+            a_dec = a.to(tl.float32) * a_decay[:, None]
+            if STATE_LOWP:
+                acc += tl.dot(a_dec.to(c.dtype), X.to(c.dtype))
+            else:
+                acc += tl.dot(a_dec, X)
+            o_ptrs = o_base + rows[:, None] * s_ot + rc[None, :]
+            tl.store(o_ptrs, (acc * scale_out).to(Out.dtype.element_ty), mask=mt[:, None] & mc[None, :])
+
+            b_dec = (b.to(tl.float32) * b_decay[:, None]).to(c.dtype)
+            X = X * x_decay + tl.dot(tl.trans(b_dec), c)
+
+        if STORE_FINAL:
+            if REVERSE:
+                # gradient of the state *before* the first token: one more decay step
+                X = X * tl.where(nchunks > 0, tl.exp(ld), 1.0)
+            f_ptrs = Final + n64 * s_fn + h64 * s_fh + ra[:, None] * s_fr + rc[None, :] * s_fc
+            tl.store(f_ptrs, X, mask=ma[:, None] & mc[None, :])
+
+    @triton.jit
+    def _add(x, y):
+        # The kernels here call no jit helper of triton's own library (tl.sum, tl.zeros, tl.cdiv): the tests build this
+        # file for the Triton interpreter inside a process where triton was imported compiled, and helpers decorated
+        # then cannot run under the interpreter.
+        return x + y
+
+    @triton.jit
+    def _decode_step_kernel(
+        Q, K, V, O, SIn, SOut, LogDecay,
+        TN, H, DK, DV,
+        s_qb, s_qh, s_qt,
+        s_kb, s_kh, s_kt,
+        s_vb, s_vh, s_vt,
+        s_ob, s_oh, s_ot,
+        s_ib, s_ih, s_ir, s_ic,
+        s_sb, s_sh, s_sr, s_sc,
+        scale,
+        BK: tl.constexpr, BV: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        pid_v = tl.program_id(1)
+        b = (pid // H).to(tl.int64)
+        h = (pid % H).to(tl.int64)
+        rk = tl.arange(0, BK)
+        rv = pid_v * BV + tl.arange(0, BV)
+        mk = rk < DK
+        mv = rv < DV
+        m2 = mk[:, None] & mv[None, :]
+        S = tl.load(SIn + b * s_ib + h * s_ih + rk[:, None] * s_ir + rv[None, :] * s_ic, mask=m2, other=0.0)
+        g = tl.exp(tl.load(LogDecay + h).to(tl.float32))
+        for t in range(TN):
+            q = tl.load(Q + b * s_qb + h * s_qh + t * s_qt + rk, mask=mk, other=0.0).to(tl.float32)
+            k = tl.load(K + b * s_kb + h * s_kh + t * s_kt + rk, mask=mk, other=0.0).to(tl.float32)
+            v = tl.load(V + b * s_vb + h * s_vh + t * s_vt + rv, mask=mv, other=0.0).to(tl.float32)
+            S = S * g + k[:, None] * v[None, :]
+            o = tl.reduce(q[:, None] * S, 0, _add) * scale
+            tl.store(O + b * s_ob + h * s_oh + t * s_ot + rv, o.to(O.dtype.element_ty), mask=mv)
+        tl.store(SOut + b * s_sb + h * s_sh + rk[:, None] * s_sr + rv[None, :] * s_sc, S, mask=m2)
+
+
+def _require_triton() -> None:
+    if not HAS_TRITON:
+        raise RuntimeError("triton is not installed: use lightning_reference instead of lightning_triton")
+
+
+def _pow2(n: int) -> int:
+    return max(16, 1 << (int(n) - 1).bit_length())
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """The kernels index the last dimension with unit stride; anything else gets copied."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _scan(a, b, c, log_decay, *, init, init_transposed, reverse, scale_out, scale_state, store_final, cu_seqlens,
+          chunk, out_dtype, config: ScanConfig):
+    """One chunk scan (see the module docstring). a, b (B, H, T, DA); c (B, H, T, DC) -> out (B, H, T, DC) and,
+    when asked, the last state (N, H, DA, DC) float32."""
+    B, H, T, DA = a.shape
+    DC = c.shape[-1]
+    N = B if cu_seqlens is None else cu_seqlens.numel() - 1
+    out = torch.empty(B, H, T, DC, device=a.device, dtype=out_dtype)
+    final = torch.empty(N, H, DA, DC, device=a.device, dtype=torch.float32) if store_final else out
+    has_init = init is not None
+    if has_init:
+        sn, sh, sr, sc = init.stride()
+        if init_transposed:
+            sr, sc = sc, sr
+        init_strides = (sn, sh, sr, sc)
+    else:
+        init = out
+        init_strides = (0, 0, 0, 0)
+    final_strides = final.stride() if store_final else (0, 0, 0, 0)
+    BA = _pow2(DA)
+    BC = min(_pow2(config.block_c), _pow2(DC))
+    grid = (N * H, triton.cdiv(DC, BC))
+    _scan_chunks_kernel[grid](
+        a, b, c, out, init, final, log_decay, cu_seqlens if cu_seqlens is not None else log_decay,
+        T, H, DA, DC,
+        a.stride(0), a.stride(1), a.stride(2),
+        b.stride(0), b.stride(1), b.stride(2),
+        c.stride(0), c.stride(1), c.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        *init_strides, *final_strides,
+        float(scale_out), float(scale_state),
+        CH=chunk, BA=BA, BC=BC,
+        HAS_INIT=has_init, STORE_FINAL=store_final, VARLEN=cu_seqlens is not None,
+        REVERSE=reverse, STATE_LOWP=config.state_lowp,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    return out, (final if store_final else None)
+
+
+class _LightningChunked(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, log_decay, initial_state, scale, output_final_state, cu_seqlens, chunk, config,
+                bwd_config):
+        q, k, v = _rows(q), _rows(k), _rows(v)
+        o, final = _scan(q, k, v, log_decay, init=initial_state, init_transposed=False, reverse=False,
+                         scale_out=scale, scale_state=1.0, store_final=output_final_state, cu_seqlens=cu_seqlens,
+                         chunk=chunk, out_dtype=q.dtype, config=config)
+        ctx.save_for_backward(q, k, v, log_decay, initial_state, cu_seqlens)
+        ctx.scale, ctx.chunk, ctx.config = scale, chunk, bwd_config
+        if final is None:
+            return o
+        return o, final
+
+    @staticmethod
+    def backward(ctx, do, dfinal=None):
+        q, k, v, log_decay, initial_state, cu_seqlens = ctx.saved_tensors
+        scale, chunk, config = ctx.scale, ctx.chunk, ctx.config
+        do = _rows(do)
+        dfinal = None if dfinal is None else dfinal.float()
+        common = dict(cu_seqlens=cu_seqlens, chunk=chunk, config=config)
+        dq = dk = dv = dinit = None
+        need_q, need_k, need_v = ctx.needs_input_grad[:3]
+        need_init = initial_state is not None and ctx.needs_input_grad[4]
+        if need_q:
+            dq, _ = _scan(do, v, k, log_decay, init=initial_state, init_transposed=True, reverse=False,
+                          scale_out=scale, scale_state=1.0, store_final=False, out_dtype=q.dtype, **common)
+        if need_v or need_init:
+            dv, dinit = _scan(k, q, do, log_decay, init=dfinal, init_transposed=False, reverse=True,
+                              scale_out=1.0, scale_state=scale, store_final=need_init, out_dtype=v.dtype, **common)
+        if need_k:
+            dk, _ = _scan(v, do, q, log_decay, init=dfinal, init_transposed=True, reverse=True,
+                          scale_out=1.0, scale_state=scale, store_final=False, out_dtype=k.dtype, **common)
+        if dinit is not None:
+            dinit = dinit.to(initial_state.dtype)
+        return dq, dk, (dv if need_v else None), None, dinit, None, None, None, None, None, None
+
+
+def _check(q, k, v, log_decay, initial_state, cu_seqlens, chunk_size):
+    if q.dim() != 4 or k.shape != q.shape or v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"q, k must be (B, H, T, Dk) and v (B, H, T, Dv); got {tuple(q.shape)}, {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}")
+    B, H = q.shape[:2]
+    if log_decay.shape != (H,):
+        raise ValueError(f"log_decay must have shape ({H},), got {tuple(log_decay.shape)}")
+    if chunk_size not in (16, 32, 64, 128):
+        raise ValueError(f"chunk_size must be 16, 32, 64 or 128 for the Triton kernel, got {chunk_size}")
+    if cu_seqlens is not None and B != 1:
+        raise ValueError("cu_seqlens needs batch size 1 (documents packed along the time axis)")
+    N = B if cu_seqlens is None else cu_seqlens.numel() - 1
+    if initial_state is not None and initial_state.shape != (N, H, q.shape[-1], v.shape[-1]):
+        raise ValueError(f"initial_state must have shape {(N, H, q.shape[-1], v.shape[-1])}, "
+                         f"got {tuple(initial_state.shape)}")
+
+
+def lightning_attn_chunked_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    log_decay: torch.Tensor,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    chunk_size: int = 64,
+    cu_seqlens: torch.Tensor | None = None,
+    config: ScanConfig | None = None,
+    bwd_config: ScanConfig | None = None,
+):
+    """Chunked form for training and prefill; differentiable in q, k, v, initial_state and through the final state.
+    Same contract as `lightning_reference.lightning_attn_chunked`. Returns (o, final_state or None).
+    `config` / `bwd_config`: launch parameters of the forward scan and of the three backward scans."""
+    _require_triton()
+    _check(q, k, v, log_decay, initial_state, cu_seqlens, chunk_size)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    log_decay = log_decay.detach().float().contiguous()
+    if cu_seqlens is not None:
+        cu_seqlens = cu_seqlens.to(device=q.device, dtype=torch.int32).contiguous()
+    if initial_state is not None:
+        initial_state = initial_state.float()
+    res = _LightningChunked.apply(q, k, v, log_decay, initial_state, scale, bool(output_final_state), cu_seqlens,
+                                  chunk_size, config or DEFAULT_CONFIG, bwd_config or DEFAULT_BWD_CONFIG)
+    if output_final_state:
+        return res
+    return res, None
+
+
+def _decode(q, k, v, log_decay, state_in, state_out, scale, block_v):
+    B, H, TN, DK = q.shape
+    DV = v.shape[-1]
+    o = torch.empty(B, H, TN, DV, device=q.device, dtype=q.dtype)
+    BV = min(_pow2(block_v), _pow2(DV))
+    grid = (B * H, triton.cdiv(DV, BV))
+    _decode_step_kernel[grid](
+        q, k, v, o, state_in, state_out, log_decay,
+        TN, H, DK, DV,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        o.stride(0), o.stride(1), o.stride(2),
+        *state_in.stride(), *state_out.stride(),
+        float(scale), BK=_pow2(DK), BV=BV, num_warps=4,
+    )
+    return o
+
+
+def _decode_block(batch_heads: int, dv: int) -> int:
+    # enough programs to cover the multiprocessors several times over
+    return 64 if batch_heads * triton.cdiv(dv, 64) >= 512 else 32
+
+
+def lightning_attn_recurrent_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    log_decay: torch.Tensor,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+):
+    """Token-by-token recurrence for a few new tokens (no autograd). Same contract as
+    `lightning_reference.lightning_attn_recurrent`; `initial_state` is left untouched."""
+    _require_triton()
+    if cu_seqlens is not None:
+        raise ValueError("the decode kernel takes (B, H, T, D) batches; use lightning_attn_chunked_triton for cu_seqlens")
+    _check(q, k, v, log_decay, initial_state, None, 64)
+    B, H, _, DK = q.shape
+    DV = v.shape[-1]
+    scale = DK ** -0.5 if scale is None else float(scale)
+    state_in = (torch.zeros(B, H, DK, DV, device=q.device, dtype=torch.float32) if initial_state is None
+                else initial_state.float())
+    state_out = torch.empty(B, H, DK, DV, device=q.device, dtype=torch.float32)
+    o = _decode(_rows(q), _rows(k), _rows(v), log_decay.detach().float().contiguous(), state_in, state_out, scale,
+                _decode_block(B * H, DV))
+    return o, (state_out if output_final_state else None)
+
+
+def lightning_attn_step_triton(q, k, v, log_decay, state, scale=None, block_v: int | None = None):
+    """One or a few decode tokens; updates `state` (float32, (B, H, Dk, Dv)) in place and returns o."""
+    _require_triton()
+    _check(q, k, v, log_decay, state, None, 64)
+    if state.dtype != torch.float32:
+        raise ValueError(f"state must be float32, got {state.dtype}")
+    B, H, _, DK = q.shape
+    scale = DK ** -0.5 if scale is None else float(scale)
+    block_v = block_v or _decode_block(B * H, v.shape[-1])
+    return _decode(_rows(q), _rows(k), _rows(v), log_decay.detach().float().contiguous(), state, state, scale,
+                   block_v)

@@ -1,0 +1,226 @@
+"""Lightning Triton kernels against the PyTorch reference: forward, every gradient, varlen packs, the decode step.
+
+On CPU the kernels run under the Triton interpreter in float32 on tiny shapes: a private copy of
+kernels/lightning_triton.py is loaded with TRITON_INTERPRET=1 set only while it loads (triton reads the flag when a
+kernel is decorated), so the rest of the suite keeps the normal, compiled kernels. On a GPU the same checks run in
+bf16 on larger shapes, plus the whole model through the kernel path against the reference path.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import TINY_SPARSE, tiny_llama
+from hybridize.kernels.lightning_reference import (
+    lightning_attn_chunked,
+    lightning_attn_recurrent,
+    lightning_attn_step,
+)
+
+pytest.importorskip("triton")
+
+KERNEL_FILE = Path(__file__).resolve().parents[1] / "kernels" / "lightning_triton.py"
+
+
+@pytest.fixture(scope="module")
+def interp():
+    """kernels/lightning_triton.py with its kernels built for the Triton interpreter (CPU tensors)."""
+    old = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        spec = importlib.util.spec_from_file_location("_lightning_triton_interpreted", KERNEL_FILE)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # dataclasses look their module up there
+        spec.loader.exec_module(module)
+    finally:
+        if old is None:
+            os.environ.pop("TRITON_INTERPRET")
+        else:
+            os.environ["TRITON_INTERPRET"] = old
+    assert module.HAS_TRITON
+    return module
+
+
+def rel(a, b):
+    a, b = a.double(), b.double()
+    assert torch.isfinite(a).all()
+    return ((a - b).norm() / b.norm()).item()
+
+
+def _inputs(B, H, T, Dk, Dv, n_states, with_init, dtype, device):
+    q = torch.randn(B, H, T, Dk, device=device).to(dtype).requires_grad_()
+    k = torch.randn(B, H, T, Dk, device=device).to(dtype).requires_grad_()
+    v = torch.randn(B, H, T, Dv, device=device).to(dtype).requires_grad_()
+    # decays from fast (g ~ 0.37) to slow (g ~ 0.99), like SALA's ALiBi slopes
+    log_decay = -torch.exp(torch.empty(H, device=device).uniform_(-4.5, 0.0))
+    s0 = torch.randn(n_states, H, Dk, Dv, device=device).requires_grad_() if with_init else None
+    return q, k, v, log_decay, s0
+
+
+def _run_both(fn, q, k, v, log_decay, s0, cu_seqlens, grad_final=True):
+    """Forward both ways, then the gradients of one random linear function of (o, final state)."""
+    leaves = [q, k, v] + ([s0] if s0 is not None else [])
+    o, f = fn(q, k, v, log_decay, None, s0, True, 64, cu_seqlens)
+    o_ref, f_ref = lightning_attn_chunked(q, k, v, log_decay, None, s0, True, 64, cu_seqlens)
+    do = torch.randn_like(o_ref, dtype=torch.float32).to(o.dtype)
+    df = torch.randn_like(f_ref)
+    loss = (o.float() * do.float()).sum() + ((f * df).sum() if grad_final else 0.0)
+    loss_ref = (o_ref.float() * do.float()).sum() + ((f_ref * df).sum() if grad_final else 0.0)
+    grads = torch.autograd.grad(loss, leaves)
+    grads_ref = torch.autograd.grad(loss_ref, leaves)
+    names = ["dq", "dk", "dv", "d_initial_state"][: len(leaves)]
+    errs = {"o": rel(o, o_ref), "final_state": rel(f, f_ref)}
+    errs.update({n: rel(g, r) for n, g, r in zip(names, grads, grads_ref)})
+    assert o.dtype == q.dtype and f.dtype == torch.float32
+    return errs
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# CPU, Triton interpreter, float32
+# ---------------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "B,H,T,Dk,Dv,with_init,grad_final",
+    [
+        (2, 2, 77, 16, 32, True, True),  # two full chunks and a partial one
+        (1, 3, 50, 32, 16, False, True),  # shorter than one chunk
+        (2, 1, 29, 48, 16, True, False),  # head dim not a power of two; no gradient through the final state
+        (1, 2, 128, 16, 16, True, True),  # exact multiple of the chunk
+    ],
+)
+def test_chunked_matches_reference_interpreted(interp, seed, B, H, T, Dk, Dv, with_init, grad_final):
+    args = _inputs(B, H, T, Dk, Dv, B, with_init, torch.float32, "cpu")
+    errs = _run_both(interp.lightning_attn_chunked_triton, *args, None, grad_final)
+    assert max(errs.values()) < 1e-5, errs
+
+
+@pytest.mark.parametrize("with_init", [False, True])
+def test_varlen_packs_match_reference_interpreted(interp, seed, with_init):
+    cu = torch.tensor([0, 13, 80, 81, 150])  # a one-token document and chunk-crossing ones
+    args = _inputs(1, 2, 150, 16, 16, 4, with_init, torch.float32, "cpu")
+    errs = _run_both(interp.lightning_attn_chunked_triton, *args, cu)
+    assert max(errs.values()) < 1e-5, errs
+
+
+def test_varlen_documents_do_not_share_state_interpreted(interp, seed):
+    q, k, v, ld, _ = _inputs(1, 2, 90, 16, 16, 1, False, torch.float32, "cpu")
+    with torch.no_grad():
+        packed, _ = interp.lightning_attn_chunked_triton(q, k, v, ld, cu_seqlens=torch.tensor([0, 40, 90]))
+        alone, _ = interp.lightning_attn_chunked_triton(q[:, :, 40:], k[:, :, 40:], v[:, :, 40:], ld)
+    assert rel(packed[:, :, 40:], alone) < 1e-6
+
+
+def test_non_contiguous_inputs_interpreted(interp, seed):
+    # the model hands over (B, T, H, D) projections viewed as (B, H, T, D)
+    x = torch.randn(3, 2, 37, 3, 16)  # (qkv, B, T, H, D)
+    q, k, v = (t.transpose(1, 2) for t in x)
+    ld = -torch.rand(3) - 0.05
+    with torch.no_grad():
+        o, f = interp.lightning_attn_chunked_triton(q, k, v, ld, 0.3, None, True)
+        o_ref, f_ref = lightning_attn_chunked(q, k, v, ld, 0.3, None, True)
+    assert rel(o, o_ref) < 1e-5 and rel(f, f_ref) < 1e-5
+
+
+@pytest.mark.parametrize("B,Tn,Dk,Dv", [(1, 1, 16, 32), (3, 2, 32, 16), (2, 3, 48, 32)])
+def test_decode_step_matches_reference_interpreted(interp, seed, B, Tn, Dk, Dv):
+    H = 2
+    q, k, v = torch.randn(B, H, Tn, Dk), torch.randn(B, H, Tn, Dk), torch.randn(B, H, Tn, Dv)
+    ld = -torch.rand(H) - 0.01
+    state = torch.randn(B, H, Dk, Dv)
+    state_ref = state.clone()
+    o = interp.lightning_attn_step_triton(q, k, v, ld, state, 0.25)
+    o_ref = lightning_attn_step(q, k, v, ld, state_ref, 0.25)
+    assert rel(o, o_ref) < 1e-5 and rel(state, state_ref) < 1e-5
+    # the out-of-place form leaves its initial state alone
+    before = state.clone()
+    o2, s2 = interp.lightning_attn_recurrent_triton(q, k, v, ld, 0.25, state, True)
+    o2_ref, s2_ref = lightning_attn_recurrent(q, k, v, ld, 0.25, before, True)
+    assert torch.equal(state, before)
+    assert rel(o2, o2_ref) < 1e-5 and rel(s2, s2_ref) < 1e-5
+
+
+def test_bad_arguments_are_refused(interp):
+    q = torch.randn(1, 2, 8, 16)
+    ld = -torch.rand(2)
+    with pytest.raises(ValueError, match="chunk_size"):
+        interp.lightning_attn_chunked_triton(q, q, q, ld, chunk_size=48)
+    with pytest.raises(ValueError, match="log_decay"):
+        interp.lightning_attn_chunked_triton(q, q, q, -torch.rand(3))
+    with pytest.raises(ValueError, match="initial_state"):
+        interp.lightning_attn_chunked_triton(q, q, q, ld, initial_state=torch.zeros(2, 2, 16, 16))
+    with pytest.raises(ValueError, match="float32"):
+        interp.lightning_attn_step_triton(q[:, :, :1], q[:, :, :1], q[:, :, :1], ld, torch.zeros(1, 2, 16, 16,
+                                                                                               dtype=torch.float64))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# GPU: bf16 and the model's dispatch
+# ---------------------------------------------------------------------------------------------------------------------
+gpu = pytest.mark.gpu
+
+
+def _kernels():
+    from hybridize.kernels import lightning_triton
+
+    return lightning_triton
+
+
+@gpu
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 1e-2), (torch.float16, 5e-3), (torch.float32, 3e-3)])
+@pytest.mark.parametrize("B,H,T,D,with_init", [(2, 4, 1000, 128, True), (1, 3, 333, 64, False), (2, 2, 200, 80, True)])
+def test_chunked_matches_reference_gpu(seed, dtype, tol, B, H, T, D, with_init):
+    args = _inputs(B, H, T, D, D, B, with_init, dtype, "cuda")
+    errs = _run_both(_kernels().lightning_attn_chunked_triton, *args, None)
+    assert max(errs.values()) < tol, errs
+
+
+@gpu
+def test_varlen_matches_reference_gpu(seed):
+    cu = torch.tensor([0, 100, 101, 700, 2049], device="cuda")
+    args = _inputs(1, 4, 2049, 128, 128, 4, True, torch.bfloat16, "cuda")
+    errs = _run_both(_kernels().lightning_attn_chunked_triton, *args, cu)
+    assert max(errs.values()) < 1e-2, errs
+
+
+@gpu
+@pytest.mark.parametrize("B,Tn", [(1, 1), (8, 1), (64, 1), (8, 4)])
+def test_decode_step_matches_reference_gpu(seed, B, Tn):
+    H, D = 32, 128
+    q, k, v = (torch.randn(B, H, Tn, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    ld = -torch.exp(torch.empty(H, device="cuda").uniform_(-4.5, 0.0))
+    state = torch.randn(B, H, D, D, device="cuda")
+    state_ref = state.clone()
+    o = _kernels().lightning_attn_step_triton(q, k, v, ld, state)
+    o_ref = lightning_attn_step(q, k, v, ld, state_ref)
+    assert rel(o, o_ref) < 1e-2 and rel(state, state_ref) < 1e-5
+
+
+@gpu
+def test_model_logits_same_through_kernels_and_reference(seed, monkeypatch):
+    from hybridize.arch import ops
+    from hybridize.convert.build import build_hybrid
+
+    model = build_hybrid(tiny_llama(), ["lightning", "sparse", "lightning", "lightning"], **TINY_SPARSE).cuda()
+    ids = torch.randint(3, 97, (2, 150), device="cuda")
+    steps = torch.randint(3, 97, (2, 5), device="cuda")
+
+    def run():
+        with torch.no_grad():
+            out = model(ids, use_cache=True)
+            cache = out.past_key_values if "past_key_values" in out else out.cache
+            logits = [out.logits]
+            for i in range(steps.shape[1]):
+                logits.append(model(steps[:, i : i + 1], cache=cache, use_cache=True).logits)
+        return torch.cat(logits, 1)
+
+    assert ops._LIGHTNING_TRITON
+    kernel = run()
+    monkeypatch.setattr(ops, "_LIGHTNING_TRITON", False)
+    reference = run()
+    # float32 model: the kernels' tensor-core products run in tf32
+    assert rel(kernel, reference) < 3e-3
