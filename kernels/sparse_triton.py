@@ -1,0 +1,734 @@
+"""InfLLM-V2 block-sparse attention in Triton: block selection, sparse attention forward/backward and decode.
+
+Computes the function of `sparse_reference.py` (same arguments; that file is the spec):
+
+1. `compress_keys_triton`: K1_i = mean(K[stride*i : stride*i + kernel]) in float32.
+2. Selection scores, one fused kernel (`_select_scores_kernel`). A program owns one tile of query tokens of one KV group
+   and holds the queries of ALL the group's heads as the rows of one matrix (row = head * BLOCK_T + token). Pass 1
+   walks the compressed keys and keeps the softmax normaliser (log-sum-exp) of every row in registers; pass 2 walks
+   them again and writes only the group sum of the probabilities, softmax(q K1^T * scale) summed over the heads of the
+   group (per token, or also summed over the tokens of a query block, see below). Per-head score matrices never exist
+   in memory. With `coarse=True` pass 1 uses the coarse keys K2 (kernel 128, stride 64; derived exactly from K1 as
+   the mean of 4 non-overlapping K1 windows), a quarter of the work: an approximate normaliser (InfLLM-V2's trick).
+3. Block scores (max over the compressed keys overlapping each block = max-pool of width R+E, stride R, left padding
+   E with R = block/stride, E = ceil(kernel/stride)-1), forced init/local blocks, top-k, with the reference's tie rule
+   (equal scores: the later block wins) - plain PyTorch on the small (rows, Nc) score matrix.
+4. `_attn_fwd_kernel` / `_attn_bwd_dq_kernel` / `_attn_bwd_dkdv_kernel`: flash-attention style kernels over a list of
+   key blocks per (query tile, KV group). All query heads of a group are rows of one tile, so each K/V block is read
+   once per group and tile. Causal mask inside the own block, fp32 softmax and accumulation, exp2 arithmetic.
+   dk/dv use the transposed lists (for each key block, the query tiles that read it), so no atomics.
+
+Selection modes (option `selection`):
+- "token" (default, exact): each query token has its own selection, as in the reference. The kernels walk the union
+  of the selections of the tokens of a tile and mask, per row, the blocks that row's token did not select (a bitset
+  per token). Exact; costs more when neighbouring tokens disagree (random data) than when they agree.
+- "block" (approximation, as InfLLM-V2 shares a selection within a group of queries): the `select_tokens` (default 64)
+  consecutive query tokens share one selection: the sum over their tokens of the group scores, top-k over that, plus
+  the forced init/local blocks of every token of the group, and every visible block if any of its tokens is a dense
+  query. The attention given a selection is still exact; only the choice of blocks differs from the reference.
+
+Decode is the same code with Tq = 1 (selection from the cached compressed keys, then attention over the selected
+blocks); batch B >= 1 shares q_pos, like the reference. This file imports only torch and triton (triton inside try).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - exercised only where triton is missing
+    HAS_TRITON = False
+
+__all__ = [
+    "HAS_TRITON",
+    "Selection",
+    "compress_keys_triton",
+    "coarse_from_compressed",
+    "select_blocks_triton",
+    "block_sparse_attention_triton",
+    "infllm_v2_attention_triton",
+    "supports",
+]
+
+_LOG2E = 1.4426950408889634
+_NEG = -1.0e30
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _dot(a, b, IEEE: tl.constexpr):
+        if IEEE:
+            return tl.dot(a, b, input_precision="ieee")
+        else:
+            return tl.dot(a, b)
+
+    @triton.jit
+    def _compress_kernel(
+        K, O, NC, H, s_kb, s_kh, s_kt, s_ob, s_oh, s_oc,
+        KERNEL: tl.constexpr, STRIDE: tl.constexpr, BLOCK_C: tl.constexpr, D: tl.constexpr,
+    ):
+        pid_c = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = (pid_bh // H).to(tl.int64)
+        h = (pid_bh % H).to(tl.int64)
+        c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+        d = tl.arange(0, D)
+        cm = c < NC
+        base = K + b * s_kb + h * s_kh
+        acc = tl.zeros([BLOCK_C, D], dtype=tl.float32)
+        for w in range(KERNEL):
+            pos = (c * STRIDE + w).to(tl.int64)
+            acc += tl.load(base + pos[:, None] * s_kt + d[None, :], mask=cm[:, None], other=0.0).to(tl.float32)
+        acc = acc / KERNEL
+        tl.store(O + b * s_ob + h * s_oh + c[:, None].to(tl.int64) * s_oc + d[None, :], acc, mask=cm[:, None])
+
+    @triton.jit
+    def _select_scores_kernel(
+        Q, CK, CK2, QPOS, OUT,
+        Tq, NC, NC2, Hkv, sm_scale2,
+        s_qb, s_qh, s_qt,
+        s_cb, s_ch, s_cc,
+        s_c2b, s_c2h, s_c2c,
+        s_ob, s_oh, s_or,
+        G: tl.constexpr, GP: tl.constexpr, BLOCK_T: tl.constexpr, SEL_T: tl.constexpr, BLOCK_C: tl.constexpr,
+        D: tl.constexpr, KERNEL: tl.constexpr, STRIDE: tl.constexpr, KERNEL2: tl.constexpr, STRIDE2: tl.constexpr,
+        PER_TOKEN: tl.constexpr, IEEE: tl.constexpr,
+    ):
+        pid_t = tl.program_id(0)
+        pid_bg = tl.program_id(1)
+        b = (pid_bg // Hkv).to(tl.int64)
+        g = (pid_bg % Hkv).to(tl.int64)
+        BM: tl.constexpr = GP * BLOCK_T
+        r = tl.arange(0, BM)
+        hh = r // BLOCK_T
+        tok = r % BLOCK_T
+        t = pid_t * BLOCK_T + tok
+        rm = (hh < G) & (t < Tq)
+        pos = tl.load(QPOS + t, mask=rm, other=-1)
+        pmax = tl.max(pos, 0)
+        d = tl.arange(0, D)
+        h = g * G + hh
+        q = tl.load(Q + b * s_qb + h[:, None].to(tl.int64) * s_qh + t[:, None].to(tl.int64) * s_qt + d[None, :],
+                    mask=rm[:, None], other=0.0)
+        # Pass 1: log-sum-exp (base 2) of every row over the visible keys (K1, or the coarse K2).
+        m = tl.full([BM], _NEG, dtype=tl.float32)
+        l = tl.zeros([BM], dtype=tl.float32)
+        nv2 = tl.where(pmax >= KERNEL2 - 1, (pmax - KERNEL2 + 1) // STRIDE2 + 1, 0)
+        nv2 = tl.minimum(nv2, NC2)
+        for c0 in range(0, nv2, BLOCK_C):
+            c = c0 + tl.arange(0, BLOCK_C)
+            kc = tl.load(CK2 + b * s_c2b + g * s_c2h + c[:, None].to(tl.int64) * s_c2c + d[None, :],
+                         mask=(c < NC2)[:, None], other=0.0).to(q.dtype)
+            s = _dot(q, tl.trans(kc), IEEE) * sm_scale2
+            vis = ((c[None, :] * STRIDE2 + KERNEL2 - 1) <= pos[:, None]) & (c < NC2)[None, :]
+            s = tl.where(vis, s, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, 1))
+            l = l * tl.exp2(m - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), 1)
+            m = m_new
+        lse = tl.where(l > 0, m + tl.log2(tl.where(l > 0, l, 1.0)), 0.0)  # rows that see no (coarse) key: unnormalised
+        # Pass 2: group-summed probabilities over K1.
+        nv = tl.where(pmax >= KERNEL - 1, (pmax - KERNEL + 1) // STRIDE + 1, 0)
+        nv = tl.minimum(nv, NC)
+        for c0 in range(0, NC, BLOCK_C):
+            c = c0 + tl.arange(0, BLOCK_C)
+            cm = c < NC
+            if c0 < nv:
+                kc = tl.load(CK + b * s_cb + g * s_ch + c[:, None].to(tl.int64) * s_cc + d[None, :],
+                             mask=cm[:, None], other=0.0).to(q.dtype)
+                s = _dot(q, tl.trans(kc), IEEE) * sm_scale2
+                vis = ((c[None, :] * STRIDE + KERNEL - 1) <= pos[:, None]) & cm[None, :] & rm[:, None]
+                p = tl.where(vis, tl.exp2(s - lse[:, None]), 0.0)
+                if PER_TOKEN:
+                    ps = tl.sum(tl.reshape(p, (GP, BLOCK_T, BLOCK_C)), 0)
+                    tv = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+                    pv = tl.load(QPOS + tv, mask=tv < Tq, other=-1)
+                    visv = (c[None, :] * STRIDE + KERNEL - 1) <= pv[:, None]
+                    tl.store(OUT + b * s_ob + g * s_oh + tv[:, None].to(tl.int64) * s_or + c[None, :],
+                             tl.where(visv, ps, float("-inf")), mask=(tv < Tq)[:, None] & cm[None, :])
+                else:
+                    row = (pid_t * BLOCK_T) // SEL_T
+                    tl.atomic_add(OUT + b * s_ob + g * s_oh + row * s_or + c, tl.sum(p, 0), mask=cm)
+            else:
+                if PER_TOKEN:
+                    tv = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+                    tl.store(OUT + b * s_ob + g * s_oh + tv[:, None].to(tl.int64) * s_or + c[None, :],
+                             tl.full([BLOCK_T, BLOCK_C], float("-inf"), tl.float32),
+                             mask=(tv < Tq)[:, None] & cm[None, :])
+
+    @triton.jit
+    def _row_setup(QPOS, Tq, pid_t, g, G: tl.constexpr, GP: tl.constexpr, BLOCK_T: tl.constexpr):
+        BM: tl.constexpr = GP * BLOCK_T
+        r = tl.arange(0, BM)
+        hh = r // BLOCK_T
+        t = pid_t * BLOCK_T + r % BLOCK_T
+        rm = (hh < G) & (t < Tq)
+        pos = tl.load(QPOS + t, mask=rm, other=-1)
+        h = (g * G + hh).to(tl.int64)
+        return t, rm, pos, h
+
+    @triton.jit
+    def _attn_fwd_kernel(
+        Q, K, V, O, LSE, QPOS, LISTS, COUNTS, BITS,
+        Tq, Tk, Hkv, sm_scale2,
+        s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, s_ob, s_oh, s_ot, s_lb, s_lh,
+        s_Lb, s_Lh, s_Ls, s_nb, s_nh, s_bb, s_bh, s_bt,
+        G: tl.constexpr, GP: tl.constexpr, BLOCK_T: tl.constexpr, SEL_T: tl.constexpr, BS: tl.constexpr,
+        D: tl.constexpr, USE_BITS: tl.constexpr, IEEE: tl.constexpr,
+    ):
+        pid_t = tl.program_id(0)
+        pid_bg = tl.program_id(1)
+        b = (pid_bg // Hkv).to(tl.int64)
+        g = (pid_bg % Hkv).to(tl.int64)
+        t, rm, pos, h = _row_setup(QPOS, Tq, pid_t, g, G, GP, BLOCK_T)
+        t64 = t.to(tl.int64)
+        d = tl.arange(0, D)
+        q = tl.load(Q + b * s_qb + h[:, None] * s_qh + t64[:, None] * s_qt + d[None, :], mask=rm[:, None], other=0.0)
+        sel = (pid_t * BLOCK_T) // SEL_T
+        n = tl.load(COUNTS + b * s_nb + g * s_nh + sel)
+        lst = LISTS + b * s_Lb + g * s_Lh + sel * s_Ls
+        kbase = K + b * s_kb + g * s_kh
+        vbase = V + b * s_vb + g * s_vh
+        BM: tl.constexpr = GP * BLOCK_T
+        m = tl.full([BM], _NEG, dtype=tl.float32)
+        l = tl.zeros([BM], dtype=tl.float32)
+        acc = tl.zeros([BM, D], dtype=tl.float32)
+        for i in range(n):
+            jb = tl.load(lst + i)
+            sk = jb * BS + tl.arange(0, BS)
+            km = sk < Tk
+            sk64 = sk.to(tl.int64)
+            k = tl.load(kbase + sk64[:, None] * s_kt + d[None, :], mask=km[:, None], other=0.0)
+            v = tl.load(vbase + sk64[:, None] * s_vt + d[None, :], mask=km[:, None], other=0.0)
+            s = _dot(q, tl.trans(k), IEEE) * sm_scale2
+            ok = (sk[None, :] <= pos[:, None]) & km[None, :]
+            if USE_BITS:
+                byte = tl.load(BITS + b * s_bb + g * s_bh + t64 * s_bt + jb // 8, mask=rm, other=0).to(tl.int32)
+                ok = ok & (((byte >> (jb % 8)) & 1) != 0)[:, None]
+            s = tl.where(ok, s, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, 1))
+            alpha = tl.exp2(m - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l = l * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
+            m = m_new
+        o = acc / tl.where(l > 0, l, 1.0)[:, None]
+        lse = tl.where(l > 0, m + tl.log2(tl.where(l > 0, l, 1.0)), 1.0e30)
+        tl.store(O + b * s_ob + h[:, None] * s_oh + t64[:, None] * s_ot + d[None, :], o.to(O.dtype.element_ty),
+                 mask=rm[:, None])
+        tl.store(LSE + b * s_lb + h * s_lh + t64, lse, mask=rm)
+
+    @triton.jit
+    def _attn_bwd_dq_kernel(
+        Q, K, V, DO, DQ, LSE, DELTA, QPOS, LISTS, COUNTS, BITS,
+        Tq, Tk, Hkv, sm_scale2, sm_scale,
+        s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, s_lb, s_lh,
+        s_Lb, s_Lh, s_Ls, s_nb, s_nh, s_bb, s_bh, s_bt,
+        G: tl.constexpr, GP: tl.constexpr, BLOCK_T: tl.constexpr, SEL_T: tl.constexpr, BS: tl.constexpr,
+        D: tl.constexpr, USE_BITS: tl.constexpr, IEEE: tl.constexpr,
+    ):
+        # Q, DO and DQ share strides (the wrapper makes them contiguous).
+        pid_t = tl.program_id(0)
+        pid_bg = tl.program_id(1)
+        b = (pid_bg // Hkv).to(tl.int64)
+        g = (pid_bg % Hkv).to(tl.int64)
+        t, rm, pos, h = _row_setup(QPOS, Tq, pid_t, g, G, GP, BLOCK_T)
+        t64 = t.to(tl.int64)
+        d = tl.arange(0, D)
+        qoff = b * s_qb + h[:, None] * s_qh + t64[:, None] * s_qt + d[None, :]
+        q = tl.load(Q + qoff, mask=rm[:, None], other=0.0)
+        do = tl.load(DO + qoff, mask=rm[:, None], other=0.0)
+        lse = tl.load(LSE + b * s_lb + h * s_lh + t64, mask=rm, other=1.0e30)
+        delta = tl.load(DELTA + b * s_lb + h * s_lh + t64, mask=rm, other=0.0)
+        sel = (pid_t * BLOCK_T) // SEL_T
+        n = tl.load(COUNTS + b * s_nb + g * s_nh + sel)
+        lst = LISTS + b * s_Lb + g * s_Lh + sel * s_Ls
+        kbase = K + b * s_kb + g * s_kh
+        vbase = V + b * s_vb + g * s_vh
+        BM: tl.constexpr = GP * BLOCK_T
+        dq = tl.zeros([BM, D], dtype=tl.float32)
+        for i in range(n):
+            jb = tl.load(lst + i)
+            sk = jb * BS + tl.arange(0, BS)
+            km = sk < Tk
+            sk64 = sk.to(tl.int64)
+            k = tl.load(kbase + sk64[:, None] * s_kt + d[None, :], mask=km[:, None], other=0.0)
+            v = tl.load(vbase + sk64[:, None] * s_vt + d[None, :], mask=km[:, None], other=0.0)
+            s = _dot(q, tl.trans(k), IEEE) * sm_scale2
+            ok = (sk[None, :] <= pos[:, None]) & km[None, :] & rm[:, None]
+            if USE_BITS:
+                byte = tl.load(BITS + b * s_bb + g * s_bh + t64 * s_bt + jb // 8, mask=rm, other=0).to(tl.int32)
+                ok = ok & (((byte >> (jb % 8)) & 1) != 0)[:, None]
+            p = tl.where(ok, tl.exp2(s - lse[:, None]), 0.0)
+            dp = _dot(do, tl.trans(v), IEEE)
+            ds = p * (dp - delta[:, None])
+            dq += _dot(ds.to(k.dtype), k, IEEE)
+        tl.store(DQ + qoff, (dq * sm_scale).to(DQ.dtype.element_ty), mask=rm[:, None])
+
+    @triton.jit
+    def _attn_bwd_dkdv_kernel(
+        Q, K, V, DO, DK, DV, LSE, DELTA, QPOS, REV_OFF, REV_SEL, BITS,
+        Tq, Tk, Hkv, NB, sm_scale2, sm_scale,
+        s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, s_lb, s_lh, s_bb, s_bh, s_bt,
+        G: tl.constexpr, GP: tl.constexpr, BLOCK_T: tl.constexpr, SEL_T: tl.constexpr, BS: tl.constexpr,
+        D: tl.constexpr, USE_BITS: tl.constexpr, IEEE: tl.constexpr,
+    ):
+        # K, DK share strides; V, DV share strides (the wrapper makes them contiguous).
+        jb = tl.program_id(0)
+        pid_bg = tl.program_id(1)
+        b = (pid_bg // Hkv).to(tl.int64)
+        g = (pid_bg % Hkv).to(tl.int64)
+        d = tl.arange(0, D)
+        sk = jb * BS + tl.arange(0, BS)
+        km = sk < Tk
+        sk64 = sk.to(tl.int64)
+        koff = b * s_kb + g * s_kh + sk64[:, None] * s_kt + d[None, :]
+        voff = b * s_vb + g * s_vh + sk64[:, None] * s_vt + d[None, :]
+        k = tl.load(K + koff, mask=km[:, None], other=0.0)
+        v = tl.load(V + voff, mask=km[:, None], other=0.0)
+        BM: tl.constexpr = GP * BLOCK_T
+        dk = tl.zeros([BS, D], dtype=tl.float32)
+        dv = tl.zeros([BS, D], dtype=tl.float32)
+        key = pid_bg.to(tl.int64) * NB + jb
+        start = tl.load(REV_OFF + key)
+        end = tl.load(REV_OFF + key + 1)
+        for e in range(start, end):
+            sel = tl.load(REV_SEL + e)
+            for st in range(SEL_T // BLOCK_T):
+                pid_t = (sel * SEL_T) // BLOCK_T + st
+                t, rm, pos, h = _row_setup(QPOS, Tq, pid_t, g, G, GP, BLOCK_T)
+                t64 = t.to(tl.int64)
+                qoff = b * s_qb + h[:, None] * s_qh + t64[:, None] * s_qt + d[None, :]
+                q = tl.load(Q + qoff, mask=rm[:, None], other=0.0)
+                do = tl.load(DO + qoff, mask=rm[:, None], other=0.0)
+                lse = tl.load(LSE + b * s_lb + h * s_lh + t64, mask=rm, other=1.0e30)
+                delta = tl.load(DELTA + b * s_lb + h * s_lh + t64, mask=rm, other=0.0)
+                s = _dot(q, tl.trans(k), IEEE) * sm_scale2
+                ok = (sk[None, :] <= pos[:, None]) & km[None, :] & rm[:, None]
+                if USE_BITS:
+                    byte = tl.load(BITS + b * s_bb + g * s_bh + t64 * s_bt + jb // 8, mask=rm, other=0).to(tl.int32)
+                    ok = ok & (((byte >> (jb % 8)) & 1) != 0)[:, None]
+                p = tl.where(ok, tl.exp2(s - lse[:, None]), 0.0)
+                dv += _dot(tl.trans(p.to(do.dtype)), do, IEEE)
+                dp = _dot(do, tl.trans(v), IEEE)
+                ds = p * (dp - delta[:, None])
+                dk += _dot(tl.trans(ds.to(q.dtype)), q, IEEE)
+        tl.store(DK + koff, (dk * sm_scale).to(DK.dtype.element_ty), mask=km[:, None])
+        tl.store(DV + voff, dv.to(DV.dtype.element_ty), mask=km[:, None])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Host side
+
+
+def _pow2(x: int) -> int:
+    return 1 << max(0, (int(x) - 1).bit_length())
+
+
+def supports(q: torch.Tensor, k: torch.Tensor, *, block_size: int = 64, stride: int = 16) -> bool:
+    """Whether the Triton path handles these shapes (otherwise callers use the reference)."""
+    D = q.shape[-1]
+    return (
+        HAS_TRITON
+        and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
+        and k.dtype == q.dtype
+        and D in (16, 32, 64, 128, 256)
+        and block_size >= 16
+        and block_size & (block_size - 1) == 0
+        and block_size % stride == 0
+        and q.shape[1] % k.shape[1] == 0
+    )
+
+
+def compress_keys_triton(k: torch.Tensor, kernel: int = 32, stride: int = 16) -> torch.Tensor:
+    """Mean-pool keys over windows: (B, H, T, D) -> (B, H, Nc, D) float32 (as `compress_keys`)."""
+    B, H, T, D = k.shape
+    n = 0 if T < kernel else (T - kernel) // stride + 1
+    out = torch.empty(B, H, n, D, dtype=torch.float32, device=k.device)
+    if n == 0:
+        return out
+    if k.stride(-1) != 1:
+        k = k.contiguous()
+    block_c = 32
+    grid = (triton.cdiv(n, block_c), B * H)
+    _compress_kernel[grid](k, out, n, H, k.stride(0), k.stride(1), k.stride(2), out.stride(0), out.stride(1),
+                           out.stride(2), KERNEL=kernel, STRIDE=stride, BLOCK_C=block_c, D=D)
+    return out
+
+
+def coarse_from_compressed(ckeys: torch.Tensor, kernel: int, stride: int, coarse_kernel: int = 128,
+                           coarse_stride: int = 64) -> torch.Tensor:
+    """Coarse keys K2 (mean over windows of `coarse_kernel`, step `coarse_stride`) built exactly from K1: the mean of
+    the coarse_kernel/kernel non-overlapping K1 windows that tile each coarse window."""
+    if coarse_kernel % kernel or coarse_stride % stride or kernel % stride:
+        raise ValueError("coarse_kernel must be a multiple of kernel, coarse_stride of stride and kernel of stride")
+    nc = ckeys.shape[2]
+    span = (coarse_kernel // kernel - 1) * (kernel // stride)  # K1 index span of one coarse window
+    step = coarse_stride // stride
+    n2 = 0 if nc <= span else (nc - 1 - span) // step + 1
+    if n2 == 0:
+        return ckeys.new_zeros(ckeys.shape[0], ckeys.shape[1], 0, ckeys.shape[3])
+    idx = torch.arange(n2, device=ckeys.device).view(-1, 1) * step + torch.arange(
+        0, span + 1, kernel // stride, device=ckeys.device).view(1, -1)
+    return ckeys[:, :, idx.view(-1)].view(ckeys.shape[0], ckeys.shape[1], n2, -1, ckeys.shape[3]).mean(3)
+
+
+@dataclass
+class Selection:
+    """Key blocks per selection group of `sel_tokens` consecutive query tokens and KV group.
+
+    lists (B, Hkv, S, W) int32 block indices (first `counts` valid, ascending); counts (B, Hkv, S) int32;
+    bits (B, Hkv, Tq, ceil(NB/8)) uint8: per-token selection (token mode with several tokens per group), else None.
+    """
+
+    lists: torch.Tensor
+    counts: torch.Tensor
+    bits: torch.Tensor | None
+    sel_tokens: int
+    num_blocks: int
+    num_queries: int
+    block_size: int
+    _reverse: tuple | None = None
+
+    def token_mask(self) -> torch.Tensor:
+        """The selection as the reference's bool mask (B, Hkv, Tq, NB)."""
+        nb, tq = self.num_blocks, self.num_queries
+        if self.bits is not None:
+            shifts = torch.arange(8, device=self.bits.device, dtype=torch.int32)
+            m = ((self.bits.to(torch.int32).unsqueeze(-1) >> shifts) & 1).bool()
+            return m.flatten(-2)[..., :nb]
+        B, H, S, W = self.lists.shape
+        valid = torch.arange(W, device=self.lists.device) < self.counts.unsqueeze(-1)
+        m = torch.zeros(B, H, S, nb + 1, dtype=torch.bool, device=self.lists.device)
+        m.scatter_(-1, torch.where(valid, self.lists.long(), nb), True)
+        return m[..., :nb].repeat_interleave(self.sel_tokens, dim=2)[:, :, :tq]
+
+    def reverse(self):
+        """For each (b, g, key block), the selection groups that read it: (offsets, groups), CSR."""
+        if self._reverse is None:
+            B, H, S, W = self.lists.shape
+            nb = self.num_blocks
+            valid = torch.arange(W, device=self.lists.device) < self.counts.unsqueeze(-1)
+            bg = torch.arange(B * H, device=self.lists.device).view(B, H, 1, 1)
+            keys = (bg * nb + self.lists.long())[valid]
+            groups = torch.arange(S, device=self.lists.device, dtype=torch.int32).view(1, 1, S, 1).expand(B, H, S, W)
+            groups = groups[valid]
+            order = torch.argsort(keys, stable=True)
+            counts = torch.bincount(keys, minlength=B * H * nb)
+            off = torch.zeros(B * H * nb + 1, dtype=torch.int64, device=keys.device)
+            off[1:] = torch.cumsum(counts, 0)
+            self._reverse = (off, groups[order].contiguous())
+        return self._reverse
+
+
+def _tiles(G: int, D: int, rows: int = 128) -> tuple[int, int]:
+    """(GP, BLOCK_T): heads padded to a power of two, and tokens per tile so that GP * BLOCK_T ~ rows (>= 16)."""
+    GP = _pow2(G)
+    rows = rows if D <= 128 else rows // 2
+    return GP, max(1, rows // GP, -(-16 // GP))
+
+
+def _pool_blocks(scores: torch.Tensor, nb: int, block_size: int, kernel: int, stride: int) -> torch.Tensor:
+    """Block score = max over the compressed keys overlapping each block: (..., Nc) -> (..., NB)."""
+    R = block_size // stride
+    E = -(-kernel // stride) - 1
+    nc = scores.shape[-1]
+    x = F.pad(scores, (E, nb * R - nc), value=float("-inf"))
+    shape = x.shape[:-1]
+    y = F.max_pool1d(x.reshape(-1, 1, x.shape[-1]), kernel_size=R + E, stride=R)
+    return y.view(*shape, nb)
+
+
+def _choose(block_scores, t_lo, t_hi, *, block_size, topk, init_blocks, local_blocks, dense_len, stable_ties):
+    """Forced + top-k blocks per row: the reference's rule. t_lo/t_hi: (R,) first/last position of each row."""
+    nb = block_scores.shape[-1]
+    j = torch.arange(nb, device=block_scores.device).view(1, -1)
+    own_lo = torch.div(t_lo, block_size, rounding_mode="floor").view(-1, 1)
+    own_hi = torch.div(t_hi, block_size, rounding_mode="floor").view(-1, 1)
+    visible = j <= own_hi
+    forced = visible & ((j < init_blocks) | (j > own_lo - local_blocks))
+    dense = ((t_lo.view(-1, 1) + 1) < dense_len) | ((own_lo + 1) <= topk)
+    ranked = block_scores.masked_fill(forced, float("inf")).masked_fill(~visible, float("-inf"))
+    k_eff = min(topk, nb)
+    if stable_ties:  # the reference's tie rule: equal scores, the later block wins
+        order = torch.sort(ranked.flip(-1), dim=-1, descending=True, stable=True).indices[..., :k_eff]
+        top = nb - 1 - order
+    else:
+        top = ranked.topk(k_eff, dim=-1).indices
+    chosen = torch.zeros_like(ranked, dtype=torch.bool).scatter_(-1, top, True)
+    return (chosen | forced | dense) & visible
+
+
+def _mask_to_lists(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(..., NB) bool -> ascending block lists (..., NB) int32 and counts (...) int32."""
+    nb = mask.shape[-1]
+    pos = torch.cumsum(mask, -1, dtype=torch.int32) - 1
+    idx = torch.where(mask, pos, nb).long()
+    j = torch.arange(nb, device=mask.device, dtype=torch.int32).expand(mask.shape)
+    lists = torch.zeros(*mask.shape[:-1], nb + 1, dtype=torch.int32, device=mask.device)
+    lists.scatter_(-1, idx, j)
+    return lists[..., :nb].contiguous(), mask.sum(-1, dtype=torch.int32)
+
+
+def _pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    nb = mask.shape[-1]
+    nw = -(-nb // 8)
+    m = F.pad(mask, (0, nw * 8 - nb)).view(*mask.shape[:-1], nw, 8).to(torch.int32)
+    shifts = torch.arange(8, device=mask.device, dtype=torch.int32)
+    return (m << shifts).sum(-1).to(torch.uint8)
+
+
+def _launch_scores(q, ck, ck2, q_pos, out, *, scale, kernel, stride, kernel2, stride2, sel_tokens, per_token):
+    B, Hq, Tq, D = q.shape
+    Hkv = ck.shape[1]
+    G = Hq // Hkv
+    GP, block_t = _tiles(G, D)
+    if per_token:
+        block_t = max(min(block_t, _pow2(Tq)), -(-16 // GP))
+        sel_tokens = block_t
+    else:
+        block_t = min(block_t, sel_tokens)
+    block_c = 64 if D <= 128 else 32
+    grid = (triton.cdiv(Tq, block_t), B * Hkv)
+    _select_scores_kernel[grid](
+        q, ck, ck2, q_pos, out, Tq, ck.shape[2], ck2.shape[2], Hkv, scale * _LOG2E,
+        q.stride(0), q.stride(1), q.stride(2), ck.stride(0), ck.stride(1), ck.stride(2),
+        ck2.stride(0), ck2.stride(1), ck2.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        G=G, GP=GP, BLOCK_T=block_t, SEL_T=sel_tokens, BLOCK_C=block_c, D=D, KERNEL=kernel, STRIDE=stride,
+        KERNEL2=kernel2, STRIDE2=stride2, PER_TOKEN=per_token, IEEE=q.dtype == torch.float32,
+        num_warps=8 if GP * block_t >= 128 else 4,
+    )
+
+
+def select_blocks_triton(
+    q: torch.Tensor,
+    ckeys: torch.Tensor,
+    q_pos: torch.Tensor,
+    num_kv_blocks: int,
+    *,
+    scale: float,
+    block_size: int = 64,
+    kernel: int = 32,
+    stride: int = 16,
+    topk: int = 96,
+    init_blocks: int = 1,
+    local_blocks: int = 32,
+    dense_len: int = 8192,
+    selection: str = "token",
+    select_tokens: int = 64,
+    coarse: bool = False,
+    coarse_kernel: int = 128,
+    coarse_stride: int = 64,
+    max_score_elems: int = 1 << 28,
+) -> Selection:
+    """Block selection (see the module docstring). Returns a `Selection` for `block_sparse_attention_triton`."""
+    if selection not in ("token", "block"):
+        raise ValueError(f"selection must be 'token' or 'block', got {selection!r}")
+    B, Hq, Tq, D = q.shape
+    Hkv = ckeys.shape[1]
+    G = Hq // Hkv
+    nb = num_kv_blocks
+    device = q.device
+    q_pos = q_pos.to(device=device, dtype=torch.int32).contiguous()
+    q = q.detach()
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    ck = ckeys.detach().to(q.dtype).contiguous()
+    if coarse:
+        ck2 = coarse_from_compressed(ckeys.detach(), kernel, stride, coarse_kernel, coarse_stride).to(q.dtype)
+        ck2 = ck2.contiguous()
+        k2, s2 = coarse_kernel, coarse_stride
+    else:
+        ck2, k2, s2 = ck, kernel, stride
+    nc = ck.shape[2]
+    GP, block_t = _tiles(G, D)
+    opts = dict(block_size=block_size, topk=topk, init_blocks=init_blocks, local_blocks=local_blocks,
+                dense_len=dense_len)
+    if selection == "block":
+        if select_tokens & (select_tokens - 1):
+            raise ValueError(f"select_tokens must be a power of two, got {select_tokens}")
+        S = -(-Tq // select_tokens)
+        if nc > 0:
+            scores = torch.zeros(B, Hkv, S, nc, dtype=torch.float32, device=device)
+            _launch_scores(q, ck, ck2, q_pos, scores, scale=scale, kernel=kernel, stride=stride, kernel2=k2,
+                           stride2=s2, sel_tokens=select_tokens, per_token=False)
+        else:
+            scores = torch.zeros(B, Hkv, S, 0, dtype=torch.float32, device=device)
+        pad = S * select_tokens - Tq
+        pp = F.pad(q_pos, (0, pad), value=-1).view(S, select_tokens)
+        t_lo = q_pos.view(-1)[torch.arange(S, device=device) * select_tokens]
+        t_hi = pp.amax(-1)
+        i = torch.arange(nc, device=device).view(1, -1)
+        scores = scores.masked_fill((i * stride + kernel - 1 > t_hi.view(-1, 1)), float("-inf"))
+        block_scores = _pool_blocks(scores, nb, block_size, kernel, stride)
+        mask = _choose(block_scores, t_lo.long(), t_hi.long(), stable_ties=False, **opts)
+        lists, counts = _mask_to_lists(mask)
+        return Selection(lists, counts, None, select_tokens, nb, Tq, block_size)
+    # Per-token (exact) selection, in chunks of whole tiles so the (rows, Nc) score matrix stays bounded.
+    sel_t = max(min(block_t, _pow2(Tq)), -(-16 // GP))
+    per_chunk = max(sel_t, (max_score_elems // max(1, B * Hkv * max(nc, nb))) // sel_t * sel_t)
+    lists_all, counts_all, bits_all = [], [], []
+    for a in range(0, Tq, per_chunk):
+        e = min(Tq, a + per_chunk)
+        qa, pa = q[:, :, a:e], q_pos[a:e]
+        if nc > 0:
+            scores = torch.empty(B, Hkv, e - a, nc, dtype=torch.float32, device=device)
+            _launch_scores(qa, ck, ck2, pa, scores, scale=scale, kernel=kernel, stride=stride, kernel2=k2,
+                           stride2=s2, sel_tokens=sel_t, per_token=True)
+            block_scores = _pool_blocks(scores, nb, block_size, kernel, stride)
+        else:
+            block_scores = torch.full((B, Hkv, e - a, nb), float("-inf"), device=device)
+        mask = _choose(block_scores, pa.long(), pa.long(), stable_ties=True, **opts)
+        n_t = -(-(e - a) // sel_t)
+        union = F.pad(mask, (0, 0, 0, n_t * sel_t - (e - a))).view(B, Hkv, n_t, sel_t, nb).any(3)
+        lists, counts = _mask_to_lists(union)
+        lists_all.append(lists)
+        counts_all.append(counts)
+        bits_all.append(_pack_bits(mask))
+    lists = torch.cat(lists_all, 2) if len(lists_all) > 1 else lists_all[0]
+    counts = torch.cat(counts_all, 2) if len(counts_all) > 1 else counts_all[0]
+    bits = (torch.cat(bits_all, 2) if len(bits_all) > 1 else bits_all[0]) if Tq > 1 else None
+    return Selection(lists, counts, bits, sel_t, nb, Tq, block_size)
+
+
+def _fwd(q, k, v, q_pos, sel: Selection, scale: float):
+    B, Hq, Tq, D = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    G = Hq // Hkv
+    GP, block_t = _tiles(G, D)
+    block_t = min(block_t, sel.sel_tokens)
+    block_size = sel.block_size
+    o = torch.empty_like(q)
+    lse = torch.empty(B, Hq, Tq, dtype=torch.float32, device=q.device)
+    bits = sel.bits if sel.bits is not None else sel.counts
+    bs = sel.bits.stride() if sel.bits is not None else (0, 0, 0)
+    grid = (triton.cdiv(Tq, block_t), B * Hkv)
+    _attn_fwd_kernel[grid](
+        q, k, v, o, lse, q_pos, sel.lists, sel.counts, bits, Tq, Tk, Hkv, scale * _LOG2E,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
+        v.stride(2), o.stride(0), o.stride(1), o.stride(2), lse.stride(0), lse.stride(1),
+        sel.lists.stride(0), sel.lists.stride(1), sel.lists.stride(2), sel.counts.stride(0), sel.counts.stride(1),
+        bs[0], bs[1], bs[2],
+        G=G, GP=GP, BLOCK_T=block_t, SEL_T=sel.sel_tokens, BS=block_size, D=D, USE_BITS=sel.bits is not None,
+        IEEE=q.dtype == torch.float32, num_warps=8 if GP * block_t >= 128 else 4, num_stages=3 if D <= 128 else 2,
+    )
+    return o, lse
+
+
+def _bwd(q, k, v, o, lse, do, q_pos, sel: Selection, scale: float):
+    B, Hq, Tq, D = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    G = Hq // Hkv
+    GP, block_t = _tiles(G, D, rows=64)
+    block_t = min(block_t, sel.sel_tokens)
+    q, k, v, do = q.contiguous(), k.contiguous(), v.contiguous(), do.contiguous()
+    delta = (o.float() * do.float()).sum(-1)
+    dq = torch.empty_like(q)
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    bits = sel.bits if sel.bits is not None else sel.counts
+    bs = sel.bits.stride() if sel.bits is not None else (0, 0, 0)
+    ieee = q.dtype == torch.float32
+    common = dict(G=G, GP=GP, BLOCK_T=block_t, SEL_T=sel.sel_tokens, BS=sel.block_size, D=D,
+                  USE_BITS=sel.bits is not None, IEEE=ieee, num_warps=4, num_stages=2)
+    _attn_bwd_dq_kernel[(triton.cdiv(Tq, block_t), B * Hkv)](
+        q, k, v, do, dq, lse, delta, q_pos, sel.lists, sel.counts, bits, Tq, Tk, Hkv, scale * _LOG2E, scale,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
+        v.stride(2), lse.stride(0), lse.stride(1), sel.lists.stride(0), sel.lists.stride(1), sel.lists.stride(2),
+        sel.counts.stride(0), sel.counts.stride(1), bs[0], bs[1], bs[2], **common,
+    )
+    off, groups = sel.reverse()
+    _attn_bwd_dkdv_kernel[(sel.num_blocks, B * Hkv)](
+        q, k, v, do, dk, dv, lse, delta, q_pos, off, groups, bits, Tq, Tk, Hkv, sel.num_blocks, scale * _LOG2E,
+        scale, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0),
+        v.stride(1), v.stride(2), lse.stride(0), lse.stride(1), bs[0], bs[1], bs[2], **common,
+    )
+    return dq, dk, dv
+
+
+class _BlockSparseAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, q_pos, sel, scale):
+        o, lse = _fwd(q, k, v, q_pos, sel, scale)
+        ctx.save_for_backward(q, k, v, o, lse, q_pos)
+        ctx.sel = sel
+        ctx.scale = scale
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse, q_pos = ctx.saved_tensors
+        dq, dk, dv = _bwd(q, k, v, o, lse, do, q_pos, ctx.sel, ctx.scale)
+        return dq, dk, dv, None, None, None
+
+
+def block_sparse_attention_triton(q, k, v, q_pos, sel: Selection, *, scale: float,
+                                  block_size: int | None = None) -> torch.Tensor:
+    """Softmax attention of each query over the tokens of its selected blocks, causal; differentiable in q, k, v."""
+    if block_size is not None and block_size != sel.block_size:
+        raise ValueError(f"block_size {block_size} differs from the selection's {sel.block_size}")
+    q_pos = q_pos.to(device=q.device, dtype=torch.int32).contiguous()
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    if k.stride(-1) != 1:
+        k = k.contiguous()
+    if v.stride(-1) != 1:
+        v = v.contiguous()
+    return _BlockSparseAttention.apply(q, k, v, q_pos, sel, scale)
+
+
+def _dense(q, k, v, q_pos, scale):
+    """Dense causal attention (SDPA; flash with is_causal when every key is a query)."""
+    Tq, Tk = q.shape[2], k.shape[2]
+    gqa = q.shape[1] != k.shape[1]
+    if Tq == Tk:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+    if Tq == 1 and int(q_pos[-1]) == Tk - 1:
+        return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa)
+    s = torch.arange(Tk, device=q.device)
+    causal = s.view(1, -1) <= q_pos.view(-1, 1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=causal, scale=scale, enable_gqa=gqa)
+
+
+def infllm_v2_attention_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_pos: torch.Tensor,
+    ckeys: torch.Tensor | None = None,
+    *,
+    scale: float | None = None,
+    block_size: int = 64,
+    kernel: int = 32,
+    stride: int = 16,
+    topk: int = 96,
+    init_blocks: int = 1,
+    local_blocks: int = 32,
+    dense_len: int = 8192,
+    selection: str = "token",
+    select_tokens: int = 64,
+    coarse: bool = False,
+    coarse_kernel: int = 128,
+    coarse_stride: int = 64,
+) -> torch.Tensor:
+    """`infllm_v2_attention` on the Triton kernels (dense SDPA while every query is short)."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    Tk = k.shape[2]
+    num_blocks = -(-Tk // block_size)
+    if Tk < dense_len or num_blocks <= topk:
+        return _dense(q, k, v, q_pos, scale)
+    if ckeys is None:
+        ckeys = compress_keys_triton(k.detach(), kernel, stride)
+    sel = select_blocks_triton(
+        q, ckeys, q_pos, num_blocks, scale=scale, block_size=block_size, kernel=kernel, stride=stride, topk=topk,
+        init_blocks=init_blocks, local_blocks=local_blocks, dense_len=dense_len, selection=selection,
+        select_tokens=select_tokens, coarse=coarse, coarse_kernel=coarse_kernel, coarse_stride=coarse_stride,
+    )
+    return block_sparse_attention_triton(q, k, v, q_pos, sel, scale=scale)
