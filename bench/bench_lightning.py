@@ -83,6 +83,7 @@ def bench_lengths(lengths, bw, fla_chunk, rows, sdpa_max):
             row["ours_fwd_ms"] = med(ours)
         run = lambda: ours().backward(do)  # noqa: E731
         row["ours_fwdbwd_ms"] = do_bench(run, warmup=25, rep=200, grad_to_none=[q, k, v], return_mode="median")
+        q.grad = k.grad = v.grad = None
         if fla_chunk is not None:
             qf, kf, vf = (t.detach().transpose(1, 2).contiguous().requires_grad_() for t in (q, k, v))
             dof = do.transpose(1, 2).contiguous()
@@ -95,6 +96,7 @@ def bench_lengths(lengths, bw, fla_chunk, rows, sdpa_max):
                 row["fla_fwd_ms"] = med(fla)
             run = lambda: fla().backward(dof)  # noqa: E731
             row["fla_fwdbwd_ms"] = do_bench(run, warmup=25, rep=200, grad_to_none=[qf, kf, vf], return_mode="median")
+            qf.grad = kf.grad = vf.grad = None
             del qf, kf, vf, dof
         if T <= sdpa_max:
             sd = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)  # noqa: E731
