@@ -1,0 +1,90 @@
+"""`hybridize eval` and `hybridize bench`: thin click layers over hybridize.eval.evaluate."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from ..cli import UserError, _fail_cleanly
+
+
+def _split(text: str, convert, what: str) -> tuple:
+    try:
+        return tuple(convert(x.strip()) for x in text.split(",") if x.strip())
+    except ValueError as e:
+        raise UserError(f"{what}: {e}") from None
+
+
+def _length(x: str) -> int:
+    from .speed import parse_length
+
+    return parse_length(x)
+
+
+@click.command("eval")
+@click.argument("model")
+@click.option("--compare", default=None, help="source model to compare with: a folder, hub id, .gguf or 'default'")
+@click.option("--text", "texts", multiple=True, default=("shakespeare",), show_default=True,
+              help="perplexity text: a file, a folder of .txt, 'shakespeare' or hf:NAME[:CONFIG[:SPLIT]] (repeatable)")
+@click.option("--seq-len", default=512, show_default=True, help="perplexity window (tokens)")
+@click.option("--max-windows", default=8, show_default=True, help="perplexity windows per text (0: all)")
+@click.option("--lengths", default="256,512,1024", show_default=True, help="pass-key context lengths (e.g. 4K,32K)")
+@click.option("--depths", default="0,0.25,0.5,0.75,1", show_default=True, help="needle depths in [0, 1]")
+@click.option("--trials", default=1, show_default=True, help="pass keys per length and depth")
+@click.option("--no-retrieval", is_flag=True, help="skip the pass-key probes")
+@click.option("--chunk-size", default=16384, show_default=True, help="prefill chunk (tokens)")
+@click.option("--output", "-o", default=None, help="results folder (default: MODEL/eval)")
+@click.option("--force", is_flag=True, help="replace an existing results folder")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None)
+@click.option("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
+def eval_command(model, compare, texts, seq_len, max_windows, lengths, depths, trials, no_retrieval, chunk_size,
+                 output, force, dtype, device):
+    """Perplexity, pass-key retrieval and samples for MODEL, beside --compare SOURCE."""
+    from .evaluate import EvalSettings, run_eval
+    from .report import eval_table
+
+    settings = _fail_cleanly(
+        EvalSettings, texts=tuple(texts), seq_len=seq_len, max_windows=max_windows or None,
+        lengths=_split(lengths, _length, "--lengths"), depths=_split(depths, float, "--depths"), trials=trials,
+        retrieval=not no_retrieval, chunk_size=chunk_size, progress=sys.stderr.isatty(),
+    )
+    results, paths = _fail_cleanly(run_eval, model, compare, output=output, force=force, dtype=dtype, device=device,
+                                   settings=settings)
+    click.echo(eval_table(results))
+    click.echo("wrote " + ", ".join(str(p) for p in paths.values()))
+
+
+@click.command("bench")
+@click.argument("model", required=False)
+@click.option("--compare", default=None, help="source model to compare with: a folder, hub id, .gguf or 'default'")
+@click.option("--shape", default=None, help="benchmark a weightless shape and its hybrid instead (llama3-8b, "
+              "smollm2-135m, tiny)")
+@click.option("--ratio", default="1:3", show_default=True, help="sparse:linear ratio of the --shape hybrid")
+@click.option("--lengths", default="1K,2K,4K", show_default=True, help="context lengths (e.g. 32K,128K,1M)")
+@click.option("--chunk-size", default=16384, show_default=True, help="prefill chunk (tokens)")
+@click.option("--decode-batch", "decode_batches", default="1", show_default=True, help="decode batch sizes, e.g. 1,8")
+@click.option("--decode-steps", default=16, show_default=True)
+@click.option("--time-cap", default=None, type=float, help="seconds per model; longer lengths are skipped")
+@click.option("--warmup", default=None, help="warm-up prefill length before timing (e.g. 32K)")
+@click.option("--output", "-o", default=None, help="results folder (default: MODEL/bench)")
+@click.option("--force", is_flag=True, help="replace an existing results folder")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None)
+@click.option("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
+@click.option("--no-plots", is_flag=True)
+def bench_command(model, compare, shape, ratio, lengths, chunk_size, decode_batches, decode_steps, time_cap, warmup,
+                  output, force, dtype, device, no_plots):
+    """Time to first token, decode tokens/s and peak memory over context lengths (OOM is a result)."""
+    from .evaluate import run_bench_command
+    from .report import bench_table
+
+    command = "hybridize bench " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else ""
+    report, paths = _fail_cleanly(
+        run_bench_command, model, compare, shape=shape, ratio=ratio, lengths=_split(lengths, _length, "--lengths"),
+        output=output, force=force, dtype=dtype, device=device, chunk_size=chunk_size,
+        decode_batches=_split(decode_batches, int, "--decode-batch"), decode_steps=decode_steps, time_cap_s=time_cap,
+        warmup_length=_length(warmup) if warmup else None, plots=not no_plots, command=command,
+        log=lambda s: click.echo(s, err=True),
+    )
+    click.echo(bench_table(report))
+    click.echo("wrote " + ", ".join(str(p) for p in paths.values()))

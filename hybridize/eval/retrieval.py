@@ -1,0 +1,204 @@
+"""Long-context retrieval: a pass key hidden in filler text at several context lengths and depths.
+
+Each probe is built at the token level (so its length is exact): filler, the needle "The pass key is <digits>.
+Remember it." at the chosen depth, more filler, then the question "What is the pass key? The pass key is". Two scores:
+
+- accuracy: greedy decoding reproduces the key exactly (chance is about 10^-digits);
+- choice_accuracy: the true key has the highest log-likelihood among `choices` keys of the same length (chance is
+  1/choices), which separates a model that knows nothing from one that retrieves a little.
+
+The prompt is prefilled in chunks once; the candidate keys are then scored as one batch that continues from copies of
+that cache, so a probe costs one long prefill whatever the number of choices.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .prefill import DEFAULT_CHUNK, forward_chunk, prefill
+
+FILLER = (
+    "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+    "The river runs to the sea and the wind moves over the hills. A bird sings in the old tree by the road. "
+)
+NEEDLE_PREFIX = "The pass key is"
+NEEDLE_SUFFIX = ". Remember it. "
+QUESTION = " What is the pass key? "
+
+
+@dataclass
+class ProbeResult:
+    length: int
+    depth: float
+    key: str
+    correct: bool  # greedy decoding gives the key
+    chosen: bool  # the key is the most likely of the choices
+    key_logprob: float
+
+
+@dataclass
+class RetrievalResult:
+    lengths: list[int]
+    depths: list[float]
+    digits: int
+    choices: int
+    accuracy: float
+    choice_accuracy: float
+    chance: float  # choice accuracy of a model that knows nothing
+    grid: list[list[float]]  # accuracy per [length][depth]
+    choice_grid: list[list[float]]
+    probes: list[ProbeResult] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _ids(tokenizer, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def random_keys(rng: random.Random, digits: int, count: int) -> list[str]:
+    keys: set[str] = set()
+    if count > 9 * 10 ** (digits - 1):
+        raise ValueError(f"cannot draw {count} distinct {digits}-digit keys")
+    while len(keys) < count:
+        keys.add(str(rng.randint(10 ** (digits - 1), 10**digits - 1)))
+    return sorted(keys, key=lambda _: rng.random())
+
+
+def build_probe(tokenizer, length: int, depth: float, key: str) -> tuple[list[int], list[int]]:
+    """Token ids of one probe prompt of exactly `length` tokens, and the key's tokens that should follow it."""
+    if not 0.0 <= depth <= 1.0:
+        raise ValueError(f"depth must be in [0, 1], got {depth}")
+    prefix = _ids(tokenizer, NEEDLE_PREFIX)
+    needle = prefix + _ids(tokenizer, " " + key) + _ids(tokenizer, NEEDLE_SUFFIX)
+    question = _ids(tokenizer, QUESTION) + prefix  # the question ends with the needle's own prefix tokens
+    bos = [tokenizer.bos_token_id] if getattr(tokenizer, "bos_token_id", None) is not None else []
+    budget = length - len(bos) - len(needle) - len(question)
+    if budget < 0:
+        raise ValueError(f"length {length} is too short for a probe (needs at least {length - budget} tokens)")
+    filler = _ids(tokenizer, FILLER)
+    repeated = (filler * (budget // len(filler) + 1))[:budget]
+    cut = int(round(depth * budget))
+    prompt = bos + repeated[:cut] + needle + repeated[cut:] + question
+    assert len(prompt) == length
+    return prompt, _ids(tokenizer, " " + key)
+
+
+@torch.no_grad()
+def score_candidates(model, prompt: list[int], candidates: list[list[int]], chunk_size: int = DEFAULT_CHUNK):
+    """Log-likelihood of each candidate continuation of `prompt`, and whether greedy decoding follows each one.
+    Returns (logprobs (K,), greedy (K,) bool)."""
+    device = next(model.parameters()).device
+    ids = torch.tensor([prompt], dtype=torch.long, device=device)
+    state = prefill(model, ids, chunk_size)
+    first = torch.log_softmax(state.logits[0].float(), -1)  # (V,)
+    K = len(candidates)
+    lengths = torch.tensor([len(c) for c in candidates], device=device)
+    n = int(lengths.max())
+    cand = torch.tensor([c + [c[-1]] * (n - len(c)) for c in candidates], dtype=torch.long, device=device)  # (K, n)
+    logp = first[cand[:, 0]]
+    greedy = cand[:, 0] == first.argmax()
+    if n > 1:
+        cache = state.cache
+        cache.batch_repeat_interleave(K)
+        logits, _ = forward_chunk(model, cand[:, :-1], cache, logits_to_keep=0)  # (K, n-1, V): predicts cand[:, 1:]
+        lp = torch.log_softmax(logits.float(), -1)
+        target = cand[:, 1:]
+        tok_lp = lp.gather(-1, target[..., None])[..., 0]
+        hit = lp.argmax(-1) == target
+        valid = torch.arange(1, n, device=device)[None, :] < lengths[:, None]
+        logp = logp + (tok_lp * valid).sum(-1)
+        greedy = greedy & (hit | ~valid).all(-1)
+    return logp.cpu(), greedy.cpu()
+
+
+def passkey_retrieval(
+    model,
+    tokenizer,
+    lengths=(256, 512, 1024),
+    depths=(0.0, 0.25, 0.5, 0.75, 1.0),
+    *,
+    trials: int = 1,
+    digits: int = 5,
+    choices: int = 10,
+    seed: int = 0,
+    chunk_size: int = DEFAULT_CHUNK,
+    progress: bool = False,
+) -> RetrievalResult:
+    """Run the pass-key probes over `lengths` x `depths` (`trials` keys each)."""
+    if tokenizer is None:
+        raise ValueError("retrieval needs a tokenizer: the model folder has none")
+    if choices < 2:
+        raise ValueError(f"choices must be at least 2, got {choices}")
+    rng = random.Random(seed)
+    lengths, depths = [int(x) for x in lengths], [float(d) for d in depths]
+    cells = [(li, di, t) for li in range(len(lengths)) for di in range(len(depths)) for t in range(trials)]
+    if progress:
+        from tqdm.auto import tqdm
+
+        cells = tqdm(cells, desc="retrieval", leave=False)
+    probes: list[ProbeResult] = []
+    hits = [[0.0] * len(depths) for _ in lengths]
+    chosen = [[0.0] * len(depths) for _ in lengths]
+    for li, di, _ in cells:
+        keys = random_keys(rng, digits, choices)
+        prompt, _ = build_probe(tokenizer, lengths[li], depths[di], keys[0])
+        cands = [_ids(tokenizer, " " + k) for k in keys]
+        logp, greedy = score_candidates(model, prompt, cands, chunk_size)
+        is_chosen = bool(logp[0] > logp[1:].max())
+        probes.append(ProbeResult(lengths[li], depths[di], keys[0], bool(greedy[0]), is_chosen, float(logp[0])))
+        hits[li][di] += float(greedy[0]) / trials
+        chosen[li][di] += float(is_chosen) / trials
+    n = len(probes)
+    return RetrievalResult(
+        lengths, depths, digits, choices,
+        accuracy=sum(p.correct for p in probes) / n,
+        choice_accuracy=sum(p.chosen for p in probes) / n,
+        chance=1.0 / choices,
+        grid=hits, choice_grid=chosen, probes=probes,
+    )
+
+
+def plot_heatmap(results: dict[str, RetrievalResult | dict], path: str | Path, metric: str = "grid") -> Path:
+    """One heat map per model (accuracy over length x depth), side by side, saved as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    items = [(name, r.to_dict() if hasattr(r, "to_dict") else r) for name, r in results.items()]
+    fig, axes = plt.subplots(1, len(items), figsize=(4.2 * len(items), 3.4), squeeze=False)
+    for ax, (name, r) in zip(axes[0], items):
+        grid = torch.tensor(r[metric]).T  # depths x lengths
+        im = ax.imshow(grid.numpy(), vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto", origin="lower")
+        ax.set_xticks(range(len(r["lengths"])), [_short(n) for n in r["lengths"]])
+        ax.set_yticks(range(len(r["depths"])), [f"{d:.0%}" for d in r["depths"]])
+        ax.set_xlabel("context length (tokens)")
+        ax.set_ylabel("needle depth")
+        ax.set_title(f"{name}: pass key {'accuracy' if metric == 'grid' else 'choice accuracy'}")
+        for (i, j), v in zip(
+            [(i, j) for i in range(grid.shape[0]) for j in range(grid.shape[1])], grid.flatten().tolist()
+        ):
+            ax.text(j, i, f"{v:.2f}", ha="center", va="center", color="w" if v < 0.6 else "k", fontsize=8)
+    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def _short(n: int) -> str:
+    if n >= 1 << 20 and n % (1 << 20) == 0:
+        return f"{n >> 20}M"
+    if n >= 1024 and n % 1024 == 0:
+        return f"{n >> 10}K"
+    return str(n)
+
+
+__all__ = ["ProbeResult", "RetrievalResult", "build_probe", "passkey_retrieval", "plot_heatmap", "score_candidates"]

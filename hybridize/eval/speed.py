@@ -1,0 +1,376 @@
+"""Prefill and decode speed and peak memory over context lengths, for a hybrid and its source side by side.
+
+Per model and context length L (batch 1 prefill, in chunks):
+- time to first token: the whole chunked prefill of L tokens plus the last position's logits;
+- peak GPU memory of that prefill (weights included);
+- decode tokens/s at each batch size: the prefilled cache is copied to the batch (batch_repeat_interleave) and
+  `decode_steps` tokens are decoded one step at a time; tokens/s = batch * steps / time.
+Running out of memory is a result ("oom"), not a crash. Each model has a time cap: a length whose predicted time
+(extrapolated from the lengths before it) would pass the cap is recorded as "skipped".
+
+Weightless shapes (`SHAPES`, e.g. "llama3-8b") build a random-init model of that shape and its 1:3 hybrid directly on
+the device, one at a time, so speed at 8B scale can be measured without the checkpoint.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+
+from .prefill import DEFAULT_CHUNK, forward_chunk, prefill, use_chunked_sdpa
+
+# Shapes of Llama-family models (transformers LlamaConfig fields).
+SHAPES: dict[str, dict] = {
+    "llama3-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=1 << 20,
+                      rope_parameters={"rope_type": "default", "rope_theta": 500000.0}),
+    "smollm2-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, head_dim=64, tie_word_embeddings=True,
+                         max_position_embeddings=1 << 20,
+                         rope_parameters={"rope_type": "default", "rope_theta": 100000.0}),
+    "tiny": dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=16, max_position_embeddings=1 << 20,
+                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
+}
+
+
+def parse_length(text: str | int) -> int:
+    """'128K' -> 131072, '1M' -> 1048576, '4096' -> 4096."""
+    if isinstance(text, int):
+        return text
+    s = str(text).strip().upper()
+    mult = 1
+    if s.endswith("K"):
+        mult, s = 1024, s[:-1]
+    elif s.endswith("M"):
+        mult, s = 1 << 20, s[:-1]
+    try:
+        value = int(float(s) * mult)
+    except ValueError:
+        raise ValueError(f"context lengths look like 4096, 128K or 1M, got {text!r}") from None
+    if value < 1:
+        raise ValueError(f"context lengths must be positive, got {text!r}")
+    return value
+
+
+def format_length(n: int) -> str:
+    if n >= 1 << 20 and n % (1 << 20) == 0:
+        return f"{n >> 20}M"
+    if n >= 1024 and n % 1024 == 0:
+        return f"{n >> 10}K"
+    return str(n)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Models of a shape, built one at a time
+# ---------------------------------------------------------------------------------------------------------------------
+def shape_config(shape: str):
+    from transformers import LlamaConfig
+
+    if shape not in SHAPES:
+        raise ValueError(f"--shape must be one of {sorted(SHAPES)}, got {shape!r}")
+    return LlamaConfig(**SHAPES[shape], bos_token_id=1, eos_token_id=2)
+
+
+def hybrid_layer_types(num_layers: int, ratio: str = "1:3") -> list[str]:
+    from ..select.placement import layer_types_from, num_sparse_layers, parse_ratio, uniform_layers
+
+    sparse, linear = parse_ratio(ratio)
+    return layer_types_from(num_layers, uniform_layers(num_layers, num_sparse_layers(num_layers, sparse, linear)))
+
+
+def random_model(config, dtype: torch.dtype, device: torch.device):
+    """A random-init model of `config` (a LlamaConfig or HybridConfig) made directly on `device` in `dtype`."""
+    from transformers import AutoModelForCausalLM
+
+    from ..arch.configuration_hybridize import HybridConfig
+    from ..arch.modeling_hybridize import HybridForCausalLM
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        if isinstance(config, HybridConfig):
+            model = HybridForCausalLM._from_config(config, dtype=dtype)
+        else:
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model.eval()
+
+
+def shape_builders(shape: str, ratio: str, dtype: torch.dtype, device: torch.device) -> dict[str, Callable]:
+    """{name: () -> model} for the hybrid of a shape and the dense source of that shape."""
+    from ..convert.build import hybrid_config_from_source
+
+    src_config = shape_config(shape)
+    hyb_config = hybrid_config_from_source(src_config, hybrid_layer_types(src_config.num_hidden_layers, ratio))
+    return {
+        f"hybrid {ratio}": lambda: random_model(hyb_config, dtype, device),
+        f"{shape} (dense)": lambda: random_model(src_config, dtype, device),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Measurements
+# ---------------------------------------------------------------------------------------------------------------------
+@dataclass
+class LengthResult:
+    length: int
+    status: str  # "ok", "oom", "skipped", "error"
+    ttft_s: float | None = None
+    peak_gib: float | None = None
+    cache_gib: float | None = None
+    decode_tok_s: dict[int, float | str] = field(default_factory=dict)  # batch -> tokens/s, "oom" or "skipped"
+    note: str = ""
+
+
+@dataclass
+class ModelBench:
+    name: str
+    kind: str  # "hybrid" or "dense"
+    params: int
+    results: list[LengthResult] = field(default_factory=list)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def cache_bytes_estimate(config, length: int, batch: int = 1, dtype_bytes: int = 2) -> int:
+    """Bytes of the KV cache (softmax-attention layers) and Lightning states for `batch` sequences of `length`."""
+    layer_types = getattr(config, "layer_types", None)
+    if getattr(config, "model_type", None) == "hybridize":
+        n_attn = sum(t == "full_attention" for t in layer_types)
+        n_lin = len(layer_types) - n_attn
+    else:
+        n_attn, n_lin = config.num_hidden_layers, 0
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kv = 2 * n_attn * config.num_key_value_heads * head_dim * length * dtype_bytes
+    state = n_lin * config.num_attention_heads * head_dim * head_dim * 4
+    return batch * (kv + state)
+
+
+def cache_gib(cache) -> float | None:
+    if hasattr(cache, "memory_bytes"):
+        return cache.memory_bytes() / 2**30
+    layers = getattr(cache, "layers", None)
+    if layers is None:
+        return None
+    total = 0
+    for layer in layers:
+        for name in ("keys", "values"):
+            t = getattr(layer, name, None)
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+    return total / 2**30
+
+
+def _is_oom(e: BaseException) -> bool:
+    if isinstance(e, torch.OutOfMemoryError):
+        return True
+    return isinstance(e, RuntimeError) and "out of memory" in str(e).lower()
+
+
+def bench_length(model, length: int, *, device, chunk_size: int, decode_batches: list[int], decode_steps: int,
+                 vocab: int, seed: int = 0) -> LengthResult:
+    """One context length: prefill (batch 1), then decode at each batch size. OOM becomes a result."""
+    res = LengthResult(length, "ok")
+    est = cache_bytes_estimate(model.config, length)
+    if device.type == "cuda":
+        try:  # a cache that cannot even be allocated on its own: report it without running the prefill
+            probe = torch.empty(est, dtype=torch.uint8, device=device)
+            del probe
+        except torch.OutOfMemoryError:
+            res.status, res.note = "oom", f"its cache ({est / 2**30:.1f} GiB) does not fit beside the weights"
+            _free(device)
+            return res
+        torch.cuda.reset_peak_memory_stats(device)
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    ids = torch.randint(3, vocab, (1, length), generator=g).to(device)
+    cache = logits = None
+    oom = False
+    try:
+        _sync(device)
+        t0 = time.perf_counter()
+        state = prefill(model, ids, chunk_size)
+        _sync(device)
+        res.ttft_s = time.perf_counter() - t0
+        cache, logits = state.cache, state.logits
+        del state
+        res.cache_gib = cache_gib(cache)
+    except Exception as e:  # noqa: BLE001 - only OOM is a result; anything else is re-raised below
+        if not _is_oom(e):
+            raise
+        oom = True
+    if device.type == "cuda":
+        res.peak_gib = torch.cuda.max_memory_allocated(device) / 2**30
+    if oom:
+        cache = logits = None
+        _free(device)
+        res.status, res.note = "oom", "out of memory during prefill"
+        return res
+    done_batch = 1
+    for b in sorted(decode_batches):
+        if b % done_batch:
+            res.decode_tok_s[b] = "skipped"
+            continue
+        try:
+            if b > done_batch:
+                cache.batch_repeat_interleave(b // done_batch)
+                logits = logits.repeat_interleave(b // done_batch, dim=0)
+                done_batch = b
+            nxt = logits.argmax(-1)[:, None]
+            for _ in range(2):  # warm-up steps
+                logits, cache = forward_chunk(model, nxt, cache)
+                logits = logits[:, -1]
+            _sync(device)
+            t0 = time.perf_counter()
+            for _ in range(decode_steps):
+                logits, cache = forward_chunk(model, logits.argmax(-1)[:, None], cache)
+                logits = logits[:, -1]
+            _sync(device)
+            res.decode_tok_s[b] = b * decode_steps / (time.perf_counter() - t0)
+        except Exception as e:  # noqa: BLE001
+            if not _is_oom(e):
+                raise
+            oom = True
+        if oom:
+            for rest in sorted(decode_batches):
+                if rest >= b:
+                    res.decode_tok_s[rest] = "oom"
+            break
+    cache = logits = None
+    _free(device)
+    return res
+
+
+@torch.no_grad()
+def bench_model(
+    name: str,
+    model,
+    lengths: list[int],
+    *,
+    chunk_size: int = DEFAULT_CHUNK,
+    decode_batches: tuple[int, ...] = (1,),
+    decode_steps: int = 16,
+    time_cap_s: float | None = None,
+    warmup_length: int | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> ModelBench:
+    """Benchmark one model over `lengths` (increasing). Stops growing at the first OOM."""
+    from .loading import model_kind
+
+    device = next(model.parameters()).device
+    use_chunked_sdpa(model)  # dense models: flash/efficient attention for chunks after a cache
+    out = ModelBench(name, model_kind(model), sum(p.numel() for p in model.parameters()))
+    vocab = model.config.vocab_size
+    if warmup_length:
+        bench_length(model, min(warmup_length, max(lengths)), device=device, chunk_size=chunk_size,
+                     decode_batches=[1], decode_steps=2, vocab=vocab)
+    start = time.perf_counter()
+    measured: list[tuple[int, float]] = []
+    stopped = ""
+    for L in sorted(lengths):
+        if stopped:
+            out.results.append(LengthResult(L, "skipped", note=stopped))
+            continue
+        if time_cap_s is not None and measured:
+            predicted = _predict(measured, L)
+            if time.perf_counter() - start + predicted > time_cap_s:
+                out.results.append(LengthResult(L, "skipped", note=f"predicted {predicted:.0f} s passes the time cap"))
+                continue
+        r = bench_length(model, L, device=device, chunk_size=chunk_size, decode_batches=list(decode_batches),
+                         decode_steps=decode_steps, vocab=vocab)
+        out.results.append(r)
+        if log is not None:
+            log(f"{name} {format_length(L)}: {describe(r)}")
+        if r.status == "oom":
+            stopped = "a shorter context already ran out of memory"
+        elif r.ttft_s is not None:
+            decode_time = sum(b * decode_steps / v for b, v in r.decode_tok_s.items() if isinstance(v, float))
+            measured.append((L, r.ttft_s + decode_time))
+    return out
+
+
+def _predict(measured: list[tuple[int, float]], length: int) -> float:
+    """Time at `length` extrapolated from the last two measurements (power law, exponent clamped to [1, 2])."""
+    L1, t1 = measured[-1]
+    p = 2.0
+    if len(measured) >= 2:
+        L0, t0 = measured[-2]
+        if t0 > 0 and t1 > 0 and L1 > L0:
+            p = min(2.0, max(1.0, math.log(t1 / t0) / math.log(L1 / L0)))
+    return t1 * (length / L1) ** p
+
+
+def describe(r: LengthResult) -> str:
+    if r.status != "ok":
+        return f"{r.status} {r.note}".strip()
+    dec = ", ".join(f"B={b}: {v:.1f} tok/s" if isinstance(v, float) else f"B={b}: {v}" for b, v in r.decode_tok_s.items())
+    peak = f", peak {r.peak_gib:.1f} GiB" if r.peak_gib is not None else ""
+    return f"TTFT {r.ttft_s:.3f} s{peak}; decode {dec}"
+
+
+@dataclass
+class BenchReport:
+    device: str
+    dtype: str
+    chunk_size: int
+    decode_steps: int
+    decode_batches: list[int]
+    lengths: list[int]
+    models: list[ModelBench]
+    command: str = ""
+    date: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return "cpu"
+
+
+def run_bench(
+    builders: dict[str, Callable],
+    lengths: list[int],
+    *,
+    device: torch.device,
+    dtype: str,
+    chunk_size: int = DEFAULT_CHUNK,
+    decode_batches: tuple[int, ...] = (1,),
+    decode_steps: int = 16,
+    time_cap_s: float | None = None,
+    warmup_length: int | None = None,
+    command: str = "",
+    log: Callable[[str], None] | None = print,
+) -> BenchReport:
+    """Build each model in turn (only one is alive at a time), benchmark it, and free it."""
+    models = []
+    for name, build in builders.items():
+        model = build()
+        models.append(bench_model(name, model, lengths, chunk_size=chunk_size, decode_batches=decode_batches,
+                                  decode_steps=decode_steps, time_cap_s=time_cap_s, warmup_length=warmup_length,
+                                  log=log))
+        del model
+        _free(device)
+    return BenchReport(device_name(device), dtype, chunk_size, decode_steps, sorted(decode_batches), sorted(lengths),
+                       models, command, time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
+
+
+__all__ = [
+    "SHAPES", "BenchReport", "LengthResult", "ModelBench", "bench_length", "bench_model", "cache_bytes_estimate",
+    "format_length", "parse_length", "random_model", "run_bench", "shape_builders", "shape_config",
+]

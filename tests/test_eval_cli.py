@@ -1,0 +1,98 @@
+"""`hybridize eval` and `hybridize bench` on the CPU: real model folders, real files, tables and plots."""
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from eval_tools import word_tokenizer
+from helpers import tiny_llama
+from hybridize.arch.configuration_hybridize import default_layer_types
+from hybridize.cli import main
+from hybridize.convert.build import build_hybrid
+from hybridize.eval.evaluate import run_bench_command
+from hybridize.eval.report import bench_table
+from hybridize.export import save_hybrid
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    tok = word_tokenizer()
+    source = tiny_llama(vocab=len(tok))
+    source.save_pretrained(root / "source")
+    tok.save_pretrained(root / "source")
+    hybrid = build_hybrid(tiny_llama(vocab=len(tok)), default_layer_types(4))
+    save_hybrid(hybrid, root / "hybrid", tokenizer=tok)
+    text = root / "text.txt"
+    text.write_text("The river runs to the sea and the wind moves over the hills. The sky is blue. " * 30)
+    return root
+
+
+def test_eval_command_writes_side_by_side_results(folders):
+    out = folders / "eval-out"
+    args = ["eval", str(folders / "hybrid"), "--compare", str(folders / "source"), "--text", str(folders / "text.txt"),
+            "--seq-len", "32", "--max-windows", "2", "--lengths", "64,96", "--depths", "0,1", "-o", str(out)]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    data = json.loads((out / "eval_results.json").read_text())
+    assert list(data["models"]) == ["hybrid", "source"]
+    for m in data["models"].values():
+        assert m["perplexity"][0]["windows"] == 2 and m["perplexity"][0]["perplexity"] > 1.0
+        assert len(m["retrieval"]["probes"]) == 4 and len(m["samples"]) == 2
+    md = (out / "eval_results.md").read_text()
+    assert "| metric | hybrid | source |" in md
+    assert (out / "retrieval_heatmap.png").read_bytes()[:8] == PNG
+    # an existing folder is not overwritten without --force, and the error is one line with exit code 2
+    again = CliRunner().invoke(main, args)
+    assert again.exit_code == 2 and again.output.count("\n") == 1 and "--force" in again.output
+
+
+def test_eval_bad_input_is_a_one_line_error(folders, tmp_path):
+    res = CliRunner().invoke(main, ["eval", str(tmp_path / "missing"), "-o", str(tmp_path / "o")])
+    assert res.exit_code == 2 and res.output.startswith("error:") and not (tmp_path / "o").exists()
+    res = CliRunner().invoke(main, ["eval", str(folders / "hybrid"), "--depths", "0,2", "-o", str(tmp_path / "o")])
+    assert res.exit_code == 2 and "depths" in res.output and not (tmp_path / "o").exists()
+
+
+def test_bench_shape_on_cpu_produces_table_and_plots(tmp_path):
+    report, paths = run_bench_command(shape="tiny", lengths=(64, 128, 256), output=tmp_path / "b", chunk_size=48,
+                                      decode_batches=(1, 2), decode_steps=2, log=None)
+    names = [m["name"] for m in report["models"]]
+    assert names == ["hybrid 1:3", "tiny (dense)"]
+    hybrid, dense = report["models"]
+    assert hybrid["kind"] == "hybrid" and dense["kind"] == "dense" and hybrid["params"] > dense["params"]
+    for m in report["models"]:
+        assert [r["length"] for r in m["results"]] == [64, 128, 256]
+        for r in m["results"]:
+            assert r["status"] == "ok" and r["ttft_s"] > 0
+            assert set(r["decode_tok_s"]) == {1, 2} and all(v > 0 for v in r["decode_tok_s"].values())
+    table = (tmp_path / "b" / "bench_results.md").read_text()
+    assert table.count("\n| 64 |") + table.count("\n| 128 |") + table.count("\n| 256 |") == 3
+    assert "TTFT s (hybrid 1:3) | TTFT s (tiny (dense)) | TTFT speed-up" in table
+    for name in ("bench_ttft.png", "bench_decode.png"):
+        assert (tmp_path / "b" / name).read_bytes()[:8] == PNG
+    assert json.loads(paths["json"].read_text())["lengths"] == [64, 128, 256]
+
+
+def test_bench_command_on_folders_and_time_cap(folders, tmp_path):
+    res = CliRunner().invoke(main, ["bench", str(folders / "hybrid"), "--compare", str(folders / "source"),
+                                    "--lengths", "32,64,1K", "--chunk-size", "32", "--decode-steps", "2",
+                                    "--time-cap", "0", "-o", str(tmp_path / "b")])
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "b" / "bench_results.json").read_text())
+    for m in report["models"]:
+        statuses = [r["status"] for r in m["results"]]
+        assert statuses == ["ok", "skipped", "skipped"]  # a zero cap stops after the first measured length
+    assert bench_table(report).splitlines()[2].startswith("| 32 |")
+
+
+def test_bench_refuses_model_and_shape_together(folders, tmp_path):
+    res = CliRunner().invoke(main, ["bench", str(folders / "hybrid"), "--shape", "tiny", "-o", str(tmp_path / "b")])
+    assert res.exit_code == 2 and "--shape" in res.output
+    res = CliRunner().invoke(main, ["bench", "--shape", "nope", "-o", str(tmp_path / "b")])
+    assert res.exit_code == 2 and "llama3-8b" in res.output
+    res = CliRunner().invoke(main, ["bench", "--shape", "tiny", "--lengths", "12Q", "-o", str(tmp_path / "b")])
+    assert res.exit_code == 2 and "128K" in res.output
