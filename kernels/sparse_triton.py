@@ -446,6 +446,15 @@ def _pool_blocks(scores: torch.Tensor, nb: int, block_size: int, kernel: int, st
     return y.view(*shape, nb)
 
 
+def _top_later_wins(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k largest float32 values along the last dim; equal values: the larger index first. One int64
+    top-k over (order-preserving bits of the value) << 32 | index, cheaper than a stable sort of every row."""
+    bits = (x.float() + 0.0).contiguous().view(torch.int32)  # + 0.0: -0.0 becomes +0.0
+    bits = torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(torch.int64)
+    j = torch.arange(x.shape[-1], device=x.device, dtype=torch.int64)
+    return (bits * (1 << 32) + j).topk(k, dim=-1).indices
+
+
 def _choose(block_scores, t_lo, t_hi, *, block_size, topk, init_blocks, local_blocks, dense_len, stable_ties):
     """Forced + top-k blocks per row: the reference's rule. t_lo/t_hi: (R,) first/last position of each row."""
     nb = block_scores.shape[-1]
@@ -457,9 +466,8 @@ def _choose(block_scores, t_lo, t_hi, *, block_size, topk, init_blocks, local_bl
     dense = ((t_lo.view(-1, 1) + 1) < dense_len) | ((own_lo + 1) <= topk)
     ranked = block_scores.masked_fill(forced, float("inf")).masked_fill(~visible, float("-inf"))
     k_eff = min(topk, nb)
-    if stable_ties:  # the reference's tie rule: equal scores, the later block wins
-        order = torch.sort(ranked.flip(-1), dim=-1, descending=True, stable=True).indices[..., :k_eff]
-        top = nb - 1 - order
+    if stable_ties:  # the reference's tie rule: equal scores, the later block wins (exact lexicographic key)
+        top = _top_later_wins(ranked, k_eff)
     else:
         top = ranked.topk(k_eff, dim=-1).indices
     chosen = torch.zeros_like(ranked, dtype=torch.bool).scatter_(-1, top, True)
@@ -526,9 +534,11 @@ def select_blocks_triton(
     coarse: bool = False,
     coarse_kernel: int = 128,
     coarse_stride: int = 64,
+    coarse_keys: torch.Tensor | None = None,
     max_score_elems: int = 1 << 28,
 ) -> Selection:
-    """Block selection (see the module docstring). Returns a `Selection` for `block_sparse_attention_triton`."""
+    """Block selection (see the module docstring). Returns a `Selection` for `block_sparse_attention_triton`.
+    `coarse_keys`: cached K2 (B, Hkv, N2, D) for `coarse=True` (derived from `ckeys` when None)."""
     if selection not in ("token", "block"):
         raise ValueError(f"selection must be 'token' or 'block', got {selection!r}")
     B, Hq, Tq, D = q.shape
@@ -540,10 +550,15 @@ def select_blocks_triton(
     q = q.detach()
     if q.stride(-1) != 1:
         q = q.contiguous()
-    ck = ckeys.detach().to(q.dtype).contiguous()
+    ck = ckeys.detach()  # float32 is fine: the kernel casts tiles to the query dtype as it loads them
+    if ck.stride(-1) != 1:
+        ck = ck.contiguous()
     if coarse:
-        ck2 = coarse_from_compressed(ckeys.detach(), kernel, stride, coarse_kernel, coarse_stride).to(q.dtype)
-        ck2 = ck2.contiguous()
+        if coarse_keys is None:
+            coarse_keys = coarse_from_compressed(ck, kernel, stride, coarse_kernel, coarse_stride)
+        ck2 = coarse_keys.detach()
+        if ck2.stride(-1) != 1:
+            ck2 = ck2.contiguous()
         k2, s2 = coarse_kernel, coarse_stride
     else:
         ck2, k2, s2 = ck, kernel, stride
@@ -717,6 +732,7 @@ def infllm_v2_attention_triton(
     coarse: bool = False,
     coarse_kernel: int = 128,
     coarse_stride: int = 64,
+    coarse_keys: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`infllm_v2_attention` on the Triton kernels (dense SDPA while every query is short)."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
@@ -730,5 +746,6 @@ def infllm_v2_attention_triton(
         q, ckeys, q_pos, num_blocks, scale=scale, block_size=block_size, kernel=kernel, stride=stride, topk=topk,
         init_blocks=init_blocks, local_blocks=local_blocks, dense_len=dense_len, selection=selection,
         select_tokens=select_tokens, coarse=coarse, coarse_kernel=coarse_kernel, coarse_stride=coarse_stride,
+        coarse_keys=coarse_keys,
     )
     return block_sparse_attention_triton(q, k, v, q_pos, sel, scale=scale)

@@ -59,7 +59,7 @@ def lightning_attention(q, k, v, log_decay, *, scale, initial_state=None, output
                                   cu_seqlens)
 
 
-_TRITON_ONLY_OPTIONS = ("selection", "select_tokens", "coarse", "coarse_kernel", "coarse_stride")
+_TRITON_ONLY_OPTIONS = ("selection", "select_tokens", "coarse", "coarse_kernel", "coarse_stride", "coarse_keys")
 
 
 def sparse_attention(q, k, v, q_pos, ckeys=None, **options):
