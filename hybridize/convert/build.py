@@ -114,20 +114,23 @@ def map_tensor(name: str, tensor: torch.Tensor, config: HybridConfig) -> Iterato
     yield name, tensor
 
 
-def added_tensors(config: HybridConfig, present: set[str], dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
-    """New hybrid parameters that no source tensor provides (q/k norms, output norms, gates)."""
+def added_tensors(
+    config: HybridConfig, present: set[str], dtype: torch.dtype, device: torch.device | str | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """New hybrid parameters that no source tensor provides (q/k norms, output norms, gates).
+    `device="meta"` gives their shapes without allocating (to plan an output before writing it)."""
     hd = config.num_attention_heads * config.head_dim
     for i, kind in enumerate(config.layer_types):
         p = f"model.layers.{i}.self_attn."
         if kind == LIGHTNING:
             for norm in ("q_norm.weight", "k_norm.weight"):
                 if p + norm not in present:
-                    yield p + norm, torch.ones(config.head_dim, dtype=dtype)
-            yield p + "o_norm.weight", torch.ones(hd, dtype=dtype)
+                    yield p + norm, torch.ones(config.head_dim, dtype=dtype, device=device)
+            yield p + "o_norm.weight", torch.ones(hd, dtype=dtype, device=device)
             if config.output_gates:
-                yield p + "z_proj.weight", torch.zeros(hd, config.hidden_size, dtype=dtype)
+                yield p + "z_proj.weight", torch.zeros(hd, config.hidden_size, dtype=dtype, device=device)
         elif config.output_gates:
-            yield p + "g_proj.weight", torch.zeros(hd, config.hidden_size, dtype=dtype)
+            yield p + "g_proj.weight", torch.zeros(hd, config.hidden_size, dtype=dtype, device=device)
 
 
 def hybrid_state_dict(source_state: dict[str, torch.Tensor], config: HybridConfig) -> dict[str, torch.Tensor]:

@@ -1,18 +1,35 @@
-"""`hybridize convert`: source checkpoint -> self-contained hybrid model folder."""
+"""`hybridize convert`: source checkpoint -> self-contained hybrid model folder, streamed.
+
+Steps: open the source (readers.py) and check its tensors against its config; choose the sparse layers; plan every
+output tensor (names, shapes, shards) from the specs alone; then stream the source tensor by tensor through the family
+adapter and the hybrid mapping (build.map_tensor) straight into the planned safetensors shards. The hybrid model is
+never built in memory, and the source is read once: peak memory stays near one copy of the model (bench/RESULTS.md).
+Everything is written into a temporary folder renamed into place at the end (export.atomic_folder).
+"""
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Iterator
 
 import torch
 
-from ..export import save_hybrid
+from .. import __version__
+from ..arch.configuration_hybridize import HybridConfig
+from ..export import AUTO_MAP, OutputExistsError, atomic_folder, copy_architecture
 from ..select.placement import layer_types_from, num_sparse_layers, parse_ratio, uniform_layers
-from .build import build_hybrid
-from .default_model import load_default_model
+from ..select.registry import get_selector, needs_weights
+from .build import added_tensors, hybrid_config_from_source, map_tensor
+from .errors import WeightMismatchError
+from .families import Family, family_for
+from .model_card import model_card
+from .readers import Checkpoint, open_checkpoint
+from .safetensors_io import ShardedSafetensorsWriter, TensorSpec, parse_size
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # old Llama checkpoints saved the RoPE table; it is recomputed
 
 
 @dataclass
@@ -21,35 +38,284 @@ class ConvertResult:
     sparse_layers: list[int]
     num_layers: int
     source: str
+    method: str = "uniform"
     extras: dict = field(default_factory=dict)
+    checkpoint: Checkpoint | None = field(default=None, repr=False)
 
 
-def choose_sparse_layers(num_layers: int, ratio: str = "1:3", layers: list[int] | None = None) -> list[int]:
+# ---------------------------------------------------------------------------------------------------------------------
+# Layer choice
+# ---------------------------------------------------------------------------------------------------------------------
+def resolve_method(select: str | None, layers: list[int] | None) -> str:
+    """--select and --layers together: 'layers' for an explicit list, else a registered method (default uniform)."""
+    if select is None:
+        return "layers" if layers is not None else "uniform"
+    if select == "layers":
+        if layers is None:
+            raise ValueError("--select layers needs --layers (e.g. --layers 0,9,16)")
+        return select
+    get_selector(select)
     if layers is not None:
+        raise ValueError(f"give either --layers or --select {select}, not both")
+    return select
+
+
+def choose_sparse_layers(
+    num_layers: int,
+    ratio: str = "1:3",
+    layers: list[int] | None = None,
+    select: str | None = None,
+    model: Any = None,
+    **select_options,
+) -> list[int]:
+    """Sparse layer indices: the explicit list, or `select`'s choice of num_sparse_layers(ratio) layers."""
+    method = resolve_method(select, layers)
+    if method == "layers":
         layer_types_from(num_layers, layers)  # range check
         return sorted(set(layers))
     sparse, linear = parse_ratio(ratio)
-    return uniform_layers(num_layers, num_sparse_layers(num_layers, sparse, linear))
+    n_sparse = num_sparse_layers(num_layers, sparse, linear)
+    if model is None:
+        return uniform_layers(num_layers, n_sparse) if method == "uniform" else _no_model(method)
+    chosen = sorted(get_selector(method)(model, n_sparse, **select_options))
+    layer_types_from(num_layers, chosen)
+    return chosen
 
 
+def _no_model(method: str):
+    raise ValueError(f"--select {method} needs the source model")
+
+
+class _ConfigOnly:
+    """What a selector that needs no weights receives: the model's config and nothing else."""
+
+    def __init__(self, config):
+        self.config = config
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Checks and plan
+# ---------------------------------------------------------------------------------------------------------------------
+def _ignored(name: str) -> bool:
+    return name.endswith(_IGNORED_SUFFIXES)
+
+
+def check_weights(ckpt: Checkpoint) -> None:
+    """Every tensor the config implies is present with its shape, and nothing else is: one-line errors otherwise."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        reference = AutoModelForCausalLM.from_config(ckpt.config)
+    expected = {name: tuple(t.shape) for name, t in reference.state_dict().items()}
+    tied = bool(getattr(ckpt.config, "tie_word_embeddings", False))
+    hint = "are the weights and the config from the same model?"
+    missing = [n for n in expected if n not in ckpt.specs and not (tied and n == "lm_head.weight")]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise WeightMismatchError(
+            f"the weights in {ckpt.source} lack {missing[0]}{more}, which {ckpt.config_file} requires: {hint}"
+        )
+    for name, shape in expected.items():
+        spec = ckpt.specs.get(name)
+        if spec is not None and spec.shape != shape:
+            where = spec.file or ckpt.source
+            raise WeightMismatchError(
+                f"{name} has shape {list(spec.shape)} in {where} but {ckpt.config_file} implies {list(shape)}: {hint}"
+            )
+    extra = [n for n in ckpt.specs if n not in expected and not _ignored(n)]
+    if extra:
+        more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
+        raise WeightMismatchError(
+            f"the weights in {ckpt.source} hold {extra[0]}{more}, which {ckpt.config_file} does not describe: {hint}"
+        )
+
+
+def hybrid_tensors(
+    family: Family, name: str, tensor: torch.Tensor, ckpt: Checkpoint, config: HybridConfig
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """The hybrid tensors made from one source tensor: family names -> Llama names -> hybrid names."""
+    if _ignored(name):
+        return
+    for llama_name, llama_tensor in family.to_llama(name, tensor, ckpt.config):
+        yield from map_tensor(llama_name, llama_tensor, config)
+
+
+def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return tensor.to(dtype) if tensor.is_floating_point() else tensor
+
+
+def plan_output(
+    ckpt: Checkpoint, family: Family, config: HybridConfig, dtype: torch.dtype
+) -> tuple[dict[str, TensorSpec], set[str]]:
+    """Every output tensor's spec, computed on the meta device from the source specs, checked against the
+    architecture; and the names that come from source tensors (the rest are new parameters)."""
+    from ..arch.modeling_hybridize import HybridForCausalLM
+
+    plan: dict[str, TensorSpec] = {}
+    for name, spec in ckpt.specs.items():
+        empty = torch.empty(spec.shape, dtype=spec.dtype, device="meta")
+        for out_name, out in hybrid_tensors(family, name, empty, ckpt, config):
+            plan[out_name] = TensorSpec(tuple(out.shape), _cast(out, dtype).dtype)
+    from_source = set(plan)
+    for out_name, out in added_tensors(config, from_source, dtype, device="meta"):
+        plan[out_name] = TensorSpec(tuple(out.shape), out.dtype)
+    with torch.device("meta"):
+        model = HybridForCausalLM(config)
+    expected = {n: tuple(t.shape) for n, t in model.state_dict().items()}
+    if config.tie_word_embeddings:
+        expected.pop("lm_head.weight", None)
+    wrong = sorted(n for n in set(expected) | set(plan) if expected.get(n) != (plan[n].shape if n in plan else None))
+    if wrong:  # the source was checked already: this is a mapping bug, not bad input
+        n = wrong[0]
+        raise RuntimeError(f"hybrid mapping produced {n}: {plan.get(n)} but the architecture expects {expected.get(n)}")
+    return plan, from_source
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Convert
+# ---------------------------------------------------------------------------------------------------------------------
 def convert(
     source: str | None = None,
     output: str | Path = "hybrid-model",
     *,
     ratio: str = "1:3",
     layers: list[int] | None = None,
+    select: str | None = None,
+    config: str | Path | None = None,
     hype: bool = True,
     gates: bool = True,
     dtype: str | None = None,
     force: bool = False,
+    max_shard_size: str | int = "2GB",
+    progress: bool = True,
 ) -> ConvertResult:
-    if source is not None:
-        raise NotImplementedError("only the default model converts yet")
-    model, tokenizer = load_default_model()
-    sparse_layers = choose_sparse_layers(model.config.num_hidden_layers, ratio, layers)
-    types = layer_types_from(model.config.num_hidden_layers, sparse_layers)
-    hybrid = build_hybrid(model, types, hype=hype, output_gates=gates)
-    if dtype is not None:
-        hybrid.to(DTYPES[dtype])
-    save_hybrid(hybrid, output, tokenizer=tokenizer, force=force)
-    return ConvertResult(Path(output), sparse_layers, model.config.num_hidden_layers, "SmolLM2-135M-Instruct (GGUF)")
+    """Convert `source` (None: the built-in SmolLM2-135M) into a hybrid model folder at `output`."""
+    from tqdm.auto import tqdm
+
+    output = Path(output)
+    # Cheap checks first: nothing is read when the options are wrong.
+    if output.exists() and not force:
+        raise OutputExistsError(f"{output} already exists: choose another --output or pass --force to replace it")
+    method = resolve_method(select, layers)
+    if method != "layers":
+        parse_ratio(ratio)
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    max_bytes = parse_size(max_shard_size)
+
+    ckpt = open_checkpoint(source, config)
+    family = family_for(getattr(ckpt.config, "model_type", None), ckpt.config_file)
+    family.check(ckpt.config)
+    check_weights(ckpt)
+
+    num_layers = ckpt.config.num_hidden_layers
+    selector_model = None
+    if method not in ("layers", "uniform"):
+        selector = get_selector(method)
+        selector_model = load_source_model(ckpt) if needs_weights(selector) else _ConfigOnly(ckpt.config)
+    sparse_layers = choose_sparse_layers(num_layers, ratio, layers, method, selector_model)
+    del selector_model
+    layer_types = layer_types_from(num_layers, sparse_layers)
+    hconfig = hybrid_config_from_source(
+        ckpt.config, layer_types, hype=hype, output_gates=gates, **family.hybrid_options(ckpt.config)
+    )
+    out_dtype = DTYPES[dtype] if dtype else _source_dtype(ckpt)
+    plan, from_source = plan_output(ckpt, family, hconfig, out_dtype)
+
+    with atomic_folder(output, force=force) as tmp:
+        with ShardedSafetensorsWriter(tmp, plan, max_bytes) as writer:
+            total = sum(spec.nbytes for spec in ckpt.specs.values())
+            with tqdm(total=total, unit="B", unit_scale=True, desc="reading + writing weights",
+                      disable=not progress) as bar:
+                for name, tensor in ckpt.stream():
+                    for out_name, out in hybrid_tensors(family, name, tensor, ckpt, hconfig):
+                        writer.write(out_name, _cast(out, out_dtype))
+                    bar.update(ckpt.specs[name].nbytes if name in ckpt.specs else 0)
+                    del tensor
+            for out_name, out in added_tensors(hconfig, from_source, out_dtype):
+                writer.write(out_name, out)
+            writer.finish()
+        hconfig.conversion = {
+            "source": ckpt.source, "source_format": ckpt.format, "family": family.model_type, "method": method,
+            "ratio": None if method == "layers" else ratio, "hybridize_version": __version__,
+        }
+        _write_config(tmp, hconfig, out_dtype)
+        _write_generation_config(tmp, ckpt)
+        _write_tokenizer(tmp, ckpt)
+        copy_architecture(tmp)
+        (tmp / "README.md").write_text(model_card(
+            name=output.name, source=ckpt.source, source_format=ckpt.format, family=family.label,
+            layer_types=hconfig.layer_types, method=method, ratio=None if method == "layers" else ratio, hype=hype,
+            gates=gates, dtype=str(out_dtype).removeprefix("torch."), version=__version__,
+            base_model=ckpt.source if ckpt.folder is not None and _is_hub_id(ckpt) else None,
+        ))
+    return ConvertResult(output, sparse_layers, num_layers, ckpt.source, method,
+                         extras={"format": ckpt.format, "family": family.model_type, "notes": ckpt.notes},
+                         checkpoint=ckpt)
+
+
+def _is_hub_id(ckpt: Checkpoint) -> bool:
+    return not Path(ckpt.source).exists() and "/" in ckpt.source
+
+
+def _source_dtype(ckpt: Checkpoint) -> torch.dtype:
+    embed = ckpt.specs.get("model.embed_tokens.weight")
+    if embed is not None and embed.dtype.is_floating_point:
+        return embed.dtype
+    return torch.float32
+
+
+def _write_config(folder: Path, config: HybridConfig, dtype: torch.dtype) -> None:
+    config.auto_map = dict(AUTO_MAP)
+    config.architectures = ["HybridForCausalLM"]
+    config.dtype = dtype
+    config.save_pretrained(folder)
+
+
+def _write_generation_config(folder: Path, ckpt: Checkpoint) -> None:
+    from transformers import GenerationConfig
+
+    generation = ckpt.generation_config or GenerationConfig.from_model_config(ckpt.config)
+    generation.save_pretrained(folder)
+
+
+def _write_tokenizer(folder: Path, ckpt: Checkpoint) -> bool:
+    """The source's tokenizer (and chat template) beside the weights; False when the source has none."""
+    if ckpt.tokenizer is not None:
+        ckpt.tokenizer.save_pretrained(folder)
+        return True
+    files = ckpt.tokenizer_files()
+    if ckpt.format == "meta" and files:  # Meta ships only tokenizer.model: let transformers turn it into a tokenizer
+        try:
+            from transformers import AutoTokenizer, LlamaTokenizer
+
+            tokenizer = LlamaTokenizer(vocab_file=str(files[0]))
+            tokenizer.save_pretrained(folder)
+            AutoTokenizer.from_pretrained(folder)
+            return True
+        except Exception as e:  # noqa: BLE001 - any failure just means no tokenizer in the output
+            ckpt.notes.append(f"tokenizer.model could not be converted ({type(e).__name__}): no tokenizer written")
+            for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model"):
+                (folder / name).unlink(missing_ok=True)
+            return False
+    for path in files:
+        shutil.copyfile(path, folder / path.name)
+    if not files:
+        ckpt.notes.append("the source has no tokenizer files: none written")
+    return bool(files)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The source as a transformers model (samples; selection methods that score layers)
+# ---------------------------------------------------------------------------------------------------------------------
+def load_source_model(ckpt: Checkpoint, dtype: torch.dtype = torch.float32):
+    """The source as a transformers causal LM, read from the same stream as the conversion."""
+    from .default_model import model_from_state
+
+    if ckpt.model is not None:
+        return ckpt.model.to(dtype)
+    state = {name: _cast(t, dtype) for name, t in ckpt.stream() if not _ignored(name)}
+    model = model_from_state(ckpt.config, state, dtype=dtype)
+    if ckpt.generation_config is not None:
+        model.generation_config = ckpt.generation_config
+    return model

@@ -33,21 +33,32 @@ def load_gguf(path: str | Path, dtype=None):
     config_dict.pop("_name_or_path", None)
     model_type = config_dict.pop("model_type")
     config = AutoConfig.for_model(model_type, **config_dict)
+    model = model_from_state(config, loaded.state_dict(), dtype=torch.float32)
+    model.generation_config = loaded.generation_config
+    if dtype is not None:
+        model.to(dtype)
+    return model.eval(), tokenizer
+
+
+def model_from_state(config, state, dtype=None):
+    """A transformers causal LM of `config` holding the tensors of `state` (no random init, no second copy)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    state = loaded.state_dict()
-    model.load_state_dict(state, strict=False, assign=True)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype or torch.float32)
+    missing, _ = model.load_state_dict(state, strict=False, assign=True)
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
+    missing = [m for m in missing if not (m == "lm_head.weight" and getattr(config, "tie_word_embeddings", False))]
+    if missing:
+        raise ValueError(f"the weights lack {missing[0]} (and {len(missing) - 1} more)")
     # Non-persistent buffers (rotary tables) are not in the state dict: rebuild them off the meta device.
     for name, module in model.named_modules():
         if "RotaryEmbedding" in type(module).__name__:
             parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
             setattr(parent, name.rsplit(".", 1)[-1], type(module)(config))
-    model.generation_config = loaded.generation_config
-    if dtype is not None:
-        model.to(dtype)
-    return model.eval(), tokenizer
+    return model.eval()
 
 
 def load_default_model(dtype=None):

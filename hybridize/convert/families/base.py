@@ -1,0 +1,37 @@
+"""What a family adapter is: the few things in which a Llama-block family differs from Llama itself."""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+
+from ..errors import UnsupportedArchitectureError
+
+
+class Family:
+    """Llama's own behaviour; families override what differs.
+
+    - `hybrid_options(config)`: HybridConfig switches the family's attention needs (biases, q/k norms).
+    - `to_llama(name, tensor, config)`: the family's tensor names -> Llama's names (fused tensors are split here).
+    - `check(config)`: refuse configurations the hybrid cannot reproduce, with a one-line reason.
+    """
+
+    model_type = "llama"
+    label = "Llama"
+
+    def hybrid_options(self, config) -> dict:
+        return {}
+
+    def to_llama(self, name: str, tensor: torch.Tensor, config) -> Iterator[tuple[str, torch.Tensor]]:
+        yield name, tensor
+
+    def check(self, config) -> None:
+        factor = getattr(config, "partial_rotary_factor", None)
+        if factor is None:
+            factor = (getattr(config, "rope_parameters", None) or {}).get("partial_rotary_factor", 1.0)
+        if factor not in (None, 1, 1.0):
+            raise UnsupportedArchitectureError(
+                f"{self.label} with partial_rotary_factor={factor} is not supported: the hybrid applies RoPE to the "
+                "whole head dimension"
+            )

@@ -1,0 +1,16 @@
+"""Mistral: the Llama block with GQA and an optional sliding window.
+
+The sliding window is not carried over: every converted layer is Lightning (recurrent) or sparse attention, both of
+which see the whole context; within the window the sparse layers compute what the source computed."""
+
+from __future__ import annotations
+
+from .base import Family
+
+
+class MistralFamily(Family):
+    model_type = "mistral"
+    label = "Mistral"
+
+
+FAMILY = MistralFamily()

@@ -1,0 +1,41 @@
+"""The before/after sample `hybridize convert` prints: the source and the converted model continue the same prompt."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..generate import DEFAULT_PROMPT, generate_text, sample_text
+from .converter import ConvertResult, load_source_model
+
+AUTO_SAMPLE_MAX_PARAMETERS = 1_500_000_000  # above this, sampling on a CPU takes too long to do unasked
+
+
+@dataclass
+class Samples:
+    prompt: str
+    source: str
+    hybrid: str
+
+
+def should_sample(result: ConvertResult, requested: bool | None) -> bool:
+    """--sample / --no-sample, or (unset) sample models up to AUTO_SAMPLE_MAX_PARAMETERS parameters."""
+    if requested is not None:
+        return requested
+    ckpt = result.checkpoint
+    return ckpt is None or ckpt.num_parameters <= AUTO_SAMPLE_MAX_PARAMETERS
+
+
+def before_after(result: ConvertResult, prompt: str = DEFAULT_PROMPT, max_new_tokens: int = 20) -> Samples | None:
+    """Greedy samples of the source and of the converted folder (loaded with trust_remote_code, as users will);
+    None when the output has no tokenizer. The two models are loaded one after the other, never together."""
+    from transformers import AutoTokenizer
+
+    folder = result.output
+    if not ((folder / "tokenizer.json").is_file() or (folder / "tokenizer_config.json").is_file()):
+        return None
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    source_model = load_source_model(result.checkpoint)
+    before = generate_text(source_model, tokenizer, prompt, max_new_tokens)
+    del source_model
+    after = sample_text(folder, prompt, max_new_tokens)
+    return Samples(prompt, before, after)

@@ -1,0 +1,286 @@
+"""`hybridize convert` end to end, through the CLI: every family in every format it ships in.
+
+With every layer sparse, HyPE off and no gates, the hybrid must compute exactly what the source computes (short
+sequences run dense causal attention in sparse layers); with --ratio 1:3 it must load with trust_remote_code and
+generate.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import save_file
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    MistralConfig,
+    Phi3Config,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen3Config,
+)
+
+from hybridize.cli import main
+
+VOCAB = 97
+SHAPE = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
+             max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+FAMILIES = {
+    "llama": lambda layers=2: LlamaConfig(num_hidden_layers=layers, **SHAPE),
+    "llama3-rope": lambda layers=2: LlamaConfig(num_hidden_layers=layers, rope_parameters=LLAMA3_ROPE, **SHAPE),
+    "mistral": lambda layers=2: MistralConfig(num_hidden_layers=layers, sliding_window=256, **SHAPE),
+    "qwen2": lambda layers=2: Qwen2Config(num_hidden_layers=layers, tie_word_embeddings=True, **SHAPE),
+    "qwen3": lambda layers=2: Qwen3Config(num_hidden_layers=layers, head_dim=24, tie_word_embeddings=True, **SHAPE),
+    "phi3": lambda layers=2: Phi3Config(num_hidden_layers=layers, **SHAPE),
+}
+FORMATS = ("hf-safetensors-sharded", "hf-bin", "single-file")
+
+
+def tiny_model(family: str, seed: int = 0):
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(FAMILIES[family](), dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:  # random, so that a dropped bias or norm shows
+                p.copy_(torch.randn_like(p) * 0.1 + (1.0 if "norm" in name else 0.0))
+        model.get_output_embeddings().weight.mul_(8.0)  # confident logits: greedy choices are not rounding noise
+    return model
+
+
+def save_source(model, folder: Path, fmt: str) -> Path:
+    """`model` written the way it is distributed; returns what the user passes to convert."""
+    folder.mkdir(parents=True)
+    if fmt == "hf-safetensors-sharded":
+        model.save_pretrained(folder, max_shard_size="100KB")
+        assert (folder / "model.safetensors.index.json").is_file()
+        return folder
+    if fmt == "hf-bin":  # the pre-safetensors layout: pytorch_model-0000i-of-0000n.bin + index (transformers 4.x)
+        model.config.save_pretrained(folder)
+        model.generation_config.save_pretrained(folder)
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        if model.config.tie_word_embeddings:
+            state.pop("lm_head.weight")
+        names = list(state)
+        halves = [names[: len(names) // 2], names[len(names) // 2 :]]
+        weight_map = {}
+        for i, part in enumerate(halves):
+            shard = f"pytorch_model-{i + 1:05d}-of-00002.bin"
+            torch.save({k: state[k] for k in part}, folder / shard)
+            weight_map |= {k: shard for k in part}
+        index = {"metadata": {"total_size": 0}, "weight_map": weight_map}
+        (folder / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+        return folder
+    model.config.save_pretrained(folder)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight")
+    save_file(state, folder / "weights.safetensors")
+    return folder / "weights.safetensors"
+
+
+def run_convert(*args: str):
+    return CliRunner().invoke(main, ["convert", *map(str, args), "--quiet"], catch_exceptions=False)
+
+
+def converted_logits(folder: Path, ids: torch.Tensor) -> torch.Tensor:
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def source_logits(model, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(ids).logits
+
+
+IDS = torch.randint(3, VOCAB, (2, 19), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_all_sparse_conversion_reproduces_logits(tmp_path, family, fmt):
+    model = tiny_model(family)
+    source = save_source(model, tmp_path / "src", fmt)
+    out = tmp_path / "out"
+    result = run_convert(source, "--output", out, "--ratio", "1:0", "--no-hype", "--no-gates")
+    assert result.exit_code == 0, result.output
+    config = json.loads((out / "config.json").read_text())
+    assert config["layer_types"] == ["full_attention"] * 2
+    diff = (converted_logits(out, IDS) - source_logits(model, IDS)).abs().max().item()
+    assert diff <= 1e-4, f"{family}/{fmt}: max abs logit diff {diff}"
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_one_in_four_hybrid_loads_and_generates(tmp_path, family):
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(FAMILIES[family](layers=4)).eval()
+    source = save_source(model, tmp_path / "src", "hf-safetensors-sharded")
+    out = tmp_path / "out"
+    result = run_convert(source, "--output", out, "--ratio", "1:3")
+    assert result.exit_code == 0, result.output
+    assert "1 sparse of 4 layers: [3]" in result.output
+    hybrid = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+    assert hybrid.config.layer_types == ["linear_attention"] * 3 + ["full_attention"]
+    generated = hybrid.generate(IDS[:1, :5], max_new_tokens=6, do_sample=False)
+    assert generated.shape == (1, 11)
+    card = (out / "README.md").read_text()
+    assert "LLLS" in card and "hybridize version" in card and str(source) in card
+
+
+def test_untied_and_tied_heads_survive(tmp_path):
+    """Untied: the output holds lm_head; tied: it does not, and the loaded model ties it to the embedding."""
+    for family, tied in (("llama", False), ("qwen2", True)):
+        model = tiny_model(family)
+        source = save_source(model, tmp_path / family, "single-file")
+        out = tmp_path / f"out-{family}"
+        assert run_convert(source, "--output", out, "--ratio", "0:1").exit_code == 0
+        hybrid = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
+        assert hybrid.config.tie_word_embeddings is tied
+        same = hybrid.lm_head.weight.data_ptr() == hybrid.model.embed_tokens.weight.data_ptr()
+        assert same is tied
+        assert torch.equal(hybrid.lm_head.weight, model.lm_head.weight)
+
+
+def test_wrapped_and_lightning_checkpoints(tmp_path):
+    """{'state_dict': ...} wrappers and Lightning checkpoints (module attribute `model.` prefix) convert."""
+    model = tiny_model("llama")
+    folder = tmp_path / "src"
+    folder.mkdir()
+    model.config.save_pretrained(folder)
+    state = model.state_dict()
+    torch.save({"state_dict": state}, folder / "wrapped.pt")
+    torch.save(
+        {
+            "epoch": 3, "global_step": 120, "pytorch-lightning_version": "2.5.0",
+            "state_dict": {f"model.{k}": v for k, v in state.items()} | {"loss_scale.weight": torch.ones(3)},
+            "optimizer_states": [{"state": {}, "param_groups": [{"lr": 1e-3}]}],
+            "hyper_parameters": {"lr": 1e-3, "name": "tiny"},
+        },
+        folder / "last.ckpt",
+    )
+    for name in ("wrapped.pt", "last.ckpt"):
+        out = tmp_path / f"out-{name}"
+        result = run_convert(folder / name, "--output", out, "--ratio", "1:0", "--no-hype", "--no-gates")
+        assert result.exit_code == 0, result.output
+        diff = (converted_logits(out, IDS) - source_logits(model, IDS)).abs().max().item()
+        assert diff <= 1e-4
+
+
+def test_config_option_for_a_bare_state_dict(tmp_path):
+    model = tiny_model("mistral")
+    (tmp_path / "cfg").mkdir()
+    model.config.save_pretrained(tmp_path / "cfg")
+    torch.save(model.state_dict(), tmp_path / "weights.bin")
+    out = tmp_path / "out"
+    result = run_convert(tmp_path / "weights.bin", "--config", tmp_path / "cfg" / "config.json", "--output", out,
+                         "--ratio", "1:0", "--no-hype", "--no-gates")
+    assert result.exit_code == 0, result.output
+    assert (converted_logits(out, IDS) - source_logits(model, IDS)).abs().max().item() <= 1e-4
+
+
+def test_hub_id_from_local_cache(tmp_path, monkeypatch):
+    """A hub id converts from the local cache alone (no network: nothing is mocked, the cache is real files)."""
+    model = tiny_model("qwen3")
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--tiny-org--tiny-qwen3" / "snapshots" / "0123456789abcdef"
+    save_source(model, snapshot, "hf-safetensors-sharded")
+    (cache / "models--tiny-org--tiny-qwen3" / "refs").mkdir()
+    (cache / "models--tiny-org--tiny-qwen3" / "refs" / "main").write_text("0123456789abcdef")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = tmp_path / "out"
+    result = run_convert("tiny-org/tiny-qwen3", "--output", out, "--ratio", "1:0", "--no-hype", "--no-gates")
+    assert result.exit_code == 0, result.output
+    assert (converted_logits(out, IDS) - source_logits(model, IDS)).abs().max().item() <= 1e-4
+    assert "base_model: tiny-org/tiny-qwen3" in (out / "README.md").read_text()
+
+
+def word_tokenizer(folder: Path) -> None:
+    """A real (word-level) tokenizer with a chat template, so the output must carry both."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = ["<pad>", "<s>", "</s>", "<unk>"] + [f"w{i}" for i in range(VOCAB - 4)]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
+                                        unk_token="<unk>", pad_token="<pad>")
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+    tokenizer.save_pretrained(folder)
+
+
+def test_output_folder_contents_and_samples(tmp_path):
+    model = tiny_model("llama")
+    source = save_source(model, tmp_path / "src", "hf-safetensors-sharded")
+    word_tokenizer(source)
+    out = tmp_path / "out"
+    result = run_convert(source, "--output", out, "--ratio", "1:1", "--max-shard-size", "50KB", "--dtype", "bfloat16")
+    assert result.exit_code == 0, result.output
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1 and all((out / s).is_file() for s in shards)
+    config = json.loads((out / "config.json").read_text())
+    assert config["layer_types"] == ["linear_attention", "full_attention"]
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_hybridize.HybridForCausalLM"
+    assert config["conversion"]["method"] == "uniform" and config["conversion"]["ratio"] == "1:1"
+    for name in ("generation_config.json", "tokenizer.json", "modeling_hybridize.py", "configuration_hybridize.py",
+                 "ops.py", "README.md"):
+        assert (out / name).is_file(), name
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert tokenizer.apply_chat_template([{"role": "user", "content": "w5 w6"}], tokenize=False) == "w5 w6 "
+    hybrid = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
+    assert hybrid.model.embed_tokens.weight.dtype == torch.bfloat16
+    # the before/after sample: the source's greedy continuation is printed as the source computes it
+    lines = {line.split(":", 1)[0]: line.split(":", 1)[1].strip() for line in result.output.splitlines() if ":" in line}
+    ids = tokenizer("The capital of France is", return_tensors="pt")
+    expected = tokenizer.decode(model.generate(**ids, max_new_tokens=20, do_sample=False)[0], skip_special_tokens=True)
+    assert lines["source"] == repr(expected)
+    assert "hybrid" in lines
+
+
+def test_explicit_layers_and_select(tmp_path):
+    model = tiny_model("llama")
+    source = save_source(model, tmp_path / "src", "single-file")
+    out = tmp_path / "out"
+    result = run_convert(source, "--output", out, "--layers", "0", "--select", "layers")
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "config.json").read_text())["layer_types"] == ["full_attention", "linear_attention"]
+    out2 = tmp_path / "out2"
+    assert run_convert(source, "--output", out2, "--ratio", "0:1", "--select", "uniform").exit_code == 0
+    assert json.loads((out2 / "config.json").read_text())["layer_types"] == ["linear_attention"] * 2
+    # --force replaces an existing output
+    assert run_convert(source, "--output", out, "--ratio", "1:0", "--force").exit_code == 0
+    assert json.loads((out / "config.json").read_text())["layer_types"] == ["full_attention"] * 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "out2", "src"]
+
+
+def test_gguf_default_model_converts(tmp_path):
+    """No SOURCE: the built-in SmolLM2-135M (GGUF) converts and prints a before/after sample."""
+    pytest.importorskip("gguf")
+    out = tmp_path / "smol"
+    result = run_convert("--output", out)
+    assert result.exit_code == 0, result.output
+    assert "8 sparse of 30 layers" in result.output
+    assert "source:" in result.output and "hybrid:" in result.output
+    config = json.loads((out / "config.json").read_text())
+    assert config["layer_types"].count("full_attention") == 8 and config["tie_word_embeddings"] is True
+    assert (out / "tokenizer.json").is_file()
+    tokenizer_config = json.loads((out / "tokenizer_config.json").read_text())
+    assert "chat_template" in tokenizer_config or (out / "chat_template.jinja").is_file()
+    assert "SmolLM2" in (out / "README.md").read_text()
+
+
+def test_progress_bar_reports_bytes(tmp_path):
+    model = tiny_model("llama")
+    source = save_source(model, tmp_path / "src", "single-file")
+    result = CliRunner().invoke(main, ["convert", str(source), "--output", str(tmp_path / "out"), "--no-sample"])
+    assert result.exit_code == 0
+    assert "reading + writing weights" in result.stderr and "100%" in result.stderr
