@@ -60,16 +60,33 @@ def main():
 
 @main.command()
 @click.argument("source", required=False)
-@click.option("--ratio", default="1:3", show_default=True, help="sparse:linear layer ratio (e.g. 1:3, 1:0, 0:1)")
-@click.option("--layers", default=None, help="explicit sparse layer indices, e.g. 0,9,16 (overrides --ratio)")
+@click.option("--ratio", default="1:3", show_default=True,
+              help="SPARSE:LINEAR layer ratio (1:0 all sparse, 0:1 all Lightning). Sparse layers = round(L*S/(S+LINEAR)), "
+                   "halves rounded up, then at least 1 of each kind whose side is positive: 1:3 keeps 8 of 32 layers, "
+                   "8 of 30, 1 of 2.")
+@click.option("--layers", default=None, help="explicit sparse layer indices, e.g. 0,9,16 (instead of --ratio)")
+@click.option("--select", "select", default=None, metavar="METHOD",
+              help="how to place the sparse layers: uniform (default; evenly spaced, last layer included), layers "
+                   "(the --layers list), or a scoring method registered in hybridize.select.registry")
+@click.option("--config", "config", default=None, type=click.Path(),
+              help="config.json for a bare state-dict file (default: the config.json beside it)")
 @click.option("--output", "-o", default="hybrid-model", show_default=True, help="output folder")
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None)
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
+              help="weights dtype of the output (default: the source's)")
+@click.option("--max-shard-size", default="2GB", show_default=True, help="safetensors shard size of the output")
 @click.option("--force", is_flag=True, help="replace an existing output folder")
 @click.option("--hype/--no-hype", default=True, show_default=True, help="NoPE in sparse layers, RoPE in Lightning")
 @click.option("--gates/--no-gates", default=True, show_default=True, help="new sigmoid output gates")
-@click.option("--sample/--no-sample", default=True, show_default=True, help="print a before/after generation")
-def convert(source, ratio, layers, output, dtype, force, hype, gates, sample):
-    """Convert SOURCE (default: the built-in SmolLM2-135M) into a hybrid model folder."""
+@click.option("--sample/--no-sample", default=None,
+              help="print a before/after generation (default: on for models up to 1.5B parameters)")
+@click.option("--quiet", "-q", is_flag=True, help="no progress bars")
+def convert(source, ratio, layers, select, config, output, dtype, max_shard_size, force, hype, gates, sample, quiet):
+    """Convert SOURCE into a hybrid model folder.
+
+    SOURCE: a Hugging Face model folder or a hub id in the local cache; a .safetensors/.bin/.pt/.ckpt/.pth state
+    dict (config.json beside it or --config); Meta's consolidated.*.pth + params.json folder; a .gguf file.
+    Without SOURCE: the built-in SmolLM2-135M-Instruct. Families: Llama 1-3.x, Mistral, Qwen2/2.5, Qwen3, Phi-3.
+    """
     from .convert.converter import convert as run_convert
 
     layer_list = None
@@ -79,14 +96,23 @@ def convert(source, ratio, layers, output, dtype, force, hype, gates, sample):
         except ValueError:
             raise UserError(f"--layers must be comma-separated integers, got {layers!r}") from None
     result = _fail_cleanly(
-        run_convert, source, output, ratio=ratio, layers=layer_list, hype=hype, gates=gates, dtype=dtype, force=force
+        run_convert, source, output, ratio=ratio, layers=layer_list, select=select, config=config, hype=hype,
+        gates=gates, dtype=dtype, force=force, max_shard_size=max_shard_size, progress=not quiet,
     )
     click.echo(f"wrote {result.output} ({len(result.sparse_layers)} sparse of {result.num_layers} layers: "
                f"{result.sparse_layers})")
-    if sample:
-        from .generate import sample_text
+    for note in result.extras.get("notes", []):
+        click.echo(f"note: {note}")
+    from .convert.samples import before_after, should_sample
 
-        click.echo(sample_text(result.output))
+    if should_sample(result, sample):
+        samples = before_after(result)
+        if samples is None:
+            click.echo("no sample: the source has no tokenizer")
+        else:
+            click.echo(f"prompt: {samples.prompt!r}")
+            click.echo(f"source: {samples.source!r}")
+            click.echo(f"hybrid: {samples.hybrid!r}")
 
 
 if __name__ == "__main__":  # pragma: no cover
