@@ -1,0 +1,1 @@
+"""Staged continual training of hybrid models: recipe, data, losses, trainable parameters, the Accelerate loop."""

@@ -1,0 +1,326 @@
+"""Training data: documents from `datasets` (local text/jsonl/parquet, hub names) or sampled from the teacher,
+tokenized once and cached, split into training and held-out documents, packed into fixed-length sequences that keep
+document boundaries, and served as a deterministic weighted mixture whose position is a single integer (the number
+of sequences consumed), so a resumed run continues with exactly the next batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .losses import IGNORE
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Documents
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _datasets():
+    try:
+        import datasets
+    except ImportError:
+        raise ImportError("training data is read through `datasets`: pip install datasets") from None
+    datasets.disable_progress_bars()
+    return datasets
+
+
+def _files(path: str, pattern: str) -> list[str]:
+    p = Path(path)
+    if p.is_dir():
+        files = sorted(str(f) for f in p.rglob(pattern) if f.is_file())
+        if not files:
+            raise FileNotFoundError(f"no {pattern} files under {p}")
+        return files
+    if p.is_file():
+        return [str(p)]
+    raise FileNotFoundError(f"data path {p} not found")
+
+
+def load_documents(src, cache_dir: str | None = None) -> list[str]:
+    """The documents of one non-teacher source, as strings (one per text file for `text` sources)."""
+    ds_lib = _datasets()
+    kind = src.type
+    if kind == "text":
+        ds = ds_lib.load_dataset("text", data_files=_files(src.path, src.glob), sample_by="document",
+                                 encoding=src.encoding, split="train", cache_dir=cache_dir)
+        column = "text"
+    elif kind in ("jsonl", "json", "parquet"):
+        builder = "parquet" if kind == "parquet" else "json"
+        pattern = "*.parquet" if kind == "parquet" else ("*.jsonl" if kind == "jsonl" else "*.json")
+        ds = ds_lib.load_dataset(builder, data_files=_files(src.path, pattern), split="train", cache_dir=cache_dir)
+        column = src.field
+    elif kind == "hf":
+        ds = ds_lib.load_dataset(src.path, src.name, split=src.split, cache_dir=cache_dir)
+        column = src.field
+    else:
+        raise ValueError(f"load_documents cannot read a {kind!r} source")
+    if column not in ds.column_names:
+        raise ValueError(f"data source {src.path}: no field {column!r} (fields: {', '.join(ds.column_names)})")
+    if src.max_documents is not None:
+        ds = ds.select(range(min(src.max_documents, len(ds))))
+    return [t for t in ds[column] if t]
+
+
+@torch.no_grad()
+def generate_documents(teacher, tokenizer, src, seed: int) -> list[str]:
+    """Sample `num_samples` continuations of the prompts (cycled) from the teacher: a corpus with no download."""
+    device = next(teacher.parameters()).device
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+    out = []
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    prompts = [src.prompts[i % len(src.prompts)] for i in range(src.num_samples)]
+    batch = 8
+    old_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        for i in range(0, len(prompts), batch):
+            enc = tokenizer(prompts[i : i + batch], return_tensors="pt", padding=True).to(device)
+            ids = teacher.generate(**enc, do_sample=True, temperature=src.temperature, max_new_tokens=src.max_new_tokens,
+                                   pad_token_id=pad)
+            out += tokenizer.batch_decode(ids, skip_special_tokens=True)
+    finally:
+        tokenizer.padding_side = old_side
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Tokens (cached)
+# ---------------------------------------------------------------------------------------------------------------------
+@dataclass
+class TokenizedDocs:
+    ids: np.ndarray  # all documents' tokens, concatenated (int32)
+    offsets: np.ndarray  # document d is ids[offsets[d]:offsets[d+1]]
+
+    @property
+    def num_docs(self) -> int:
+        return len(self.offsets) - 1
+
+    def subset(self, docs: np.ndarray) -> "TokenizedDocs":
+        parts = [self.ids[self.offsets[d] : self.offsets[d + 1]] for d in docs]
+        lengths = np.array([len(p) for p in parts], dtype=np.int64)
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        ids = np.concatenate(parts).astype(np.int32) if parts else np.zeros(0, np.int32)
+        return TokenizedDocs(ids, offsets)
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    vocab = tokenizer.get_vocab()
+    h = hashlib.sha256(json.dumps(sorted(vocab.items())[:50000:97]).encode())
+    h.update(f"{len(vocab)}|{tokenizer.eos_token_id}|{type(tokenizer).__name__}".encode())
+    return h.hexdigest()[:16]
+
+
+def source_fingerprint(src, tokenizer, append_eos: bool, extra: str = "") -> str:
+    spec = dict(vars(src))
+    spec.pop("weight", None)
+    spec.pop("heldout", None)
+    if src.path and Path(src.path).exists():  # local files: their sizes and times join the key
+        spec["files"] = [(f, os.path.getsize(f), int(os.path.getmtime(f))) for f in _files(src.path, src.glob if src.type == "text" else "*")]
+    key = json.dumps(spec, sort_keys=True, default=str) + tokenizer_fingerprint(tokenizer) + str(append_eos) + extra
+    return hashlib.sha256(key.encode()).hexdigest()[:20]
+
+
+def tokenize_documents(docs: list[str], tokenizer, append_eos: bool = True) -> TokenizedDocs:
+    eos = tokenizer.eos_token_id
+    parts = []
+    for i in range(0, len(docs), 256):
+        enc = tokenizer(docs[i : i + 256], add_special_tokens=False)["input_ids"]
+        parts += [list(e) + ([eos] if append_eos and eos is not None else []) for e in enc]
+    lengths = np.array([len(p) for p in parts], dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    ids = np.fromiter((t for p in parts for t in p), dtype=np.int32, count=int(lengths.sum()))
+    return TokenizedDocs(ids, offsets)
+
+
+def cached_tokens(src, tokenizer, cache_dir: str, append_eos: bool, *, teacher=None, teacher_key: str = "",
+                  seed: int = 0) -> TokenizedDocs:
+    """Tokens of one source, from `cache_dir` when this source and tokenizer were seen before."""
+    key = source_fingerprint(src, tokenizer, append_eos, teacher_key if src.type == "teacher" else "")
+    path = Path(cache_dir) / f"tokens-{src.type}-{key}.npz"
+    if path.is_file():
+        with np.load(path) as f:
+            return TokenizedDocs(f["ids"], f["offsets"])
+    if src.type == "teacher":
+        if teacher is None:
+            raise ValueError("a teacher data source needs the teacher model (set model.source)")
+        docs = generate_documents(teacher, tokenizer, src, seed)
+    else:
+        docs = load_documents(src, cache_dir=str(Path(cache_dir) / "datasets"))
+    if not docs:
+        raise ValueError(f"data source {src.path or src.type} has no documents")
+    tok = tokenize_documents(docs, tokenizer, append_eos)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}.npz")
+    np.savez(tmp, ids=tok.ids, offsets=tok.offsets)
+    os.replace(tmp, path)
+    return tok
+
+
+def heldout_documents(num_docs: int, fraction: float, seed: int, source_index: int) -> np.ndarray:
+    """Boolean mask of documents kept for evaluation: a seeded hash per document, at least one when fraction > 0."""
+    if fraction <= 0 or num_docs < 2:
+        return np.zeros(num_docs, dtype=bool)
+    u = np.array([zlib.crc32(f"{seed}/{source_index}/{d}".encode()) / 2**32 for d in range(num_docs)])
+    mask = u < fraction
+    if not mask.any():
+        mask[int(np.argmin(u))] = True
+    if mask.all():
+        mask[int(np.argmax(u))] = False
+    return mask
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Packing
+# ---------------------------------------------------------------------------------------------------------------------
+@dataclass
+class PackedSequences:
+    """Fixed-length sequences cut from the concatenated documents. `starts[i]` lists the offsets (within sequence i)
+    where a segment begins: 0 and every document start inside it. Position ids restart at each segment start."""
+
+    tokens: np.ndarray  # (N, seq_len) int32
+    starts: list[np.ndarray]
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+
+def pack(docs: TokenizedDocs, seq_len: int) -> PackedSequences:
+    n = len(docs.ids) // seq_len
+    tokens = docs.ids[: n * seq_len].reshape(n, seq_len)
+    doc_starts = docs.offsets[:-1]
+    starts = []
+    for i in range(n):
+        a, b = i * seq_len, (i + 1) * seq_len
+        lo, hi = np.searchsorted(doc_starts, [a, b])
+        inner = doc_starts[lo:hi] - a
+        starts.append(np.unique(np.concatenate([[0], inner])).astype(np.int64))
+    return PackedSequences(tokens, starts)
+
+
+def make_batch(sequences: list[tuple[np.ndarray, np.ndarray]], device=None) -> dict[str, torch.Tensor]:
+    """Flatten sequences into one row of B*T tokens with `cu_seqlens` over all segments, position ids restarting per
+    segment, and next-token targets that never cross a segment boundary (IGNORE at each segment's last token)."""
+    ids, pos, targets, cu = [], [], [], [0]
+    offset = 0
+    for tokens, starts in sequences:
+        T = len(tokens)
+        bounds = list(starts) + [T]
+        p = np.zeros(T, dtype=np.int64)
+        t = np.full(T, IGNORE, dtype=np.int64)
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            p[a:b] = np.arange(b - a)
+            t[a : b - 1] = tokens[a + 1 : b]
+            cu.append(offset + b)
+        ids.append(tokens.astype(np.int64))
+        pos.append(p)
+        targets.append(t)
+        offset += T
+    batch = {
+        "input_ids": torch.from_numpy(np.concatenate(ids))[None],
+        "position_ids": torch.from_numpy(np.concatenate(pos))[None],
+        "targets": torch.from_numpy(np.concatenate(targets))[None],
+        "cu_seqlens": torch.tensor(cu, dtype=torch.int32),
+    }
+    if device is not None:
+        batch = {k: v.to(device) for k, v in batch.items()}
+    return batch
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The mixture stream
+# ---------------------------------------------------------------------------------------------------------------------
+class MixtureStream:
+    """Sequence number i -> (source, sequence) for a weighted mixture of packed sources, deterministic in the seed.
+    Each source is read in a fresh random order every pass; which source serves position i is a seeded draw."""
+
+    def __init__(self, packed: list[PackedSequences], weights: list[float], seed: int):
+        self.packed = [p for p in packed]
+        for p in self.packed:
+            if len(p) == 0:
+                raise ValueError("a data source has fewer tokens than one sequence: lower seq_len or add text")
+        w = np.asarray(weights, dtype=np.float64)
+        self.probs = w / w.sum()
+        self.seed = seed
+        self._choice = np.zeros(0, dtype=np.int64)
+        self._rank = np.zeros(0, dtype=np.int64)  # how many earlier positions drew the same source
+        self._perms: dict[tuple[int, int], np.ndarray] = {}
+
+    def _extend(self, upto: int) -> None:
+        n = max(upto, 2 * len(self._choice), 1024)
+        rng = np.random.default_rng([self.seed, 7919])
+        if len(self.probs) == 1:
+            choice = np.zeros(n, dtype=np.int64)
+        else:
+            choice = rng.choice(len(self.probs), size=n, p=self.probs)
+        rank = np.zeros(n, dtype=np.int64)
+        for s in range(len(self.probs)):
+            idx = np.nonzero(choice == s)[0]
+            rank[idx] = np.arange(len(idx))
+        self._choice, self._rank = choice, rank
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        if i >= len(self._choice):
+            self._extend(i + 1)
+        s, k = int(self._choice[i]), int(self._rank[i])
+        n = len(self.packed[s])
+        epoch, j = divmod(k, n)
+        key = (s, epoch)
+        if key not in self._perms:
+            self._perms[key] = np.random.default_rng([self.seed, s, epoch]).permutation(n)
+        seq = int(self._perms[key][j])
+        return self.packed[s].tokens[seq], self.packed[s].starts[seq]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Everything a run needs
+# ---------------------------------------------------------------------------------------------------------------------
+@dataclass
+class Corpus:
+    train: list[TokenizedDocs]
+    weights: list[float]
+    heldout: TokenizedDocs | None
+
+    @property
+    def train_tokens(self) -> int:
+        return int(sum(len(t.ids) for t in self.train))
+
+    def stream(self, seq_len: int, seed: int) -> MixtureStream:
+        return MixtureStream([pack(t, seq_len) for t in self.train], self.weights, seed)
+
+    def eval_sequences(self, seq_len: int, count: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        if self.heldout is None:
+            return []
+        packed = pack(self.heldout, seq_len)
+        return [(packed.tokens[i], packed.starts[i]) for i in range(min(count, len(packed)))]
+
+
+def build_corpus(data_spec, tokenizer, seed: int, *, teacher=None, teacher_key: str = "") -> Corpus:
+    train, weights, held = [], [], []
+    for i, src in enumerate(data_spec.sources):
+        tok = cached_tokens(src, tokenizer, data_spec.cache_dir, data_spec.append_eos, teacher=teacher,
+                            teacher_key=teacher_key, seed=seed)
+        if src.heldout:
+            held.append(tok)
+            continue
+        mask = heldout_documents(tok.num_docs, data_spec.heldout_fraction, seed, i)
+        if mask.any():
+            held.append(tok.subset(np.nonzero(mask)[0]))
+            tok = tok.subset(np.nonzero(~mask)[0])
+        train.append(tok)
+        weights.append(src.weight)
+    heldout = None
+    if held:
+        heldout = TokenizedDocs(np.zeros(0, np.int32), np.zeros(1, np.int64))
+        for h in held:
+            heldout = TokenizedDocs(np.concatenate([heldout.ids, h.ids]),
+                                    np.concatenate([heldout.offsets[:-1], h.offsets + len(heldout.ids)]))
+    return Corpus(train, weights, heldout)

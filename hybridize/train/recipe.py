@@ -1,0 +1,431 @@
+"""The training recipe: a typed, validated description of a staged run, loaded from YAML.
+
+Every problem is reported as one line naming the file, the field (dotted path, list items as `stages[1]`) and what is
+allowed, e.g. `recipe.yaml: stages[0].schedule: must be one of constant, cosine, linear, wsd, exponential; got 'cos'`.
+`--set key=value` overrides (dotted paths, values parsed as YAML) are applied to the raw mapping before validation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union, get_args, get_origin
+
+import yaml
+
+
+class RecipeError(ValueError):
+    """A malformed recipe: one line naming file and field."""
+
+
+SCHEDULES = ("constant", "cosine", "linear", "wsd", "exponential")
+PRESETS = ("new", "lightning", "all", "lora")
+SOURCE_TYPES = ("text", "jsonl", "json", "parquet", "hf", "teacher")
+PRECISIONS = ("fp32", "bf16")
+KL_DIRECTIONS = ("forward", "reverse")
+HIDDEN_LAYERS = ("all", "lightning")
+NONFINITE = ("stop", "skip")
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+
+
+@dataclass
+class ModelSpec:
+    source: str | None = "default"  # "default" (built-in SmolLM2-135M), a HF folder / hub id, or a .gguf file
+    converted: str | None = None  # an already converted hybrid folder (then `source` only provides the teacher)
+    ratio: str = "1:3"
+    layers: list[int] | None = None  # explicit sparse layer indices (overrides ratio)
+    hype: bool = True
+    gates: bool = True
+    students: str | None = None  # aligned students (safetensors keyed by hybrid parameter names), loaded strict=False
+
+
+@dataclass
+class TeacherSpec:
+    source: str | None = None  # defaults to model.source
+    dtype: str = "bfloat16"
+    shard: bool = False  # under FSDP: shard the teacher too (else every process holds a frozen replica)
+
+
+@dataclass
+class SourceSpec:
+    type: str
+    path: str | None = None  # text file or folder, jsonl/json/parquet file(s), or hf dataset name/path
+    name: str | None = None  # hf dataset config name
+    split: str = "train"
+    field: str = "text"
+    weight: float = 1.0
+    encoding: str = "utf-8"
+    glob: str = "*.txt"
+    heldout: bool = False  # use this source only for held-out evaluation
+    max_documents: int | None = None
+    # teacher-generated text
+    prompts: list[str] | None = None
+    num_samples: int = 16
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+
+
+@dataclass
+class DataSpec:
+    sources: list[SourceSpec] = field(default_factory=list)
+    heldout_fraction: float = 0.0  # documents of training sources kept aside for evaluation (by a seeded hash)
+    cache_dir: str = ".hybridize-cache"
+    append_eos: bool = True
+
+
+@dataclass
+class LossSpec:
+    hidden_mse: float = 0.0
+    kl: float = 0.0
+    ce: float = 0.0
+    kl_direction: str = "forward"  # forward KL(teacher || student) or reverse KL(student || teacher)
+    temperature: float = 1.0
+    hidden_layers: str = "all"  # which layer outputs enter the hidden MSE
+
+
+@dataclass
+class LoraSpec:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+@dataclass
+class StageSpec:
+    name: str
+    seq_len: int
+    global_batch_tokens: int
+    lr: float
+    tokens: int | None = None
+    steps: int | None = None
+    micro_batch_size: int = 1  # sequences per forward on each process
+    min_lr: float = 0.0
+    schedule: str = "cosine"
+    warmup_steps: int = 0
+    decay_fraction: float = 0.2  # WSD: the final fraction of steps that decays
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    grad_clip: float | None = 1.0
+    trainable: Union[str, list[str]] = "all"
+    lora: LoraSpec = field(default_factory=LoraSpec)
+    loss: LossSpec = field(default_factory=LossSpec)
+    sparse: bool = True
+    dense_len: int | None = None
+    gradient_checkpointing: bool = False
+    eval_every: int | None = None
+    eval_sequences: int = 16
+
+
+@dataclass
+class OutputSpec:
+    dir: str = "runs/hybrid"
+    checkpoint_every: int | None = None
+    keep_last: int = 2
+    export: bool = True
+
+
+@dataclass
+class LoggingSpec:
+    log_every: int = 10
+    trackers: list[str] = field(default_factory=list)  # Accelerate trackers, e.g. [tensorboard]; used when installed
+    progress: bool = True
+
+
+@dataclass
+class HubSpec:
+    repo_id: str
+    private: bool = True
+
+
+@dataclass
+class Recipe:
+    stages: list[StageSpec]
+    data: DataSpec
+    model: ModelSpec = field(default_factory=ModelSpec)
+    teacher: TeacherSpec = field(default_factory=TeacherSpec)
+    output: OutputSpec = field(default_factory=OutputSpec)
+    logging: LoggingSpec = field(default_factory=LoggingSpec)
+    precision: str = "bf16"
+    seed: int = 0
+    on_nonfinite: str = "stop"
+    push_to_hub: HubSpec | None = None
+    source_file: str = ""  # where this recipe came from (for messages)
+
+    def needs_teacher(self) -> bool:
+        return any(s.loss.hidden_mse or s.loss.kl for s in self.stages) or any(
+            src.type == "teacher" for src in self.data.sources
+        )
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out.pop("source_file", None)
+        return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Loading and validation
+# ---------------------------------------------------------------------------------------------------------------------
+def _fail(file: str, where: str, message: str):
+    raise RecipeError(f"{file}: {where}: {message}")
+
+
+def _type_name(tp) -> str:
+    origin = get_origin(tp)
+    if origin in (list, typing.List):
+        return f"a list of {_type_name(get_args(tp)[0])}"
+    if origin is Union or origin is types.UnionType:
+        return " or ".join(_type_name(a) for a in get_args(tp) if a is not type(None))
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true/false"}.get(tp, str(tp))
+
+
+def _convert(value, tp, file: str, where: str):
+    """Check/convert one YAML value against a type annotation."""
+    origin = get_origin(tp)
+    if origin is Union or origin is types.UnionType:
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _convert(value, a, file, where)
+            except RecipeError as e:
+                errors.append(e)
+        _fail(file, where, f"must be {_type_name(tp)}, got {value!r}")
+    if origin in (list, typing.List):
+        if not isinstance(value, list):
+            _fail(file, where, f"must be {_type_name(tp)}, got {value!r}")
+        (item,) = get_args(tp)
+        return [_convert(v, item, file, f"{where}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, file, where)
+    if tp is bool:
+        if not isinstance(value, bool):
+            _fail(file, where, f"must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (isinstance(value, float) and not value.is_integer()):
+            if isinstance(value, str):
+                try:
+                    return _convert(yaml.safe_load(value.replace("_", "")), int, file, where)
+                except yaml.YAMLError:
+                    pass
+            _fail(file, where, f"must be an integer, got {value!r}")
+        return int(value)
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 as a string
+            try:
+                value = float(value)
+            except ValueError:
+                _fail(file, where, f"must be a number, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            _fail(file, where, f"must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            _fail(file, where, f"must be a string, got {value!r}")
+        return str(value)
+    if tp is Any:
+        return value
+    raise TypeError(f"unsupported annotation {tp}")  # a bug in this module, not in the recipe
+
+
+def _build(cls, raw, file: str, where: str):
+    if not isinstance(raw, dict):
+        _fail(file, where or "recipe", f"must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "source_file"}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        prefix = f"{where}." if where else ""
+        _fail(file, f"{prefix}{unknown[0]}", f"unknown field; allowed: {', '.join(fields)}")
+    kwargs = {}
+    for name, f in fields.items():
+        sub = f"{where}.{name}" if where else name
+        if name in raw:
+            kwargs[name] = _convert(raw[name], hints[name], file, sub)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            _fail(file, sub, "is required")
+    return cls(**kwargs)
+
+
+def _choice(file, where, value, allowed):
+    if value not in allowed:
+        _fail(file, where, f"must be one of {', '.join(allowed)}; got {value!r}")
+
+
+def validate(recipe: Recipe) -> Recipe:
+    """Checks across fields that types alone cannot express."""
+    f = recipe.source_file
+    _choice(f, "precision", recipe.precision, PRECISIONS)
+    _choice(f, "on_nonfinite", recipe.on_nonfinite, NONFINITE)
+    _choice(f, "teacher.dtype", recipe.teacher.dtype, DTYPE_NAMES)
+    m = recipe.model
+    if m.source is None and m.converted is None:
+        _fail(f, "model.source", "give model.source (a checkpoint to convert) or model.converted (a hybrid folder)")
+    if not recipe.stages:
+        _fail(f, "stages", "must list at least one stage")
+    if not recipe.data.sources:
+        _fail(f, "data.sources", "must list at least one data source")
+    if not 0.0 <= recipe.data.heldout_fraction < 1.0:
+        _fail(f, "data.heldout_fraction", f"must be in [0, 1), got {recipe.data.heldout_fraction}")
+    for i, s in enumerate(recipe.data.sources):
+        w = f"data.sources[{i}]"
+        _choice(f, f"{w}.type", s.type, SOURCE_TYPES)
+        if s.type == "teacher":
+            if not s.prompts:
+                _fail(f, f"{w}.prompts", "a teacher source needs a list of prompts")
+        elif not s.path:
+            _fail(f, f"{w}.path", f"a {s.type} source needs a path")
+        if not (s.weight > 0 and math.isfinite(s.weight)):
+            _fail(f, f"{w}.weight", f"must be a positive number, got {s.weight}")
+    if not any(not s.heldout for s in recipe.data.sources):
+        _fail(f, "data.sources", "every source is marked heldout: at least one must feed training")
+    names = set()
+    for i, s in enumerate(recipe.stages):
+        w = f"stages[{i}]"
+        if s.name in names:
+            _fail(f, f"{w}.name", f"stage names must be unique; {s.name!r} repeats")
+        names.add(s.name)
+        for key in ("seq_len", "global_batch_tokens", "micro_batch_size"):
+            if getattr(s, key) <= 0:
+                _fail(f, f"{w}.{key}", f"must be positive, got {getattr(s, key)}")
+        if s.global_batch_tokens % s.seq_len:
+            _fail(f, f"{w}.global_batch_tokens", f"must be a multiple of seq_len ({s.seq_len}), got {s.global_batch_tokens}")
+        if (s.tokens is None) == (s.steps is None):
+            _fail(f, f"{w}.tokens", "give exactly one of tokens or steps")
+        if (s.tokens is not None and s.tokens <= 0) or (s.steps is not None and s.steps <= 0):
+            _fail(f, f"{w}.{'tokens' if s.tokens is not None else 'steps'}", "must be positive")
+        if s.lr <= 0 or s.min_lr < 0 or s.min_lr > s.lr:
+            _fail(f, f"{w}.lr", f"need 0 <= min_lr <= lr and lr > 0, got lr={s.lr}, min_lr={s.min_lr}")
+        _choice(f, f"{w}.schedule", s.schedule, SCHEDULES)
+        if s.schedule == "exponential" and s.min_lr <= 0:
+            _fail(f, f"{w}.min_lr", "the exponential schedule needs min_lr > 0")
+        if not 0.0 < s.decay_fraction <= 1.0:
+            _fail(f, f"{w}.decay_fraction", f"must be in (0, 1], got {s.decay_fraction}")
+        if len(s.betas) != 2:
+            _fail(f, f"{w}.betas", f"must be two numbers, got {s.betas}")
+        if isinstance(s.trainable, str):
+            _choice(f, f"{w}.trainable", s.trainable, PRESETS + ("or a list of glob patterns",))
+        elif not s.trainable:
+            _fail(f, f"{w}.trainable", "an empty pattern list trains nothing")
+        loss = s.loss
+        for key in ("hidden_mse", "kl", "ce"):
+            if getattr(loss, key) < 0:
+                _fail(f, f"{w}.loss.{key}", "weights must be >= 0")
+        if not (loss.hidden_mse or loss.kl or loss.ce):
+            _fail(f, f"{w}.loss", "all loss weights are 0: set hidden_mse, kl or ce")
+        _choice(f, f"{w}.loss.kl_direction", loss.kl_direction, KL_DIRECTIONS)
+        _choice(f, f"{w}.loss.hidden_layers", loss.hidden_layers, HIDDEN_LAYERS)
+        if loss.temperature <= 0:
+            _fail(f, f"{w}.loss.temperature", f"must be positive, got {loss.temperature}")
+    if recipe.output.keep_last < 1:
+        _fail(f, "output.keep_last", "must be at least 1")
+    return recipe
+
+
+def set_override(raw: dict, assignment: str, file: str = "--set") -> None:
+    """Apply `a.b[1].c=value` (value parsed as YAML) to a raw recipe mapping in place."""
+    if "=" not in assignment:
+        raise RecipeError(f"--set {assignment!r}: expected KEY=VALUE, e.g. stages[0].lr=1e-4")
+    key, text = assignment.split("=", 1)
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        value = text
+    parts: list[str | int] = []
+    for piece in key.strip().split("."):
+        name, _, rest = piece.partition("[")
+        if name:
+            parts.append(name)
+        while rest:
+            idx, _, rest = rest.partition("]")
+            try:
+                parts.append(int(idx))
+            except ValueError:
+                raise RecipeError(f"--set {key}: bad list index {idx!r}") from None
+            rest = rest.lstrip("[")
+    node: Any = raw
+    for i, p in enumerate(parts[:-1]):
+        if isinstance(p, int):
+            if not isinstance(node, list) or not -len(node) <= p < len(node):
+                raise RecipeError(f"--set {key}: no list item {p} there")
+            node = node[p]
+        else:
+            if not isinstance(node, dict):
+                raise RecipeError(f"--set {key}: {p!r} is not inside a mapping")
+            node = node.setdefault(p, {} if not isinstance(parts[i + 1], int) else [])
+    last = parts[-1]
+    if isinstance(last, int):
+        if not isinstance(node, list) or not -len(node) <= last < len(node):
+            raise RecipeError(f"--set {key}: no list item {last} there")
+        node[last] = value
+    elif isinstance(node, dict):
+        node[last] = value
+    else:
+        raise RecipeError(f"--set {key}: {last!r} is not inside a mapping")
+
+
+def recipe_from_dict(raw: dict, file: str = "<recipe>") -> Recipe:
+    recipe = _build(Recipe, raw, file, "")
+    recipe.source_file = file
+    return validate(recipe)
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read, override and validate a recipe file. Relative paths inside it stay relative to the working directory."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"recipe {path} not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark else "YAML"
+        raise RecipeError(f"{path}: {where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{path}: recipe: must be a mapping of sections (model, data, stages, ...)")
+    for assignment in overrides:
+        set_override(raw, assignment)
+    return recipe_from_dict(raw, str(path))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Derived quantities
+# ---------------------------------------------------------------------------------------------------------------------
+@dataclass
+class StagePlan:
+    """How one stage's global batch splits across processes and micro-batches."""
+
+    steps: int
+    sequences_per_step: int  # global
+    per_process: int
+    micro_batch: int
+    accumulation: int
+
+
+def plan_stage(stage: StageSpec, world_size: int, file: str = "<recipe>", index: int = 0) -> StagePlan:
+    seqs = stage.global_batch_tokens // stage.seq_len
+    w = f"stages[{index}]"
+    if seqs % world_size:
+        _fail(file, f"{w}.global_batch_tokens", f"{seqs} sequences per step do not split over {world_size} processes")
+    per_process = seqs // world_size
+    micro = min(stage.micro_batch_size, per_process)
+    if per_process % micro:
+        _fail(file, f"{w}.micro_batch_size", f"{per_process} sequences per process per step are not a multiple of {micro}")
+    steps = stage.steps if stage.steps is not None else math.ceil(stage.tokens / stage.global_batch_tokens)
+    return StagePlan(steps, seqs, per_process, micro, per_process // micro)
+
+
+__all__ = ["Recipe", "RecipeError", "StageSpec", "load_recipe", "recipe_from_dict", "plan_stage", "set_override"]

@@ -1,0 +1,401 @@
+"""The staged training loop (Accelerate): one process on a CPU, one GPU, or many GPUs under `accelerate launch`.
+
+Per stage: choose trainable parameters, build AdamW + schedule, prepare with Accelerate, and run optimizer steps of
+`global_batch_tokens` tokens each. A step's sequences are numbered globally (step * sequences_per_step + ...); process
+r takes its contiguous share, so the union over processes, and thus the loss and the update, does not depend on the
+number of processes. Losses are normalised once by the global count of tokens, so micro-batching changes nothing
+either (up to float rounding).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..arch.configuration_hybridize import LIGHTNING
+from .checkpoint import (
+    full_state_dict,
+    latest_checkpoint,
+    list_checkpoints,
+    load_weights,
+    read_state,
+    save_checkpoint,
+)
+from .data import build_corpus, make_batch
+from .losses import IGNORE, cross_entropy_sum, hidden_mse_sum, kl_sum
+from .models import load_models
+from .params import apply_lora, merge_lora, select_trainable
+from .recipe import Recipe, plan_stage
+from .schedule import make_scheduler
+
+
+class TrainingInterrupted(RuntimeError):
+    """SIGINT/SIGTERM arrived; a checkpoint was written first."""
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    model_dir: Path | None
+    history: list[dict] = field(default_factory=list)  # one entry per optimizer step (main process)
+    evals: list[dict] = field(default_factory=list)
+    tokens: int = 0
+    global_step: int = 0
+    model: object = None  # the trained model (plain, LoRA merged)
+    trainable: dict = field(default_factory=dict)  # stage name -> names of the parameters it trained
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Loss of one micro-batch
+# ---------------------------------------------------------------------------------------------------------------------
+def loss_parts(model, teacher, batch: dict, loss_spec, hidden_layers: list[int]) -> dict[str, tuple]:
+    """{"hidden_mse"|"kl"|"ce": (sum, count)} for the terms with a non-zero weight."""
+    need_hidden = loss_spec.hidden_mse > 0
+    out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], cu_seqlens=batch["cu_seqlens"],
+                output_hidden_states=need_hidden, use_cache=False)
+    parts = {}
+    t_out = None
+    if loss_spec.hidden_mse > 0 or loss_spec.kl > 0:
+        with torch.no_grad():
+            # The teacher (a transformers model) sees packed documents through position ids that restart per
+            # document: transformers builds a block-diagonal causal mask from them.
+            t_out = teacher(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                            output_hidden_states=need_hidden, use_cache=False)
+    if loss_spec.hidden_mse > 0:
+        parts["hidden_mse"] = hidden_mse_sum(out.hidden_states, t_out.hidden_states, hidden_layers)
+    if loss_spec.kl > 0:
+        parts["kl"] = kl_sum(out.logits, t_out.logits, batch["targets"], temperature=loss_spec.temperature,
+                             direction=loss_spec.kl_direction)
+    if loss_spec.ce > 0:
+        parts["ce"] = cross_entropy_sum(out.logits, batch["targets"])
+    return parts
+
+
+def weighted(parts: dict, totals: dict, loss_spec) -> torch.Tensor:
+    return sum(getattr(loss_spec, k) * s / max(float(totals[k]), 1.0) for k, (s, _) in parts.items())
+
+
+def part_counts(batch: dict, loss_spec) -> dict[str, int]:
+    counted = int((batch["targets"] != IGNORE).sum())
+    out = {}
+    if loss_spec.hidden_mse > 0:
+        out["hidden_mse"] = int(batch["input_ids"].numel())
+    if loss_spec.kl > 0:
+        out["kl"] = counted
+    if loss_spec.ce > 0:
+        out["ce"] = counted
+    return out
+
+
+@torch.no_grad()
+def heldout_loss(accelerator, model, sequences, micro: int) -> dict:
+    """Mean next-token cross-entropy (and perplexity) of `model` on held-out packed sequences (all processes)."""
+    if not sequences:
+        return {}
+    W = accelerator.num_processes
+    usable = len(sequences) - len(sequences) % W
+    mine = sequences[accelerator.process_index : usable : W]
+    was_training = model.training
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
+    for i in range(0, len(mine), micro):
+        batch = make_batch(mine[i : i + micro], accelerator.device)
+        out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], cu_seqlens=batch["cu_seqlens"],
+                    use_cache=False)
+        s, n = cross_entropy_sum(out.logits, batch["targets"])
+        total += torch.stack([s.double(), n.double()])
+    model.train(was_training)
+    total = accelerator.reduce(total, reduction="sum")
+    loss = float(total[0] / total[1].clamp(min=1))
+    return {"heldout_loss": loss, "heldout_ppl": math.exp(min(loss, 50.0)), "heldout_tokens": int(total[1])}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Signals
+# ---------------------------------------------------------------------------------------------------------------------
+class StopFlag:
+    """Turns SIGINT/SIGTERM into a flag the loop checks after each step (the handler itself does nothing else)."""
+
+    def __init__(self):
+        self.signal: int | None = None
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        self.signal = signum
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        return False
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------------------------------
+def _make_accelerator(recipe: Recipe, output: Path):
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    trackers = []
+    for name in recipe.logging.trackers:
+        try:
+            __import__({"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}.get(name, name))
+            trackers.append(name)
+        except ImportError:
+            pass
+    mixed = "bf16" if recipe.precision == "bf16" else "no"
+    return Accelerator(mixed_precision=mixed, log_with=trackers or None,
+                       project_config=ProjectConfiguration(project_dir=str(output), logging_dir=str(output / "logs")))
+
+
+def _is_fsdp(accelerator) -> bool:
+    return str(accelerator.distributed_type).endswith("FSDP")
+
+
+def _set_sparse(model, stage, default_dense_len: int) -> None:
+    cfg = model.config
+    if not stage.sparse:
+        cfg.sparse_dense_len = 1 << 62  # plain causal attention at every length
+    else:
+        cfg.sparse_dense_len = stage.dense_len if stage.dense_len is not None else default_dense_len
+
+
+def _checkpointing(model) -> bool:
+    return bool(getattr(model, "is_activation_checkpointing", None) if hasattr(type(model), "is_activation_checkpointing")
+                else model.is_gradient_checkpointing)
+
+
+def _fresh_student(config, checkpoint: Path):
+    from ..arch.modeling_hybridize import HybridForCausalLM
+
+    model = HybridForCausalLM(config)
+    load_weights(model, checkpoint)
+    return model.float().train()
+
+
+def train(recipe: Recipe, *, resume: bool = False, accelerator=None, on_step=None) -> TrainResult:
+    """Run every stage of `recipe`; returns the history and where the final model was written.
+
+    `on_step(global_step, record)` is called on every process after each optimizer step (tests use it).
+    """
+    output = Path(recipe.output.dir)
+    if not resume and list_checkpoints(output):
+        raise FileExistsError(f"output.dir {output} already holds checkpoints: pass --resume to continue that run "
+                              f"or choose another output.dir")
+    acc = accelerator or _make_accelerator(recipe, output)
+    from accelerate.utils import set_seed
+
+    set_seed(recipe.seed)
+    main = acc.is_main_process
+    if any(s.trainable == "lora" for s in recipe.stages) and _is_fsdp(acc):
+        raise ValueError(f"{recipe.source_file}: trainable: lora is not supported under FSDP; run it on one process "
+                         "or with DDP (accelerate launch without an FSDP config)")
+
+    need_teacher = recipe.needs_teacher()
+    student, teacher, tokenizer, description = load_models(recipe, need_teacher)
+    default_dense_len = student.config.sparse_dense_len
+    if teacher is not None:
+        teacher = acc.prepare_model(teacher, evaluation_mode=True) if recipe.teacher.shard else teacher.to(acc.device)
+    with acc.main_process_first():
+        corpus = build_corpus(recipe.data, tokenizer, recipe.seed, teacher=teacher,
+                              teacher_key=str(recipe.teacher.source or recipe.model.source))
+
+    state = {"stage": 0, "step": 0, "stage_done": False, "global_step": 0, "tokens": 0, "scheduler": None,
+             "metrics": {}, "stages": [], "description": description}
+    ckpt = latest_checkpoint(output) if resume else None
+    if ckpt is not None:
+        state = read_state(ckpt)
+        if state["stage_done"]:
+            load_weights(student, ckpt)
+        if main:
+            print(f"resuming from {ckpt} (stage {state['stage']}, step {state['step']})", flush=True)
+    if main:
+        output.mkdir(parents=True, exist_ok=True)
+        (output / "recipe.json").write_text(json.dumps(recipe.to_dict(), indent=1, default=str))
+    if acc.trackers:
+        acc.init_trackers("hybridize", config={"stages": len(recipe.stages), "seed": recipe.seed})
+    metrics_file = output / "metrics.jsonl"
+    result = TrainResult(output, None, tokens=state["tokens"], global_step=state["global_step"])
+    last_good = str(ckpt) if ckpt else None
+    model = student
+
+    with StopFlag() as stop:
+        for k, stage in enumerate(recipe.stages):
+            if k < state["stage"] or (k == state["stage"] and state["stage_done"]):
+                continue
+            plan = plan_stage(stage, acc.num_processes, recipe.source_file, k)
+            resuming_here = ckpt is not None and k == state["stage"] and not state["stage_done"]
+            start = state["step"] if resuming_here else 0
+
+            _set_sparse(model, stage, default_dense_len)
+            if stage.gradient_checkpointing:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            elif _checkpointing(model):
+                model.gradient_checkpointing_disable()
+            if stage.trainable == "lora":
+                model.requires_grad_(False)
+                model = apply_lora(model, stage.lora)
+            else:
+                select_trainable(model, stage.trainable, f"{recipe.source_file}: stages[{k}].trainable")
+            model.train()
+            result.trainable[stage.name] = [n for n, p in model.named_parameters() if p.requires_grad]
+            params = [p for p in model.parameters() if p.requires_grad]
+            optimizer = torch.optim.AdamW(params, lr=stage.lr, betas=tuple(stage.betas),
+                                          weight_decay=stage.weight_decay)
+            pmodel, optimizer = acc.prepare(model, optimizer)
+            scheduler = make_scheduler(optimizer, stage, plan.steps)  # not prepared: one step per optimizer step
+            if resuming_here:
+                acc.load_state(str(ckpt))
+                scheduler.load_state_dict(state["scheduler"])
+            stream = corpus.stream(stage.seq_len, recipe.seed * 1000 + k)
+            eval_seqs = corpus.eval_sequences(stage.seq_len, stage.eval_sequences)
+            hidden_layers = list(range(model.config.num_hidden_layers)) if stage.loss.hidden_layers == "all" else [
+                i for i, t in enumerate(acc.unwrap_model(pmodel).config.layer_types) if t == LIGHTNING]
+
+            def checkpoint(step: int, done: bool, weights=None) -> Path:
+                st = dict(state, stage=k, step=step, stage_done=done, scheduler=scheduler.state_dict(),
+                          global_step=result.global_step, tokens=result.tokens)
+                return save_checkpoint(acc, output, st, full_state_dict=weights, keep_last=recipe.output.keep_last)
+
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=plan.steps, initial=start, desc=f"{stage.name}", unit="step", dynamic_ncols=True,
+                       disable=not (main and recipe.logging.progress))
+            t_last = time.perf_counter()
+            for step in range(start, plan.steps):
+                base = step * plan.sequences_per_step + acc.process_index * plan.per_process
+                batches = []
+                for j in range(plan.accumulation):
+                    seqs = [stream[base + j * plan.micro_batch + i] for i in range(plan.micro_batch)]
+                    batches.append(make_batch(seqs, acc.device))
+                local = {}
+                for b in batches:
+                    for key, n in part_counts(b, stage.loss).items():
+                        local[key] = local.get(key, 0) + n
+                keys = sorted(local)
+                totals_t = acc.reduce(torch.tensor([float(local[x]) for x in keys], device=acc.device), "sum")
+                totals = dict(zip(keys, totals_t.tolist()))
+                sums = torch.zeros(len(keys), dtype=torch.float64, device=acc.device)
+                for j, b in enumerate(batches):
+                    sync = contextlib.nullcontext() if j == len(batches) - 1 else acc.no_sync(pmodel)
+                    with sync:
+                        parts = loss_parts(pmodel, teacher, b, stage.loss, hidden_layers)
+                        loss = weighted(parts, totals, stage.loss) * acc.num_processes
+                        acc.backward(loss)
+                    sums += torch.stack([parts[x][0].detach().double() for x in keys])
+                sums = acc.reduce(sums, "sum")
+                comp = {x: float(sums[i]) / max(totals[x], 1.0) for i, x in enumerate(keys)}
+                total_loss = sum(getattr(stage.loss, x) * v for x, v in comp.items())
+                record = {"stage": stage.name, "step": step + 1, "global_step": result.global_step + 1,
+                          "loss": total_loss, **comp, "lr": scheduler.get_last_lr()[0]}
+                if not math.isfinite(total_loss):
+                    optimizer.zero_grad(set_to_none=True)
+                    if recipe.on_nonfinite == "stop":
+                        raise NonFiniteLossError(
+                            f"non-finite loss ({total_loss}) at stage {stage.name!r} step {step + 1} (global step "
+                            f"{result.global_step + 1}); last good checkpoint: {last_good or 'none'}")
+                    record["skipped"] = True
+                else:
+                    if stage.grad_clip:
+                        gn = acc.clip_grad_norm_(pmodel.parameters(), stage.grad_clip)
+                        record["grad_norm"] = float(gn)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
+                result.global_step += 1
+                result.tokens += stage.global_batch_tokens
+                now = time.perf_counter()
+                record["tokens"] = result.tokens
+                record["tokens_per_s"] = stage.global_batch_tokens / max(now - t_last, 1e-9)
+                t_last = now
+                if stage.eval_every and (step + 1) % stage.eval_every == 0 and step + 1 < plan.steps:
+                    record.update(heldout_loss(acc, pmodel, eval_seqs, plan.micro_batch))
+                if step + 1 == plan.steps:
+                    record.update(heldout_loss(acc, pmodel, eval_seqs, plan.micro_batch))
+                result.history.append(record)
+                if main:
+                    with open(metrics_file, "a") as f:
+                        f.write(json.dumps(record) + "\n")
+                    if acc.trackers:
+                        acc.log({x: v for x, v in record.items() if isinstance(v, (int, float))},
+                                step=result.global_step)
+                    bar.set_postfix(loss=f"{total_loss:.4g}", tok_s=f"{record['tokens_per_s']:.0f}")
+                    bar.update(1)
+                if "heldout_loss" in record:
+                    result.evals.append(record)
+                    state["metrics"] = {x: record[x] for x in ("heldout_loss", "heldout_ppl") if x in record}
+                if on_step is not None:
+                    on_step(result.global_step, record)
+                # Every process must agree on stopping (a signal may reach only some of them).
+                flag = acc.reduce(torch.tensor([1.0 if stop.signal else 0.0], device=acc.device), "sum")
+                if float(flag) > 0 and step + 1 < plan.steps:
+                    path = checkpoint(step + 1, False)
+                    bar.close()
+                    raise TrainingInterrupted(f"interrupted at stage {stage.name!r} step {step + 1}; checkpoint "
+                                              f"{path} written: continue with --resume")
+                every = recipe.output.checkpoint_every
+                if every and (step + 1) % every == 0 and step + 1 < plan.steps:
+                    last_good = str(checkpoint(step + 1, False))
+            bar.close()
+
+            # Stage end: fold LoRA back, save full weights, start the next stage from a plain model.
+            state["stages"] = [s for s in state["stages"] if s["name"] != stage.name] + [{
+                "name": stage.name, "seq_len": stage.seq_len, "steps": plan.steps,
+                "tokens": plan.steps * stage.global_batch_tokens, "lr": stage.lr, "schedule": stage.schedule,
+                "trainable": stage.trainable, "loss": {x: getattr(stage.loss, x) for x in ("hidden_mse", "kl", "ce")},
+                "kl_direction": stage.loss.kl_direction, "temperature": stage.loss.temperature, "sparse": stage.sparse,
+                **state["metrics"]}]
+            if _is_fsdp(acc):
+                weights = full_state_dict(acc, pmodel)
+                last_good = str(checkpoint(plan.steps, True, weights if main else {}))
+                acc.free_memory()
+                del pmodel, optimizer
+                model = _fresh_student(student.config, Path(last_good))
+            else:
+                model = merge_lora(acc.unwrap_model(pmodel))
+                weights = {n: t for n, t in model.state_dict().items()
+                           if not (n == "lm_head.weight" and model.config.tie_word_embeddings)}
+                last_good = str(checkpoint(plan.steps, True, weights if main else {}))
+                acc.free_memory()
+            state.update(stage=k, step=plan.steps, stage_done=True)
+
+    model.config.sparse_dense_len = default_dense_len
+    if _checkpointing(model):
+        model.gradient_checkpointing_disable()
+    model.requires_grad_(True)
+    if main and recipe.output.export:
+        from ..export import save_hybrid
+        from .card import write_card
+
+        folder = output / "model"
+        save_hybrid(model.eval(), folder, tokenizer=tokenizer, force=True)
+        write_card(folder, recipe, state, result)
+        result.model_dir = folder
+        if recipe.push_to_hub is not None:
+            from .hub import push_trained
+
+            push_trained(folder, recipe.push_to_hub)
+    acc.wait_for_everyone()
+    if acc.trackers:
+        acc.end_training()
+    result.model = model
+    return result

@@ -1,0 +1,156 @@
+"""Losses against independent computations, and packed documents against the same documents run one by one."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from hybridize.train.data import make_batch
+from hybridize.train.losses import IGNORE, cross_entropy_sum, hidden_mse_sum, kl_sum
+from hybridize.train.recipe import LossSpec
+from hybridize.train.trainer import loss_parts, part_counts, weighted
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def _fixed_batch():
+    g = torch.Generator().manual_seed(3)
+    s = torch.randn(1, 7, 11, generator=g, dtype=torch.float64)
+    t = torch.randn(1, 7, 11, generator=g, dtype=torch.float64) * 2
+    targets = torch.tensor([[3, 5, IGNORE, 0, 10, 2, IGNORE]])
+    return s, t, targets
+
+
+def test_cross_entropy_matches_explicit_log_probabilities():
+    s, _, targets = _fixed_batch()
+    total, count = cross_entropy_sum(s, targets)
+    expected, n = 0.0, 0
+    for i, y in enumerate(targets[0].tolist()):
+        if y == IGNORE:
+            continue
+        row = s[0, i].tolist()
+        expected += math.log(sum(math.exp(v) for v in row)) - row[y]
+        n += 1
+    assert int(count) == n == 5
+    assert float(total) == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+@pytest.mark.parametrize("temperature", [1.0, 2.5])
+def test_kl_matches_explicit_sum_and_skips_ignored_positions(direction, temperature):
+    s, t, targets = _fixed_batch()
+    total, count = kl_sum(s, t, targets, temperature=temperature, direction=direction)
+    expected = 0.0
+    for i, y in enumerate(targets[0].tolist()):
+        if y == IGNORE:
+            continue
+        zs = [v / temperature for v in s[0, i].tolist()]
+        zt = [v / temperature for v in t[0, i].tolist()]
+        ps = [math.exp(v) / sum(math.exp(u) for u in zs) for v in zs]
+        pt = [math.exp(v) / sum(math.exp(u) for u in zt) for v in zt]
+        p, q = (pt, ps) if direction == "forward" else (ps, pt)
+        expected += sum(a * math.log(a / b) for a, b in zip(p, q)) * temperature**2
+    assert int(count) == 5
+    assert float(total) == pytest.approx(expected, rel=1e-6)
+    # Ignored positions carry no weight: garbage there changes nothing.
+    t2 = t.clone()
+    t2[0, 2] = 1e4
+    t2[0, 6] = -1e4
+    assert float(kl_sum(s, t2, targets, temperature=temperature, direction=direction)[0]) == pytest.approx(float(total))
+
+
+def test_forward_and_reverse_kl_differ_and_vanish_for_equal_logits():
+    s, t, targets = _fixed_batch()
+    f = float(kl_sum(s, t, targets, direction="forward")[0])
+    r = float(kl_sum(s, t, targets, direction="reverse")[0])
+    assert f > 0 and r > 0 and abs(f - r) > 1e-3
+    assert float(kl_sum(s, s, targets)[0]) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_hidden_mse_matches_explicit_mean():
+    g = torch.Generator().manual_seed(5)
+    hs = tuple(torch.randn(1, 4, 3, generator=g) for _ in range(4))  # embeddings + 3 layers
+    ht = tuple(torch.randn(1, 4, 3, generator=g) for _ in range(4))
+    total, count = hidden_mse_sum(hs, ht, [0, 2])
+    a = hs[1].numpy().astype(np.float64) - ht[1].numpy()
+    b = hs[3].numpy().astype(np.float64) - ht[3].numpy()
+    expected = ((a**2).mean() + (b**2).mean()) / 2 * 4  # mean over layers and units, summed over 4 tokens
+    assert int(count) == 4
+    assert float(total) == pytest.approx(expected, rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Packing: the same loss as running each document alone
+# ---------------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_pair():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from hybridize.convert.build import build_hybrid
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=8, tie_word_embeddings=True, rope_theta=10000.0)
+    teacher = LlamaForCausalLM(cfg).eval()
+    student = build_hybrid(teacher, ["linear_attention", "full_attention"] * 2, hype=True, output_gates=True)
+    for p in student.parameters():
+        p.data = p.data.clone()
+    with torch.no_grad():  # move the student away from the teacher so every loss is non-trivial
+        for p in student.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    return student.float().eval(), teacher
+
+
+def test_packed_documents_give_the_same_losses_as_separate_runs(tiny_pair):
+    student, teacher = tiny_pair
+    rng = np.random.default_rng(1)
+    # Two packed sequences of 24 tokens: segments [0, 5, 17) + [17, 24) and [0, 9) + [9, 24) (a micro-batch of 2,
+    # flattened to one row with cu_seqlens).
+    seqs = [(rng.integers(0, 97, 24).astype(np.int32), np.array([0, 5, 17])),
+            (rng.integers(0, 97, 24).astype(np.int32), np.array([0, 9]))]
+    spec = LossSpec(hidden_mse=0.7, kl=1.0, ce=0.3, temperature=1.5, kl_direction="reverse")
+    batch = make_batch(seqs)
+    assert batch["cu_seqlens"].tolist() == [0, 5, 17, 24, 33, 48]
+    assert batch["position_ids"][0, 17:26].tolist() == list(range(7)) + [0, 1]
+    layers = [0, 1, 2, 3]
+    with torch.no_grad():
+        parts = loss_parts(student, teacher, batch, spec, layers)
+        packed = float(weighted(parts, part_counts(batch, spec), spec))
+
+        sums = {"hidden_mse": 0.0, "kl": 0.0, "ce": 0.0}
+        counts = {"hidden_mse": 0, "kl": 0, "ce": 0}
+        for tokens, starts in seqs:
+            bounds = list(starts) + [len(tokens)]
+            for a, b in zip(bounds[:-1], bounds[1:]):
+                ids = torch.from_numpy(tokens[a:b].astype(np.int64))[None]
+                so = student(input_ids=ids, output_hidden_states=True, use_cache=False)
+                to = teacher(input_ids=ids, output_hidden_states=True, use_cache=False)
+                targets = torch.cat([ids[:, 1:], torch.full((1, 1), IGNORE)], dim=1)
+                h, n = hidden_mse_sum(so.hidden_states, to.hidden_states, layers)
+                sums["hidden_mse"] += float(h)
+                counts["hidden_mse"] += int(n)
+                k, n = kl_sum(so.logits, to.logits, targets, temperature=1.5, direction="reverse")
+                sums["kl"] += float(k)
+                counts["kl"] += int(n)
+                c, n = cross_entropy_sum(so.logits, targets)
+                sums["ce"] += float(c)
+                counts["ce"] += int(n)
+    separate = sum(getattr(spec, k) * sums[k] / counts[k] for k in sums)
+    for k in sums:
+        assert float(parts[k][0]) == pytest.approx(sums[k], rel=1e-4), k
+    assert packed == pytest.approx(separate, rel=1e-4)
+    # and packing without boundaries would differ (the check has teeth)
+    flat = dict(batch, cu_seqlens=torch.tensor([0, 48], dtype=torch.int32),
+                position_ids=torch.arange(48)[None])
+    with torch.no_grad():
+        leaky = loss_parts(student, teacher, flat, spec, layers)
+    assert abs(float(leaky["ce"][0]) - sums["ce"]) > 1e-3
