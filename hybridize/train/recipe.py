@@ -214,10 +214,12 @@ def _convert(value, tp, file: str, where: str):
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or (isinstance(value, float) and not value.is_integer()):
-            if isinstance(value, str):
+            if isinstance(value, str):  # "1_000_000" or "2e6" written as text
                 try:
-                    return _convert(yaml.safe_load(value.replace("_", "")), int, file, where)
-                except yaml.YAMLError:
+                    parsed = float(value.replace("_", ""))
+                    if parsed.is_integer():
+                        return int(parsed)
+                except ValueError:
                     pass
             _fail(file, where, f"must be an integer, got {value!r}")
         return int(value)

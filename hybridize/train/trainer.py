@@ -388,6 +388,7 @@ def train(recipe: Recipe, *, resume: bool = False, accelerator=None, on_step=Non
 
         folder = output / "model"
         save_hybrid(model.eval(), folder, tokenizer=tokenizer, force=True)
+        (folder / "recipe.json").write_text(json.dumps(recipe.to_dict(), indent=1, default=str))
         write_card(folder, recipe, state, result)
         result.model_dir = folder
         if recipe.push_to_hub is not None:

@@ -1,0 +1,152 @@
+"""Recipe validation (one-line errors naming file and field), --set overrides, schedules, data sources."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import yaml
+from click.testing import CliRunner
+
+import test_train_support as S
+from hybridize.cli import main
+from hybridize.train.data import MixtureStream, build_corpus, pack
+from hybridize.train.recipe import RecipeError, load_recipe, plan_stage
+from hybridize.train.schedule import lr_at
+
+
+def _good(tmp_path):
+    return S.tiny_recipe(tmp_path / "src", tmp_path / "docs", tmp_path / "out", tmp_path / "cache")
+
+
+@pytest.mark.parametrize("mutate, field, words", [
+    (lambda r: r["stages"][0].update(schedule="cos"), "stages[0].schedule", "constant, cosine, linear, wsd"),
+    (lambda r: r["stages"][1].update(lr="fast"), "stages[1].lr", "must be a number"),
+    (lambda r: r["stages"][0].update(learning_rate=1e-3), "stages[0].learning_rate", "unknown field"),
+    (lambda r: r["stages"][0].pop("seq_len"), "stages[0].seq_len", "is required"),
+    (lambda r: r["stages"][0].update(global_batch_tokens=100), "stages[0].global_batch_tokens", "multiple of seq_len"),
+    (lambda r: r["stages"][0].update(steps=None), "stages[0].tokens", "exactly one of tokens or steps"),
+    (lambda r: r["stages"][1]["loss"].update(kl_direction="sideways"), "stages[1].loss.kl_direction", "forward, reverse"),
+    (lambda r: r["stages"][0].update(trainable="some"), "stages[0].trainable", "new, lightning, all, lora"),
+    (lambda r: r["data"]["sources"][0].update(type="csv"), "data.sources[0].type", "text, jsonl"),
+    (lambda r: r.update(precision="fp8"), "precision", "fp32, bf16"),
+    (lambda r: r["output"].update(keep_last="two"), "output.keep_last", "must be an integer"),
+])
+def test_malformed_recipe_gives_one_line_error_naming_the_field(tmp_path, mutate, field, words):
+    recipe = _good(tmp_path)
+    mutate(recipe)
+    path = S.write_recipe(tmp_path / "bad.yaml", recipe)
+    result = CliRunner().invoke(main, ["train", str(path)])
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1, result.output
+    assert lines[0].startswith(f"error: {path}: {field}:") and words in lines[0], lines[0]
+
+
+def test_invalid_yaml_and_missing_file(tmp_path):
+    bad = tmp_path / "broken.yaml"
+    bad.write_text("stages: [\n  name: x\n")
+    r = CliRunner().invoke(main, ["train", str(bad)])
+    assert r.exit_code == 2 and "broken.yaml: line" in r.output and "not valid YAML" in r.output
+    r = CliRunner().invoke(main, ["train", str(tmp_path / "nope.yaml")])
+    assert r.exit_code == 2 and "not found" in r.output
+
+
+def test_set_overrides_apply_before_validation(tmp_path):
+    path = S.write_recipe(tmp_path / "r.yaml", _good(tmp_path))
+    recipe = load_recipe(path, ["stages[1].lr=2e-4", "output.dir=elsewhere", "stages[0].loss.hidden_layers=lightning",
+                                "data.sources[0].weight=3"])
+    assert recipe.stages[1].lr == 2e-4 and recipe.output.dir == "elsewhere"
+    assert recipe.stages[0].loss.hidden_layers == "lightning" and recipe.data.sources[0].weight == 3.0
+    with pytest.raises(RecipeError, match=r"stages\[0\]\.schedule"):
+        load_recipe(path, ["stages[0].schedule=sometimes"])
+    with pytest.raises(RecipeError, match="no list item 5"):
+        load_recipe(path, ["stages[5].lr=1"])
+
+
+def test_batch_plan_derives_micro_batches_and_accumulation(tmp_path):
+    recipe = load_recipe(S.write_recipe(tmp_path / "r.yaml", _good(tmp_path)), ["stages[0].global_batch_tokens=512",
+                                                                                 "stages[0].tokens=5000",
+                                                                                 "stages[0].steps=null"])
+    plan = plan_stage(recipe.stages[0], world_size=2)
+    assert (plan.sequences_per_step, plan.per_process, plan.micro_batch, plan.accumulation) == (16, 8, 2, 4)
+    assert plan.steps == math.ceil(5000 / 512)
+    with pytest.raises(RecipeError, match="do not split over 3 processes"):
+        plan_stage(recipe.stages[0], world_size=3)
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine", "linear", "wsd", "exponential"])
+def test_schedules_warm_up_then_reach_their_end_points(schedule):
+    kw = dict(total=110, lr=1e-3, min_lr=1e-5, schedule=schedule, warmup=10, decay_fraction=0.2)
+    assert lr_at(0, **kw) == pytest.approx(1e-4) and lr_at(9, **kw) == pytest.approx(1e-3)
+    assert lr_at(10, **kw) == pytest.approx(1e-3)
+    end = lr_at(110, **kw)
+    assert end == pytest.approx(1e-3 if schedule == "constant" else 1e-5)
+    mid = lr_at(60, **kw)  # halfway through the decay part
+    expected = {"constant": 1e-3, "cosine": 1e-5 + (1e-3 - 1e-5) / 2, "linear": (1e-3 + 1e-5) / 2,
+                "wsd": 1e-3, "exponential": math.sqrt(1e-3 * 1e-5)}[schedule]
+    assert mid == pytest.approx(expected)
+    if schedule == "wsd":  # decays only in the last 20% of the 100 post-warmup steps
+        assert lr_at(90, **kw) == pytest.approx(1e-3) and lr_at(100, **kw) == pytest.approx((1e-3 + 1e-5) / 2)
+
+
+def test_data_sources_cache_heldout_and_mixture(tmp_path):
+    from transformers import AutoTokenizer
+
+    docs = S.write_documents(tmp_path / "docs", count=5)
+    src = S.make_tiny_source(tmp_path / "src", docs, layers=1)
+    tok = AutoTokenizer.from_pretrained(src)
+    rows = [{"text": f"record {i}: " + "to be or not to be " * (i + 1)} for i in range(6)]
+    (tmp_path / "rows.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    import pandas as pd
+
+    pd.DataFrame({"body": [r["text"].upper() for r in rows]}).to_parquet(tmp_path / "rows.parquet")
+    recipe = _good(tmp_path)
+    recipe["data"] = {"sources": [
+        {"type": "text", "path": str(docs), "weight": 3},
+        {"type": "jsonl", "path": str(tmp_path / "rows.jsonl"), "weight": 1},
+        {"type": "parquet", "path": str(tmp_path / "rows.parquet"), "field": "body", "weight": 1, "heldout": True},
+    ], "heldout_fraction": 0.3, "cache_dir": str(tmp_path / "cache")}
+    spec = load_recipe(S.write_recipe(tmp_path / "r.yaml", recipe)).data
+    corpus = build_corpus(spec, tok, seed=0)
+    assert len(corpus.train) == 2 and corpus.train[0].num_docs + 0 < 5  # some text documents held out
+    n_cached = len(list((tmp_path / "cache").glob("tokens-*.npz")))
+    assert n_cached == 3
+    again = build_corpus(spec, tok, seed=0)  # from the cache: identical tokens
+    assert all(np.array_equal(a.ids, b.ids) for a, b in zip(corpus.train, again.train))
+    # the held-out documents appear nowhere in training
+    held_text = tok.decode(corpus.heldout.ids)
+    assert "TO BE OR NOT" in held_text
+    first_doc = tok.decode(corpus.train[1].ids[corpus.train[1].offsets[0]:corpus.train[1].offsets[1]])
+    assert first_doc.startswith("record") and tok.eos_token in tok.decode(corpus.train[1].ids)
+    # mixture: sources drawn in proportion to their weights, each read in a fresh order per pass
+    packed = [pack(t, 16) for t in corpus.train]
+    stream = MixtureStream(packed, [3, 1], seed=0)
+    srcs = [0 if any(np.array_equal(stream[i][0], row) for row in packed[0].tokens) else 1 for i in range(400)]
+    assert 0.68 < srcs.count(0) / 400 < 0.82
+    assert all(np.array_equal(stream[i][0], MixtureStream(packed, [3, 1], seed=0)[i][0]) for i in (0, 77, 399))
+
+
+def test_teacher_generated_source(tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    docs = S.write_documents(tmp_path / "docs", count=3)
+    src = S.make_tiny_source(tmp_path / "src", docs, layers=1)
+    tok = AutoTokenizer.from_pretrained(src)
+    teacher = AutoModelForCausalLM.from_pretrained(src)
+    recipe = _good(tmp_path)
+    recipe["data"] = {"sources": [{"type": "teacher", "prompts": ["ROMEO.", "JULIET."], "num_samples": 3,
+                                   "max_new_tokens": 12}], "cache_dir": str(tmp_path / "cache")}
+    spec = load_recipe(S.write_recipe(tmp_path / "r.yaml", recipe)).data
+    torch.manual_seed(0)
+    corpus = build_corpus(spec, tok, seed=0, teacher=teacher, teacher_key="tiny")
+    assert corpus.train[0].num_docs == 3
+    text = tok.decode(corpus.train[0].ids)
+    assert text.count("ROMEO.") == 2 and text.count("JULIET.") == 1
+    assert len(corpus.train[0].ids) > 3 * 12  # prompts plus sampled continuations
+    # cached: the second build needs no teacher
+    assert np.array_equal(build_corpus(spec, tok, seed=0, teacher=None, teacher_key="tiny").train[0].ids,
+                          corpus.train[0].ids)
