@@ -180,19 +180,29 @@ def _is_oom(e: BaseException) -> bool:
     return isinstance(e, RuntimeError) and "out of memory" in str(e).lower()
 
 
+def cache_fits(model, length: int, device: torch.device) -> tuple[bool, str]:
+    """Whether the cache of one sequence of `length` can be allocated at all (a real allocation, freed at once)."""
+    if device.type != "cuda":
+        return True, ""
+    est = cache_bytes_estimate(model.config, length)
+    try:
+        probe = torch.empty(est, dtype=torch.uint8, device=device)
+        del probe
+        return True, ""
+    except torch.OutOfMemoryError:
+        _free(device)
+        return False, f"its cache ({est / 2**30:.1f} GiB) cannot be allocated beside the weights"
+
+
 def bench_length(model, length: int, *, device, chunk_size: int, decode_batches: list[int], decode_steps: int,
                  vocab: int, seed: int = 0) -> LengthResult:
     """One context length: prefill (batch 1), then decode at each batch size. OOM becomes a result."""
     res = LengthResult(length, "ok")
-    est = cache_bytes_estimate(model.config, length)
+    fits, why = cache_fits(model, length, device)
+    if not fits:
+        res.status, res.note = "oom", why
+        return res
     if device.type == "cuda":
-        try:  # a cache that cannot even be allocated on its own: report it without running the prefill
-            probe = torch.empty(est, dtype=torch.uint8, device=device)
-            del probe
-        except torch.OutOfMemoryError:
-            res.status, res.note = "oom", f"its cache ({est / 2**30:.1f} GiB) does not fit beside the weights"
-            _free(device)
-            return res
         torch.cuda.reset_peak_memory_stats(device)
     g = torch.Generator(device="cpu").manual_seed(seed)
     ids = torch.randint(3, vocab, (1, length), generator=g).to(device)
@@ -266,6 +276,7 @@ def bench_model(
     warmup_length: int | None = None,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
+    on_result: Callable[[str, LengthResult], None] | None = None,
 ) -> ModelBench:
     """Benchmark one model over `lengths` (increasing). Stops growing at the first OOM."""
     from .loading import model_kind
@@ -280,20 +291,27 @@ def bench_model(
     start = time.perf_counter()
     measured: list[tuple[int, float]] = []
     stopped = ""
+
+    def record(r: LengthResult) -> None:
+        out.results.append(r)
+        if on_result is not None:
+            on_result(name, r)
+        if log is not None:
+            log(f"{name} {format_length(r.length)}: {describe(r)}")
+
     for L in sorted(lengths):
-        if stopped:
-            out.results.append(LengthResult(L, "skipped", note=stopped))
-            continue
-        if time_cap_s is not None and measured:
+        reason = stopped
+        if not reason and time_cap_s is not None and measured:
             predicted = _predict(measured, L)
             if time.perf_counter() - start + predicted > time_cap_s:
-                out.results.append(LengthResult(L, "skipped", note=f"predicted {predicted:.0f} s passes the time cap"))
-                continue
+                reason = f"predicted {predicted:.0f} s passes the time cap"
+        if reason:
+            fits, why = cache_fits(model, L, device)  # cheap, and an OOM is still worth recording
+            record(LengthResult(L, "skipped", note=reason) if fits else LengthResult(L, "oom", note=why))
+            continue
         r = bench_length(model, L, device=device, chunk_size=chunk_size, decode_batches=list(decode_batches),
                          decode_steps=decode_steps, vocab=vocab)
-        out.results.append(r)
-        if log is not None:
-            log(f"{name} {format_length(L)}: {describe(r)}")
+        record(r)
         if r.status == "oom":
             stopped = "a shorter context already ran out of memory"
         elif r.ttft_s is not None:

@@ -1,0 +1,107 @@
+"""Llama-3-8B-shaped model (random weights, bf16) vs its 1:3 hybrid on one GPU: time to first token, decode
+tokens/s and peak memory over context lengths, OOM recorded as a result.
+
+    python bench/bench_model.py --out OUT [--budget 380] [--lengths 16K,32K,64K,128K,256K,512K,1M]
+
+Both models are built directly on the GPU, one at a time (the hybrid first). Each length is prefilled in chunks of
+16K tokens (batch 1); decode runs from that cache copied to batches 1, 2 and 8. Lengths are tried in increasing order;
+a model stops growing at its first OOM, and a length whose predicted time would pass the model's share of the time
+budget is recorded as skipped. Every result is appended to OUT/results.jsonl as soon as it exists (a killed run keeps
+what it measured); OUT/bench_results.{json,md} hold the final report (plots: `python bench/bench_model.py --plot OUT`
+where matplotlib is installed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from hybridize.eval.report import plot_bench, write_bench_report
+from hybridize.eval.speed import (BenchReport, bench_model, device_name, format_length, parse_length,
+                                  shape_builders)
+
+
+def kernel_dispatch() -> dict:
+    from hybridize.arch import ops
+
+    return {"lightning_triton": bool(getattr(ops, "_LIGHTNING_TRITON", False)),
+            "sparse_triton": bool(getattr(ops, "_SPARSE_TRITON", False))}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="bench-out")
+    ap.add_argument("--shape", default="llama3-8b")
+    ap.add_argument("--lengths", default="16K,32K,64K,128K,256K,512K,1M")
+    ap.add_argument("--chunk", type=int, default=16384)
+    ap.add_argument("--decode-batches", default="1,2,8")
+    ap.add_argument("--decode-steps", type=int, default=8)
+    ap.add_argument("--budget", type=float, default=380.0, help="seconds for the whole script")
+    ap.add_argument("--dense-share", type=float, default=0.4, help="share of the time left kept for the dense model")
+    ap.add_argument("--warmup", default="32K")
+    ap.add_argument("--plot", default=None, help="only draw the plots of an earlier OUT folder")
+    args = ap.parse_args()
+    if args.plot:
+        report = json.loads((Path(args.plot) / "bench_results.json").read_text())
+        for p in plot_bench(report, args.plot):
+            print("wrote", p)
+        return 0
+
+    t_start = time.perf_counter()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    lengths = [parse_length(x) for x in args.lengths.split(",")]
+    batches = tuple(int(b) for b in args.decode_batches.split(","))
+    info = {"device": device_name(device), "torch": torch.__version__, "kernels": kernel_dispatch(),
+            "total_gib": torch.cuda.get_device_properties(0).total_memory / 2**30 if device.type == "cuda" else None}
+    print(json.dumps(info), flush=True)
+    (out / "info.json").write_text(json.dumps(info, indent=1))
+    jsonl = (out / "results.jsonl").open("a")
+
+    def on_result(name, r):
+        jsonl.write(json.dumps({"model": name, **asdict(r)}) + "\n")
+        jsonl.flush()
+
+    builders = shape_builders(args.shape, "1:3", torch.bfloat16, device)
+    models = []
+    names = list(builders)
+    for i, name in enumerate(names):
+        left = args.budget - (time.perf_counter() - t_start)
+        cap = left * (1.0 - args.dense_share) if i == 0 else left - 15.0
+        t0 = time.perf_counter()
+        model = builders[name]()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        print(f"{name}: built in {time.perf_counter() - t0:.1f} s, "
+              f"{sum(p.numel() for p in model.parameters()) / 1e9:.2f} B params, "
+              f"{torch.cuda.memory_allocated() / 2**30:.1f} GiB; time cap {cap:.0f} s", flush=True)
+        models.append(bench_model(name, model, lengths, chunk_size=args.chunk, decode_batches=batches,
+                                  decode_steps=args.decode_steps, time_cap_s=cap - (time.perf_counter() - t0),
+                                  warmup_length=parse_length(args.warmup),
+                                  log=lambda s: print(s, flush=True), on_result=on_result))
+        del model
+        torch.cuda.empty_cache()
+    report = BenchReport(device_name(device), "bfloat16", args.chunk, args.decode_steps, sorted(batches), lengths,
+                         models, "python bench/bench_model.py " + " ".join(sys.argv[1:]),
+                         time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())).to_dict()
+    report["kernels"] = info["kernels"]
+    paths = write_bench_report(report, out, plots=True)
+    print((out / "bench_results.md").read_text())
+    print("wrote", ", ".join(str(p) for p in paths.values()))
+    for name, m in zip(names, models):
+        for r in m.results:
+            if r.status == "ok":
+                continue
+            print(f"{name} {format_length(r.length)}: {r.status} ({r.note})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
