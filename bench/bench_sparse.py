@@ -145,16 +145,21 @@ def main():
     args = p.parse_args()
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "prefill": [], "decode": []}
     t0 = time.time()
-    for T in args.lengths + args.fwd_only:
+    def prefill(T):
         variants = [v for v in args.variants if not v.startswith("token") or T <= args.token_max]
         r = bench_prefill(T, variants, backward=T not in args.fwd_only)
         res["prefill"].append(r)
         print(json.dumps(r), f"[{time.time() - t0:.0f}s]", flush=True)
+
+    for T in args.lengths:
+        prefill(T)
     for T in args.decode:
         for B in (1, 8):
             r = bench_decode(T, B)
             res["decode"].append(r)
-            print(json.dumps(r), flush=True)
+            print(json.dumps(r), f"[{time.time() - t0:.0f}s]", flush=True)
+    for T in args.fwd_only:
+        prefill(T)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(res, f, indent=1)

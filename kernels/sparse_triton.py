@@ -59,16 +59,16 @@ __all__ = [
 ]
 
 _LOG2E = 1.4426950408889634
-_NEG = -1.0e30
 
 if HAS_TRITON:
 
     @triton.jit
     def _dot(a, b, IEEE: tl.constexpr):
         if IEEE:
-            return tl.dot(a, b, input_precision="ieee")
+            r = tl.dot(a, b, input_precision="ieee")
         else:
-            return tl.dot(a, b)
+            r = tl.dot(a, b)
+        return r
 
     @triton.jit
     def _compress_kernel(
@@ -119,7 +119,7 @@ if HAS_TRITON:
         q = tl.load(Q + b * s_qb + h[:, None].to(tl.int64) * s_qh + t[:, None].to(tl.int64) * s_qt + d[None, :],
                     mask=rm[:, None], other=0.0)
         # Pass 1: log-sum-exp (base 2) of every row over the visible keys (K1, or the coarse K2).
-        m = tl.full([BM], _NEG, dtype=tl.float32)
+        m = tl.full([BM], -1.0e30, dtype=tl.float32)
         l = tl.zeros([BM], dtype=tl.float32)
         nv2 = tl.where(pmax >= KERNEL2 - 1, (pmax - KERNEL2 + 1) // STRIDE2 + 1, 0)
         nv2 = tl.minimum(nv2, NC2)
@@ -197,7 +197,7 @@ if HAS_TRITON:
         kbase = K + b * s_kb + g * s_kh
         vbase = V + b * s_vb + g * s_vh
         BM: tl.constexpr = GP * BLOCK_T
-        m = tl.full([BM], _NEG, dtype=tl.float32)
+        m = tl.full([BM], -1.0e30, dtype=tl.float32)
         l = tl.zeros([BM], dtype=tl.float32)
         acc = tl.zeros([BM, D], dtype=tl.float32)
         for i in range(n):
@@ -297,8 +297,8 @@ if HAS_TRITON:
         dk = tl.zeros([BS, D], dtype=tl.float32)
         dv = tl.zeros([BS, D], dtype=tl.float32)
         key = pid_bg.to(tl.int64) * NB + jb
-        start = tl.load(REV_OFF + key)
-        end = tl.load(REV_OFF + key + 1)
+        start = tl.load(REV_OFF + key).to(tl.int32)
+        end = tl.load(REV_OFF + key + 1).to(tl.int32)
         for e in range(start, end):
             sel = tl.load(REV_SEL + e)
             for st in range(SEL_T // BLOCK_T):
