@@ -34,6 +34,22 @@ def kernel_dispatch() -> dict:
             "sparse_triton": bool(getattr(ops, "_SPARSE_TRITON", False))}
 
 
+def report_from_jsonl(folder: Path, args) -> dict:
+    info = json.loads((folder / "info.json").read_text())
+    models: dict[str, dict] = {}
+    for line in (folder / "results.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        name = row.pop("model")
+        m = models.setdefault(name, {"name": name, "kind": "dense" if name.endswith("(dense)") else "hybrid",
+                                     "params": None, "results": []})
+        m["results"].append(row)
+    lengths = sorted({r["length"] for m in models.values() for r in m["results"]})
+    return {"device": info["device"], "dtype": "bfloat16", "chunk_size": args.chunk, "decode_steps": args.decode_steps,
+            "decode_batches": sorted(int(b) for b in args.decode_batches.split(",")), "lengths": lengths,
+            "models": list(models.values()), "command": "(rebuilt from results.jsonl of a run cut short)", "date": "",
+            "kernels": info.get("kernels")}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="bench-out")
@@ -48,9 +64,15 @@ def main() -> int:
     ap.add_argument("--plot", default=None, help="only draw the plots of an earlier OUT folder")
     args = ap.parse_args()
     if args.plot:
-        report = json.loads((Path(args.plot) / "bench_results.json").read_text())
-        for p in plot_bench(report, args.plot):
+        folder = Path(args.plot)
+        if (folder / "bench_results.json").is_file():
+            report = json.loads((folder / "bench_results.json").read_text())
+        else:  # a run cut short: rebuild the report from the streamed results
+            report = report_from_jsonl(folder, args)
+            write_bench_report(report, folder, plots=False)
+        for p in plot_bench(report, folder):
             print("wrote", p)
+        print((folder / "bench_results.md").read_text() if (folder / "bench_results.md").is_file() else "")
         return 0
 
     t_start = time.perf_counter()
@@ -70,11 +92,12 @@ def main() -> int:
         jsonl.flush()
 
     builders = shape_builders(args.shape, "1:3", torch.bfloat16, device)
+    # The dense model first: its times are predictable, and a hybrid run cut short still leaves both in results.jsonl.
+    names = sorted(builders, key=lambda n: not n.endswith("(dense)"))
     models = []
-    names = list(builders)
     for i, name in enumerate(names):
         left = args.budget - (time.perf_counter() - t_start)
-        cap = left * (1.0 - args.dense_share) if i == 0 else left - 15.0
+        cap = left * args.dense_share if i == 0 else left - 15.0
         t0 = time.perf_counter()
         model = builders[name]()
         if device.type == "cuda":

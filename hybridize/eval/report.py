@@ -111,7 +111,7 @@ def _ratio(a, b) -> str:
 
 def bench_table(report: dict) -> str:
     """Rows: context lengths. Columns: each metric for every model side by side, plus the ratio for two models."""
-    models = report["models"]
+    models = sorted(report["models"], key=lambda m: m.get("kind") != "hybrid")  # the hybrid first: ratios vs source
     names = [m["name"] for m in models]
     tables = [_by_length(m) for m in models]
     two = len(models) == 2
