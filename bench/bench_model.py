@@ -69,7 +69,7 @@ def main() -> int:
             report = json.loads((folder / "bench_results.json").read_text())
         else:  # a run cut short: rebuild the report from the streamed results
             report = report_from_jsonl(folder, args)
-            write_bench_report(report, folder, plots=False)
+        write_bench_report(report, folder, plots=False)
         for p in plot_bench(report, folder):
             print("wrote", p)
         print((folder / "bench_results.md").read_text() if (folder / "bench_results.md").is_file() else "")
