@@ -1,6 +1,6 @@
 """Lightning attention speed on one GPU: our Triton kernels vs fla 0.6.0 and SDPA, in one run on one card.
 
-    python bench/bench_lightning.py [--lengths 4096 16384 65536 262144] [--sweep] [--json out.json]
+    python bench/bench_lightning.py [--lengths 4096 16384 65536 262144] [--sweep [--sweep-seconds 120]] [--json F]
 
 Shapes (issue 5): bf16, B=1, 32 heads, head dim 128; fwd and fwd+bwd at each length; decode step (one token) at batch
 1, 8, 64. The same per-head decay goes to every implementation: fla gets it as `g_gamma` of `chunk_simple_gla`
@@ -68,14 +68,14 @@ def fwd_bwd(fwd, leaves, do):
     return run, leaves
 
 
-def bench_lengths(lengths, bw, fla_chunk, rows, sdpa_max):
+def bench_lengths(lengths, bw, fla_chunk, rows, sdpa_max, config=None, bwd_config=None):
     ld = sala_log_decay(H)
     for T in lengths:
         torch.cuda.empty_cache()
         B = 1
         q, k, v = (torch.randn(B, H, T, D, device="cuda", dtype=DTYPE).requires_grad_() for _ in range(3))
         do = torch.randn(B, H, T, D, device="cuda", dtype=DTYPE)
-        ours = ours_fn(q, k, v, ld)
+        ours = ours_fn(q, k, v, ld, config, bwd_config)
         io_fwd = 4 * B * H * T * D * 2  # q, k, v in; o out
         io_bwd = io_fwd + 7 * B * H * T * D * 2  # + q, k, v, do in; dq, dk, dv out
         row = dict(T=T, floor_fwd_ms=io_fwd / bw * 1e3, floor_fwdbwd_ms=io_bwd / bw * 1e3)
@@ -135,52 +135,80 @@ def bench_decode(batches, bw, fla_rec, rows):
         del states
 
 
-def sweep(which: str, T_fwd: int, T_bwd: int):
-    """Launch-parameter sweep: forward at T_fwd, then (which == "all") the backward scans at T_bwd."""
+FWD_GRID = [  # (block_c, num_warps, num_stages, state_lowp), most promising first: the sweep stops at its time budget
+    (64, 8, 3, True), (32, 8, 3, True), (64, 4, 3, False), (32, 4, 3, False), (64, 8, 3, False), (32, 4, 3, True),
+    (64, 4, 3, True), (32, 8, 3, False), (64, 8, 2, True), (32, 4, 2, False), (128, 8, 3, True), (64, 4, 2, False),
+]
+BWD_GRID = [(32, 4, 3, False), (64, 4, 3, False), (64, 8, 3, True), (32, 8, 3, True), (64, 8, 3, False),
+            (32, 4, 3, True), (64, 4, 3, True), (32, 8, 3, False)]
+TARGETS = (512, 1024, 2048, 4096)
+
+
+def sweep(seconds: float, T_fwd: int = 65536, T_bwd: int = 16384):
+    """Launch-parameter sweep within a time budget: the forward at T_fwd (each config at several segment counts),
+    then the backward scans at T_bwd behind the fastest forward. Returns (rows, best fwd config, best bwd config)."""
+    import time
+
+    t0 = time.time()
     ld = sala_log_decay(H)
     results = []
-    if which == "bwd":
-        return sweep_bwd(T_bwd, LT.DEFAULT_CONFIG, results)
     q, k, v = (torch.randn(1, H, T_fwd, D, device="cuda", dtype=DTYPE) for _ in range(3))
-    ref = None
-    best = (float("inf"), None)
-    for bc, nw, ns, lowp in itertools.product((32, 64, 128), (4, 8), (2, 3), (False, True)):
-        cfg = LT.ScanConfig(block_c=bc, num_warps=nw, num_stages=ns, state_lowp=lowp)
-        try:
-            with torch.no_grad():
-                o = ours_fn(q, k, v, ld, cfg)()
-                ref = o if ref is None else ref
-                err = rel(o, ref)
-                ms = med(ours_fn(q, k, v, ld, cfg), 100)
-        except Exception as exc:  # a config the compiler refuses (out of shared memory, ...)
-            print(f"sweep fwd {cfg}: {type(exc).__name__}")
-            continue
-        results.append(dict(kind="fwd", T=T_fwd, cfg=str(cfg), ms=ms, rel_to_first=err))
-        print(json.dumps(results[-1]), flush=True)
-        best = min(best, (ms, cfg), key=lambda x: x[0])
+    best = (float("inf"), LT.DEFAULT_CONFIG)
+    for bc, nw, ns, lowp in FWD_GRID:
+        if time.time() - t0 > seconds * 0.55:
+            break
+        for target in TARGETS:
+            cfg = LT.ScanConfig(block_c=bc, num_warps=nw, num_stages=ns, state_lowp=lowp, target_programs=target)
+            try:
+                with torch.no_grad():
+                    ms = med(ours_fn(q, k, v, ld, cfg), 100)
+            except Exception as exc:  # a config the compiler refuses (out of shared memory, ...)
+                print(f"sweep fwd {cfg}: {type(exc).__name__}: {str(exc)[:200]}")
+                break
+            results.append(dict(kind="fwd", T=T_fwd, cfg=str(cfg), ms=ms))
+            print(json.dumps(results[-1]), flush=True)
+            best = min(best, (ms, cfg), key=lambda x: x[0])
     del q, k, v
-    print(f"best forward: {best}")
-    if which == "fwd":
-        return results
-    return sweep_bwd(T_bwd, best[1], results)
-
-
-def sweep_bwd(T_bwd, fwd_cfg, results):
-    ld = sala_log_decay(H)
+    fwd_cfg = best[1]
+    print(f"best forward: {best}", flush=True)
     q, k, v = (torch.randn(1, H, T_bwd, D, device="cuda", dtype=DTYPE).requires_grad_() for _ in range(3))
     do = torch.randn_like(q)
-    for bc, nw, ns, lowp in itertools.product((32, 64), (4, 8), (2,), (False, True)):
+    best_b = (float("inf"), LT.DEFAULT_BWD_CONFIG)
+    for bc, nw, ns, lowp in BWD_GRID:
+        if time.time() - t0 > seconds:
+            break
         cfg = LT.ScanConfig(block_c=bc, num_warps=nw, num_stages=ns, state_lowp=lowp)
         fn = ours_fn(q, k, v, ld, fwd_cfg, cfg)
         try:
             ms = do_bench(lambda: fn().backward(do), warmup=10, rep=100, grad_to_none=[q, k, v],
                           return_mode="median")
         except Exception as exc:
-            print(f"sweep bwd {cfg}: {type(exc).__name__}")
+            print(f"sweep bwd {cfg}: {type(exc).__name__}: {str(exc)[:200]}")
             continue
         results.append(dict(kind="fwdbwd", T=T_bwd, fwd_cfg=str(fwd_cfg), cfg=str(cfg), ms=ms))
         print(json.dumps(results[-1]), flush=True)
-    return results
+        best_b = min(best_b, (ms, cfg), key=lambda x: x[0])
+    print(f"best backward: {best_b}", flush=True)
+    return results, fwd_cfg, best_b[1]
+
+
+def check_against_reference(config, bwd_config, T=4096):
+    """The configs the table uses, against the PyTorch reference (float32 upcast), forward and gradients."""
+    from hybridize.kernels.lightning_reference import lightning_attn_chunked
+
+    ld = sala_log_decay(H)
+    q, k, v = (torch.randn(1, H, T, D, device="cuda", dtype=DTYPE).requires_grad_() for _ in range(3))
+    s0 = torch.randn(1, H, D, D, device="cuda").requires_grad_()
+    do = torch.randn(1, H, T, D, device="cuda", dtype=DTYPE)
+    leaves = [q, k, v, s0]
+    o, _ = LT.lightning_attn_chunked_triton(q, k, v, ld, initial_state=s0, config=config, bwd_config=bwd_config)
+    g = torch.autograd.grad(o, leaves, do)
+    o_r, _ = lightning_attn_chunked(q, k, v, ld, initial_state=s0)
+    g_r = torch.autograd.grad(o_r, leaves, do)
+    errs = {n: rel(a, b) for n, a, b in zip(["o", "dq", "dk", "dv", "ds0"], [o, *g], [o_r, *g_r])}
+    ok = all(math.isfinite(e) and e < 1e-2 for e in errs.values())
+    print(f"check vs reference (T={T}, bf16): {'ok' if ok else 'FAIL'} {errs}", flush=True)
+    return dict(kind="check", ok=ok, **errs)
 
 
 def table(rows, bw) -> str:
@@ -190,7 +218,7 @@ def table(rows, bw) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     f = lambda x: "-" if x is None else f"{x:.3g}"  # noqa: E731
     for r in rows:
-        if "T" not in r or "kind" in r:
+        if "T" not in r or "kind" in r or "ours_fwd_ms" not in r:
             continue
         fla_f, fla_b = r.get("fla_fwd_ms"), r.get("fla_fwdbwd_ms")
         lines.append(
@@ -201,7 +229,7 @@ def table(rows, bw) -> str:
     lines += ["", "| decode batch | ours ms | fla fused_recurrent ms | fla / ours | floor ms | ours GB/s | rel(ours, fla) |",
               "|---|---|---|---|---|---|---|"]
     for r in rows:
-        if "batch" not in r:
+        if "batch" not in r or "ours_ms" not in r:
             continue
         gbs = 2 * r["batch"] * H * D * D * 4 / r["ours_ms"] * 1e-6
         fla_ms = r.get("fla_ms")
@@ -215,8 +243,9 @@ def main():
     ap.add_argument("--lengths", type=int, nargs="*", default=[4096, 16384, 65536, 262144])
     ap.add_argument("--batches", type=int, nargs="*", default=[1, 8, 64])
     ap.add_argument("--sdpa-max", type=int, default=65536, help="longest T timed with SDPA (it is quadratic)")
-    ap.add_argument("--sweep", choices=["fwd", "bwd", "all"], default=None,
-                    help="also sweep launch parameters (fwd at 64K, fwd+bwd at 16K)")
+    ap.add_argument("--sweep", action="store_true",
+                    help="first sweep launch parameters (fwd at 64K, fwd+bwd at 16K) and time the fastest")
+    ap.add_argument("--sweep-seconds", type=float, default=120.0, help="time budget of the sweep")
     ap.add_argument("--json", default=None, help="write all rows here")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -225,20 +254,25 @@ def main():
     bw = copy_bandwidth()
     fla_chunk, fla_rec = fla_ops()
     rows: list[dict] = []
+    config, bwd_config = LT.DEFAULT_CONFIG, LT.DEFAULT_BWD_CONFIG
+    if args.sweep:
+        found, config, bwd_config = sweep(args.sweep_seconds)
+        rows += found
+    print(f"forward config {config}\nbackward config {bwd_config}", flush=True)
+    rows.append(check_against_reference(config, bwd_config))
     if args.batches:
         bench_decode(args.batches, bw, fla_rec, rows)
-    bench_lengths(args.lengths, bw, fla_chunk, rows, args.sdpa_max)
-    print(table(rows, bw), flush=True)
-    if args.sweep:
-        found = sweep(args.sweep, 65536, 16384)
-        rows += found
-        for kind in ("fwd", "fwdbwd"):
-            best = sorted((r for r in found if r["kind"] == kind), key=lambda r: r["ms"])[:4]
-            print(f"sweep {kind}, fastest:", *(f"  {r['ms']:.3f} ms {r['cfg']}" for r in best), sep="\n")
+    bench_lengths(args.lengths, bw, fla_chunk, rows, args.sdpa_max, config, bwd_config)
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump(dict(device=torch.cuda.get_device_name(), copy_bw=bw, rows=rows), fh, indent=1)
-
+            json.dump(dict(device=torch.cuda.get_device_name(), copy_bw=bw, config=str(config),
+                           bwd_config=str(bwd_config), rows=rows), fh, indent=1)
+    if args.sweep:
+        for kind in ("fwd", "fwdbwd"):
+            best = sorted((r for r in rows if r.get("kind") == kind), key=lambda r: r["ms"])[:3]
+            print(f"sweep {kind}, fastest:", *(f"  {r['ms']:.3f} ms {r['cfg']}" for r in best), sep="\n")
+    print(f"forward config {config}\nbackward config {bwd_config}")
+    print(table(rows, bw))
 
 if __name__ == "__main__":
     main()

@@ -52,13 +52,17 @@ __all__ = [
 @dataclass(frozen=True)
 class ScanConfig:
     """Launch parameters of the chunk scan. `block_c`: width of the column tile one program owns (more tiles, more
-    programs); `state_lowp`: multiply the carried state in the input dtype (faster, a bf16 rounding of the state)
-    instead of tf32."""
+    programs); `state_lowp`: multiply the carried state in the input dtype (a bf16 rounding of the state) instead of
+    tf32; `target_programs`: split each sequence into segments until about this many programs run (a first pass then
+    sums each segment's keys and values into a state, and every segment starts from the sum of those before it);
+    `min_segment_chunks`: never cut segments shorter than this many chunks."""
 
-    block_c: int = 64
+    block_c: int = 32
     num_warps: int = 4
-    num_stages: int = 2
+    num_stages: int = 3
     state_lowp: bool = False
+    target_programs: int = 1024
+    min_segment_chunks: int = 4
 
 
 DEFAULT_CONFIG = ScanConfig()
@@ -68,21 +72,23 @@ if HAS_TRITON:
 
     @triton.jit
     def _scan_chunks_kernel(
-        A, Bm, Cm, Out, Init, Final, LogDecay, CuSeqlens,
-        T, H, DA, DC,
+        A, Bm, Cm, Out, Init, Final, U, LogDecay, CuSeqlens,
+        T, H, DA, DC, NSEG, SEGC, seg_offset,
         s_ab, s_ah, s_at,
         s_bb, s_bh, s_bt,
         s_cb, s_ch, s_ct,
         s_ob, s_oh, s_ot,
         s_in, s_ih, s_ir, s_ic,
         s_fn, s_fh, s_fr, s_fc,
+        s_un, s_uh, s_us, s_ur, s_uc,
         scale_out, scale_state,
         CH: tl.constexpr, BA: tl.constexpr, BC: tl.constexpr,
         HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr, VARLEN: tl.constexpr, REVERSE: tl.constexpr,
-        STATE_LOWP: tl.constexpr,
+        STATE_LOWP: tl.constexpr, STATE_ONLY: tl.constexpr, USE_U: tl.constexpr,
     ):
         pid = tl.program_id(0)
         pid_c = tl.program_id(1)
+        seg = tl.program_id(2) + seg_offset
         n = pid // H
         h = pid % H
         if VARLEN:
@@ -94,15 +100,19 @@ if HAS_TRITON:
             L = T
             nb = n.to(tl.int64)
         h64 = h.to(tl.int64)
+        n64 = n.to(tl.int64)
         a_base = A + nb * s_ab + h64 * s_ah
         b_base = Bm + nb * s_bb + h64 * s_bh
         c_base = Cm + nb * s_cb + h64 * s_ch
         o_base = Out + nb * s_ob + h64 * s_oh
+        u_base = U + n64 * s_un + h64 * s_uh
 
         ra = tl.arange(0, BA)
         rc = pid_c * BC + tl.arange(0, BC)
         ma = ra < DA
         mc = rc < DC
+        m2 = ma[:, None] & mc[None, :]
+        u_tile = ra[:, None] * s_ur + rc[None, :] * s_uc
         idx = tl.arange(0, CH)
         fidx = idx.to(tl.float32)
         ld = tl.load(LogDecay + h).to(tl.float32)
@@ -113,30 +123,54 @@ if HAS_TRITON:
             diff = fidx[:, None] - fidx[None, :]
         decay_mask = tl.where(diff >= 0, tl.exp(ld * tl.maximum(diff, 0.0)), 0.0)
 
-        n64 = n.to(tl.int64)
         if HAS_INIT:
             x_ptrs = Init + n64 * s_in + h64 * s_ih + ra[:, None] * s_ir + rc[None, :] * s_ic
-            X = tl.load(x_ptrs, mask=ma[:, None] & mc[None, :], other=0.0).to(tl.float32)
+            X = tl.load(x_ptrs, mask=m2, other=0.0).to(tl.float32)
         else:
             X = tl.full((BA, BC), 0.0, tl.float32)
 
         nchunks = (L + CH - 1) // CH
-        for i in range(nchunks):
+        c0 = seg * SEGC
+        c1 = tl.minimum(c0 + SEGC, nchunks)
+        seg_tokens = SEGC * CH
+        # edge: the segment that holds the sequence's first token in walking order (where X0 applies)
+        if REVERSE:
+            edge = seg == NSEG - 1
+            terminal = seg == 0
+        else:
+            edge = seg == 0
+            terminal = seg == NSEG - 1
+        if USE_U:
+            # the state entering this segment, from the per-segment sums U of the segments walked before it
             if REVERSE:
-                ci = nchunks - 1 - i
+                last_tokens = L - (NSEG - 1) * seg_tokens
+                for r in range(0, NSEG - 1 - seg):
+                    s_prev = NSEG - 1 - r
+                    # X0 sits at the last token: it decays one step less than a state entering from beyond it
+                    dec = tl.where(r == 0, tl.exp(ld * (last_tokens - 1.0)), tl.exp(ld * seg_tokens))
+                    X = X * dec + tl.load(u_base + s_prev * s_us + u_tile, mask=m2, other=0.0)
             else:
-                ci = i
+                for s_prev in range(0, seg):
+                    X = X * tl.exp(ld * seg_tokens) + tl.load(u_base + s_prev * s_us + u_tile, mask=m2, other=0.0)
+
+        for i in range(c1 - c0):
+            if REVERSE:
+                ci = c1 - 1 - i
+            else:
+                ci = c0 + i
             start = ci * CH
             t = start + idx
             mt = t < L
             rows = bos + t.to(tl.int64)
-            a = tl.load(a_base + rows[:, None] * s_at + ra[None, :], mask=mt[:, None] & ma[None, :], other=0.0)
             b = tl.load(b_base + rows[:, None] * s_bt + ra[None, :], mask=mt[:, None] & ma[None, :], other=0.0)
             c = tl.load(c_base + rows[:, None] * s_ct + rc[None, :], mask=mt[:, None] & mc[None, :], other=0.0)
             clen = tl.minimum(L - start, CH).to(tl.float32)
             if REVERSE:
                 # the first chunk walked holds the last token, whose state is X0 itself (no decay step before it)
-                shift = tl.where(i == 0, 1.0, 0.0)
+                if STATE_ONLY:
+                    shift = 0.0
+                else:
+                    shift = tl.where((i == 0) & edge, 1.0, 0.0)
                 a_decay = tl.exp(ld * tl.maximum(clen - fidx - shift, 0.0))
                 b_decay = tl.exp(ld * fidx)
                 x_decay = tl.exp(ld * (clen - shift))
@@ -144,28 +178,33 @@ if HAS_TRITON:
                 a_decay = tl.exp(ld * (fidx + 1.0))
                 b_decay = tl.exp(ld * tl.maximum(clen - 1.0 - fidx, 0.0))
                 x_decay = tl.exp(ld * clen)
-            a_decay = tl.where(mt, a_decay, 0.0)
             b_decay = tl.where(mt, b_decay * scale_state, 0.0)
 
-            scores = tl.dot(a, tl.trans(b)) * (decay_mask * scale_state)
-            acc = tl.dot(scores.to(c.dtype), c)
-            a_dec = a.to(tl.float32) * a_decay[:, None]
-            if STATE_LOWP:
-                acc += tl.dot(a_dec.to(c.dtype), X.to(c.dtype))
-            else:
-                acc += tl.dot(a_dec, X)
-            o_ptrs = o_base + rows[:, None] * s_ot + rc[None, :]
-            tl.store(o_ptrs, (acc * scale_out).to(Out.dtype.element_ty), mask=mt[:, None] & mc[None, :])
+            if not STATE_ONLY:
+                a = tl.load(a_base + rows[:, None] * s_at + ra[None, :], mask=mt[:, None] & ma[None, :], other=0.0)
+                a_decay = tl.where(mt, a_decay, 0.0)
+                scores = tl.dot(a, tl.trans(b)) * (decay_mask * scale_state)
+                acc = tl.dot(scores.to(c.dtype), c)
+                a_dec = a.to(tl.float32) * a_decay[:, None]
+                if STATE_LOWP:
+                    acc += tl.dot(a_dec.to(c.dtype), X.to(c.dtype))
+                else:
+                    acc += tl.dot(a_dec, X)
+                o_ptrs = o_base + rows[:, None] * s_ot + rc[None, :]
+                tl.store(o_ptrs, (acc * scale_out).to(Out.dtype.element_ty), mask=mt[:, None] & mc[None, :])
 
             b_dec = (b.to(tl.float32) * b_decay[:, None]).to(c.dtype)
             X = X * x_decay + tl.dot(tl.trans(b_dec), c)
 
-        if STORE_FINAL:
+        if STATE_ONLY:
+            tl.store(u_base + seg * s_us + u_tile, X, mask=m2)
+        elif STORE_FINAL:
             if REVERSE:
                 # gradient of the state *before* the first token: one more decay step
                 X = X * tl.where(nchunks > 0, tl.exp(ld), 1.0)
-            f_ptrs = Final + n64 * s_fn + h64 * s_fh + ra[:, None] * s_fr + rc[None, :] * s_fc
-            tl.store(f_ptrs, X, mask=ma[:, None] & mc[None, :])
+            if terminal:
+                f_ptrs = Final + n64 * s_fn + h64 * s_fh + ra[:, None] * s_fr + rc[None, :] * s_fc
+                tl.store(f_ptrs, X, mask=m2)
 
     @triton.jit
     def _add(x, y):
@@ -222,43 +261,79 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+def _segments(T: int, chunk: int, programs_per_segment: int, config: ScanConfig, varlen: bool) -> tuple[int, int]:
+    """(number of segments, chunks per segment) along T. Packed documents keep one segment each."""
+    nchunks = max(1, -(-T // chunk))
+    if varlen:
+        return 1, nchunks
+    want = -(-config.target_programs // max(1, programs_per_segment))
+    nseg = max(1, min(want, 64, nchunks // max(1, config.min_segment_chunks)))
+    segc = -(-nchunks // nseg)
+    return -(-nchunks // segc), segc
+
+
+def _launch(a, b, c, log_decay, *, out, init, init_transposed, final, u, u_transposed, nseg, segc, grid_segs,
+            seg_offset, reverse, state_only, scale_out, scale_state, cu_seqlens, chunk, config: ScanConfig):
+    B, H, T, DA = b.shape
+    DC = c.shape[-1]
+    N = B if cu_seqlens is None else cu_seqlens.numel() - 1
+    dummy = log_decay
+    zeros3, zeros4 = (0, 0, 0), (0, 0, 0, 0)
+    init_strides = zeros4
+    if init is not None:
+        sn, sh, sr, sc = init.stride()
+        init_strides = (sn, sh, sc, sr) if init_transposed else (sn, sh, sr, sc)
+    u_strides = (0, 0, 0, 0, 0)
+    if u is not None:
+        un, uh, us, ur, uc = u.stride()
+        u_strides = (un, uh, us, uc, ur) if u_transposed else (un, uh, us, ur, uc)
+    BA = _pow2(DA)
+    BC = min(_pow2(config.block_c), _pow2(DC))
+    grid = (N * H, triton.cdiv(DC, BC), grid_segs)
+    _scan_chunks_kernel[grid](
+        a, b, c, dummy if out is None else out, dummy if init is None else init, dummy if final is None else final,
+        dummy if u is None else u, log_decay, dummy if cu_seqlens is None else cu_seqlens,
+        T, H, DA, DC, nseg, segc, seg_offset,
+        *(a.stride()[:3]), *(b.stride()[:3]), *(c.stride()[:3]), *(zeros3 if out is None else out.stride()[:3]),
+        *init_strides, *(zeros4 if final is None else final.stride()), *u_strides,
+        float(scale_out), float(scale_state),
+        CH=chunk, BA=BA, BC=BC,
+        HAS_INIT=init is not None and not state_only, STORE_FINAL=final is not None,
+        VARLEN=cu_seqlens is not None, REVERSE=reverse, STATE_LOWP=config.state_lowp, STATE_ONLY=state_only,
+        USE_U=u is not None and not state_only and nseg > 1,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+
+
+def _segment_sums(b, c, log_decay, *, reverse, scale_state, nseg, segc, chunk, config):
+    """First pass: U[n, h, s] = sum over segment s of decay * b^T c (decayed to the segment's far end in walking
+    order), for every segment whose sum a later one needs. (N, H, NSEG, DA, DC) float32."""
+    B, H, T, DA = b.shape
+    u = torch.empty(B, H, nseg, DA, c.shape[-1], device=b.device, dtype=torch.float32)
+    _launch(b, b, c, log_decay, out=None, init=None, init_transposed=False, final=None, u=u, u_transposed=False,
+            nseg=nseg, segc=segc, grid_segs=nseg - 1, seg_offset=1 if reverse else 0, reverse=reverse,
+            state_only=True, scale_out=1.0, scale_state=scale_state, cu_seqlens=None, chunk=chunk, config=config)
+    return u
+
+
 def _scan(a, b, c, log_decay, *, init, init_transposed, reverse, scale_out, scale_state, store_final, cu_seqlens,
-          chunk, out_dtype, config: ScanConfig):
-    """One chunk scan (see the module docstring). a, b (B, H, T, DA); c (B, H, T, DC) -> out (B, H, T, DC) and,
-    when asked, the last state (N, H, DA, DC) float32."""
+          chunk, out_dtype, config: ScanConfig, nseg, segc, u=None, u_transposed=False):
+    """One chunk scan (see the module docstring). a, b (B, H, T, DA); c (B, H, T, DC) -> out (B, H, T, DC), the last
+    state (N, H, DA, DC) float32 when asked, and the segment sums used (None with one segment)."""
     B, H, T, DA = a.shape
     DC = c.shape[-1]
     N = B if cu_seqlens is None else cu_seqlens.numel() - 1
+    if nseg > 1 and u is None:
+        u = _segment_sums(b, c, log_decay, reverse=reverse, scale_state=scale_state, nseg=nseg, segc=segc,
+                          chunk=chunk, config=config)
+        u_transposed = False
     out = torch.empty(B, H, T, DC, device=a.device, dtype=out_dtype)
-    final = torch.empty(N, H, DA, DC, device=a.device, dtype=torch.float32) if store_final else out
-    has_init = init is not None
-    if has_init:
-        sn, sh, sr, sc = init.stride()
-        if init_transposed:
-            sr, sc = sc, sr
-        init_strides = (sn, sh, sr, sc)
-    else:
-        init = out
-        init_strides = (0, 0, 0, 0)
-    final_strides = final.stride() if store_final else (0, 0, 0, 0)
-    BA = _pow2(DA)
-    BC = min(_pow2(config.block_c), _pow2(DC))
-    grid = (N * H, triton.cdiv(DC, BC))
-    _scan_chunks_kernel[grid](
-        a, b, c, out, init, final, log_decay, cu_seqlens if cu_seqlens is not None else log_decay,
-        T, H, DA, DC,
-        a.stride(0), a.stride(1), a.stride(2),
-        b.stride(0), b.stride(1), b.stride(2),
-        c.stride(0), c.stride(1), c.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
-        *init_strides, *final_strides,
-        float(scale_out), float(scale_state),
-        CH=chunk, BA=BA, BC=BC,
-        HAS_INIT=has_init, STORE_FINAL=store_final, VARLEN=cu_seqlens is not None,
-        REVERSE=reverse, STATE_LOWP=config.state_lowp,
-        num_warps=config.num_warps, num_stages=config.num_stages,
-    )
-    return out, (final if store_final else None)
+    final = torch.empty(N, H, DA, DC, device=a.device, dtype=torch.float32) if store_final else None
+    _launch(a, b, c, log_decay, out=out, init=init, init_transposed=init_transposed, final=final, u=u,
+            u_transposed=u_transposed, nseg=nseg, segc=segc, grid_segs=nseg, seg_offset=0, reverse=reverse,
+            state_only=False, scale_out=scale_out, scale_state=scale_state, cu_seqlens=cu_seqlens, chunk=chunk,
+            config=config)
+    return out, final, u
 
 
 class _LightningChunked(torch.autograd.Function):
@@ -266,34 +341,43 @@ class _LightningChunked(torch.autograd.Function):
     def forward(ctx, q, k, v, log_decay, initial_state, scale, output_final_state, cu_seqlens, chunk, config,
                 bwd_config):
         q, k, v = _rows(q), _rows(k), _rows(v)
-        o, final = _scan(q, k, v, log_decay, init=initial_state, init_transposed=False, reverse=False,
-                         scale_out=scale, scale_state=1.0, store_final=output_final_state, cu_seqlens=cu_seqlens,
-                         chunk=chunk, out_dtype=q.dtype, config=config)
-        ctx.save_for_backward(q, k, v, log_decay, initial_state, cu_seqlens)
-        ctx.scale, ctx.chunk, ctx.config = scale, chunk, bwd_config
+        B, H, T, _ = q.shape
+        N = B if cu_seqlens is None else cu_seqlens.numel() - 1
+        BC = min(_pow2(config.block_c), _pow2(v.shape[-1]))
+        nseg, segc = _segments(T, chunk, N * H * triton.cdiv(v.shape[-1], BC), config, cu_seqlens is not None)
+        o, final, u = _scan(q, k, v, log_decay, init=initial_state, init_transposed=False, reverse=False,
+                            scale_out=scale, scale_state=1.0, store_final=output_final_state, cu_seqlens=cu_seqlens,
+                            chunk=chunk, out_dtype=q.dtype, config=config, nseg=nseg, segc=segc)
+        # the forward's segment sums of k^T v are, transposed, the ones the dq scan needs (v^T k)
+        ctx.save_for_backward(q, k, v, log_decay, initial_state, cu_seqlens, u)
+        ctx.scale, ctx.chunk, ctx.config, ctx.nseg, ctx.segc = scale, chunk, bwd_config, nseg, segc
         if final is None:
             return o
         return o, final
 
     @staticmethod
     def backward(ctx, do, dfinal=None):
-        q, k, v, log_decay, initial_state, cu_seqlens = ctx.saved_tensors
-        scale, chunk, config = ctx.scale, ctx.chunk, ctx.config
+        q, k, v, log_decay, initial_state, cu_seqlens, u_fwd = ctx.saved_tensors
+        scale = ctx.scale
         do = _rows(do)
         dfinal = None if dfinal is None else dfinal.float()
-        common = dict(cu_seqlens=cu_seqlens, chunk=chunk, config=config)
-        dq = dk = dv = dinit = None
+        common = dict(cu_seqlens=cu_seqlens, chunk=ctx.chunk, config=ctx.config, nseg=ctx.nseg, segc=ctx.segc)
+        dq = dk = dv = dinit = u_rev = None
         need_q, need_k, need_v = ctx.needs_input_grad[:3]
         need_init = initial_state is not None and ctx.needs_input_grad[4]
         if need_q:
-            dq, _ = _scan(do, v, k, log_decay, init=initial_state, init_transposed=True, reverse=False,
-                          scale_out=scale, scale_state=1.0, store_final=False, out_dtype=q.dtype, **common)
+            dq, _, _ = _scan(do, v, k, log_decay, init=initial_state, init_transposed=True, reverse=False,
+                             scale_out=scale, scale_state=1.0, store_final=False, out_dtype=q.dtype, u=u_fwd,
+                             u_transposed=True, **common)
         if need_v or need_init:
-            dv, dinit = _scan(k, q, do, log_decay, init=dfinal, init_transposed=False, reverse=True,
-                              scale_out=1.0, scale_state=scale, store_final=need_init, out_dtype=v.dtype, **common)
+            dv, dinit, u_rev = _scan(k, q, do, log_decay, init=dfinal, init_transposed=False, reverse=True,
+                                     scale_out=1.0, scale_state=scale, store_final=need_init, out_dtype=v.dtype,
+                                     **common)
         if need_k:
-            dk, _ = _scan(v, do, q, log_decay, init=dfinal, init_transposed=True, reverse=True,
-                          scale_out=1.0, scale_state=scale, store_final=False, out_dtype=k.dtype, **common)
+            # dk's segment sums (dO^T q) are dv's (q^T dO) transposed
+            dk, _, _ = _scan(v, do, q, log_decay, init=dfinal, init_transposed=True, reverse=True,
+                             scale_out=1.0, scale_state=scale, store_final=False, out_dtype=k.dtype, u=u_rev,
+                             u_transposed=u_rev is not None, **common)
         if dinit is not None:
             dinit = dinit.to(initial_state.dtype)
         return dq, dk, (dv if need_v else None), None, dinit, None, None, None, None, None, None
