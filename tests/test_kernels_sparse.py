@@ -293,30 +293,38 @@ def test_gpu_all_blocks_equal_sdpa_causal(seed, D):
 
 
 @gpu
-@pytest.mark.parametrize("selection", ["token", "block"])
-def test_gpu_decode_and_block_mode(seed, selection):
+def test_gpu_decode_through_ops_matches_reference(seed):
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     from hybridize.arch.ops import sparse_attention
     from hybridize.kernels import sparse_reference as ref
 
     opts = dict(block_size=64, kernel=32, stride=16, topk=16, init_blocks=1, local_blocks=4, dense_len=1024)
-    q, k, v, pos = _gpu_inputs(3, 8, 2, 128, 5000, 1, seed)
-    ck = ref.compress_keys(k)
-    o = sparse_attention(q, k, v, pos, ck, selection=selection, **opts)
+    q, k, v, pos = _gpu_inputs(3, 8, 2, 128, 5000, 1, seed)  # one new token per sequence, batch 3
+    ck = ref.compress_keys(k)  # the cache's compressed keys
+    o = sparse_attention(q, k, v, pos, ck, **opts)
     o_ref = ref.infllm_v2_attention(q.float(), k.float(), v.float(), pos, ck, **opts)
     assert (o.float() - o_ref).abs().max() < 3e-2
-    if selection == "block":  # prefill: exact attention over the shared selection
-        from hybridize.kernels import sparse_triton as st
 
-        q, k, v, pos = _gpu_inputs(1, 8, 2, 128, 5000, 5000, seed + 1)
-        sel = st.select_blocks_triton(q, st.compress_keys_triton(k), pos, -(-5000 // 64), scale=128 ** -0.5,
-                                      selection="block", coarse=True, **{n: opts[n] for n in opts if n != "kernel"
-                                                                        and n != "stride" and n != "block_size"})
-        o = st.block_sparse_attention_triton(q, k, v, pos, sel, scale=128 ** -0.5)
-        o_ref = ref.block_sparse_attention(q.float(), k.float(), v.float(), pos, sel.token_mask(),
-                                           scale=128 ** -0.5)
-        assert (o.float() - o_ref).abs().max() < 3e-2
+
+@gpu
+def test_gpu_block_mode_attention_exact_for_its_selection(seed):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from hybridize.kernels import sparse_reference as ref
+    from hybridize.kernels import sparse_triton as st
+
+    q, k, v, pos = _gpu_inputs(1, 8, 2, 128, 5000, 5000, seed)
+    sel = st.select_blocks_triton(q, st.compress_keys_triton(k), pos, -(-5000 // 64), scale=128 ** -0.5, topk=16,
+                                  local_blocks=4, dense_len=1024, selection="block", coarse=True)
+    mask = sel.token_mask()
+    own = pos // 64
+    j = torch.arange(mask.shape[-1], device="cuda")
+    forced = (j <= own.view(-1, 1)) & ((j < 1) | (j > own.view(-1, 1) - 4))
+    assert (mask | ~forced).all()
+    o = st.block_sparse_attention_triton(q, k, v, pos, sel, scale=128 ** -0.5)
+    o_ref = ref.block_sparse_attention(q.float(), k.float(), v.float(), pos, mask, scale=128 ** -0.5)
+    assert (o.float() - o_ref).abs().max() < 3e-2
 
 
 if __name__ == "__main__":  # the interpreter child process
