@@ -601,15 +601,18 @@ def select_blocks_triton(
         else:
             block_scores = torch.full((B, Hkv, e - a, nb), float("-inf"), device=device)
         mask = _choose(block_scores, pa.long(), pa.long(), stable_ties=True, **opts)
-        n_t = -(-(e - a) // sel_t)
-        union = F.pad(mask, (0, 0, 0, n_t * sel_t - (e - a))).view(B, Hkv, n_t, sel_t, nb).any(3)
-        lists, counts = _mask_to_lists(union)
+        if Tq == 1:  # decode: the one token's own selection, no per-row bits needed
+            lists, counts = _mask_to_lists(mask)
+        else:
+            n_t = -(-(e - a) // sel_t)
+            union = F.pad(mask, (0, 0, 0, n_t * sel_t - (e - a))).view(B, Hkv, n_t, sel_t, nb).any(3)
+            lists, counts = _mask_to_lists(union)
+            bits_all.append(_pack_bits(mask))
         lists_all.append(lists)
         counts_all.append(counts)
-        bits_all.append(_pack_bits(mask))
     lists = torch.cat(lists_all, 2) if len(lists_all) > 1 else lists_all[0]
     counts = torch.cat(counts_all, 2) if len(counts_all) > 1 else counts_all[0]
-    bits = (torch.cat(bits_all, 2) if len(bits_all) > 1 else bits_all[0]) if Tq > 1 else None
+    bits = (torch.cat(bits_all, 2) if len(bits_all) > 1 else bits_all[0]) if bits_all else None
     return Selection(lists, counts, bits, sel_t, nb, Tq, block_size)
 
 
