@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+from . import selectors as _scoring
 from .placement import uniform_layers
 
 Selector = Callable[..., list[int]]
@@ -23,7 +24,11 @@ def uniform(model, n_sparse: int, **kw) -> list[int]:
 
 uniform.needs_weights = False
 
-SELECTORS: dict[str, Selector] = {"uniform": uniform}
+SELECTORS: dict[str, Selector] = {
+    "uniform": uniform,
+    "sala": _scoring.sala,  # kw: score_report=, tokenizer=, score_settings=, keep_first_last=
+    "block_influence": _scoring.block_influence,
+}
 
 
 def get_selector(name: str) -> Selector:

@@ -1,0 +1,158 @@
+"""Stage-1 alignment for layer selection: one Lightning student per layer, all trained at once.
+
+Each student is the layer's attention rebuilt as Lightning attention from the teacher's own weights (the conversion
+rules of `hybridize.convert.build`). It reads the teacher's detached input to that layer's attention (the
+input_layernorm output) and learns MSE(student output, teacher attention output). Only student parameters train.
+Students are saved under the hybrid model's parameter names (`model.layers.{i}.self_attn.*`), so a converted hybrid
+can load them directly for its Lightning layers.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..arch.configuration_hybridize import LIGHTNING, HybridConfig
+from ..arch.modeling_hybridize import LightningAttention
+from ..convert.build import _LAYER_RE, added_tensors, hybrid_config_from_source, map_tensor
+from .runner import LayerRunner, has_qk_norm
+
+STUDENT_PREFIX = "model.layers.{}.self_attn."
+
+
+def student_config(source_model, gates: bool = True) -> HybridConfig:
+    """The config of an all-Lightning hybrid of the source's shape (the students' shape)."""
+    layers = source_model.config.num_hidden_layers
+    return hybrid_config_from_source(source_model.config, [LIGHTNING] * layers, output_gates=gates,
+                                     qk_norm=has_qk_norm(source_model))
+
+
+def init_students(source_model, gates: bool = True) -> nn.ModuleList:
+    """One Lightning student per layer, initialised from the source's attention weights."""
+    config = student_config(source_model, gates)
+    state: dict[str, torch.Tensor] = {}
+    for name, tensor in source_model.state_dict().items():
+        if _LAYER_RE.match(name):
+            for new_name, new_tensor in map_tensor(name, tensor, config):
+                state[new_name] = new_tensor
+    dtype = next(source_model.parameters()).dtype
+    state.update(added_tensors(config, set(state), dtype))
+    device = next(source_model.parameters()).device
+    students = nn.ModuleList()
+    for i in range(config.num_hidden_layers):
+        prefix = STUDENT_PREFIX.format(i)
+        student = LightningAttention(config, i).to(device=device, dtype=dtype)
+        own = {k[len(prefix):]: v.detach().clone() for k, v in state.items() if k.startswith(prefix)}
+        student.load_state_dict(own, strict=True)
+        students.append(student)
+    return students
+
+
+def students_state_dict(students: nn.ModuleList) -> dict[str, torch.Tensor]:
+    return {STUDENT_PREFIX.format(i) + k: v.detach().contiguous().cpu()
+            for i, s in enumerate(students) for k, v in s.state_dict().items()}
+
+
+def save_students(students: nn.ModuleList, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    save_file(students_state_dict(students), str(path), metadata=metadata or {})
+    return path
+
+
+def load_student_tensors(path: str | Path, layers: list[int] | None = None) -> dict[str, torch.Tensor]:
+    """Student tensors (hybrid names) from a students.safetensors file, optionally only for some layers."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: run `hybridize score` first (it writes students.safetensors)")
+    tensors = load_file(str(path))
+    if layers is None:
+        return tensors
+    keep = tuple(STUDENT_PREFIX.format(i) for i in layers)
+    return {k: v for k, v in tensors.items() if k.startswith(keep)}
+
+
+@dataclass
+class AlignSettings:
+    steps: int = 48
+    batch_size: int = 2
+    lr: float = 1e-3
+    min_lr: float = 1e-5
+    warmup: int = 4
+
+    def validate(self) -> None:
+        for name in ("steps", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"alignment {name} must be at least 1, got {getattr(self, name)}")
+        if not 0 < self.min_lr <= self.lr:
+            raise ValueError(f"alignment learning rates need 0 < min_lr <= lr, got lr={self.lr}, min_lr={self.min_lr}")
+
+
+@dataclass
+class AlignResult:
+    loss_curve: list[float] = field(default_factory=list)  # summed per-layer MSE per step
+    relative_error: list[float] = field(default_factory=list)  # per layer, last step: MSE / mean(teacher output^2)
+    initial_relative_error: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+    tokens: int = 0
+
+
+def _lr_at(step: int, s: AlignSettings) -> float:
+    if step < s.warmup:
+        return s.lr * (step + 1) / s.warmup
+    t = (step - s.warmup) / max(1, s.steps - s.warmup)
+    return s.min_lr + 0.5 * (s.lr - s.min_lr) * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+def align_students(runner: LayerRunner, students: nn.ModuleList, train_ids: torch.Tensor, settings: AlignSettings,
+                   progress: bool = True) -> AlignResult:
+    """Train every student against its layer's teacher attention output (batches cycle through `train_ids`)."""
+    settings.validate()
+    if train_ids.shape[0] == 0:
+        raise ValueError("no alignment text: give at least one training sequence")
+    start = time.perf_counter()
+    params = [p for s in students for p in s.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
+    result = AlignResult()
+    students.train()
+    n = train_ids.shape[0]
+    bar = tqdm(range(settings.steps), desc="align students", disable=not progress)
+    for step in bar:
+        rows = [(step * settings.batch_size + j) % n for j in range(settings.batch_size)]
+        ids = train_ids[rows].to(runner.device)
+        ctx = runner.context(ids)
+        io = runner.attention_io(ids)
+        for g in opt.param_groups:
+            g["lr"] = _lr_at(step, settings)
+        opt.zero_grad(set_to_none=True)
+        total, rel = 0.0, []
+        for student, (x, target) in zip(students, io):
+            out = student(x, ctx)
+            loss = F.mse_loss(out.float(), target.float())
+            loss.backward()  # per layer: students are independent, so only one layer's graph lives at a time
+            total += loss.item()
+            rel.append(loss.item() / max(target.float().pow(2).mean().item(), 1e-30))
+        opt.step()
+        if step == 0:
+            result.initial_relative_error = rel
+        result.relative_error = rel
+        result.loss_curve.append(total)
+        result.tokens += ids.numel()
+        bar.set_postfix(mse=f"{total:.3g}")
+    students.eval()
+    for p in params:
+        p.requires_grad_(False)
+    result.seconds = time.perf_counter() - start
+    return result

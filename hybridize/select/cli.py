@@ -1,0 +1,76 @@
+"""`hybridize score`: a thin layer over hybridize.select.api.score."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import click
+
+from .alignment import AlignSettings
+from .probes import ProbeSettings
+
+
+def _lengths(text: str, option: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise click.BadParameter(f"must be comma-separated integers, got {text!r}", param_hint=option) from None
+    if not values:
+        raise click.BadParameter("give at least one length", param_hint=option)
+    return values
+
+
+@click.command()
+@click.argument("source", required=False)
+@click.option("--output", "-o", default="layer-scores", show_default=True,
+              help="report folder (report.json, scores.png, students.safetensors)")
+@click.option("--method", type=click.Choice(["sala", "block_influence"]), default="sala", show_default=True,
+              help="sala: align students + sweep (DESIGN 3.3); block_influence: cheap 1 - cos(in, out) proxy")
+@click.option("--ratio", default="1:3", show_default=True, help="sparse:linear layer ratio")
+@click.option("--keep-first-last/--no-keep-first-last", default=True, show_default=True,
+              help="always keep the first and last layers as attention (SALA)")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--gpu-defaults", is_flag=True, help="the larger GPU settings (512-token alignment, longer probes)")
+@click.option("--seq-len", type=int, default=None, help="alignment sequence length [CPU 256, GPU 512]")
+@click.option("--align-steps", type=int, default=None, help="alignment steps [CPU 48, GPU 200]")
+@click.option("--align-batch", type=int, default=None, help="alignment batch size [CPU 2, GPU 8]")
+@click.option("--heldout-seqs", type=int, default=None, help="held-out sequences for the loss probe [CPU 4]")
+@click.option("--passkey-lengths", default=None, help="comma-separated passkey lengths [CPU 256,1024]")
+@click.option("--kv-lengths", default=None, help="comma-separated key-value lookup lengths [CPU 256,512]")
+@click.option("--samples", type=int, default=None, help="probe samples per task and length [CPU 2]")
+@click.option("--gates/--no-gates", default=True, show_default=True, help="students carry the output gate")
+@click.option("--compare-uniform", is_flag=True,
+              help="also report held-out loss of the chosen and the uniform hybrid, both with the aligned students")
+@click.option("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+@click.option("--force", is_flag=True, help="replace an existing output folder")
+@click.option("--quiet", is_flag=True, help="no progress bars")
+def score(source, output, method, ratio, keep_first_last, seed, gpu_defaults, seq_len, align_steps, align_batch,
+          heldout_seqs, passkey_lengths, kv_lengths, samples, gates, compare_uniform, threads, force, quiet):
+    """Score the layers of SOURCE (default: the built-in SmolLM2-135M) and choose which stay attention."""
+    import torch
+
+    from ..cli import _fail_cleanly
+    from .api import ScoreSettings, score as run_score
+
+    if threads is not None:
+        if threads < 1:
+            raise click.BadParameter("must be at least 1", param_hint="--threads")
+        torch.set_num_threads(threads)
+    base = ScoreSettings.for_gpu() if gpu_defaults else ScoreSettings()
+    align = dataclasses.replace(base.align, **{k: v for k, v in (("steps", align_steps), ("batch_size", align_batch))
+                                              if v is not None})
+    probes = dataclasses.replace(base.probes, **{k: v for k, v in (
+        ("passkey_lengths", passkey_lengths and _lengths(passkey_lengths, "--passkey-lengths")),
+        ("kv_lengths", kv_lengths and _lengths(kv_lengths, "--kv-lengths")),
+        ("samples_per_length", samples)) if v is not None})
+    overrides = {k: v for k, v in (("seq_len", seq_len), ("heldout_seqs", heldout_seqs)) if v is not None}
+    settings = dataclasses.replace(base, method=method, ratio=ratio, keep_first_last=keep_first_last, seed=seed,
+                                   gates=gates, compare_uniform=compare_uniform, align=align, probes=probes, **overrides)
+    result = _fail_cleanly(run_score, source, output, settings, force=force, progress=not quiet)
+    rep = result.report
+    click.echo(f"wrote {output}: {len(rep['chosen_layers'])} sparse of {rep['num_layers']} layers "
+               f"{rep['chosen_layers']} ({rep['method']}, {rep['wall_time_s']:.0f} s)")
+    if "compare" in rep:
+        c = rep["compare"]
+        click.echo(f"held-out loss (aligned students, RoPE kept): {method} {c[method]['loss_rope']:.4f}, "
+                   f"uniform {c['uniform']['loss_rope']:.4f}, teacher {c['teacher_loss']:.4f}")

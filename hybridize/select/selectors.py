@@ -1,0 +1,85 @@
+"""The scoring methods as registry selectors (`hybridize convert --select sala|block_influence`).
+
+Signature (hybridize.select.registry): `selector(model, n_sparse, **kw) -> sorted layer indices`.
+Keyword arguments understood here:
+- `score_report`: a report.json (or the folder) written by `hybridize score`: its per-layer measurements are re-ranked
+  for `n_sparse`, nothing is recomputed;
+- `tokenizer`: the source's tokenizer (needed when scoring runs);
+- `score_settings`: a ScoreSettings for the run (default: the CPU defaults, or the GPU ones on a CUDA model);
+- `keep_first_last`: override the first/last rule.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .report import read_report
+from .scoring import top_layers
+
+# The built-in default model (SmolLM2-135M-Instruct) as recognised by its shape, for sources that arrive without a
+# tokenizer (the GGUF default loads in memory).
+_DEFAULT_SHAPE = {"num_hidden_layers": 30, "hidden_size": 576, "vocab_size": 49152, "num_attention_heads": 9}
+
+
+def choose_from_report(report: dict, n_sparse: int, keep_first_last: bool | None = None) -> list[int]:
+    """Re-rank a saved report's layer scores for `n_sparse` layers (same tie rule as the run that wrote it)."""
+    layers = sorted(report["layers"], key=lambda e: e["layer"])
+    scores = [e["score"] for e in layers]
+    tie = [e["loss"] for e in layers] if all(e.get("loss") is not None for e in layers) else None
+    keep = report["settings"]["keep_first_last"] if keep_first_last is None else keep_first_last
+    return top_layers(scores, n_sparse, keep_first_last=keep, tie_break=tie)
+
+
+def _tokenizer_for(model, tokenizer):
+    if tokenizer is not None:
+        return tokenizer
+    from transformers import AutoTokenizer
+
+    where = getattr(model, "name_or_path", "") or getattr(model.config, "_name_or_path", "")
+    if where and Path(where).is_dir() and any(Path(where).glob("tokenizer*")):
+        return AutoTokenizer.from_pretrained(where)
+    if all(getattr(model.config, k, None) == v for k, v in _DEFAULT_SHAPE.items()):
+        from ..convert.default_model import default_gguf_path
+
+        path = default_gguf_path()
+        return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    raise ValueError("scoring layers needs the source's tokenizer: run `hybridize score SOURCE` and pass its "
+                     "report.json as the score report, or give the tokenizer")
+
+
+def _run_or_read(method: str, model, n_sparse: int, *, score_report=None, tokenizer=None, score_settings=None,
+                 keep_first_last=None, progress: bool = True) -> list[int]:
+    if score_report is not None:
+        report = read_report(score_report)
+        if report["method"] != method:
+            raise ValueError(f"{score_report} holds {report['method']} scores, not {method}: score with "
+                             f"`hybridize score --method {method}`")
+        if report["num_layers"] != model.config.num_hidden_layers:
+            raise ValueError(f"{score_report} scores {report['num_layers']} layers but the model has "
+                             f"{model.config.num_hidden_layers}: it was written for another model")
+        return choose_from_report(report, n_sparse, keep_first_last)
+    import dataclasses
+
+    from .api import ScoreSettings, score_model
+
+    on_gpu = next(model.parameters()).device.type == "cuda"
+    settings = score_settings or (ScoreSettings.for_gpu() if on_gpu else ScoreSettings())
+    settings = dataclasses.replace(settings, method=method)
+    result = score_model(model, _tokenizer_for(model, tokenizer), settings, progress=progress)
+    return choose_from_report(result.report, n_sparse, keep_first_last)
+
+
+def sala(model, n_sparse: int, **kw) -> list[int]:
+    """SALA/HALO: aligned Lightning students swapped in one layer at a time, scored by retrieval lost per general
+    ability lost (DESIGN 3.3). Slow: minutes on a CPU for a 135M model."""
+    return _run_or_read("sala", model, n_sparse, **_known(kw))
+
+
+def block_influence(model, n_sparse: int, **kw) -> list[int]:
+    """Cheap proxy: the layers that change the residual stream most (1 - cos(in, out)) stay attention."""
+    return _run_or_read("block_influence", model, n_sparse, **_known(kw))
+
+
+def _known(kw: dict) -> dict:
+    names = ("score_report", "tokenizer", "score_settings", "keep_first_last", "progress")
+    return {k: v for k, v in kw.items() if k in names}

@@ -1,0 +1,254 @@
+"""Layer selection (issue 4) on a tiny random Llama with a real (small, trained) BPE tokenizer."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+from torch import nn
+
+from helpers import tiny_llama
+from hybridize.arch.modeling_hybridize import AttentionContext
+from hybridize.cli import main
+from hybridize.select.alignment import AlignSettings, load_student_tensors
+from hybridize.select.api import ScoreSettings, heldout_loss, hybrid_with_students, score_model, write_result
+from hybridize.select.data import read_text_files, shakespeare_files
+from hybridize.select.placement import num_sparse_layers, uniform_layers
+from hybridize.select.probes import ProbeSettings
+from hybridize.select.registry import SELECTORS, get_selector
+
+LAYERS = 6
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny tensors: a second thread only adds synchronisation (and on a busy 2-core box, much more)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    text = read_text_files(shakespeare_files()[:2], 200_000)
+    tk = Tokenizer(models.BPE(unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.train_from_iterator([text], trainers.BpeTrainer(
+        vocab_size=1000, special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>")
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    return tiny_llama(layers=LAYERS, vocab=len(tokenizer), seed=3)
+
+
+def tiny_settings(**overrides) -> ScoreSettings:
+    base = ScoreSettings(
+        seq_len=64, align=AlignSettings(steps=6, batch_size=2), heldout_seqs=2, heldout_seq_len=64, compare_seqs=2,
+        probes=ProbeSettings(passkey_lengths=(200,), kv_lengths=(200,), samples_per_length=2, kv_queries=2),
+        seed=11,
+    )
+    for k, v in overrides.items():
+        setattr(base, k, v)
+    return base
+
+
+@pytest.fixture(scope="module")
+def result(model, tokenizer):
+    return score_model(model, tokenizer, tiny_settings(compare_uniform=True), progress=False)
+
+
+@pytest.fixture(scope="module")
+def written(result, tmp_path_factory):
+    out = tmp_path_factory.mktemp("scores") / "report"
+    write_result(result, out)
+    return out
+
+
+def expected_scores(C, R):
+    """SALA's formula, written out again here."""
+    best_c, best_r = max(C), max(R)
+    return [min(50.0, (best_r - r) / (best_c - c + 1e-10)) for c, r in zip(C, R)]
+
+
+def test_report_has_one_entry_per_layer(result):
+    rep = result.report
+    assert rep["num_layers"] == LAYERS
+    assert [e["layer"] for e in rep["layers"]] == list(range(LAYERS))
+    for e in rep["layers"]:
+        assert isinstance(e["C"], float) and isinstance(e["R"], float) and 0.0 <= e["R"] <= 1.0
+        assert e["C"] == pytest.approx(-e["loss"])
+        assert set(e["retrieval"]) == {"passkey@200", "kv@200"}
+    assert rep["seed"] == 11 and rep["settings"]["seed"] == 11
+    assert rep["wall_time_s"] > 0 and rep["timings"]["sweep_s"] > 0
+    # alignment reduced the students' error on average
+    init = sum(e["align_initial_relative_error"] for e in rep["layers"])
+    final = sum(e["align_relative_error"] for e in rep["layers"])
+    assert final < init
+
+
+def test_scores_follow_the_formula(result):
+    layers = result.report["layers"]
+    C = [e["C"] for e in layers]
+    R = [e["R"] for e in layers]
+    assert [e["score"] for e in layers] == pytest.approx(expected_scores(C, R))
+
+
+def test_choice_honours_ratio_and_first_last(result):
+    rep = result.report
+    chosen = rep["chosen_layers"]
+    assert len(chosen) == num_sparse_layers(LAYERS, 1, 3) == 2
+    assert chosen == [0, LAYERS - 1]  # two sparse layers, both forced
+    assert [e["layer"] for e in rep["layers"] if e["sparse"]] == chosen
+
+
+def test_fixed_seed_reproduces_and_ratio_without_forcing(model, tokenizer, result):
+    again = score_model(model, tokenizer, tiny_settings(), progress=False).report
+    assert again["chosen_layers"] == result.report["chosen_layers"]
+    assert [e["score"] for e in again["layers"]] == [e["score"] for e in result.report["layers"]]
+    assert [e["loss"] for e in again["layers"]] == [e["loss"] for e in result.report["layers"]]
+
+    free = score_model(model, tokenizer, tiny_settings(ratio="1:1", keep_first_last=False), progress=False).report
+    layers = free["layers"]
+    scores = expected_scores([e["C"] for e in layers], [e["R"] for e in layers])
+    loss = [e["loss"] for e in layers]
+    # the three best scores, ties to the larger swapped loss, then the lower index
+    best = sorted(range(LAYERS), key=lambda i: (-scores[i], -loss[i], i))[:3]
+    assert free["chosen_layers"] == sorted(best)
+    assert free["forced_layers"] == []
+
+
+class StudentInLlama(nn.Module):
+    """A student in place of a transformers LlamaAttention (same call convention)."""
+
+    def __init__(self, student):
+        super().__init__()
+        self.student = student
+
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, **kwargs):
+        B, T, _ = hidden_states.shape
+        cos, sin = position_embeddings
+        pos = torch.arange(T).view(1, -1).expand(B, -1)
+        ctx = AttentionContext(pos, cos.float(), sin.float(), None, None, None, None)
+        return self.student(hidden_states, ctx), None
+
+
+def test_swapped_loss_matches_transformers_forward(model, tokenizer, result, written):
+    """The sweep's loss for a layer equals transformers' own Llama forward with that attention replaced by the
+    saved student, on the same held-out text."""
+    from hybridize.select.alignment import init_students
+    from hybridize.select.data import calibration_data
+
+    s = tiny_settings(compare_uniform=True)
+    data = calibration_data(tokenizer, train_seqs=s.align.steps * s.align.batch_size,
+                            heldout_seqs=s.heldout_seqs + s.compare_seqs, seq_len=s.seq_len,
+                            heldout_seq_len=s.heldout_seq_len, seed=s.seed)
+    heldout = data.heldout[: s.heldout_seqs]
+    assert heldout_loss(model, heldout) == pytest.approx(result.report["teacher"]["loss"], rel=1e-5)
+
+    tensors = load_student_tensors(written / "students.safetensors")
+    students = init_students(model)
+    layer = 2
+    prefix = f"model.layers.{layer}.self_attn."
+    students[layer].load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+    original = model.model.layers[layer].self_attn
+    model.model.layers[layer].self_attn = StudentInLlama(students[layer])
+    try:
+        loss = heldout_loss(model, heldout)
+    finally:
+        model.model.layers[layer].self_attn = original
+    assert loss == pytest.approx(result.report["layers"][layer]["loss"], rel=1e-5)
+
+
+def test_files_on_disk(written, result):
+    rep = json.loads((written / "report.json").read_text())
+    assert rep["chosen_layers"] == result.report["chosen_layers"]
+    png = (written / "scores.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    import matplotlib.image
+
+    img = matplotlib.image.imread(str(written / "scores.png"))
+    assert img.shape[0] > 100 and img.shape[1] > 100
+    tensors = load_student_tensors(written / "students.safetensors")
+    assert {k.split(".")[2] for k in tensors} == {str(i) for i in range(LAYERS)}
+
+
+def test_students_load_into_the_converted_hybrid(model, written):
+    tensors = load_student_tensors(written / "students.safetensors")
+    hybrid = hybrid_with_students(model, [0, LAYERS - 1], tensors, hype=True)
+    for i in range(1, LAYERS - 1):
+        got = hybrid.model.layers[i].self_attn.state_dict()
+        for k, v in got.items():
+            assert torch.equal(v, tensors[f"model.layers.{i}.self_attn.{k}"]), (i, k)
+    # the attention layers kept the teacher's weights (o_proj doubled for the zero-initialised gate)
+    assert torch.equal(hybrid.model.layers[0].self_attn.q_proj.weight, model.model.layers[0].self_attn.q_proj.weight)
+
+
+def test_compare_uniform_reports_both_losses(result):
+    c = result.report["compare"]
+    assert c["sala"]["layers"] == result.report["chosen_layers"]
+    assert c["uniform"]["layers"] == uniform_layers(LAYERS, 2)
+    for name in ("sala", "uniform"):
+        assert c[name]["loss_rope"] > 0 and c[name]["loss_nope"] > 0
+
+
+def test_registry_reads_a_saved_report(model, written, result):
+    assert {"uniform", "sala", "block_influence"} <= set(SELECTORS)
+    chosen = get_selector("sala")(model, 2, score_report=written / "report.json")
+    assert chosen == result.report["chosen_layers"]
+    three = get_selector("sala")(model, 3, score_report=written, keep_first_last=False)
+    layers = result.report["layers"]
+    scores = expected_scores([e["C"] for e in layers], [e["R"] for e in layers])
+    assert three == sorted(sorted(range(LAYERS), key=lambda i: (-scores[i], -layers[i]["loss"], i))[:3])
+    other = tiny_llama(layers=4, vocab=model.config.vocab_size)
+    with pytest.raises(ValueError, match="scores 6 layers"):
+        get_selector("sala")(other, 1, score_report=written)
+    with pytest.raises(ValueError, match="not block_influence"):
+        get_selector("block_influence")(model, 1, score_report=written)
+
+
+def test_block_influence_method(model, tokenizer):
+    rep = score_model(model, tokenizer, tiny_settings(method="block_influence", ratio="1:1", keep_first_last=False),
+                      progress=False).report
+    bi = [e["block_influence"] for e in rep["layers"]]
+    assert all(0.0 <= b <= 2.0 for b in bi)
+    assert rep["chosen_layers"] == sorted(sorted(range(LAYERS), key=lambda i: (-bi[i], i))[:3])
+    assert all(e["C"] is None for e in rep["layers"])
+
+
+def test_cli_scores_a_model_folder(model, tokenizer, tmp_path):
+    src = tmp_path / "tiny"
+    model.save_pretrained(src)
+    tokenizer.save_pretrained(src)
+    out = tmp_path / "scores"
+    args = ["score", str(src), "-o", str(out), "--seq-len", "64", "--align-steps", "3", "--heldout-seqs", "2",
+            "--passkey-lengths", "200", "--kv-lengths", "200", "--samples", "1", "--quiet", "--threads", "1"]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    rep = json.loads((out / "report.json").read_text())
+    assert len(rep["layers"]) == LAYERS and rep["chosen_layers"] == [0, LAYERS - 1]
+    assert (out / "scores.png").is_file() and (out / "students.safetensors").is_file()
+    # the same output again: refused with a one-line error, nothing changed
+    before = (out / "report.json").read_text()
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 2 and "error:" in res.output and "--force" in res.output
+    assert (out / "report.json").read_text() == before
+
+
+def test_cli_bad_input_is_a_one_line_error(tmp_path):
+    res = CliRunner().invoke(main, ["score", str(tmp_path / "missing"), "-o", str(tmp_path / "o")])
+    assert res.exit_code == 2 and res.output.startswith("error:")
+    res = CliRunner().invoke(main, ["score", "--ratio", "1:x", "-o", str(tmp_path / "o"), "--method",
+                                    "block_influence"])
+    assert res.exit_code == 2 and "--ratio" in res.output
+    assert not (tmp_path / "o").exists()
