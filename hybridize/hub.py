@@ -141,6 +141,7 @@ def _results_sections(folder: Path, files: list[str]) -> str:
             plots = sorted(f for f in files if f.endswith(".png") and Path(f).parent == parent
                            and (Path(f).name.startswith("bench_") if stem == "bench_results"
                                 else not Path(f).name.startswith("bench_")))
+            text = re.sub(r"^## [^\n]*\n+", "", text, count=1)  # the file's own title: the section has one
             body = re.sub(r"^## ", "### ", text, flags=re.M)
             section = f"## {'Evaluation' if stem == 'eval_results' else 'Speed'} (`{md}`)\n\n{body}\n"
             section += "".join(f"\n![{Path(p).stem}]({p})\n" for p in plots)

@@ -66,7 +66,7 @@ def eval_command(model, compare, texts, seq_len, max_windows, lengths, depths, t
 @click.option("--decode-batch", "decode_batches", default="1", show_default=True, help="decode batch sizes, e.g. 1,8")
 @click.option("--decode-steps", default=16, show_default=True)
 @click.option("--time-cap", default=None, type=float, help="seconds per model; longer lengths are skipped")
-@click.option("--warmup", default=None, help="warm-up prefill length before timing (e.g. 32K)")
+@click.option("--warmup", default=None, help="warm-up prefill length before timing (default: the shortest length; 0: none)")
 @click.option("--output", "-o", default=None, help="results folder (default: MODEL/bench)")
 @click.option("--force", is_flag=True, help="replace an existing results folder")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None)
@@ -83,7 +83,7 @@ def bench_command(model, compare, shape, ratio, lengths, chunk_size, decode_batc
         run_bench_command, model, compare, shape=shape, ratio=ratio, lengths=_split(lengths, _length, "--lengths"),
         output=output, force=force, dtype=dtype, device=device, chunk_size=chunk_size,
         decode_batches=_split(decode_batches, int, "--decode-batch"), decode_steps=decode_steps, time_cap_s=time_cap,
-        warmup_length=_length(warmup) if warmup else None, plots=not no_plots, command=command,
+        warmup_length=(0 if warmup == "0" else _length(warmup)) if warmup else None, plots=not no_plots, command=command,
         log=lambda s: click.echo(s, err=True),
     )
     click.echo(bench_table(report))

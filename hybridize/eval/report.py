@@ -81,7 +81,10 @@ def write_eval_report(results: dict, folder: str | Path) -> dict[str, Path]:
     if retrieval:
         from .retrieval import plot_heatmap
 
-        paths["heatmap"] = plot_heatmap(retrieval, folder / RETRIEVAL_PNG)
+        try:
+            paths["heatmap"] = plot_heatmap(retrieval, folder / RETRIEVAL_PNG)
+        except ImportError:  # matplotlib missing: tables and JSON only
+            pass
     return paths
 
 

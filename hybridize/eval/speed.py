@@ -278,13 +278,16 @@ def bench_model(
     log: Callable[[str], None] | None = None,
     on_result: Callable[[str, LengthResult], None] | None = None,
 ) -> ModelBench:
-    """Benchmark one model over `lengths` (increasing). Stops growing at the first OOM."""
+    """Benchmark one model over `lengths` (increasing). Stops growing at the first OOM. A warm-up prefill of
+    `warmup_length` tokens (default: the shortest length; 0: none) runs first and is not recorded."""
     from .loading import model_kind
 
     device = next(model.parameters()).device
     use_chunked_sdpa(model)  # dense models: flash/efficient attention for chunks after a cache
     out = ModelBench(name, model_kind(model), sum(p.numel() for p in model.parameters()))
     vocab = model.config.vocab_size
+    if warmup_length is None:
+        warmup_length = min(lengths)  # first calls pay for kernel compilation and allocator growth
     if warmup_length:
         bench_length(model, min(warmup_length, max(lengths)), device=device, chunk_size=chunk_size,
                      decode_batches=[1], decode_steps=2, vocab=vocab)
