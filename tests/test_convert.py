@@ -234,14 +234,14 @@ def test_output_folder_contents_and_samples(tmp_path):
         assert (out / name).is_file(), name
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(out)
+    tokenizer = AutoTokenizer.from_pretrained(out, trust_remote_code=True)
     assert tokenizer.apply_chat_template([{"role": "user", "content": "w5 w6"}], tokenize=False) == "w5 w6 "
     hybrid = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
     assert hybrid.model.embed_tokens.weight.dtype == torch.bfloat16
     # the before/after sample: the source's greedy continuation is printed as the source computes it
     lines = {line.split(":", 1)[0]: line.split(":", 1)[1].strip() for line in result.output.splitlines() if ":" in line}
     ids = tokenizer("The capital of France is", return_tensors="pt")
-    expected = tokenizer.decode(model.generate(**ids, max_new_tokens=20, do_sample=False)[0], skip_special_tokens=True)
+    expected = tokenizer.decode(model.generate(**ids, max_new_tokens=16, do_sample=False)[0], skip_special_tokens=True)
     assert lines["source"] == repr(expected)
     assert "hybrid" in lines
 
@@ -262,14 +262,43 @@ def test_explicit_layers_and_select(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "out2", "src"]
 
 
+def test_select_method_comes_from_the_registry(tmp_path, monkeypatch):
+    """A method registered in hybridize.select.registry gets the source model with its real weights; its choice is
+    the layer map. (The test's method keeps the layers whose q_proj has the largest norm.)"""
+    from hybridize.select import registry
+
+    torch.manual_seed(3)
+    model = AutoModelForCausalLM.from_config(FAMILIES["llama"](layers=4)).eval()
+    source = save_source(model, tmp_path / "src", "single-file")
+    seen = {}
+
+    def largest_q(candidate, n_sparse, **kw):
+        seen["q0"] = candidate.model.layers[0].self_attn.q_proj.weight.detach().clone()
+        seen["kw"] = kw
+        norms = [layer.self_attn.q_proj.weight.norm().item() for layer in candidate.model.layers]
+        return sorted(sorted(range(len(norms)), key=lambda i: -norms[i])[:n_sparse])
+
+    monkeypatch.setitem(registry.SELECTORS, "largest-q", largest_q)
+    out = tmp_path / "out"
+    result = run_convert(source, "--output", out, "--ratio", "1:1", "--select", "largest-q")
+    assert result.exit_code == 0, result.output
+    torch.testing.assert_close(seen["q0"], model.model.layers[0].self_attn.q_proj.weight, rtol=0, atol=0)
+    assert seen["kw"].get("tokenizer") is None  # the source has no tokenizer
+    norms = [layer.self_attn.q_proj.weight.norm().item() for layer in model.model.layers]
+    expected = {i for i in range(4) if norms[i] >= sorted(norms)[2]}
+    layer_types = json.loads((out / "config.json").read_text())["layer_types"]
+    assert {i for i, t in enumerate(layer_types) if t == "full_attention"} == expected
+    assert json.loads((out / "config.json").read_text())["conversion"]["method"] == "largest-q"
+
+
 def test_gguf_default_model_converts(tmp_path):
-    """No SOURCE: the built-in SmolLM2-135M (GGUF) converts and prints a before/after sample."""
+    """No SOURCE: the built-in SmolLM2-135M (GGUF) converts. (The before/after sample is checked on a tiny model in
+    test_output_folder_contents_and_samples: on the default model it costs more than the conversion.)"""
     pytest.importorskip("gguf")
     out = tmp_path / "smol"
-    result = run_convert("--output", out)
+    result = run_convert("--output", out, "--no-sample")
     assert result.exit_code == 0, result.output
     assert "8 sparse of 30 layers" in result.output
-    assert "source:" in result.output and "hybrid:" in result.output
     config = json.loads((out / "config.json").read_text())
     assert config["layer_types"].count("full_attention") == 8 and config["tie_word_embeddings"] is True
     assert (out / "tokenizer.json").is_file()

@@ -20,7 +20,7 @@ from .. import __version__
 from ..arch.configuration_hybridize import HybridConfig
 from ..export import AUTO_MAP, OutputExistsError, atomic_folder, copy_architecture
 from ..select.placement import layer_types_from, num_sparse_layers, parse_ratio, uniform_layers
-from ..select.registry import get_selector, needs_weights
+from ..select.registry import SELECTORS, get_selector, needs_weights
 from .build import added_tensors, hybrid_config_from_source, map_tensor
 from .errors import WeightMismatchError
 from .families import Family, family_for
@@ -50,6 +50,8 @@ def resolve_method(select: str | None, layers: list[int] | None) -> str:
     """--select and --layers together: 'layers' for an explicit list, else a registered method (default uniform)."""
     if select is None:
         return "layers" if layers is not None else "uniform"
+    if select not in SELECTORS and select.replace("-", "_") in SELECTORS:
+        select = select.replace("-", "_")  # --select block-influence finds block_influence
     if select == "layers":
         if layers is None:
             raise ValueError("--select layers needs --layers (e.g. --layers 0,9,16)")
@@ -188,8 +190,11 @@ def convert(
     force: bool = False,
     max_shard_size: str | int = "2GB",
     progress: bool = True,
+    select_options: dict | None = None,
 ) -> ConvertResult:
-    """Convert `source` (None: the built-in SmolLM2-135M) into a hybrid model folder at `output`."""
+    """Convert `source` (None: the built-in SmolLM2-135M) into a hybrid model folder at `output`.
+    `select_options` go to the --select method (e.g. score_report=); a method that needs weights also gets the
+    source model and `tokenizer=` (the source's, or None)."""
     from tqdm.auto import tqdm
 
     output = Path(output)
@@ -206,14 +211,18 @@ def convert(
     ckpt = open_checkpoint(source, config)
     family = family_for(getattr(ckpt.config, "model_type", None), ckpt.config_file)
     family.check(ckpt.config)
+    ckpt.notes.extend(family.notes(ckpt.config))
     check_weights(ckpt)
 
     num_layers = ckpt.config.num_hidden_layers
-    selector_model = None
+    selector_model, options = None, dict(select_options or {})
     if method not in ("layers", "uniform"):
-        selector = get_selector(method)
-        selector_model = load_source_model(ckpt) if needs_weights(selector) else _ConfigOnly(ckpt.config)
-    sparse_layers = choose_sparse_layers(num_layers, ratio, layers, method, selector_model)
+        selector_model = _ConfigOnly(ckpt.config)
+        if needs_weights(get_selector(method)):
+            selector_model = load_source_model(ckpt)
+            options.setdefault("tokenizer", source_tokenizer(ckpt))
+            options.setdefault("progress", progress)
+    sparse_layers = choose_sparse_layers(num_layers, ratio, layers, method, selector_model, **options)
     del selector_model
     layer_types = layer_types_from(num_layers, sparse_layers)
     hconfig = hybrid_config_from_source(
@@ -308,6 +317,17 @@ def _write_tokenizer(folder: Path, ckpt: Checkpoint) -> bool:
 # ---------------------------------------------------------------------------------------------------------------------
 # The source as a transformers model (samples; selection methods that score layers)
 # ---------------------------------------------------------------------------------------------------------------------
+def source_tokenizer(ckpt: Checkpoint):
+    """The source's tokenizer, or None when it has none."""
+    if ckpt.tokenizer is not None:
+        return ckpt.tokenizer
+    if ckpt.folder is None or not any(p.name.startswith("tokenizer") for p in ckpt.tokenizer_files()):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(ckpt.folder)
+
+
 def load_source_model(ckpt: Checkpoint, dtype: torch.dtype = torch.float32):
     """The source as a transformers causal LM, read from the same stream as the conversion."""
     from .default_model import model_from_state

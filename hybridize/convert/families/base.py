@@ -15,6 +15,7 @@ class Family:
     - `hybrid_options(config)`: HybridConfig switches the family's attention needs (biases, q/k norms).
     - `to_llama(name, tensor, config)`: the family's tensor names -> Llama's names (fused tensors are split here).
     - `check(config)`: refuse configurations the hybrid cannot reproduce, with a one-line reason.
+    - `notes(config)`: what the conversion changes that a user should know (printed, not fatal).
     """
 
     model_type = "llama"
@@ -25,6 +26,15 @@ class Family:
 
     def to_llama(self, name: str, tensor: torch.Tensor, config) -> Iterator[tuple[str, torch.Tensor]]:
         yield name, tensor
+
+    def notes(self, config) -> list[str]:
+        rope = getattr(config, "rope_parameters", None) or {}
+        if rope.get("rope_type") == "longrope":
+            return [f"{self.label}: longrope is kept with its short factors at every length (the source switches to "
+                    "its long factors beyond original_max_position_embeddings)"]
+        if "sliding_attention" in (getattr(config, "layer_types", None) or []):
+            return [f"{self.label}: sliding-window layers are not kept as such: the hybrid's layers see the whole context"]
+        return []
 
     def check(self, config) -> None:
         factor = getattr(config, "partial_rotary_factor", None)

@@ -12,5 +12,10 @@ class MistralFamily(Family):
     model_type = "mistral"
     label = "Mistral"
 
+    def notes(self, config) -> list[str]:
+        window = getattr(config, "sliding_window", None)
+        dropped = [f"Mistral's sliding window ({window} tokens) is not kept: the hybrid's layers see the whole context"]
+        return super().notes(config) + (dropped if window else [])
+
 
 FAMILY = MistralFamily()

@@ -1,0 +1,161 @@
+"""Bad inputs to `hybridize convert`: each gives one `error: ...` line, exit code 2, and leaves no output behind."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import save_file
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+from hybridize.cli import main
+
+
+@pytest.fixture
+def tiny(tmp_path) -> Path:
+    """A tiny Llama as model.safetensors + config.json in tmp/src; returns the weights file."""
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2)
+    model = LlamaForCausalLM(config)
+    src = tmp_path / "src"
+    src.mkdir()
+    config.save_pretrained(src)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, src / "model.safetensors")
+    return src / "model.safetensors"
+
+
+def fails_cleanly(tmp_path: Path, *args, keep: tuple[str, ...] = ("src",), out: str = "out") -> str:
+    """Run convert; assert exit 2, a single error line, and no output (or temporary) folder. Returns the message."""
+    result = CliRunner().invoke(main, ["convert", *map(str, args), "--output", str(tmp_path / out), "--quiet"])
+    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert result.stdout == ""
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(keep)  # no output, no hidden temporary folder
+    return lines[0]
+
+
+def test_missing_path(tmp_path, tiny):
+    message = fails_cleanly(tmp_path, tmp_path / "nowhere" / "model.safetensors")
+    assert "does not exist" in message
+
+
+def test_hub_id_not_in_cache_is_an_offline_friendly_error(tmp_path, tiny, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "src" / "empty-cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    message = fails_cleanly(tmp_path, "some-org/some-model")
+    assert "not in" in message and "hf download some-org/some-model" in message
+
+
+def test_unknown_architecture_lists_supported_ones(tmp_path, tiny):
+    gpt2 = tmp_path / "src" / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50)).save_pretrained(gpt2)
+    message = fails_cleanly(tmp_path, gpt2)
+    assert "'gpt2'" in message
+    for family in ("llama", "mistral", "qwen2", "qwen3", "phi3"):
+        assert family in message
+
+
+@pytest.mark.parametrize("ratio", ["0:0", "a:b", "-1:3", "1:3:2"])
+def test_malformed_ratio(tmp_path, tiny, ratio):
+    message = fails_cleanly(tmp_path, tiny, f"--ratio={ratio}")
+    assert "--ratio" in message
+
+
+def test_layer_index_out_of_range(tmp_path, tiny):
+    message = fails_cleanly(tmp_path, tiny, "--layers", "0,4")
+    assert "4" in message and "0..3" in message
+
+
+def test_missing_tensor(tmp_path, tiny):
+    from safetensors.torch import load_file
+
+    state = load_file(tiny)
+    del state["model.layers.2.mlp.up_proj.weight"]
+    save_file(state, tiny)
+    message = fails_cleanly(tmp_path, tiny)
+    assert "model.layers.2.mlp.up_proj.weight" in message
+
+
+def test_wrong_shaped_tensor(tmp_path, tiny):
+    config = json.loads((tiny.parent / "config.json").read_text())
+    config["intermediate_size"] = 80
+    (tiny.parent / "config.json").write_text(json.dumps(config))
+    message = fails_cleanly(tmp_path, tiny)
+    assert "mlp" in message and "[96, 64]" in message and "[80, 64]" in message
+
+
+def test_extra_layers_in_weights(tmp_path, tiny):
+    config = json.loads((tiny.parent / "config.json").read_text())
+    config["num_hidden_layers"] = 3
+    (tiny.parent / "config.json").write_text(json.dumps(config))
+    assert "model.layers.3." in fails_cleanly(tmp_path, tiny)
+
+
+def test_truncated_safetensors(tmp_path, tiny):
+    data = tiny.read_bytes()
+    tiny.write_bytes(data[: len(data) - 1000])
+    assert "truncated" in fails_cleanly(tmp_path, tiny)
+
+
+def test_truncated_shard_of_a_folder(tmp_path, tiny):
+    folder = tmp_path / "src" / "sharded"
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(tiny.parent).save_pretrained(folder, max_shard_size="100KB")
+    shard = sorted(folder.glob("model-*.safetensors"))[1]
+    shard.write_bytes(shard.read_bytes()[:100])
+    message = fails_cleanly(tmp_path, folder)
+    assert shard.name in message
+
+
+def test_existing_output_without_force(tmp_path, tiny):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    message = fails_cleanly(tmp_path, tiny, keep=("src", "out"))
+    assert "--force" in message
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def test_pickle_needing_arbitrary_code_is_refused(tmp_path, tiny):
+    from safetensors.torch import load_file
+
+    ckpt = tiny.parent / "model.ckpt"
+    torch.save({"state_dict": load_file(tiny), "args": argparse.Namespace(lr=0.1)}, ckpt)
+    message = fails_cleanly(tmp_path, ckpt)
+    assert "refusing" in message and "Namespace" in message
+
+
+def test_state_dict_without_config(tmp_path, tiny):
+    (tiny.parent / "config.json").unlink()
+    assert "--config" in fails_cleanly(tmp_path, tiny)
+
+
+def test_unknown_select_method(tmp_path, tiny):
+    message = fails_cleanly(tmp_path, tiny, "--select", "nonsense")
+    assert "uniform" in message
+
+
+def test_failure_while_writing_leaves_nothing(tmp_path, tiny, monkeypatch):
+    """A failure after writing has started (here: the disk 'fills up' on the third tensor) removes the partial
+    output."""
+    from hybridize.convert import safetensors_io
+
+    real_write = safetensors_io.ShardedSafetensorsWriter.write
+    calls = {"n": 0}
+
+    def failing_write(self, name, tensor):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise OSError(28, "No space left on device")
+        return real_write(self, name, tensor)
+
+    monkeypatch.setattr(safetensors_io.ShardedSafetensorsWriter, "write", failing_write)
+    message = fails_cleanly(tmp_path, tiny)
+    assert "No space left" in message
