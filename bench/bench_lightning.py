@@ -158,6 +158,8 @@ def sweep(seconds: float, T_fwd: int = 65536, T_bwd: int = 16384):
         if time.time() - t0 > seconds * 0.55:
             break
         for target in TARGETS:
+            if time.time() - t0 > seconds * 0.55:
+                break
             cfg = LT.ScanConfig(block_c=bc, num_warps=nw, num_stages=ns, state_lowp=lowp, target_programs=target)
             try:
                 with torch.no_grad():

@@ -18,7 +18,14 @@ The same kernel walked backwards in time (REVERSE) gives the adjoint recurrence,
     dk = scan(a=v,  b=dO, c=q,  X0 = dS_T^T)          reverse in time, scale_state = scale
 
 where dS_T is the gradient arriving at the final state (zero when unused). All decays are exp(log_decay * distance)
-in float32; states and accumulation are float32; the intra-chunk products run on the tensor cores in the input dtype.
+in float32; states and accumulation are float32; the intra-chunk products run on the tensor cores in the input dtype
+(with `ScanConfig.state_lowp`, bf16 inputs also multiply a bf16 copy of the state: measured rel. error ~3e-3).
+
+Parallelism: at B*H = 32 one program per head walks 1024 chunks at 64K tokens one after another and is latency-bound.
+So long sequences are cut into segments: a first pass (STATE_ONLY) sums each segment's b^T c into a state U_s (k and v
+are read twice: 6 tensor passes instead of the 4 of the floor), then every segment runs in parallel from the state
+g^(...) X0 + sum of the U of the segments before it. The forward's U (k^T v), transposed, serves the dq scan; dv's U
+(q^T dO), transposed, serves dk. Packed documents (cu_seqlens) keep one program per document (no segments).
 
 `cu_seqlens` packs documents along T (B must be 1): a program then owns one document, and the state restarts there.
 The decode kernel reads each (batch, head) state tile once, applies one or a few tokens and writes it once.
@@ -52,21 +59,23 @@ __all__ = [
 @dataclass(frozen=True)
 class ScanConfig:
     """Launch parameters of the chunk scan. `block_c`: width of the column tile one program owns (more tiles, more
-    programs); `state_lowp`: multiply the carried state in the input dtype (a bf16 rounding of the state) instead of
-    tf32; `target_programs`: split each sequence into segments until about this many programs run (a first pass then
+    programs); `state_lowp`: with bf16 inputs, multiply a bf16 copy of the carried state (faster) instead of the
+    float32 state in tf32; `target_programs`: split each sequence into segments until about this many programs run (a first pass then
     sums each segment's keys and values into a state, and every segment starts from the sum of those before it);
     `min_segment_chunks`: never cut segments shorter than this many chunks."""
 
-    block_c: int = 32
-    num_warps: int = 4
+    block_c: int = 64
+    num_warps: int = 8
     num_stages: int = 3
-    state_lowp: bool = False
+    state_lowp: bool = True
     target_programs: int = 1024
     min_segment_chunks: int = 4
 
 
-DEFAULT_CONFIG = ScanConfig()
-DEFAULT_BWD_CONFIG = ScanConfig()
+# The fastest of a sweep on one H100 (bench/bench_lightning.py --sweep, bf16, 32 heads, d = 128; bench/RESULTS.md):
+# forward at 64K tokens, and the three backward scans at 16K behind that forward.
+DEFAULT_CONFIG = ScanConfig(block_c=128, num_warps=8, num_stages=3, state_lowp=True, target_programs=512)
+DEFAULT_BWD_CONFIG = ScanConfig(block_c=64, num_warps=8, num_stages=3, state_lowp=True, target_programs=1024)
 
 if HAS_TRITON:
 
@@ -261,6 +270,15 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+def _block_c(config: ScanConfig, da: int, dc: int) -> int:
+    """Column tile: as asked, but no wider than the columns and small enough that the state tile (at most 128 x 128
+    float32) stays in registers for large head dims."""
+    bc = min(_pow2(config.block_c), _pow2(dc))
+    while _pow2(da) * bc > 128 * 128 and bc > 16:
+        bc //= 2
+    return bc
+
+
 def _segments(T: int, chunk: int, programs_per_segment: int, config: ScanConfig, varlen: bool) -> tuple[int, int]:
     """(number of segments, chunks per segment) along T. Packed documents keep one segment each."""
     nchunks = max(1, -(-T // chunk))
@@ -288,7 +306,7 @@ def _launch(a, b, c, log_decay, *, out, init, init_transposed, final, u, u_trans
         un, uh, us, ur, uc = u.stride()
         u_strides = (un, uh, us, uc, ur) if u_transposed else (un, uh, us, ur, uc)
     BA = _pow2(DA)
-    BC = min(_pow2(config.block_c), _pow2(DC))
+    BC = _block_c(config, DA, DC)
     grid = (N * H, triton.cdiv(DC, BC), grid_segs)
     _scan_chunks_kernel[grid](
         a, b, c, dummy if out is None else out, dummy if init is None else init, dummy if final is None else final,
@@ -299,7 +317,9 @@ def _launch(a, b, c, log_decay, *, out, init, init_transposed, final, u, u_trans
         float(scale_out), float(scale_state),
         CH=chunk, BA=BA, BC=BC,
         HAS_INIT=init is not None and not state_only, STORE_FINAL=final is not None,
-        VARLEN=cu_seqlens is not None, REVERSE=reverse, STATE_LOWP=config.state_lowp, STATE_ONLY=state_only,
+        VARLEN=cu_seqlens is not None, REVERSE=reverse, STATE_ONLY=state_only,
+        # a bf16 copy of the state keeps bf16's range; fp16 could overflow on long, slowly decaying sequences
+        STATE_LOWP=config.state_lowp and c.dtype == torch.bfloat16,
         USE_U=u is not None and not state_only and nseg > 1,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
@@ -343,7 +363,7 @@ class _LightningChunked(torch.autograd.Function):
         q, k, v = _rows(q), _rows(k), _rows(v)
         B, H, T, _ = q.shape
         N = B if cu_seqlens is None else cu_seqlens.numel() - 1
-        BC = min(_pow2(config.block_c), _pow2(v.shape[-1]))
+        BC = _block_c(config, q.shape[-1], v.shape[-1])
         nseg, segc = _segments(T, chunk, N * H * triton.cdiv(v.shape[-1], BC), config, cu_seqlens is not None)
         o, final, u = _scan(q, k, v, log_decay, init=initial_state, init_transposed=False, reverse=False,
                             scale_out=scale, scale_state=1.0, store_final=output_final_state, cu_seqlens=cu_seqlens,
