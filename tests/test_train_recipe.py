@@ -150,3 +150,12 @@ def test_teacher_generated_source(tmp_path):
     # cached: the second build needs no teacher
     assert np.array_equal(build_corpus(spec, tok, seed=0, teacher=None, teacher_key="tiny").train[0].ids,
                           corpus.train[0].ids)
+
+
+@pytest.mark.parametrize("name", ["sala.yaml", "demo.yaml", "smollm2-gpu.yaml"])
+def test_shipped_recipes_validate(name):
+    from pathlib import Path
+
+    recipe = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / name)
+    assert recipe.stages and all(plan_stage(s, 1).steps > 0 for s in recipe.stages)
+    assert recipe.needs_teacher()

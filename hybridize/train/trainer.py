@@ -192,10 +192,11 @@ def _fresh_student(config, checkpoint: Path):
     return model.float().train()
 
 
-def train(recipe: Recipe, *, resume: bool = False, accelerator=None, on_step=None) -> TrainResult:
+def train(recipe: Recipe, *, resume: bool = False, accelerator=None, on_step=None, models=None) -> TrainResult:
     """Run every stage of `recipe`; returns the history and where the final model was written.
 
     `on_step(global_step, record)` is called on every process after each optimizer step (tests use it).
+    `models`: (student, teacher or None, tokenizer, description) already loaded, instead of `load_models(recipe)`.
     """
     output = Path(recipe.output.dir)
     if not resume and list_checkpoints(output):
@@ -211,7 +212,9 @@ def train(recipe: Recipe, *, resume: bool = False, accelerator=None, on_step=Non
                          "or with DDP (accelerate launch without an FSDP config)")
 
     need_teacher = recipe.needs_teacher()
-    student, teacher, tokenizer, description = load_models(recipe, need_teacher)
+    student, teacher, tokenizer, description = models if models is not None else load_models(recipe, need_teacher)
+    if need_teacher and teacher is None:
+        raise ValueError("the recipe's stages need a teacher but none was given")
     default_dense_len = student.config.sparse_dense_len
     if teacher is not None:
         teacher = acc.prepare_model(teacher, evaluation_mode=True) if recipe.teacher.shard else teacher.to(acc.device)

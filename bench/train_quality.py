@@ -1,0 +1,376 @@
+"""Training benchmarks for `hybridize train` (issue 8), one GPU.
+
+    python bench/train_quality.py throughput --out OUT
+        Training throughput (tokens/s, fwd + bwd + AdamW, bf16 autocast) of a SmolLM2-135M-shaped dense Llama (random
+        weights, SDPA) and its 1:3 hybrid, at 2K and 8K tokens per sequence, 16K tokens per step.
+
+    python bench/train_quality.py quality --source SmolLM2.gguf --texts DIR --recipe recipes/smollm2-gpu.yaml \
+        --train-seconds 480 --out OUT
+        Held-out perplexity of the original model, then `train(recipe)` with step counts calibrated to fill
+        --train-seconds, then the same perplexity script on the exported hybrid folder (loaded with
+        trust_remote_code, as a user would). Held-out text: the recipe's `heldout: true` sources (plays that no stage
+        trains on).
+
+    python bench/train_quality.py pack --out FILE.npz      (here: SmolLM2 weights at 3 bits, to fit a 64 MiB transfer)
+    python bench/train_quality.py unpack FILE.npz --out DIR (there: a Hugging Face folder of the re-quantised model)
+
+Each prints a short table last and writes JSON beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Throughput
+# ---------------------------------------------------------------------------------------------------------------------
+def smollm2_config():
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                       num_attention_heads=9, num_key_value_heads=3, head_dim=64, max_position_embeddings=8192,
+                       rope_theta=100000.0, tie_word_embeddings=True, rms_norm_eps=1e-5)
+
+
+def time_training(model, seq_len: int, tokens_per_step: int, steps: int = 6, warmup: int = 2) -> dict:
+    device = "cuda"
+    model = model.to(device).float().train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    B = tokens_per_step // seq_len
+    ids = torch.randint(0, model.config.vocab_size, (B, seq_len), device=device)
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for i in range(warmup + steps):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model(input_ids=ids, use_cache=False)
+        loss = torch.nn.functional.cross_entropy(out.logits[:, :-1].float().reshape(-1, out.logits.shape[-1]),
+                                                 ids[:, 1:].reshape(-1))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - t)
+    med = float(np.median(times))
+    return {"seq_len": seq_len, "tokens_per_step": B * seq_len, "step_s": med, "tokens_per_s": B * seq_len / med,
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+
+
+def cmd_throughput(args) -> int:
+    from transformers import LlamaForCausalLM
+
+    from hybridize.convert.build import build_hybrid
+    from hybridize.select.placement import layer_types_from, uniform_layers
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    cfg = smollm2_config()
+    cfg._attn_implementation = "sdpa"
+    rows = []
+    for length in args.lengths:
+        dense = LlamaForCausalLM(cfg)
+        hybrid = build_hybrid(dense, layer_types_from(30, uniform_layers(30, 8)))
+        for p in hybrid.parameters():
+            p.data = p.data.clone()
+        for name, model in (("dense", dense), ("hybrid 1:3", hybrid)):
+            try:
+                r = time_training(model, length, args.tokens_per_step)
+            except torch.OutOfMemoryError:
+                r = {"seq_len": length, "error": "out of memory"}
+            r["model"] = name
+            rows.append(r)
+            print(json.dumps(r), flush=True)
+            model.to("cpu")
+            torch.cuda.empty_cache()
+    from hybridize.arch import ops
+
+    info = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows,
+            "ops": {k: str(v) for k, v in vars(ops).items() if k.startswith("_") and k.isupper() is False
+                    and isinstance(v, (bool, int, str))}}
+    (out / "throughput.json").write_text(json.dumps(info, indent=1))
+    print(f"\n| model | seq len | tokens/step | step ms | tokens/s | peak GiB |  ({info['device']})")
+    for r in rows:
+        if "error" in r:
+            print(f"| {r['model']} | {r['seq_len']} | - | - | {r['error']} | - |")
+        else:
+            print(f"| {r['model']} | {r['seq_len']} | {r['tokens_per_step']} | {1000 * r['step_s']:.1f} | "
+                  f"{r['tokens_per_s']:,.0f} | {r['peak_gib']:.1f} |")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Held-out perplexity: one function for both models
+# ---------------------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def heldout_perplexity(model, docs, seq_len: int = 2048, batch: int = 8, device: str = "cuda") -> dict:
+    """Next-token perplexity over documents (token id arrays), each cut into non-overlapping windows of `seq_len`
+    that start fresh (no context carried across windows); every model sees exactly the same windows."""
+    model.eval()
+    windows = []
+    for d in docs:
+        for a in range(0, len(d) - 1, seq_len):
+            w = d[a : a + seq_len]
+            if len(w) > 1:
+                windows.append(np.asarray(w, dtype=np.int64))
+    total, count = 0.0, 0
+    full = [w for w in windows if len(w) == seq_len]
+    rest = [w for w in windows if len(w) != seq_len]
+    groups = [full[i : i + batch] for i in range(0, len(full), batch)] + [[w] for w in rest]
+    for g in groups:
+        ids = torch.from_numpy(np.stack(g)).to(device)
+        logits = model(input_ids=ids, use_cache=False).logits.float()
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
+                                                 reduction="sum")
+        total += float(loss)
+        count += ids[:, 1:].numel()
+    return {"loss": total / count, "ppl": math.exp(total / count), "tokens": count, "windows": len(windows)}
+
+
+def heldout_docs(recipe, tokenizer) -> list[np.ndarray]:
+    from hybridize.train.data import cached_tokens
+
+    docs = []
+    for src in recipe.data.sources:
+        if src.heldout:
+            tok = cached_tokens(src, tokenizer, recipe.data.cache_dir, append_eos=False)
+            docs += [tok.ids[tok.offsets[i] : tok.offsets[i + 1]] for i in range(tok.num_docs)]
+    if not docs:
+        raise SystemExit("the recipe has no `heldout: true` source to measure perplexity on")
+    return docs
+
+
+def _sync(device):
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def calibrate(recipe, student, teacher, seconds: float, split: list[float], device: str = "cuda") -> list[int]:
+    """Steps per stage so that stage i takes about split[i] * seconds (one timed step per stage shape)."""
+    from hybridize.train.data import make_batch
+    from hybridize.train.recipe import plan_stage
+    from hybridize.train.trainer import loss_parts, part_counts, weighted
+
+    model = copy.deepcopy(student).to(device).train()
+    steps = []
+    for k, stage in enumerate(recipe.stages):
+        plan = plan_stage(stage, 1)
+        L = model.config.num_hidden_layers
+        ids = np.random.default_rng(0).integers(0, min(1000, model.config.vocab_size), stage.seq_len).astype(np.int32)
+        batch = make_batch([(ids, np.array([0]))] * plan.micro_batch, device)
+        times = []
+        for i in range(3):
+            _sync(device)
+            t = time.perf_counter()
+            with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=recipe.precision == "bf16"):
+                parts = loss_parts(model, teacher, batch, stage.loss, list(range(L)))
+                loss = weighted(parts, part_counts(batch, stage.loss), stage.loss)
+            loss.backward()
+            _sync(device)
+            times.append(time.perf_counter() - t)
+        model.zero_grad(set_to_none=True)
+        step_s = min(times[1:]) * plan.accumulation * 1.08  # + optimizer step and logging
+        steps.append(max(1, int(split[k] * seconds / step_s)))
+        print(f"calibration: stage {stage.name}: {step_s:.3f} s/step -> {steps[-1]} steps", flush=True)
+    del model
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return steps
+
+
+def cmd_quality(args) -> int:
+    from transformers import AutoModelForCausalLM
+
+    from hybridize.train.models import load_models
+    from hybridize.train.recipe import load_recipe
+    from hybridize.train.trainer import train
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    sets = [f"model.source={args.source}", f"output.dir={args.run_dir}", "logging.progress=false"] + list(args.set)
+    if args.texts:
+        sets += [f"data.sources[{i}].path={args.texts}" for i in range(args.num_sources)]
+    recipe = load_recipe(args.recipe, sets)
+    t0 = time.perf_counter()
+    student, teacher, tok, desc = load_models(recipe, need_teacher=True)
+    dev = args.device
+    teacher = teacher.to(dev)
+    docs = heldout_docs(recipe, tok)
+    teacher_fp32 = copy.deepcopy(teacher).float()
+    base = heldout_perplexity(teacher_fp32, docs, args.eval_len, device=dev)
+    del teacher_fp32
+    print(f"original model held-out: {base}", flush=True)
+    split = [float(x) for x in args.split.split(",")]
+    steps = calibrate(recipe, student, teacher, args.train_seconds, split, dev)
+    for st, n in zip(recipe.stages, steps):
+        st.steps, st.tokens = n, None
+    t_train = time.perf_counter()
+    result = train(recipe, models=(student, teacher, tok, desc))
+    train_s = time.perf_counter() - t_train
+    hybrid = AutoModelForCausalLM.from_pretrained(result.model_dir, trust_remote_code=True, dtype=torch.float32).to(dev)
+    after = heldout_perplexity(hybrid, docs, args.eval_len, device=dev)
+    print(f"trained hybrid held-out: {after}", flush=True)
+    history = result.history
+    per_stage = {}
+    for st in recipe.stages:
+        rows = [h for h in history if h["stage"] == st.name]
+        per_stage[st.name] = {"steps": len(rows), "tokens": len(rows) * st.global_batch_tokens, "seq_len": st.seq_len,
+                              "tokens_per_s_median": float(np.median([h["tokens_per_s"] for h in rows[1:]] or [0])),
+                              "first_loss": rows[0]["loss"], "last_loss": rows[-1]["loss"]}
+    report = {"device": torch.cuda.get_device_name() if dev.startswith("cuda") else "cpu", "source": desc, "original": base, "hybrid": after,
+              "ratio": after["ppl"] / base["ppl"], "train_seconds": train_s, "total_seconds": time.perf_counter() - t0,
+              "tokens": result.tokens, "stages": per_stage, "eval_len": args.eval_len}
+    (out / "quality.json").write_text(json.dumps(report, indent=1))
+    (out / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
+    print(f"\n| model | held-out ppl | loss | tokens |  ({report['device']}, {args.eval_len}-token windows)")
+    print(f"| original | {base['ppl']:.3f} | {base['loss']:.4f} | {base['tokens']} |")
+    print(f"| trained hybrid 1:3 | {after['ppl']:.3f} | {after['loss']:.4f} | {after['tokens']} |")
+    print(f"ratio {report['ratio']:.3f}; trained {result.tokens:,} tokens in {train_s:.0f} s; stages {per_stage}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 3-bit transport of SmolLM2 (the device accepts 64 MiB per call; the GGUF is 98 MB)
+# ---------------------------------------------------------------------------------------------------------------------
+def _quant3(w: np.ndarray, group: int = 128):
+    flat = w.astype(np.float32).reshape(-1)
+    pad = (-len(flat)) % group
+    flat = np.concatenate([flat, np.zeros(pad, np.float32)]).reshape(-1, group)
+    lo, hi = flat.min(1, keepdims=True), flat.max(1, keepdims=True)
+    scale = np.maximum(hi - lo, 1e-8) / 7.0
+    q = np.clip(np.rint((flat - lo) / scale), 0, 7).astype(np.uint8).reshape(-1)
+    bits = np.packbits(((q[:, None] >> np.arange(3, dtype=np.uint8)) & 1).astype(np.uint8).reshape(-1))
+    return bits, lo.astype(np.float16).reshape(-1), scale.astype(np.float16).reshape(-1)
+
+
+def _dequant3(bits, lo, scale, shape, group: int = 128) -> np.ndarray:
+    n = int(np.prod(shape))
+    total = n + (-n) % group
+    planes = np.unpackbits(bits)[: total * 3].reshape(-1, 3)
+    q = (planes * np.array([1, 2, 4], np.uint8)).sum(1).astype(np.float32).reshape(-1, group)
+    w = q * scale.astype(np.float32)[:, None] + lo.astype(np.float32)[:, None]
+    return w.reshape(-1)[:n].reshape(shape)
+
+
+def cmd_pack(args) -> int:
+    from hybridize.convert.default_model import load_default_model
+
+    model, tok = load_default_model()
+    arrays = {"config": np.frombuffer(json.dumps(model.config.to_dict()).encode(), np.uint8)}
+    tdir = Path(args.out).with_suffix(".tok")
+    tok.save_pretrained(tdir)
+    arrays["tokenizer"] = np.frombuffer((tdir / "tokenizer.json").read_bytes(), np.uint8)
+    arrays["tokenizer_config"] = np.frombuffer((tdir / "tokenizer_config.json").read_bytes(), np.uint8)
+    for name, t in model.state_dict().items():
+        if name == "lm_head.weight" and model.config.tie_word_embeddings:
+            continue
+        w = t.float().numpy()
+        if w.ndim == 2:
+            b, lo, sc = _quant3(w)
+            arrays[f"q3:{name}:bits"], arrays[f"q3:{name}:lo"], arrays[f"q3:{name}:scale"] = b, lo, sc
+            arrays[f"q3:{name}:shape"] = np.array(w.shape)
+        else:
+            arrays[f"f32:{name}"] = w
+    np.savez_compressed(args.out, **arrays)
+    print(f"wrote {args.out} ({Path(args.out).stat().st_size / 2**20:.1f} MiB)")
+    return 0
+
+
+def cmd_unpack(args) -> int:
+    from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    f = np.load(args.file)
+    cfg = json.loads(bytes(f["config"]).decode())
+    model_type = cfg.pop("model_type")
+    config = AutoConfig.for_model(model_type, **{k: v for k, v in cfg.items() if k not in ("_name_or_path",)})
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    state = {}
+    for key in f.files:
+        if key.startswith("f32:"):
+            state[key[4:]] = torch.from_numpy(f[key])
+        elif key.startswith("q3:") and key.endswith(":bits"):
+            name = key[3:-5]
+            shape = tuple(int(x) for x in f[f"q3:{name}:shape"])
+            state[name] = torch.from_numpy(_dequant3(f[key], f[f"q3:{name}:lo"], f[f"q3:{name}:scale"], shape))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert not unexpected and all(m == "lm_head.weight" for m in missing), (missing, unexpected)
+    model.tie_weights()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    (out / "tokenizer.json").write_bytes(bytes(f["tokenizer"]))
+    (out / "tokenizer_config.json").write_bytes(bytes(f["tokenizer_config"]))
+    PreTrainedTokenizerFast.from_pretrained(out)  # loads
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_smoke(args) -> int:
+    """The training loop end to end on the device with a tiny model (bf16 autocast, packed batches, both stages)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    import test_train_support as S
+
+    from hybridize.train.recipe import recipe_from_dict
+    from hybridize.train.trainer import train
+
+    root = Path(args.work)
+    docs = root / "docs"
+    docs.mkdir(parents=True, exist_ok=True)
+    for i, f in enumerate(sorted(Path(args.texts).glob("*.txt"))[:6]):
+        text = f.read_text(encoding="latin-1")
+        (docs / f"doc{i}.txt").write_text(text[len(text) // 3 : len(text) // 3 + 4000])
+    src = S.make_tiny_source(root / "src", docs)
+    recipe = S.tiny_recipe(src, docs, root / "out", root / "cache", precision=args.precision)
+    t = time.perf_counter()
+    result = train(recipe_from_dict(recipe))
+    print(f"smoke: {len(result.history)} steps in {time.perf_counter() - t:.1f} s, losses "
+          f"{[round(h['loss'], 4) for h in result.history]}, exported {result.model_dir}")
+    return 0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("throughput")
+    t.add_argument("--out", default="bench-out")
+    t.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192])
+    t.add_argument("--tokens-per-step", type=int, default=16384)
+    q = sub.add_parser("quality")
+    q.add_argument("--source", required=True)
+    q.add_argument("--recipe", default="recipes/smollm2-gpu.yaml")
+    q.add_argument("--texts", default=None, help="folder of the Shakespeare texts (overrides the recipe's paths)")
+    q.add_argument("--num-sources", type=int, default=2)
+    q.add_argument("--train-seconds", type=float, default=480)
+    q.add_argument("--split", default="0.25,0.75", help="share of the training time per stage")
+    q.add_argument("--eval-len", type=int, default=2048)
+    q.add_argument("--run-dir", default="/tmp/hybridize-quality-run")
+    q.add_argument("--set", action="append", default=[])
+    q.add_argument("--device", default="cuda")
+    q.add_argument("--out", default="bench-out")
+    sm = sub.add_parser("smoke")
+    sm.add_argument("--texts", required=True)
+    sm.add_argument("--work", default="/tmp/hybridize-smoke")
+    sm.add_argument("--precision", default="bf16")
+    p = sub.add_parser("pack")
+    p.add_argument("--out", required=True)
+    u = sub.add_parser("unpack")
+    u.add_argument("file")
+    u.add_argument("--out", required=True)
+    args = ap.parse_args()
+    return {"throughput": cmd_throughput, "quality": cmd_quality, "smoke": cmd_smoke, "pack": cmd_pack, "unpack": cmd_unpack}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
