@@ -337,7 +337,42 @@ def cmd_smoke(args) -> int:
     result = train(recipe_from_dict(recipe))
     print(f"smoke: {len(result.history)} steps in {time.perf_counter() - t:.1f} s, losses "
           f"{[round(h['loss'], 4) for h in result.history]}, exported {result.model_dir}")
+    if torch.cuda.is_available():
+        packed_check()
     return 0
+
+
+def packed_check() -> None:
+    """SmolLM2-shaped random hybrid on the GPU (the kernels' path): packed documents vs each document alone."""
+    from transformers import LlamaForCausalLM
+
+    from hybridize.convert.build import build_hybrid
+    from hybridize.select.placement import layer_types_from, uniform_layers
+    from hybridize.train.data import make_batch
+    from hybridize.train.losses import IGNORE, cross_entropy_sum
+
+    torch.manual_seed(0)
+    dense = LlamaForCausalLM(smollm2_config())
+    hybrid = build_hybrid(dense, layer_types_from(30, uniform_layers(30, 8))).cuda().float()
+    rng = np.random.default_rng(0)
+    seqs = [(rng.integers(0, 49152, 2048).astype(np.int32), np.array([0, 700, 1500])),
+            (rng.integers(0, 49152, 2048).astype(np.int32), np.array([0, 1030]))]
+    batch = make_batch(seqs, "cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = hybrid(input_ids=batch["input_ids"], position_ids=batch["position_ids"], cu_seqlens=batch["cu_seqlens"],
+                     use_cache=False)
+        packed, n = cross_entropy_sum(out.logits, batch["targets"])
+        sep, m = 0.0, 0
+        for tokens, starts in seqs:
+            b = list(starts) + [len(tokens)]
+            for a, e in zip(b[:-1], b[1:]):
+                ids = torch.from_numpy(tokens[a:e].astype(np.int64))[None].cuda()
+                o = hybrid(input_ids=ids, use_cache=False)
+                tg = torch.cat([ids[:, 1:], torch.full((1, 1), IGNORE, device="cuda")], 1)
+                s_, c_ = cross_entropy_sum(o.logits, tg)
+                sep, m = sep + float(s_), m + int(c_)
+    print(f"packed check (cuda, bf16 autocast): packed {float(packed) / int(n):.5f} vs separate {sep / m:.5f} "
+          f"({int(n)} vs {m} tokens)", flush=True)
 
 
 def main() -> int:
