@@ -28,7 +28,9 @@ Selection modes (option `selection`):
   query. The attention given a selection is still exact; only the choice of blocks differs from the reference.
 
 Decode is the same code with Tq = 1 (selection from the cached compressed keys, then attention over the selected
-blocks); batch B >= 1 shares q_pos, like the reference. This file imports only torch and triton (triton inside try).
+blocks); batch B >= 1 shares q_pos, like the reference. Not implemented: packed varlen sequences (cu_seqlens) - the
+model calls this once per document. Speed and its limits: bench/RESULTS.md, "Sparse kernels".
+This file imports only torch and triton (triton inside try).
 """
 
 from __future__ import annotations
