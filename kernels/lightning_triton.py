@@ -76,6 +76,9 @@ class ScanConfig:
 # forward at 64K tokens, and the three backward scans at 16K behind that forward.
 DEFAULT_CONFIG = ScanConfig(block_c=128, num_warps=8, num_stages=3, state_lowp=True, target_programs=512)
 DEFAULT_BWD_CONFIG = ScanConfig(block_c=64, num_warps=8, num_stages=3, state_lowp=True, target_programs=1024)
+# fp16 / fp32 inputs: the configuration the GPU tests passed with (a 128 x 128 fp32 tile with 3 pipeline stages would
+# not fit in shared memory; these were not part of the sweep).
+OTHER_DTYPE_CONFIG = ScanConfig(block_c=32, num_warps=4, num_stages=3, state_lowp=False, target_programs=1024)
 
 if HAS_TRITON:
 
@@ -444,8 +447,11 @@ def lightning_attn_chunked_triton(
         cu_seqlens = cu_seqlens.to(device=q.device, dtype=torch.int32).contiguous()
     if initial_state is not None:
         initial_state = initial_state.float()
+    bf16 = q.dtype == torch.bfloat16
+    config = config or (DEFAULT_CONFIG if bf16 else OTHER_DTYPE_CONFIG)
+    bwd_config = bwd_config or (DEFAULT_BWD_CONFIG if bf16 else OTHER_DTYPE_CONFIG)
     res = _LightningChunked.apply(q, k, v, log_decay, initial_state, scale, bool(output_final_state), cu_seqlens,
-                                  chunk_size, config or DEFAULT_CONFIG, bwd_config or DEFAULT_BWD_CONFIG)
+                                  chunk_size, config, bwd_config)
     if output_final_state:
         return res
     return res, None
