@@ -375,6 +375,26 @@ def packed_check() -> None:
           f"({int(n)} vs {m} tokens)", flush=True)
 
 
+def cmd_compare(args) -> int:
+    """Loss curves of two runs of the same recipe (e.g. 1 GPU vs FSDP on 2 GPUs), step by step."""
+    runs = [[json.loads(x) for x in Path(f).read_text().splitlines()] for f in (args.a, args.b)]
+    print(f"| step | stage | loss A | loss B | B - A |   (A: {args.a}, B: {args.b})")
+    diffs, rel = [], []
+    for x, y in zip(*runs):
+        d = y["loss"] - x["loss"]
+        diffs.append(abs(d))
+        rel.append(abs(d) / max(abs(x["loss"]), 1e-12))
+        print(f"| {x['global_step']} | {x['stage']} | {x['loss']:.5f} | {y['loss']:.5f} | {d:+.2e} |")
+    for st in dict.fromkeys(x["stage"] for x in runs[0]):
+        a = [x["loss"] for x in runs[0] if x["stage"] == st]
+        noise = float(np.median(np.abs(np.diff(a)))) if len(a) > 2 else float("nan")
+        print(f"stage {st}: median step-to-step change of A {noise:.3e}")
+    print(f"steps {len(diffs)}; max |B - A| {max(diffs):.3e}; max relative {max(rel):.3e}; "
+          f"held-out A {[x.get('heldout_loss') for x in runs[0] if 'heldout_loss' in x]} "
+          f"B {[x.get('heldout_loss') for x in runs[1] if 'heldout_loss' in x]}")
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -398,13 +418,16 @@ def main() -> int:
     sm.add_argument("--texts", required=True)
     sm.add_argument("--work", default="/tmp/hybridize-smoke")
     sm.add_argument("--precision", default="bf16")
+    c = sub.add_parser("compare")
+    c.add_argument("a")
+    c.add_argument("b")
     p = sub.add_parser("pack")
     p.add_argument("--out", required=True)
     u = sub.add_parser("unpack")
     u.add_argument("file")
     u.add_argument("--out", required=True)
     args = ap.parse_args()
-    return {"throughput": cmd_throughput, "quality": cmd_quality, "smoke": cmd_smoke, "pack": cmd_pack, "unpack": cmd_unpack}[args.cmd](args)
+    return {"throughput": cmd_throughput, "quality": cmd_quality, "smoke": cmd_smoke, "compare": cmd_compare, "pack": cmd_pack, "unpack": cmd_unpack}[args.cmd](args)
 
 
 if __name__ == "__main__":
