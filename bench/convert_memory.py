@@ -16,7 +16,6 @@ import json
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 SHAPE = dict(vocab_size=32000, hidden_size=1536, intermediate_size=4096, num_hidden_layers=16,
@@ -105,7 +104,7 @@ def main() -> None:
             rows.append((label, "in-memory (from_pretrained + build_hybrid + save_hybrid)",
                          run(MEASURE, "in-memory", str(source), str(work / "out"))))
             shutil.rmtree(work / "out")
-    print(f"\n| source | method | peak RSS (MiB) | wall (s) |\n|---|---|---|---|")
+    print("\n| source | method | peak RSS (MiB) | wall (s) |\n|---|---|---|---|")
     for label, method, r in rows:
         print(f"| {label} | {method} | {r['peak_rss_mib']:.0f} | {r['seconds']:.1f} |")
     if not args.keep:

@@ -38,8 +38,8 @@ class ConvertResult:
     sparse_layers: list[int]
     num_layers: int
     source: str
-    method: str = "uniform"
     extras: dict = field(default_factory=dict)
+    method: str = "uniform"
     checkpoint: Checkpoint | None = field(default=None, repr=False)
 
 
@@ -78,14 +78,12 @@ def choose_sparse_layers(
     sparse, linear = parse_ratio(ratio)
     n_sparse = num_sparse_layers(num_layers, sparse, linear)
     if model is None:
-        return uniform_layers(num_layers, n_sparse) if method == "uniform" else _no_model(method)
+        if method != "uniform":
+            raise ValueError(f"--select {method} needs the source model")
+        return uniform_layers(num_layers, n_sparse)
     chosen = sorted(get_selector(method)(model, n_sparse, **select_options))
     layer_types_from(num_layers, chosen)
     return chosen
-
-
-def _no_model(method: str):
-    raise ValueError(f"--select {method} needs the source model")
 
 
 class _ConfigOnly:
@@ -258,9 +256,9 @@ def convert(
             gates=gates, dtype=str(out_dtype).removeprefix("torch."), version=__version__,
             base_model=ckpt.source if ckpt.folder is not None and _is_hub_id(ckpt) else None,
         ))
-    return ConvertResult(output, sparse_layers, num_layers, ckpt.source, method,
+    return ConvertResult(output, sparse_layers, num_layers, ckpt.source,
                          extras={"format": ckpt.format, "family": family.model_type, "notes": ckpt.notes},
-                         checkpoint=ckpt)
+                         method=method, checkpoint=ckpt)
 
 
 def _is_hub_id(ckpt: Checkpoint) -> bool:
@@ -329,11 +327,13 @@ def source_tokenizer(ckpt: Checkpoint):
 
 
 def load_source_model(ckpt: Checkpoint, dtype: torch.dtype = torch.float32):
-    """The source as a transformers causal LM, read from the same stream as the conversion."""
+    """The source as a transformers causal LM, read from the same stream as the conversion (its tensors are checked
+    against its config first, so a mismatch is a one-line error here too)."""
     from .default_model import model_from_state
 
     if ckpt.model is not None:
         return ckpt.model.to(dtype)
+    check_weights(ckpt)
     state = {name: _cast(t, dtype) for name, t in ckpt.stream() if not _ignored(name)}
     model = model_from_state(ckpt.config, state, dtype=dtype)
     if ckpt.generation_config is not None:

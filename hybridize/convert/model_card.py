@@ -67,7 +67,7 @@ def model_card(
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
         "",
         'model = AutoModelForCausalLM.from_pretrained("path/to/this/folder", trust_remote_code=True)',
-        'tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")',
+        'tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder", trust_remote_code=True)',
         "```",
         "",
         "The architecture files in this folder are all it needs (hybridize itself need not be installed).",
