@@ -252,3 +252,27 @@ def test_cli_bad_input_is_a_one_line_error(tmp_path):
                                     "block_influence"])
     assert res.exit_code == 2 and "--ratio" in res.output
     assert not (tmp_path / "o").exists()
+
+
+def test_qk_norm_family_scores(tokenizer):
+    """A Qwen3-shaped source (per-head q/k norms): the reference run reproduces transformers' loss, students build."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(5)
+    config = Qwen3Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=1024,
+                         tie_word_embeddings=True, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    model = Qwen3ForCausalLM(config).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:  # non-trivial norms, so dropping them would show
+            layer.self_attn.q_norm.weight.uniform_(0.5, 1.5)
+            layer.self_attn.k_norm.weight.uniform_(0.5, 1.5)
+    s = tiny_settings(align=AlignSettings(steps=2, batch_size=1))
+    rep = score_model(model, tokenizer, s, progress=False).report
+    from hybridize.select.data import calibration_data
+
+    data = calibration_data(tokenizer, train_seqs=2, heldout_seqs=s.heldout_seqs, seq_len=s.seq_len,
+                            heldout_seq_len=s.heldout_seq_len, seed=s.seed)
+    assert heldout_loss(model, data.heldout) == pytest.approx(rep["teacher"]["loss"], rel=1e-5)
+    # 1:3 of 3 layers keeps one layer; with first/last forcing and room for one, the first layer
+    assert len(rep["layers"]) == 3 and rep["chosen_layers"] == [0]

@@ -35,7 +35,7 @@ def _lengths(text: str, option: str) -> tuple[int, ...]:
 @click.option("--align-steps", type=int, default=None, help="alignment steps [CPU 48, GPU 200]")
 @click.option("--align-batch", type=int, default=None, help="alignment batch size [CPU 2, GPU 8]")
 @click.option("--heldout-seqs", type=int, default=None, help="held-out sequences for the loss probe [CPU 4]")
-@click.option("--passkey-lengths", default=None, help="comma-separated passkey lengths [CPU 256,1024]")
+@click.option("--passkey-lengths", default=None, help="comma-separated passkey lengths [CPU 256,512]")
 @click.option("--kv-lengths", default=None, help="comma-separated key-value lookup lengths [CPU 256,512]")
 @click.option("--samples", type=int, default=None, help="probe samples per task and length [CPU 2]")
 @click.option("--gates/--no-gates", default=True, show_default=True, help="students carry the output gate")

@@ -99,7 +99,7 @@ def kv_sample(tokenizer, length: int, rng: random.Random, queries: int = 4) -> P
 
 @dataclass
 class ProbeSettings:
-    passkey_lengths: tuple[int, ...] = (256, 1024)
+    passkey_lengths: tuple[int, ...] = (256, 512)
     kv_lengths: tuple[int, ...] = (256, 512)
     samples_per_length: int = 2
     kv_queries: int = 4
