@@ -70,8 +70,8 @@ class SafetensorsReader:
             for name, entry in order:
                 begin, end = entry["data_offsets"]
                 f.seek(self._data_start + begin)
-                data = bytearray(f.read(end - begin))
-                if len(data) != end - begin:
+                data = bytearray(end - begin)
+                if f.readinto(data) != end - begin:
                     raise CorruptCheckpointError(f"{self.path} is truncated: re-download or re-save it")
                 dtype = CODE_DTYPES[entry["dtype"]]
                 if end == begin:
