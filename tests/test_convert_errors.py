@@ -159,3 +159,13 @@ def test_failure_while_writing_leaves_nothing(tmp_path, tiny, monkeypatch):
     monkeypatch.setattr(safetensors_io.ShardedSafetensorsWriter, "write", failing_write)
     message = fails_cleanly(tmp_path, tiny)
     assert "No space left" in message
+
+
+def test_truncated_pickle_checkpoint(tmp_path, tiny):
+    from safetensors.torch import load_file
+
+    pt = tiny.parent / "weights.pt"
+    torch.save(load_file(tiny), pt)
+    pt.write_bytes(pt.read_bytes()[:5000])
+    message = fails_cleanly(tmp_path, pt)
+    assert "weights.pt" in message and "re-download or re-save" in message
