@@ -9,7 +9,7 @@ MODE=$1
 pip install -q --no-build-isolation --no-deps -e . >/dev/null 2>&1
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .trainwhl/*.whl \
   || exit 1
-export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 case $MODE in
 throughput)
@@ -22,23 +22,25 @@ quality)
   [ -f $A/smollm2.part_a ] || { echo "GGUF part a is missing: this is not the machine of the throughput call"; exit 3; }
   cat $A/smollm2.part_a .train_gpu_b/smollm2.part_b > /tmp/smollm2.gguf
   python3 bench/train_quality.py quality --source /tmp/smollm2.gguf --texts $A/texts --set data.cache_dir=$A/cache \
-    --set output.checkpoint_every=100000 --set 'logging.trackers=[]' --train-seconds ${SECS:-380} --out $OUT 2>&1 \
+    --set output.checkpoint_every=100000 --set "logging.trackers=[]" --set precision=fp32 --train-seconds ${SECS:-380} --out $OUT 2>&1 \
     | tee $OUT/quality.log | grep -v -i -E "warn|it/s\]"
   ;;
 fsdp)
   D=.train_gpu_x2
   python3 bench/train_quality.py unpack $D/smollm2-3bit.npz --out /tmp/smol3 2>&1 | tail -1
   SETS="--set model.source=/tmp/smol3 --set data.sources[0].path=$D/texts --set data.sources[1].path=$D/texts
-        --set data.cache_dir=$D/cache --set stages[0].tokens=null --set stages[0].steps=${S1:-12}
-        --set stages[1].tokens=null --set stages[1].steps=${S2:-12} --set output.checkpoint_every=100000
-        --set logging.progress=false --set logging.trackers=[] --set output.export=false"
+        --set data.cache_dir=$D/cache --set stages[0].tokens=null --set stages[0].steps=${S1:-10}
+        --set stages[1].tokens=null --set stages[1].steps=${S2:-8} --set output.checkpoint_every=100000
+        --set logging.progress=false --set logging.trackers=[] --set output.export=false --set precision=fp32"
   t=$(date +%s)
   python3 -m hybridize.cli train recipes/smollm2-gpu.yaml $SETS --set output.dir=/tmp/run1 2>&1 | grep -v -i warn | tail -3
   echo "1 GPU: $(( $(date +%s) - t )) s"; t=$(date +%s)
-  accelerate launch --config_file recipes/accelerate/fsdp.yaml --num_processes 2 -m hybridize.cli train \
+  accelerate launch --config_file recipes/accelerate/fsdp.yaml --num_processes 2 --mixed_precision no \
+    -m hybridize.cli train \
     recipes/smollm2-gpu.yaml $SETS --set output.dir=/tmp/run2 > $OUT/fsdp.log 2>&1
   echo "FSDP 2 GPUs: rc=$? $(( $(date +%s) - t )) s"; grep -v -i warn $OUT/fsdp.log | tail -15
   cp /tmp/run1/metrics.jsonl $OUT/metrics_1gpu.jsonl; cp /tmp/run2/metrics.jsonl $OUT/metrics_fsdp2.jsonl
-  python3 bench/train_quality.py compare $OUT/metrics_1gpu.jsonl $OUT/metrics_fsdp2.jsonl
+  python3 bench/train_quality.py compare $OUT/metrics_1gpu.jsonl $OUT/metrics_fsdp2.jsonl | tee $OUT/compare.md
+  timeout ${TPUT_S:-80} python3 bench/train_quality.py throughput --fp32 --steps 4 --out $OUT 2>&1 | grep -v -i warn | tail -7
   ;;
 esac

@@ -42,7 +42,7 @@ def smollm2_config():
                        rope_theta=100000.0, tie_word_embeddings=True, rms_norm_eps=1e-5)
 
 
-def time_training(model, seq_len: int, tokens_per_step: int, steps: int = 6, warmup: int = 2) -> dict:
+def time_training(model, seq_len: int, tokens_per_step: int, steps: int = 6, warmup: int = 2, bf16: bool = True) -> dict:
     device = "cuda"
     model = model.to(device).float().train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
@@ -53,7 +53,7 @@ def time_training(model, seq_len: int, tokens_per_step: int, steps: int = 6, war
     for i in range(warmup + steps):
         torch.cuda.synchronize()
         t = time.perf_counter()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
             out = model(input_ids=ids, use_cache=False)
         loss = torch.nn.functional.cross_entropy(out.logits[:, :-1].float().reshape(-1, out.logits.shape[-1]),
                                                  ids[:, 1:].reshape(-1))
@@ -87,7 +87,7 @@ def cmd_throughput(args) -> int:
             p.data = p.data.clone()
         for name, model in (("dense", dense), ("hybrid 1:3", hybrid)):
             try:
-                r = time_training(model, length, args.tokens_per_step)
+                r = time_training(model, length, args.tokens_per_step, steps=args.steps, bf16=not args.fp32)
             except torch.OutOfMemoryError:
                 r = {"seq_len": length, "error": "out of memory"}
             r["model"] = name
@@ -97,7 +97,7 @@ def cmd_throughput(args) -> int:
             torch.cuda.empty_cache()
     from hybridize.arch import ops
 
-    info = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows,
+    info = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows, "fp32": args.fp32,
             "ops": {k: str(v) for k, v in vars(ops).items() if k.startswith("_") and k.isupper() is False
                     and isinstance(v, (bool, int, str))}}
     (out / "throughput.json").write_text(json.dumps(info, indent=1))
@@ -402,6 +402,8 @@ def main() -> int:
     t.add_argument("--out", default="bench-out")
     t.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192])
     t.add_argument("--tokens-per-step", type=int, default=16384)
+    t.add_argument("--steps", type=int, default=6)
+    t.add_argument("--fp32", action="store_true", help="no bf16 autocast")
     q = sub.add_parser("quality")
     q.add_argument("--source", required=True)
     q.add_argument("--recipe", default="recipes/smollm2-gpu.yaml")
