@@ -14,6 +14,22 @@ For one query at position t (0-based, logical: padding removed) over keys 0..t:
    Queries whose key length t + 1 is below `dense_len`, or that see no more than `topk` blocks, keep every block.
 5. Attention: ordinary softmax attention of the query over the tokens of its selected blocks (causal in its own block).
 
+Options (both off by default; the default is the exact per-token function above):
+- `selection="block"`: the queries are grouped by absolute logical position, group = t // `select_tokens` (default 64 =
+  block_size: a group is one key block's worth of queries, all with the same own block). The group's tokens (those
+  of this call) share one selection: the group score of compressed key i is the sum over the group's tokens of each
+  token's step-2 score (each token's softmax over the keys visible to IT, summed over the heads); block scores as in
+  step 3 over the keys visible to the group's last token; forced blocks are the union over the group's tokens (init
+  and local blocks of the own block(s)); every visible block if ANY token of the group is a dense query; top-k and the
+  tie rule as in step 4. A token never reads a block after its own (per-token causal mask; attention stays exact).
+  Groups are aligned to positions, so splitting the queries of one call into several calls at multiples of
+  `select_tokens` changes nothing; a group cut by a split is shared only among its tokens of each call (decode,
+  one token per call, is therefore per-token selection).
+- `coarse=True`: the softmax normaliser of step 2 comes from the coarse keys K2 (kernel `coarse_kernel` 128, stride
+  `coarse_stride` 64; K2_c = mean of the coarse_kernel/kernel non-overlapping K1 windows that tile it, which equals
+  compress_keys(k, 128, 64)) instead of K1: score_i = exp(q K1_i^T * scale - lse), lse = logsumexp over the K2 keys
+  visible to the token (0 when none is), summed over the heads. InfLLM-V2's speed trick; an approximation of step 2.
+
 Shapes: q (B, Hq, Tq, D); k, v (B, Hkv, Tk, D); query positions `q_pos` (Tq,) in 0..Tk-1, shared by the batch.
 This file imports only torch: it is copied into every exported model folder as the fallback path.
 """
@@ -23,7 +39,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["compress_keys", "num_compressed", "select_blocks", "block_sparse_attention", "infllm_v2_attention"]
+__all__ = [
+    "compress_keys",
+    "coarse_compressed_keys",
+    "num_compressed",
+    "select_blocks",
+    "block_sparse_attention",
+    "infllm_v2_attention",
+]
 
 
 def num_compressed(length: int, kernel: int = 32, stride: int = 16) -> int:
@@ -55,6 +78,84 @@ def _overlap_table(num_blocks: int, nc: int, block_size: int, kernel: int, strid
     return idx.clamp(max=max(nc - 1, 0)), valid
 
 
+def coarse_compressed_keys(ckeys: torch.Tensor, kernel: int = 32, stride: int = 16, coarse_kernel: int = 128,
+                           coarse_stride: int = 64) -> torch.Tensor:
+    """Coarse keys K2 from K1: the mean of the coarse_kernel/kernel non-overlapping K1 windows that tile each coarse
+    window [coarse_stride*c, coarse_stride*c + coarse_kernel). (B, H, Nc, D) -> (B, H, N2, D) float32."""
+    if coarse_kernel % kernel or coarse_stride % stride or kernel % stride:
+        raise ValueError("coarse_kernel must be a multiple of kernel, coarse_stride of stride and kernel of stride")
+    B, H, nc, D = ckeys.shape
+    per = coarse_kernel // kernel
+    span, step = (per - 1) * (kernel // stride), coarse_stride // stride  # K1 index span of one K2 window, K2 step
+    n2 = 0 if nc <= span else (nc - 1 - span) // step + 1
+    if n2 == 0:
+        return ckeys.new_zeros(B, H, 0, D, dtype=torch.float32)
+    first = torch.arange(n2, device=ckeys.device) * step
+    idx = first.view(-1, 1) + torch.arange(per, device=ckeys.device).view(1, -1) * (kernel // stride)
+    return ckeys.float()[:, :, idx.view(-1)].view(B, H, n2, per, D).mean(3)
+
+
+def _coarse_lse(q, ckeys, t, scale, group, kernel, stride, coarse_kernel, coarse_stride, coarse_keys):
+    """Per query head and token: logsumexp of q K2^T * scale over the K2 keys visible to the token (0 if none)."""
+    if coarse_keys is None:
+        coarse_keys = coarse_compressed_keys(ckeys, kernel, stride, coarse_kernel, coarse_stride)
+    n2 = coarse_keys.shape[2]
+    if n2 == 0:
+        return q.new_zeros(q.shape[:-1] + (1,), dtype=torch.float32)
+    logits2 = (q.float() @ coarse_keys.float().repeat_interleave(group, dim=1).transpose(-1, -2)) * scale
+    c = torch.arange(n2, device=q.device).view(1, -1)
+    visible2 = coarse_stride * c + coarse_kernel - 1 <= t
+    lse = torch.logsumexp(logits2.masked_fill(~visible2, float("-inf")), dim=-1, keepdim=True)
+    return torch.where(visible2.any(-1, keepdim=True), lse, torch.zeros_like(lse))
+
+
+def _group_scores(q, ckeys, q_pos, scale, kernel, stride, coarse, coarse_kernel, coarse_stride, coarse_keys):
+    """Step 2: per token, softmax over its visible compressed keys summed over the heads of each KV group.
+    Returns scores (B, Hkv, Tq, Nc) (0 where invisible) and the visibility (Tq, Nc)."""
+    B, Hq, Tq, D = q.shape
+    Hkv, nc = ckeys.shape[1], ckeys.shape[2]
+    group = Hq // Hkv
+    t = q_pos.view(-1, 1)
+    logits = (q.float() @ ckeys.float().repeat_interleave(group, dim=1).transpose(-1, -2)) * scale
+    i = torch.arange(nc, device=q.device).view(1, -1)
+    visible = stride * i + kernel - 1 <= t  # (Tq, Nc)
+    if coarse:
+        lse = _coarse_lse(q, ckeys, t, scale, group, kernel, stride, coarse_kernel, coarse_stride, coarse_keys)
+        probs = torch.where(visible, torch.exp(logits - lse), torch.zeros_like(logits))
+    else:
+        logits = logits.masked_fill(~visible, float("-inf"))
+        probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # rows with nothing visible -> 0
+    return probs.view(B, Hkv, group, Tq, nc).sum(2), visible
+
+
+def _pool(scores, visible, num_kv_blocks, block_size, kernel, stride):
+    """Step 3: max over the visible compressed keys overlapping each block. scores (B, Hkv, R, Nc), visible (R, Nc)."""
+    B, Hkv, R, nc = scores.shape
+    idx, valid = _overlap_table(num_kv_blocks, nc, block_size, kernel, stride, scores.device)
+    gathered = scores[..., idx.view(-1)].view(B, Hkv, R, num_kv_blocks, -1)
+    ok = valid.view(1, num_kv_blocks, -1) & visible[:, idx.view(-1)].view(R, num_kv_blocks, -1)
+    return gathered.masked_fill(~ok, float("-inf")).amax(-1)
+
+
+def _choose(block_scores, t_lo, t_hi, *, block_size, topk, init_blocks, local_blocks, dense_len):
+    """Step 4 for rows whose tokens span positions t_lo..t_hi (R, 1): forced blocks of every token, top-k, dense."""
+    num_kv_blocks = block_scores.shape[-1]
+    j = torch.arange(num_kv_blocks, device=block_scores.device).view(1, -1)
+    own_lo = torch.div(t_lo, block_size, rounding_mode="floor")
+    own_hi = torch.div(t_hi, block_size, rounding_mode="floor")
+    visible_blocks = j <= own_hi
+    forced = visible_blocks & ((j < init_blocks) | (j > own_lo - local_blocks))
+    dense_query = ((t_lo + 1) < dense_len) | ((own_lo + 1) <= topk)
+    ranked = block_scores.masked_fill(forced, float("inf")).masked_fill(~visible_blocks, float("-inf"))
+    k_eff = min(topk, num_kv_blocks)
+    # Ties (common: neighbouring blocks share the compressed keys they overlap) go to the later block: a stable
+    # descending sort over the blocks in reverse order.
+    order = torch.sort(ranked.flip(-1), dim=-1, descending=True, stable=True).indices[..., :k_eff]
+    top = num_kv_blocks - 1 - order
+    chosen = torch.zeros_like(ranked, dtype=torch.bool).scatter_(-1, top, True)
+    return (chosen | forced | dense_query) & visible_blocks
+
+
 def select_blocks(
     q: torch.Tensor,
     ckeys: torch.Tensor,
@@ -69,43 +170,57 @@ def select_blocks(
     init_blocks: int = 1,
     local_blocks: int = 32,
     dense_len: int = 8192,
+    selection: str = "token",
+    select_tokens: int = 64,
+    coarse: bool = False,
+    coarse_kernel: int = 128,
+    coarse_stride: int = 64,
+    coarse_keys: torch.Tensor | None = None,
     return_scores: bool = False,
 ):
-    """Block selection. Returns a bool mask (B, Hkv, Tq, NB): True where query t reads block j."""
+    """Block selection. Returns a bool mask (B, Hkv, Tq, NB): True where query t reads block j.
+    `return_scores` also returns the block scores: (B, Hkv, Tq, NB) per token, (B, Hkv, groups, NB) in block mode."""
+    if selection not in ("token", "block"):
+        raise ValueError(f"selection must be 'token' or 'block', got {selection!r}")
+    if select_tokens < 1:
+        raise ValueError(f"select_tokens must be positive, got {select_tokens}")
     B, Hq, Tq, D = q.shape
     Hkv, nc = ckeys.shape[1], ckeys.shape[2]
-    group = Hq // Hkv
     device = q.device
     t = q_pos.view(-1, 1)
-    # 2. Group scores over the visible compressed keys.
-    if nc > 0:
-        logits = (q.float() @ ckeys.float().repeat_interleave(group, dim=1).transpose(-1, -2)) * scale
-        i = torch.arange(nc, device=device).view(1, -1)
-        visible = stride * i + kernel - 1 <= t  # (Tq, Nc)
-        logits = logits.masked_fill(~visible, float("-inf"))
-        probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # rows with nothing visible -> 0
-        scores = probs.view(B, Hkv, group, Tq, nc).sum(2)  # (B, Hkv, Tq, Nc)
-        # 3. Max over the compressed keys overlapping each block (invisible ones excluded).
-        idx, valid = _overlap_table(num_kv_blocks, nc, block_size, kernel, stride, device)
-        gathered = scores[..., idx.view(-1)].view(B, Hkv, Tq, num_kv_blocks, -1)
-        ok = valid.view(1, num_kv_blocks, -1) & visible[:, idx.view(-1)].view(Tq, num_kv_blocks, -1)
-        block_scores = gathered.masked_fill(~ok, float("-inf")).amax(-1)
+    opts = dict(block_size=block_size, topk=topk, init_blocks=init_blocks, local_blocks=local_blocks,
+                dense_len=dense_len)
+    if selection == "token":
+        # 2.-3. Group scores over the visible compressed keys, max over the keys overlapping each block.
+        if nc > 0:
+            scores, visible = _group_scores(q, ckeys, q_pos, scale, kernel, stride, coarse, coarse_kernel,
+                                            coarse_stride, coarse_keys)
+            block_scores = _pool(scores, visible, num_kv_blocks, block_size, kernel, stride)
+        else:
+            block_scores = q.new_full((B, Hkv, Tq, num_kv_blocks), float("-inf"), dtype=torch.float32)
+        # 4. Forced and visible blocks, then top-k among the rest.
+        mask = _choose(block_scores, t, t, **opts)
     else:
-        block_scores = q.new_full((B, Hkv, Tq, num_kv_blocks), float("-inf"), dtype=torch.float32)
-    # 4. Forced and visible blocks, then top-k among the rest.
-    j = torch.arange(num_kv_blocks, device=device).view(1, -1)
-    own = torch.div(t, block_size, rounding_mode="floor")
-    visible_blocks = j <= own
-    forced = visible_blocks & ((j < init_blocks) | (j > own - local_blocks))
-    dense_query = ((t + 1) < dense_len) | ((own + 1) <= topk)  # (Tq, 1)
-    ranked = block_scores.masked_fill(forced, float("inf")).masked_fill(~visible_blocks, float("-inf"))
-    k_eff = min(topk, num_kv_blocks)
-    # Ties (common: neighbouring blocks share the compressed keys they overlap) go to the later block: a stable
-    # descending sort over the blocks in reverse order.
-    order = torch.sort(ranked.flip(-1), dim=-1, descending=True, stable=True).indices[..., :k_eff]
-    top = num_kv_blocks - 1 - order
-    chosen = torch.zeros_like(ranked, dtype=torch.bool).scatter_(-1, top, True)
-    mask = (chosen | forced | dense_query) & visible_blocks
+        # Groups by absolute position; the call's tokens of one group share the selection.
+        gid = torch.div(q_pos, select_tokens, rounding_mode="floor")
+        gidx = gid - gid.min()
+        ng = int(gidx.max()) + 1
+        t_lo = torch.full((ng,), 1 << 62, dtype=torch.long, device=device).scatter_reduce(
+            0, gidx, q_pos.long(), "amin")
+        t_hi = torch.full((ng,), -1, dtype=torch.long, device=device).scatter_reduce(0, gidx, q_pos.long(), "amax")
+        if nc > 0:
+            scores, _ = _group_scores(q, ckeys, q_pos, scale, kernel, stride, coarse, coarse_kernel, coarse_stride,
+                                      coarse_keys)
+            group_scores = scores.new_zeros(B, Hkv, ng, nc).index_add_(2, gidx, scores)
+            i = torch.arange(nc, device=device).view(1, -1)
+            group_visible = stride * i + kernel - 1 <= t_hi.view(-1, 1)  # visible to the group's last token
+            block_scores = _pool(group_scores, group_visible, num_kv_blocks, block_size, kernel, stride)
+        else:
+            block_scores = q.new_full((B, Hkv, ng, num_kv_blocks), float("-inf"), dtype=torch.float32)
+        group_mask = _choose(block_scores, t_lo.view(-1, 1), t_hi.view(-1, 1), **opts)
+        j = torch.arange(num_kv_blocks, device=device).view(1, -1)
+        own = torch.div(t, block_size, rounding_mode="floor")
+        mask = group_mask[:, :, gidx] & (j <= own)  # never a block after the token's own
     if return_scores:
         return mask, block_scores
     return mask
@@ -140,6 +255,12 @@ def infllm_v2_attention(
     init_blocks: int = 1,
     local_blocks: int = 32,
     dense_len: int = 8192,
+    selection: str = "token",
+    select_tokens: int = 64,
+    coarse: bool = False,
+    coarse_kernel: int = 128,
+    coarse_stride: int = 64,
+    coarse_keys: torch.Tensor | None = None,
 ):
     """Dense causal attention while every query is short; the full InfLLM-V2 selection otherwise."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
@@ -156,6 +277,8 @@ def infllm_v2_attention(
         ckeys = compress_keys(k, kernel, stride)
     mask = select_blocks(
         q, ckeys, q_pos, num_blocks, scale=scale, block_size=block_size, kernel=kernel, stride=stride,
-        topk=topk, init_blocks=init_blocks, local_blocks=local_blocks, dense_len=dense_len,
+        topk=topk, init_blocks=init_blocks, local_blocks=local_blocks, dense_len=dense_len, selection=selection,
+        select_tokens=select_tokens, coarse=coarse, coarse_kernel=coarse_kernel, coarse_stride=coarse_stride,
+        coarse_keys=coarse_keys,
     )
     return block_sparse_attention(q, k, v, q_pos, mask, scale=scale, block_size=block_size)

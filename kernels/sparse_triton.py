@@ -56,6 +56,8 @@ __all__ = [
     "coarse_from_compressed",
     "select_blocks_triton",
     "block_sparse_attention_triton",
+    "decode_attention_triton",
+    "decode_select_triton",
     "infllm_v2_attention_triton",
     "supports",
 ]
@@ -95,7 +97,7 @@ if HAS_TRITON:
     @triton.jit
     def _select_scores_kernel(
         Q, CK, CK2, QPOS, OUT,
-        Tq, NC, NC2, Hkv, sm_scale2,
+        Tq, NC, NC2, Hkv, sm_scale2, OFF,
         s_qb, s_qh, s_qt,
         s_cb, s_ch, s_cc,
         s_c2b, s_c2h, s_c2c,
@@ -112,8 +114,8 @@ if HAS_TRITON:
         r = tl.arange(0, BM)
         hh = r // BLOCK_T
         tok = r % BLOCK_T
-        t = pid_t * BLOCK_T + tok
-        rm = (hh < G) & (t < Tq)
+        t = pid_t * BLOCK_T + tok - OFF  # OFF: tiles aligned to absolute positions (block mode)
+        rm = (hh < G) & (t >= 0) & (t < Tq)
         pos = tl.load(QPOS + t, mask=rm, other=-1)
         pmax = tl.max(pos, 0)
         d = tl.arange(0, D)
@@ -166,12 +168,12 @@ if HAS_TRITON:
                              mask=(tv < Tq)[:, None] & cm[None, :])
 
     @triton.jit
-    def _row_setup(QPOS, Tq, pid_t, g, G: tl.constexpr, GP: tl.constexpr, BLOCK_T: tl.constexpr):
+    def _row_setup(QPOS, Tq, OFF, pid_t, g, G: tl.constexpr, GP: tl.constexpr, BLOCK_T: tl.constexpr):
         BM: tl.constexpr = GP * BLOCK_T
         r = tl.arange(0, BM)
         hh = r // BLOCK_T
-        t = pid_t * BLOCK_T + r % BLOCK_T
-        rm = (hh < G) & (t < Tq)
+        t = pid_t * BLOCK_T + r % BLOCK_T - OFF
+        rm = (hh < G) & (t >= 0) & (t < Tq)
         pos = tl.load(QPOS + t, mask=rm, other=-1)
         h = (g * G + hh).to(tl.int64)
         return t, rm, pos, h
@@ -179,7 +181,7 @@ if HAS_TRITON:
     @triton.jit
     def _attn_fwd_kernel(
         Q, K, V, O, LSE, QPOS, LISTS, COUNTS, BITS,
-        Tq, Tk, Hkv, sm_scale2,
+        Tq, Tk, Hkv, sm_scale2, OFF,
         s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, s_ob, s_oh, s_ot, s_lb, s_lh,
         s_Lb, s_Lh, s_Ls, s_nb, s_nh, s_bb, s_bh, s_bt,
         G: tl.constexpr, GP: tl.constexpr, BLOCK_T: tl.constexpr, SEL_T: tl.constexpr, BS: tl.constexpr,
@@ -189,7 +191,7 @@ if HAS_TRITON:
         pid_bg = tl.program_id(1)
         b = (pid_bg // Hkv).to(tl.int64)
         g = (pid_bg % Hkv).to(tl.int64)
-        t, rm, pos, h = _row_setup(QPOS, Tq, pid_t, g, G, GP, BLOCK_T)
+        t, rm, pos, h = _row_setup(QPOS, Tq, OFF, pid_t, g, G, GP, BLOCK_T)
         t64 = t.to(tl.int64)
         d = tl.arange(0, D)
         q = tl.load(Q + b * s_qb + h[:, None] * s_qh + t64[:, None] * s_qt + d[None, :], mask=rm[:, None], other=0.0)
@@ -230,7 +232,7 @@ if HAS_TRITON:
     @triton.jit
     def _attn_bwd_dq_kernel(
         Q, K, V, DO, DQ, LSE, DELTA, QPOS, LISTS, COUNTS, BITS,
-        Tq, Tk, Hkv, sm_scale2, sm_scale,
+        Tq, Tk, Hkv, sm_scale2, sm_scale, OFF,
         s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, s_lb, s_lh,
         s_Lb, s_Lh, s_Ls, s_nb, s_nh, s_bb, s_bh, s_bt,
         G: tl.constexpr, GP: tl.constexpr, BLOCK_T: tl.constexpr, SEL_T: tl.constexpr, BS: tl.constexpr,
@@ -241,7 +243,7 @@ if HAS_TRITON:
         pid_bg = tl.program_id(1)
         b = (pid_bg // Hkv).to(tl.int64)
         g = (pid_bg % Hkv).to(tl.int64)
-        t, rm, pos, h = _row_setup(QPOS, Tq, pid_t, g, G, GP, BLOCK_T)
+        t, rm, pos, h = _row_setup(QPOS, Tq, OFF, pid_t, g, G, GP, BLOCK_T)
         t64 = t.to(tl.int64)
         d = tl.arange(0, D)
         qoff = b * s_qb + h[:, None] * s_qh + t64[:, None] * s_qt + d[None, :]
@@ -277,7 +279,7 @@ if HAS_TRITON:
     @triton.jit
     def _attn_bwd_dkdv_kernel(
         Q, K, V, DO, DK, DV, LSE, DELTA, QPOS, REV_OFF, REV_SEL, BITS,
-        Tq, Tk, Hkv, NB, sm_scale2, sm_scale,
+        Tq, Tk, Hkv, NB, sm_scale2, sm_scale, OFF,
         s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, s_lb, s_lh, s_bb, s_bh, s_bt,
         G: tl.constexpr, GP: tl.constexpr, BLOCK_T: tl.constexpr, SEL_T: tl.constexpr, BS: tl.constexpr,
         D: tl.constexpr, USE_BITS: tl.constexpr, IEEE: tl.constexpr,
@@ -305,7 +307,7 @@ if HAS_TRITON:
             sel = tl.load(REV_SEL + e)
             for st in range(SEL_T // BLOCK_T):
                 pid_t = (sel * SEL_T) // BLOCK_T + st
-                t, rm, pos, h = _row_setup(QPOS, Tq, pid_t, g, G, GP, BLOCK_T)
+                t, rm, pos, h = _row_setup(QPOS, Tq, OFF, pid_t, g, G, GP, BLOCK_T)
                 t64 = t.to(tl.int64)
                 qoff = b * s_qb + h[:, None] * s_qh + t64[:, None] * s_qt + d[None, :]
                 q = tl.load(Q + qoff, mask=rm[:, None], other=0.0)
@@ -324,6 +326,206 @@ if HAS_TRITON:
                 dk += _dot(tl.trans(ds.to(q.dtype)), q, IEEE)
         tl.store(DK + koff, (dk * sm_scale).to(DK.dtype.element_ty), mask=km[:, None])
         tl.store(DV + voff, dv.to(DV.dtype.element_ty), mask=km[:, None])
+
+    # ------------------------------------------------------------------------------------------------------------------
+    # Decode: one query token per sequence, four launches (logits, selection, split attention, combine).
+
+    @triton.jit
+    def _decode_logits_kernel(
+        Q, CK, CK2, QPOS, LG, MX, SM,
+        NC, NC2, Hkv, sm_scale2, NCP, NCH,
+        s_qb, s_qh, s_cb, s_ch, s_cc, s_c2b, s_c2h, s_c2c,
+        G: tl.constexpr, RM: tl.constexpr, CH: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_C2: tl.constexpr,
+        D: tl.constexpr, KERNEL: tl.constexpr, STRIDE: tl.constexpr, KERNEL2: tl.constexpr, STRIDE2: tl.constexpr,
+        STEP2: tl.constexpr, COARSE: tl.constexpr, IEEE: tl.constexpr,
+    ):
+        # One program: one chunk of CH compressed keys of one (sequence, KV group). Writes the scaled logits (base 2)
+        # of the group's heads and the chunk's softmax statistics (max, sum) per head over the visible keys
+        # (K1, or with COARSE the K2 keys of the matching chunk of K2).
+        pid_c = tl.program_id(0)
+        bg = tl.program_id(1)
+        b = (bg // Hkv).to(tl.int64)
+        g = (bg % Hkv).to(tl.int64)
+        r = tl.arange(0, RM)
+        rm = r < G
+        d = tl.arange(0, D)
+        pos = tl.load(QPOS).to(tl.int32)
+        q = tl.load(Q + b * s_qb + (g * G + r)[:, None].to(tl.int64) * s_qh + d[None, :], mask=rm[:, None], other=0.0)
+        m = tl.full([RM], -1.0e30, dtype=tl.float32)
+        l = tl.zeros([RM], dtype=tl.float32)
+        lg_rows = LG + (bg.to(tl.int64) * G + r[:, None]) * NCP
+        for c0 in range(0, CH, BLOCK_C):
+            c = pid_c * CH + c0 + tl.arange(0, BLOCK_C)
+            cm = c < NC
+            kc = tl.load(CK + b * s_cb + g * s_ch + c[:, None].to(tl.int64) * s_cc + d[None, :], mask=cm[:, None],
+                         other=0.0).to(q.dtype)
+            s = _dot(q, tl.trans(kc), IEEE) * sm_scale2
+            tl.store(lg_rows + c[None, :], s, mask=rm[:, None] & cm[None, :])
+            if not COARSE:
+                vis = ((c * STRIDE + KERNEL - 1) <= pos) & cm
+                s = tl.where(vis[None, :], s, float("-inf"))
+                m_new = tl.maximum(m, tl.max(s, 1))
+                l = l * tl.exp2(m - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), 1)
+                m = m_new
+        if COARSE:
+            for c0 in range(0, CH // STEP2, BLOCK_C2):
+                c = pid_c * (CH // STEP2) + c0 + tl.arange(0, BLOCK_C2)
+                cm = c < NC2
+                kc = tl.load(CK2 + b * s_c2b + g * s_c2h + c[:, None].to(tl.int64) * s_c2c + d[None, :],
+                             mask=cm[:, None], other=0.0).to(q.dtype)
+                s = _dot(q, tl.trans(kc), IEEE) * sm_scale2
+                vis = ((c * STRIDE2 + KERNEL2 - 1) <= pos) & cm
+                s = tl.where(vis[None, :], s, float("-inf"))
+                m_new = tl.maximum(m, tl.max(s, 1))
+                l = l * tl.exp2(m - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), 1)
+                m = m_new
+        st = (bg * NCH + pid_c) * RM + r
+        tl.store(MX + st, m)
+        tl.store(SM + st, l)
+
+    @triton.jit
+    def _decode_select_kernel(
+        LG, MX, SM, QPOS, LISTS, COUNTS,
+        NC, NB, NCP, NCH, k_eff, topk, init_blocks, local_blocks, dense_len, s_L,
+        G: tl.constexpr, RM: tl.constexpr, NBP: tl.constexpr, LOG_NBP: tl.constexpr, CT: tl.constexpr,
+        WIDTH: tl.constexpr, BS: tl.constexpr, KERNEL: tl.constexpr, STRIDE: tl.constexpr,
+    ):
+        # One program per (sequence, KV group): normaliser per head, group-summed probabilities, max over the keys
+        # overlapping each block, forced blocks, exact top-k (ties: the later block) by bisection, ascending list.
+        bg = tl.program_id(0)
+        pos = tl.load(QPOS).to(tl.int32)
+        hv = tl.arange(0, RM)
+        mt = tl.full([RM], -1.0e30, dtype=tl.float32)
+        for c0 in range(0, NCH, CT):
+            cc = c0 + tl.arange(0, CT)
+            mm = tl.load(MX + (bg * NCH + cc[:, None]) * RM + hv[None, :], mask=(cc < NCH)[:, None], other=-1.0e30)
+            mt = tl.maximum(mt, tl.max(mm, 0))
+        lt = tl.zeros([RM], dtype=tl.float32)
+        for c0 in range(0, NCH, CT):
+            cc = c0 + tl.arange(0, CT)
+            off = (bg * NCH + cc[:, None]) * RM + hv[None, :]
+            mm = tl.load(MX + off, mask=(cc < NCH)[:, None], other=-1.0e30)
+            ll = tl.load(SM + off, mask=(cc < NCH)[:, None], other=0.0)
+            lt += tl.sum(ll * tl.exp2(mm - mt[None, :]), 0)
+        lse = tl.where(lt > 0, mt + tl.log2(tl.where(lt > 0, lt, 1.0)), 0.0)  # nothing visible: unnormalised
+        j = tl.arange(0, NBP)
+        jv = j < NB
+        lo = tl.where(j * BS >= KERNEL, (j * BS - KERNEL) // STRIDE + 1, 0)
+        hi = ((j + 1) * BS - 1) // STRIDE
+        acc = tl.full([NBP], float("-inf"), dtype=tl.float32)
+        for w in range(WIDTH):
+            i = lo + w
+            ok = jv & (i <= hi) & (i < NC) & ((i * STRIDE + KERNEL - 1) <= pos)
+            sc = tl.zeros([NBP], dtype=tl.float32)
+            for h in range(G):
+                lse_h = tl.sum(tl.where(hv == h, lse, 0.0), 0)
+                x = tl.load(LG + (bg.to(tl.int64) * G + h) * NCP + i, mask=ok, other=float("-inf"))
+                sc += tl.exp2(x - lse_h)
+            acc = tl.maximum(acc, tl.where(ok, sc, float("-inf")))
+        own = pos // BS
+        vis_b = jv & (j <= own)
+        forced = vis_b & ((j < init_blocks) | (j > own - local_blocks))
+        dense = ((pos + 1) < dense_len) | ((own + 1) <= topk)
+        ranked = tl.where(forced, float("inf"), tl.where(vis_b, acc, float("-inf")))
+        bits = ranked.to(tl.int32, bitcast=True)
+        key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(tl.int64)  # order-preserving integer image
+        key = tl.where(jv, key, -(1 << 40))
+        # The k_eff-th largest key: largest thr with #(key >= thr) >= k_eff.
+        lo_k = tl.full([], -(1 << 34), dtype=tl.int64)
+        hi_k = tl.full([], (1 << 31) + 1, dtype=tl.int64)
+        for _ in range(36):
+            mid = lo_k + (hi_k - lo_k) // 2
+            ge = tl.sum((key >= mid).to(tl.int32), 0) >= k_eff
+            lo_k = tl.where(ge, mid, lo_k)
+            hi_k = tl.where(ge, hi_k, mid)
+        above = key > lo_k
+        tie = key == lo_k
+        need = k_eff - tl.sum(above.to(tl.int32), 0)
+        # Among the tied blocks, the `need` latest: largest m with #(tie & j >= m) >= need.
+        lo_m = tl.full([], 0, dtype=tl.int32)
+        hi_m = tl.full([], NBP, dtype=tl.int32)
+        for _ in range(LOG_NBP + 1):
+            mid = lo_m + (hi_m - lo_m) // 2
+            ge = tl.sum((tie & (j >= mid)).to(tl.int32), 0) >= need
+            lo_m = tl.where(ge, mid, lo_m)
+            hi_m = tl.where(ge, hi_m, mid)
+        chosen = above | (tie & (j >= lo_m))
+        final = (chosen | forced | dense) & vis_b
+        fi = final.to(tl.int32)
+        slot = tl.cumsum(fi, 0) - 1
+        tl.store(LISTS + bg.to(tl.int64) * s_L + slot, j, mask=fi != 0)
+        tl.store(COUNTS + bg, tl.sum(fi, 0))
+
+    @triton.jit
+    def _decode_attn_kernel(
+        Q, K, V, QPOS, LISTS, COUNTS, OP, MP, LP,
+        Tk, Hkv, sm_scale2, NSPLIT,
+        s_qb, s_qh, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, s_L,
+        G: tl.constexpr, RM: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, IEEE: tl.constexpr,
+    ):
+        # One program: one share of the selected blocks of one (sequence, KV group); all its heads as rows.
+        sp = tl.program_id(0)
+        bg = tl.program_id(1)
+        b = (bg // Hkv).to(tl.int64)
+        g = (bg % Hkv).to(tl.int64)
+        r = tl.arange(0, RM)
+        rm = r < G
+        d = tl.arange(0, D)
+        pos = tl.load(QPOS).to(tl.int32)
+        q = tl.load(Q + b * s_qb + (g * G + r)[:, None].to(tl.int64) * s_qh + d[None, :], mask=rm[:, None], other=0.0)
+        n = tl.load(COUNTS + bg)
+        per = (n + NSPLIT - 1) // NSPLIT
+        start = sp * per
+        end = tl.minimum(n, start + per)
+        kbase = K + b * s_kb + g * s_kh
+        vbase = V + b * s_vb + g * s_vh
+        lst = LISTS + bg.to(tl.int64) * s_L
+        m = tl.full([RM], -1.0e30, dtype=tl.float32)
+        l = tl.zeros([RM], dtype=tl.float32)
+        acc = tl.zeros([RM, D], dtype=tl.float32)
+        for i in range(start, end):
+            jb = tl.load(lst + i)
+            sk = jb * BS + tl.arange(0, BS)
+            km = sk < Tk
+            sk64 = sk.to(tl.int64)
+            k = tl.load(kbase + sk64[:, None] * s_kt + d[None, :], mask=km[:, None], other=0.0)
+            v = tl.load(vbase + sk64[:, None] * s_vt + d[None, :], mask=km[:, None], other=0.0)
+            s = _dot(q, tl.trans(k), IEEE) * sm_scale2
+            s = tl.where(((sk <= pos) & km)[None, :], s, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, 1))
+            alpha = tl.exp2(m - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l = l * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
+            m = m_new
+        row = (bg * NSPLIT + sp) * RM + r
+        tl.store(OP + row[:, None].to(tl.int64) * D + d[None, :], acc)
+        tl.store(MP + row, m)
+        tl.store(LP + row, l)
+
+    @triton.jit
+    def _decode_combine_kernel(
+        OP, MP, LP, O, Hkv, NSPLIT, s_ob, s_oh,
+        G: tl.constexpr, RM: tl.constexpr, D: tl.constexpr,
+    ):
+        bg = tl.program_id(0)
+        b = (bg // Hkv).to(tl.int64)
+        g = (bg % Hkv).to(tl.int64)
+        r = tl.arange(0, RM)
+        d = tl.arange(0, D)
+        mt = tl.full([RM], -1.0e30, dtype=tl.float32)
+        for sp in range(NSPLIT):
+            mt = tl.maximum(mt, tl.load(MP + (bg * NSPLIT + sp) * RM + r))
+        lt = tl.zeros([RM], dtype=tl.float32)
+        acc = tl.zeros([RM, D], dtype=tl.float32)
+        for sp in range(NSPLIT):
+            row = (bg * NSPLIT + sp) * RM + r
+            w = tl.exp2(tl.load(MP + row) - mt)
+            lt += tl.load(LP + row) * w
+            acc += tl.load(OP + row[:, None].to(tl.int64) * D + d[None, :]) * w[:, None]
+        o = acc / tl.where(lt > 0, lt, 1.0)[:, None]
+        tl.store(O + b * s_ob + (g * G + r)[:, None].to(tl.int64) * s_oh + d[None, :], o.to(O.dtype.element_ty),
+                 mask=(r < G)[:, None])
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -388,6 +590,8 @@ class Selection:
 
     lists (B, Hkv, S, W) int32 block indices (first `counts` valid, ascending); counts (B, Hkv, S) int32;
     bits (B, Hkv, Tq, ceil(NB/8)) uint8: per-token selection (token mode with several tokens per group), else None.
+    Query token t belongs to group (t + offset) // sel_tokens (block mode: offset = q_pos[0] % sel_tokens, so groups
+    are aligned to absolute positions); q_start = q_pos[0] where known (block mode), for the per-token causal limit.
     """
 
     lists: torch.Tensor
@@ -397,6 +601,8 @@ class Selection:
     num_blocks: int
     num_queries: int
     block_size: int
+    offset: int = 0
+    q_start: int | None = None
     _reverse: tuple | None = None
 
     def token_mask(self) -> torch.Tensor:
@@ -410,7 +616,12 @@ class Selection:
         valid = torch.arange(W, device=self.lists.device) < self.counts.unsqueeze(-1)
         m = torch.zeros(B, H, S, nb + 1, dtype=torch.bool, device=self.lists.device)
         m.scatter_(-1, torch.where(valid, self.lists.long(), nb), True)
-        return m[..., :nb].repeat_interleave(self.sel_tokens, dim=2)[:, :, :tq]
+        t = torch.arange(tq, device=m.device)
+        m = m[:, :, torch.div(t + self.offset, self.sel_tokens, rounding_mode="floor"), :nb]
+        if self.q_start is not None:  # a token never reads a block after its own (attention masks it anyway)
+            own = torch.div(t + self.q_start, self.block_size, rounding_mode="floor")
+            m = m & (torch.arange(nb, device=m.device).view(1, -1) <= own.view(-1, 1))
+        return m
 
     def reverse(self):
         """For each (b, g, key block), the selection groups that read it: (offsets, groups), CSR."""
@@ -495,7 +706,8 @@ def _pack_bits(mask: torch.Tensor) -> torch.Tensor:
     return (m << shifts).sum(-1).to(torch.uint8)
 
 
-def _launch_scores(q, ck, ck2, q_pos, out, *, scale, kernel, stride, kernel2, stride2, sel_tokens, per_token):
+def _launch_scores(q, ck, ck2, q_pos, out, *, scale, kernel, stride, kernel2, stride2, sel_tokens, per_token,
+                   offset=0):
     B, Hq, Tq, D = q.shape
     Hkv = ck.shape[1]
     G = Hq // Hkv
@@ -506,9 +718,9 @@ def _launch_scores(q, ck, ck2, q_pos, out, *, scale, kernel, stride, kernel2, st
     else:
         block_t = min(block_t, sel_tokens)
     block_c = 64 if D <= 128 else 32
-    grid = (triton.cdiv(Tq, block_t), B * Hkv)
+    grid = (triton.cdiv(Tq + offset, block_t), B * Hkv)
     _select_scores_kernel[grid](
-        q, ck, ck2, q_pos, out, Tq, ck.shape[2], ck2.shape[2], Hkv, scale * _LOG2E,
+        q, ck, ck2, q_pos, out, Tq, ck.shape[2], ck2.shape[2], Hkv, scale * _LOG2E, offset,
         q.stride(0), q.stride(1), q.stride(2), ck.stride(0), ck.stride(1), ck.stride(2),
         ck2.stride(0), ck2.stride(1), ck2.stride(2), out.stride(0), out.stride(1), out.stride(2),
         G=G, GP=GP, BLOCK_T=block_t, SEL_T=sel_tokens, BLOCK_C=block_c, D=D, KERNEL=kernel, STRIDE=stride,
@@ -568,26 +780,28 @@ def select_blocks_triton(
     GP, block_t = _tiles(G, D)
     opts = dict(block_size=block_size, topk=topk, init_blocks=init_blocks, local_blocks=local_blocks,
                 dense_len=dense_len)
-    if selection == "block":
-        if select_tokens & (select_tokens - 1):
-            raise ValueError(f"select_tokens must be a power of two, got {select_tokens}")
-        S = -(-Tq // select_tokens)
+    if selection == "block" and Tq > 1:  # (one query: a group of one token, the same as token mode)
+        if select_tokens < 16 or select_tokens & (select_tokens - 1):
+            raise ValueError(f"select_tokens must be a power of two >= 16, got {select_tokens}")
+        # Groups aligned to absolute positions (q_pos is consecutive: q_pos[0] + arange(Tq)); one host sync.
+        p0 = int(q_pos[0])
+        off = p0 % select_tokens
+        S = -(-(Tq + off) // select_tokens)
         if nc > 0:
             scores = torch.zeros(B, Hkv, S, nc, dtype=torch.float32, device=device)
             _launch_scores(q, ck, ck2, q_pos, scores, scale=scale, kernel=kernel, stride=stride, kernel2=k2,
-                           stride2=s2, sel_tokens=select_tokens, per_token=False)
+                           stride2=s2, sel_tokens=select_tokens, per_token=False, offset=off)
         else:
             scores = torch.zeros(B, Hkv, S, 0, dtype=torch.float32, device=device)
-        pad = S * select_tokens - Tq
-        pp = F.pad(q_pos, (0, pad), value=-1).view(S, select_tokens)
-        t_lo = q_pos.view(-1)[torch.arange(S, device=device) * select_tokens]
-        t_hi = pp.amax(-1)
+        g = torch.arange(S, device=device)
+        t_lo = p0 + (g * select_tokens - off).clamp(min=0)
+        t_hi = p0 + ((g + 1) * select_tokens - off).clamp(max=Tq) - 1
         i = torch.arange(nc, device=device).view(1, -1)
         scores = scores.masked_fill((i * stride + kernel - 1 > t_hi.view(-1, 1)), float("-inf"))
         block_scores = _pool_blocks(scores, nb, block_size, kernel, stride)
-        mask = _choose(block_scores, t_lo.long(), t_hi.long(), stable_ties=False, **opts)
+        mask = _choose(block_scores, t_lo, t_hi, stable_ties=True, **opts)
         lists, counts = _mask_to_lists(mask)
-        return Selection(lists, counts, None, select_tokens, nb, Tq, block_size)
+        return Selection(lists, counts, None, select_tokens, nb, Tq, block_size, offset=off, q_start=p0)
     # Per-token (exact) selection, in chunks of whole tiles so the (rows, Nc) score matrix stays bounded.
     sel_t = max(min(block_t, _pow2(Tq)), -(-16 // GP))
     per_chunk = max(sel_t, (max_score_elems // max(1, B * Hkv * max(nc, nb))) // sel_t * sel_t)
@@ -618,6 +832,97 @@ def select_blocks_triton(
     return Selection(lists, counts, bits, sel_t, nb, Tq, block_size)
 
 
+def _decode_plan(B: int, Hkv: int, nc: int, step2: int) -> tuple[int, int]:
+    """(keys per logits program, attention splits): enough programs to fill the GPU (~1K), not more."""
+    bh = B * Hkv
+    ch = min(1024, max(64, 16 * step2, _pow2(-(-max(nc, 1) * bh // 1024))))
+    nsplit = max(1, min(32, _pow2(-(-512 // bh))))
+    return ch, nsplit
+
+
+def _decode_select(q, ck, q_pos, nb, *, scale, block_size, kernel, stride, topk, init_blocks, local_blocks,
+                   dense_len, coarse, coarse_kernel, coarse_stride, coarse_keys):
+    """Launches 1-2 of the decode path: (lists (B*Hkv, NB) int32, counts (B*Hkv,) int32)."""
+    B, Hq, _, D = q.shape
+    Hkv, nc = ck.shape[1], ck.shape[2]
+    G = Hq // Hkv
+    RM = max(16, _pow2(G))
+    if coarse:
+        if coarse_keys is None:
+            coarse_keys = coarse_from_compressed(ck, kernel, stride, coarse_kernel, coarse_stride)
+        ck2, k2, s2 = coarse_keys, coarse_kernel, coarse_stride
+        step2 = coarse_stride // stride
+    else:
+        ck2, k2, s2, step2 = ck, kernel, stride, 1
+    ch, _ = _decode_plan(B, Hkv, nc, step2)
+    nch = -(-max(nc, 1) // ch)
+    ncp = nch * ch
+    dev = q.device
+    lg = torch.empty(B * Hkv, G, ncp, dtype=torch.float32, device=dev)
+    mx = torch.empty(B * Hkv, nch, RM, dtype=torch.float32, device=dev)
+    sm = torch.empty_like(mx)
+    _decode_logits_kernel[(nch, B * Hkv)](
+        q, ck, ck2, q_pos, lg, mx, sm, nc, ck2.shape[2], Hkv, scale * _LOG2E, ncp, nch,
+        q.stride(0), q.stride(1), ck.stride(0), ck.stride(1), ck.stride(2), ck2.stride(0), ck2.stride(1),
+        ck2.stride(2), G=G, RM=RM, CH=ch, BLOCK_C=64, BLOCK_C2=min(64, ch // step2), D=D, KERNEL=kernel,
+        STRIDE=stride, KERNEL2=k2, STRIDE2=s2, STEP2=step2, COARSE=coarse, IEEE=q.dtype == torch.float32,
+        num_warps=4,
+    )
+    lists = torch.empty(B * Hkv, nb, dtype=torch.int32, device=dev)
+    counts = torch.empty(B * Hkv, dtype=torch.int32, device=dev)
+    nbp = _pow2(nb)
+    _decode_select_kernel[(B * Hkv,)](
+        lg, mx, sm, q_pos, lists, counts, nc, nb, ncp, nch, min(topk, nb), topk, init_blocks, local_blocks,
+        dense_len, lists.stride(0), G=G, RM=RM, NBP=nbp, LOG_NBP=nbp.bit_length() - 1, CT=64,
+        WIDTH=(block_size + kernel - 2) // stride + 1, BS=block_size, KERNEL=kernel, STRIDE=stride,
+        num_warps=8 if nbp >= 2048 else 4,
+    )
+    return lists, counts
+
+
+def decode_select_triton(q, ckeys, q_pos, num_kv_blocks, *, scale, block_size=64, kernel=32, stride=16, topk=96,
+                         init_blocks=1, local_blocks=32, dense_len=8192, coarse=False, coarse_kernel=128,
+                         coarse_stride=64, coarse_keys=None) -> Selection:
+    """The decode path's selection for one query token (q (B, Hq, 1, D)), as a `Selection` (for tests and tools)."""
+    B, Hkv = q.shape[0], ckeys.shape[1]
+    lists, counts = _decode_select(
+        q, ckeys, q_pos, num_kv_blocks, scale=scale, block_size=block_size, kernel=kernel, stride=stride, topk=topk,
+        init_blocks=init_blocks, local_blocks=local_blocks, dense_len=dense_len, coarse=coarse,
+        coarse_kernel=coarse_kernel, coarse_stride=coarse_stride, coarse_keys=coarse_keys)
+    return Selection(lists.view(B, Hkv, 1, -1), counts.view(B, Hkv, 1), None, 1, num_kv_blocks, 1, block_size)
+
+
+def decode_attention_triton(q, k, v, q_pos, ckeys, *, scale, block_size=64, kernel=32, stride=16, topk=96,
+                            init_blocks=1, local_blocks=32, dense_len=8192, coarse=False, coarse_kernel=128,
+                            coarse_stride=64, coarse_keys=None) -> torch.Tensor:
+    """One new token per sequence (q (B, Hq, 1, D), position q_pos (1,)) against the cache k, v (B, Hkv, Tk, D) and
+    its compressed keys: selection and attention in four launches, no host synchronisation (CUDA-graph safe).
+    Same function as the per-token path; forward only."""
+    B, Hq, _, D = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    G = Hq // Hkv
+    RM = max(16, _pow2(G))
+    nb = -(-Tk // block_size)
+    lists, counts = _decode_select(
+        q, ckeys, q_pos, nb, scale=scale, block_size=block_size, kernel=kernel, stride=stride, topk=topk,
+        init_blocks=init_blocks, local_blocks=local_blocks, dense_len=dense_len, coarse=coarse,
+        coarse_kernel=coarse_kernel, coarse_stride=coarse_stride, coarse_keys=coarse_keys)
+    _, nsplit = _decode_plan(B, Hkv, ckeys.shape[2], 1)
+    dev = q.device
+    op = torch.empty(B * Hkv * nsplit * RM, D, dtype=torch.float32, device=dev)
+    mp = torch.empty(B * Hkv * nsplit * RM, dtype=torch.float32, device=dev)
+    lp = torch.empty_like(mp)
+    _decode_attn_kernel[(nsplit, B * Hkv)](
+        q, k, v, q_pos, lists, counts, op, mp, lp, Tk, Hkv, scale * _LOG2E, nsplit,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        lists.stride(0), G=G, RM=RM, BS=block_size, D=D, IEEE=q.dtype == torch.float32, num_warps=4, num_stages=3,
+    )
+    o = torch.empty(B, Hq, 1, D, dtype=q.dtype, device=dev)
+    _decode_combine_kernel[(B * Hkv,)](op, mp, lp, o, Hkv, nsplit, o.stride(0), o.stride(1), G=G, RM=RM, D=D,
+                                       num_warps=4)
+    return o
+
+
 def _fwd(q, k, v, q_pos, sel: Selection, scale: float):
     B, Hq, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
@@ -629,9 +934,9 @@ def _fwd(q, k, v, q_pos, sel: Selection, scale: float):
     lse = torch.empty(B, Hq, Tq, dtype=torch.float32, device=q.device)
     bits = sel.bits if sel.bits is not None else sel.counts
     bs = sel.bits.stride() if sel.bits is not None else (0, 0, 0)
-    grid = (triton.cdiv(Tq, block_t), B * Hkv)
+    grid = (triton.cdiv(Tq + sel.offset, block_t), B * Hkv)
     _attn_fwd_kernel[grid](
-        q, k, v, o, lse, q_pos, sel.lists, sel.counts, bits, Tq, Tk, Hkv, scale * _LOG2E,
+        q, k, v, o, lse, q_pos, sel.lists, sel.counts, bits, Tq, Tk, Hkv, scale * _LOG2E, sel.offset,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
         v.stride(2), o.stride(0), o.stride(1), o.stride(2), lse.stride(0), lse.stride(1),
         sel.lists.stride(0), sel.lists.stride(1), sel.lists.stride(2), sel.counts.stride(0), sel.counts.stride(1),
@@ -658,8 +963,9 @@ def _bwd(q, k, v, o, lse, do, q_pos, sel: Selection, scale: float):
     ieee = q.dtype == torch.float32
     common = dict(G=G, GP=GP, BLOCK_T=block_t, SEL_T=sel.sel_tokens, BS=sel.block_size, D=D,
                   USE_BITS=sel.bits is not None, IEEE=ieee, num_warps=4, num_stages=2)
-    _attn_bwd_dq_kernel[(triton.cdiv(Tq, block_t), B * Hkv)](
+    _attn_bwd_dq_kernel[(triton.cdiv(Tq + sel.offset, block_t), B * Hkv)](
         q, k, v, do, dq, lse, delta, q_pos, sel.lists, sel.counts, bits, Tq, Tk, Hkv, scale * _LOG2E, scale,
+        sel.offset,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
         v.stride(2), lse.stride(0), lse.stride(1), sel.lists.stride(0), sel.lists.stride(1), sel.lists.stride(2),
         sel.counts.stride(0), sel.counts.stride(1), bs[0], bs[1], bs[2], **common,
@@ -667,7 +973,7 @@ def _bwd(q, k, v, o, lse, do, q_pos, sel: Selection, scale: float):
     off, groups = sel.reverse()
     _attn_bwd_dkdv_kernel[(sel.num_blocks, B * Hkv)](
         q, k, v, do, dk, dv, lse, delta, q_pos, off, groups, bits, Tq, Tk, Hkv, sel.num_blocks, scale * _LOG2E,
-        scale, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0),
+        scale, sel.offset, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0),
         v.stride(1), v.stride(2), lse.stride(0), lse.stride(1), bs[0], bs[1], bs[2], **common,
     )
     return dq, dk, dv
@@ -747,6 +1053,16 @@ def infllm_v2_attention_triton(
         return _dense(q, k, v, q_pos, scale)
     if ckeys is None:
         ckeys = compress_keys_triton(k.detach(), kernel, stride)
+    if q.shape[2] == 1 and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
+        # Decode (one token: block mode is the same function): fused path, four launches.
+        if q.stride(-1) != 1:
+            q = q.contiguous()
+        ck = ckeys if ckeys.stride(-1) == 1 else ckeys.contiguous()
+        return decode_attention_triton(
+            q, k if k.stride(-1) == 1 else k.contiguous(), v if v.stride(-1) == 1 else v.contiguous(), q_pos, ck,
+            scale=scale, block_size=block_size, kernel=kernel, stride=stride, topk=topk, init_blocks=init_blocks,
+            local_blocks=local_blocks, dense_len=dense_len, coarse=coarse, coarse_kernel=coarse_kernel,
+            coarse_stride=coarse_stride, coarse_keys=coarse_keys)
     sel = select_blocks_triton(
         q, ckeys, q_pos, num_blocks, scale=scale, block_size=block_size, kernel=kernel, stride=stride, topk=topk,
         init_blocks=init_blocks, local_blocks=local_blocks, dense_len=dense_len, selection=selection,

@@ -15,6 +15,7 @@ SPARSE = "full_attention"
 LAYER_KINDS = (LIGHTNING, SPARSE)
 LAYER_ALIASES = {"lightning": LIGHTNING, "linear": LIGHTNING, "sparse": SPARSE, "attention": SPARSE}
 DECAY_SCHEDULES = ("sala", "layerwise")
+SPARSE_SELECTIONS = ("token", "block")
 
 
 class HybridConfig(PretrainedConfig):
@@ -23,6 +24,9 @@ class HybridConfig(PretrainedConfig):
     `layer_types[i]` is "linear_attention" (Lightning) or "full_attention" (sparse). Lightning options follow MiniCPM-SALA (fixed ALiBi-slope decay, the
     same in every layer, unless `lightning_decay="layerwise"`); sparse options are InfLLM-V2's defaults. With `hype`
     the sparse layers use no positional encoding (NoPE) and the Lightning layers keep RoPE; without it both use RoPE.
+    Sparse selection: `sparse_selection="token"` (exact, per query token) or `"block"` (the queries of one
+    `sparse_select_tokens`-aligned group share a selection); `sparse_coarse_normalizer` takes the selection softmax's
+    normaliser from coarse keys (4x the compression window and stride). Their definitions: kernels/sparse_reference.py.
     """
 
     model_type = "hybridize"
@@ -61,6 +65,9 @@ class HybridConfig(PretrainedConfig):
         sparse_init_blocks: int = 1,
         sparse_local_blocks: int = 32,
         sparse_query_log_scale: float | None = None,
+        sparse_selection: str = "token",
+        sparse_select_tokens: int = 64,
+        sparse_coarse_normalizer: bool = False,
         source_model_type: str | None = None,
         pad_token_id: int | None = None,
         bos_token_id: int | None = 1,
@@ -100,6 +107,9 @@ class HybridConfig(PretrainedConfig):
         self.sparse_init_blocks = sparse_init_blocks
         self.sparse_local_blocks = sparse_local_blocks
         self.sparse_query_log_scale = sparse_query_log_scale
+        self.sparse_selection = sparse_selection
+        self.sparse_select_tokens = sparse_select_tokens
+        self.sparse_coarse_normalizer = sparse_coarse_normalizer
         self.source_model_type = source_model_type
         self._validate()
         super().__init__(
@@ -128,6 +138,16 @@ class HybridConfig(PretrainedConfig):
             raise ValueError("sparse_local_blocks must be at least 1 (the query's own block)")
         if self.sparse_block_size % self.sparse_compress_stride:
             raise ValueError("sparse_block_size must be a multiple of sparse_compress_stride")
+        if self.sparse_selection not in SPARSE_SELECTIONS:
+            raise ValueError(f"sparse_selection must be one of {SPARSE_SELECTIONS}, got {self.sparse_selection!r}")
+        n = self.sparse_select_tokens
+        if not isinstance(n, int) or n < 16 or n & (n - 1):
+            raise ValueError(f"sparse_select_tokens must be a power of two >= 16, got {n!r}")
+        if not isinstance(self.sparse_coarse_normalizer, bool):
+            raise ValueError(f"sparse_coarse_normalizer must be true or false, got {self.sparse_coarse_normalizer!r}")
+        if self.sparse_coarse_normalizer and self.sparse_compress_kernel % self.sparse_compress_stride:
+            raise ValueError("sparse_coarse_normalizer needs sparse_compress_kernel to be a multiple of "
+                             "sparse_compress_stride (the coarse keys are built from non-overlapping windows)")
 
     @property
     def sparse_layers(self) -> list[int]:

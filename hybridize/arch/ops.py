@@ -59,17 +59,14 @@ def lightning_attention(q, k, v, log_decay, *, scale, initial_state=None, output
                                   cu_seqlens)
 
 
-_TRITON_ONLY_OPTIONS = ("selection", "select_tokens", "coarse", "coarse_kernel", "coarse_stride", "coarse_keys")
-
-
 def sparse_attention(q, k, v, q_pos, ckeys=None, **options):
     """InfLLM-V2 attention for one logical (unpadded) sequence batch; dense below `dense_len`.
-    CUDA tensors go to the Triton kernels (exact per-token selection unless `selection="block"` / `coarse=True` ask
-    for the documented approximations of sparse_triton.py); anything else to the PyTorch reference."""
+    CUDA tensors go to the Triton kernels, anything else to the PyTorch reference; both take the same options
+    (`selection="token"|"block"`, `select_tokens`, `coarse`, ... : see sparse_reference.py) and compute the same
+    function. A single query token on CUDA (decode) takes the fused four-launch decode path."""
     if _SPARSE_TRITON and q.is_cuda and _sparse_supports(
             q, k, block_size=options.get("block_size", 64), stride=options.get("stride", 16)):
         return infllm_v2_attention_triton(q, k, v, q_pos, ckeys, **options)
-    options = {name: value for name, value in options.items() if name not in _TRITON_ONLY_OPTIONS}
     return infllm_v2_attention(q, k, v, q_pos, ckeys, **options)
 
 
