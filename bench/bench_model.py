@@ -61,6 +61,8 @@ def main() -> int:
     ap.add_argument("--budget", type=float, default=380.0, help="seconds for the whole script")
     ap.add_argument("--dense-share", type=float, default=0.4, help="share of the time left kept for the dense model")
     ap.add_argument("--warmup", default="32K")
+    ap.add_argument("--variants", default="block+coarse,token", help="hybrid selection variants to run, in order")
+    ap.add_argument("--token-max", default="128K", help="longest length for the exact token-selection hybrid")
     ap.add_argument("--plot", default=None, help="only draw the plots of an earlier OUT folder")
     args = ap.parse_args()
     if args.plot:
@@ -91,13 +93,18 @@ def main() -> int:
         jsonl.write(json.dumps({"model": name, **asdict(r)}) + "\n")
         jsonl.flush()
 
-    builders = shape_builders(args.shape, "1:3", torch.bfloat16, device)
+    variants = {"(block+coarse selection)": {"sparse_selection": "block", "sparse_coarse_normalizer": True},
+                "(token selection)": {"sparse_selection": "token"}}
+    variants = {k: v for k, v in variants.items() if k.strip("()").split(" ")[0] in args.variants.split(",")}
+    builders = shape_builders(args.shape, "1:3", torch.bfloat16, device, variants)
     # The dense model first: its times are predictable, and a hybrid run cut short still leaves both in results.jsonl.
     names = sorted(builders, key=lambda n: not n.endswith("(dense)"))
+    shares = [args.dense_share] + [0.75] * (len(names) - 2) + [1.0]
     models = []
     for i, name in enumerate(names):
         left = args.budget - (time.perf_counter() - t_start)
-        cap = left * args.dense_share if i == 0 else left - 15.0
+        cap = left * shares[i] if i < len(names) - 1 else left - 15.0
+        model_lengths = [L for L in lengths if L <= parse_length(args.token_max)] if "token" in name else lengths
         t0 = time.perf_counter()
         model = builders[name]()
         if device.type == "cuda":
@@ -105,7 +112,7 @@ def main() -> int:
         print(f"{name}: built in {time.perf_counter() - t0:.1f} s, "
               f"{sum(p.numel() for p in model.parameters()) / 1e9:.2f} B params, "
               f"{torch.cuda.memory_allocated() / 2**30:.1f} GiB; time cap {cap:.0f} s", flush=True)
-        models.append(bench_model(name, model, lengths, chunk_size=args.chunk, decode_batches=batches,
+        models.append(bench_model(name, model, model_lengths, chunk_size=args.chunk, decode_batches=batches,
                                   decode_steps=args.decode_steps, time_cap_s=cap - (time.perf_counter() - t0),
                                   warmup_length=parse_length(args.warmup),
                                   log=lambda s: print(s, flush=True), on_result=on_result))

@@ -61,6 +61,9 @@ def eval_command(model, compare, texts, seq_len, max_windows, lengths, depths, t
 @click.option("--shape", default=None, help="benchmark a weightless shape and its hybrid instead (llama3-8b, "
               "smollm2-135m, tiny)")
 @click.option("--ratio", default="1:3", show_default=True, help="sparse:linear ratio of the --shape hybrid")
+@click.option("--sparse-selection", type=click.Choice(["token", "block"]), default=None,
+              help="--shape hybrid: exact per-token block selection or one selection per 64-query group")
+@click.option("--coarse", is_flag=True, help="--shape hybrid: selection softmax normaliser from coarse keys")
 @click.option("--lengths", default="1K,2K,4K", show_default=True, help="context lengths (e.g. 32K,128K,1M)")
 @click.option("--chunk-size", default=16384, show_default=True, help="prefill chunk (tokens)")
 @click.option("--decode-batch", "decode_batches", default="1", show_default=True, help="decode batch sizes, e.g. 1,8")
@@ -72,7 +75,7 @@ def eval_command(model, compare, texts, seq_len, max_windows, lengths, depths, t
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None)
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
 @click.option("--no-plots", is_flag=True)
-def bench_command(model, compare, shape, ratio, lengths, chunk_size, decode_batches, decode_steps, time_cap, warmup,
+def bench_command(model, compare, shape, ratio, sparse_selection, coarse, lengths, chunk_size, decode_batches, decode_steps, time_cap, warmup,
                   output, force, dtype, device, no_plots):
     """Time to first token, decode tokens/s and peak memory over context lengths (OOM is a result)."""
     from .evaluate import run_bench_command
@@ -83,7 +86,8 @@ def bench_command(model, compare, shape, ratio, lengths, chunk_size, decode_batc
         run_bench_command, model, compare, shape=shape, ratio=ratio, lengths=_split(lengths, _length, "--lengths"),
         output=output, force=force, dtype=dtype, device=device, chunk_size=chunk_size,
         decode_batches=_split(decode_batches, int, "--decode-batch"), decode_steps=decode_steps, time_cap_s=time_cap,
-        warmup_length=(0 if warmup == "0" else _length(warmup)) if warmup else None, plots=not no_plots, command=command,
+        warmup_length=(0 if warmup == "0" else _length(warmup)) if warmup else None, plots=not no_plots,
+        sparse_selection=sparse_selection, coarse=coarse, command=command,
         log=lambda s: click.echo(s, err=True),
     )
     click.echo(bench_table(report))

@@ -105,39 +105,48 @@ def _decode(r: dict | None, batch: int):
 
 
 def _ratio(a, b) -> str:
+    """a / b; for TTFT called as (source, hybrid), for decode as (hybrid, source)."""
     if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b > 0:
         return f"{a / b:.2f}x"
-    if isinstance(a, (int, float)) and b == "oom":
+    if a == "oom" and isinstance(b, (int, float)) or isinstance(a, (int, float)) and b == "oom":
         return "source OOM"
     return "-"
 
 
 def bench_table(report: dict) -> str:
-    """Rows: context lengths. Columns: each metric for every model side by side, plus the ratio for two models."""
+    """Rows: context lengths. Columns: each metric for every model side by side (hybrids first), then each hybrid's
+    ratio to the source when there is one dense model: TTFT speed-up (source / hybrid), decode ratio (hybrid / source)."""
     models = sorted(report["models"], key=lambda m: m.get("kind") != "hybrid")  # the hybrid first: ratios vs source
     names = [m["name"] for m in models]
     tables = [_by_length(m) for m in models]
-    two = len(models) == 2
+    dense = [i for i, m in enumerate(models) if m.get("kind") == "dense"]
+    src = dense[0] if len(dense) == 1 and len(models) > 1 else None
+    hybrids = [i for i in range(len(models)) if i != src] if src is not None else []
+    many = len(hybrids) > 1
+
+    def ratio_names(what):
+        return [f"{what}" + (f" ({names[i]})" if many else "") for i in hybrids]
+
     header = ["context"]
-    header += [f"TTFT s ({n})" for n in names] + (["TTFT speed-up"] if two else [])
+    header += [f"TTFT s ({n})" for n in names] + ratio_names("TTFT speed-up")
     for b in report["decode_batches"]:
-        header += [f"decode tok/s B={b} ({n})" for n in names] + ([f"decode ratio B={b}"] if two else [])
+        header += [f"decode tok/s B={b} ({n})" for n in names] + ratio_names(f"decode ratio B={b}")
     header += [f"peak GiB ({n})" for n in names]
+
+    def ttft(r):
+        if r is None:
+            return None
+        return r["ttft_s"] if r["status"] == "ok" else r["status"]
+
     rows = []
     for L in report["lengths"]:
         rs = [t.get(L) for t in tables]
-
-        def ttft(r):
-            if r is None:
-                return None
-            return r["ttft_s"] if r["status"] == "ok" else r["status"]
-
         row = [format_length(L)]
         vals = [ttft(r) for r in rs]
-        row += [_fmt(v) for v in vals] + ([_ratio(vals[1], vals[0])] if two else [])
+        row += [_fmt(v) for v in vals] + [_ratio(vals[src], vals[i]) if vals[i] is not None else "-" for i in hybrids]
         for b in report["decode_batches"]:
             dv = [_decode(r, b) for r in rs]
-            row += [_fmt(v) for v in dv] + ([_ratio(dv[0], dv[1])] if two else [])
+            row += [_fmt(v) for v in dv] + [_ratio(dv[i], dv[src]) for i in hybrids]
         row += [_fmt(r["peak_gib"]) if r is not None and r.get("peak_gib") is not None else "-" for r in rs]
         rows.append(row)
     return _table(header, rows)

@@ -100,16 +100,33 @@ def random_model(config, dtype: torch.dtype, device: torch.device):
     return model.eval()
 
 
-def shape_builders(shape: str, ratio: str, dtype: torch.dtype, device: torch.device) -> dict[str, Callable]:
-    """{name: () -> model} for the hybrid of a shape and the dense source of that shape."""
+def shape_builders(shape: str, ratio: str, dtype: torch.dtype, device: torch.device,
+                   variants: dict[str, dict] | None = None) -> dict[str, Callable]:
+    """{name: () -> model} for the dense source of a shape and its hybrid(s). `variants` maps a name suffix to
+    HybridConfig overrides (e.g. {"block": {"sparse_selection": "block"}}); default: one hybrid, default config."""
     from ..convert.build import hybrid_config_from_source
 
     src_config = shape_config(shape)
-    hyb_config = hybrid_config_from_source(src_config, hybrid_layer_types(src_config.num_hidden_layers, ratio))
-    return {
-        f"hybrid {ratio}": lambda: random_model(hyb_config, dtype, device),
-        f"{shape} (dense)": lambda: random_model(src_config, dtype, device),
-    }
+    types = hybrid_layer_types(src_config.num_hidden_layers, ratio)
+    builders: dict[str, Callable] = {}
+    for suffix, overrides in (variants or {"": {}}).items():
+        config = hybrid_config_from_source(src_config, types, **overrides)
+        name = f"hybrid {ratio}" + (f" {suffix}" if suffix else "")
+        builders[name] = lambda c=config: random_model(c, dtype, device)
+    builders[f"{shape} (dense)"] = lambda: random_model(src_config, dtype, device)
+    return builders
+
+
+def selection_variant(selection: str | None, coarse: bool) -> dict[str, dict] | None:
+    """The `variants` of shape_builders for a --sparse-selection / --coarse choice (None: the config defaults)."""
+    if selection is None and not coarse:
+        return None
+    overrides: dict = {}
+    if selection is not None:
+        overrides["sparse_selection"] = selection
+    if coarse:
+        overrides["sparse_coarse_normalizer"] = True
+    return {f"({selection or 'token'}{'+coarse' if coarse else ''} selection)": overrides}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
