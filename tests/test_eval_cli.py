@@ -96,3 +96,23 @@ def test_bench_refuses_model_and_shape_together(folders, tmp_path):
     assert res.exit_code == 2 and "llama3-8b" in res.output
     res = CliRunner().invoke(main, ["bench", "--shape", "tiny", "--lengths", "12Q", "-o", str(tmp_path / "b")])
     assert res.exit_code == 2 and "128K" in res.output
+
+
+def test_bench_table_ratios_and_oom_as_results():
+    def res(length, ttft, tok_s, status="ok"):
+        return {"length": length, "status": status, "ttft_s": ttft, "peak_gib": None, "decode_tok_s": {"1": tok_s}}
+
+    report = {"lengths": [1024, 2048], "decode_batches": [1], "models": [
+        {"name": "dense", "kind": "dense", "results": [res(1024, 8.0, 10.0), res(2048, None, None, "oom")]},
+        {"name": "h-a", "kind": "hybrid", "results": [res(1024, 2.0, 40.0), res(2048, 5.0, 30.0)]},
+        {"name": "h-b", "kind": "hybrid", "results": [res(1024, 4.0, 20.0)]},
+    ]}
+    lines = bench_table(report).splitlines()
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    assert header[:4] == ["context", "TTFT s (h-a)", "TTFT s (h-b)", "TTFT s (dense)"]
+    assert header[4:6] == ["TTFT speed-up (h-a)", "TTFT speed-up (h-b)"]
+    row1 = [c.strip() for c in lines[2].strip("|").split("|")]
+    row2 = [c.strip() for c in lines[3].strip("|").split("|")]
+    assert row1[4:6] == ["4.00x", "2.00x"]  # source / hybrid
+    assert row1[9:11] == ["4.00x", "2.00x"]  # decode: hybrid / source
+    assert row2[3] == "oom" and row2[4] == "source OOM" and row2[2] == "-"
