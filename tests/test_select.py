@@ -91,6 +91,9 @@ def test_report_has_one_entry_per_layer(result):
         assert set(e["retrieval"]) == {"passkey@200", "kv@200"}
     assert rep["seed"] == 11 and rep["settings"]["seed"] == 11
     assert rep["wall_time_s"] > 0 and rep["timings"]["sweep_s"] > 0
+    # the least-squares output scale leaves every student no worse than predicting zeros on the first batch
+    assert all(e["align_initial_relative_error"] <= 1.0 + 1e-4 for e in rep["layers"])
+    assert all(e["align_output_scale"] != 1.0 for e in rep["layers"])
     # alignment reduced the students' error on average
     init = sum(e["align_initial_relative_error"] for e in rep["layers"])
     final = sum(e["align_relative_error"] for e in rep["layers"])

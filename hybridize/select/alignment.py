@@ -89,6 +89,7 @@ class AlignSettings:
     lr: float = 1e-3
     min_lr: float = 1e-5
     warmup: int = 4
+    calibrate: bool = True  # least-squares output scale before training (calibrate_output_scale)
 
     def validate(self) -> None:
         for name in ("steps", "batch_size"):
@@ -102,9 +103,28 @@ class AlignSettings:
 class AlignResult:
     loss_curve: list[float] = field(default_factory=list)  # summed per-layer MSE per step
     relative_error: list[float] = field(default_factory=list)  # per layer, last step: MSE / mean(teacher output^2)
-    initial_relative_error: list[float] = field(default_factory=list)
+    initial_relative_error: list[float] = field(default_factory=list)  # first step, after calibration
+    output_scale: list[float] = field(default_factory=list)  # calibration factors (1.0 when off)
     seconds: float = 0.0
     tokens: int = 0
+
+
+@torch.no_grad()
+def calibrate_output_scale(runner: LayerRunner, students: nn.ModuleList, ids: torch.Tensor) -> list[float]:
+    """Rescale each student's output norm by the least-squares factor against the teacher on one batch.
+
+    A fresh student has no softmax normaliser: its output norm sets a unit RMS, while the teacher's attention output
+    is an average of values, often 10-1000x smaller. The output is linear in the norm's weight, so
+    alpha = <student, teacher> / <student, student> is the best single factor, and the relative error on this batch
+    becomes at most 1 before any training step."""
+    ctx = runner.context(ids)
+    factors = []
+    for student, (x, target) in zip(students, runner.attention_io(ids)):
+        out = student(x, ctx).float()
+        alpha = (out * target.float()).sum() / out.pow(2).sum().clamp(min=1e-30)
+        student.o_norm.weight.mul_(alpha.to(student.o_norm.weight.dtype))
+        factors.append(alpha.item())
+    return factors
 
 
 def _lr_at(step: int, s: AlignSettings) -> float:
@@ -126,8 +146,13 @@ def align_students(runner: LayerRunner, students: nn.ModuleList, train_ids: torc
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
     result = AlignResult()
-    students.train()
     n = train_ids.shape[0]
+    if settings.calibrate:
+        first = train_ids[[j % n for j in range(settings.batch_size)]].to(runner.device)
+        result.output_scale = calibrate_output_scale(runner, students, first)
+    else:
+        result.output_scale = [1.0] * len(students)
+    students.train()
     bar = tqdm(range(settings.steps), desc="align students", disable=not progress)
     for step in bar:
         rows = [(step * settings.batch_size + j) % n for j in range(settings.batch_size)]

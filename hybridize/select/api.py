@@ -186,7 +186,8 @@ def score_model(model, tokenizer, settings: ScoreSettings | None = None, *, prog
             m = measures[i]
             entry.update(C=m.C, R=m.R, loss=m.loss, retrieval=m.retrieval,
                          align_relative_error=align.relative_error[i],
-                         align_initial_relative_error=align.initial_relative_error[i])
+                         align_initial_relative_error=align.initial_relative_error[i],
+                         align_output_scale=align.output_scale[i])
         layers.append(entry)
 
     report = {
