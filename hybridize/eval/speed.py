@@ -197,25 +197,29 @@ def _is_oom(e: BaseException) -> bool:
     return isinstance(e, RuntimeError) and "out of memory" in str(e).lower()
 
 
-def cache_fits(model, length: int, device: torch.device) -> tuple[bool, str]:
-    """Whether the cache of one sequence of `length` can be allocated at all (a real allocation, freed at once)."""
+def cache_fits(model, length: int, device: torch.device, chunk_size: int = DEFAULT_CHUNK) -> tuple[bool, str]:
+    """Whether the cache of one sequence of `length` plus one chunk's MLP activations can be allocated at all
+    (a real allocation, freed at once). A model that fails this cannot prefill `length` tokens."""
     if device.type != "cuda":
         return True, ""
-    est = cache_bytes_estimate(model.config, length)
+    cfg = model.config
+    est = cache_bytes_estimate(cfg, length)
+    work = min(chunk_size, length) * (3 * cfg.intermediate_size + 2 * cfg.hidden_size) * 2
     try:
-        probe = torch.empty(est, dtype=torch.uint8, device=device)
+        probe = torch.empty(est + work, dtype=torch.uint8, device=device)
         del probe
         return True, ""
     except torch.OutOfMemoryError:
         _free(device)
-        return False, f"its cache ({est / 2**30:.1f} GiB) cannot be allocated beside the weights"
+        return False, (f"its cache ({est / 2**30:.1f} GiB) and one chunk's MLP activations ({work / 2**30:.1f} GiB) "
+                       f"cannot be allocated beside the weights")
 
 
 def bench_length(model, length: int, *, device, chunk_size: int, decode_batches: list[int], decode_steps: int,
                  vocab: int, seed: int = 0) -> LengthResult:
     """One context length: prefill (batch 1), then decode at each batch size. OOM becomes a result."""
     res = LengthResult(length, "ok")
-    fits, why = cache_fits(model, length, device)
+    fits, why = cache_fits(model, length, device, chunk_size)
     if not fits:
         res.status, res.note = "oom", why
         return res
@@ -326,7 +330,7 @@ def bench_model(
             if time.perf_counter() - start + predicted > time_cap_s:
                 reason = f"predicted {predicted:.0f} s passes the time cap"
         if reason:
-            fits, why = cache_fits(model, L, device)  # cheap, and an OOM is still worth recording
+            fits, why = cache_fits(model, L, device, chunk_size)  # cheap, and an OOM is still worth recording
             record(LengthResult(L, "skipped", note=reason) if fits else LengthResult(L, "oom", note=why))
             continue
         r = bench_length(model, L, device=device, chunk_size=chunk_size, decode_batches=list(decode_batches),
