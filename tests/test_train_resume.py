@@ -4,6 +4,7 @@ SIGTERM sent to a `hybridize train` subprocess mid-stage. Also: checkpoints are 
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -116,3 +117,25 @@ def test_sigterm_to_a_training_process_checkpoints_and_resume_matches(assets, tm
     train(recipe_from_dict(recipe))
     for (s, a), (_, b) in zip(resumed, _losses(tmp_path / "straight")):
         assert a == pytest.approx(b, rel=1e-6, abs=1e-7), f"step {s}"
+
+
+def test_non_finite_loss_stops_naming_step_and_checkpoint_or_skips(assets, tmp_path):
+    from hybridize.train.trainer import NonFiniteLossError
+
+    root, docs, src = assets
+    stage = {"name": "boom", "seq_len": 32, "global_batch_tokens": 64, "steps": 4, "lr": 1e30, "grad_clip": None,
+             "schedule": "constant", "trainable": "all", "loss": {"ce": 1.0}}
+    recipe = S.tiny_recipe(src, docs, tmp_path / "stop", root / "cache", stages=[stage])
+    recipe["output"].update(checkpoint_every=1, export=False)
+    with pytest.raises(NonFiniteLossError) as err:
+        train(recipe_from_dict(recipe))
+    msg = str(err.value)
+    good = _losses(tmp_path / "stop")  # the steps before the bad one, all finite
+    bad = len(good) + 1
+    assert 1 < bad <= 4 and all(math.isfinite(x) for _, x in good)
+    assert f"stage 'boom' step {bad}" in msg and f"checkpoint-{bad - 1:07d}" in msg, msg
+    assert (tmp_path / "stop" / "checkpoints" / f"checkpoint-{bad - 1:07d}").is_dir()
+    recipe["output"]["dir"] = str(tmp_path / "skip")
+    recipe["on_nonfinite"] = "skip"
+    result = train(recipe_from_dict(recipe))  # the weights stay broken, so every later batch is skipped too
+    assert [bool(h.get("skipped")) for h in result.history] == [False] * (bad - 1) + [True] * (5 - bad)
