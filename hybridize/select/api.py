@@ -240,13 +240,18 @@ def write_result(result: ScoreResult, output: str | Path, force: bool = False) -
     return Path(output)
 
 
-def load_source(source: str | None):
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def load_source(source: str | None, dtype: str = "float32"):
     """(model, tokenizer, label) for a checkpoint path or hub id, or the built-in default model when None."""
     from ..convert.converter import load_source_model
     from ..convert.readers import open_checkpoint
 
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     ckpt = open_checkpoint(source, None)
-    model = load_source_model(ckpt).eval()
+    model = load_source_model(ckpt, DTYPES[dtype]).eval()
     tokenizer = ckpt.tokenizer
     if tokenizer is None:
         if ckpt.folder is None or not ckpt.tokenizer_files():
@@ -258,14 +263,17 @@ def load_source(source: str | None):
 
 
 def score(source: str | None = None, output: str | Path = "layer-scores", settings: ScoreSettings | None = None, *,
-          force: bool = False, progress: bool = True) -> ScoreResult:
-    """Read `source` (None: the built-in SmolLM2-135M), score its layers and write the report folder."""
+          force: bool = False, progress: bool = True, dtype: str = "float32") -> ScoreResult:
+    """Read `source` (None: the built-in SmolLM2-135M), score its layers and write the report folder.
+    `dtype` bfloat16 halves memory (teacher, students and the sweep's stored streams) for large models on a GPU."""
     output = Path(output)
     if output.exists() and not force:
         raise FileExistsError(f"{output} already exists: choose another --output or pass --force to replace it")
     (settings or ScoreSettings()).validate()  # cheap checks before reading the model
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     started = time.perf_counter()
-    model, tokenizer, label = load_source(source)
+    model, tokenizer, label = load_source(source, dtype)
     if torch.cuda.is_available():
         model = model.to("cuda")
     load_s = time.perf_counter() - started

@@ -41,11 +41,13 @@ def _lengths(text: str, option: str) -> tuple[int, ...]:
 @click.option("--gates/--no-gates", default=True, show_default=True, help="students carry the output gate")
 @click.option("--compare-uniform", is_flag=True,
               help="also report held-out loss of the chosen and the uniform hybrid, both with the aligned students")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True,
+              help="load the model in this dtype (bfloat16 for large models on a GPU)")
 @click.option("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 @click.option("--force", is_flag=True, help="replace an existing output folder")
 @click.option("--quiet", is_flag=True, help="no progress bars")
 def score(source, output, method, ratio, keep_first_last, seed, gpu_defaults, seq_len, align_steps, align_batch,
-          heldout_seqs, passkey_lengths, kv_lengths, samples, gates, compare_uniform, threads, force, quiet):
+          heldout_seqs, passkey_lengths, kv_lengths, samples, gates, compare_uniform, dtype, threads, force, quiet):
     """Score the layers of SOURCE (default: the built-in SmolLM2-135M) and choose which stay attention."""
     import torch
 
@@ -66,7 +68,7 @@ def score(source, output, method, ratio, keep_first_last, seed, gpu_defaults, se
     overrides = {k: v for k, v in (("seq_len", seq_len), ("heldout_seqs", heldout_seqs)) if v is not None}
     settings = dataclasses.replace(base, method=method, ratio=ratio, keep_first_last=keep_first_last, seed=seed,
                                    gates=gates, compare_uniform=compare_uniform, align=align, probes=probes, **overrides)
-    result = _fail_cleanly(run_score, source, output, settings, force=force, progress=not quiet)
+    result = _fail_cleanly(run_score, source, output, settings, force=force, progress=not quiet, dtype=dtype)
     rep = result.report
     click.echo(f"wrote {output}: {len(rep['chosen_layers'])} sparse of {rep['num_layers']} layers "
                f"{rep['chosen_layers']} ({rep['method']}, {rep['wall_time_s']:.0f} s)")
