@@ -65,7 +65,7 @@ def tiny_recipe(source: Path, docs: Path, output: Path, cache: Path, **over) -> 
              "loss": {"hidden_mse": 1.0}},
             {"name": "distil", "seq_len": 64, "global_batch_tokens": 128, "micro_batch_size": 1, "steps": 4,
              "lr": 1e-3, "schedule": "wsd", "trainable": "all", "loss": {"kl": 1.0, "ce": 0.5, "temperature": 2.0},
-             "eval_every": 2, "eval_sequences": 2},
+             "eval_every": 2, "eval_sequences": 2, "gradient_checkpointing": True},
         ],
         "output": {"dir": str(output), "keep_last": 2},
         "logging": {"progress": False},

@@ -184,6 +184,19 @@ def _checkpointing(model) -> bool:
                 else model.is_gradient_checkpointing)
 
 
+def _set_checkpointing(model, on: bool) -> None:
+    """Activation checkpointing (non-reentrant) on or off; transformers renamed the methods during 5.x."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        if on:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.activation_checkpointing_disable()
+    elif on:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_disable()
+
+
 def _fresh_student(config, checkpoint: Path):
     from ..arch.modeling_hybridize import HybridForCausalLM
 
@@ -251,9 +264,9 @@ def train(recipe: Recipe, *, resume: bool = False, accelerator=None, on_step=Non
 
             _set_sparse(model, stage, default_dense_len)
             if stage.gradient_checkpointing:
-                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                _set_checkpointing(model, True)
             elif _checkpointing(model):
-                model.gradient_checkpointing_disable()
+                _set_checkpointing(model, False)
             if stage.trainable == "lora":
                 model.requires_grad_(False)
                 model = apply_lora(model, stage.lora)
@@ -383,7 +396,7 @@ def train(recipe: Recipe, *, resume: bool = False, accelerator=None, on_step=Non
 
     model.config.sparse_dense_len = default_dense_len
     if _checkpointing(model):
-        model.gradient_checkpointing_disable()
+        _set_checkpointing(model, False)
     model.requires_grad_(True)
     if main and recipe.output.export:
         from ..export import save_hybrid
