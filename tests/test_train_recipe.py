@@ -129,6 +129,28 @@ def test_data_sources_cache_heldout_and_mixture(tmp_path):
     assert all(np.array_equal(stream[i][0], MixtureStream(packed, [3, 1], seed=0)[i][0]) for i in (0, 77, 399))
 
 
+def test_hf_source_reads_a_load_dataset_path(tmp_path):
+    from transformers import AutoTokenizer
+
+    docs = S.write_documents(tmp_path / "docs", count=2)
+    src = S.make_tiny_source(tmp_path / "src", docs, layers=1)
+    tok = AutoTokenizer.from_pretrained(src)
+    data = tmp_path / "my_dataset"
+    data.mkdir()
+    (data / "train.jsonl").write_text("\n".join(json.dumps({"body": f"line {i} of the corpus"}) for i in range(5)))
+    recipe = _good(tmp_path)
+    recipe["data"] = {"sources": [{"type": "hf", "path": str(data), "split": "train", "field": "body"}],
+                      "cache_dir": str(tmp_path / "cache")}
+    spec = load_recipe(S.write_recipe(tmp_path / "r.yaml", recipe)).data
+    corpus = build_corpus(spec, tok, seed=0)
+    assert corpus.train[0].num_docs == 5
+    assert tok.decode(corpus.train[0].ids).startswith("line 0 of the corpus")
+    recipe["data"]["sources"][0]["field"] = "text"
+    spec = load_recipe(S.write_recipe(tmp_path / "r.yaml", recipe)).data
+    with pytest.raises(ValueError, match="no field 'text'"):
+        build_corpus(spec, tok, seed=0)
+
+
 def test_teacher_generated_source(tmp_path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer

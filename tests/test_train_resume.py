@@ -139,3 +139,23 @@ def test_non_finite_loss_stops_naming_step_and_checkpoint_or_skips(assets, tmp_p
     recipe["on_nonfinite"] = "skip"
     result = train(recipe_from_dict(recipe))  # the weights stay broken, so every later batch is skipped too
     assert [bool(h.get("skipped")) for h in result.history] == [False] * (bad - 1) + [True] * (5 - bad)
+
+
+def test_push_to_hub_hands_the_exported_folder_to_the_hub_client(assets, tmp_path, monkeypatch):
+    from unittest import mock
+
+    root, docs, src = assets
+    recipe = S.tiny_recipe(src, docs, tmp_path / "pushed", root / "cache")
+    recipe["stages"] = recipe["stages"][:1]
+    recipe["push_to_hub"] = {"repo_id": "me/trained-hybrid", "private": True}
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_TOKEN", "hf_test")
+    api = mock.Mock()
+    api.create_commit.return_value = mock.Mock(commit_url="https://huggingface.co/me/trained-hybrid/commit/1")
+    with mock.patch("huggingface_hub.HfApi", return_value=api):  # the network boundary only
+        result = train(recipe_from_dict(recipe))
+    api.create_repo.assert_called_once_with("me/trained-hybrid", private=True, exist_ok=True, repo_type="model")
+    uploaded = {op.path_in_repo for op in api.create_commit.call_args.kwargs["operations"]}
+    on_disk = {p.name for p in result.model_dir.iterdir() if p.is_file()}
+    assert {"model.safetensors", "config.json", "modeling_hybridize.py", "recipe.json", "README.md"} <= uploaded
+    assert uploaded == on_disk
