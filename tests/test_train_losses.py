@@ -154,3 +154,26 @@ def test_packed_documents_give_the_same_losses_as_separate_runs(tiny_pair):
     with torch.no_grad():
         leaky = loss_parts(student, teacher, flat, spec, layers)
     assert abs(float(leaky["ce"][0]) - sums["ce"]) > 1e-3
+
+
+def test_teacher_inputs_aligns_each_layer_on_its_own(tiny_pair):
+    """Fed the teacher's inputs, a sparse layer converted with RoPE kept (hype off) and no new gates computes exactly
+    the teacher's layer, so its layerwise error is ~0, while end to end it inherits the Lightning layers' error."""
+    from hybridize.convert.build import build_hybrid
+
+    _, teacher = tiny_pair
+    student = build_hybrid(teacher, ["linear_attention", "full_attention"] * 2, hype=False, output_gates=False)
+    for p in student.parameters():
+        p.data = p.data.clone()
+    rng = np.random.default_rng(2)
+    batch = make_batch([(rng.integers(0, 97, 20).astype(np.int32), np.array([0, 8]))])
+    layerwise = LossSpec(hidden_mse=1.0, hidden_inputs="teacher_inputs")
+    with torch.no_grad():
+        for layer in range(4):
+            lw = float(loss_parts(student, teacher, batch, layerwise, [layer])["hidden_mse"][0])
+            e2e = float(loss_parts(student, teacher, batch, LossSpec(hidden_mse=1.0), [layer])["hidden_mse"][0])
+            if layer % 2:  # sparse: the teacher's own attention
+                assert lw < 1e-9 and e2e > 1e-4, (layer, lw, e2e)
+            else:  # Lightning: a different mixer, a real error
+                assert lw > 1e-4, (layer, lw)
+    assert all(not layer._forward_pre_hooks for layer in student.model.layers)  # the swap ends with the forward

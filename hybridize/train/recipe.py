@@ -28,6 +28,7 @@ SOURCE_TYPES = ("text", "jsonl", "json", "parquet", "hf", "teacher")
 PRECISIONS = ("fp32", "bf16")
 KL_DIRECTIONS = ("forward", "reverse")
 HIDDEN_LAYERS = ("all", "lightning")
+HIDDEN_INPUTS = ("end_to_end", "teacher_inputs")
 NONFINITE = ("stop", "skip")
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 
@@ -87,6 +88,9 @@ class LossSpec:
     kl_direction: str = "forward"  # forward KL(teacher || student) or reverse KL(student || teacher)
     temperature: float = 1.0
     hidden_layers: str = "all"  # which layer outputs enter the hidden MSE
+    # end_to_end: the student runs on its own hidden states; teacher_inputs: every student layer is fed the teacher's
+    # (detached) input to that layer, so each layer is aligned on its own (HALO's stage 1)
+    hidden_inputs: str = "end_to_end"
 
 
 @dataclass
@@ -330,6 +334,9 @@ def validate(recipe: Recipe) -> Recipe:
             _fail(f, f"{w}.loss", "all loss weights are 0: set hidden_mse, kl or ce")
         _choice(f, f"{w}.loss.kl_direction", loss.kl_direction, KL_DIRECTIONS)
         _choice(f, f"{w}.loss.hidden_layers", loss.hidden_layers, HIDDEN_LAYERS)
+        _choice(f, f"{w}.loss.hidden_inputs", loss.hidden_inputs, HIDDEN_INPUTS)
+        if loss.hidden_inputs == "teacher_inputs" and (loss.kl or loss.ce):
+            _fail(f, f"{w}.loss.hidden_inputs", "teacher_inputs aligns layers one by one: combine it with hidden_mse only")
         if loss.temperature <= 0:
             _fail(f, f"{w}.loss.temperature", f"must be positive, got {loss.temperature}")
     if recipe.output.keep_last < 1:

@@ -59,11 +59,37 @@ class TrainResult:
 # ---------------------------------------------------------------------------------------------------------------------
 # Loss of one micro-batch
 # ---------------------------------------------------------------------------------------------------------------------
+def _decoder_layers(model):
+    """The student's decoder layers, through Accelerate/peft wrappers."""
+    for m in model.modules():
+        layers = getattr(getattr(m, "model", None), "layers", None)
+        if isinstance(layers, torch.nn.ModuleList) and hasattr(m, "lm_head"):
+            return layers
+    raise ValueError("hidden_inputs: teacher_inputs needs a causal-LM model with model.layers")
+
+
+@contextlib.contextmanager
+def teacher_inputs(model, teacher_hidden):
+    """While active, decoder layer i of `model` receives the teacher's hidden state entering layer i (detached)
+    instead of its own, so each layer's output measures that layer alone. The forward still runs through the
+    wrappers (DDP/FSDP hooks stay in place)."""
+    hooks = []
+    for i, layer in enumerate(_decoder_layers(model)):
+        def swap(module, args, i=i):
+            h = args[0]
+            return (teacher_hidden[i].detach().to(h.dtype),) + tuple(args[1:])
+
+        hooks.append(layer.register_forward_pre_hook(swap))
+    try:
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
+
+
 def loss_parts(model, teacher, batch: dict, loss_spec, hidden_layers: list[int]) -> dict[str, tuple]:
     """{"hidden_mse"|"kl"|"ce": (sum, count)} for the terms with a non-zero weight."""
     need_hidden = loss_spec.hidden_mse > 0
-    out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], cu_seqlens=batch["cu_seqlens"],
-                output_hidden_states=need_hidden, use_cache=False)
     parts = {}
     t_out = None
     if loss_spec.hidden_mse > 0 or loss_spec.kl > 0:
@@ -72,6 +98,11 @@ def loss_parts(model, teacher, batch: dict, loss_spec, hidden_layers: list[int])
             # document: transformers builds a block-diagonal causal mask from them.
             t_out = teacher(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
                             output_hidden_states=need_hidden, use_cache=False)
+    swap = (teacher_inputs(model, t_out.hidden_states) if loss_spec.hidden_inputs == "teacher_inputs"
+            else contextlib.nullcontext())
+    with swap:
+        out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], cu_seqlens=batch["cu_seqlens"],
+                    output_hidden_states=need_hidden, use_cache=False)
     if loss_spec.hidden_mse > 0:
         parts["hidden_mse"] = hidden_mse_sum(out.hidden_states, t_out.hidden_states, hidden_layers)
     if loss_spec.kl > 0:
