@@ -366,3 +366,30 @@ def test_config_roundtrip_and_validation(tmp_path):
         HybridConfig(num_hidden_layers=1, layer_types=["sparse"], lightning_decay="fast")
     model = HybridForCausalLM(config)
     assert sum(p.numel() for p in model.parameters()) > 0
+
+
+def test_autocast_bf16_forward_backward_keeps_one_dtype_in_the_mixers():
+    """fp32 parameters under bf16 autocast: the fp32-weighted norms must not hand the kernels mixed dtypes."""
+    hybrid = build_hybrid(tiny_llama(), HYBRID_TYPES, **TINY_SPARSE).train()
+    seen = []
+    import hybridize.arch.modeling_hybridize as modeling
+
+    real_lightning, real_sparse = modeling.lightning_attention, modeling.sparse_attention
+
+    def spy_lightning(q, k, v, *a, **kw):
+        seen.append({q.dtype, k.dtype, v.dtype})
+        return real_lightning(q, k, v, *a, **kw)
+
+    def spy_sparse(q, k, v, *a, **kw):
+        seen.append({q.dtype, k.dtype, v.dtype})
+        return real_sparse(q, k, v, *a, **kw)
+
+    modeling.lightning_attention, modeling.sparse_attention = spy_lightning, spy_sparse
+    try:
+        ids = torch.randint(3, 97, (1, 40))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = hybrid(ids, labels=ids).loss
+        loss.backward()
+    finally:
+        modeling.lightning_attention, modeling.sparse_attention = real_lightning, real_sparse
+    assert seen and all(s == {torch.bfloat16} for s in seen)

@@ -157,6 +157,8 @@ class LightningAttention(nn.Module):
         k = self.k_norm(self.k_proj(x).view(shape)).transpose(1, 2)
         v = self.v_proj(x).view(shape).transpose(1, 2)
         q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
+        # Under autocast the norms (fp32 weights) promote q, k to fp32 while v stays in the autocast dtype.
+        q, k = q.to(v.dtype), k.to(v.dtype)
         if ctx.pad_mask is not None:  # left padding must not enter the state
             k = k.masked_fill(ctx.pad_mask[:, None, :, None], 0.0)
         cache = ctx.cache
@@ -223,6 +225,7 @@ class SparseAttention(nn.Module):
         if a is not None:  # HALO's NoPE query scaling: q_t *= log(t + a) / log(a)
             factor = torch.log(ctx.position_ids.float().clamp(min=0) + a) / math.log(a)
             q = (q.float() * factor[:, None, :, None]).to(q.dtype)
+        q, k = q.to(v.dtype), k.to(v.dtype)  # one dtype for the kernels, also under autocast
         ckeys = None
         if ctx.cache is not None:
             k, v, ckeys = ctx.cache.update_sparse(self.layer_idx, k, v)
