@@ -88,6 +88,24 @@ def test_resume_after_interruption_reproduces_the_trajectory(assets, uninterrupt
         assert a == pytest.approx(b, rel=1e-6, abs=1e-7), f"step {s}"
 
 
+def test_resume_after_a_hard_crash_drops_the_steps_after_the_checkpoint(assets, uninterrupted, tmp_path):
+    root, docs, src = assets
+    recipe = dict(uninterrupted[0], output={**uninterrupted[0]["output"], "dir": str(tmp_path / "crash")})
+
+    def crash(step, record):
+        if step == 3:  # checkpoint_every 2: the last checkpoint is at step 2
+            raise RuntimeError("power cut")
+
+    with pytest.raises(RuntimeError, match="power cut"):
+        train(recipe_from_dict(recipe), on_step=crash)
+    assert [s for s, _ in _losses(tmp_path / "crash")] == [1, 2, 3]
+    train(recipe_from_dict(recipe), resume=True)
+    expected = _losses(Path(uninterrupted[0]["output"]["dir"]))
+    got = _losses(tmp_path / "crash")
+    assert [s for s, _ in got] == list(range(1, 9))
+    assert [a for _, a in got] == pytest.approx([b for _, b in expected], rel=1e-6)
+
+
 def test_sigterm_to_a_training_process_checkpoints_and_resume_matches(assets, tmp_path):
     root, docs, src = assets
     recipe = S.tiny_recipe(src, docs, tmp_path / "run", root / "cache")

@@ -132,7 +132,8 @@ class OutputSpec:
     dir: str = "runs/hybrid"
     checkpoint_every: int | None = None
     keep_last: int = 2
-    export: bool = True
+    export: bool = True  # the final self-contained model folder, output.dir/model
+    dtype: str | None = None  # dtype of the exported weights (default: as trained, float32)
 
 
 @dataclass
@@ -339,6 +340,8 @@ def validate(recipe: Recipe) -> Recipe:
             _fail(f, f"{w}.loss.hidden_inputs", "teacher_inputs aligns layers one by one: combine it with hidden_mse only")
         if loss.temperature <= 0:
             _fail(f, f"{w}.loss.temperature", f"must be positive, got {loss.temperature}")
+    if recipe.output.dtype is not None:
+        _choice(f, "output.dtype", recipe.output.dtype, DTYPE_NAMES)
     if recipe.output.keep_last < 1:
         _fail(f, "output.keep_last", "must be at least 1")
     return recipe

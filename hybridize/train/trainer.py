@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import signal
 import time
 from dataclasses import dataclass, field
@@ -210,6 +211,15 @@ def _set_sparse(model, stage, default_dense_len: int) -> None:
         cfg.sparse_dense_len = stage.dense_len if stage.dense_len is not None else default_dense_len
 
 
+def _trim_metrics(path: Path, upto: int) -> None:
+    if not path.is_file():
+        return
+    keep = [x for x in path.read_text().splitlines() if x.strip() and json.loads(x)["global_step"] <= upto]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(x + "\n" for x in keep))
+    os.replace(tmp, path)
+
+
 def _checkpointing(model) -> bool:
     return bool(getattr(model, "is_activation_checkpointing", None) if hasattr(type(model), "is_activation_checkpointing")
                 else model.is_gradient_checkpointing)
@@ -275,12 +285,13 @@ def train(recipe: Recipe, *, resume: bool = False, accelerator=None, on_step=Non
             load_weights(student, ckpt)
         if main:
             print(f"resuming from {ckpt} (stage {state['stage']}, step {state['step']})", flush=True)
+    metrics_file = output / "metrics.jsonl"
     if main:
         output.mkdir(parents=True, exist_ok=True)
         (output / "recipe.json").write_text(json.dumps(recipe.to_dict(), indent=1, default=str))
+        _trim_metrics(metrics_file, state["global_step"])  # steps after the checkpoint will be run (and logged) again
     if acc.trackers:
         acc.init_trackers("hybridize", config={"stages": len(recipe.stages), "seed": recipe.seed})
-    metrics_file = output / "metrics.jsonl"
     result = TrainResult(output, None, tokens=state["tokens"], global_step=state["global_step"])
     last_good = str(ckpt) if ckpt else None
     model = student
@@ -434,6 +445,10 @@ def train(recipe: Recipe, *, resume: bool = False, accelerator=None, on_step=Non
         from .card import write_card
 
         folder = output / "model"
+        if recipe.output.dtype is not None:
+            from .models import DTYPES
+
+            model.to(DTYPES[recipe.output.dtype])
         save_hybrid(model.eval(), folder, tokenizer=tokenizer, force=True)
         (folder / "recipe.json").write_text(json.dumps(recipe.to_dict(), indent=1, default=str))
         write_card(folder, recipe, state, result)
