@@ -75,6 +75,15 @@ if HAS_TRITON:
         return r
 
     @triton.jit
+    def _dot_f32(a, b, IEEE: tl.constexpr):
+        # float32 operands at float32 accuracy: exact FMA in the interpreter, 3 tf32 tensor-core products on the GPU.
+        if IEEE:
+            r = tl.dot(a, b, input_precision="ieee")
+        else:
+            r = tl.dot(a, b, input_precision="tf32x3")
+        return r
+
+    @triton.jit
     def _compress_kernel(
         K, O, NC, H, s_kb, s_kh, s_kt, s_ob, s_oh, s_oc,
         KERNEL: tl.constexpr, STRIDE: tl.constexpr, BLOCK_C: tl.constexpr, D: tl.constexpr,
@@ -350,7 +359,9 @@ if HAS_TRITON:
         rm = r < G
         d = tl.arange(0, D)
         pos = tl.load(QPOS).to(tl.int32)
-        q = tl.load(Q + b * s_qb + (g * G + r)[:, None].to(tl.int64) * s_qh + d[None, :], mask=rm[:, None], other=0.0)
+        # Scores in float32 as the reference computes them (decode is memory-bound: the precision is free).
+        q = tl.load(Q + b * s_qb + (g * G + r)[:, None].to(tl.int64) * s_qh + d[None, :], mask=rm[:, None],
+                    other=0.0).to(tl.float32)
         m = tl.full([RM], -1.0e30, dtype=tl.float32)
         l = tl.zeros([RM], dtype=tl.float32)
         lg_rows = LG + (bg.to(tl.int64) * G + r[:, None]) * NCP
@@ -358,8 +369,8 @@ if HAS_TRITON:
             c = pid_c * CH + c0 + tl.arange(0, BLOCK_C)
             cm = c < NC
             kc = tl.load(CK + b * s_cb + g * s_ch + c[:, None].to(tl.int64) * s_cc + d[None, :], mask=cm[:, None],
-                         other=0.0).to(q.dtype)
-            s = _dot(q, tl.trans(kc), IEEE) * sm_scale2
+                         other=0.0).to(tl.float32)
+            s = _dot_f32(q, tl.trans(kc), IEEE) * sm_scale2
             tl.store(lg_rows + c[None, :], s, mask=rm[:, None] & cm[None, :])
             if not COARSE:
                 vis = ((c * STRIDE + KERNEL - 1) <= pos) & cm
@@ -372,8 +383,8 @@ if HAS_TRITON:
                 c = pid_c * (CH // STEP2) + c0 + tl.arange(0, BLOCK_C2)
                 cm = c < NC2
                 kc = tl.load(CK2 + b * s_c2b + g * s_c2h + c[:, None].to(tl.int64) * s_c2c + d[None, :],
-                             mask=cm[:, None], other=0.0).to(q.dtype)
-                s = _dot(q, tl.trans(kc), IEEE) * sm_scale2
+                             mask=cm[:, None], other=0.0).to(tl.float32)
+                s = _dot_f32(q, tl.trans(kc), IEEE) * sm_scale2
                 vis = ((c * STRIDE2 + KERNEL2 - 1) <= pos) & cm
                 s = tl.where(vis[None, :], s, float("-inf"))
                 m_new = tl.maximum(m, tl.max(s, 1))
