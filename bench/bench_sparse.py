@@ -22,6 +22,13 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+try:
+    import hybridize.kernels  # noqa: F401
+except ImportError:  # run from a checkout that is not installed: the repository root holds the package
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from hybridize.kernels import sparse_reference as ref
 from hybridize.kernels import sparse_triton as st
 

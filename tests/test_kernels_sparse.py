@@ -444,8 +444,9 @@ def test_gpu_all_blocks_equal_sdpa_causal(seed, D):
     o.backward(g)
     o_d.backward(g)
     assert (o.float() - o_d.float()).abs().max() < 2e-2
-    for a, b in ((qs, qd), (ks, kd), (vs, vd)):
-        assert (a.grad.float() - b.grad.float()).abs().max() < 5e-2
+    for a, b in ((qs, qd), (ks, kd), (vs, vd)):  # bf16 gradients: relative to their size (1 ulp at 4 is 0.03)
+        err = (a.grad.float() - b.grad.float()).abs().max().item()
+        assert err < 2e-2 * max(1.0, b.grad.float().abs().max().item()), err
 
 
 @gpu
