@@ -129,6 +129,21 @@ def test_data_sources_cache_heldout_and_mixture(tmp_path):
     srcs = [0 if any(np.array_equal(stream[i][0], row) for row in packed[0].tokens) else 1 for i in range(400)]
     assert 0.68 < srcs.count(0) / 400 < 0.82
     assert all(np.array_equal(stream[i][0], MixtureStream(packed, [3, 1], seed=0)[i][0]) for i in (0, 77, 399))
+    far = MixtureStream(packed, [3, 1], seed=0)
+    late = far[9000]  # looking far ahead first must not change earlier positions (resume jumps straight to a cursor)
+    assert all(np.array_equal(far[i][0], stream[i][0]) for i in range(400))
+    assert np.array_equal(late[0], stream[9000][0])
+    # each source is read in a fresh order per pass: every sequence once before any repeats
+    from hybridize.train.data import PackedSequences
+
+    rows = [PackedSequences(np.arange(40, dtype=np.int32).reshape(10, 4), [np.array([0])] * 10),
+            PackedSequences(1000 + np.arange(12, dtype=np.int32).reshape(3, 4), [np.array([0])] * 3)]
+    mix = MixtureStream(rows, [3, 1], seed=5)
+    drawn = [int(mix[i][0][0]) for i in range(200)]
+    small = [d for d in drawn if d >= 1000]
+    big = [d for d in drawn if d < 1000]
+    assert sorted(small[:3]) == [1000, 1004, 1008] and sorted(big[:10]) == list(range(0, 40, 4))
+    assert small[:3] != small[3:6] or big[:10] != big[10:20]  # a new order on the next pass (seeded)
 
 
 def test_hf_source_reads_a_load_dataset_path(tmp_path):

@@ -277,18 +277,25 @@ class MixtureStream:
         self._rank = np.zeros(0, dtype=np.int64)  # how many earlier positions drew the same source
         self._perms: dict[tuple[int, int], np.ndarray] = {}
 
+    _BLOCK = 4096
+
     def _extend(self, upto: int) -> None:
-        n = max(upto, 2 * len(self._choice), 1024)
-        rng = np.random.default_rng([self.seed, 7919])
-        if len(self.probs) == 1:
-            choice = np.zeros(n, dtype=np.int64)
-        else:
-            choice = rng.choice(len(self.probs), size=n, p=self.probs)
-        rank = np.zeros(n, dtype=np.int64)
-        for s in range(len(self.probs)):
-            idx = np.nonzero(choice == s)[0]
-            rank[idx] = np.arange(len(idx))
-        self._choice, self._rank = choice, rank
+        """Draw sources in fixed blocks, each from its own seed, so position i never depends on how far we looked."""
+        while len(self._choice) < upto:
+            block = len(self._choice) // self._BLOCK
+            if len(self.probs) == 1:
+                choice = np.zeros(self._BLOCK, dtype=np.int64)
+            else:
+                rng = np.random.default_rng([self.seed, 7919, block])
+                choice = rng.choice(len(self.probs), size=self._BLOCK, p=self.probs)
+            counts = np.bincount(self._choice, minlength=len(self.probs)) if len(self._choice) else \
+                np.zeros(len(self.probs), dtype=np.int64)
+            rank = np.zeros(self._BLOCK, dtype=np.int64)
+            for s in range(len(self.probs)):
+                idx = np.nonzero(choice == s)[0]
+                rank[idx] = counts[s] + np.arange(len(idx))
+            self._choice = np.concatenate([self._choice, choice])
+            self._rank = np.concatenate([self._rank, rank])
 
     def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         if i >= len(self._choice):

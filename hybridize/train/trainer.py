@@ -137,6 +137,8 @@ def heldout_loss(accelerator, model, sequences, micro: int) -> dict:
         return {}
     W = accelerator.num_processes
     usable = len(sequences) - len(sequences) % W
+    if usable == 0:  # fewer held-out sequences than processes
+        return {}
     mine = sequences[accelerator.process_index : usable : W]
     was_training = model.training
     model.eval()
