@@ -18,18 +18,25 @@ Computes the function of `sparse_reference.py` (same arguments; that file is the
    once per group and tile. Causal mask inside the own block, fp32 softmax and accumulation, exp2 arithmetic.
    dk/dv use the transposed lists (for each key block, the query tiles that read it), so no atomics.
 
-Selection modes (option `selection`):
-- "token" (default, exact): each query token has its own selection, as in the reference. The kernels walk the union
-  of the selections of the tokens of a tile and mask, per row, the blocks that row's token did not select (a bitset
-  per token). Exact; costs more when neighbouring tokens disagree (random data) than when they agree.
-- "block" (approximation, as InfLLM-V2 shares a selection within a group of queries): the `select_tokens` (default 64)
-  consecutive query tokens share one selection: the sum over their tokens of the group scores, top-k over that, plus
-  the forced init/local blocks of every token of the group, and every visible block if any of its tokens is a dense
-  query. The attention given a selection is still exact; only the choice of blocks differs from the reference.
+Selection modes (option `selection`, both defined in sparse_reference.py):
+- "token" (default): each query token has its own selection. The kernels walk the union of the selections of the
+  tokens of a tile and mask, per row, the blocks that row's token did not select (a bitset per token). Costs more when
+  neighbouring tokens disagree (random data) than when they agree.
+- "block": queries grouped by absolute position, group = q_pos // `select_tokens` (default 64 = one key block's worth
+  of queries); the call's tokens of a group share one selection (sum over them of the per-token group scores, forced
+  blocks of every token, dense if any token is). Tiles are aligned to absolute positions (`Selection.offset` =
+  q_pos[0] % select_tokens, one host read of q_pos[0]); q_pos must be consecutive (every caller's is). A split of the
+  queries at a multiple of select_tokens changes nothing.
+Option `coarse`: the score softmax's normaliser from K2 (`coarse_from_compressed`), as the reference's `coarse=True`.
 
-Decode is the same code with Tq = 1 (selection from the cached compressed keys, then attention over the selected
-blocks); batch B >= 1 shares q_pos, like the reference. Not implemented: packed varlen sequences (cu_seqlens) - the
-model calls this once per document. Speed and its limits: bench/RESULTS.md, "Sparse kernels".
+Decode (`decode_attention_triton`, taken by `infllm_v2_attention_triton` for one query token without gradients): four
+launches, no host synchronisation (CUDA-graph safe): (1) split-key logits of every head against K1 in float32 (3 tf32
+tensor-core products) plus per-chunk softmax statistics (over K2 with `coarse`; without cached `coarse_keys`, K2 is
+first derived from K1 by a few PyTorch ops); (2) one program per (sequence, KV
+group): normaliser, group-summed probabilities, block max-pool, forced blocks and an exact top-k by bisection on the
+order-preserving integer image of the scores (ties: the later block), written as an ascending block list; (3) split
+attention over the listed blocks; (4) combine. Batch B >= 1 shares q_pos, like the reference. Not implemented: packed
+varlen sequences (cu_seqlens) - the model calls this once per document. Speed: bench/RESULTS.md, "Sparse kernels".
 This file imports only torch and triton (triton inside try).
 """
 
