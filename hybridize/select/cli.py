@@ -6,9 +6,6 @@ import dataclasses
 
 import click
 
-from .alignment import AlignSettings
-from .probes import ProbeSettings
-
 
 def _lengths(text: str, option: str) -> tuple[int, ...]:
     try:
@@ -30,7 +27,7 @@ def _lengths(text: str, option: str) -> tuple[int, ...]:
 @click.option("--keep-first-last/--no-keep-first-last", default=True, show_default=True,
               help="always keep the first and last layers as attention (SALA)")
 @click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--gpu-defaults", is_flag=True, help="the larger GPU settings (512-token alignment, longer probes)")
+@click.option("--gpu-defaults", is_flag=True, help="the larger GPU settings (512-token alignment, longer probes); on by itself when CUDA is available")
 @click.option("--seq-len", type=int, default=None, help="alignment sequence length [CPU 256, GPU 512]")
 @click.option("--align-steps", type=int, default=None, help="alignment steps [CPU 48, GPU 200]")
 @click.option("--align-batch", type=int, default=None, help="alignment batch size [CPU 2, GPU 8]")
@@ -58,7 +55,7 @@ def score(source, output, method, ratio, keep_first_last, seed, gpu_defaults, se
         if threads < 1:
             raise click.BadParameter("must be at least 1", param_hint="--threads")
         torch.set_num_threads(threads)
-    base = ScoreSettings.for_gpu() if gpu_defaults else ScoreSettings()
+    base = ScoreSettings.for_gpu() if (gpu_defaults or torch.cuda.is_available()) else ScoreSettings()
     align = dataclasses.replace(base.align, **{k: v for k, v in (("steps", align_steps), ("batch_size", align_batch))
                                               if v is not None})
     probes = dataclasses.replace(base.probes, **{k: v for k, v in (
