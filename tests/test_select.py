@@ -279,3 +279,21 @@ def test_qk_norm_family_scores(tokenizer):
     assert heldout_loss(model, data.heldout) == pytest.approx(rep["teacher"]["loss"], rel=1e-5)
     # 1:3 of 3 layers keeps one layer; with first/last forcing and room for one, the first layer
     assert len(rep["layers"]) == 3 and rep["chosen_layers"] == [0]
+
+
+def test_text_sources(model, tokenizer, tmp_path):
+    """Calibration text from a user's file and from the teacher itself (no corpus needed)."""
+    text = read_text_files(shakespeare_files()[2:3], 60_000)
+    path = tmp_path / "mine.txt"
+    path.write_text(text)
+    rep = score_model(model, tokenizer, tiny_settings(method="block_influence", text=str(path)), progress=False).report
+    assert rep["calibration"]["source"] == str(path)
+    held = tokenizer(text[int(len(text) * 0.8):], add_special_tokens=False)["input_ids"][:128]
+    assert heldout_loss(model, torch.tensor(held).view(2, 64)) == pytest.approx(rep["teacher"]["loss"], rel=1e-5)
+
+    rep = score_model(model, tokenizer, tiny_settings(method="block_influence", text="teacher"), progress=False).report
+    assert rep["calibration"]["source"] == "text sampled from the teacher"
+    assert rep["calibration"]["heldout_tokens"] == 128
+    with pytest.raises(FileNotFoundError, match="--text"):
+        score_model(model, tokenizer, tiny_settings(method="block_influence", text=str(tmp_path / "nope")),
+                    progress=False)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from ..arch.configuration_hybridize import LIGHTNING, SPARSE
 from ..convert.build import build_hybrid
 from .alignment import AlignResult, AlignSettings, align_students, init_students, save_students, students_state_dict
-from .data import calibration_data
+from .data import calibration_data, text_source
 from .placement import num_sparse_layers, parse_ratio, uniform_layers
 from .probes import ProbeSettings, build_probes
 from .proxies import block_influence
@@ -46,6 +46,7 @@ class ScoreSettings:
     heldout_seq_len: int = 256
     compare_seqs: int = 8  # --compare-uniform evaluation text (never used for choosing)
     probes: ProbeSettings = field(default_factory=ProbeSettings)
+    text: str | None = None  # None: Shakespeare corpus (else the teacher's text); "teacher"; a .txt file or folder
     gates: bool = True  # students carry the output gate (as convert's default hybrid does)
     compare_uniform: bool = False
 
@@ -144,10 +145,14 @@ def score_model(model, tokenizer, settings: ScoreSettings | None = None, *, prog
 
     t = time.perf_counter()
     need_align = settings.method == "sala"
+    train_seqs = settings.align.steps * settings.align.batch_size if need_align else 0
+    heldout_seqs = settings.heldout_seqs + (settings.compare_seqs if settings.compare_uniform else 0)
+    # a single text is split 80/20 (alignment / held out): enough tokens for both parts
+    tokens = int(max(train_seqs * settings.seq_len / 0.8, heldout_seqs * settings.heldout_seq_len / 0.2))
     data = calibration_data(
-        tokenizer, train_seqs=settings.align.steps * settings.align.batch_size if need_align else 0,
-        heldout_seqs=settings.heldout_seqs + (settings.compare_seqs if settings.compare_uniform else 0),
-        seq_len=settings.seq_len, heldout_seq_len=settings.heldout_seq_len, seed=settings.seed,
+        tokenizer, train_seqs=train_seqs, heldout_seqs=heldout_seqs, seq_len=settings.seq_len,
+        heldout_seq_len=settings.heldout_seq_len, seed=settings.seed,
+        **text_source(settings.text, model, tokenizer, tokens, settings.seed),
     )
     probe_ids, compare_ids = data.heldout[: settings.heldout_seqs], data.heldout[settings.heldout_seqs:]
     probes = build_probes(tokenizer, settings.probes, seed=settings.seed) if need_align else []

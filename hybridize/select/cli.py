@@ -35,6 +35,9 @@ def _lengths(text: str, option: str) -> tuple[int, ...]:
 @click.option("--passkey-lengths", default=None, help="comma-separated passkey lengths [CPU 256,512]")
 @click.option("--kv-lengths", default=None, help="comma-separated key-value lookup lengths [CPU 256,512]")
 @click.option("--samples", type=int, default=None, help="probe samples per task and length [CPU 2]")
+@click.option("--text", default=None, metavar="SOURCE",
+              help="calibration text: a .txt file, a folder of .txt files (the last fifth held out), 'teacher' "
+                   "(sampled from the model) or 'shakespeare' [default: the Shakespeare corpus, else 'teacher']")
 @click.option("--gates/--no-gates", default=True, show_default=True, help="students carry the output gate")
 @click.option("--compare-uniform", is_flag=True,
               help="also report held-out loss of the chosen and the uniform hybrid, both with the aligned students")
@@ -44,7 +47,7 @@ def _lengths(text: str, option: str) -> tuple[int, ...]:
 @click.option("--force", is_flag=True, help="replace an existing output folder")
 @click.option("--quiet", is_flag=True, help="no progress bars")
 def score(source, output, method, ratio, keep_first_last, seed, gpu_defaults, seq_len, align_steps, align_batch,
-          heldout_seqs, passkey_lengths, kv_lengths, samples, gates, compare_uniform, dtype, threads, force, quiet):
+          heldout_seqs, passkey_lengths, kv_lengths, samples, text, gates, compare_uniform, dtype, threads, force, quiet):
     """Score the layers of SOURCE (default: the built-in SmolLM2-135M) and choose which stay attention."""
     import torch
 
@@ -64,7 +67,8 @@ def score(source, output, method, ratio, keep_first_last, seed, gpu_defaults, se
         ("samples_per_length", samples)) if v is not None})
     overrides = {k: v for k, v in (("seq_len", seq_len), ("heldout_seqs", heldout_seqs)) if v is not None}
     settings = dataclasses.replace(base, method=method, ratio=ratio, keep_first_last=keep_first_last, seed=seed,
-                                   gates=gates, compare_uniform=compare_uniform, align=align, probes=probes, **overrides)
+                                   text=text, gates=gates, compare_uniform=compare_uniform, align=align,
+                                   probes=probes, **overrides)
     result = _fail_cleanly(run_score, source, output, settings, force=force, progress=not quiet, dtype=dtype)
     rep = result.report
     click.echo(f"wrote {output}: {len(rep['chosen_layers'])} sparse of {rep['num_layers']} layers "

@@ -73,6 +73,7 @@ def calibration_data(
     seed: int = 0,
     text_files: list[Path] | None = None,
     text: str | None = None,
+    source: str | None = None,
 ) -> CalibrationData:
     """Alignment and held-out chunks. From `text` (split 80/20 by position), `text_files` (split by file), or the
     Shakespeare plays (held-out = the last plays in name order)."""
@@ -83,7 +84,7 @@ def calibration_data(
     need_held = int(heldout_seqs * heldout_seq_len * 6) + 20000
     if text is not None:
         cut = int(len(text) * 0.8)
-        train_text, held_text, source = text[:cut], text[cut:], "given text"
+        train_text, held_text, source = text[:cut], text[cut:], source or "given text"
     else:
         files = list(text_files) if text_files else shakespeare_files()
         if len(files) < 2:
@@ -114,3 +115,32 @@ def sample_teacher_text(model, tokenizer, *, num_texts: int, length: int, seed: 
     out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=temperature, top_k=0,
                          max_new_tokens=length, min_new_tokens=length, pad_token_id=start)
     return "\n\n".join(tokenizer.decode(row[1:], skip_special_tokens=True) for row in out)
+
+
+def text_source(spec: str | None, model, tokenizer, tokens_needed: int, seed: int = 0) -> dict:
+    """Keyword arguments for `calibration_data` from a text choice: None (the Shakespeare corpus, or the teacher's own
+    text when that package is missing), "shakespeare", "teacher", a .txt file, or a folder of .txt files."""
+    if spec is None:
+        try:
+            shakespeare_files()
+            return {}
+        except FileNotFoundError:
+            spec = "teacher"
+    if spec == "shakespeare":
+        shakespeare_files()
+        return {}
+    if spec == "teacher":
+        per_text = 8
+        length = -(-int(tokens_needed * 1.3) // per_text) + 16
+        return {"text": sample_teacher_text(model, tokenizer, num_texts=per_text, length=length, seed=seed),
+                "source": "text sampled from the teacher"}
+    path = Path(spec)
+    if path.is_file():
+        return {"text": path.read_text(encoding="utf-8", errors="replace"), "source": str(path)}
+    if path.is_dir():
+        files = sorted(path.glob("*.txt"))
+        if len(files) < 2:
+            raise ValueError(f"{path} needs at least two .txt files (one is held out); give a single file instead")
+        return {"text_files": files}
+    raise FileNotFoundError(f"--text {spec}: not a file or folder; give a .txt file, a folder of .txt files, "
+                            "'shakespeare' or 'teacher'")
