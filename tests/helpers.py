@@ -13,6 +13,7 @@ TINY_SPARSE = dict(  # block structure small enough that short sequences cross m
     sparse_topk=4,
     sparse_init_blocks=1,
     sparse_local_blocks=2,
+    sparse_selection="token",  # exact per-token selection: cached decoding reproduces the full forward
 )
 
 

@@ -24,8 +24,11 @@ class HybridConfig(PretrainedConfig):
     `layer_types[i]` is "linear_attention" (Lightning) or "full_attention" (sparse). Lightning options follow MiniCPM-SALA (fixed ALiBi-slope decay, the
     same in every layer, unless `lightning_decay="layerwise"`); sparse options are InfLLM-V2's defaults. With `hype`
     the sparse layers use no positional encoding (NoPE) and the Lightning layers keep RoPE; without it both use RoPE.
-    Sparse selection: `sparse_selection="token"` (exact, per query token) or `"block"` (the queries of one
-    `sparse_select_tokens`-aligned group share a selection); `sparse_coarse_normalizer` takes the selection softmax's
+    Sparse selection: `sparse_selection="block"` (default: the queries of one `sparse_select_tokens`-aligned group, i.e.
+    one 64-token block, share a selection, as block-sparse kernels need for speed; prefill on the GPU is 10x faster than
+    per-token selection, bench/RESULTS.md) or `"token"` (exact per-token selection; a decode step is always per token,
+    so only "token" makes a cached generation reproduce the full forward bit for bit beyond `sparse_dense_len`);
+    `sparse_coarse_normalizer` takes the selection softmax's
     normaliser from coarse keys (4x the compression window and stride). Their definitions: kernels/sparse_reference.py.
     """
 
@@ -65,7 +68,7 @@ class HybridConfig(PretrainedConfig):
         sparse_init_blocks: int = 1,
         sparse_local_blocks: int = 32,
         sparse_query_log_scale: float | None = None,
-        sparse_selection: str = "token",
+        sparse_selection: str = "block",
         sparse_select_tokens: int = 64,
         sparse_coarse_normalizer: bool = False,
         source_model_type: str | None = None,
