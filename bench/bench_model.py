@@ -61,7 +61,8 @@ def main() -> int:
     ap.add_argument("--budget", type=float, default=380.0, help="seconds for the whole script")
     ap.add_argument("--dense-share", type=float, default=0.4, help="share of the time left kept for the dense model")
     ap.add_argument("--warmup", default="32K")
-    ap.add_argument("--variants", default="block+coarse,token", help="hybrid selection variants to run, in order")
+    ap.add_argument("--variants", default="block,token,block+coarse",
+                    help="hybrid sparse-selection variants to run, in order (block is the config default)")
     ap.add_argument("--token-max", default="128K", help="longest length for the exact token-selection hybrid")
     ap.add_argument("--plot", default=None, help="only draw the plots of an earlier OUT folder")
     args = ap.parse_args()
@@ -93,13 +94,18 @@ def main() -> int:
         jsonl.write(json.dumps({"model": name, **asdict(r)}) + "\n")
         jsonl.flush()
 
-    variants = {"(block+coarse selection)": {"sparse_selection": "block", "sparse_coarse_normalizer": True},
-                "(token selection)": {"sparse_selection": "token"}}
-    variants = {k: v for k, v in variants.items() if k.strip("()").split(" ")[0] in args.variants.split(",")}
+    known = {"block": {"sparse_selection": "block"},  # the config default
+             "token": {"sparse_selection": "token"},  # exact per-token selection
+             "block+coarse": {"sparse_selection": "block", "sparse_coarse_normalizer": True}}
+    chosen = [v for v in args.variants.split(",") if v]
+    bad = [v for v in chosen if v not in known]
+    if bad:
+        raise SystemExit(f"--variants: unknown {bad}; choose from {sorted(known)}")
+    variants = {f"({v} selection)": known[v] for v in chosen}
     builders = shape_builders(args.shape, "1:3", torch.bfloat16, device, variants)
     # The dense model first: its times are predictable, and a hybrid run cut short still leaves both in results.jsonl.
     names = sorted(builders, key=lambda n: not n.endswith("(dense)"))
-    shares = [args.dense_share] + [0.75] * (len(names) - 2) + [1.0]
+    shares = [args.dense_share] + [0.7] * (len(names) - 2) + [1.0]
     models = []
     for i, name in enumerate(names):
         left = args.budget - (time.perf_counter() - t_start)
