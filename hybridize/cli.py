@@ -68,6 +68,10 @@ def main():
 @click.option("--select", "select", default=None, metavar="METHOD",
               help="how to place the sparse layers: uniform (default; evenly spaced, last layer included), layers "
                    "(the --layers list), or a scoring method registered in hybridize.select.registry")
+@click.option("--score-report", default=None, type=click.Path(),
+              help="with --select sala: reuse the report.json (or folder) `hybridize score` wrote instead of scoring")
+@click.option("--students", default=None, type=click.Path(),
+              help="students.safetensors from `hybridize score`: aligned weights for the Lightning layers")
 @click.option("--config", "config", default=None, type=click.Path(),
               help="config.json for a bare state-dict file (default: the config.json beside it)")
 @click.option("--output", "-o", default="hybrid-model", show_default=True, help="output folder")
@@ -80,7 +84,8 @@ def main():
 @click.option("--sample/--no-sample", default=None,
               help="print a before/after generation (default: on for models up to 1.5B parameters)")
 @click.option("--quiet", "-q", is_flag=True, help="no progress bars")
-def convert(source, ratio, layers, select, config, output, dtype, max_shard_size, force, hype, gates, sample, quiet):
+def convert(source, ratio, layers, select, score_report, students, config, output, dtype, max_shard_size, force, hype,
+            gates, sample, quiet):
     """Convert SOURCE into a hybrid model folder.
 
     SOURCE: a Hugging Face model folder or a hub id in the local cache; a .safetensors/.bin/.pt/.ckpt/.pth state
@@ -98,6 +103,7 @@ def convert(source, ratio, layers, select, config, output, dtype, max_shard_size
     result = _fail_cleanly(
         run_convert, source, output, ratio=ratio, layers=layer_list, select=select, config=config, hype=hype,
         gates=gates, dtype=dtype, force=force, max_shard_size=max_shard_size, progress=not quiet,
+        select_options={"score_report": score_report} if score_report else None, students=students,
     )
     click.echo(f"wrote {result.output} ({len(result.sparse_layers)} sparse of {result.num_layers} layers: "
                f"{result.sparse_layers})")

@@ -313,3 +313,36 @@ def test_progress_bar_reports_bytes(tmp_path):
     result = CliRunner().invoke(main, ["convert", str(source), "--output", str(tmp_path / "out"), "--no-sample"])
     assert result.exit_code == 0
     assert "reading + writing weights" in result.stderr and "100%" in result.stderr
+
+
+def test_aligned_students_replace_the_fresh_lightning_weights(tmp_path):
+    """--students puts the aligned Lightning weights of `hybridize score` into the Lightning layers, and only there."""
+    from safetensors import safe_open
+
+    from hybridize.select.alignment import init_students, save_students
+
+    model = tiny_model("llama", seed=3)
+    src = save_source(model, tmp_path / "src", "hf-safetensors-sharded")
+    students = init_students(model, gates=True)
+    with torch.no_grad():
+        for p in students.parameters():
+            p.add_(torch.randn_like(p) * 0.05)  # stands in for alignment: any change must come through
+    path = save_students(students, tmp_path / "students.safetensors", metadata={"gates": "True"})
+    out = tmp_path / "out"
+    result = run_convert(src, "--layers", "1", "--students", path, "--output", out, "--no-sample")
+    assert result.exit_code == 0, result.output
+    written = {}
+    for shard in out.glob("*.safetensors"):
+        with safe_open(str(shard), "pt") as f:
+            written |= {k: f.get_tensor(k) for k in f.keys()}
+    with safe_open(str(path), "pt") as f:
+        aligned = {k: f.get_tensor(k) for k in f.keys()}
+    lightning_keys = [k for k in aligned if k.startswith("model.layers.0.")]
+    assert lightning_keys and all(torch.equal(written[k], aligned[k]) for k in lightning_keys)
+    # the sparse layer keeps the source's projections, not the student's
+    sparse_q = written["model.layers.1.self_attn.q_proj.weight"]
+    assert torch.equal(sparse_q, model.model.layers[1].self_attn.q_proj.weight)
+    assert not torch.equal(sparse_q, aligned["model.layers.1.self_attn.q_proj.weight"])
+    # students aligned with gates do not fit a gate-less conversion: one-line error, no output
+    bad = run_convert(src, "--layers", "1", "--students", path, "--no-gates", "--output", tmp_path / "bad")
+    assert bad.exit_code == 2 and "--gates" in bad.output and not (tmp_path / "bad").exists()

@@ -17,7 +17,7 @@ from typing import Any, Iterator
 import torch
 
 from .. import __version__
-from ..arch.configuration_hybridize import HybridConfig
+from ..arch.configuration_hybridize import LIGHTNING, HybridConfig
 from ..export import AUTO_MAP, OutputExistsError, atomic_folder, copy_architecture
 from ..select.placement import layer_types_from, num_sparse_layers, parse_ratio, uniform_layers
 from ..select.registry import SELECTORS, get_selector, needs_weights
@@ -189,10 +189,12 @@ def convert(
     max_shard_size: str | int = "2GB",
     progress: bool = True,
     select_options: dict | None = None,
+    students: str | Path | None = None,
 ) -> ConvertResult:
     """Convert `source` (None: the built-in SmolLM2-135M) into a hybrid model folder at `output`.
     `select_options` go to the --select method (e.g. score_report=); a method that needs weights also gets the
-    source model and `tokenizer=` (the source's, or None)."""
+    source model and `tokenizer=` (the source's, or None). `students`: a students.safetensors written by
+    `hybridize score`; its aligned Lightning weights replace the fresh ones in the Lightning layers."""
     from tqdm.auto import tqdm
 
     output = Path(output)
@@ -228,6 +230,7 @@ def convert(
     )
     out_dtype = DTYPES[dtype] if dtype else _source_dtype(ckpt)
     plan, from_source = plan_output(ckpt, family, hconfig, out_dtype)
+    aligned = _aligned_students(students, hconfig, plan) if students is not None else {}
 
     with atomic_folder(output, force=force) as tmp:
         with ShardedSafetensorsWriter(tmp, plan, max_bytes) as writer:
@@ -236,15 +239,16 @@ def convert(
                       disable=not progress) as bar:
                 for name, tensor in ckpt.stream():
                     for out_name, out in hybrid_tensors(family, name, tensor, ckpt, hconfig):
-                        writer.write(out_name, _cast(out, out_dtype))
+                        writer.write(out_name, _cast(aligned.get(out_name, out), out_dtype))
                     bar.update(ckpt.specs[name].nbytes if name in ckpt.specs else 0)
                     del tensor
             for out_name, out in added_tensors(hconfig, from_source, out_dtype):
-                writer.write(out_name, out)
+                writer.write(out_name, _cast(aligned.get(out_name, out), out_dtype))
             writer.finish()
         hconfig.conversion = {
             "source": ckpt.source, "source_format": ckpt.format, "family": family.model_type, "method": method,
             "ratio": None if method == "layers" else ratio, "hybridize_version": __version__,
+            "aligned_students": str(students) if students is not None else None,
         }
         _write_config(tmp, hconfig, out_dtype)
         _write_generation_config(tmp, ckpt)
@@ -259,6 +263,31 @@ def convert(
     return ConvertResult(output, sparse_layers, num_layers, ckpt.source,
                          extras={"format": ckpt.format, "family": family.model_type, "notes": ckpt.notes},
                          method=method, checkpoint=ckpt)
+
+
+def _aligned_students(path: str | Path, hconfig: HybridConfig, plan: dict) -> dict[str, torch.Tensor]:
+    """The Lightning-layer tensors of a students file, checked against the planned output (names, shapes, gates)."""
+    from safetensors import safe_open
+
+    from ..select.alignment import load_student_tensors
+
+    path = Path(path)
+    lightning = [i for i, t in enumerate(hconfig.layer_types) if t == LIGHTNING]
+    tensors = load_student_tensors(path, lightning)
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+    if "gates" in meta and (meta["gates"] == "True") != bool(hconfig.output_gates):
+        flag = "--gates" if meta["gates"] == "True" else "--no-gates"
+        raise ValueError(f"{path} holds students aligned with{'' if flag == '--gates' else 'out'} output gates: "
+                         f"convert with {flag}")
+    for name, tensor in tensors.items():
+        spec = plan.get(name)
+        if spec is None or tuple(spec.shape) != tuple(tensor.shape):
+            raise ValueError(f"{path} does not fit this model ({name}: {tuple(tensor.shape)}): were the students "
+                             f"aligned on this source?")
+    if lightning and not tensors:
+        raise ValueError(f"{path} holds no student for the Lightning layers {lightning}")
+    return tensors
 
 
 def _is_hub_id(ckpt: Checkpoint) -> bool:
