@@ -393,3 +393,27 @@ def test_autocast_bf16_forward_backward_keeps_one_dtype_in_the_mixers():
     finally:
         modeling.lightning_attention, modeling.sparse_attention = real_lightning, real_sparse
     assert seen and all(s == {torch.bfloat16} for s in seen)
+
+
+def test_chunked_prefill_equals_one_pass_and_generate_keeps_only_last_logits():
+    src = tiny_llama()
+    chunked = build_hybrid(src, HYBRID_TYPES, prefill_chunk_size=7, **TINY_SPARSE)
+    whole = build_hybrid(src, HYBRID_TYPES, prefill_chunk_size=None, **TINY_SPARSE)
+    torch.manual_seed(4)
+    prompts = [torch.randint(3, 97, (n,)).tolist() for n in (23, 61, 40)]
+    ids, mask = _left_padded(prompts)
+    with torch.no_grad():
+        a = chunked(ids, attention_mask=mask, use_cache=True)
+        b = whole(ids, attention_mask=mask, use_cache=False)
+    real = mask.bool()
+    assert (a.logits[real] - b.logits[real]).norm() / b.logits[real].norm() <= 1e-4
+    cache = a.past_key_values if "past_key_values" in a else a.cache
+    assert cache.seq_len == ids.shape[1]
+    seen = []
+    hook = chunked.lm_head.register_forward_hook(lambda m, i, o: seen.append(o.shape[1]))
+    chunked.generation_config.pad_token_id = 0
+    out = chunked.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
+    hook.remove()
+    assert set(seen) == {1}  # generate never computes (T, vocab) logits for the prompt
+    reference = whole.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
+    assert torch.equal(out, reference)

@@ -44,10 +44,8 @@ class HybridCache:
         return len(self.layer_types)
 
     def set_padding(self, pad: torch.Tensor) -> None:
-        if self.pad is None:
-            self.pad = pad
-        elif pad.ne(0).any():
-            raise ValueError("left padding can only be given with the first chunk of a sequence")
+        """Left-padding counts, fixed by the first forward of a sequence (later masks only extend it)."""
+        self.pad = pad
 
     def logical_lengths(self, total: int) -> torch.Tensor:
         return total - self.pad

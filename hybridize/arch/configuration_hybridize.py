@@ -30,6 +30,8 @@ class HybridConfig(PretrainedConfig):
     so only "token" makes a cached generation reproduce the full forward bit for bit beyond `sparse_dense_len`);
     `sparse_coarse_normalizer` takes the selection softmax's
     normaliser from coarse keys (4x the compression window and stride). Their definitions: kernels/sparse_reference.py.
+    `prefill_chunk_size`: inference with a cache feeds longer inputs through the model in chunks of this many tokens
+    (None: one pass), so a long prompt never materialises a full-length MLP activation.
     """
 
     model_type = "hybridize"
@@ -71,6 +73,7 @@ class HybridConfig(PretrainedConfig):
         sparse_selection: str = "block",
         sparse_select_tokens: int = 64,
         sparse_coarse_normalizer: bool = False,
+        prefill_chunk_size: int | None = 16384,
         source_model_type: str | None = None,
         pad_token_id: int | None = None,
         bos_token_id: int | None = 1,
@@ -113,6 +116,7 @@ class HybridConfig(PretrainedConfig):
         self.sparse_selection = sparse_selection
         self.sparse_select_tokens = sparse_select_tokens
         self.sparse_coarse_normalizer = sparse_coarse_normalizer
+        self.prefill_chunk_size = prefill_chunk_size
         self.source_model_type = source_model_type
         self._validate()
         super().__init__(
@@ -137,6 +141,9 @@ class HybridConfig(PretrainedConfig):
             raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
         if self.sparse_init_blocks + self.sparse_local_blocks > self.sparse_topk:
             raise ValueError("sparse_topk must cover sparse_init_blocks + sparse_local_blocks")
+        if self.prefill_chunk_size is not None and (not isinstance(self.prefill_chunk_size, int)
+                                                    or self.prefill_chunk_size < 1):
+            raise ValueError(f"prefill_chunk_size must be a positive integer or null, got {self.prefill_chunk_size!r}")
         if self.sparse_local_blocks < 1:
             raise ValueError("sparse_local_blocks must be at least 1 (the query's own block)")
         if self.sparse_block_size % self.sparse_compress_stride:

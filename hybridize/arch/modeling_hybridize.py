@@ -370,9 +370,24 @@ class HybridModel(HybridPreTrainedModel):
 
         pad = left_padding(attention_mask)
         if cache is not None:
-            if past == 0:
+            if cache.pad is None:  # the first chunk of a sequence fixes its left padding for good
                 cache.set_padding(pad if pad is not None else torch.zeros(B, dtype=torch.long, device=inputs_embeds.device))
             pad = cache.pad if bool(cache.pad.any()) else None
+        chunk = self.config.prefill_chunk_size
+        if cache is not None and chunk and T > chunk and not self.training and cu_seqlens is None \
+                and not output_hidden_states:
+            # Long prompts are prefilled in chunks through the cache: no full-length MLP activation ever exists.
+            hidden = []
+            for s in range(0, T, chunk):
+                e = min(T, s + chunk)
+                h, cache, _ = self(
+                    inputs_embeds=inputs_embeds[:, s:e],
+                    attention_mask=None if attention_mask is None else attention_mask[:, : past + e],
+                    position_ids=None if position_ids is None else position_ids[:, s:e],
+                    cache=cache, use_cache=True,
+                )
+                hidden.append(h)
+            return torch.cat(hidden, dim=1), cache, None
         pad_mask = None
         if pad is not None:
             col = torch.arange(past, past + T, device=inputs_embeds.device).view(1, -1)
@@ -457,6 +472,8 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
     ):
         cache = cache if cache is not None else past_key_values
         model_inputs = {"attention_mask": attention_mask, "use_cache": use_cache}
+        if kwargs.get("logits_to_keep") is not None:  # generate asks for the last position only: no (T, vocab) logits
+            model_inputs["logits_to_keep"] = kwargs["logits_to_keep"]
         if cache is not None and cache.get_seq_length() > 0:
             model_inputs["input_ids"] = input_ids[:, cache.get_seq_length():]
             model_inputs["cache"] = cache
