@@ -17,6 +17,15 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture
+def one_thread():
+    """Tiny tensors: a second thread only adds synchronisation (and on a busy 2-core box, much more)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def seed():
     """A fresh seed per test run (printed on failure) so random-input checks see new data each time."""
     value = int.from_bytes(os.urandom(4), "little")

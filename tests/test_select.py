@@ -22,13 +22,7 @@ from hybridize.select.registry import SELECTORS, get_selector
 LAYERS = 6
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: a second thread only adds synchronisation (and on a busy 2-core box, much more)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

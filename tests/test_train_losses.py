@@ -14,12 +14,7 @@ from hybridize.train.recipe import LossSpec
 from hybridize.train.trainer import loss_parts, part_counts, weighted
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _fixed_batch():
