@@ -42,7 +42,6 @@ This file imports only torch and triton (triton inside try).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch

@@ -3,7 +3,6 @@
 import math
 
 import torch
-import torch.nn.functional as F
 
 from eval_tools import word_tokenizer
 from helpers import TINY_SPARSE, tiny_llama

@@ -2,7 +2,6 @@
 
 import json
 
-import torch
 
 from eval_tools import CopyConfig, CopyModel, word_tokenizer
 from helpers import TINY_SPARSE, tiny_llama

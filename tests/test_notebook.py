@@ -1,6 +1,5 @@
 """The walkthrough notebook runs end to end (tiny random model of SmolLM2's shape family, HYBRIDIZE_TINY=1)."""
 
-import os
 from pathlib import Path
 
 import pytest

@@ -7,7 +7,6 @@ import math
 
 import numpy as np
 import pytest
-import yaml
 from click.testing import CliRunner
 
 import test_train_support as S

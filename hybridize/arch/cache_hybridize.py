@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import torch
 
-from .configuration_hybridize import LIGHTNING
 from .ops import compress_keys, num_compressed
 
 
@@ -124,4 +123,4 @@ class HybridCache:
         return total
 
 
-__all__ = ["HybridCache", "LIGHTNING"]
+__all__ = ["HybridCache"]

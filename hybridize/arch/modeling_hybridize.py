@@ -11,7 +11,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.activations import ACT2FN
@@ -19,7 +18,7 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .cache_hybridize import HybridCache
-from .configuration_hybridize import LIGHTNING, SPARSE, HybridConfig
+from .configuration_hybridize import LIGHTNING, HybridConfig
 from .ops import lightning_attention, sparse_attention
 
 try:
@@ -484,4 +483,4 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
         return model_inputs
 
 
-__all__ = ["HybridForCausalLM", "HybridModel", "HybridPreTrainedModel", "HybridCache", "HybridConfig", "SPARSE"]
+__all__ = ["HybridForCausalLM", "HybridModel", "HybridPreTrainedModel"]

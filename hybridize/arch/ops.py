@@ -69,6 +69,3 @@ def sparse_attention(q, k, v, q_pos, ckeys=None, **options):
         return infllm_v2_attention_triton(q, k, v, q_pos, ckeys, **options)
     return infllm_v2_attention(q, k, v, q_pos, ckeys, **options)
 
-
-def is_cuda(t: torch.Tensor) -> bool:
-    return t.device.type == "cuda"

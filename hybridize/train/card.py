@@ -17,7 +17,7 @@ def card_text(recipe, state: dict, result) -> str:
         "",
         f"Start: {state.get('description', '')}.",
         "",
-        f"Load with `AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`.",
+        "Load with `AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`.",
         "",
         "## Stages",
         "",
