@@ -20,9 +20,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train_params")
-    docs = S.write_documents(root / "docs")
-    return root, docs, S.make_tiny_source(root / "src", docs)
+    return S.tiny_assets(tmp_path_factory, "train_params")
 
 
 def _run(assets, name, trainable, lora=None):

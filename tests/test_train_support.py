@@ -80,3 +80,10 @@ def tiny_recipe(source: Path, docs: Path, output: Path, cache: Path, **over) -> 
 def write_recipe(path: Path, recipe: dict) -> Path:
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     return path
+
+
+def tiny_assets(tmp_path_factory, name: str) -> tuple[Path, Path, Path]:
+    """A temporary root with documents and a tiny source model built from them: (root, docs, source)."""
+    root = tmp_path_factory.mktemp(name)
+    docs = write_documents(root / "docs")
+    return root, docs, make_tiny_source(root / "src", docs)
