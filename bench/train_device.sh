@@ -2,6 +2,10 @@
 # Device runs behind the `## Training` numbers of bench/RESULTS.md (one `run` call each):
 #   bash bench/train_device.sh throughput   carry: .trainwhl .train_gpu_a   (GGUF part a, texts, token cache)
 #   bash bench/train_device.sh quality      carry: .trainwhl .train_gpu_b   (GGUF part b; part a from the warm machine)
+#   bash bench/train_device.sh stash-a      carry: .trainwhl .train_gpu_a   (keeps part a, texts, cache in /root/tq)
+#   bash bench/train_device.sh quality-bg   carry: .trainwhl .train_gpu_b   (starts the quality run + throughput in
+#                                           the background: a 15-minute run outlasts one 10-minute call)
+#   bash bench/train_device.sh wait         (no carry; waits up to WAIT seconds for the background run, prints it)
 #   bash bench/train_device.sh fsdp         carry: .trainwhl .train_gpu_x2  (3-bit SmolLM2, texts, token cache); 2 GPUs
 # The 98 MB GGUF exceeds one call's 64 MiB transfer, hence the split and the 3-bit copy (bench/train_quality.py pack).
 set -uo pipefail
@@ -12,6 +16,28 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 case $MODE in
+stash-a)
+  mkdir -p /root/tq && cp -r .train_gpu_a/. /root/tq/ && ls /root/tq
+  ;;
+quality-bg)
+  cat /root/tq/smollm2.part_a .train_gpu_b/smollm2.part_b > /root/tq/smollm2.gguf || exit 3
+  md5sum /root/tq/smollm2.gguf
+  rm -rf /root/repo && cp -r . /root/repo && rm -rf /root/qout && mkdir -p /root/qout
+  # setsid: the run goes on after this call returns (the machine stays held while `wait` calls follow)
+  setsid nohup bash -c "cd /root/repo && export PYTHONPATH=/tmp/site:/root/repo PYTHONUNBUFFERED=1 && \
+    python3 bench/train_quality.py quality --source /root/tq/smollm2.gguf --texts /root/tq/texts \
+      --set data.cache_dir=/root/tq/cache --set output.checkpoint_every=100000 --set 'logging.trackers=[]' \
+      --train-seconds ${SECS:-780} --out /root/qout > /root/qout/quality.log 2>&1; \
+    python3 bench/train_quality.py throughput --out /root/qout > /root/qout/throughput.log 2>&1; \
+    touch /root/qout/done" > /dev/null 2>&1 < /dev/null &
+  WAIT=${WAIT:-420}; MODE=wait
+  ;&
+wait)
+  for i in $(seq 1 $(( ${WAIT:-540} / 10 ))); do [ -f /root/qout/done ] && break; sleep 10; done
+  grep -v -i -E "warn|it/s\]" /root/qout/quality.log | tail -25; tail -8 /root/qout/throughput.log 2>/dev/null
+  cp /root/qout/*.json /root/qout/*.jsonl /root/qout/*.log $OUT/ 2>/dev/null; ls /root/qout
+  [ -f /root/qout/done ] && echo "DONE" || echo "still running"
+  ;;
 throughput)
   mkdir -p /root/train_gpu_a && cp -r .train_gpu_a/. /root/train_gpu_a/
   python3 bench/train_quality.py smoke --texts .train_gpu_a/texts 2>&1 | grep -v -i warn | tail -4
