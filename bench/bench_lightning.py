@@ -1,21 +1,27 @@
 """Lightning attention speed on one GPU: our Triton kernels vs fla 0.6.0 and SDPA, in one run on one card.
 
-    python bench/bench_lightning.py [--lengths 4096 16384 65536 262144] [--sweep [--sweep-seconds 120]] [--json F]
+    python bench/bench_lightning.py [--lengths 4096 16384 65536 262144] [--batches 1 8 64] [--budget 400]
+                                    [--sweep [--sweep-seconds 60]] [--json F]
 
 Shapes (issue 5): bf16, B=1, 32 heads, head dim 128; fwd and fwd+bwd at each length; decode step (one token) at batch
-1, 8, 64. The same per-head decay goes to every implementation: fla gets it as `g_gamma` of `chunk_simple_gla`
-(`chunk_lightning_attn` would impose its own layer-dependent slopes) and of `fused_recurrent_simple_gla` for decode.
-Each implementation gets inputs in its native layout: ours (B, H, T, D), fla and its recurrent step (B, T, H, D).
-Times: `triton.testing.do_bench` medians. Memory floor: bytes that must move (each input read once, each output
-written once) over the device-to-device copy bandwidth measured at the start of the run.
+1, 8, 64, timed eager and as a CUDA-graph replay (the graph measures the kernels, eager also the launch path). The
+same per-head decay goes to every implementation: fla gets it as `g_gamma` of `chunk_simple_gla` (`chunk_lightning_attn`
+would impose its own layer-dependent slopes) and of `fused_recurrent_simple_gla` for decode. Each implementation gets
+inputs in its native layout: ours (B, H, T, D), fla (B, T, H, D). Times: `triton.testing.do_bench` medians. Memory
+floor: bytes that must move (each input read once, each output written once) over the device-to-device copy bandwidth
+measured at the start of the run.
+
+Order, so that a run cut short still has its main table: reference check, (sweep), 4K / 16K / 64K (fla is called once
+untimed at each shape first: it compiles and autotunes there), decode, then 256K. The table so far is printed after
+every row; everything after `--budget` seconds is skipped (and said so).
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import math
+import time
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +32,11 @@ from hybridize.kernels import lightning_triton as LT
 
 H, D = 32, 128
 DTYPE = torch.bfloat16
+T0 = time.time()
+
+
+def elapsed() -> float:
+    return time.time() - T0
 
 
 def copy_bandwidth() -> float:
@@ -33,7 +44,8 @@ def copy_bandwidth() -> float:
     src = torch.empty(2 * 1024 ** 3 // 2, dtype=torch.bfloat16, device="cuda").normal_()
     dst = torch.empty_like(src)
     ms = do_bench(lambda: dst.copy_(src), warmup=50, rep=300, return_mode="median")
-    return 2 * src.numel() * src.element_size() / (ms * 1e-3)
+    del src, dst
+    return 2 * 2 * 1024 ** 3 / (ms * 1e-3)
 
 
 def sala_log_decay(h: int, device="cuda") -> torch.Tensor:
@@ -45,8 +57,8 @@ def rel(a, b) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
-def med(fn, ms_budget=200) -> float:
-    return do_bench(fn, warmup=25, rep=ms_budget, return_mode="median")
+def med(fn, rep=100, warmup=10, grad_to_none=None) -> float:
+    return do_bench(fn, warmup=warmup, rep=rep, grad_to_none=grad_to_none, return_mode="median")
 
 
 def fla_ops():
@@ -62,136 +74,130 @@ def ours_fn(q, k, v, ld, config=None, bwd_config=None):
     return lambda: LT.lightning_attn_chunked_triton(q, k, v, ld, config=config, bwd_config=bwd_config)[0]
 
 
-def fwd_bwd(fwd, leaves, do):
-    def run():
-        fwd().backward(do)
-    return run, leaves
+TWO_PASS = LT.ScanConfig(block_c=128, num_warps=8, num_stages=3, state_lowp=True, target_programs=512, lookback=False)
 
 
-def bench_lengths(lengths, bw, fla_chunk, rows, sdpa_max, config=None, bwd_config=None):
+def bench_length(T, bw, fla_chunk, sdpa_max, config, bwd_config) -> dict:
     ld = sala_log_decay(H)
-    for T in lengths:
-        torch.cuda.empty_cache()
-        B = 1
-        q, k, v = (torch.randn(B, H, T, D, device="cuda", dtype=DTYPE).requires_grad_() for _ in range(3))
-        do = torch.randn(B, H, T, D, device="cuda", dtype=DTYPE)
-        ours = ours_fn(q, k, v, ld, config, bwd_config)
-        io_fwd = 4 * B * H * T * D * 2  # q, k, v in; o out
-        io_bwd = io_fwd + 7 * B * H * T * D * 2  # + q, k, v, do in; dq, dk, dv out
-        row = dict(T=T, floor_fwd_ms=io_fwd / bw * 1e3, floor_fwdbwd_ms=io_bwd / bw * 1e3)
+    torch.cuda.empty_cache()
+    q, k, v = (torch.randn(1, H, T, D, device="cuda", dtype=DTYPE).requires_grad_() for _ in range(3))
+    do = torch.randn(1, H, T, D, device="cuda", dtype=DTYPE)
+    ours = ours_fn(q, k, v, ld, config, bwd_config)
+    io_fwd = 4 * H * T * D * 2  # q, k, v in; o out
+    io_bwd = io_fwd + 7 * H * T * D * 2  # + q, k, v, do in; dq, dk, dv out
+    row = dict(T=T, floor_fwd_ms=io_fwd / bw * 1e3, floor_fwdbwd_ms=io_bwd / bw * 1e3)
+    with torch.no_grad():
+        row["ours_fwd_ms"] = med(ours)
+        row["ours_two_pass_fwd_ms"] = med(ours_fn(q, k, v, ld, TWO_PASS))
+    row["ours_fwdbwd_ms"] = med(lambda: ours().backward(do), grad_to_none=[q, k, v])
+    row["ours_fwd_GBs"] = io_fwd / row["ours_fwd_ms"] * 1e-6
+    print(f"[{elapsed():.0f}s] T={T} ours done", flush=True)
+    if fla_chunk is not None:
+        qf, kf, vf = (t.detach().transpose(1, 2).contiguous().requires_grad_() for t in (q, k, v))
+        dof = do.transpose(1, 2).contiguous()
+        fla = lambda: fla_chunk(qf, kf, vf, g_gamma=ld, scale=D ** -0.5)[0]  # noqa: E731
+        t1 = time.time()
+        fla().backward(dof)  # untimed: compiles and autotunes at this shape
+        torch.cuda.synchronize()
+        row["fla_first_call_s"] = time.time() - t1
         with torch.no_grad():
-            row["ours_fwd_ms"] = med(ours)
-        run = lambda: ours().backward(do)  # noqa: E731
-        row["ours_fwdbwd_ms"] = do_bench(run, warmup=25, rep=200, grad_to_none=[q, k, v], return_mode="median")
-        q.grad = k.grad = v.grad = None
-        if fla_chunk is not None:
-            qf, kf, vf = (t.detach().transpose(1, 2).contiguous().requires_grad_() for t in (q, k, v))
-            dof = do.transpose(1, 2).contiguous()
-            fla = lambda: fla_chunk(qf, kf, vf, g_gamma=ld, scale=D ** -0.5)[0]  # noqa: E731
-            with torch.no_grad():
-                o_fla = fla().transpose(1, 2)
-                o_ours = ours()
-                row["ours_vs_fla_rel"] = rel(o_ours, o_fla)
-                del o_fla, o_ours
-                row["fla_fwd_ms"] = med(fla)
-            run = lambda: fla().backward(dof)  # noqa: E731
-            row["fla_fwdbwd_ms"] = do_bench(run, warmup=25, rep=200, grad_to_none=[qf, kf, vf], return_mode="median")
-            qf.grad = kf.grad = vf.grad = None
-            del qf, kf, vf, dof
-        if T <= sdpa_max:
-            sd = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)  # noqa: E731
-            with torch.no_grad():
-                row["sdpa_fwd_ms"] = med(sd)
-            run = lambda: sd().backward(do)  # noqa: E731
-            row["sdpa_fwdbwd_ms"] = do_bench(run, warmup=5, rep=100, grad_to_none=[q, k, v], return_mode="median")
-        row["ours_fwd_GBs"] = io_fwd / row["ours_fwd_ms"] * 1e-6
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-        del q, k, v, do
+            row["ours_vs_fla_rel"] = rel(ours(), fla().transpose(1, 2))
+            row["fla_fwd_ms"] = med(fla)
+        row["fla_fwdbwd_ms"] = med(lambda: fla().backward(dof), grad_to_none=[qf, kf, vf])
+        del qf, kf, vf, dof
+        print(f"[{elapsed():.0f}s] T={T} fla done", flush=True)
+    if T <= sdpa_max:
+        sd = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)  # noqa: E731
+        with torch.no_grad():
+            row["sdpa_fwd_ms"] = med(sd, rep=50, warmup=2)
+        row["sdpa_fwdbwd_ms"] = med(lambda: sd().backward(do), rep=50, warmup=1, grad_to_none=[q, k, v])
+    del q, k, v, do
+    return row
 
 
-def bench_decode(batches, bw, fla_rec, rows):
+def graph_ms(steps) -> float:
+    """Per-step time of a CUDA graph that replays `steps` (each one call) back to back."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for f in steps:
+            f()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for f in steps:
+            f()
+    return med(g.replay, rep=100) / len(steps)
+
+
+def bench_decode(B, bw, fla_rec) -> dict:
     ld = sala_log_decay(H)
-    for B in batches:
-        state_bytes = B * H * D * D * 4
-        n_sets = max(1, math.ceil(3 * 60e6 / state_bytes))  # rotate buffers so the states do not sit in L2
-        states = [torch.randn(B, H, D, D, device="cuda") for _ in range(n_sets)]
-        q, k, v = (torch.randn(B, H, 1, D, device="cuda", dtype=DTYPE) for _ in range(3))
-        it = itertools.cycle(range(n_sets))
-        row = dict(batch=B, floor_ms=2 * state_bytes / bw * 1e3)
-        with torch.no_grad():
-            row["ours_ms"] = med(lambda: LT.lightning_attn_step_triton(q, k, v, ld, states[next(it)]))
-            if fla_rec is not None:
-                qf, kf, vf = (t.transpose(1, 2).contiguous() for t in (q, k, v))
-                s_check = torch.randn(B, H, D, D, device="cuda")
-                o_f, s_f = fla_rec(qf, kf, vf, g_gamma=ld, scale=D ** -0.5, initial_state=s_check.clone(),
-                                   output_final_state=True)
-                o_o = LT.lightning_attn_step_triton(q, k, v, ld, s_check)
-                row["ours_vs_fla_rel"] = max(rel(o_o, o_f.transpose(1, 2)), rel(s_check, s_f))
-                row["fla_ms"] = med(lambda: fla_rec(qf, kf, vf, g_gamma=ld, scale=D ** -0.5,
-                                                    initial_state=states[next(it)], output_final_state=True))
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-        del states
+    state_bytes = B * H * D * D * 4
+    n_sets = max(4, math.ceil(3 * 60e6 / state_bytes))  # rotate states so that they do not sit in L2
+    states = [torch.randn(B, H, D, D, device="cuda") for _ in range(n_sets)]
+    q, k, v = (torch.randn(B, H, 1, D, device="cuda", dtype=DTYPE) for _ in range(3))
+    row = dict(batch=B, floor_ms=2 * state_bytes / bw * 1e3)
+    ours_steps = [lambda s=s: LT.lightning_attn_step_triton(q, k, v, ld, s) for s in states]
+    with torch.no_grad():
+        it = iter(range(10 ** 9))
+        row["ours_ms"] = med(lambda: ours_steps[next(it) % n_sets]())
+        row["ours_graph_ms"] = graph_ms(ours_steps)
+        if fla_rec is not None:
+            qf, kf, vf = (t.transpose(1, 2).contiguous() for t in (q, k, v))
+            s_check = torch.randn(B, H, D, D, device="cuda")
+            o_f, s_f = fla_rec(qf, kf, vf, g_gamma=ld, scale=D ** -0.5, initial_state=s_check.clone(),
+                               output_final_state=True)
+            o_o = LT.lightning_attn_step_triton(q, k, v, ld, s_check)
+            row["ours_vs_fla_rel"] = max(rel(o_o, o_f.transpose(1, 2)), rel(s_check, s_f))
+            fla_steps = [lambda s=s: fla_rec(qf, kf, vf, g_gamma=ld, scale=D ** -0.5, initial_state=s,
+                                             output_final_state=True) for s in states]
+            row["fla_ms"] = med(lambda: fla_steps[next(it) % n_sets]())
+            try:
+                row["fla_graph_ms"] = graph_ms(fla_steps)
+            except Exception as exc:  # noqa: BLE001 - reported, the row still has the eager numbers
+                print(f"fla decode in a CUDA graph failed: {type(exc).__name__}: {str(exc)[:200]}")
+    del states
+    return row
 
 
-FWD_GRID = [  # (block_c, num_warps, num_stages, state_lowp), most promising first: the sweep stops at its time budget
-    (64, 8, 3, True), (32, 8, 3, True), (64, 4, 3, False), (32, 4, 3, False), (64, 8, 3, False), (32, 4, 3, True),
-    (64, 4, 3, True), (32, 8, 3, False), (64, 8, 2, True), (32, 4, 2, False), (128, 8, 3, True), (64, 4, 2, False),
+SWEEP = [  # (block_c, num_warps, num_stages, segment_tokens, l2_hints), most promising first
+    (128, 8, 3, 512, True), (128, 8, 3, 256, True), (128, 8, 3, 1024, True), (128, 8, 3, 512, False),
+    (64, 8, 3, 512, True), (64, 8, 3, 1024, True), (128, 8, 2, 512, True), (128, 8, 3, 2048, True),
+    (64, 4, 3, 512, True), (64, 8, 3, 256, True), (128, 8, 3, 768, True), (64, 8, 2, 1024, True),
 ]
-BWD_GRID = [(32, 4, 3, False), (64, 4, 3, False), (64, 8, 3, True), (32, 8, 3, True), (64, 8, 3, False),
-            (32, 4, 3, True), (64, 4, 3, True), (32, 8, 3, False)]
-TARGETS = (512, 1024, 2048, 4096)
 
 
-def sweep(seconds: float, T_fwd: int = 65536, T_bwd: int = 16384):
-    """Launch-parameter sweep within a time budget: the forward at T_fwd (each config at several segment counts),
-    then the backward scans at T_bwd behind the fastest forward. Returns (rows, best fwd config, best bwd config)."""
-    import time
-
+def sweep(seconds: float, T: int = 65536):
+    """Forward (no grad) at T for look-back launch parameters and the two-pass forward, within a time budget.
+    Every variant's output is compared with the two-pass forward's. Returns (rows, fastest config)."""
     t0 = time.time()
     ld = sala_log_decay(H)
-    results = []
-    q, k, v = (torch.randn(1, H, T_fwd, D, device="cuda", dtype=DTYPE) for _ in range(3))
-    best = (float("inf"), LT.DEFAULT_CONFIG)
-    for bc, nw, ns, lowp in FWD_GRID:
-        if time.time() - t0 > seconds * 0.55:
-            break
-        for target in TARGETS:
-            if time.time() - t0 > seconds * 0.55:
+    q, k, v = (torch.randn(1, H, T, D, device="cuda", dtype=DTYPE) for _ in range(3))
+    rows = []
+    with torch.no_grad():
+        ref = ours_fn(q, k, v, ld, TWO_PASS)()
+        rows.append(dict(kind="sweep", T=T, cfg=str(TWO_PASS), ms=med(ours_fn(q, k, v, ld, TWO_PASS)), rel=0.0))
+        print(json.dumps(rows[-1]), flush=True)
+        best = (float("inf"), LT.DEFAULT_CONFIG)
+        for bc, nw, ns, seg, hints in SWEEP:
+            if time.time() - t0 > seconds:
+                print("sweep: time budget spent")
                 break
-            cfg = LT.ScanConfig(block_c=bc, num_warps=nw, num_stages=ns, state_lowp=lowp, target_programs=target)
+            cfg = LT.ScanConfig(block_c=bc, num_warps=nw, num_stages=ns, state_lowp=True, lookback=True,
+                                segment_tokens=seg, l2_hints=hints)
+            fn = ours_fn(q, k, v, ld, cfg)
             try:
-                with torch.no_grad():
-                    ms = med(ours_fn(q, k, v, ld, cfg), 100)
-            except Exception as exc:  # a config the compiler refuses (out of shared memory, ...)
-                print(f"sweep fwd {cfg}: {type(exc).__name__}: {str(exc)[:200]}")
-                break
-            results.append(dict(kind="fwd", T=T_fwd, cfg=str(cfg), ms=ms))
-            print(json.dumps(results[-1]), flush=True)
-            best = min(best, (ms, cfg), key=lambda x: x[0])
+                err = rel(fn(), ref)
+                ms = med(fn)
+            except Exception as exc:  # noqa: BLE001 - a config the compiler refuses (out of shared memory, ...)
+                print(f"sweep {cfg}: {type(exc).__name__}: {str(exc)[:200]}")
+                continue
+            rows.append(dict(kind="sweep", T=T, cfg=str(cfg), ms=ms, rel=err))
+            print(json.dumps(rows[-1]), flush=True)
+            if err < 2e-2:
+                best = min(best, (ms, cfg), key=lambda x: x[0])
     del q, k, v
-    fwd_cfg = best[1]
-    print(f"best forward: {best}", flush=True)
-    q, k, v = (torch.randn(1, H, T_bwd, D, device="cuda", dtype=DTYPE).requires_grad_() for _ in range(3))
-    do = torch.randn_like(q)
-    best_b = (float("inf"), LT.DEFAULT_BWD_CONFIG)
-    for bc, nw, ns, lowp in BWD_GRID:
-        if time.time() - t0 > seconds:
-            break
-        cfg = LT.ScanConfig(block_c=bc, num_warps=nw, num_stages=ns, state_lowp=lowp)
-        fn = ours_fn(q, k, v, ld, fwd_cfg, cfg)
-        try:
-            ms = do_bench(lambda: fn().backward(do), warmup=10, rep=100, grad_to_none=[q, k, v],
-                          return_mode="median")
-        except Exception as exc:
-            print(f"sweep bwd {cfg}: {type(exc).__name__}: {str(exc)[:200]}")
-            continue
-        results.append(dict(kind="fwdbwd", T=T_bwd, fwd_cfg=str(fwd_cfg), cfg=str(cfg), ms=ms))
-        print(json.dumps(results[-1]), flush=True)
-        best_b = min(best_b, (ms, cfg), key=lambda x: x[0])
-    print(f"best backward: {best_b}", flush=True)
-    return results, fwd_cfg, best_b[1]
+    return rows, best[1]
 
 
 def check_against_reference(config, bwd_config, T=4096):
@@ -214,29 +220,35 @@ def check_against_reference(config, bwd_config, T=4096):
 
 
 def table(rows, bw) -> str:
-    lines = [f"copy bandwidth {bw / 1e12:.2f} TB/s (read + write)", "",
-             "| T | ours fwd ms | fla fwd ms | fwd ratio | ours fwd+bwd ms | fla fwd+bwd ms | fwd+bwd ratio | "
-             "SDPA fwd / fwd+bwd ms | fwd floor ms | ours fwd / floor | ours fwd GB/s | rel(ours, fla) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     f = lambda x: "-" if x is None else f"{x:.3g}"  # noqa: E731
+    ratio = lambda a, b: None if a is None or b is None else a / b  # noqa: E731
+    lines = [f"copy bandwidth {bw / 1e12:.2f} TB/s (read + write)", "",
+             "| T | ours fwd ms | two-pass fwd ms | fla fwd ms | fwd / fla | ours fwd+bwd ms | fla fwd+bwd ms | "
+             "fwd+bwd / fla | SDPA fwd / fwd+bwd ms | fwd floor ms | fwd / floor | fwd GB/s (% of copy) | "
+             "rel(ours, fla) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        if "T" not in r or "kind" in r or "ours_fwd_ms" not in r:
+        if "ours_fwd_ms" not in r:
             continue
-        fla_f, fla_b = r.get("fla_fwd_ms"), r.get("fla_fwdbwd_ms")
+        g = r.get
         lines.append(
-            f"| {r['T']} | {f(r['ours_fwd_ms'])} | {f(fla_f)} | {f(fla_f and r['ours_fwd_ms'] / fla_f)} | "
-            f"{f(r['ours_fwdbwd_ms'])} | {f(fla_b)} | {f(fla_b and r['ours_fwdbwd_ms'] / fla_b)} | "
-            f"{f(r.get('sdpa_fwd_ms'))} / {f(r.get('sdpa_fwdbwd_ms'))} | {f(r['floor_fwd_ms'])} | "
-            f"{f(r['ours_fwd_ms'] / r['floor_fwd_ms'])} | {r['ours_fwd_GBs']:.0f} | {f(r.get('ours_vs_fla_rel'))} |")
-    lines += ["", "| decode batch | ours ms | fla fused_recurrent ms | fla / ours | floor ms | ours GB/s | rel(ours, fla) |",
-              "|---|---|---|---|---|---|---|"]
+            f"| {r['T']} | {f(g('ours_fwd_ms'))} | {f(g('ours_two_pass_fwd_ms'))} | {f(g('fla_fwd_ms'))} | "
+            f"{f(ratio(g('ours_fwd_ms'), g('fla_fwd_ms')))} | {f(g('ours_fwdbwd_ms'))} | {f(g('fla_fwdbwd_ms'))} | "
+            f"{f(ratio(g('ours_fwdbwd_ms'), g('fla_fwdbwd_ms')))} | {f(g('sdpa_fwd_ms'))} / {f(g('sdpa_fwdbwd_ms'))} | "
+            f"{f(g('floor_fwd_ms'))} | {f(ratio(g('ours_fwd_ms'), g('floor_fwd_ms')))} | "
+            f"{r['ours_fwd_GBs']:.0f} ({100 * r['ours_fwd_GBs'] * 1e9 / bw:.0f}%) | {f(g('ours_vs_fla_rel'))} |")
+    lines += ["", "| decode batch | ours eager ms | fla eager ms | fla / ours eager | ours graph ms | fla graph ms | "
+              "fla / ours graph | floor ms | ours graph GB/s (% of copy) | rel(ours, fla) |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        if "batch" not in r or "ours_ms" not in r:
+        if "ours_ms" not in r:
             continue
-        gbs = 2 * r["batch"] * H * D * D * 4 / r["ours_ms"] * 1e-6
-        fla_ms = r.get("fla_ms")
-        lines.append(f"| {r['batch']} | {f(r['ours_ms'])} | {f(fla_ms)} | {f(fla_ms and fla_ms / r['ours_ms'])} | "
-                     f"{f(r['floor_ms'])} | {gbs:.0f} | {f(r.get('ours_vs_fla_rel'))} |")
+        g = r.get
+        gbs = 2 * r["batch"] * H * D * D * 4 / r["ours_graph_ms"] * 1e-6
+        lines.append(
+            f"| {r['batch']} | {f(g('ours_ms'))} | {f(g('fla_ms'))} | {f(ratio(g('fla_ms'), g('ours_ms')))} | "
+            f"{f(g('ours_graph_ms'))} | {f(g('fla_graph_ms'))} | {f(ratio(g('fla_graph_ms'), g('ours_graph_ms')))} | "
+            f"{f(g('floor_ms'))} | {gbs:.0f} ({100 * gbs * 1e9 / bw:.0f}%) | {f(g('ours_vs_fla_rel'))} |")
     return "\n".join(lines)
 
 
@@ -245,36 +257,56 @@ def main():
     ap.add_argument("--lengths", type=int, nargs="*", default=[4096, 16384, 65536, 262144])
     ap.add_argument("--batches", type=int, nargs="*", default=[1, 8, 64])
     ap.add_argument("--sdpa-max", type=int, default=65536, help="longest T timed with SDPA (it is quadratic)")
-    ap.add_argument("--sweep", action="store_true",
-                    help="first sweep launch parameters (fwd at 64K, fwd+bwd at 16K) and time the fastest")
-    ap.add_argument("--sweep-seconds", type=float, default=120.0, help="time budget of the sweep")
+    ap.add_argument("--budget", type=float, default=400.0, help="seconds; later parts are skipped after this")
+    ap.add_argument("--sweep", action="store_true", help="first sweep the look-back forward's launch parameters at "
+                    "64K and use the fastest")
+    ap.add_argument("--sweep-seconds", type=float, default=60.0, help="time budget of the sweep")
     ap.add_argument("--json", default=None, help="write all rows here")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("error: needs a CUDA device")
     print(torch.cuda.get_device_name(), "torch", torch.__version__, "triton", triton.__version__)
     bw = copy_bandwidth()
+    print(f"copy bandwidth {bw / 1e12:.3f} TB/s", flush=True)
     fla_chunk, fla_rec = fla_ops()
     rows: list[dict] = []
     config, bwd_config = LT.DEFAULT_CONFIG, LT.DEFAULT_BWD_CONFIG
     if args.sweep:
-        found, config, bwd_config = sweep(args.sweep_seconds)
+        found, config = sweep(args.sweep_seconds)
         rows += found
     print(f"forward config {config}\nbackward config {bwd_config}", flush=True)
     rows.append(check_against_reference(config, bwd_config))
-    if args.batches:
-        bench_decode(args.batches, bw, fla_rec, rows)
-    bench_lengths(args.lengths, bw, fla_chunk, rows, args.sdpa_max, config, bwd_config)
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(dict(device=torch.cuda.get_device_name(), copy_bw=bw, config=str(config),
-                           bwd_config=str(bwd_config), rows=rows), fh, indent=1)
+    long = [T for T in args.lengths if T > 65536]
+    plan = [("T", T) for T in args.lengths if T <= 65536] + [("B", B) for B in args.batches] + [("T", T) for T in long]
+
+    def dump():
+        if args.json:
+            with open(args.json, "w") as fh:
+                json.dump(dict(device=torch.cuda.get_device_name(), copy_bw=bw, config=str(config),
+                               bwd_config=str(bwd_config), rows=rows), fh, indent=1)
+
+    for kind, n in plan:
+        if elapsed() > args.budget:
+            print(f"skipped ({kind}={n}): past the {args.budget:.0f} s budget", flush=True)
+            continue
+        try:
+            row = bench_length(n, bw, fla_chunk, args.sdpa_max, config, bwd_config) if kind == "T" else \
+                bench_decode(n, bw, fla_rec)
+        except torch.cuda.OutOfMemoryError as exc:
+            print(f"{kind}={n}: out of memory: {str(exc)[:200]}", flush=True)
+            torch.cuda.empty_cache()
+            continue
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        print(table(rows, bw), flush=True)
+        dump()
     if args.sweep:
-        for kind in ("fwd", "fwdbwd"):
-            best = sorted((r for r in rows if r.get("kind") == kind), key=lambda r: r["ms"])[:3]
-            print(f"sweep {kind}, fastest:", *(f"  {r['ms']:.3f} ms {r['cfg']}" for r in best), sep="\n")
-    print(f"forward config {config}\nbackward config {bwd_config}")
+        best = sorted((r for r in rows if r.get("kind") == "sweep"), key=lambda r: r["ms"])[:4]
+        print("sweep, fastest:", *(f"  {r['ms']:.3f} ms rel {r['rel']:.1e} {r['cfg']}" for r in best), sep="\n")
+    print(f"[{elapsed():.0f}s] forward config {config}\nbackward config {bwd_config}")
     print(table(rows, bw))
+    dump()
+
 
 if __name__ == "__main__":
     main()

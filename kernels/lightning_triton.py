@@ -62,7 +62,12 @@ class ScanConfig:
     programs); `state_lowp`: with bf16 inputs, multiply a bf16 copy of the carried state (faster) instead of the
     float32 state in tf32; `target_programs`: split each sequence into segments until about this many programs run (a first pass then
     sums each segment's keys and values into a state, and every segment starts from the sum of those before it);
-    `min_segment_chunks`: never cut segments shorter than this many chunks."""
+    `min_segment_chunks`: never cut segments shorter than this many chunks. Forward only: `lookback` runs the
+    one-kernel forward (decoupled look-back across segments of `segment_tokens` tokens; k and v of a segment are read
+    twice, the second time mostly from L2) instead of the two-pass segment scan; `l2_hints` marks the first read of k
+    and v evict-last and the streaming reads and writes evict-first. `publish_inclusive=False` (a check, slow) lets
+    only the first segment publish the state at its end, so every look-back sums the others' own sums back to it:
+    the path a segment takes on a GPU while its predecessors are busy, which the in-order interpreter never runs."""
 
     block_c: int = 64
     num_warps: int = 8
@@ -70,15 +75,21 @@ class ScanConfig:
     state_lowp: bool = True
     target_programs: int = 1024
     min_segment_chunks: int = 4
+    lookback: bool = False
+    segment_tokens: int = 512
+    l2_hints: bool = True
+    publish_inclusive: bool = True
 
 
 # The fastest of a sweep on one H100 (bench/bench_lightning.py --sweep, bf16, 32 heads, d = 128; bench/RESULTS.md):
 # forward at 64K tokens, and the three backward scans at 16K behind that forward.
-DEFAULT_CONFIG = ScanConfig(block_c=128, num_warps=8, num_stages=3, state_lowp=True, target_programs=512)
+DEFAULT_CONFIG = ScanConfig(block_c=128, num_warps=8, num_stages=3, state_lowp=True, target_programs=512,
+                            lookback=True, segment_tokens=512)
 DEFAULT_BWD_CONFIG = ScanConfig(block_c=64, num_warps=8, num_stages=3, state_lowp=True, target_programs=1024)
 # fp16 / fp32 inputs: the configuration the GPU tests passed with (a 128 x 128 fp32 tile with 3 pipeline stages would
 # not fit in shared memory; these were not part of the sweep).
-OTHER_DTYPE_CONFIG = ScanConfig(block_c=32, num_warps=4, num_stages=3, state_lowp=False, target_programs=1024)
+OTHER_DTYPE_CONFIG = ScanConfig(block_c=32, num_warps=4, num_stages=3, state_lowp=False, target_programs=1024,
+                                lookback=True, segment_tokens=512)
 
 if HAS_TRITON:
 
@@ -96,7 +107,8 @@ if HAS_TRITON:
         scale_out, scale_state,
         CH: tl.constexpr, BA: tl.constexpr, BC: tl.constexpr,
         HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr, VARLEN: tl.constexpr, REVERSE: tl.constexpr,
-        STATE_LOWP: tl.constexpr, STATE_ONLY: tl.constexpr, USE_U: tl.constexpr,
+        STATE_LOWP: tl.constexpr, STATE_ONLY: tl.constexpr, USE_U: tl.constexpr, PREFIX: tl.constexpr,
+        OFF32: tl.constexpr,
     ):
         pid = tl.program_id(0)
         pid_c = tl.program_id(1)
@@ -152,7 +164,10 @@ if HAS_TRITON:
         else:
             edge = seg == 0
             terminal = seg == NSEG - 1
-        if USE_U:
+        if USE_U and PREFIX:
+            # U holds the state entering each segment itself (saved by the look-back forward)
+            X = tl.load(u_base + seg * s_us + u_tile, mask=m2, other=0.0)
+        elif USE_U:
             # the state entering this segment, from the per-segment sums U of the segments walked before it
             if REVERSE:
                 last_tokens = L - (NSEG - 1) * seg_tokens
@@ -173,7 +188,10 @@ if HAS_TRITON:
             start = ci * CH
             t = start + idx
             mt = t < L
-            rows = bos + t.to(tl.int64)
+            if OFF32:  # row offsets fit in int32: fewer registers for the addresses
+                rows = bos.to(tl.int32) + t
+            else:
+                rows = bos + t.to(tl.int64)
             b = tl.load(b_base + rows[:, None] * s_bt + ra[None, :], mask=mt[:, None] & ma[None, :], other=0.0)
             c = tl.load(c_base + rows[:, None] * s_ct + rc[None, :], mask=mt[:, None] & mc[None, :], other=0.0)
             clen = tl.minimum(L - start, CH).to(tl.float32)
@@ -217,6 +235,155 @@ if HAS_TRITON:
             if terminal:
                 f_ptrs = Final + n64 * s_fn + h64 * s_fh + ra[:, None] * s_fr + rc[None, :] * s_fc
                 tl.store(f_ptrs, X, mask=m2)
+
+    @triton.jit
+    def _fwd_lookback_kernel(
+        Q, K, V, Out, Init, Final, Agg, Incl, Pref, Flags, LogDecay,
+        T, H, DK, DV, NSEG, SEGC, NCOL, NHC,
+        s_qb, s_qh, s_qt,
+        s_kb, s_kh, s_kt,
+        s_vb, s_vh, s_vt,
+        s_ob, s_oh, s_ot,
+        s_in, s_ih, s_ir, s_ic,
+        s_fn, s_fh, s_fr, s_fc,
+        s_pn, s_ph, s_ps, s_pr,
+        scale,
+        CH: tl.constexpr, BK: tl.constexpr, BC: tl.constexpr,
+        HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr, SAVE_PREFIX: tl.constexpr, STATE_LOWP: tl.constexpr,
+        EV_KEEP: tl.constexpr, EV_DROP: tl.constexpr, PUBLISH_INCL: tl.constexpr, OFF32: tl.constexpr,
+    ):
+        # Work order from a ticket, not from the program id: a program only ever waits on lower tickets, which
+        # belong to programs that are already running (or done), so the waits cannot deadlock whatever order the
+        # hardware (or the interpreter) starts programs in. Segments vary slowest: all heads' segment s come before
+        # any segment s + 1.
+        ticket = tl.atomic_add(Flags + NHC * NSEG, 1)
+        seg = ticket // NHC
+        r = ticket % NHC
+        pid = r // NCOL
+        pid_c = r % NCOL
+        n64 = (pid // H).to(tl.int64)
+        h64 = (pid % H).to(tl.int64)
+        flag_base = Flags + r * NSEG
+
+        rk = tl.arange(0, BK)
+        rc = pid_c * BC + tl.arange(0, BC)
+        mk = rk < DK
+        mc = rc < DV
+        m2 = mk[:, None] & mc[None, :]
+        idx = tl.arange(0, CH)
+        fidx = idx.to(tl.float32)
+        ld = tl.load(LogDecay + pid % H).to(tl.float32)
+        q_base = Q + n64 * s_qb + h64 * s_qh
+        k_base = K + n64 * s_kb + h64 * s_kh
+        v_base = V + n64 * s_vb + h64 * s_vh
+        o_base = Out + n64 * s_ob + h64 * s_oh
+        st_base = n64 * s_pn + h64 * s_ph
+        st_tile = rk[:, None] * s_pr + rc[None, :]
+
+        nchunks = (T + CH - 1) // CH
+        c0 = seg * SEGC
+        c1 = tl.minimum(c0 + SEGC, nchunks)
+        seg_decay = tl.exp(ld * (SEGC * CH))
+        notlast = seg < NSEG - 1
+
+        # 1. this segment's own sum of decayed k^T v (segments before the last are whole: SEGC full chunks)
+        U = tl.full((BK, BC), 0.0, tl.float32)
+        if notlast:
+            b_decay = tl.exp(ld * (CH - 1.0 - fidx))
+            x_decay = tl.exp(ld * (CH * 1.0))
+            for i in range(SEGC):
+                if OFF32:
+                    rows = (c0 + i) * CH + idx
+                else:
+                    rows = ((c0 + i) * CH + idx).to(tl.int64)
+                kk = tl.load(k_base + rows[:, None] * s_kt + rk[None, :], mask=mk[None, :], other=0.0,
+                             eviction_policy=EV_KEEP)
+                vv = tl.load(v_base + rows[:, None] * s_vt + rc[None, :], mask=mc[None, :], other=0.0,
+                             eviction_policy=EV_KEEP)
+                k_dec = (kk.to(tl.float32) * b_decay[:, None]).to(vv.dtype)
+                U = U * x_decay + tl.dot(tl.trans(k_dec), vv)
+
+        # 2. the state entering the segment: decoupled look-back over the segments before it. Flag 1: the
+        # segment's own sum is in Agg; flag 2: the state at its end (inclusive prefix) is in Incl.
+        if seg == 0:
+            if HAS_INIT:
+                P = tl.load(Init + n64 * s_in + h64 * s_ih + rk[:, None] * s_ir + rc[None, :] * s_ic, mask=m2,
+                            other=0.0).to(tl.float32)
+            else:
+                P = tl.full((BK, BC), 0.0, tl.float32)
+        else:
+            P = tl.full((BK, BC), 0.0, tl.float32)
+            f = tl.atomic_add(flag_base + seg - 1, 0, sem="acquire")
+            if PUBLISH_INCL:
+                publish_agg = (f != 2) & notlast
+            else:
+                publish_agg = notlast
+            if publish_agg:
+                # the predecessor is not finished: let successors see our own sum meanwhile
+                tl.store(Agg + st_base + seg * s_ps + st_tile, U, mask=m2)
+                tl.debug_barrier()
+                tl.atomic_xchg(flag_base + seg, 1, sem="release")
+            j = seg - 1
+            w = seg_decay * 0.0 + 1.0
+            while j >= 0:
+                f = tl.atomic_add(flag_base + j, 0, sem="acquire")
+                while f == 0:
+                    f = tl.atomic_add(flag_base + j, 0, sem="acquire")
+                if f == 2:
+                    P += w * tl.load(Incl + st_base + j * s_ps + st_tile, mask=m2, other=0.0, cache_modifier=".cg")
+                    j = j - j - 1
+                else:
+                    P += w * tl.load(Agg + st_base + j * s_ps + st_tile, mask=m2, other=0.0, cache_modifier=".cg")
+                    w = w * seg_decay
+                    j -= 1
+        if PUBLISH_INCL:
+            publish_incl = notlast
+        else:
+            publish_incl = notlast & (seg == 0)
+        if publish_incl:
+            tl.store(Incl + st_base + seg * s_ps + st_tile, P * seg_decay + U, mask=m2)
+            tl.debug_barrier()
+            tl.atomic_xchg(flag_base + seg, 2, sem="release")
+        if SAVE_PREFIX:
+            tl.store(Pref + st_base + seg * s_ps + st_tile, P, mask=m2)
+
+        # 3. walk the segment's chunks from that state: o = scale * (intra-chunk part + decayed q X)
+        diff = fidx[:, None] - fidx[None, :]
+        decay_mask = tl.where(diff >= 0, tl.exp(ld * tl.maximum(diff, 0.0)), 0.0)
+        a_decay0 = tl.exp(ld * (fidx + 1.0))
+        X = P
+        for ci in range(c0, c1):
+            start = ci * CH
+            t = start + idx
+            mt = t < T
+            if OFF32:
+                rows = t
+            else:
+                rows = t.to(tl.int64)
+            kk = tl.load(k_base + rows[:, None] * s_kt + rk[None, :], mask=mt[:, None] & mk[None, :], other=0.0,
+                         eviction_policy=EV_DROP)
+            vv = tl.load(v_base + rows[:, None] * s_vt + rc[None, :], mask=mt[:, None] & mc[None, :], other=0.0,
+                         eviction_policy=EV_DROP)
+            qq = tl.load(q_base + rows[:, None] * s_qt + rk[None, :], mask=mt[:, None] & mk[None, :], other=0.0,
+                         eviction_policy=EV_DROP)
+            clen = tl.minimum(T - start, CH).to(tl.float32)
+            b_decay = tl.where(mt, tl.exp(ld * tl.maximum(clen - 1.0 - fidx, 0.0)), 0.0)
+            a_decay = tl.where(mt, a_decay0, 0.0)
+            # inter-chunk part first, its row decay applied to the product (no decayed copy of q)
+            if STATE_LOWP:
+                acc = tl.dot(qq, X.to(vv.dtype))
+            else:
+                acc = tl.dot(qq.to(tl.float32), X)
+            acc = acc * (a_decay * scale)[:, None]
+            scores = tl.dot(qq, tl.trans(kk)) * (decay_mask * scale)
+            acc = tl.dot(scores.to(vv.dtype), vv, acc)
+            tl.store(o_base + rows[:, None] * s_ot + rc[None, :], acc.to(Out.dtype.element_ty),
+                     mask=mt[:, None] & mc[None, :], eviction_policy=EV_DROP)
+            k_dec = (kk.to(tl.float32) * b_decay[:, None]).to(vv.dtype)
+            X = tl.dot(tl.trans(k_dec), vv, X * tl.exp(ld * clen))
+        if STORE_FINAL:
+            if seg == NSEG - 1:
+                tl.store(Final + n64 * s_fn + h64 * s_fh + rk[:, None] * s_fr + rc[None, :] * s_fc, X, mask=m2)
 
     @triton.jit
     def _add(x, y):
@@ -273,6 +440,11 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+def _fits_int32(T: int, *tensors) -> bool:
+    """Whether every offset inside one (sequence, head) slice (row * row stride + column) fits in int32."""
+    return all(x is None or (T + 1) * x.stride(2) + x.shape[-1] < 2 ** 31 for x in tensors)
+
+
 def _block_c(config: ScanConfig, da: int, dc: int) -> int:
     """Column tile: as asked, but no wider than the columns and small enough that the state tile (at most 128 x 128
     float32) stays in registers for large head dims."""
@@ -294,7 +466,8 @@ def _segments(T: int, chunk: int, programs_per_segment: int, config: ScanConfig,
 
 
 def _launch(a, b, c, log_decay, *, out, init, init_transposed, final, u, u_transposed, nseg, segc, grid_segs,
-            seg_offset, reverse, state_only, scale_out, scale_state, cu_seqlens, chunk, config: ScanConfig):
+            seg_offset, reverse, state_only, scale_out, scale_state, cu_seqlens, chunk, config: ScanConfig,
+            prefix=False):
     B, H, T, DA = b.shape
     DC = c.shape[-1]
     N = B if cu_seqlens is None else cu_seqlens.numel() - 1
@@ -323,7 +496,7 @@ def _launch(a, b, c, log_decay, *, out, init, init_transposed, final, u, u_trans
         VARLEN=cu_seqlens is not None, REVERSE=reverse, STATE_ONLY=state_only,
         # a bf16 copy of the state keeps bf16's range; fp16 could overflow on long, slowly decaying sequences
         STATE_LOWP=config.state_lowp and c.dtype == torch.bfloat16,
-        USE_U=u is not None and not state_only and nseg > 1,
+        USE_U=u is not None and not state_only and nseg > 1, PREFIX=prefix, OFF32=_fits_int32(T, a, b, c, out),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
 
@@ -340,9 +513,10 @@ def _segment_sums(b, c, log_decay, *, reverse, scale_state, nseg, segc, chunk, c
 
 
 def _scan(a, b, c, log_decay, *, init, init_transposed, reverse, scale_out, scale_state, store_final, cu_seqlens,
-          chunk, out_dtype, config: ScanConfig, nseg, segc, u=None, u_transposed=False):
+          chunk, out_dtype, config: ScanConfig, nseg, segc, u=None, u_transposed=False, prefix=False):
     """One chunk scan (see the module docstring). a, b (B, H, T, DA); c (B, H, T, DC) -> out (B, H, T, DC), the last
-    state (N, H, DA, DC) float32 when asked, and the segment sums used (None with one segment)."""
+    state (N, H, DA, DC) float32 when asked, and the segment sums used (None with one segment). With `prefix`, `u`
+    holds the state entering each segment rather than the segment's own sum."""
     B, H, T, DA = a.shape
     DC = c.shape[-1]
     N = B if cu_seqlens is None else cu_seqlens.numel() - 1
@@ -355,25 +529,80 @@ def _scan(a, b, c, log_decay, *, init, init_transposed, reverse, scale_out, scal
     _launch(a, b, c, log_decay, out=out, init=init, init_transposed=init_transposed, final=final, u=u,
             u_transposed=u_transposed, nseg=nseg, segc=segc, grid_segs=nseg, seg_offset=0, reverse=reverse,
             state_only=False, scale_out=scale_out, scale_state=scale_state, cu_seqlens=cu_seqlens, chunk=chunk,
-            config=config)
+            config=config, prefix=prefix)
     return out, final, u
+
+
+def _lookback_segments(T: int, chunk: int, config: ScanConfig) -> tuple[int, int]:
+    segc = max(1, config.segment_tokens // chunk)
+    nchunks = max(1, -(-T // chunk))
+    return -(-nchunks // segc), segc
+
+
+def _lookback_forward(q, k, v, log_decay, *, init, scale, store_final, save_prefix, chunk, config: ScanConfig):
+    """The one-kernel forward (no cu_seqlens). Returns o, the final state (or None), the state entering each segment
+    (N, H, NSEG, Dk, Dv) float32 when `save_prefix` (else None), and (nseg, segc)."""
+    B, H, T, DK = q.shape
+    DV = v.shape[-1]
+    nseg, segc = _lookback_segments(T, chunk, config)
+    BK = _pow2(DK)
+    BC = _block_c(config, DK, DV)
+    ncol = triton.cdiv(DV, BC)
+    nhc = B * H * ncol
+    dev = q.device
+    out = torch.empty(B, H, T, DV, device=dev, dtype=q.dtype)
+    final = torch.empty(B, H, DK, DV, device=dev, dtype=torch.float32) if store_final else None
+    flags = torch.zeros(nhc * nseg + 1, device=dev, dtype=torch.int32)  # one flag per program, then the ticket counter
+    # Agg / Incl: each segment's own sum and the state at its end (the last segment publishes neither); Pref: the
+    # state entering each segment, kept for the backward. All (N, H, NSEG, Dk, Dv) float32, contiguous.
+    shape = (B, H, nseg, DK, DV)
+    agg = torch.empty(shape, device=dev, dtype=torch.float32) if nseg > 1 else None
+    incl = torch.empty(shape, device=dev, dtype=torch.float32) if nseg > 1 else None
+    pref = torch.empty(shape, device=dev, dtype=torch.float32) if save_prefix else None
+    st_strides = (H * nseg * DK * DV, nseg * DK * DV, DK * DV, DV)
+    dummy = log_decay
+    hints = config.l2_hints
+    grid = (nhc * nseg,)
+    _fwd_lookback_kernel[grid](
+        q, k, v, out, dummy if init is None else init, dummy if final is None else final,
+        dummy if agg is None else agg, dummy if incl is None else incl, dummy if pref is None else pref, flags,
+        log_decay,
+        T, H, DK, DV, nseg, segc, ncol, nhc,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
+        *((0, 0, 0, 0) if init is None else init.stride()), *((0, 0, 0, 0) if final is None else final.stride()),
+        *st_strides,
+        float(scale),
+        CH=chunk, BK=BK, BC=BC, HAS_INIT=init is not None, STORE_FINAL=final is not None,
+        SAVE_PREFIX=pref is not None, STATE_LOWP=config.state_lowp and v.dtype == torch.bfloat16,
+        EV_KEEP="evict_last" if hints else "", EV_DROP="evict_first" if hints else "",
+        PUBLISH_INCL=config.publish_inclusive, OFF32=_fits_int32(T, q, k, v, out),
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    return out, final, pref, (nseg, segc), flags
 
 
 class _LightningChunked(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, log_decay, initial_state, scale, output_final_state, cu_seqlens, chunk, config,
-                bwd_config):
+                bwd_config, grad):
         q, k, v = _rows(q), _rows(k), _rows(v)
         B, H, T, _ = q.shape
         N = B if cu_seqlens is None else cu_seqlens.numel() - 1
-        BC = _block_c(config, q.shape[-1], v.shape[-1])
-        nseg, segc = _segments(T, chunk, N * H * triton.cdiv(v.shape[-1], BC), config, cu_seqlens is not None)
-        o, final, u = _scan(q, k, v, log_decay, init=initial_state, init_transposed=False, reverse=False,
-                            scale_out=scale, scale_state=1.0, store_final=output_final_state, cu_seqlens=cu_seqlens,
-                            chunk=chunk, out_dtype=q.dtype, config=config, nseg=nseg, segc=segc)
-        # the forward's segment sums of k^T v are, transposed, the ones the dq scan needs (v^T k)
+        if config.lookback and cu_seqlens is None:
+            o, final, u, (nseg, segc), _ = _lookback_forward(
+                q, k, v, log_decay, init=initial_state, scale=scale, store_final=output_final_state,
+                save_prefix=grad, chunk=chunk, config=config)
+            prefix = True  # u: the state entering each segment, which (transposed) starts the dq scan's segments
+        else:
+            BC = _block_c(config, q.shape[-1], v.shape[-1])
+            nseg, segc = _segments(T, chunk, N * H * triton.cdiv(v.shape[-1], BC), config, cu_seqlens is not None)
+            o, final, u = _scan(q, k, v, log_decay, init=initial_state, init_transposed=False, reverse=False,
+                                scale_out=scale, scale_state=1.0, store_final=output_final_state,
+                                cu_seqlens=cu_seqlens, chunk=chunk, out_dtype=q.dtype, config=config, nseg=nseg,
+                                segc=segc)
+            prefix = False  # u: the forward's segment sums of k^T v, which (transposed) the dq scan needs (v^T k)
         ctx.save_for_backward(q, k, v, log_decay, initial_state, cu_seqlens, u)
-        ctx.scale, ctx.chunk, ctx.config, ctx.nseg, ctx.segc = scale, chunk, bwd_config, nseg, segc
+        ctx.scale, ctx.chunk, ctx.config, ctx.fwd_seg, ctx.prefix = scale, chunk, bwd_config, (nseg, segc), prefix
         if final is None:
             return o
         return o, final
@@ -384,26 +613,33 @@ class _LightningChunked(torch.autograd.Function):
         scale = ctx.scale
         do = _rows(do)
         dfinal = None if dfinal is None else dfinal.float()
-        common = dict(cu_seqlens=cu_seqlens, chunk=ctx.chunk, config=ctx.config, nseg=ctx.nseg, segc=ctx.segc)
+        B, H, T, DK = q.shape
+        N = B if cu_seqlens is None else cu_seqlens.numel() - 1
+        common = dict(cu_seqlens=cu_seqlens, chunk=ctx.chunk, config=ctx.config)
         dq = dk = dv = dinit = u_rev = None
         need_q, need_k, need_v = ctx.needs_input_grad[:3]
         need_init = initial_state is not None and ctx.needs_input_grad[4]
         if need_q:
+            # the dq scan runs on the forward's segments, from the forward's per-segment data
+            nseg, segc = ctx.fwd_seg
             dq, _, _ = _scan(do, v, k, log_decay, init=initial_state, init_transposed=True, reverse=False,
                              scale_out=scale, scale_state=1.0, store_final=False, out_dtype=q.dtype, u=u_fwd,
-                             u_transposed=True, **common)
+                             u_transposed=True, prefix=ctx.prefix, nseg=nseg, segc=segc, **common)
+        BC = _block_c(ctx.config, DK, v.shape[-1])
+        nseg, segc = _segments(T, ctx.chunk, N * H * triton.cdiv(max(DK, v.shape[-1]), BC), ctx.config,
+                               cu_seqlens is not None)
         if need_v or need_init:
             dv, dinit, u_rev = _scan(k, q, do, log_decay, init=dfinal, init_transposed=False, reverse=True,
                                      scale_out=1.0, scale_state=scale, store_final=need_init, out_dtype=v.dtype,
-                                     **common)
+                                     nseg=nseg, segc=segc, **common)
         if need_k:
             # dk's segment sums (dO^T q) are dv's (q^T dO) transposed
             dk, _, _ = _scan(v, do, q, log_decay, init=dfinal, init_transposed=True, reverse=True,
                              scale_out=1.0, scale_state=scale, store_final=False, out_dtype=k.dtype, u=u_rev,
-                             u_transposed=u_rev is not None, **common)
+                             u_transposed=u_rev is not None, nseg=nseg, segc=segc, **common)
         if dinit is not None:
             dinit = dinit.to(initial_state.dtype)
-        return dq, dk, (dv if need_v else None), None, dinit, None, None, None, None, None, None
+        return dq, dk, (dv if need_v else None), None, dinit, None, None, None, None, None, None, None
 
 
 def _check(q, k, v, log_decay, initial_state, cu_seqlens, chunk_size):
@@ -450,8 +686,10 @@ def lightning_attn_chunked_triton(
     bf16 = q.dtype == torch.bfloat16
     config = config or (DEFAULT_CONFIG if bf16 else OTHER_DTYPE_CONFIG)
     bwd_config = bwd_config or (DEFAULT_BWD_CONFIG if bf16 else OTHER_DTYPE_CONFIG)
+    # a backward can follow: the forward then keeps what the dq scan needs
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, initial_state))
     res = _LightningChunked.apply(q, k, v, log_decay, initial_state, scale, bool(output_final_state), cu_seqlens,
-                                  chunk_size, config, bwd_config)
+                                  chunk_size, config, bwd_config, grad)
     if output_final_state:
         return res
     return res, None

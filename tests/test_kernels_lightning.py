@@ -108,11 +108,49 @@ def test_chunked_matches_reference_interpreted(interp, seed, B, H, T, Dk, Dv, wi
 )
 def test_segmented_scan_matches_reference_interpreted(interp, seed, B, H, T, Dk, Dv, with_init, chunk, target):
     # long sequences are cut into segments that run in parallel, each started from the sums of those before it
-    cfg = interp.ScanConfig(target_programs=target, min_segment_chunks=1)
+    # (the two-pass forward; lookback=False)
+    cfg = interp.ScanConfig(target_programs=target, min_segment_chunks=1, lookback=False)
     assert interp._segments(T, chunk, B * H, cfg, False)[0] > 1
     args = _inputs(B, H, T, Dk, Dv, B, with_init, torch.float32, "cpu")
     errs = _run_both(interp.lightning_attn_chunked_triton, *args, None, chunk=chunk, config=cfg, bwd_config=cfg)
     assert max(errs.values()) < 1e-5, errs
+
+
+@pytest.mark.parametrize(
+    "B,H,T,Dk,Dv,with_init,chunk,seg_tokens,publish",
+    [
+        (2, 2, 300, 16, 32, True, 16, 48, True),  # 19 chunks -> 7 segments of 3 chunks, the last partial; 2 col tiles
+        (1, 2, 130, 32, 16, False, 32, 32, False),  # one chunk a segment; look-backs sum own sums back to segment 0
+        (1, 1, 45, 16, 16, True, 16, 64, True),  # a single segment
+    ],
+)
+def test_lookback_forward_matches_reference_interpreted(interp, seed, B, H, T, Dk, Dv, with_init, chunk, seg_tokens,
+                                                        publish):
+    # the one-kernel forward: each segment sums its own k^T v, looks back over the segments before it, then walks
+    # its chunks; the backward's dq scan starts each segment from the state the forward saved for it
+    cfg = interp.ScanConfig(lookback=True, segment_tokens=seg_tokens, block_c=16, publish_inclusive=publish)
+    bwd = interp.ScanConfig(block_c=16, target_programs=10 ** 6, min_segment_chunks=1)
+    args = _inputs(B, H, T, Dk, Dv, B, with_init, torch.float32, "cpu")
+    errs = _run_both(interp.lightning_attn_chunked_triton, *args, None, chunk=chunk, config=cfg, bwd_config=bwd)
+    assert max(errs.values()) < 1e-5, errs
+
+
+def test_lookback_publishes_every_segment_interpreted(interp, seed):
+    # every program takes exactly one ticket, and every segment but the last publishes the state at its end
+    q, k, v, ld, _ = _inputs(1, 3, 200, 16, 32, 1, False, torch.float32, "cpu")
+    cfg = interp.ScanConfig(lookback=True, segment_tokens=32, block_c=16)
+    with torch.no_grad():
+        o, _, pref, (nseg, segc), flags = interp._lookback_forward(
+            q, k, v, ld.float(), init=None, scale=0.25, store_final=False, save_prefix=True, chunk=16, config=cfg)
+    programs = 3 * 2 * nseg  # heads x column tiles x segments
+    assert (nseg, segc) == (7, 2) and flags[-1].item() == programs
+    per_program = flags[:-1].view(3 * 2, nseg)
+    assert (per_program[:, :-1] == 2).all() and (per_program[:, -1] == 0).all()
+    # the saved entering states are the reference's states at the segment starts
+    for s in range(1, nseg):
+        _, state = lightning_attn_chunked(q[:, :, : 32 * s], k[:, :, : 32 * s], v[:, :, : 32 * s], ld, 0.25, None,
+                                          True, 16)
+        assert rel(pref[:, :, s], state) < 1e-5
 
 
 @pytest.mark.parametrize("with_init", [False, True])
@@ -193,6 +231,25 @@ def test_chunked_matches_reference_gpu(seed, dtype, tol, B, H, T, D, with_init):
     args = _inputs(B, H, T, D, D, B, with_init, dtype, "cuda")
     errs = _run_both(_kernels().lightning_attn_chunked_triton, *args, None)
     assert max(errs.values()) < tol, errs
+
+
+@gpu
+@pytest.mark.parametrize("seg_tokens,publish", [(128, True), (64, False), (512, True)])
+def test_lookback_forward_long_gpu(seed, seg_tokens, publish):
+    # many segments in flight at once: the look-back really waits on other programs here
+    lt = _kernels()
+    cfg = lt.ScanConfig(block_c=128, num_warps=8, num_stages=3, state_lowp=True, lookback=True,
+                        segment_tokens=seg_tokens, publish_inclusive=publish)
+    args = _inputs(1, 8, 8191, 128, 128, 1, True, torch.bfloat16, "cuda")
+    errs = _run_both(lt.lightning_attn_chunked_triton, *args, None, config=cfg)
+    assert max(errs.values()) < 1e-2, errs
+    q, k, v, ld, _ = args
+    with torch.no_grad():
+        o, _, _, (nseg, _), flags = lt._lookback_forward(q, k, v, ld.float(), init=None, scale=0.1, store_final=False,
+                                                         save_prefix=False, chunk=64, config=cfg)
+        o_two_pass, _ = lt.lightning_attn_chunked_triton(q, k, v, ld, 0.1, config=lt.ScanConfig(lookback=False))
+    assert flags[-1].item() == 8 * nseg  # one ticket per program
+    assert rel(o, o_two_pass) < 1e-2
 
 
 @gpu
