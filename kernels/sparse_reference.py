@@ -261,9 +261,23 @@ def infllm_v2_attention(
     coarse_kernel: int = 128,
     coarse_stride: int = 64,
     coarse_keys: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
 ):
-    """Dense causal attention while every query is short; the full InfLLM-V2 selection otherwise."""
+    """Dense causal attention while every query is short; the full InfLLM-V2 selection otherwise.
+    `cu_seqlens` (packed documents: B == 1, queries = keys, q_pos ignored): each document on its own, positions,
+    compressed keys and blocks restarting at its first token; documents never see each other."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if cu_seqlens is not None:
+        if q.shape[0] != 1 or q.shape[2] != k.shape[2] or ckeys is not None or coarse_keys is not None:
+            raise ValueError("packed documents (cu_seqlens) need batch 1, as many queries as keys and no cached keys")
+        bounds = [int(x) for x in cu_seqlens]
+        opts = dict(scale=scale, block_size=block_size, kernel=kernel, stride=stride, topk=topk,
+                    init_blocks=init_blocks, local_blocks=local_blocks, dense_len=dense_len, selection=selection,
+                    select_tokens=select_tokens, coarse=coarse, coarse_kernel=coarse_kernel,
+                    coarse_stride=coarse_stride)
+        parts = [infllm_v2_attention(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], torch.arange(b - a, device=q.device),
+                                     **opts) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+        return torch.cat(parts, 2) if parts else q.new_zeros(q.shape)
     Tk = k.shape[2]
     num_blocks = -(-Tk // block_size)
     group = q.shape[1] // k.shape[1]

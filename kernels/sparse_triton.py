@@ -91,9 +91,11 @@ if HAS_TRITON:
 
     @triton.jit
     def _compress_kernel(
-        K, O, NC, H, s_kb, s_kh, s_kt, s_ob, s_oh, s_oc,
+        K, O, STARTS, NC, H, s_kb, s_kh, s_kt, s_ob, s_oh, s_oc,
         KERNEL: tl.constexpr, STRIDE: tl.constexpr, BLOCK_C: tl.constexpr, D: tl.constexpr,
+        USE_STARTS: tl.constexpr,
     ):
+        # Compressed key c = mean of KERNEL keys from token start(c): c * STRIDE, or STARTS[c] (packed documents).
         pid_c = tl.program_id(0)
         pid_bh = tl.program_id(1)
         b = (pid_bh // H).to(tl.int64)
@@ -101,11 +103,14 @@ if HAS_TRITON:
         c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
         d = tl.arange(0, D)
         cm = c < NC
+        if USE_STARTS:
+            start = tl.load(STARTS + c, mask=cm, other=0).to(tl.int64)
+        else:
+            start = (c * STRIDE).to(tl.int64)
         base = K + b * s_kb + h * s_kh
         acc = tl.zeros([BLOCK_C, D], dtype=tl.float32)
         for w in range(KERNEL):
-            pos = (c * STRIDE + w).to(tl.int64)
-            acc += tl.load(base + pos[:, None] * s_kt + d[None, :], mask=cm[:, None], other=0.0).to(tl.float32)
+            acc += tl.load(base + (start + w)[:, None] * s_kt + d[None, :], mask=cm[:, None], other=0.0).to(tl.float32)
         acc = acc / KERNEL
         tl.store(O + b * s_ob + h * s_oh + c[:, None].to(tl.int64) * s_oc + d[None, :], acc, mask=cm[:, None])
 
@@ -182,55 +187,236 @@ if HAS_TRITON:
                              tl.full([BLOCK_T, BLOCK_C], float("-inf"), tl.float32),
                              mask=(tv < Tq)[:, None] & cm[None, :])
 
+    # ------------------------------------------------------------------------------------------------------------------
+    # Row tables. A "row" is a run of consecutive query tokens of one document sharing one block list (block mode: a
+    # selection group; token mode: a tile, with per-token bits). ROWS (R, 8) int32: first query index t0, token
+    # count n, key offset k0 of the document (key index = k0 + position), first global key block kb0 of the document,
+    # compressed-key offsets c0 (K1) and c20 (K2) of the document, document length, unused. Positions (QPOS) are
+    # relative to the document start. KBT (NBtot, 4) int32 per global key block: k0, local block index, document length.
+
     @triton.jit
-    def _row_setup(QPOS, Tq, OFF, pid_t, g, G: tl.constexpr, GP: tl.constexpr, BLOCK_T: tl.constexpr):
+    def _block_scores_kernel(
+        Q, CK, CK2, QPOS, ROWS, OUT,
+        Hkv, sm_scale2, dense_len, topk,
+        s_qb, s_qh, s_qt, s_cb, s_ch, s_cc, s_c2b, s_c2h, s_c2c, s_ob, s_oh, s_or,
+        G: tl.constexpr, GP: tl.constexpr, BLOCK_T: tl.constexpr, NSUB: tl.constexpr, BLOCK_C: tl.constexpr,
+        D: tl.constexpr, KERNEL: tl.constexpr, STRIDE: tl.constexpr, KERNEL2: tl.constexpr, STRIDE2: tl.constexpr,
+        BS: tl.constexpr, ATOMIC: tl.constexpr, IEEE: tl.constexpr,
+    ):
+        # Block mode, one program per (row, KV group) (or per share of a row's tokens when NSUB > 1, then summed with
+        # atomics). Rows of the matrix: every (head of the group, token of the row). Pass 1: per-row log-sum-exp over
+        # the visible K1 (or coarse K2) keys. Pass 2, transposed (keys x rows) so that the sum over rows is a
+        # reduction along the register axis: OUT[row, c] = sum over the rows of softmax probability of K1 key c.
+        # Keys visible to every row of the tile skip the mask. Dense rows (all blocks kept) skip both passes.
+        pid = tl.program_id(0)
+        bg = tl.program_id(1)
+        row = pid // NSUB
+        sub = pid % NSUB
+        b = (bg // Hkv).to(tl.int64)
+        g = (bg % Hkv).to(tl.int64)
+        t0 = tl.load(ROWS + row * 8)
+        n = tl.load(ROWS + row * 8 + 1)
+        c0 = tl.load(ROWS + row * 8 + 4).to(tl.int64)
+        c20 = tl.load(ROWS + row * 8 + 5).to(tl.int64)
+        p_first = tl.load(QPOS + t0)
+        dense = ((p_first + 1) < dense_len) | ((p_first // BS + 1) <= topk)
         BM: tl.constexpr = GP * BLOCK_T
         r = tl.arange(0, BM)
         hh = r // BLOCK_T
-        t = pid_t * BLOCK_T + r % BLOCK_T - OFF
-        rm = (hh < G) & (t >= 0) & (t < Tq)
-        pos = tl.load(QPOS + t, mask=rm, other=-1)
+        i = sub * BLOCK_T + r % BLOCK_T
+        rm = (hh < G) & (i < n)
+        pos = tl.load(QPOS + t0 + i, mask=rm, other=-1)
+        pmax = tl.max(pos, 0)
+        pmin = tl.min(tl.where(rm, pos, 1 << 30), 0)
+        nv = tl.where(pmax >= KERNEL - 1, (pmax - KERNEL + 1) // STRIDE + 1, 0)
+        nv = tl.where(dense, 0, nv)
+        nf = tl.minimum(tl.where(pmin >= KERNEL - 1, (pmin - KERNEL + 1) // STRIDE + 1, 0), nv)
+        nv2 = tl.where(pmax >= KERNEL2 - 1, (pmax - KERNEL2 + 1) // STRIDE2 + 1, 0)
+        nv2 = tl.where(nv > 0, nv2, 0)
+        nf2 = tl.minimum(tl.where(pmin >= KERNEL2 - 1, (pmin - KERNEL2 + 1) // STRIDE2 + 1, 0), nv2)
+        d = tl.arange(0, D)
         h = (g * G + hh).to(tl.int64)
-        return t, rm, pos, h
+        q = tl.load(Q + b * s_qb + h[:, None] * s_qh + (t0 + i)[:, None].to(tl.int64) * s_qt + d[None, :],
+                    mask=rm[:, None], other=0.0)
+        # Pass 1: log-sum-exp (base 2) per row.
+        m = tl.full([BM], -1.0e30, dtype=tl.float32)
+        l = tl.zeros([BM], dtype=tl.float32)
+        ck2 = CK2 + b * s_c2b + g * s_c2h + c20 * s_c2c
+        nf2c = (nf2 // BLOCK_C) * BLOCK_C
+        for cs in range(0, nf2c, BLOCK_C):
+            c = cs + tl.arange(0, BLOCK_C)
+            kc = tl.load(ck2 + c[:, None].to(tl.int64) * s_c2c + d[None, :]).to(q.dtype)
+            s = _dot(q, tl.trans(kc), IEEE) * sm_scale2
+            m_new = tl.maximum(m, tl.max(s, 1))
+            l = l * tl.exp2(m - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), 1)
+            m = m_new
+        for cs in range(nf2c, nv2, BLOCK_C):
+            c = cs + tl.arange(0, BLOCK_C)
+            kc = tl.load(ck2 + c[:, None].to(tl.int64) * s_c2c + d[None, :], mask=(c < nv2)[:, None],
+                         other=0.0).to(q.dtype)
+            s = _dot(q, tl.trans(kc), IEEE) * sm_scale2
+            s = tl.where((c[None, :] * STRIDE2 + KERNEL2 - 1) <= pos[:, None], s, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, 1))
+            l = l * tl.exp2(m - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), 1)
+            m = m_new
+        lse = tl.where(l > 0, m + tl.log2(tl.where(l > 0, l, 1.0)), 0.0)  # no (coarse) key visible: unnormalised
+        lse = tl.where(rm, lse, 1.0e30)  # padded rows contribute nothing
+        # Pass 2 (keys x rows): group-summed probabilities.
+        qt = tl.trans(q)
+        ck = CK + b * s_cb + g * s_ch + c0 * s_cc
+        out = OUT + b * s_ob + g * s_oh + row.to(tl.int64) * s_or
+        nfc = (nf // BLOCK_C) * BLOCK_C
+        for cs in range(0, nfc, BLOCK_C):
+            c = cs + tl.arange(0, BLOCK_C)
+            kc = tl.load(ck + c[:, None].to(tl.int64) * s_cc + d[None, :]).to(q.dtype)
+            st = _dot(kc, qt, IEEE) * sm_scale2
+            ps = tl.sum(tl.exp2(st - lse[None, :]), 1)
+            if ATOMIC:
+                tl.atomic_add(out + c, ps)
+            else:
+                tl.store(out + c, ps)
+        for cs in range(nfc, nv, BLOCK_C):
+            c = cs + tl.arange(0, BLOCK_C)
+            cm = c < nv
+            kc = tl.load(ck + c[:, None].to(tl.int64) * s_cc + d[None, :], mask=cm[:, None], other=0.0).to(q.dtype)
+            st = _dot(kc, qt, IEEE) * sm_scale2
+            vis = (c[:, None] * STRIDE + KERNEL - 1) <= pos[None, :]
+            ps = tl.sum(tl.where(vis, tl.exp2(st - lse[None, :]), 0.0), 1)
+            if ATOMIC:
+                tl.atomic_add(out + c, ps, mask=cm)
+            else:
+                tl.store(out + c, ps, mask=cm)
+
+    @triton.jit
+    def _block_topk_kernel(
+        SC, QPOS, ROWS, LISTS, COUNTS,
+        Hkv, k_eff, topk, init_blocks, local_blocks, dense_len,
+        s_sb, s_sh, s_sr, s_Lb, s_Lh, s_Lr, s_nb, s_nh,
+        NBP: tl.constexpr, LOG_NBP: tl.constexpr, WIDTH: tl.constexpr, BS: tl.constexpr, KERNEL: tl.constexpr,
+        STRIDE: tl.constexpr,
+    ):
+        # One program per (row, KV group): block score = max over the visible K1 keys overlapping the block, forced
+        # init/local blocks, every visible block for a dense row, else an exact top-k by bisection on the
+        # order-preserving integer image of the scores (ties: the later block). Writes an ascending block list.
+        row = tl.program_id(0)
+        bg = tl.program_id(1)
+        b = (bg // Hkv).to(tl.int64)
+        g = (bg % Hkv).to(tl.int64)
+        t0 = tl.load(ROWS + row * 8)
+        n = tl.load(ROWS + row * 8 + 1)
+        p_lo = tl.load(QPOS + t0)
+        p_hi = tl.load(QPOS + t0 + n - 1)
+        own_lo = p_lo // BS
+        own_hi = p_hi // BS
+        nv = tl.where(p_hi >= KERNEL - 1, (p_hi - KERNEL + 1) // STRIDE + 1, 0)
+        dense = ((p_lo + 1) < dense_len) | ((own_lo + 1) <= topk)
+        nv = tl.where(dense, 0, nv)  # a dense row reads no score
+        j = tl.arange(0, NBP)
+        vis_b = j <= own_hi
+        lo = tl.where(j * BS >= KERNEL, (j * BS - KERNEL) // STRIDE + 1, 0)
+        hi = ((j + 1) * BS - 1) // STRIDE
+        base = SC + b * s_sb + g * s_sh + row.to(tl.int64) * s_sr
+        acc = tl.full([NBP], float("-inf"), dtype=tl.float32)
+        for w in range(WIDTH):
+            ii = lo + w
+            ok = vis_b & (ii <= hi) & (ii < nv)
+            acc = tl.maximum(acc, tl.load(base + ii, mask=ok, other=float("-inf")))
+        forced = vis_b & ((j < init_blocks) | (j > own_lo - local_blocks))
+        ranked = tl.where(forced, float("inf"), acc)
+        bits = ranked.to(tl.int32, bitcast=True)
+        key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(tl.int64)  # order-preserving integer image
+        key = tl.where(vis_b, key, -(1 << 40))
+        lo_k = tl.full([], (1 << 31) + 1, dtype=tl.int64)  # dense rows: nothing chosen by rank
+        lo_m = tl.full([], 0, dtype=tl.int32)
+        if not dense:
+            lo_k = tl.full([], -(1 << 34), dtype=tl.int64)
+            hi_k = tl.full([], (1 << 31) + 1, dtype=tl.int64)
+            for _ in range(36):  # the k_eff-th largest key: largest thr with #(key >= thr) >= k_eff
+                mid = lo_k + (hi_k - lo_k) // 2
+                ge = tl.sum((key >= mid).to(tl.int32), 0) >= k_eff
+                lo_k = tl.where(ge, mid, lo_k)
+                hi_k = tl.where(ge, hi_k, mid)
+            need = k_eff - tl.sum((key > lo_k).to(tl.int32), 0)
+            hi_m = tl.full([], NBP, dtype=tl.int32)
+            for _ in range(LOG_NBP + 1):  # among the blocks tied at the threshold, the `need` latest
+                mid = lo_m + (hi_m - lo_m) // 2
+                ge = tl.sum(((key == lo_k) & (j >= mid)).to(tl.int32), 0) >= need
+                lo_m = tl.where(ge, mid, lo_m)
+                hi_m = tl.where(ge, hi_m, mid)
+        chosen = (key > lo_k) | ((key == lo_k) & (j >= lo_m))
+        final = (chosen | forced | dense) & vis_b
+        fi = final.to(tl.int32)
+        slot = tl.cumsum(fi, 0) - 1
+        tl.store(LISTS + b * s_Lb + g * s_Lh + row.to(tl.int64) * s_Lr + slot, j, mask=fi != 0)
+        tl.store(COUNTS + b * s_nb + g * s_nh + row, tl.sum(fi, 0))
+
+    @triton.jit
+    def _row_tile(QPOS, ROWS, row, sub, G: tl.constexpr, GP: tl.constexpr, BLOCK_T: tl.constexpr):
+        # Tile `sub` (BLOCK_T tokens) of a row: query index, validity, position of each (head, token) row.
+        BM: tl.constexpr = GP * BLOCK_T
+        t0 = tl.load(ROWS + row * 8)
+        n = tl.load(ROWS + row * 8 + 1)
+        r = tl.arange(0, BM)
+        hh = r // BLOCK_T
+        i = sub * BLOCK_T + r % BLOCK_T
+        rm = (hh < G) & (i < n)
+        pos = tl.load(QPOS + t0 + i, mask=rm, other=-1)
+        return (t0 + i).to(tl.int64), rm, pos, hh, sub * BLOCK_T < n
 
     @triton.jit
     def _attn_fwd_kernel(
-        Q, K, V, O, LSE, QPOS, LISTS, COUNTS, BITS,
-        Tq, Tk, Hkv, sm_scale2, OFF,
+        Q, K, V, O, LSE, QPOS, ROWS, LISTS, COUNTS, BITS,
+        Hkv, sm_scale2,
         s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, s_ob, s_oh, s_ot, s_lb, s_lh,
-        s_Lb, s_Lh, s_Ls, s_nb, s_nh, s_bb, s_bh, s_bt,
-        G: tl.constexpr, GP: tl.constexpr, BLOCK_T: tl.constexpr, SEL_T: tl.constexpr, BS: tl.constexpr,
-        D: tl.constexpr, USE_BITS: tl.constexpr, IEEE: tl.constexpr,
+        s_Lb, s_Lh, s_Lr, s_nb, s_nh, s_bb, s_bh, s_bt,
+        G: tl.constexpr, GP: tl.constexpr, BLOCK_T: tl.constexpr, TPR: tl.constexpr, BS: tl.constexpr,
+        D: tl.constexpr, NBLK: tl.constexpr, USE_BITS: tl.constexpr, IEEE: tl.constexpr,
     ):
-        pid_t = tl.program_id(0)
-        pid_bg = tl.program_id(1)
-        b = (pid_bg // Hkv).to(tl.int64)
-        g = (pid_bg % Hkv).to(tl.int64)
-        t, rm, pos, h = _row_setup(QPOS, Tq, OFF, pid_t, g, G, GP, BLOCK_T)
-        t64 = t.to(tl.int64)
+        # One program: one tile (BLOCK_T tokens x the group's heads) of one row and KV group; walks the row's block
+        # list NBLK blocks at a time (one key tile of NBLK * BS gathered keys).
+        pid = tl.program_id(0)
+        bg = tl.program_id(1)
+        b = (bg // Hkv).to(tl.int64)
+        g = (bg % Hkv).to(tl.int64)
+        row = pid // TPR
+        t64, rm, pos, hh, live = _row_tile(QPOS, ROWS, row, pid % TPR, G, GP, BLOCK_T)
+        k0 = tl.load(ROWS + row * 8 + 2).to(tl.int64)
+        pmax = tl.max(pos, 0)
+        h = (g * G + hh).to(tl.int64)
         d = tl.arange(0, D)
         q = tl.load(Q + b * s_qb + h[:, None] * s_qh + t64[:, None] * s_qt + d[None, :], mask=rm[:, None], other=0.0)
-        sel = (pid_t * BLOCK_T) // SEL_T
-        n = tl.load(COUNTS + b * s_nb + g * s_nh + sel)
-        lst = LISTS + b * s_Lb + g * s_Lh + sel * s_Ls
-        kbase = K + b * s_kb + g * s_kh
-        vbase = V + b * s_vb + g * s_vh
+        cnt = tl.load(COUNTS + b * s_nb + g * s_nh + row)
+        cnt = tl.where(live, cnt, 0)
+        lst = LISTS + b * s_Lb + g * s_Lh + row.to(tl.int64) * s_Lr
+        kbase = K + b * s_kb + g * s_kh + k0 * s_kt
+        vbase = V + b * s_vb + g * s_vh + k0 * s_vt
         BM: tl.constexpr = GP * BLOCK_T
+        BN: tl.constexpr = NBLK * BS
+        cidx = tl.arange(0, BN)
+        slot = cidx // BS
         m = tl.full([BM], -1.0e30, dtype=tl.float32)
         l = tl.zeros([BM], dtype=tl.float32)
         acc = tl.zeros([BM, D], dtype=tl.float32)
-        for i in range(n):
-            jb = tl.load(lst + i)
-            sk = jb * BS + tl.arange(0, BS)
-            km = sk < Tk
+        for it in range(0, cnt, NBLK):
+            jb = tl.load(lst + it + slot, mask=(it + slot) < cnt, other=-1)
+            sk = jb * BS + cidx % BS
+            kv = (jb >= 0) & (sk <= pmax)
             sk64 = sk.to(tl.int64)
-            k = tl.load(kbase + sk64[:, None] * s_kt + d[None, :], mask=km[:, None], other=0.0)
-            v = tl.load(vbase + sk64[:, None] * s_vt + d[None, :], mask=km[:, None], other=0.0)
+            k = tl.load(kbase + sk64[:, None] * s_kt + d[None, :], mask=kv[:, None], other=0.0)
+            v = tl.load(vbase + sk64[:, None] * s_vt + d[None, :], mask=kv[:, None], other=0.0)
             s = _dot(q, tl.trans(k), IEEE) * sm_scale2
-            ok = (sk[None, :] <= pos[:, None]) & km[None, :]
+            ok = (sk[None, :] <= pos[:, None]) & kv[None, :]
             if USE_BITS:
-                byte = tl.load(BITS + b * s_bb + g * s_bh + t64 * s_bt + jb // 8, mask=rm, other=0).to(tl.int32)
-                ok = ok & (((byte >> (jb % 8)) & 1) != 0)[:, None]
+                jb0 = tl.load(lst + it)
+                by0 = tl.load(BITS + b * s_bb + g * s_bh + t64 * s_bt + jb0 // 8, mask=rm, other=0).to(tl.int32)
+                bit0 = ((by0 >> (jb0 % 8)) & 1) != 0
+                if NBLK == 1:
+                    ok = ok & bit0[:, None]
+                else:
+                    jb1 = tl.load(lst + it + 1, mask=it + 1 < cnt, other=0)
+                    by1 = tl.load(BITS + b * s_bb + g * s_bh + t64 * s_bt + jb1 // 8, mask=rm, other=0).to(tl.int32)
+                    bit1 = ((by1 >> (jb1 % 8)) & 1) != 0
+                    ok = ok & tl.where(slot[None, :] == 0, bit0[:, None], bit1[:, None])
             s = tl.where(ok, s, float("-inf"))
             m_new = tl.maximum(m, tl.max(s, 1))
             alpha = tl.exp2(m - m_new)
@@ -246,42 +432,45 @@ if HAS_TRITON:
 
     @triton.jit
     def _attn_bwd_dq_kernel(
-        Q, K, V, DO, DQ, LSE, DELTA, QPOS, LISTS, COUNTS, BITS,
-        Tq, Tk, Hkv, sm_scale2, sm_scale, OFF,
+        Q, K, V, DO, DQ, LSE, DELTA, QPOS, ROWS, LISTS, COUNTS, BITS,
+        Hkv, sm_scale2, sm_scale,
         s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, s_lb, s_lh,
-        s_Lb, s_Lh, s_Ls, s_nb, s_nh, s_bb, s_bh, s_bt,
-        G: tl.constexpr, GP: tl.constexpr, BLOCK_T: tl.constexpr, SEL_T: tl.constexpr, BS: tl.constexpr,
+        s_Lb, s_Lh, s_Lr, s_nb, s_nh, s_bb, s_bh, s_bt,
+        G: tl.constexpr, GP: tl.constexpr, BLOCK_T: tl.constexpr, TPR: tl.constexpr, BS: tl.constexpr,
         D: tl.constexpr, USE_BITS: tl.constexpr, IEEE: tl.constexpr,
     ):
         # Q, DO and DQ share strides (the wrapper makes them contiguous).
-        pid_t = tl.program_id(0)
-        pid_bg = tl.program_id(1)
-        b = (pid_bg // Hkv).to(tl.int64)
-        g = (pid_bg % Hkv).to(tl.int64)
-        t, rm, pos, h = _row_setup(QPOS, Tq, OFF, pid_t, g, G, GP, BLOCK_T)
-        t64 = t.to(tl.int64)
+        pid = tl.program_id(0)
+        bg = tl.program_id(1)
+        b = (bg // Hkv).to(tl.int64)
+        g = (bg % Hkv).to(tl.int64)
+        row = pid // TPR
+        t64, rm, pos, hh, live = _row_tile(QPOS, ROWS, row, pid % TPR, G, GP, BLOCK_T)
+        k0 = tl.load(ROWS + row * 8 + 2).to(tl.int64)
+        pmax = tl.max(pos, 0)
+        h = (g * G + hh).to(tl.int64)
         d = tl.arange(0, D)
         qoff = b * s_qb + h[:, None] * s_qh + t64[:, None] * s_qt + d[None, :]
         q = tl.load(Q + qoff, mask=rm[:, None], other=0.0)
         do = tl.load(DO + qoff, mask=rm[:, None], other=0.0)
         lse = tl.load(LSE + b * s_lb + h * s_lh + t64, mask=rm, other=1.0e30)
         delta = tl.load(DELTA + b * s_lb + h * s_lh + t64, mask=rm, other=0.0)
-        sel = (pid_t * BLOCK_T) // SEL_T
-        n = tl.load(COUNTS + b * s_nb + g * s_nh + sel)
-        lst = LISTS + b * s_Lb + g * s_Lh + sel * s_Ls
-        kbase = K + b * s_kb + g * s_kh
-        vbase = V + b * s_vb + g * s_vh
+        cnt = tl.load(COUNTS + b * s_nb + g * s_nh + row)
+        cnt = tl.where(live, cnt, 0)
+        lst = LISTS + b * s_Lb + g * s_Lh + row.to(tl.int64) * s_Lr
+        kbase = K + b * s_kb + g * s_kh + k0 * s_kt
+        vbase = V + b * s_vb + g * s_vh + k0 * s_vt
         BM: tl.constexpr = GP * BLOCK_T
         dq = tl.zeros([BM, D], dtype=tl.float32)
-        for i in range(n):
-            jb = tl.load(lst + i)
+        for it in range(cnt):
+            jb = tl.load(lst + it)
             sk = jb * BS + tl.arange(0, BS)
-            km = sk < Tk
+            kv = sk <= pmax
             sk64 = sk.to(tl.int64)
-            k = tl.load(kbase + sk64[:, None] * s_kt + d[None, :], mask=km[:, None], other=0.0)
-            v = tl.load(vbase + sk64[:, None] * s_vt + d[None, :], mask=km[:, None], other=0.0)
+            k = tl.load(kbase + sk64[:, None] * s_kt + d[None, :], mask=kv[:, None], other=0.0)
+            v = tl.load(vbase + sk64[:, None] * s_vt + d[None, :], mask=kv[:, None], other=0.0)
             s = _dot(q, tl.trans(k), IEEE) * sm_scale2
-            ok = (sk[None, :] <= pos[:, None]) & km[None, :] & rm[:, None]
+            ok = (sk[None, :] <= pos[:, None]) & rm[:, None]
             if USE_BITS:
                 byte = tl.load(BITS + b * s_bb + g * s_bh + t64 * s_bt + jb // 8, mask=rm, other=0).to(tl.int32)
                 ok = ok & (((byte >> (jb % 8)) & 1) != 0)[:, None]
@@ -293,37 +482,39 @@ if HAS_TRITON:
 
     @triton.jit
     def _attn_bwd_dkdv_kernel(
-        Q, K, V, DO, DK, DV, LSE, DELTA, QPOS, REV_OFF, REV_SEL, BITS,
-        Tq, Tk, Hkv, NB, sm_scale2, sm_scale, OFF,
+        Q, K, V, DO, DK, DV, LSE, DELTA, QPOS, ROWS, KBT, REV_OFF, REV_ROW, BITS,
+        Hkv, NBT, sm_scale2, sm_scale,
         s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, s_lb, s_lh, s_bb, s_bh, s_bt,
-        G: tl.constexpr, GP: tl.constexpr, BLOCK_T: tl.constexpr, SEL_T: tl.constexpr, BS: tl.constexpr,
+        G: tl.constexpr, GP: tl.constexpr, BLOCK_T: tl.constexpr, TPR: tl.constexpr, BS: tl.constexpr,
         D: tl.constexpr, USE_BITS: tl.constexpr, IEEE: tl.constexpr,
     ):
+        # One program per (global key block, KV group): walks the rows that read the block (the transposed lists).
         # K, DK share strides; V, DV share strides (the wrapper makes them contiguous).
-        jb = tl.program_id(0)
-        pid_bg = tl.program_id(1)
-        b = (pid_bg // Hkv).to(tl.int64)
-        g = (pid_bg % Hkv).to(tl.int64)
+        kb = tl.program_id(0)
+        bg = tl.program_id(1)
+        b = (bg // Hkv).to(tl.int64)
+        g = (bg % Hkv).to(tl.int64)
+        k0 = tl.load(KBT + kb * 4).to(tl.int64)
+        jb = tl.load(KBT + kb * 4 + 1)
+        L = tl.load(KBT + kb * 4 + 2)
         d = tl.arange(0, D)
         sk = jb * BS + tl.arange(0, BS)
-        km = sk < Tk
-        sk64 = sk.to(tl.int64)
+        km = sk < L
+        sk64 = (k0 + sk).to(tl.int64)
         koff = b * s_kb + g * s_kh + sk64[:, None] * s_kt + d[None, :]
         voff = b * s_vb + g * s_vh + sk64[:, None] * s_vt + d[None, :]
         k = tl.load(K + koff, mask=km[:, None], other=0.0)
         v = tl.load(V + voff, mask=km[:, None], other=0.0)
-        BM: tl.constexpr = GP * BLOCK_T
         dk = tl.zeros([BS, D], dtype=tl.float32)
         dv = tl.zeros([BS, D], dtype=tl.float32)
-        key = pid_bg.to(tl.int64) * NB + jb
+        key = bg.to(tl.int64) * NBT + kb
         start = tl.load(REV_OFF + key).to(tl.int32)
         end = tl.load(REV_OFF + key + 1).to(tl.int32)
         for e in range(start, end):
-            sel = tl.load(REV_SEL + e)
-            for st in range(SEL_T // BLOCK_T):
-                pid_t = (sel * SEL_T) // BLOCK_T + st
-                t, rm, pos, h = _row_setup(QPOS, Tq, OFF, pid_t, g, G, GP, BLOCK_T)
-                t64 = t.to(tl.int64)
+            row = tl.load(REV_ROW + e)
+            for sub in range(TPR):
+                t64, rm, pos, hh, live = _row_tile(QPOS, ROWS, row, sub, G, GP, BLOCK_T)
+                h = (g * G + hh).to(tl.int64)
                 qoff = b * s_qb + h[:, None] * s_qh + t64[:, None] * s_qt + d[None, :]
                 q = tl.load(Q + qoff, mask=rm[:, None], other=0.0)
                 do = tl.load(DO + qoff, mask=rm[:, None], other=0.0)
@@ -568,10 +759,43 @@ def supports(q: torch.Tensor, k: torch.Tensor, *, block_size: int = 64, stride: 
     )
 
 
-def compress_keys_triton(k: torch.Tensor, kernel: int = 32, stride: int = 16) -> torch.Tensor:
-    """Mean-pool keys over windows: (B, H, T, D) -> (B, H, Nc, D) float32 (as `compress_keys`)."""
+def _count(length, kernel: int, stride: int):
+    """Complete windows of `kernel` at step `stride` in `length` tokens (int or CPU int64 tensor)."""
+    if isinstance(length, torch.Tensor):
+        return torch.where(length >= kernel, torch.div(length - kernel, stride, rounding_mode="floor") + 1, 0)
+    return 0 if length < kernel else (length - kernel) // stride + 1
+
+
+def _documents(cu_seqlens, total: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed documents: (starts, lengths) as CPU int64 tensors, validated against the packed length."""
+    cu = torch.as_tensor(cu_seqlens).detach().to("cpu", torch.int64).view(-1)
+    if cu.numel() < 2 or int(cu[0]) != 0 or int(cu[-1]) != total or bool((cu[1:] < cu[:-1]).any()):
+        raise ValueError(f"cu_seqlens must rise from 0 to the packed length {total}, got {cu.tolist()[:8]}...")
+    return cu[:-1], cu[1:] - cu[:-1]
+
+
+def _coarse_count(nc, kernel: int, stride: int, coarse_kernel: int, coarse_stride: int):
+    span = (coarse_kernel // kernel - 1) * (kernel // stride)
+    step = coarse_stride // stride
+    if isinstance(nc, torch.Tensor):
+        return torch.where(nc > span, torch.div(nc - 1 - span, step, rounding_mode="floor") + 1, 0)
+    return 0 if nc <= span else (nc - 1 - span) // step + 1
+
+
+def compress_keys_triton(k: torch.Tensor, kernel: int = 32, stride: int = 16, cu_seqlens=None) -> torch.Tensor:
+    """Mean-pool keys over windows: (B, H, T, D) -> (B, H, Nc, D) float32 (as `compress_keys`). With `cu_seqlens`
+    (packed documents, B == 1) each document is pooled on its own and the results are concatenated."""
     B, H, T, D = k.shape
-    n = 0 if T < kernel else (T - kernel) // stride + 1
+    starts = None
+    if cu_seqlens is None:
+        n = _count(T, kernel, stride)
+    else:
+        a, L = _documents(cu_seqlens, T)
+        nc = _count(L, kernel, stride)
+        n = int(nc.sum())
+        first = torch.cumsum(nc, 0) - nc
+        doc = torch.repeat_interleave(torch.arange(len(nc)), nc)
+        starts = (a[doc] + (torch.arange(n) - first[doc]) * stride).to(device=k.device, dtype=torch.int32)
     out = torch.empty(B, H, n, D, dtype=torch.float32, device=k.device)
     if n == 0:
         return out
@@ -579,82 +803,141 @@ def compress_keys_triton(k: torch.Tensor, kernel: int = 32, stride: int = 16) ->
         k = k.contiguous()
     block_c = 32
     grid = (triton.cdiv(n, block_c), B * H)
-    _compress_kernel[grid](k, out, n, H, k.stride(0), k.stride(1), k.stride(2), out.stride(0), out.stride(1),
-                           out.stride(2), KERNEL=kernel, STRIDE=stride, BLOCK_C=block_c, D=D)
+    _compress_kernel[grid](k, out, starts if starts is not None else out, n, H, k.stride(0), k.stride(1), k.stride(2),
+                           out.stride(0), out.stride(1), out.stride(2), KERNEL=kernel, STRIDE=stride, BLOCK_C=block_c,
+                           D=D, USE_STARTS=starts is not None)
     return out
 
 
 def coarse_from_compressed(ckeys: torch.Tensor, kernel: int, stride: int, coarse_kernel: int = 128,
-                           coarse_stride: int = 64) -> torch.Tensor:
+                           coarse_stride: int = 64, counts: torch.Tensor | None = None) -> torch.Tensor:
     """Coarse keys K2 (mean over windows of `coarse_kernel`, step `coarse_stride`) built exactly from K1: the mean of
-    the coarse_kernel/kernel non-overlapping K1 windows that tile each coarse window."""
+    the coarse_kernel/kernel non-overlapping K1 windows that tile each coarse window. `counts`: K1 keys per packed
+    document (CPU int64; K1 concatenated over documents), each document's K2 from its own K1, concatenated."""
     if coarse_kernel % kernel or coarse_stride % stride or kernel % stride:
         raise ValueError("coarse_kernel must be a multiple of kernel, coarse_stride of stride and kernel of stride")
-    nc = ckeys.shape[2]
     span = (coarse_kernel // kernel - 1) * (kernel // stride)  # K1 index span of one coarse window
     step = coarse_stride // stride
-    n2 = 0 if nc <= span else (nc - 1 - span) // step + 1
-    if n2 == 0:
+    nc = ckeys.shape[2] if counts is None else counts
+    n2 = _coarse_count(nc, kernel, stride, coarse_kernel, coarse_stride)
+    if counts is None:
+        first = torch.arange(n2) * step
+    else:
+        c0 = torch.cumsum(counts, 0) - counts
+        doc = torch.repeat_interleave(torch.arange(len(counts)), n2)
+        first = c0[doc] + (torch.arange(int(n2.sum())) - (torch.cumsum(n2, 0) - n2)[doc]) * step
+    total = int(first.numel())
+    if total == 0:
         return ckeys.new_zeros(ckeys.shape[0], ckeys.shape[1], 0, ckeys.shape[3])
-    idx = torch.arange(n2, device=ckeys.device).view(-1, 1) * step + torch.arange(
-        0, span + 1, kernel // stride, device=ckeys.device).view(1, -1)
-    return ckeys[:, :, idx.view(-1)].view(ckeys.shape[0], ckeys.shape[1], n2, -1, ckeys.shape[3]).mean(3)
+    idx = (first.view(-1, 1) + torch.arange(0, span + 1, kernel // stride).view(1, -1)).to(ckeys.device)
+    return ckeys[:, :, idx.view(-1)].view(ckeys.shape[0], ckeys.shape[1], total, -1, ckeys.shape[3]).mean(3)
+
+
+def _rows_single(Tq: int, row_tokens: int, offset: int, device) -> torch.Tensor:
+    """Row table of one sequence: rows of `row_tokens` queries, the first shortened by `offset` (alignment)."""
+    S = -(-(Tq + offset) // row_tokens)
+    g = torch.arange(S, device=device)
+    t0 = (g * row_tokens - offset).clamp(min=0)
+    t1 = ((g + 1) * row_tokens - offset).clamp(max=Tq)
+    rows = torch.zeros(S, 8, dtype=torch.int32, device=device)
+    rows[:, 0], rows[:, 1] = t0, t1 - t0
+    return rows
+
+
+@dataclass
+class _Packed:
+    """Packed documents laid out for the kernels (see the ROWS/KBT comment above the kernels)."""
+
+    rows: torch.Tensor  # (R, 8) int32, rows of `row_tokens` per document
+    key_blocks: torch.Tensor  # (NBT, 4) int32
+    q_pos: torch.Tensor  # (T,) int32 positions within the document
+    num_blocks: int  # blocks of the longest document
+    max_compressed: int  # K1 keys of the longest document
+    counts: torch.Tensor  # K1 keys per document (CPU int64)
+
+
+def _pack(cu_seqlens, T: int, row_tokens: int, block_size: int, kernel: int, stride: int, kernel2: int,
+          stride2: int, device) -> _Packed:
+    a, L = _documents(cu_seqlens, T)
+    nd = len(L)
+    nr = -torch.div(-L, row_tokens, rounding_mode="floor")
+    nb = -torch.div(-L, block_size, rounding_mode="floor")
+    nc = _count(L, kernel, stride)
+    n2 = _coarse_count(nc, kernel, stride, kernel2, stride2)
+    doc = torch.repeat_interleave(torch.arange(nd), nr)
+    g = torch.arange(int(nr.sum())) - (torch.cumsum(nr, 0) - nr)[doc]
+    kb0, c0, c20 = (torch.cumsum(x, 0) - x for x in (nb, nc, n2))
+    rows = torch.stack([a[doc] + g * row_tokens, torch.minimum(L[doc] - g * row_tokens, torch.tensor(row_tokens)),
+                        a[doc], kb0[doc], c0[doc], c20[doc], L[doc], torch.zeros_like(g)], 1)
+    kdoc = torch.repeat_interleave(torch.arange(nd), nb)
+    jb = torch.arange(int(nb.sum())) - kb0[kdoc]
+    kbt = torch.stack([a[kdoc], jb, L[kdoc], torch.zeros_like(jb)], 1)
+    q_pos = torch.arange(T) - torch.repeat_interleave(a, L)
+    return _Packed(rows.to(device, torch.int32), kbt.to(device, torch.int32), q_pos.to(device, torch.int32),
+                   int(nb.max()) if nd else 0, int(nc.max()) if nd else 0, nc)
 
 
 @dataclass
 class Selection:
-    """Key blocks per selection group of `sel_tokens` consecutive query tokens and KV group.
+    """Key blocks per row (a run of consecutive query tokens of one document, see the kernels' row tables) and KV
+    group.
 
-    lists (B, Hkv, S, W) int32 block indices (first `counts` valid, ascending); counts (B, Hkv, S) int32;
-    bits (B, Hkv, Tq, ceil(NB/8)) uint8: per-token selection (token mode with several tokens per group), else None.
-    Query token t belongs to group (t + offset) // sel_tokens (block mode: offset = q_pos[0] % sel_tokens, so groups
-    are aligned to absolute positions); q_start = q_pos[0] where known (block mode), for the per-token causal limit.
+    lists (B, Hkv, R, W) int32 local block indices (first `counts` valid, ascending); counts (B, Hkv, R) int32;
+    bits (B, Hkv, Tq, ceil(NB/8)) uint8: per-token selection (token mode with several tokens per row), else None;
+    rows (R, 8) int32; q_pos (Tq,) int32 positions within the document; key_blocks (NBT, 4) int32 for packed
+    documents (None: one sequence, key block j = keys 64j..); num_blocks: blocks of the longest document.
     """
 
     lists: torch.Tensor
     counts: torch.Tensor
     bits: torch.Tensor | None
-    sel_tokens: int
+    rows: torch.Tensor
+    q_pos: torch.Tensor
+    row_tokens: int
     num_blocks: int
-    num_queries: int
     block_size: int
-    offset: int = 0
-    q_start: int | None = None
+    key_blocks: torch.Tensor | None = None
     _reverse: tuple | None = None
 
     def token_mask(self) -> torch.Tensor:
-        """The selection as the reference's bool mask (B, Hkv, Tq, NB)."""
-        nb, tq = self.num_blocks, self.num_queries
+        """The selection as the reference's bool mask (B, Hkv, Tq, NB), NB = blocks of the longest document."""
+        nb = self.num_blocks
         if self.bits is not None:
             shifts = torch.arange(8, device=self.bits.device, dtype=torch.int32)
             m = ((self.bits.to(torch.int32).unsqueeze(-1) >> shifts) & 1).bool()
             return m.flatten(-2)[..., :nb]
-        B, H, S, W = self.lists.shape
+        B, H, R, W = self.lists.shape
         valid = torch.arange(W, device=self.lists.device) < self.counts.unsqueeze(-1)
-        m = torch.zeros(B, H, S, nb + 1, dtype=torch.bool, device=self.lists.device)
+        m = torch.zeros(B, H, R, nb + 1, dtype=torch.bool, device=self.lists.device)
         m.scatter_(-1, torch.where(valid, self.lists.long(), nb), True)
-        t = torch.arange(tq, device=m.device)
-        m = m[:, :, torch.div(t + self.offset, self.sel_tokens, rounding_mode="floor"), :nb]
-        if self.q_start is not None:  # a token never reads a block after its own (attention masks it anyway)
-            own = torch.div(t + self.q_start, self.block_size, rounding_mode="floor")
-            m = m & (torch.arange(nb, device=m.device).view(1, -1) <= own.view(-1, 1))
-        return m
+        row_of = torch.repeat_interleave(torch.arange(R, device=m.device), self.rows[:, 1].long())
+        own = torch.div(self.q_pos.long(), self.block_size, rounding_mode="floor")
+        return m[:, :, row_of, :nb] & (torch.arange(nb, device=m.device).view(1, -1) <= own.view(-1, 1))
 
-    def reverse(self):
-        """For each (b, g, key block), the selection groups that read it: (offsets, groups), CSR."""
+    def key_table(self, Tk: int) -> torch.Tensor:
+        """(NBT, 4) per global key block: key offset, local block, document length."""
+        if self.key_blocks is not None:
+            return self.key_blocks
+        nb = -(-Tk // self.block_size)
+        kbt = torch.zeros(nb, 4, dtype=torch.int32, device=self.lists.device)
+        kbt[:, 1] = torch.arange(nb, device=kbt.device)
+        kbt[:, 2] = Tk
+        return kbt
+
+    def reverse(self, nbt: int):
+        """For each (b, g, global key block), the rows that read it: (offsets, rows), CSR."""
         if self._reverse is None:
-            B, H, S, W = self.lists.shape
-            nb = self.num_blocks
-            valid = torch.arange(W, device=self.lists.device) < self.counts.unsqueeze(-1)
-            bg = torch.arange(B * H, device=self.lists.device).view(B, H, 1, 1)
-            keys = (bg * nb + self.lists.long())[valid]
-            groups = torch.arange(S, device=self.lists.device, dtype=torch.int32).view(1, 1, S, 1).expand(B, H, S, W)
-            groups = groups[valid]
+            B, H, R, W = self.lists.shape
+            dev = self.lists.device
+            valid = torch.arange(W, device=dev) < self.counts.unsqueeze(-1)
+            bg = torch.arange(B * H, device=dev).view(B, H, 1, 1)
+            keys = (bg * nbt + self.rows[:, 3].long().view(1, 1, R, 1) + self.lists.long())[valid]
+            rows = torch.arange(R, device=dev, dtype=torch.int32).view(1, 1, R, 1).expand(B, H, R, W)[valid]
             order = torch.argsort(keys, stable=True)
-            counts = torch.bincount(keys, minlength=B * H * nb)
-            off = torch.zeros(B * H * nb + 1, dtype=torch.int64, device=keys.device)
+            counts = torch.bincount(keys, minlength=B * H * nbt)
+            off = torch.zeros(B * H * nbt + 1, dtype=torch.int64, device=dev)
             off[1:] = torch.cumsum(counts, 0)
-            self._reverse = (off, groups[order].contiguous())
+            self._reverse = (off, rows[order].contiguous())
         return self._reverse
 
 
@@ -685,7 +968,7 @@ def _top_later_wins(x: torch.Tensor, k: int) -> torch.Tensor:
     return (bits * (1 << 32) + j).topk(k, dim=-1).indices
 
 
-def _choose(block_scores, t_lo, t_hi, *, block_size, topk, init_blocks, local_blocks, dense_len, stable_ties):
+def _choose(block_scores, t_lo, t_hi, *, block_size, topk, init_blocks, local_blocks, dense_len):
     """Forced + top-k blocks per row: the reference's rule. t_lo/t_hi: (R,) first/last position of each row."""
     nb = block_scores.shape[-1]
     j = torch.arange(nb, device=block_scores.device).view(1, -1)
@@ -695,11 +978,7 @@ def _choose(block_scores, t_lo, t_hi, *, block_size, topk, init_blocks, local_bl
     forced = visible & ((j < init_blocks) | (j > own_lo - local_blocks))
     dense = ((t_lo.view(-1, 1) + 1) < dense_len) | ((own_lo + 1) <= topk)
     ranked = block_scores.masked_fill(forced, float("inf")).masked_fill(~visible, float("-inf"))
-    k_eff = min(topk, nb)
-    if stable_ties:  # the reference's tie rule: equal scores, the later block wins (exact lexicographic key)
-        top = _top_later_wins(ranked, k_eff)
-    else:
-        top = ranked.topk(k_eff, dim=-1).indices
+    top = _top_later_wins(ranked, min(topk, nb))  # the reference's tie rule: equal scores, the later block wins
     chosen = torch.zeros_like(ranked, dtype=torch.bool).scatter_(-1, top, True)
     return (chosen | forced | dense) & visible
 
@@ -723,33 +1002,65 @@ def _pack_bits(mask: torch.Tensor) -> torch.Tensor:
     return (m << shifts).sum(-1).to(torch.uint8)
 
 
-def _launch_scores(q, ck, ck2, q_pos, out, *, scale, kernel, stride, kernel2, stride2, sel_tokens, per_token,
-                   offset=0):
+def _launch_token_scores(q, ck, ck2, q_pos, out, *, scale, kernel, stride, kernel2, stride2):
+    """Token mode: per-token group-summed probabilities (B, Hkv, Tq, Nc), -inf where invisible."""
     B, Hq, Tq, D = q.shape
     Hkv = ck.shape[1]
     G = Hq // Hkv
     GP, block_t = _tiles(G, D)
-    if per_token:
-        block_t = max(min(block_t, _pow2(Tq)), -(-16 // GP))
-        sel_tokens = block_t
-    else:
-        block_t = min(block_t, sel_tokens)
-    block_c = 64 if D <= 128 else 32
-    grid = (triton.cdiv(Tq + offset, block_t), B * Hkv)
+    block_t = max(min(block_t, _pow2(Tq)), -(-16 // GP))
+    grid = (triton.cdiv(Tq, block_t), B * Hkv)
     _select_scores_kernel[grid](
-        q, ck, ck2, q_pos, out, Tq, ck.shape[2], ck2.shape[2], Hkv, scale * _LOG2E, offset,
+        q, ck, ck2, q_pos, out, Tq, ck.shape[2], ck2.shape[2], Hkv, scale * _LOG2E, 0,
         q.stride(0), q.stride(1), q.stride(2), ck.stride(0), ck.stride(1), ck.stride(2),
         ck2.stride(0), ck2.stride(1), ck2.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        G=G, GP=GP, BLOCK_T=block_t, SEL_T=sel_tokens, BLOCK_C=block_c, D=D, KERNEL=kernel, STRIDE=stride,
-        KERNEL2=kernel2, STRIDE2=stride2, PER_TOKEN=per_token, IEEE=q.dtype == torch.float32,
+        G=G, GP=GP, BLOCK_T=block_t, SEL_T=block_t, BLOCK_C=64 if D <= 128 else 32, D=D, KERNEL=kernel,
+        STRIDE=stride, KERNEL2=kernel2, STRIDE2=stride2, PER_TOKEN=True, IEEE=q.dtype == torch.float32,
         num_warps=8 if GP * block_t >= 128 else 4,
     )
+
+
+def _select_rows(q, ck, ck2, q_pos, rows, nb_max, nc_max, *, scale, block_size, kernel, stride, kernel2, stride2,
+                 topk, init_blocks, local_blocks, dense_len, row_tokens, tuning):
+    """Block mode selection over a row table: two launches (group scores, then pool + top-k). -> lists, counts."""
+    B, Hq, Tq, D = q.shape
+    Hkv = ck.shape[1]
+    G = Hq // Hkv
+    R = rows.shape[0]
+    dev = q.device
+    GP, bt = _tiles(G, D, rows=tuning.get("sel_rows", 256))
+    bt = min(bt, row_tokens)
+    nsub = -(-row_tokens // bt)
+    scores = (torch.zeros if nsub > 1 else torch.empty)(B, Hkv, R, max(nc_max, 1), dtype=torch.float32, device=dev)
+    if nc_max > 0:
+        _block_scores_kernel[(R * nsub, B * Hkv)](
+            q, ck, ck2, q_pos, rows, scores, Hkv, scale * _LOG2E, dense_len, topk,
+            q.stride(0), q.stride(1), q.stride(2), ck.stride(0), ck.stride(1), ck.stride(2),
+            ck2.stride(0), ck2.stride(1), ck2.stride(2), scores.stride(0), scores.stride(1), scores.stride(2),
+            G=G, GP=GP, BLOCK_T=bt, NSUB=nsub, BLOCK_C=tuning.get("sel_block_c", 64 if D <= 128 else 32), D=D,
+            KERNEL=kernel, STRIDE=stride, KERNEL2=kernel2, STRIDE2=stride2, BS=block_size, ATOMIC=nsub > 1,
+            IEEE=q.dtype == torch.float32, num_warps=tuning.get("sel_warps", 8 if GP * bt >= 128 else 4),
+            num_stages=tuning.get("sel_stages", 2),
+        )
+    width = min(nb_max, max(topk + init_blocks + local_blocks, (dense_len + row_tokens) // block_size)
+                + row_tokens // block_size + 2)
+    lists = torch.empty(B, Hkv, R, max(width, 1), dtype=torch.int32, device=dev)
+    counts = torch.empty(B, Hkv, R, dtype=torch.int32, device=dev)
+    nbp = _pow2(max(nb_max, 16))
+    _block_topk_kernel[(R, B * Hkv)](
+        scores, q_pos, rows, lists, counts, Hkv, topk, topk, init_blocks, local_blocks, dense_len,
+        scores.stride(0), scores.stride(1), scores.stride(2), lists.stride(0), lists.stride(1), lists.stride(2),
+        counts.stride(0), counts.stride(1), NBP=nbp, LOG_NBP=nbp.bit_length() - 1,
+        WIDTH=(block_size + kernel - 2) // stride + 1, BS=block_size, KERNEL=kernel, STRIDE=stride,
+        num_warps=8 if nbp >= 2048 else 4,
+    )
+    return lists, counts
 
 
 def select_blocks_triton(
     q: torch.Tensor,
     ckeys: torch.Tensor,
-    q_pos: torch.Tensor,
+    q_pos: torch.Tensor | None,
     num_kv_blocks: int,
     *,
     scale: float,
@@ -766,60 +1077,69 @@ def select_blocks_triton(
     coarse_kernel: int = 128,
     coarse_stride: int = 64,
     coarse_keys: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
     max_score_elems: int = 1 << 28,
+    tuning: dict | None = None,
 ) -> Selection:
     """Block selection (see the module docstring). Returns a `Selection` for `block_sparse_attention_triton`.
-    `coarse_keys`: cached K2 (B, Hkv, N2, D) for `coarse=True` (derived from `ckeys` when None)."""
+    `coarse_keys`: cached K2 (B, Hkv, N2, D) for `coarse=True` (derived from `ckeys` when None).
+    `cu_seqlens`: packed documents (B == 1, block mode; q_pos is then ignored, ckeys from
+    `compress_keys_triton(k, cu_seqlens=...)`); num_kv_blocks is then unused."""
     if selection not in ("token", "block"):
         raise ValueError(f"selection must be 'token' or 'block', got {selection!r}")
+    tuning = tuning or {}
     B, Hq, Tq, D = q.shape
     Hkv = ckeys.shape[1]
-    G = Hq // Hkv
     nb = num_kv_blocks
     device = q.device
-    q_pos = q_pos.to(device=device, dtype=torch.int32).contiguous()
     q = q.detach()
     if q.stride(-1) != 1:
         q = q.contiguous()
-    ck = ckeys.detach()  # float32 is fine: the kernel casts tiles to the query dtype as it loads them
-    if ck.stride(-1) != 1:
-        ck = ck.contiguous()
+    packed = None
+    if cu_seqlens is not None:
+        if selection != "block":
+            raise ValueError("packed documents (cu_seqlens) need selection='block' in select_blocks_triton")
+        packed = _pack(cu_seqlens, Tq, select_tokens, block_size, kernel, stride, coarse_kernel, coarse_stride,
+                       device)
+        q_pos = packed.q_pos
+    q_pos = q_pos.to(device=device, dtype=torch.int32).contiguous()
+    # K1 in the query dtype for the block-mode score kernel (bf16 tensor-core products); float32 otherwise.
+    ck = ckeys.detach()
     if coarse:
         if coarse_keys is None:
-            coarse_keys = coarse_from_compressed(ck, kernel, stride, coarse_kernel, coarse_stride)
+            coarse_keys = coarse_from_compressed(ck, kernel, stride, coarse_kernel, coarse_stride,
+                                                 counts=None if packed is None else packed.counts)
         ck2 = coarse_keys.detach()
-        if ck2.stride(-1) != 1:
-            ck2 = ck2.contiguous()
         k2, s2 = coarse_kernel, coarse_stride
     else:
         ck2, k2, s2 = ck, kernel, stride
     nc = ck.shape[2]
-    GP, block_t = _tiles(G, D)
     opts = dict(block_size=block_size, topk=topk, init_blocks=init_blocks, local_blocks=local_blocks,
                 dense_len=dense_len)
     if selection == "block" and Tq > 1:  # (one query: a group of one token, the same as token mode)
         if select_tokens < 16 or select_tokens & (select_tokens - 1):
             raise ValueError(f"select_tokens must be a power of two >= 16, got {select_tokens}")
-        # Groups aligned to absolute positions (q_pos is consecutive: q_pos[0] + arange(Tq)); one host sync.
-        p0 = int(q_pos[0])
-        off = p0 % select_tokens
-        S = -(-(Tq + off) // select_tokens)
-        if nc > 0:
-            scores = torch.zeros(B, Hkv, S, nc, dtype=torch.float32, device=device)
-            _launch_scores(q, ck, ck2, q_pos, scores, scale=scale, kernel=kernel, stride=stride, kernel2=k2,
-                           stride2=s2, sel_tokens=select_tokens, per_token=False, offset=off)
+        ck = ck.to(q.dtype).contiguous()
+        ck2 = ck if not coarse else ck2.to(q.dtype).contiguous()
+        if packed is None:
+            # Groups aligned to absolute positions (q_pos is consecutive: q_pos[0] + arange(Tq)); one host sync.
+            off = int(q_pos[0]) % select_tokens
+            rows = _rows_single(Tq, select_tokens, off, device)
+            nb_max, nc_max = nb, nc
         else:
-            scores = torch.zeros(B, Hkv, S, 0, dtype=torch.float32, device=device)
-        g = torch.arange(S, device=device)
-        t_lo = p0 + (g * select_tokens - off).clamp(min=0)
-        t_hi = p0 + ((g + 1) * select_tokens - off).clamp(max=Tq) - 1
-        i = torch.arange(nc, device=device).view(1, -1)
-        scores = scores.masked_fill((i * stride + kernel - 1 > t_hi.view(-1, 1)), float("-inf"))
-        block_scores = _pool_blocks(scores, nb, block_size, kernel, stride)
-        mask = _choose(block_scores, t_lo, t_hi, stable_ties=True, **opts)
-        lists, counts = _mask_to_lists(mask)
-        return Selection(lists, counts, None, select_tokens, nb, Tq, block_size, offset=off, q_start=p0)
+            rows, nb_max, nc_max = packed.rows, packed.num_blocks, packed.max_compressed
+            if not coarse:  # pass 1 then reads K1: its offsets
+                rows = rows.clone()
+                rows[:, 5] = rows[:, 4]
+        lists, counts = _select_rows(q, ck, ck2, q_pos, rows, nb_max, nc_max, scale=scale, kernel=kernel,
+                                     stride=stride, kernel2=k2, stride2=s2, row_tokens=select_tokens, tuning=tuning,
+                                     **opts)
+        return Selection(lists, counts, None, rows, q_pos, select_tokens, nb_max, block_size,
+                         key_blocks=None if packed is None else packed.key_blocks)
+    ck = ck if ck.stride(-1) == 1 else ck.contiguous()
+    ck2 = ck2 if ck2.stride(-1) == 1 else ck2.contiguous()
     # Per-token (exact) selection, in chunks of whole tiles so the (rows, Nc) score matrix stays bounded.
+    GP, block_t = _tiles(Hq // Hkv, D)
     sel_t = max(min(block_t, _pow2(Tq)), -(-16 // GP))
     per_chunk = max(sel_t, (max_score_elems // max(1, B * Hkv * max(nc, nb))) // sel_t * sel_t)
     lists_all, counts_all, bits_all = [], [], []
@@ -828,12 +1148,12 @@ def select_blocks_triton(
         qa, pa = q[:, :, a:e], q_pos[a:e]
         if nc > 0:
             scores = torch.empty(B, Hkv, e - a, nc, dtype=torch.float32, device=device)
-            _launch_scores(qa, ck, ck2, pa, scores, scale=scale, kernel=kernel, stride=stride, kernel2=k2,
-                           stride2=s2, sel_tokens=sel_t, per_token=True)
+            _launch_token_scores(qa, ck, ck2, pa, scores, scale=scale, kernel=kernel, stride=stride, kernel2=k2,
+                                 stride2=s2)
             block_scores = _pool_blocks(scores, nb, block_size, kernel, stride)
         else:
             block_scores = torch.full((B, Hkv, e - a, nb), float("-inf"), device=device)
-        mask = _choose(block_scores, pa.long(), pa.long(), stable_ties=True, **opts)
+        mask = _choose(block_scores, pa.long(), pa.long(), **opts)
         if Tq == 1:  # decode: the one token's own selection, no per-row bits needed
             lists, counts = _mask_to_lists(mask)
         else:
@@ -846,7 +1166,8 @@ def select_blocks_triton(
     lists = torch.cat(lists_all, 2) if len(lists_all) > 1 else lists_all[0]
     counts = torch.cat(counts_all, 2) if len(counts_all) > 1 else counts_all[0]
     bits = (torch.cat(bits_all, 2) if len(bits_all) > 1 else bits_all[0]) if bits_all else None
-    return Selection(lists, counts, bits, sel_t, nb, Tq, block_size)
+    rows = _rows_single(Tq, sel_t if Tq > 1 else 1, 0, device)
+    return Selection(lists, counts, bits, rows, q_pos, sel_t if Tq > 1 else 1, nb, block_size)
 
 
 def _decode_plan(B: int, Hkv: int, nc: int, step2: int) -> tuple[int, int]:
@@ -906,7 +1227,8 @@ def decode_select_triton(q, ckeys, q_pos, num_kv_blocks, *, scale, block_size=64
         q, ckeys, q_pos, num_kv_blocks, scale=scale, block_size=block_size, kernel=kernel, stride=stride, topk=topk,
         init_blocks=init_blocks, local_blocks=local_blocks, dense_len=dense_len, coarse=coarse,
         coarse_kernel=coarse_kernel, coarse_stride=coarse_stride, coarse_keys=coarse_keys)
-    return Selection(lists.view(B, Hkv, 1, -1), counts.view(B, Hkv, 1), None, 1, num_kv_blocks, 1, block_size)
+    return Selection(lists.view(B, Hkv, 1, -1), counts.view(B, Hkv, 1), None, _rows_single(1, 1, 0, q.device),
+                     q_pos.to(device=q.device, dtype=torch.int32).view(1), 1, num_kv_blocks, block_size)
 
 
 def decode_attention_triton(q, k, v, q_pos, ckeys, *, scale, block_size=64, kernel=32, stride=16, topk=96,
@@ -940,36 +1262,40 @@ def decode_attention_triton(q, k, v, q_pos, ckeys, *, scale, block_size=64, kern
     return o
 
 
-def _fwd(q, k, v, q_pos, sel: Selection, scale: float):
+
+def _fwd(q, k, v, sel: Selection, scale: float, tuning: dict):
     B, Hq, Tq, D = q.shape
-    Hkv, Tk = k.shape[1], k.shape[2]
+    Hkv = k.shape[1]
     G = Hq // Hkv
-    GP, block_t = _tiles(G, D)
-    block_t = min(block_t, sel.sel_tokens)
-    block_size = sel.block_size
+    GP, block_t = _tiles(G, D, rows=tuning.get("fwd_rows", 128))
+    block_t = min(block_t, _pow2(sel.row_tokens))
+    tpr = -(-sel.row_tokens // block_t)
+    nblk = tuning.get("fwd_blocks", 1)
     o = torch.empty_like(q)
     lse = torch.empty(B, Hq, Tq, dtype=torch.float32, device=q.device)
     bits = sel.bits if sel.bits is not None else sel.counts
     bs = sel.bits.stride() if sel.bits is not None else (0, 0, 0)
-    grid = (triton.cdiv(Tq + sel.offset, block_t), B * Hkv)
+    grid = (sel.rows.shape[0] * tpr, B * Hkv)
     _attn_fwd_kernel[grid](
-        q, k, v, o, lse, q_pos, sel.lists, sel.counts, bits, Tq, Tk, Hkv, scale * _LOG2E, sel.offset,
+        q, k, v, o, lse, sel.q_pos, sel.rows, sel.lists, sel.counts, bits, Hkv, scale * _LOG2E,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
         v.stride(2), o.stride(0), o.stride(1), o.stride(2), lse.stride(0), lse.stride(1),
         sel.lists.stride(0), sel.lists.stride(1), sel.lists.stride(2), sel.counts.stride(0), sel.counts.stride(1),
         bs[0], bs[1], bs[2],
-        G=G, GP=GP, BLOCK_T=block_t, SEL_T=sel.sel_tokens, BS=block_size, D=D, USE_BITS=sel.bits is not None,
-        IEEE=q.dtype == torch.float32, num_warps=8 if GP * block_t >= 128 else 4, num_stages=3 if D <= 128 else 2,
+        G=G, GP=GP, BLOCK_T=block_t, TPR=tpr, BS=sel.block_size, D=D, NBLK=nblk, USE_BITS=sel.bits is not None,
+        IEEE=q.dtype == torch.float32, num_warps=tuning.get("fwd_warps", 8 if GP * block_t >= 128 else 4),
+        num_stages=tuning.get("fwd_stages", 3 if D <= 128 else 2),
     )
     return o, lse
 
 
-def _bwd(q, k, v, o, lse, do, q_pos, sel: Selection, scale: float):
+def _bwd(q, k, v, o, lse, do, sel: Selection, scale: float, tuning: dict):
     B, Hq, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     G = Hq // Hkv
-    GP, block_t = _tiles(G, D, rows=64)
-    block_t = min(block_t, sel.sel_tokens)
+    GP, block_t = _tiles(G, D, rows=tuning.get("bwd_rows", 64))
+    block_t = min(block_t, _pow2(sel.row_tokens))
+    tpr = -(-sel.row_tokens // block_t)
     q, k, v, do = q.contiguous(), k.contiguous(), v.contiguous(), do.contiguous()
     delta = (o.float() * do.float()).sum(-1)
     dq = torch.empty_like(q)
@@ -977,54 +1303,57 @@ def _bwd(q, k, v, o, lse, do, q_pos, sel: Selection, scale: float):
     dv = torch.empty_like(v)
     bits = sel.bits if sel.bits is not None else sel.counts
     bs = sel.bits.stride() if sel.bits is not None else (0, 0, 0)
-    ieee = q.dtype == torch.float32
-    common = dict(G=G, GP=GP, BLOCK_T=block_t, SEL_T=sel.sel_tokens, BS=sel.block_size, D=D,
-                  USE_BITS=sel.bits is not None, IEEE=ieee, num_warps=4, num_stages=2)
-    _attn_bwd_dq_kernel[(triton.cdiv(Tq + sel.offset, block_t), B * Hkv)](
-        q, k, v, do, dq, lse, delta, q_pos, sel.lists, sel.counts, bits, Tq, Tk, Hkv, scale * _LOG2E, scale,
-        sel.offset,
+    common = dict(G=G, GP=GP, BLOCK_T=block_t, TPR=tpr, BS=sel.block_size, D=D, USE_BITS=sel.bits is not None,
+                  IEEE=q.dtype == torch.float32, num_warps=4, num_stages=2)
+    _attn_bwd_dq_kernel[(sel.rows.shape[0] * tpr, B * Hkv)](
+        q, k, v, do, dq, lse, delta, sel.q_pos, sel.rows, sel.lists, sel.counts, bits, Hkv, scale * _LOG2E, scale,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
         v.stride(2), lse.stride(0), lse.stride(1), sel.lists.stride(0), sel.lists.stride(1), sel.lists.stride(2),
         sel.counts.stride(0), sel.counts.stride(1), bs[0], bs[1], bs[2], **common,
     )
-    off, groups = sel.reverse()
-    _attn_bwd_dkdv_kernel[(sel.num_blocks, B * Hkv)](
-        q, k, v, do, dk, dv, lse, delta, q_pos, off, groups, bits, Tq, Tk, Hkv, sel.num_blocks, scale * _LOG2E,
-        scale, sel.offset, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0),
-        v.stride(1), v.stride(2), lse.stride(0), lse.stride(1), bs[0], bs[1], bs[2], **common,
+    kbt = sel.key_table(Tk)
+    nbt = kbt.shape[0]
+    off, rows = sel.reverse(nbt)
+    _attn_bwd_dkdv_kernel[(nbt, B * Hkv)](
+        q, k, v, do, dk, dv, lse, delta, sel.q_pos, sel.rows, kbt, off, rows, bits, Hkv, nbt, scale * _LOG2E, scale,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
+        v.stride(2), lse.stride(0), lse.stride(1), bs[0], bs[1], bs[2], **common,
     )
     return dq, dk, dv
 
 
 class _BlockSparseAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, q_pos, sel, scale):
-        o, lse = _fwd(q, k, v, q_pos, sel, scale)
-        ctx.save_for_backward(q, k, v, o, lse, q_pos)
+    def forward(ctx, q, k, v, sel, scale, tuning):
+        o, lse = _fwd(q, k, v, sel, scale, tuning)
+        ctx.save_for_backward(q, k, v, o, lse)
         ctx.sel = sel
         ctx.scale = scale
+        ctx.tuning = tuning
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, o, lse, q_pos = ctx.saved_tensors
-        dq, dk, dv = _bwd(q, k, v, o, lse, do, q_pos, ctx.sel, ctx.scale)
+        q, k, v, o, lse = ctx.saved_tensors
+        dq, dk, dv = _bwd(q, k, v, o, lse, do, ctx.sel, ctx.scale, ctx.tuning)
         return dq, dk, dv, None, None, None
 
 
 def block_sparse_attention_triton(q, k, v, q_pos, sel: Selection, *, scale: float,
-                                  block_size: int | None = None) -> torch.Tensor:
-    """Softmax attention of each query over the tokens of its selected blocks, causal; differentiable in q, k, v."""
+                                  block_size: int | None = None, tuning: dict | None = None) -> torch.Tensor:
+    """Softmax attention of each query over the tokens of its selected blocks, causal; differentiable in q, k, v.
+    The query positions are the selection's (`q_pos` is accepted for the reference's signature)."""
     if block_size is not None and block_size != sel.block_size:
         raise ValueError(f"block_size {block_size} differs from the selection's {sel.block_size}")
-    q_pos = q_pos.to(device=q.device, dtype=torch.int32).contiguous()
+    if q_pos is not None and q_pos.numel() != sel.q_pos.numel():
+        raise ValueError(f"q_pos has {q_pos.numel()} positions, the selection {sel.q_pos.numel()}")
     if q.stride(-1) != 1:
         q = q.contiguous()
     if k.stride(-1) != 1:
         k = k.contiguous()
     if v.stride(-1) != 1:
         v = v.contiguous()
-    return _BlockSparseAttention.apply(q, k, v, q_pos, sel, scale)
+    return _BlockSparseAttention.apply(q, k, v, sel, scale, tuning or {})
 
 
 def _dense(q, k, v, q_pos, scale):
@@ -1044,7 +1373,7 @@ def infllm_v2_attention_triton(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    q_pos: torch.Tensor,
+    q_pos: torch.Tensor | None,
     ckeys: torch.Tensor | None = None,
     *,
     scale: float | None = None,
@@ -1061,10 +1390,36 @@ def infllm_v2_attention_triton(
     coarse_kernel: int = 128,
     coarse_stride: int = 64,
     coarse_keys: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    tuning: dict | None = None,
 ) -> torch.Tensor:
-    """`infllm_v2_attention` on the Triton kernels (dense SDPA while every query is short)."""
+    """`infllm_v2_attention` on the Triton kernels (dense SDPA while every query is short).
+    `cu_seqlens`: packed documents (B == 1, queries = keys, q_pos ignored: positions restart at each document);
+    block mode runs every document in the same launches, token mode once per document."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
+    opts = dict(block_size=block_size, kernel=kernel, stride=stride, topk=topk, init_blocks=init_blocks,
+                local_blocks=local_blocks, dense_len=dense_len, selection=selection, select_tokens=select_tokens,
+                coarse=coarse, coarse_kernel=coarse_kernel, coarse_stride=coarse_stride)
     Tk = k.shape[2]
+    if cu_seqlens is not None:
+        if q.shape[0] != 1 or q.shape[2] != Tk or ckeys is not None or coarse_keys is not None:
+            raise ValueError("packed documents (cu_seqlens) need batch 1, as many queries as keys and no cached keys")
+        a, L = _documents(cu_seqlens, Tk)
+        all_dense = bool(((L < dense_len) | (-(-L // block_size) <= topk)).all())
+        if selection == "token" and not all_dense:  # per-token selection: one document at a time
+            parts = []
+            for s, n in zip(a.tolist(), L.tolist()):
+                if n > 0:
+                    parts.append(infllm_v2_attention_triton(
+                        q[:, :, s:s + n], k[:, :, s:s + n], v[:, :, s:s + n], torch.arange(n, device=q.device),
+                        scale=scale, tuning=tuning, **opts))
+            return torch.cat(parts, 2)
+        # Block mode (or only dense documents, where both modes keep every block): all documents in one set of
+        # launches through the row tables.
+        ck = compress_keys_triton(k.detach(), kernel, stride, cu_seqlens)
+        sel = select_blocks_triton(q, ck, None, 0, scale=scale, cu_seqlens=cu_seqlens, tuning=tuning,
+                                   **dict(opts, selection="block"))
+        return block_sparse_attention_triton(q, k, v, None, sel, scale=scale, tuning=tuning)
     num_blocks = -(-Tk // block_size)
     if Tk < dense_len or num_blocks <= topk:
         return _dense(q, k, v, q_pos, scale)
@@ -1080,10 +1435,6 @@ def infllm_v2_attention_triton(
             scale=scale, block_size=block_size, kernel=kernel, stride=stride, topk=topk, init_blocks=init_blocks,
             local_blocks=local_blocks, dense_len=dense_len, coarse=coarse, coarse_kernel=coarse_kernel,
             coarse_stride=coarse_stride, coarse_keys=coarse_keys)
-    sel = select_blocks_triton(
-        q, ckeys, q_pos, num_blocks, scale=scale, block_size=block_size, kernel=kernel, stride=stride, topk=topk,
-        init_blocks=init_blocks, local_blocks=local_blocks, dense_len=dense_len, selection=selection,
-        select_tokens=select_tokens, coarse=coarse, coarse_kernel=coarse_kernel, coarse_stride=coarse_stride,
-        coarse_keys=coarse_keys,
-    )
-    return block_sparse_attention_triton(q, k, v, q_pos, sel, scale=scale)
+    sel = select_blocks_triton(q, ckeys, q_pos, num_blocks, scale=scale, coarse_keys=coarse_keys, tuning=tuning,
+                               **opts)
+    return block_sparse_attention_triton(q, k, v, q_pos, sel, scale=scale, tuning=tuning)

@@ -134,6 +134,77 @@ def _case_block(ref, st, B, Hq, Hkv, D, T, Tq, topk, select_tokens, seed, coarse
     )
 
 
+def _case_varlen(ref, st, lengths, Hq, Hkv, D, topk, select_tokens, seed, coarse=False, token=False):
+    """Packed documents (cu_seqlens), block mode: compression, selection, attention and gradients of the one packed
+    call equal the reference run on each document alone; documents never see each other."""
+    torch.manual_seed(seed)
+    cu = torch.tensor([0] + lengths).cumsum(0)
+    T = int(cu[-1])
+    q, k, v = torch.randn(1, Hq, T, D), torch.randn(1, Hkv, T, D), torch.randn(1, Hkv, T, D)
+    opts = dict(TINY, scale=D ** -0.5, topk=topk, dense_len=40, selection="block", select_tokens=select_tokens,
+                coarse=coarse, coarse_kernel=32, coarse_stride=16)
+    ck = st.compress_keys_triton(k, 8, 4, cu_seqlens=cu)
+    docs = [(int(a), int(b)) for a, b in zip(cu[:-1], cu[1:])]
+    ck_ref = torch.cat([ref.compress_keys(k[:, :, a:b], 8, 4) for a, b in docs], 2)
+    k2 = st.coarse_from_compressed(ck, 8, 4, 32, 16, counts=torch.tensor([ref.num_compressed(b - a, 8, 4)
+                                                                           for a, b in docs]))
+    k2_ref = torch.cat([ref.compress_keys(k[:, :, a:b], 32, 16) for a, b in docs], 2)
+    sel = st.select_blocks_triton(q, ck, None, 0, cu_seqlens=cu, **opts)
+    tri_mask = sel.token_mask()
+    mask_diff, near_tie, sparse_rows, outside = 0, True, 0, 0
+    for a, b in docs:
+        nb = -(-(b - a) // 16)
+        pos = torch.arange(b - a)
+        want, scores = ref.select_blocks(q[:, :, a:b], ref.compress_keys(k[:, :, a:b], 8, 4), pos, nb,
+                                         return_scores=True, **opts)
+        got = tri_mask[:, :, a:b, :nb]
+        outside += int(tri_mask[:, :, a:b, nb:].sum())
+        mask_diff += int((want != got).sum())
+        near_tie &= _near_tie_only(want, got, scores[:, :, pos // select_tokens])
+        sparse_rows += int((want.sum(-1) < pos // 16 + 1).sum())
+    qs, ks, vs = (x.clone().requires_grad_() for x in (q, k, v))
+    qr, kr, vr = (x.clone().requires_grad_() for x in (q, k, v))
+    o = st.block_sparse_attention_triton(qs, ks, vs, None, sel, scale=opts["scale"])
+    o_ref = torch.cat([ref.block_sparse_attention(qr[:, :, a:b], kr[:, :, a:b], vr[:, :, a:b], torch.arange(b - a),
+                                                  tri_mask[:, :, a:b, : -(-(b - a) // 16)], scale=opts["scale"],
+                                                  block_size=16) for a, b in docs], 2)
+    g = torch.randn_like(o)
+    o.backward(g)
+    o_ref.backward(g)
+    run = {n: x for n, x in opts.items() if n != "scale"}
+    e2e = st.infllm_v2_attention_triton(q, k, v, None, cu_seqlens=cu, **run)
+    e2e_ref = ref.infllm_v2_attention(q, k, v, None, cu_seqlens=cu, **run)
+    v2 = v.clone()
+    v2[:, :, docs[1][0]:docs[1][1]] += 1.0  # change one document's values: every other document's output stays
+    o_v2 = st.block_sparse_attention_triton(q, k, v2, None, sel, scale=opts["scale"])
+    other = torch.ones(T, dtype=torch.bool)
+    other[docs[1][0]:docs[1][1]] = False
+    tok_err = tok_dense_err = 0.0
+    if token:  # documents above dense_len go one at a time, only-dense packs through the packed launches
+        tok = {n: x for n, x in run.items() if n not in ("selection", "select_tokens")}
+        tok_err = float((st.infllm_v2_attention_triton(q, k, v, None, cu_seqlens=cu, **tok)
+                         - ref.infllm_v2_attention(q, k, v, None, cu_seqlens=cu, **tok)).abs().max())
+        short = torch.tensor([0] + [min(n, 39) for n in lengths]).cumsum(0)
+        ts = int(short[-1])
+        tok_dense_err = float((st.infllm_v2_attention_triton(q[:, :, :ts], k[:, :, :ts], v[:, :, :ts], None,
+                                                             cu_seqlens=short, **tok)
+                               - ref.infllm_v2_attention(q[:, :, :ts], k[:, :, :ts], v[:, :, :ts], None,
+                                                         cu_seqlens=short, **tok)).abs().max())
+    return dict(
+        compress_err=float((ck - ck_ref).abs().max()) if ck.shape == ck_ref.shape else 1e9,
+        coarse_err=float((k2 - k2_ref).abs().max()) if k2.shape == k2_ref.shape else 1e9,
+        mask_diff=mask_diff, mask_near_tie_only=near_tie, sparse_rows=sparse_rows, outside=outside,
+        out_err=float((o - o_ref).detach().abs().max()),
+        dq_err=float((qs.grad - qr.grad).abs().max()),
+        dk_err=float((ks.grad - kr.grad).abs().max()),
+        dv_err=float((vs.grad - vr.grad).abs().max()),
+        e2e_err=float((e2e - e2e_ref).abs().max()),
+        isolated=float((o_v2 - o).detach()[:, :, other].abs().max()),
+        changed=float((o_v2 - o).detach()[:, :, ~other].abs().max()),
+        token_err=tok_err, token_dense_err=tok_dense_err,
+    )
+
+
 def _case_block_chunking(ref, st, seed):
     """Block mode, the same queries in one call or split in two: a split at a multiple of select_tokens changes
     nothing; a split inside a group changes only that group's tokens (each part shares among its own tokens)."""
@@ -251,6 +322,8 @@ def run_interpreter_checks(seed: int) -> dict:
     out["block2"] = _case_block(ref, st, 1, 3, 1, 16, 190, 190, 6, 32, seed + 17)  # two key blocks per group
     out["block3"] = _case_block(ref, st, 1, 4, 2, 16, 171, 171, 5, 16, seed + 18, coarse=True)
     out["block_chunking"] = _case_block_chunking(ref, st, seed + 19)
+    out["varlen0"] = _case_varlen(ref, st, [37, 130, 5, 101, 61], 4, 2, 16, 4, 16, seed + 22, token=True)
+    out["varlen1"] = _case_varlen(ref, st, [99, 150, 1, 83], 3, 1, 32, 5, 32, seed + 23, coarse=True)
     out["decode0"] = _case_decode_select(ref, st, 3, 8, 2, 16, 333, 6, seed + 20)
     out["decode1"] = _case_decode_select(ref, st, 2, 3, 1, 32, 250, 5, seed + 21, pos_back=7)
     out["full_prefill"] = _case_full(ref, st, 1, 4, 2, 16, 133, 133, seed + 13, cached=False)
@@ -310,6 +383,20 @@ def test_block_mode_does_not_depend_on_chunking(interp):
         assert r[lib]["cut_other_err"] < 1e-5, r  # split inside a group: every other group identical
         assert r[lib]["cut_group_differs"], r  # ... and the cut group really is shared per part (not vacuous)
     assert r["tri_vs_ref_cut"] < 1e-4, r
+
+
+@pytest.mark.parametrize("case", range(2))
+def test_packed_documents_match_reference_per_document(interp, case):
+    r = interp[f"varlen{case}"]
+    info = f"seed={interp['seed']} {r}"
+    assert r["compress_err"] < 1e-5 and r["coarse_err"] < 1e-5, info
+    assert r["sparse_rows"] > 0 and r["outside"] == 0, info
+    assert r["mask_diff"] == 0 or r["mask_near_tie_only"], info
+    for name in ("out_err", "dq_err", "dk_err", "dv_err", "token_err", "token_dense_err"):
+        assert r[name] < 1e-4, info
+    if r["mask_diff"] == 0:
+        assert r["e2e_err"] < 1e-4, info
+    assert r["isolated"] == 0.0 and r["changed"] > 1e-3, info  # documents never see each other
 
 
 @pytest.mark.parametrize("case", range(2))
@@ -374,6 +461,26 @@ def test_model_block_mode_prefill_in_aligned_chunks_equals_one_pass(seed):
     assert (torch.cat([out.logits, rest], 1) - full).abs().max() < 1e-4
     assert (full[:, 70:] - exact[:, 70:]).abs().max() > 1e-4  # block mode really selects differently
 
+
+
+@pytest.mark.parametrize("selection", ["token", "block"])
+def test_model_packed_documents_equal_separate_runs(seed, selection):
+    """A packed row (cu_seqlens, positions restarting per document) through the sparse layers gives each document the
+    logits it gets alone: the layer's one varlen call keeps documents apart."""
+    from helpers import TINY_SPARSE, tiny_llama
+    from hybridize.convert.build import build_hybrid
+
+    model = build_hybrid(tiny_llama(), ["sparse"] * 4, hype=False, output_gates=False,
+                         **dict(TINY_SPARSE, sparse_selection=selection, sparse_select_tokens=16)).eval()
+    torch.manual_seed(seed)
+    lengths = [45, 7, 70]
+    ids = torch.randint(3, 97, (1, sum(lengths)))
+    cu = torch.tensor([0] + lengths).cumsum(0).to(torch.int32)
+    pos = torch.cat([torch.arange(n) for n in lengths]).view(1, -1)
+    with torch.no_grad():
+        packed = model(ids, position_ids=pos, cu_seqlens=cu, use_cache=False).logits
+        alone = torch.cat([model(ids[:, a:b], use_cache=False).logits for a, b in zip(cu[:-1], cu[1:])], 1)
+    assert (packed - alone).abs().max() < 1e-4
 
 # ----------------------------------------------------------------------------------------------------------------------
 # GPU (bf16, default block sizes)

@@ -237,13 +237,8 @@ class SparseAttention(nn.Module):
     def _attend(self, q, k, v, ckeys, ctx: AttentionContext) -> torch.Tensor:
         opts = self.sparse_options()
         Tq, Tk = q.shape[2], k.shape[2]
-        if ctx.cu_seqlens is not None:  # packed documents: attention never crosses a boundary
-            bounds = ctx.cu_seqlens.tolist()
-            parts = []
-            for a, b in zip(bounds[:-1], bounds[1:]):
-                pos = torch.arange(b - a, device=q.device)
-                parts.append(sparse_attention(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], pos, **opts))
-            return torch.cat(parts, dim=2)
+        if ctx.cu_seqlens is not None:  # packed documents: attention never crosses a boundary (one varlen call)
+            return sparse_attention(q, k, v, None, cu_seqlens=ctx.cu_seqlens, **opts)
         if ctx.pad is None:
             pos = torch.arange(Tk - Tq, Tk, device=q.device)
             return sparse_attention(q, k, v, pos, ckeys, **opts)

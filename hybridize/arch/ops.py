@@ -63,7 +63,8 @@ def sparse_attention(q, k, v, q_pos, ckeys=None, **options):
     """InfLLM-V2 attention for one logical (unpadded) sequence batch; dense below `dense_len`.
     CUDA tensors go to the Triton kernels, anything else to the PyTorch reference; both take the same options
     (`selection="token"|"block"`, `select_tokens`, `coarse`, ... : see sparse_reference.py) and compute the same
-    function. A single query token on CUDA (decode) takes the fused four-launch decode path."""
+    function. A single query token on CUDA (decode) takes the fused four-launch decode path. `cu_seqlens=` (packed
+    documents, B == 1, q_pos None): every document on its own, in one call."""
     if _SPARSE_TRITON and q.is_cuda and _sparse_supports(
             q, k, block_size=options.get("block_size", 64), stride=options.get("stride", 16)):
         return infllm_v2_attention_triton(q, k, v, q_pos, ckeys, **options)
