@@ -160,10 +160,16 @@ def bench_decode(B, bw, fla_rec) -> dict:
     return row
 
 
-SWEEP = [  # (block_c, num_warps, num_stages, segment_tokens, l2_hints), most promising first
-    (128, 8, 3, 512, True), (128, 8, 3, 256, True), (128, 8, 3, 1024, True), (128, 8, 3, 512, False),
-    (64, 8, 3, 512, True), (64, 8, 3, 1024, True), (128, 8, 2, 512, True), (128, 8, 3, 2048, True),
-    (64, 4, 3, 512, True), (64, 8, 3, 256, True), (128, 8, 3, 768, True), (64, 8, 2, 1024, True),
+def _c(block_c, num_warps, num_stages, segment_tokens, chunk=None, l2_hints=True):
+    return LT.ScanConfig(block_c=block_c, num_warps=num_warps, num_stages=num_stages, state_lowp=True, lookback=True,
+                         segment_tokens=segment_tokens, chunk=chunk, l2_hints=l2_hints)
+
+
+SWEEP = [  # look-back forward configs, most promising first (the sweep stops at its time budget)
+    _c(128, 8, 3, 512), _c(128, 8, 3, 256), _c(128, 8, 3, 1024), _c(128, 8, 3, 512, l2_hints=False),
+    _c(64, 4, 2, 512),  # 2 programs per SM
+    _c(64, 4, 2, 512, chunk=32), _c(128, 8, 2, 512, chunk=32), _c(64, 8, 3, 512), _c(128, 8, 2, 512),
+    _c(64, 8, 2, 512, chunk=32), _c(128, 8, 3, 2048), _c(64, 4, 2, 1024), _c(64, 4, 2, 256),
 ]
 
 
@@ -179,12 +185,10 @@ def sweep(seconds: float, T: int = 65536):
         rows.append(dict(kind="sweep", T=T, cfg=str(TWO_PASS), ms=med(ours_fn(q, k, v, ld, TWO_PASS)), rel=0.0))
         print(json.dumps(rows[-1]), flush=True)
         best = (float("inf"), LT.DEFAULT_CONFIG)
-        for bc, nw, ns, seg, hints in SWEEP:
+        for cfg in SWEEP:
             if time.time() - t0 > seconds:
                 print("sweep: time budget spent")
                 break
-            cfg = LT.ScanConfig(block_c=bc, num_warps=nw, num_stages=ns, state_lowp=True, lookback=True,
-                                segment_tokens=seg, l2_hints=hints)
             fn = ours_fn(q, k, v, ld, cfg)
             try:
                 err = rel(fn(), ref)

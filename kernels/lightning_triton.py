@@ -67,7 +67,9 @@ class ScanConfig:
     twice, the second time mostly from L2) instead of the two-pass segment scan; `l2_hints` marks the first read of k
     and v evict-last and the streaming reads and writes evict-first. `publish_inclusive=False` (a check, slow) lets
     only the first segment publish the state at its end, so every look-back sums the others' own sums back to it:
-    the path a segment takes on a GPU while its predecessors are busy, which the in-order interpreter never runs."""
+    the path a segment takes on a GPU while its predecessors are busy, which the in-order interpreter never runs.
+    `chunk`: tokens per chunk inside the kernel (16, 32, 64 or 128; the result does not depend on it); None: the
+    caller's `chunk_size`."""
 
     block_c: int = 64
     num_warps: int = 8
@@ -79,6 +81,7 @@ class ScanConfig:
     segment_tokens: int = 512
     l2_hints: bool = True
     publish_inclusive: bool = True
+    chunk: int | None = None
 
 
 # The fastest of a sweep on one H100 (bench/bench_lightning.py --sweep, bf16, 32 heads, d = 128; bench/RESULTS.md):
@@ -588,21 +591,23 @@ class _LightningChunked(torch.autograd.Function):
         q, k, v = _rows(q), _rows(k), _rows(v)
         B, H, T, _ = q.shape
         N = B if cu_seqlens is None else cu_seqlens.numel() - 1
+        fwd_chunk = config.chunk or chunk
         if config.lookback and cu_seqlens is None:
             o, final, u, (nseg, segc), _ = _lookback_forward(
                 q, k, v, log_decay, init=initial_state, scale=scale, store_final=output_final_state,
-                save_prefix=grad, chunk=chunk, config=config)
+                save_prefix=grad, chunk=fwd_chunk, config=config)
             prefix = True  # u: the state entering each segment, which (transposed) starts the dq scan's segments
         else:
             BC = _block_c(config, q.shape[-1], v.shape[-1])
-            nseg, segc = _segments(T, chunk, N * H * triton.cdiv(v.shape[-1], BC), config, cu_seqlens is not None)
+            nseg, segc = _segments(T, fwd_chunk, N * H * triton.cdiv(v.shape[-1], BC), config, cu_seqlens is not None)
             o, final, u = _scan(q, k, v, log_decay, init=initial_state, init_transposed=False, reverse=False,
                                 scale_out=scale, scale_state=1.0, store_final=output_final_state,
-                                cu_seqlens=cu_seqlens, chunk=chunk, out_dtype=q.dtype, config=config, nseg=nseg,
+                                cu_seqlens=cu_seqlens, chunk=fwd_chunk, out_dtype=q.dtype, config=config, nseg=nseg,
                                 segc=segc)
             prefix = False  # u: the forward's segment sums of k^T v, which (transposed) the dq scan needs (v^T k)
         ctx.save_for_backward(q, k, v, log_decay, initial_state, cu_seqlens, u)
-        ctx.scale, ctx.chunk, ctx.config, ctx.fwd_seg, ctx.prefix = scale, chunk, bwd_config, (nseg, segc), prefix
+        ctx.scale, ctx.config, ctx.prefix = scale, bwd_config, prefix
+        ctx.chunk, ctx.fwd_seg = bwd_config.chunk or chunk, (fwd_chunk, nseg, segc)
         if final is None:
             return o
         return o, final
@@ -621,10 +626,11 @@ class _LightningChunked(torch.autograd.Function):
         need_init = initial_state is not None and ctx.needs_input_grad[4]
         if need_q:
             # the dq scan runs on the forward's segments, from the forward's per-segment data
-            nseg, segc = ctx.fwd_seg
+            fwd_chunk, nseg, segc = ctx.fwd_seg
             dq, _, _ = _scan(do, v, k, log_decay, init=initial_state, init_transposed=True, reverse=False,
                              scale_out=scale, scale_state=1.0, store_final=False, out_dtype=q.dtype, u=u_fwd,
-                             u_transposed=True, prefix=ctx.prefix, nseg=nseg, segc=segc, **common)
+                             u_transposed=True, prefix=ctx.prefix, nseg=nseg, segc=segc, cu_seqlens=cu_seqlens,
+                             chunk=fwd_chunk, config=ctx.config)
         BC = _block_c(ctx.config, DK, v.shape[-1])
         nseg, segc = _segments(T, ctx.chunk, N * H * triton.cdiv(max(DK, v.shape[-1]), BC), ctx.config,
                                cu_seqlens is not None)
@@ -686,6 +692,9 @@ def lightning_attn_chunked_triton(
     bf16 = q.dtype == torch.bfloat16
     config = config or (DEFAULT_CONFIG if bf16 else OTHER_DTYPE_CONFIG)
     bwd_config = bwd_config or (DEFAULT_BWD_CONFIG if bf16 else OTHER_DTYPE_CONFIG)
+    for c in (config, bwd_config):
+        if c.chunk not in (None, 16, 32, 64, 128):
+            raise ValueError(f"ScanConfig.chunk must be None, 16, 32, 64 or 128, got {c.chunk}")
     # a backward can follow: the forward then keeps what the dq scan needs
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, initial_state))
     res = _LightningChunked.apply(q, k, v, log_decay, initial_state, scale, bool(output_final_state), cu_seqlens,

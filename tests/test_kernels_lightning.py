@@ -117,18 +117,20 @@ def test_segmented_scan_matches_reference_interpreted(interp, seed, B, H, T, Dk,
 
 
 @pytest.mark.parametrize(
-    "B,H,T,Dk,Dv,with_init,chunk,seg_tokens,publish",
+    "B,H,T,Dk,Dv,with_init,chunk,seg_tokens,publish,fwd_chunk",
     [
-        (2, 2, 300, 16, 32, True, 16, 48, True),  # 19 chunks -> 7 segments of 3 chunks, the last partial; 2 col tiles
-        (1, 2, 130, 32, 16, False, 32, 32, False),  # one chunk a segment; look-backs sum own sums back to segment 0
-        (1, 1, 45, 16, 16, True, 16, 64, True),  # a single segment
+        (2, 2, 300, 16, 32, True, 16, 48, True, None),  # 19 chunks -> 7 segments of 3, the last partial; 2 col tiles
+        (1, 2, 130, 32, 16, False, 32, 32, False, None),  # one chunk a segment; look-backs sum own sums to segment 0
+        (1, 1, 45, 16, 16, True, 16, 64, True, None),  # a single segment
+        (1, 2, 100, 16, 16, True, 16, 64, True, 32),  # forward chunks of 32, backward chunks of 16
     ],
 )
 def test_lookback_forward_matches_reference_interpreted(interp, seed, B, H, T, Dk, Dv, with_init, chunk, seg_tokens,
-                                                        publish):
+                                                        publish, fwd_chunk):
     # the one-kernel forward: each segment sums its own k^T v, looks back over the segments before it, then walks
     # its chunks; the backward's dq scan starts each segment from the state the forward saved for it
-    cfg = interp.ScanConfig(lookback=True, segment_tokens=seg_tokens, block_c=16, publish_inclusive=publish)
+    cfg = interp.ScanConfig(lookback=True, segment_tokens=seg_tokens, block_c=16, publish_inclusive=publish,
+                            chunk=fwd_chunk)
     bwd = interp.ScanConfig(block_c=16, target_programs=10 ** 6, min_segment_chunks=1)
     args = _inputs(B, H, T, Dk, Dv, B, with_init, torch.float32, "cpu")
     errs = _run_both(interp.lightning_attn_chunked_triton, *args, None, chunk=chunk, config=cfg, bwd_config=bwd)
@@ -203,6 +205,8 @@ def test_bad_arguments_are_refused(interp):
     ld = -torch.rand(2)
     with pytest.raises(ValueError, match="chunk_size"):
         interp.lightning_attn_chunked_triton(q, q, q, ld, chunk_size=48)
+    with pytest.raises(ValueError, match="ScanConfig.chunk"):
+        interp.lightning_attn_chunked_triton(q, q, q, ld, config=interp.ScanConfig(chunk=48))
     with pytest.raises(ValueError, match="log_decay"):
         interp.lightning_attn_chunked_triton(q, q, q, -torch.rand(3))
     with pytest.raises(ValueError, match="initial_state"):
