@@ -4,8 +4,8 @@ Computes exactly the function of `lightning_reference.py` (same arguments, same 
 
     S_t = g_h * S_{t-1} + k_t^T v_t,   o_t = scale * q_t S_t,   g_h = exp(log_decay[h])
 
-Design (memory-bound at d = 128 on Hopper). One kernel, `_scan_chunks_kernel`, does all the work: a program owns one
-(sequence, head, column tile) and walks the chunks of its sequence in order, keeping its slice of the state in
+Design (memory-bound at d = 128 on Hopper). The chunk scan (`_scan_chunks_kernel`, and the forward's
+`_fwd_lookback_kernel`): a program owns one (sequence, head, column tile) and walks the chunks of its sequence (or segment) in order, keeping its slice of the state in
 registers, so no per-chunk state ever goes to memory. Per chunk of CH tokens, with M[i, j] = g^(i-j) for i >= j:
 
     out  = scale_out * ( ((a b^T) * M * scale_state) c  +  (g^(i+1) a) X )
@@ -21,11 +21,23 @@ where dS_T is the gradient arriving at the final state (zero when unused). All d
 in float32; states and accumulation are float32; the intra-chunk products run on the tensor cores in the input dtype
 (with `ScanConfig.state_lowp`, bf16 inputs also multiply a bf16 copy of the state: measured rel. error ~3e-3).
 
-Parallelism: at B*H = 32 one program per head walks 1024 chunks at 64K tokens one after another and is latency-bound.
-So long sequences are cut into segments: a first pass (STATE_ONLY) sums each segment's b^T c into a state U_s (k and v
-are read twice: 6 tensor passes instead of the 4 of the floor), then every segment runs in parallel from the state
-g^(...) X0 + sum of the U of the segments before it. The forward's U (k^T v), transposed, serves the dq scan; dv's U
-(q^T dO), transposed, serves dk. Packed documents (cu_seqlens) keep one program per document (no segments).
+Parallelism: at B*H = 32 one program per head walks 1024 chunks at 64K tokens one after another and is latency-bound,
+so long sequences are cut into segments that run in parallel; each needs the state entering it.
+
+- Forward (`_fwd_lookback_kernel`, default): ONE kernel with a decoupled look-back. A program takes a ticket from an
+  atomic counter (segments vary slowest), sums its segment's k^T v into U, then obtains the state entering its segment
+  from the segments before it: it walks back over their flags, adding a finished predecessor's end state (flag 2) or
+  an unfinished one's own sum U (flag 1) and going on past it; it publishes its own end state (flag 2), then walks its
+  chunks from the entering state and writes o. A program waits only on lower tickets, held by programs that are
+  already running, so the waits cannot deadlock (and under the interpreter, which runs programs in order, nobody
+  waits at all). Segments are short (512 tokens) so that the second read of k and v can hit L2 (the hints mark the
+  first read evict-last): ideally q, k, v are read from memory once and o written once (bench/RESULTS.md has
+  what was measured). Under autograd the state entering each segment is saved for the dq scan.
+- Two-pass alternative (`ScanConfig(lookback=False)`, also used for cu_seqlens): a first pass (STATE_ONLY) sums
+  each segment's b^T c into U_s (k and v are read twice from memory), then every segment runs in parallel from
+  g^(...) X0 + the sum of the U of the segments before it.
+- Backward: dq runs on the forward's segments, each from the saved entering state (transposed); dv and dk use the
+  two-pass scheme, dv's U (q^T dO) transposed serving dk.
 
 `cu_seqlens` packs documents along T (B must be 1): a program then owns one document, and the state restarts there.
 The decode kernel reads each (batch, head) state tile once, applies one or a few tokens and writes it once.
@@ -91,8 +103,10 @@ DEFAULT_CONFIG = ScanConfig(block_c=128, num_warps=8, num_stages=3, state_lowp=T
 DEFAULT_BWD_CONFIG = ScanConfig(block_c=64, num_warps=8, num_stages=3, state_lowp=True, target_programs=1024)
 # fp16 / fp32 inputs: the configuration the GPU tests passed with (a 128 x 128 fp32 tile with 3 pipeline stages would
 # not fit in shared memory; these were not part of the sweep).
-OTHER_DTYPE_CONFIG = ScanConfig(block_c=32, num_warps=4, num_stages=3, state_lowp=False, target_programs=1024,
-                                lookback=True, segment_tokens=512)
+OTHER_DTYPE_CONFIG = ScanConfig(block_c=32, num_warps=4, num_stages=3, state_lowp=False, target_programs=1024)
+# their look-back forward: two pipeline stages (with three, float32 tiles need 216 of the 227 KB of shared memory)
+OTHER_DTYPE_FWD_CONFIG = ScanConfig(block_c=32, num_warps=4, num_stages=2, state_lowp=False, lookback=True,
+                                    segment_tokens=512)
 
 if HAS_TRITON:
 
@@ -690,7 +704,7 @@ def lightning_attn_chunked_triton(
     if initial_state is not None:
         initial_state = initial_state.float()
     bf16 = q.dtype == torch.bfloat16
-    config = config or (DEFAULT_CONFIG if bf16 else OTHER_DTYPE_CONFIG)
+    config = config or (DEFAULT_CONFIG if bf16 else OTHER_DTYPE_FWD_CONFIG)
     bwd_config = bwd_config or (DEFAULT_BWD_CONFIG if bf16 else OTHER_DTYPE_CONFIG)
     for c in (config, bwd_config):
         if c.chunk not in (None, 16, 32, 64, 128):
