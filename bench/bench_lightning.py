@@ -184,6 +184,20 @@ def sweep(seconds: float, T: int = 65536):
         ref = ours_fn(q, k, v, ld, TWO_PASS)()
         rows.append(dict(kind="sweep", T=T, cfg=str(TWO_PASS), ms=med(ours_fn(q, k, v, ld, TWO_PASS)), rel=0.0))
         print(json.dumps(rows[-1]), flush=True)
+        # where the two-pass forward's time goes: the segment sums (k, v read) and the main walk (q, k, v, o)
+        nseg, segc = LT._segments(T, 64, H, TWO_PASS, False)
+        sums = lambda: LT._segment_sums(k, v, ld, reverse=False, scale_state=1.0, nseg=nseg, segc=segc,  # noqa: E731
+                                        chunk=64, config=TWO_PASS)
+        u = sums()
+        walk = lambda: LT._scan(q, k, v, ld, init=None, init_transposed=False, reverse=False,  # noqa: E731
+                                scale_out=D ** -0.5, scale_state=1.0, store_final=False, cu_seqlens=None, chunk=64,
+                                out_dtype=q.dtype, config=TWO_PASS, nseg=nseg, segc=segc, u=u)
+        split = dict(kind="two_pass_split", T=T, nseg=nseg, sums_ms=med(sums), walk_ms=med(walk))
+        split["sums_GBs"] = 2 * H * T * D * 2 / split["sums_ms"] * 1e-6
+        split["walk_GBs"] = 4 * H * T * D * 2 / split["walk_ms"] * 1e-6
+        rows.append(split)
+        print(json.dumps(split), flush=True)
+        del u
         best = (float("inf"), LT.DEFAULT_CONFIG)
         for cfg in SWEEP:
             if time.time() - t0 > seconds:
