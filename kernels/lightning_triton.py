@@ -457,6 +457,15 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+def _new_out(like: torch.Tensor, dc: int, dtype) -> torch.Tensor:
+    """An empty (B, H, T, dc) output in the memory order of `like`: the model hands over (B, T, H, D) projections
+    viewed as (B, H, T, D), and an output in that order makes its transpose + reshape back a free view."""
+    B, H, T, _ = like.shape
+    if like.stride(1) < like.stride(2):
+        return torch.empty(B, T, H, dc, device=like.device, dtype=dtype).transpose(1, 2)
+    return torch.empty(B, H, T, dc, device=like.device, dtype=dtype)
+
+
 def _fits_int32(T: int, *tensors) -> bool:
     """Whether every offset inside one (sequence, head) slice (row * row stride + column) fits in int32."""
     return all(x is None or (T + 1) * x.stride(2) + x.shape[-1] < 2 ** 31 for x in tensors)
@@ -530,10 +539,11 @@ def _segment_sums(b, c, log_decay, *, reverse, scale_state, nseg, segc, chunk, c
 
 
 def _scan(a, b, c, log_decay, *, init, init_transposed, reverse, scale_out, scale_state, store_final, cu_seqlens,
-          chunk, out_dtype, config: ScanConfig, nseg, segc, u=None, u_transposed=False, prefix=False):
+          chunk, out_dtype, config: ScanConfig, nseg, segc, u=None, u_transposed=False, prefix=False, out_like=None):
     """One chunk scan (see the module docstring). a, b (B, H, T, DA); c (B, H, T, DC) -> out (B, H, T, DC), the last
     state (N, H, DA, DC) float32 when asked, and the segment sums used (None with one segment). With `prefix`, `u`
-    holds the state entering each segment rather than the segment's own sum."""
+    holds the state entering each segment rather than the segment's own sum. `out` takes the memory order of
+    `out_like` (default: a)."""
     B, H, T, DA = a.shape
     DC = c.shape[-1]
     N = B if cu_seqlens is None else cu_seqlens.numel() - 1
@@ -541,7 +551,7 @@ def _scan(a, b, c, log_decay, *, init, init_transposed, reverse, scale_out, scal
         u = _segment_sums(b, c, log_decay, reverse=reverse, scale_state=scale_state, nseg=nseg, segc=segc,
                           chunk=chunk, config=config)
         u_transposed = False
-    out = torch.empty(B, H, T, DC, device=a.device, dtype=out_dtype)
+    out = _new_out(out_like if out_like is not None else a, DC, out_dtype)
     final = torch.empty(N, H, DA, DC, device=a.device, dtype=torch.float32) if store_final else None
     _launch(a, b, c, log_decay, out=out, init=init, init_transposed=init_transposed, final=final, u=u,
             u_transposed=u_transposed, nseg=nseg, segc=segc, grid_segs=nseg, seg_offset=0, reverse=reverse,
@@ -567,7 +577,7 @@ def _lookback_forward(q, k, v, log_decay, *, init, scale, store_final, save_pref
     ncol = triton.cdiv(DV, BC)
     nhc = B * H * ncol
     dev = q.device
-    out = torch.empty(B, H, T, DV, device=dev, dtype=q.dtype)
+    out = _new_out(q, DV, q.dtype)
     final = torch.empty(B, H, DK, DV, device=dev, dtype=torch.float32) if store_final else None
     flags = torch.zeros(nhc * nseg + 1, device=dev, dtype=torch.int32)  # one flag per program, then the ticket counter
     # Agg / Incl: each segment's own sum and the state at its end (the last segment publishes neither); Pref: the
@@ -644,19 +654,19 @@ class _LightningChunked(torch.autograd.Function):
             dq, _, _ = _scan(do, v, k, log_decay, init=initial_state, init_transposed=True, reverse=False,
                              scale_out=scale, scale_state=1.0, store_final=False, out_dtype=q.dtype, u=u_fwd,
                              u_transposed=True, prefix=ctx.prefix, nseg=nseg, segc=segc, cu_seqlens=cu_seqlens,
-                             chunk=fwd_chunk, config=ctx.config)
+                             chunk=fwd_chunk, config=ctx.config, out_like=q)
         BC = _block_c(ctx.config, DK, v.shape[-1])
         nseg, segc = _segments(T, ctx.chunk, N * H * triton.cdiv(max(DK, v.shape[-1]), BC), ctx.config,
                                cu_seqlens is not None)
         if need_v or need_init:
             dv, dinit, u_rev = _scan(k, q, do, log_decay, init=dfinal, init_transposed=False, reverse=True,
                                      scale_out=1.0, scale_state=scale, store_final=need_init, out_dtype=v.dtype,
-                                     nseg=nseg, segc=segc, **common)
+                                     nseg=nseg, segc=segc, out_like=v, **common)
         if need_k:
             # dk's segment sums (dO^T q) are dv's (q^T dO) transposed
             dk, _, _ = _scan(v, do, q, log_decay, init=dfinal, init_transposed=True, reverse=True,
                              scale_out=1.0, scale_state=scale, store_final=False, out_dtype=k.dtype, u=u_rev,
-                             u_transposed=u_rev is not None, nseg=nseg, segc=segc, **common)
+                             u_transposed=u_rev is not None, nseg=nseg, segc=segc, out_like=k, **common)
         if dinit is not None:
             dinit = dinit.to(initial_state.dtype)
         return dq, dk, (dv if need_v else None), None, dinit, None, None, None, None, None, None, None

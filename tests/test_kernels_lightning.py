@@ -171,15 +171,24 @@ def test_varlen_documents_do_not_share_state_interpreted(interp, seed):
     assert rel(packed[:, :, 40:], alone) < 1e-6
 
 
-def test_non_contiguous_inputs_interpreted(interp, seed):
-    # the model hands over (B, T, H, D) projections viewed as (B, H, T, D)
-    x = torch.randn(3, 2, 37, 3, 16)  # (qkv, B, T, H, D)
+@pytest.mark.parametrize("lookback", [True, False])
+def test_non_contiguous_inputs_interpreted(interp, seed, lookback):
+    # the model hands over (B, T, H, D) projections viewed as (B, H, T, D); outputs and gradients come back in that
+    # memory order, so that the model's transpose + reshape of o is a view, not a copy
+    x = torch.randn(3, 2, 37, 3, 16, requires_grad=True)  # (qkv, B, T, H, D)
     q, k, v = (t.transpose(1, 2) for t in x)
     ld = -torch.rand(3) - 0.05
-    with torch.no_grad():
-        o, f = interp.lightning_attn_chunked_triton(q, k, v, ld, 0.3, None, True)
-        o_ref, f_ref = lightning_attn_chunked(q, k, v, ld, 0.3, None, True)
+    cfg = interp.ScanConfig(lookback=lookback, segment_tokens=16, block_c=16, target_programs=10 ** 6,
+                            min_segment_chunks=1)
+    o, f = interp.lightning_attn_chunked_triton(q, k, v, ld, 0.3, None, True, 16, config=cfg, bwd_config=cfg)
+    o_ref, f_ref = lightning_attn_chunked(q, k, v, ld, 0.3, None, True, 16)
     assert rel(o, o_ref) < 1e-5 and rel(f, f_ref) < 1e-5
+    assert o.transpose(1, 2).is_contiguous()
+    do = torch.randn_like(o_ref)
+    grads = torch.autograd.grad((o * do).sum(), [q, k, v])
+    grads_ref = torch.autograd.grad((o_ref * do).sum(), [q, k, v])
+    for g, r in zip(grads, grads_ref):
+        assert rel(g, r) < 1e-5 and g.transpose(1, 2).is_contiguous()
 
 
 @pytest.mark.parametrize("B,Tn,Dk,Dv", [(1, 1, 16, 32), (3, 2, 32, 16), (2, 3, 48, 32)])
