@@ -169,6 +169,24 @@ def _c(block_c, num_warps, num_stages, segment_tokens, chunk=None, l2_hints=True
                          segment_tokens=segment_tokens, chunk=chunk, l2_hints=l2_hints)
 
 
+def bench_norm_gate(T, bw) -> dict:
+    """The layer's output RMSNorm over H*d + sigmoid gate: fused kernel vs the model's PyTorch composition."""
+    from hybridize.kernels.norm_gate_triton import rmsnorm_gate_reference, rmsnorm_gate_triton
+
+    N = H * D
+    o, z = (torch.randn(1, T, N, device="cuda", dtype=DTYPE).requires_grad_() for _ in range(2))
+    w = torch.ones(N, device="cuda", dtype=DTYPE).requires_grad_()
+    dy = torch.randn(1, T, N, device="cuda", dtype=DTYPE)
+    row = dict(norm_gate_T=T, floor_fwd_ms=3 * T * N * 2 / bw * 1e3)
+    for name, fn in (("fused", rmsnorm_gate_triton), ("torch", rmsnorm_gate_reference)):
+        with torch.no_grad():
+            row[f"{name}_fwd_ms"] = med(lambda: fn(o, z, w, 1e-6))
+        row[f"{name}_fwdbwd_ms"] = med(lambda: fn(o, z, w, 1e-6).backward(dy), grad_to_none=[o, z, w])
+    with torch.no_grad():
+        row["rel"] = rel(rmsnorm_gate_triton(o, z, w, 1e-6), rmsnorm_gate_reference(o, z, w, 1e-6))
+    return row
+
+
 SWEEP = [  # look-back forward configs, most promising first (the sweep stops at its time budget)
     _c(128, 8, 3, 512), _c(128, 8, 3, 256), _c(128, 8, 3, 1024), _c(128, 8, 3, 512, l2_hints=False),
     _c(64, 4, 2, 512),  # 2 programs per SM
@@ -271,6 +289,14 @@ def table(rows, bw) -> str:
             f"| {r['batch']} | {f(g('ours_ms'))} | {f(g('fla_ms'))} | {f(ratio(g('fla_ms'), g('ours_ms')))} | "
             f"{f(g('ours_graph_ms'))} | {f(g('fla_graph_ms'))} | {f(ratio(g('fla_graph_ms'), g('ours_graph_ms')))} | "
             f"{f(g('floor_ms'))} | {gbs:.0f} ({100 * gbs * 1e9 / bw:.0f}%) | {f(g('ours_vs_fla_rel'))} |")
+    lines += ["", "| output norm + gate, T (N = H*d) | fused fwd ms | torch fwd ms | fused fwd+bwd ms | torch fwd+bwd ms | "
+              "fwd floor ms | rel |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "norm_gate_T" not in r:
+            continue
+        g = r.get
+        lines.append(f"| {r['norm_gate_T']} | {f(g('fused_fwd_ms'))} | {f(g('torch_fwd_ms'))} | "
+                     f"{f(g('fused_fwdbwd_ms'))} | {f(g('torch_fwdbwd_ms'))} | {f(g('floor_fwd_ms'))} | {f(g('rel'))} |")
     return "\n".join(lines)
 
 
@@ -299,7 +325,8 @@ def main():
     print(f"forward config {config}\nbackward config {bwd_config}", flush=True)
     rows.append(check_against_reference(config, bwd_config))
     long = [T for T in args.lengths if T > 65536]
-    plan = [("T", T) for T in args.lengths if T <= 65536] + [("B", B) for B in args.batches] + [("T", T) for T in long]
+    plan = [("T", T) for T in args.lengths if T <= 65536] + [("B", B) for B in args.batches] + \
+        [("N", T) for T in (16384, 65536)] + [("T", T) for T in long]
 
     def dump():
         if args.json:
@@ -312,8 +339,12 @@ def main():
             print(f"skipped ({kind}={n}): past the {args.budget:.0f} s budget", flush=True)
             continue
         try:
-            row = bench_length(n, bw, fla_chunk, args.sdpa_max, config, bwd_config) if kind == "T" else \
-                bench_decode(n, bw, fla_rec)
+            if kind == "T":
+                row = bench_length(n, bw, fla_chunk, args.sdpa_max, config, bwd_config)
+            elif kind == "B":
+                row = bench_decode(n, bw, fla_rec)
+            else:
+                row = bench_norm_gate(n, bw)
         except torch.cuda.OutOfMemoryError as exc:
             print(f"{kind}={n}: out of memory: {str(exc)[:200]}", flush=True)
             torch.cuda.empty_cache()

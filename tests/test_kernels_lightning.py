@@ -28,13 +28,12 @@ pytest.importorskip("triton")
 KERNEL_FILE = Path(__file__).resolve().parents[1] / "kernels" / "lightning_triton.py"
 
 
-@pytest.fixture(scope="module")
-def interp():
-    """kernels/lightning_triton.py with its kernels built for the Triton interpreter (CPU tensors)."""
+def _load_interpreted(path: Path):
+    """A kernel file with its kernels built for the Triton interpreter (CPU tensors)."""
     old = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"
     try:
-        spec = importlib.util.spec_from_file_location("_lightning_triton_interpreted", KERNEL_FILE)
+        spec = importlib.util.spec_from_file_location(f"_{path.stem}_interpreted", path)
         module = importlib.util.module_from_spec(spec)
         sys.modules[spec.name] = module  # dataclasses look their module up there
         spec.loader.exec_module(module)
@@ -45,6 +44,18 @@ def interp():
             os.environ["TRITON_INTERPRET"] = old
     assert module.HAS_TRITON
     return module
+
+
+@pytest.fixture(scope="module")
+def interp():
+    """kernels/lightning_triton.py under the Triton interpreter."""
+    return _load_interpreted(KERNEL_FILE)
+
+
+@pytest.fixture(scope="module")
+def interp_norm_gate():
+    """kernels/norm_gate_triton.py under the Triton interpreter."""
+    return _load_interpreted(KERNEL_FILE.with_name("norm_gate_triton.py"))
 
 
 def rel(a, b):
@@ -225,6 +236,46 @@ def test_bad_arguments_are_refused(interp):
                                                                                                dtype=torch.float64))
 
 
+def _norm_gate_case(shape, with_gate, dtype, device):
+    from hybridize.arch.modeling_hybridize import HybridRMSNorm
+
+    N = shape[-1]
+    norm = HybridRMSNorm(N, eps=1e-5).to(device)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(N) * 0.5 + 1.0)
+    o = (torch.randn(*shape, device=device) * 3).to(dtype).requires_grad_()
+    z = torch.randn(*shape, device=device).to(dtype).requires_grad_() if with_gate else None
+    return norm, o, z
+
+
+def _norm_gate_errors(fn, norm, o, z):
+    """The fused kernel against the model's own HybridRMSNorm (and sigmoid gate): output and gradients."""
+    y = fn(o, z, norm.weight, norm.variance_epsilon)
+    y_ref = norm(o) if z is None else torch.sigmoid(z) * norm(o)
+    dy = torch.randn_like(y_ref)
+    leaves = [o, norm.weight] + ([z] if z is not None else [])
+    g = torch.autograd.grad((y.float() * dy.float()).sum(), leaves)
+    g_ref = torch.autograd.grad((y_ref.float() * dy.float()).sum(), leaves)
+    errs = {"y": rel(y, y_ref)}
+    errs.update({n: rel(a, b) for n, a, b in zip(["do", "dw", "dz"], g, g_ref)})
+    return errs
+
+
+@pytest.mark.parametrize("shape,with_gate", [((2, 37, 48), True), ((5, 576), True), ((3, 11, 40), False)])
+def test_norm_gate_matches_model_interpreted(interp_norm_gate, seed, shape, with_gate):
+    norm, o, z = _norm_gate_case(shape, with_gate, torch.float32, "cpu")
+    errs = _norm_gate_errors(interp_norm_gate.rmsnorm_gate_triton, norm, o, z)
+    assert max(errs.values()) < 1e-5, errs
+
+
+def test_norm_gate_refuses_bad_shapes(interp_norm_gate):
+    o = torch.randn(4, 8)
+    with pytest.raises(ValueError, match="weight"):
+        interp_norm_gate.rmsnorm_gate_triton(o, o, torch.ones(7), 1e-6)
+    with pytest.raises(ValueError, match="z must match"):
+        interp_norm_gate.rmsnorm_gate_triton(o, o[:, :4], torch.ones(8), 1e-6)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # GPU: bf16 and the model's dispatch
 # ---------------------------------------------------------------------------------------------------------------------
@@ -284,6 +335,17 @@ def test_decode_step_matches_reference_gpu(seed, B, Tn):
     o = _kernels().lightning_attn_step_triton(q, k, v, ld, state)
     o_ref = lightning_attn_step(q, k, v, ld, state_ref)
     assert rel(o, o_ref) < 1e-2 and rel(state, state_ref) < 1e-5
+
+
+@gpu
+@pytest.mark.parametrize("shape,with_gate", [((3, 1000, 4096), True), ((2, 333, 576), False)])
+def test_norm_gate_matches_model_gpu(seed, shape, with_gate):
+    from hybridize.kernels.norm_gate_triton import rmsnorm_gate_triton
+
+    norm, o, z = _norm_gate_case(shape, with_gate, torch.bfloat16, "cuda")
+    norm = norm.to(torch.bfloat16)
+    errs = _norm_gate_errors(rmsnorm_gate_triton, norm, o, z)
+    assert max(errs.values()) < 2e-2, errs
 
 
 @gpu
