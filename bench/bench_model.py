@@ -3,8 +3,12 @@ tokens/s and peak memory over context lengths, OOM recorded as a result.
 
     python bench/bench_model.py --out OUT [--budget 380] [--lengths 16K,32K,64K,128K,256K,512K,1M]
 
-Both models are built directly on the GPU, one at a time (the hybrid first). Each length is prefilled in chunks of
-16K tokens (batch 1); decode runs from that cache copied to batches 1, 2 and 8. Lengths are tried in increasing order;
+Both models are built directly on the GPU, one at a time (the dense model first). Each length is prefilled in chunks
+of 16K tokens (batch 1); decode runs from that cache copied to batches 1, 2 and 8. The dense model also runs in
+`one-pass` mode (`--dense-modes`): the whole prompt in one forward, its attention a plain causal SDPA call (PyTorch's
+default backend), the fastest prefill a dense transformers model has where memory allows; the chunked mode's later
+chunks need a lower-right causal mask, which only the slower FlashAttention-2 path of SDPA takes. The last table
+compares each hybrid with the faster dense mode at each length. Lengths are tried in increasing order;
 a model stops growing at its first OOM, and a length whose predicted time would pass the model's share of the time
 budget is recorded as skipped. Every result is appended to OUT/results.jsonl as soon as it exists (a killed run keeps
 what it measured); OUT/bench_results.{json,md} hold the final report (plots: `python bench/bench_model.py --plot OUT`
@@ -64,6 +68,8 @@ def main() -> int:
     ap.add_argument("--variants", default="block,token,block+coarse",
                     help="hybrid sparse-selection variants to run, in order (block is the config default)")
     ap.add_argument("--token-max", default="128K", help="longest length for the exact token-selection hybrid")
+    ap.add_argument("--dense-modes", default="chunked,one-pass",
+                    help="dense prefill modes: chunked (--chunk tokens at a time), one-pass (no decode timing)")
     ap.add_argument("--plot", default=None, help="only draw the plots of an earlier OUT folder")
     args = ap.parse_args()
     if args.plot:
@@ -103,9 +109,21 @@ def main() -> int:
         raise SystemExit(f"--variants: unknown {bad}; choose from {sorted(known)}")
     variants = {f"({v} selection)": known[v] for v in chosen}
     builders = shape_builders(args.shape, "1:3", torch.bfloat16, device, variants)
+    modes = [m for m in args.dense_modes.split(",") if m]
+    if not modes or any(m not in ("chunked", "one-pass") for m in modes):
+        raise SystemExit(f"--dense-modes: choose from chunked, one-pass; got {args.dense_modes!r}")
+    dense_name = next(n for n in builders if n.endswith("(dense)"))
+    dense_build = builders.pop(dense_name)
+    chunk_of = {}
+    for mode in modes:
+        name = dense_name if mode == "chunked" else dense_name.replace(" (dense)", " one-pass (dense)")
+        builders[name] = dense_build
+        chunk_of[name] = args.chunk if mode == "chunked" else 1 << 40  # one chunk = the whole prompt
     # The dense model first: its times are predictable, and a hybrid run cut short still leaves both in results.jsonl.
     names = sorted(builders, key=lambda n: not n.endswith("(dense)"))
-    shares = [args.dense_share] + [0.7] * (len(names) - 2) + [1.0]
+    n_dense = len(modes)
+    shares = [args.dense_share / n_dense / (1 - args.dense_share * i / n_dense) for i in range(n_dense)]
+    shares += [0.7] * (len(names) - n_dense - 1) + [1.0]
     models = []
     for i, name in enumerate(names):
         left = args.budget - (time.perf_counter() - t_start)
@@ -118,7 +136,9 @@ def main() -> int:
         print(f"{name}: built in {time.perf_counter() - t0:.1f} s, "
               f"{sum(p.numel() for p in model.parameters()) / 1e9:.2f} B params, "
               f"{torch.cuda.memory_allocated() / 2**30:.1f} GiB; time cap {cap:.0f} s", flush=True)
-        models.append(bench_model(name, model, model_lengths, chunk_size=args.chunk, decode_batches=batches,
+        one_pass = chunk_of.get(name, args.chunk) != args.chunk
+        models.append(bench_model(name, model, model_lengths, chunk_size=chunk_of.get(name, args.chunk),
+                                  decode_batches=() if one_pass else batches,
                                   decode_steps=args.decode_steps, time_cap_s=cap - (time.perf_counter() - t0),
                                   warmup_length=parse_length(args.warmup),
                                   log=lambda s: print(s, flush=True), on_result=on_result))
@@ -136,7 +156,28 @@ def main() -> int:
             if r.status == "ok":
                 continue
             print(f"{name} {format_length(r.length)}: {r.status} ({r.note})")
+    print(fair_table(report))
     return 0
+
+
+def fair_table(report: dict) -> str:
+    """TTFT of every model per length and each hybrid's speed-up over the FASTER dense mode measured there."""
+    def ttft(m, L):
+        r = next((r for r in m["results"] if r["length"] == L), None)
+        return None if r is None else (r["ttft_s"] if r["status"] == "ok" else r["status"])
+
+    dense = [m for m in report["models"] if m["kind"] == "dense"]
+    hybrids = [m for m in report["models"] if m["kind"] != "dense"]
+    head = ["context"] + [f"{m['name']} TTFT s" for m in dense + hybrids] + [f"speed-up {m['name']}" for m in hybrids]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for L in report["lengths"]:
+        d = [ttft(m, L) for m in dense]
+        best = min((x for x in d if isinstance(x, float)), default=None)
+        h = [ttft(m, L) for m in hybrids]
+        cells = [format_length(L)] + [f"{x:.2f}" if isinstance(x, float) else str(x or "-") for x in d + h]
+        cells += [f"{best / x:.2f}x" if best and isinstance(x, float) else "-" for x in h]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -78,7 +78,8 @@ def load_models(recipe, need_teacher: bool):
         source_model, tok = load_source(spec.source)
         layers = sparse_layers_for(source_model.config.num_hidden_layers, spec)
         types = layer_types_from(source_model.config.num_hidden_layers, layers)
-        student = build_hybrid(source_model, types, hype=spec.hype, output_gates=spec.gates)
+        student = build_hybrid(source_model, types, hype=spec.hype, output_gates=spec.gates,
+                               lightning_decay=spec.lightning_decay)
         _own_storage(student)
         description = f"{spec.source} converted with sparse layers {layers}"
     if spec.students:

@@ -41,6 +41,7 @@ class ModelSpec:
     layers: list[int] | None = None  # explicit sparse layer indices (overrides ratio)
     hype: bool = True
     gates: bool = True
+    lightning_decay: str = "sala"  # per-head decay of the Lightning layers: "sala" (same in every layer) or "layerwise"
     students: str | None = None  # aligned students (safetensors keyed by hybrid parameter names), loaded strict=False
 
 
@@ -278,6 +279,7 @@ def validate(recipe: Recipe) -> Recipe:
     _choice(f, "precision", recipe.precision, PRECISIONS)
     _choice(f, "on_nonfinite", recipe.on_nonfinite, NONFINITE)
     _choice(f, "teacher.dtype", recipe.teacher.dtype, DTYPE_NAMES)
+    _choice(f, "model.lightning_decay", recipe.model.lightning_decay, ("sala", "layerwise"))
     m = recipe.model
     if m.source is None and m.converted is None:
         _fail(f, "model.source", "give model.source (a checkpoint to convert) or model.converted (a hybrid folder)")
