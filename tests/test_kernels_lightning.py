@@ -8,6 +8,7 @@ bf16 on larger shapes, plus the whole model through the kernel path against the 
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import sys
@@ -261,10 +262,13 @@ def _norm_gate_errors(fn, norm, o, z):
     return errs
 
 
-@pytest.mark.parametrize("shape,with_gate", [((2, 37, 48), True), ((5, 576), True), ((3, 11, 40), False)])
-def test_norm_gate_matches_model_interpreted(interp_norm_gate, seed, shape, with_gate):
+@pytest.mark.parametrize("shape,with_gate,programs", [((2, 37, 48), True, 1024), ((5, 576), True, 1024),
+                                                      ((3, 11, 40), False, 1024), ((2, 70, 48), True, 3)])
+def test_norm_gate_matches_model_interpreted(interp_norm_gate, seed, shape, with_gate, programs):
+    # programs=3: each backward program walks several row blocks and sums its share of dw
     norm, o, z = _norm_gate_case(shape, with_gate, torch.float32, "cpu")
-    errs = _norm_gate_errors(interp_norm_gate.rmsnorm_gate_triton, norm, o, z)
+    fn = functools.partial(interp_norm_gate.rmsnorm_gate_triton, max_programs=programs)
+    errs = _norm_gate_errors(fn, norm, o, z)
     assert max(errs.values()) < 1e-5, errs
 
 
