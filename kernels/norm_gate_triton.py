@@ -89,9 +89,9 @@ if HAS_TRITON:
         tl.store(DWp + pid * N + cols, dw, mask=mc)
 
 
-def _rows_for(n: int) -> int:
-    # about 8K elements a program: enough rows to amortise, few enough to stay in registers
-    return max(1, min(16, 8192 // triton.next_power_of_2(n)))
+def _rows_for(n: int, elements: int) -> int:
+    # about `elements` a program: enough rows to amortise, few enough to stay in registers
+    return max(1, min(16, elements // triton.next_power_of_2(n)))
 
 
 class _NormGate(torch.autograd.Function):
@@ -104,7 +104,7 @@ class _NormGate(torch.autograd.Function):
         R = o2.shape[0]
         y = torch.empty_like(o2)
         rstd = torch.empty(R, device=o.device, dtype=torch.float32)
-        rows = _rows_for(N)
+        rows = _rows_for(N, 8192)
         _norm_gate_fwd_kernel[(triton.cdiv(R, rows),)](
             o2, o2 if z2 is None else z2, weight, y, rstd, R, N, float(eps), HAS_Z=z2 is not None, ROWS=rows,
             BN=triton.next_power_of_2(N), num_warps=8)
@@ -120,7 +120,7 @@ class _NormGate(torch.autograd.Function):
         dy2 = dy.reshape(-1, N).contiguous()
         do = torch.empty_like(o2)
         dz = None if z2 is None else torch.empty_like(z2)
-        rows = _rows_for(N)
+        rows = _rows_for(N, 4096)  # the backward keeps more tensors live
         n_blocks = triton.cdiv(R, rows)
         grid = min(n_blocks, ctx.max_programs)  # dw: one partial row per program, summed below
         dwp = torch.empty(grid, N, device=o2.device, dtype=torch.float32)
