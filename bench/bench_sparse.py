@@ -2,13 +2,16 @@
 
 Shapes (issue 6): bf16, B=1, 32 query heads / 8 KV heads, head dim 128, topk 96 (incl. 1 init + 32 local blocks),
 block 64, compressed keys kernel 32 / stride 16. Our times include key compression and block selection.
-SDPA peers, both timed in the same run: PyTorch's default backend choice (the issue's bar) and flash-only.
+SDPA peer timed in the same run: PyTorch's default backend choice (the issue's bar); `--flash` adds flash-only.
 Variants: token = exact per-token selection; block = one selection per 64-aligned query group (select_tokens 64);
 +coarse = softmax normaliser from the coarse keys (kernel 128, stride 64). All are functions of sparse_reference.py.
 Decode: one new token per sequence against a cache of T tokens (compressed keys cached, float32 as in the model cache;
 `bf16ck` = the same step with bf16 compressed keys), batch 1/8, eager (Python launches) and as one CUDA graph.
 
-    python bench/bench_sparse.py --out results.json [--budget-s 220]
+Order: the issue's targets first (64K/128K fwd and fwd+bwd, decode 128K batch 8) and their table, then optional tile
+sweeps (`--sweep fwd bwd sel`), then 16K (with token mode) and 256K forward; a full table last.
+
+    python bench/bench_sparse.py --out results.json [--budget-s 220] [--sweep fwd bwd sel] [--tuning '{...}']
 """
 
 from __future__ import annotations
@@ -61,7 +64,7 @@ def _variant_opts(name: str) -> dict:
     return dict(OPTS, selection="token" if name.startswith("token") else "block", coarse="coarse" in name)
 
 
-def bench_prefill(T: int, variants: list[str], backward: bool) -> dict:
+def bench_prefill(T: int, variants: list[str], backward: bool, flash: bool = False, tuning: dict | None = None) -> dict:
     torch.manual_seed(0)
     q = torch.randn(1, HQ, T, D, device="cuda", dtype=torch.bfloat16)
     k = torch.randn(1, HKV, T, D, device="cuda", dtype=torch.bfloat16)
@@ -72,7 +75,9 @@ def bench_prefill(T: int, variants: list[str], backward: bool) -> dict:
     g = HQ // HKV
     ke, ve = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)  # equal heads for both SDPA peers; not timed
     guess = 3.7 * (T / 16384) ** 2
-    for peer, backends in (("sdpa_default", None), ("sdpa_flash", [SDPBackend.FLASH_ATTENTION])):
+    peers = (("sdpa_default", None), ("sdpa_flash", [SDPBackend.FLASH_ATTENTION])) if flash else (
+        ("sdpa_default", None),)
+    for peer, backends in peers:
         with sdpa_kernel(backends) if backends else contextlib.nullcontext():
             out[f"{peer}_fwd"] = timed(lambda: F.scaled_dot_product_attention(q, ke, ve, is_causal=True),
                                        _reps(guess))
@@ -84,7 +89,7 @@ def bench_prefill(T: int, variants: list[str], backward: bool) -> dict:
     del ke, ve
     torch.cuda.empty_cache()
     for name in variants:
-        opts = _variant_opts(name)
+        opts = dict(_variant_opts(name), tuning=tuning)
         try:
             out[f"{name}_fwd"] = timed(lambda: st.infllm_v2_attention_triton(q, k, v, pos, **opts), _reps(guess / 4))
             if backward:
@@ -99,9 +104,9 @@ def bench_prefill(T: int, variants: list[str], backward: bool) -> dict:
             out[f"{name}_select"] = timed(lambda: st.select_blocks_triton(q, ck, pos, nb, scale=D ** -0.5, **opts),
                                           3 if T > 65536 else 5)
             sel = st.select_blocks_triton(q, ck, pos, nb, scale=D ** -0.5, **opts)
-            out[f"{name}_blocks_per_query"] = float(sel.token_mask()[0, 0, -1].sum()) if T <= 65536 else None
+            out[f"{name}_blocks_per_query"] = float(sel.counts[0, 0, -1])
             out[f"{name}_attn_fwd"] = timed(
-                lambda: st.block_sparse_attention_triton(q, k, v, pos, sel, scale=D ** -0.5), 5)
+                lambda: st.block_sparse_attention_triton(q, k, v, pos, sel, scale=D ** -0.5, tuning=tuning), 5)
             del sel, ck
         except Exception as e:  # report and go on: the other variants' numbers still stand
             out[f"{name}_error"] = repr(e)[:300]
@@ -158,6 +163,83 @@ def bench_decode(T: int, B: int) -> dict:
     return out
 
 
+SWEEP = {  # tile configurations of the prefill kernels, timed at one length (block+coarse selection)
+    "fwd": [{}, {"fwd_stages": 2}, {"fwd_rows": 256, "fwd_warps": 16, "fwd_stages": 2}, {"fwd_maxnreg": 168},
+            {"fwd_rows": 64, "fwd_warps": 4}],
+    "bwd": [{}, {"bwd_warps": 8}, {"bwd_rows": 128, "bwd_warps": 8}, {"bwd_warps": 8, "bwd_stages": 1}],
+    "sel": [{}, {"sel_stages": 3}, {"sel_rows": 128}, {"sel_block_c": 32}, {"sel_maxnreg": 128},
+            {"sel_rows": 128, "sel_warps": 4}],
+}
+
+
+def profile_kernels(T: int, variant: str, tuning: dict | None = None) -> str:
+    """Per-kernel GPU time of one forward and one forward+backward (torch.profiler), as a short table."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.manual_seed(2)
+    q = torch.randn(1, HQ, T, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(1, HKV, T, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(1, HKV, T, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    pos = torch.arange(T, device="cuda")
+    opts = dict(_variant_opts(variant), tuning=tuning)
+    st.infllm_v2_attention_triton(q, k, v, pos, **opts).sum().backward()  # warm-up (compilation)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        st.infllm_v2_attention_triton(q, k, v, pos, **opts).sum().backward()
+        torch.cuda.synchronize()
+    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=40)
+
+
+def bench_sweep(T: int, parts: list[str], budget_s: float) -> dict:
+    """Each tile configuration of SWEEP: its time and its largest difference from the default configuration."""
+    t0 = time.time()
+    torch.manual_seed(1)
+    q = torch.randn(1, HQ, T, D, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(1, HKV, T, D, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(1, HKV, T, D, device="cuda", dtype=torch.bfloat16)
+    do = torch.randn_like(q)
+    pos = torch.arange(T, device="cuda")
+    opts = dict(OPTS, selection="block", coarse=True)
+    ck = st.compress_keys_triton(k)
+    nb = -(-T // 64)
+    sel = st.select_blocks_triton(q, ck, pos, nb, scale=D ** -0.5, **opts)
+    out = {"T": T}
+    ref_o = ref_g = ref_sel = None
+    for part in parts:
+        for cfg in SWEEP[part]:
+            if time.time() - t0 > budget_s:
+                out.setdefault("skipped", []).append([part, cfg])
+                continue
+            key = f"{part} {json.dumps(cfg)}"
+            try:
+                if part == "fwd":
+                    fn = lambda: st.block_sparse_attention_triton(q, k, v, pos, sel, scale=D ** -0.5, tuning=cfg)  # noqa
+                    o = fn()
+                    ref_o = o if ref_o is None else ref_o
+                    out[key] = [timed(fn, 5), float((o.float() - ref_o.float()).abs().max())]
+                elif part == "bwd":
+                    qg, kg, vg = (x.detach().clone().requires_grad_() for x in (q, k, v))
+                    o = st.block_sparse_attention_triton(qg, kg, vg, pos, sel, scale=D ** -0.5, tuning=cfg)
+                    grads = torch.autograd.grad(o, (qg, kg, vg), do)
+                    ref_g = grads if ref_g is None else ref_g
+                    err = max(float((a.float() - b.float()).abs().max()) for a, b in zip(grads, ref_g))
+                    fn = lambda: st.block_sparse_attention_triton(  # noqa: E731
+                        qg, kg, vg, pos, sel, scale=D ** -0.5, tuning=cfg).backward(do)
+                    out[key] = [timed(fn, 3), err]
+                    del qg, kg, vg, grads, o
+                else:
+                    fn = lambda: st.select_blocks_triton(q, ck, pos, nb, scale=D ** -0.5, tuning=cfg, **opts)  # noqa
+                    s2 = fn()
+                    ref_sel = s2 if ref_sel is None else ref_sel
+                    valid = torch.arange(s2.lists.shape[-1], device="cuda") < ref_sel.counts.unsqueeze(-1)
+                    same = float(((s2.lists == ref_sel.lists) | ~valid).all(-1).float().mean())
+                    out[key] = [timed(fn, 5), same]
+            except Exception as e:
+                out[key] = repr(e)[:200]
+            print(key, out[key], f"[{time.time() - t0:.0f}s]", flush=True)
+    return out
+
+
 def _graph_time(fn):
     """The step replayed as one CUDA graph (no Python/launch overhead), as a serving loop would run it."""
     try:
@@ -195,13 +277,17 @@ def print_tables(res: dict, variants: list[str]) -> None:
             if base is None:
                 continue
             cells = [_x(base, r.get(f"{v}_{ps}")) for v in variants]
-            print(f"| {r['T'] // 1024}K | {ps} | {base:.2f} | {r[f'sdpa_flash_{ps}']:.2f} | " + " | ".join(cells) + " |")
+            fl = r.get(f"sdpa_flash_{ps}")
+            print(f"| {r['T'] // 1024}K | {ps} | {base:.2f} | {'-' if fl is None else f'{fl:.2f}'} | "
+                  + " | ".join(cells) + " |")
     print("\nbreakdown (ms): compress / select / attention fwd")
     for r in res["prefill"]:
         for v in variants:
             if f"{v}_select" in r:
                 print(f"  {r['T'] // 1024}K {v}: {r[f'{v}_compress']:.2f} / {r[f'{v}_select']:.2f} / "
                       f"{r[f'{v}_attn_fwd']:.2f}  blocks/query(last)={r.get(f'{v}_blocks_per_query')}")
+    if not res["decode"]:
+        return
     print("\ndecode; speedups: eager vs SDPA default eager, graph vs the faster SDPA graph")
     print("| T | B | SDPA default | SDPA rows | ours eager | bf16ck eager | coarse eager | SDPA graph (best) | "
           "ours graph | bf16ck graph | check (rows equal, max err) |")
@@ -218,18 +304,25 @@ def print_tables(res: dict, variants: list[str]) -> None:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--lengths", type=int, nargs="*", default=[16384, 65536, 131072])
+    p.add_argument("--lengths", type=int, nargs="*", default=[65536, 131072], help="fwd and fwd+bwd, first")
+    p.add_argument("--decode", type=int, nargs="*", default=[131072, 32768])
+    p.add_argument("--variants", nargs="*", default=["block", "block+coarse"])
+    p.add_argument("--sweep", nargs="*", default=[], choices=sorted(SWEEP), help="tile sweeps at --sweep-len")
+    p.add_argument("--sweep-len", type=int, default=131072)
+    p.add_argument("--more-lengths", type=int, nargs="*", default=[16384], help="fwd and fwd+bwd, after the rest")
     p.add_argument("--fwd-only", type=int, nargs="*", default=[262144])
-    p.add_argument("--decode", type=int, nargs="*", default=[32768, 131072])
-    p.add_argument("--variants", nargs="*", default=["block", "block+coarse", "token"])
-    p.add_argument("--token-max", type=int, default=131072, help="longest T for the (slower) exact token mode")
+    p.add_argument("--more-variants", nargs="*", default=["token"], help="extra variants at --more-lengths")
+    p.add_argument("--flash", action="store_true", help="also time SDPA restricted to the flash backend")
+    p.add_argument("--profile", action="store_true", help="per-kernel times of one block+coarse fwd+bwd")
+    p.add_argument("--tuning", default="{}", help="JSON tile configuration for our kernels (see SWEEP)")
     p.add_argument("--budget-s", type=float, default=1e9, help="skip what is left after this many seconds")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     import triton
 
+    tuning = json.loads(args.tuning)
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-           "prefill": [], "decode": [], "skipped": []}
+           "tuning": tuning, "prefill": [], "decode": [], "sweep": None, "skipped": []}
     t0 = time.time()
 
     def save():
@@ -240,25 +333,50 @@ def main():
     def left():
         return args.budget_s - (time.time() - t0)
 
-    for T in args.decode:  # the decode target first: cheap
-        for B in (1, 8):
-            r = bench_decode(T, B)
-            res["decode"].append(r)
-            print(json.dumps(r), f"[{time.time() - t0:.0f}s]", flush=True)
-            save()
-    # rough cost of one length in seconds (SDPA peers at 2 backends + our variants, with warm-up)
-    cost = {16384: 10, 65536: 30, 131072: 60, 262144: 60}
-    for T in list(args.lengths) + list(args.fwd_only):
+    cost = {16384: 10, 32768: 15, 65536: 30, 131072: 60, 262144: 60}  # rough seconds per length
+    # 1. The issue's targets: 64K / 128K fwd and fwd+bwd, then decode at 128K (batch 8 first).
+    for T in args.lengths:
         if left() < cost.get(T, 60):
             res["skipped"].append(T)
-            print(f"skipping T={T}: {left():.0f}s left", flush=True)
             continue
-        variants = [v for v in args.variants if not v.startswith("token") or T <= args.token_max]
-        r = bench_prefill(T, variants, backward=T not in args.fwd_only)
-        res["prefill"].append(r)
-        print(json.dumps(r), f"[{time.time() - t0:.0f}s]", flush=True)
+        res["prefill"].append(bench_prefill(T, args.variants, backward=True, flash=args.flash, tuning=tuning))
+        print(json.dumps(res["prefill"][-1]), f"[{time.time() - t0:.0f}s]", flush=True)
         save()
+    for T in args.decode:
+        for B in (8, 1):
+            if left() < 10:
+                res["skipped"].append((T, B))
+                continue
+            res["decode"].append(bench_decode(T, B))
+            print(json.dumps(res["decode"][-1]), f"[{time.time() - t0:.0f}s]", flush=True)
+            save()
     print_tables(res, args.variants)
+    # 2. Where the time goes (one profiled fwd+bwd), tile sweeps, then the other lengths.
+    if args.profile and left() > 30:
+        try:
+            res["profile"] = profile_kernels(args.sweep_len, "block+coarse", tuning)
+            print(res["profile"], flush=True)
+        except Exception as e:
+            print("profile failed:", repr(e)[:300], flush=True)
+    if args.sweep and left() > 30:
+        res["sweep"] = bench_sweep(args.sweep_len, args.sweep, left() - 20)
+        save()
+    more = args.variants + [v for v in args.more_variants if v not in args.variants]
+    for T in list(args.more_lengths) + list(args.fwd_only):
+        if left() < cost.get(T, 60):
+            res["skipped"].append(T)
+            continue
+        res["prefill"].append(bench_prefill(T, more if T <= 65536 else args.variants,
+                                            backward=T not in args.fwd_only, flash=args.flash, tuning=tuning))
+        print(json.dumps(res["prefill"][-1]), f"[{time.time() - t0:.0f}s]", flush=True)
+        save()
+    if res["sweep"]:
+        print("\nsweep at", res["sweep"]["T"], "(ms, max diff from the first / share of equal selections)")
+        for key, val in res["sweep"].items():
+            if key != "T":
+                print(" ", key, val)
+    print_tables(res, more)
+    print("skipped:", res["skipped"])
 
 
 if __name__ == "__main__":

@@ -246,18 +246,18 @@ if HAS_TRITON:
         for cs in range(0, nf2c, BLOCK_C):
             c = cs + tl.arange(0, BLOCK_C)
             kc = tl.load(ck2 + c[:, None].to(tl.int64) * s_c2c + d[None, :]).to(q.dtype)
-            s = _dot(q, tl.trans(kc), IEEE) * sm_scale2
-            m_new = tl.maximum(m, tl.max(s, 1))
-            l = l * tl.exp2(m - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), 1)
+            s = _dot(q, tl.trans(kc), IEEE)
+            m_new = tl.maximum(m, tl.max(s, 1) * sm_scale2)
+            l = l * tl.exp2(m - m_new) + tl.sum(tl.exp2(s * sm_scale2 - m_new[:, None]), 1)
             m = m_new
         for cs in range(nf2c, nv2, BLOCK_C):
             c = cs + tl.arange(0, BLOCK_C)
             kc = tl.load(ck2 + c[:, None].to(tl.int64) * s_c2c + d[None, :], mask=(c < nv2)[:, None],
                          other=0.0).to(q.dtype)
-            s = _dot(q, tl.trans(kc), IEEE) * sm_scale2
+            s = _dot(q, tl.trans(kc), IEEE)
             s = tl.where((c[None, :] * STRIDE2 + KERNEL2 - 1) <= pos[:, None], s, float("-inf"))
-            m_new = tl.maximum(m, tl.max(s, 1))
-            l = l * tl.exp2(m - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), 1)
+            m_new = tl.maximum(m, tl.max(s, 1) * sm_scale2)
+            l = l * tl.exp2(m - m_new) + tl.sum(tl.exp2(s * sm_scale2 - m_new[:, None]), 1)
             m = m_new
         lse = tl.where(l > 0, m + tl.log2(tl.where(l > 0, l, 1.0)), 0.0)  # no (coarse) key visible: unnormalised
         lse = tl.where(rm, lse, 1.0e30)  # padded rows contribute nothing
@@ -328,7 +328,7 @@ if HAS_TRITON:
         key = tl.where(vis_b, key, -(1 << 40))
         lo_k = tl.full([], (1 << 31) + 1, dtype=tl.int64)  # dense rows: nothing chosen by rank
         lo_m = tl.full([], 0, dtype=tl.int32)
-        if not dense:
+        if dense == 0:
             lo_k = tl.full([], -(1 << 34), dtype=tl.int64)
             hi_k = tl.full([], (1 << 31) + 1, dtype=tl.int64)
             for _ in range(36):  # the k_eff-th largest key: largest thr with #(key >= thr) >= k_eff
@@ -364,16 +364,29 @@ if HAS_TRITON:
         return (t0 + i).to(tl.int64), rm, pos, hh, sub * BLOCK_T < n
 
     @triton.jit
+    def _full_prefix(lst, cnt, pmin, pmax, BS: tl.constexpr, USE_BITS: tl.constexpr):
+        # How many leading list entries every row of the tile sees whole (no causal or per-token mask): the ascending
+        # list minus its entries from the tile's first own block on, checked on the last entry kept.
+        if USE_BITS:
+            n_full = cnt * 0
+        else:
+            n_full = tl.minimum(tl.maximum(cnt - (pmax // BS - pmin // BS + 1), 0), cnt)  # (empty tile: cnt = 0)
+            last = tl.load(lst + tl.maximum(n_full - 1, 0))  # (every list has room for one entry)
+            n_full = tl.where((n_full > 0) & (last * BS + BS - 1 <= pmin), n_full, 0)
+        return n_full
+
+    @triton.jit
     def _attn_fwd_kernel(
         Q, K, V, O, LSE, QPOS, ROWS, LISTS, COUNTS, BITS,
         Hkv, sm_scale2,
         s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, s_ob, s_oh, s_ot, s_lb, s_lh,
         s_Lb, s_Lh, s_Lr, s_nb, s_nh, s_bb, s_bh, s_bt,
         G: tl.constexpr, GP: tl.constexpr, BLOCK_T: tl.constexpr, TPR: tl.constexpr, BS: tl.constexpr,
-        D: tl.constexpr, NBLK: tl.constexpr, USE_BITS: tl.constexpr, IEEE: tl.constexpr,
+        D: tl.constexpr, USE_BITS: tl.constexpr, IEEE: tl.constexpr,
     ):
         # One program: one tile (BLOCK_T tokens x the group's heads) of one row and KV group; walks the row's block
-        # list NBLK blocks at a time (one key tile of NBLK * BS gathered keys).
+        # list: first the blocks every row sees whole (no mask), then the rest with the causal / per-token mask.
+        # Scores stay unscaled until one FMA: p = exp2(s * scale * log2(e) - m).
         pid = tl.program_id(0)
         bg = tl.program_id(1)
         b = (bg // Hkv).to(tl.int64)
@@ -382,45 +395,49 @@ if HAS_TRITON:
         t64, rm, pos, hh, live = _row_tile(QPOS, ROWS, row, pid % TPR, G, GP, BLOCK_T)
         k0 = tl.load(ROWS + row * 8 + 2).to(tl.int64)
         pmax = tl.max(pos, 0)
+        pmin = tl.min(tl.where(rm, pos, 1 << 30), 0)
         h = (g * G + hh).to(tl.int64)
         d = tl.arange(0, D)
         q = tl.load(Q + b * s_qb + h[:, None] * s_qh + t64[:, None] * s_qt + d[None, :], mask=rm[:, None], other=0.0)
         cnt = tl.load(COUNTS + b * s_nb + g * s_nh + row)
         cnt = tl.where(live, cnt, 0)
         lst = LISTS + b * s_Lb + g * s_Lh + row.to(tl.int64) * s_Lr
+        n_full = _full_prefix(lst, cnt, pmin, pmax, BS, USE_BITS)
         kbase = K + b * s_kb + g * s_kh + k0 * s_kt
         vbase = V + b * s_vb + g * s_vh + k0 * s_vt
         BM: tl.constexpr = GP * BLOCK_T
-        BN: tl.constexpr = NBLK * BS
-        cidx = tl.arange(0, BN)
-        slot = cidx // BS
+        cidx = tl.arange(0, BS)
         m = tl.full([BM], -1.0e30, dtype=tl.float32)
         l = tl.zeros([BM], dtype=tl.float32)
         acc = tl.zeros([BM, D], dtype=tl.float32)
-        for it in range(0, cnt, NBLK):
-            jb = tl.load(lst + it + slot, mask=(it + slot) < cnt, other=-1)
-            sk = jb * BS + cidx % BS
-            kv = (jb >= 0) & (sk <= pmax)
+        for it in range(0, n_full):
+            jb = tl.load(lst + it)
+            sk64 = (jb * BS + cidx).to(tl.int64)
+            k = tl.load(kbase + sk64[:, None] * s_kt + d[None, :])
+            v = tl.load(vbase + sk64[:, None] * s_vt + d[None, :])
+            s = _dot(q, tl.trans(k), IEEE)
+            m_new = tl.maximum(m, tl.max(s, 1) * sm_scale2)
+            alpha = tl.exp2(m - m_new)
+            p = tl.exp2(s * sm_scale2 - m_new[:, None])
+            l = l * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
+            m = m_new
+        for it in range(n_full, cnt):
+            jb = tl.load(lst + it)
+            sk = jb * BS + cidx
+            kv = sk <= pmax
             sk64 = sk.to(tl.int64)
             k = tl.load(kbase + sk64[:, None] * s_kt + d[None, :], mask=kv[:, None], other=0.0)
             v = tl.load(vbase + sk64[:, None] * s_vt + d[None, :], mask=kv[:, None], other=0.0)
-            s = _dot(q, tl.trans(k), IEEE) * sm_scale2
-            ok = (sk[None, :] <= pos[:, None]) & kv[None, :]
+            s = _dot(q, tl.trans(k), IEEE)
+            ok = sk[None, :] <= pos[:, None]
             if USE_BITS:
-                jb0 = tl.load(lst + it)
-                by0 = tl.load(BITS + b * s_bb + g * s_bh + t64 * s_bt + jb0 // 8, mask=rm, other=0).to(tl.int32)
-                bit0 = ((by0 >> (jb0 % 8)) & 1) != 0
-                if NBLK == 1:
-                    ok = ok & bit0[:, None]
-                else:
-                    jb1 = tl.load(lst + it + 1, mask=it + 1 < cnt, other=0)
-                    by1 = tl.load(BITS + b * s_bb + g * s_bh + t64 * s_bt + jb1 // 8, mask=rm, other=0).to(tl.int32)
-                    bit1 = ((by1 >> (jb1 % 8)) & 1) != 0
-                    ok = ok & tl.where(slot[None, :] == 0, bit0[:, None], bit1[:, None])
+                byte = tl.load(BITS + b * s_bb + g * s_bh + t64 * s_bt + jb // 8, mask=rm, other=0).to(tl.int32)
+                ok = ok & (((byte >> (jb % 8)) & 1) != 0)[:, None]
             s = tl.where(ok, s, float("-inf"))
-            m_new = tl.maximum(m, tl.max(s, 1))
+            m_new = tl.maximum(m, tl.max(s, 1) * sm_scale2)
             alpha = tl.exp2(m - m_new)
-            p = tl.exp2(s - m_new[:, None])
+            p = tl.exp2(s * sm_scale2 - m_new[:, None])
             l = l * alpha + tl.sum(p, 1)
             acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
             m = m_new
@@ -462,7 +479,18 @@ if HAS_TRITON:
         vbase = V + b * s_vb + g * s_vh + k0 * s_vt
         BM: tl.constexpr = GP * BLOCK_T
         dq = tl.zeros([BM, D], dtype=tl.float32)
-        for it in range(cnt):
+        n_full = _full_prefix(lst, cnt, tl.min(tl.where(rm, pos, 1 << 30), 0), pmax, BS, USE_BITS)
+        lse = tl.where(rm, lse, 1.0e30)  # padded rows: p = 0 without a mask
+        for it in range(0, n_full):
+            jb = tl.load(lst + it)
+            sk64 = (jb * BS + tl.arange(0, BS)).to(tl.int64)
+            k = tl.load(kbase + sk64[:, None] * s_kt + d[None, :])
+            v = tl.load(vbase + sk64[:, None] * s_vt + d[None, :])
+            p = tl.exp2(_dot(q, tl.trans(k), IEEE) * sm_scale2 - lse[:, None])
+            dp = _dot(do, tl.trans(v), IEEE)
+            ds = p * (dp - delta[:, None])
+            dq += _dot(ds.to(k.dtype), k, IEEE)
+        for it in range(n_full, cnt):
             jb = tl.load(lst + it)
             sk = jb * BS + tl.arange(0, BS)
             kv = sk <= pmax
@@ -941,6 +969,12 @@ class Selection:
         return self._reverse
 
 
+def _launch_extra(tuning: dict, part: str) -> dict:
+    """Optional launch options from `tuning` (e.g. {"fwd_maxnreg": 128}): a register cap per thread."""
+    cap = tuning.get(f"{part}_maxnreg")
+    return {} if cap is None else {"maxnreg": cap}
+
+
 def _tiles(G: int, D: int, rows: int = 128) -> tuple[int, int]:
     """(GP, BLOCK_T): heads padded to a power of two, and tokens per tile so that GP * BLOCK_T ~ rows (>= 16)."""
     GP = _pow2(G)
@@ -1270,7 +1304,6 @@ def _fwd(q, k, v, sel: Selection, scale: float, tuning: dict):
     GP, block_t = _tiles(G, D, rows=tuning.get("fwd_rows", 128))
     block_t = min(block_t, _pow2(sel.row_tokens))
     tpr = -(-sel.row_tokens // block_t)
-    nblk = tuning.get("fwd_blocks", 1)
     o = torch.empty_like(q)
     lse = torch.empty(B, Hq, Tq, dtype=torch.float32, device=q.device)
     bits = sel.bits if sel.bits is not None else sel.counts
@@ -1282,9 +1315,9 @@ def _fwd(q, k, v, sel: Selection, scale: float, tuning: dict):
         v.stride(2), o.stride(0), o.stride(1), o.stride(2), lse.stride(0), lse.stride(1),
         sel.lists.stride(0), sel.lists.stride(1), sel.lists.stride(2), sel.counts.stride(0), sel.counts.stride(1),
         bs[0], bs[1], bs[2],
-        G=G, GP=GP, BLOCK_T=block_t, TPR=tpr, BS=sel.block_size, D=D, NBLK=nblk, USE_BITS=sel.bits is not None,
+        G=G, GP=GP, BLOCK_T=block_t, TPR=tpr, BS=sel.block_size, D=D, USE_BITS=sel.bits is not None,
         IEEE=q.dtype == torch.float32, num_warps=tuning.get("fwd_warps", 8 if GP * block_t >= 128 else 4),
-        num_stages=tuning.get("fwd_stages", 3 if D <= 128 else 2),
+        num_stages=tuning.get("fwd_stages", 3 if D <= 128 else 2), **_launch_extra(tuning, "fwd"),
     )
     return o, lse
 
@@ -1304,7 +1337,8 @@ def _bwd(q, k, v, o, lse, do, sel: Selection, scale: float, tuning: dict):
     bits = sel.bits if sel.bits is not None else sel.counts
     bs = sel.bits.stride() if sel.bits is not None else (0, 0, 0)
     common = dict(G=G, GP=GP, BLOCK_T=block_t, TPR=tpr, BS=sel.block_size, D=D, USE_BITS=sel.bits is not None,
-                  IEEE=q.dtype == torch.float32, num_warps=4, num_stages=2)
+                  IEEE=q.dtype == torch.float32, num_warps=tuning.get("bwd_warps", 4),
+                  num_stages=tuning.get("bwd_stages", 2), **_launch_extra(tuning, "bwd"))
     _attn_bwd_dq_kernel[(sel.rows.shape[0] * tpr, B * Hkv)](
         q, k, v, do, dq, lse, delta, sel.q_pos, sel.rows, sel.lists, sel.counts, bits, Hkv, scale * _LOG2E, scale,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),

@@ -322,7 +322,7 @@ def run_interpreter_checks(seed: int) -> dict:
     out["block2"] = _case_block(ref, st, 1, 3, 1, 16, 190, 190, 6, 32, seed + 17)  # two key blocks per group
     out["block3"] = _case_block(ref, st, 1, 4, 2, 16, 171, 171, 5, 16, seed + 18, coarse=True)
     out["block_chunking"] = _case_block_chunking(ref, st, seed + 19)
-    out["varlen0"] = _case_varlen(ref, st, [37, 130, 5, 101, 61], 4, 2, 16, 4, 16, seed + 22, token=True)
+    out["varlen0"] = _case_varlen(ref, st, [37, 100, 5, 83, 45], 4, 2, 16, 4, 16, seed + 22, token=True)
     out["varlen1"] = _case_varlen(ref, st, [99, 150, 1, 83], 3, 1, 32, 5, 32, seed + 23, coarse=True)
     out["decode0"] = _case_decode_select(ref, st, 3, 8, 2, 16, 333, 6, seed + 20)
     out["decode1"] = _case_decode_select(ref, st, 2, 3, 1, 32, 250, 5, seed + 21, pos_back=7)
@@ -599,6 +599,48 @@ def test_gpu_block_mode_matches_reference(seed, coarse):
                                            st.compress_keys_triton(k[:, :, :e]), **run)
              for s, e in ((0, 2048), (2048, 4096 + 64), (4096 + 64, T))]
     assert (torch.cat(parts, 2).float() - full.float()).abs().max() < 1e-2
+
+
+@gpu
+@pytest.mark.parametrize("coarse", [False, True])
+def test_gpu_packed_documents_match_reference(seed, coarse):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from hybridize.kernels import sparse_reference as ref
+    from hybridize.kernels import sparse_triton as st
+
+    lengths = [3001, 70, 6000, 1, 2100]
+    cu = torch.tensor([0] + lengths, device="cuda").cumsum(0)
+    q, k, v, _ = _gpu_inputs(1, 8, 2, 128, sum(lengths), sum(lengths), seed)
+    opts = dict(scale=128 ** -0.5, topk=16, local_blocks=4, dense_len=1024, selection="block", coarse=coarse)
+    docs = [(int(a), int(b)) for a, b in zip(cu[:-1], cu[1:])]
+    ck = st.compress_keys_triton(k, cu_seqlens=cu)
+    assert (ck - torch.cat([ref.compress_keys(k[:, :, a:b]) for a, b in docs], 2)).abs().max() < 1e-3
+    sel = st.select_blocks_triton(q, ck, None, 0, cu_seqlens=cu, **opts)
+    mask = sel.token_mask()
+    both = wanted = 0
+    for a, b in docs:
+        nb = -(-(b - a) // 64)
+        want = ref.select_blocks(q[:, :, a:b], ref.compress_keys(k[:, :, a:b]), torch.arange(b - a, device="cuda"),
+                                 nb, **opts)
+        assert not mask[:, :, a:b, nb:].any()
+        both += (mask[:, :, a:b, :nb] & want).sum().item()
+        wanted += want.sum().item()
+    assert both / wanted > 0.97, both / wanted  # bf16 scores vs fp32: only near-ties may flip
+    qs, ks, vs = (x.clone().requires_grad_() for x in (q, k, v))
+    qr, kr, vr = (x.float().requires_grad_() for x in (q, k, v))
+    o = st.block_sparse_attention_triton(qs, ks, vs, None, sel, scale=opts["scale"])
+    o_ref = torch.cat([ref.block_sparse_attention(qr[:, :, a:b], kr[:, :, a:b], vr[:, :, a:b],
+                                                  torch.arange(b - a, device="cuda"),
+                                                  mask[:, :, a:b, : -(-(b - a) // 64)], scale=opts["scale"])
+                       for a, b in docs], 2)
+    g = torch.randn_like(o)
+    o.backward(g)
+    o_ref.backward(g.float())
+    assert (o.float() - o_ref).abs().max() < 3e-2
+    for x, y in ((qs, qr), (ks, kr), (vs, vr)):
+        err = (x.grad.float() - y.grad).abs().max().item()
+        assert err < 5e-2 * max(1.0, y.grad.abs().max().item()), err
 
 
 @gpu
