@@ -267,6 +267,33 @@ def test_cache_prefill_and_steps_match_full_forward(tiny_hybrid):
     assert cache.lightning_state(0).dtype == torch.float32
 
 
+def test_decode_steps_append_in_place_without_copying_the_cache(tiny_hybrid):
+    """Keys/values live in buffers with headroom: a decode step writes its position in place (the buffer's storage
+    stays the same) until the headroom is used up, and what attention reads is exactly the tokens seen so far."""
+    torch.manual_seed(3)
+    ids = torch.randint(3, 97, (2, 30))
+    sparse_layer = 1
+    with torch.no_grad():
+        out = tiny_hybrid(ids, use_cache=True)
+        cache = out.past_key_values if "past_key_values" in out else out.cache
+        buf = cache._kbuf[sparse_layer]
+        assert buf.shape[2] > 30  # headroom beyond the prompt
+        ptrs, nxt = set(), out.logits[:, -1:].argmax(-1)
+        seen = [ids]
+        for _ in range(20):
+            step = tiny_hybrid(nxt, cache=cache, use_cache=True)
+            seen.append(nxt)
+            nxt = step.logits[:, -1:].argmax(-1)
+            ptrs.add(cache._kbuf[sparse_layer].data_ptr())
+        assert ptrs == {buf.data_ptr()}
+        assert cache.keys[sparse_layer].shape[2] == 50
+        # the cached keys equal the keys a fresh full forward computes for the same 50 tokens
+        fresh = tiny_hybrid(torch.cat(seen, 1), use_cache=True)
+        fresh_cache = fresh.past_key_values if "past_key_values" in fresh else fresh.cache
+        torch.testing.assert_close(cache.keys[sparse_layer], fresh_cache.keys[sparse_layer], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(cache.ckeys[sparse_layer], fresh_cache.ckeys[sparse_layer], rtol=1e-5, atol=1e-5)
+
+
 def test_left_padding_does_not_change_a_sequence(tiny_hybrid):
     torch.manual_seed(2)
     prompts = [torch.randint(3, 97, (n,)).tolist() for n in (5, 30, 17)]

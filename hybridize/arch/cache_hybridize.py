@@ -4,7 +4,11 @@ Per Lightning layer: the recurrent state (B, H, Dk, Dv), float32, constant size.
 Per sparse layer: keys and values (B, Hkv, T, D) in the padded layout `generate` uses (left padding included), and
 the compressed keys (B, Hkv, Nc, D) computed on each sequence's own tokens (padding excluded), appended as windows fill.
 
-Left padding is recorded once, at prefill, as a per-sequence count; later steps only append real tokens.
+Left padding is recorded once, at prefill, as a per-sequence count (kept on the host too, so that decoding never
+waits for the GPU); later steps only append real tokens.
+
+Keys, values and compressed keys live in buffers with headroom (`_headroom`): a decode step writes one position in
+place instead of copying the whole cache, and a buffer is reallocated only when its headroom is used up.
 """
 
 from __future__ import annotations
@@ -12,6 +16,25 @@ from __future__ import annotations
 import torch
 
 from .ops import compress_keys, num_compressed
+
+
+def _headroom(need: int) -> int:
+    """Extra positions allocated beyond `need`: 1/8 of it (at least 256, at most 65536), a multiple of 64."""
+    extra = min(max(256, need // 8), 65536)
+    return -(-extra // 64) * 64
+
+
+def _write(buf: torch.Tensor | None, used: int, new: torch.Tensor) -> torch.Tensor:
+    """`new` (B, H, T, D) written at positions used..used+T of buf along dim 2, reallocating with headroom when it
+    does not fit (or when batch/heads changed); returns the buffer (possibly new)."""
+    need = used + new.shape[2]
+    if buf is None or need > buf.shape[2] or buf.shape[:2] != new.shape[:2] or buf.dtype != new.dtype:
+        grown = new.new_empty(new.shape[0], new.shape[1], need + _headroom(need), new.shape[3])
+        if buf is not None and used:
+            grown[:, :, :used] = buf[:, :, :used]
+        buf = grown
+    buf[:, :, used:need] = new
+    return buf
 
 
 class HybridCache:
@@ -26,10 +49,16 @@ class HybridCache:
         self.stride = config.sparse_compress_stride
         n = len(self.layer_types)
         self.states: list[torch.Tensor | None] = [None] * n
+        # Views of the filled part of the buffers below (what attention reads).
         self.keys: list[torch.Tensor | None] = [None] * n
         self.values: list[torch.Tensor | None] = [None] * n
         self.ckeys: list[torch.Tensor | None] = [None] * n
+        self._kbuf: list[torch.Tensor | None] = [None] * n
+        self._vbuf: list[torch.Tensor | None] = [None] * n
+        self._cbuf: list[torch.Tensor | None] = [None] * n
         self.pad: torch.Tensor | None = None  # (B,) left-padding count per sequence
+        self.pad_list: list[int] = []  # the same counts on the host
+        self.has_pad = False
         self.seq_len = 0  # tokens seen so far, padding included
 
     # --- bookkeeping -------------------------------------------------------------------------------------------
@@ -43,11 +72,14 @@ class HybridCache:
         return len(self.layer_types)
 
     def set_padding(self, pad: torch.Tensor) -> None:
-        """Left-padding counts, fixed by the first forward of a sequence (later masks only extend it)."""
+        """Left-padding counts, fixed by the first forward of a sequence (later masks only extend it). The one
+        host synchronisation of a generation happens here."""
         self.pad = pad
+        self.pad_list = [int(x) for x in pad.tolist()]
+        self.has_pad = any(self.pad_list)
 
-    def logical_lengths(self, total: int) -> torch.Tensor:
-        return total - self.pad
+    def logical_lengths(self, total: int) -> list[int]:
+        return [total - p for p in self.pad_list]
 
     # --- Lightning layers --------------------------------------------------------------------------------------
     def lightning_state(self, layer_idx: int) -> torch.Tensor | None:
@@ -59,46 +91,47 @@ class HybridCache:
     # --- sparse layers -----------------------------------------------------------------------------------------
     def update_sparse(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor):
         """Append new keys/values (B, Hkv, T, D); returns all keys, values and the compressed keys."""
-        if self.keys[layer_idx] is None:
-            self.keys[layer_idx], self.values[layer_idx] = k, v
-        else:
-            self.keys[layer_idx] = torch.cat([self.keys[layer_idx], k], dim=2)
-            self.values[layer_idx] = torch.cat([self.values[layer_idx], v], dim=2)
-        keys = self.keys[layer_idx]
-        total, old_total = keys.shape[2], keys.shape[2] - k.shape[2]
-        self.ckeys[layer_idx] = self._append_compressed(self.ckeys[layer_idx], keys, old_total, total)
+        old_total = 0 if self.keys[layer_idx] is None else self.keys[layer_idx].shape[2]
+        total = old_total + k.shape[2]
+        self._kbuf[layer_idx] = _write(self._kbuf[layer_idx], old_total, k)
+        self._vbuf[layer_idx] = _write(self._vbuf[layer_idx], old_total, v)
+        keys = self.keys[layer_idx] = self._kbuf[layer_idx][:, :, :total]
+        self.values[layer_idx] = self._vbuf[layer_idx][:, :, :total]
+        self._append_compressed(layer_idx, keys, old_total, total)
         return keys, self.values[layer_idx], self.ckeys[layer_idx]
 
-    def _append_compressed(self, ck, keys, old_total, total):
+    def _append_compressed(self, layer_idx: int, keys, old_total, total) -> None:
         B, H, _, D = keys.shape
-        new_len = self.logical_lengths(total).tolist()
-        old_len = self.logical_lengths(old_total).clamp(min=0).tolist()
-        pads = self.pad.tolist()
-        want = max(num_compressed(n, self.kernel, self.stride) for n in new_len)
-        if ck is None:
-            ck = keys.new_zeros(B, H, want, D, dtype=torch.float32)
-        elif ck.shape[2] < want:
-            ck = torch.cat([ck, ck.new_zeros(B, H, want - ck.shape[2], D)], dim=2)
+        new_len = self.logical_lengths(total)
+        old_len = [max(0, n) for n in self.logical_lengths(old_total)]
+        have_all = [num_compressed(n, self.kernel, self.stride) for n in old_len]
+        need_all = [num_compressed(n, self.kernel, self.stride) for n in new_len]
+        old_want = 0 if self.ckeys[layer_idx] is None else self.ckeys[layer_idx].shape[2]
+        want = max(need_all)
+        if self.ckeys[layer_idx] is None or want > old_want:
+            grow = keys.new_zeros(B, H, want - old_want, D, dtype=torch.float32)
+            self._cbuf[layer_idx] = _write(self._cbuf[layer_idx], old_want, grow)
+        ck = self.ckeys[layer_idx] = self._cbuf[layer_idx][:, :, :want]
         for b in range(B):
-            have = num_compressed(old_len[b], self.kernel, self.stride)
-            need = num_compressed(new_len[b], self.kernel, self.stride)
+            have, need = have_all[b], need_all[b]
             if need > have:
-                start = pads[b] + have * self.stride
-                stop = pads[b] + (need - 1) * self.stride + self.kernel
+                start = self.pad_list[b] + have * self.stride
+                stop = self.pad_list[b] + (need - 1) * self.stride + self.kernel
                 ck[b, :, have:need] = compress_keys(keys[b : b + 1, :, start:stop], self.kernel, self.stride)[0]
-        return ck
 
     def compressed_count(self, total: int) -> list[int]:
-        return [num_compressed(n, self.kernel, self.stride) for n in self.logical_lengths(total).tolist()]
+        return [num_compressed(n, self.kernel, self.stride) for n in self.logical_lengths(total)]
 
     # --- batch surgery used by generation utilities ------------------------------------------------------------
     def _map(self, fn) -> None:
+        """Apply a batch-dimension operation to everything held; buffers shrink to their filled part."""
         for store in (self.states, self.keys, self.values, self.ckeys):
             for i, t in enumerate(store):
                 if t is not None:
                     store[i] = fn(t)
+        self._kbuf, self._vbuf, self._cbuf = list(self.keys), list(self.values), list(self.ckeys)
         if self.pad is not None:
-            self.pad = fn(self.pad)
+            self.set_padding(fn(self.pad))
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._map(lambda t: t.index_select(0, beam_idx.to(t.device)))
@@ -116,9 +149,9 @@ class HybridCache:
         )
 
     def memory_bytes(self) -> int:
-        """Bytes held, for memory reports."""
+        """Bytes held (buffers with their headroom), for memory reports."""
         total = 0
-        for store in (self.states, self.keys, self.values, self.ckeys):
+        for store in (self.states, self._kbuf, self._vbuf, self._cbuf):
             total += sum(t.numel() * t.element_size() for t in store if t is not None)
         return total
 

@@ -245,7 +245,8 @@ class SparseAttention(nn.Module):
         # Left padding: attend on each sequence's own tokens so that blocks and compressed keys ignore padding.
         out = q.new_zeros(q.shape)
         counts = ctx.cache.compressed_count(Tk) if ckeys is not None else None
-        for b, pad in enumerate(ctx.pad.tolist()):
+        pads = ctx.cache.pad_list if ctx.cache is not None else ctx.pad.tolist()
+        for b, pad in enumerate(pads):
             first_q = max(0, pad - (Tk - Tq))  # padded queries (prefill only) produce zeros
             if first_q >= Tq:
                 continue
@@ -362,11 +363,12 @@ class HybridModel(HybridPreTrainedModel):
             cache = None
         past = cache.get_seq_length() if cache is not None else 0
 
-        pad = left_padding(attention_mask)
-        if cache is not None:
-            if cache.pad is None:  # the first chunk of a sequence fixes its left padding for good
+        if cache is not None and cache.pad is not None:  # padding was fixed by the sequence's first forward:
+            pad = cache.pad if cache.has_pad else None  # later masks only extend it (and no host sync per step)
+        else:
+            pad = left_padding(attention_mask)
+            if cache is not None:  # the first chunk of a sequence fixes its left padding for good
                 cache.set_padding(pad if pad is not None else torch.zeros(B, dtype=torch.long, device=inputs_embeds.device))
-            pad = cache.pad if bool(cache.pad.any()) else None
         chunk = self.config.prefill_chunk_size
         if cache is not None and chunk and T > chunk and not self.training and cu_seqlens is None \
                 and not output_hidden_states:
