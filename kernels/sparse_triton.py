@@ -382,7 +382,7 @@ if HAS_TRITON:
         s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, s_ob, s_oh, s_ot, s_lb, s_lh,
         s_Lb, s_Lh, s_Lr, s_nb, s_nh, s_bb, s_bh, s_bt,
         G: tl.constexpr, GP: tl.constexpr, BLOCK_T: tl.constexpr, TPR: tl.constexpr, BS: tl.constexpr,
-        D: tl.constexpr, USE_BITS: tl.constexpr, IEEE: tl.constexpr,
+        D: tl.constexpr, USE_BITS: tl.constexpr, IEEE: tl.constexpr, PAIR: tl.constexpr,
     ):
         # One program: one tile (BLOCK_T tokens x the group's heads) of one row and KV group; walks the row's block
         # list: first the blocks every row sees whole (no mask), then the rest with the causal / per-token mask.
@@ -410,7 +410,23 @@ if HAS_TRITON:
         m = tl.full([BM], -1.0e30, dtype=tl.float32)
         l = tl.zeros([BM], dtype=tl.float32)
         acc = tl.zeros([BM, D], dtype=tl.float32)
-        for it in range(0, n_full):
+        n_pair = 0
+        if PAIR:  # two listed blocks per step: one key tile of 2 * BS gathered keys
+            n_pair = (n_full // 2) * 2
+            c2 = tl.arange(0, 2 * BS)
+            for it in range(0, n_pair, 2):
+                jb2 = tl.load(lst + it + c2 // BS)
+                sk64 = (jb2 * BS + c2 % BS).to(tl.int64)
+                k = tl.load(kbase + sk64[:, None] * s_kt + d[None, :])
+                v = tl.load(vbase + sk64[:, None] * s_vt + d[None, :])
+                s = _dot(q, tl.trans(k), IEEE)
+                m_new = tl.maximum(m, tl.max(s, 1) * sm_scale2)
+                alpha = tl.exp2(m - m_new)
+                p = tl.exp2(s * sm_scale2 - m_new[:, None])
+                l = l * alpha + tl.sum(p, 1)
+                acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
+                m = m_new
+        for it in range(n_pair, n_full):
             jb = tl.load(lst + it)
             sk64 = (jb * BS + cidx).to(tl.int64)
             k = tl.load(kbase + sk64[:, None] * s_kt + d[None, :])
@@ -1074,7 +1090,7 @@ def _select_rows(q, ck, ck2, q_pos, rows, nb_max, nc_max, *, scale, block_size, 
             G=G, GP=GP, BLOCK_T=bt, NSUB=nsub, BLOCK_C=tuning.get("sel_block_c", 64 if D <= 128 else 32), D=D,
             KERNEL=kernel, STRIDE=stride, KERNEL2=kernel2, STRIDE2=stride2, BS=block_size, ATOMIC=nsub > 1,
             IEEE=q.dtype == torch.float32, num_warps=tuning.get("sel_warps", 8 if GP * bt >= 128 else 4),
-            num_stages=tuning.get("sel_stages", 2),
+            num_stages=tuning.get("sel_stages", 2), **_launch_extra(tuning, "sel"),
         )
     width = min(nb_max, max(topk + init_blocks + local_blocks, (dense_len + row_tokens) // block_size)
                 + row_tokens // block_size + 2)
@@ -1316,7 +1332,8 @@ def _fwd(q, k, v, sel: Selection, scale: float, tuning: dict):
         sel.lists.stride(0), sel.lists.stride(1), sel.lists.stride(2), sel.counts.stride(0), sel.counts.stride(1),
         bs[0], bs[1], bs[2],
         G=G, GP=GP, BLOCK_T=block_t, TPR=tpr, BS=sel.block_size, D=D, USE_BITS=sel.bits is not None,
-        IEEE=q.dtype == torch.float32, num_warps=tuning.get("fwd_warps", 8 if GP * block_t >= 128 else 4),
+        IEEE=q.dtype == torch.float32, PAIR=bool(tuning.get("fwd_pair", False)),
+        num_warps=tuning.get("fwd_warps", 8 if GP * block_t >= 128 else 4),
         num_stages=tuning.get("fwd_stages", 3 if D <= 128 else 2), **_launch_extra(tuning, "fwd"),
     )
     return o, lse
