@@ -167,7 +167,8 @@ SWEEP = {  # tile configurations of the prefill kernels, timed at one length (bl
     "fwd": [{}, {"fwd_pair": True}, {"fwd_pair": True, "fwd_stages": 2}, {"fwd_stages": 2}, {"fwd_stages": 4},
             {"fwd_rows": 256, "fwd_warps": 16, "fwd_stages": 2}, {"fwd_maxnreg": 128}],
     "bwd": [{}, {"bwd_warps": 8}, {"bwd_rows": 128, "bwd_warps": 8}, {"bwd_warps": 8, "bwd_stages": 1}],
-    "sel": [{}, {"sel_stages": 3}, {"sel_rows": 128}, {"sel_maxnreg": 128}, {"sel_rows": 128, "sel_warps": 4}],
+    "sel": [{}, {"sel_stages": 3}, {"sel_rows": 128}, {"sel_maxnreg": 128}, {"sel_rows": 128, "sel_warps": 4},
+            {"sel_rows": 64, "sel_warps": 4}],
 }
 
 

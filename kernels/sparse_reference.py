@@ -31,6 +31,7 @@ Options (both off by default; the default is the exact per-token function above)
   visible to the token (0 when none is), summed over the heads. InfLLM-V2's speed trick; an approximation of step 2.
 
 Shapes: q (B, Hq, Tq, D); k, v (B, Hkv, Tk, D); query positions `q_pos` (Tq,) in 0..Tk-1, shared by the batch.
+Packed documents: `infllm_v2_attention(..., cu_seqlens=...)` runs each document alone (positions from 0).
 This file imports only torch: it is copied into every exported model folder as the fallback path.
 """
 

@@ -2,41 +2,40 @@
 
 Computes the function of `sparse_reference.py` (same arguments; that file is the spec):
 
-1. `compress_keys_triton`: K1_i = mean(K[stride*i : stride*i + kernel]) in float32.
-2. Selection scores, one fused kernel (`_select_scores_kernel`). A program owns one tile of query tokens of one KV group
-   and holds the queries of ALL the group's heads as the rows of one matrix (row = head * BLOCK_T + token). Pass 1
-   walks the compressed keys and keeps the softmax normaliser (log-sum-exp) of every row in registers; pass 2 walks
-   them again and writes only the group sum of the probabilities, softmax(q K1^T * scale) summed over the heads of the
-   group (per token, or also summed over the tokens of a query block, see below). Per-head score matrices never exist
-   in memory. With `coarse=True` pass 1 uses the coarse keys K2 (kernel 128, stride 64; derived exactly from K1 as
-   the mean of 4 non-overlapping K1 windows), a quarter of the work: an approximate normaliser (InfLLM-V2's trick).
-3. Block scores (max over the compressed keys overlapping each block = max-pool of width R+E, stride R, left padding
-   E with R = block/stride, E = ceil(kernel/stride)-1), forced init/local blocks, top-k, with the reference's tie rule
-   (equal scores: the later block wins) - plain PyTorch on the small (rows, Nc) score matrix.
-4. `_attn_fwd_kernel` / `_attn_bwd_dq_kernel` / `_attn_bwd_dkdv_kernel`: flash-attention style kernels over a list of
-   key blocks per (query tile, KV group). All query heads of a group are rows of one tile, so each K/V block is read
-   once per group and tile. Causal mask inside the own block, fp32 softmax and accumulation, exp2 arithmetic.
-   dk/dv use the transposed lists (for each key block, the query tiles that read it), so no atomics.
-
-Selection modes (option `selection`, both defined in sparse_reference.py):
-- "token" (default): each query token has its own selection. The kernels walk the union of the selections of the
-  tokens of a tile and mask, per row, the blocks that row's token did not select (a bitset per token). Costs more when
-  neighbouring tokens disagree (random data) than when they agree.
-- "block": queries grouped by absolute position, group = q_pos // `select_tokens` (default 64 = one key block's worth
-  of queries); the call's tokens of a group share one selection (sum over them of the per-token group scores, forced
-  blocks of every token, dense if any token is). Tiles are aligned to absolute positions (`Selection.offset` =
-  q_pos[0] % select_tokens, one host read of q_pos[0]); q_pos must be consecutive (every caller's is). A split of the
-  queries at a multiple of select_tokens changes nothing.
-Option `coarse`: the score softmax's normaliser from K2 (`coarse_from_compressed`), as the reference's `coarse=True`.
+1. `compress_keys_triton`: K1_i = mean(K[stride*i : stride*i + kernel]) in float32 (per document when packed).
+2. Selection, two modes (option `selection`, both defined in sparse_reference.py):
+   - "block": queries grouped by position, group = position // `select_tokens` (default 64 = one key block's worth of
+     queries); the call's tokens of a group share one selection. Two launches, no score matrix per token:
+     `_block_scores_kernel`, one program per (group, KV group) holding ALL the group's (head, token) query rows as one
+     bf16 matrix: pass 1 keeps each row's softmax normaliser (log-sum-exp over K1, or over the coarse K2 with
+     `coarse`), pass 2 runs transposed (keys x rows, bf16 tensor-core products, fp32 accumulation) so that the sum of
+     the probabilities over the group's rows is a register-axis reduction; it writes one fp32 score per (group, K1
+     key). Keys every row sees skip the causal mask; dense groups skip both passes. Then `_block_topk_kernel`, one
+     program per (group, KV group): block max-pool over the overlapping K1 keys, forced init/local blocks, dense rule,
+     exact top-k by bisection on the order-preserving integer image of the scores (ties: the later block), ascending
+     block list. Groups are aligned to positions (one host read of q_pos[0]); q_pos must be consecutive.
+   - "token" (default): each query token has its own selection: `_select_scores_kernel` writes per-token group scores
+     (two passes as above, fp32 rows x keys), then max-pool / top-k in PyTorch; the attention tiles walk the union of
+     their tokens' selections and mask per token (a bitset per token).
+   Option `coarse`: the score softmax's normaliser from K2 (`coarse_from_compressed`), InfLLM-V2's approximation.
+3. `_attn_fwd_kernel` / `_attn_bwd_dq_kernel` / `_attn_bwd_dkdv_kernel`: flash-attention style kernels over a list of
+   key blocks per row table entry (a "row": consecutive queries of one document sharing one list) and KV group. All
+   query heads of a group are rows of one tile, so each K/V block is read once per group and tile. The leading list
+   entries that every row of a tile sees whole run without a mask; causal mask inside the own block(s); fp32 softmax
+   and accumulation, exp2 arithmetic. dk/dv use the transposed lists (for each key block, the rows that read it), so
+   no atomics.
+4. Packed documents (`cu_seqlens`, B == 1): row and key-block tables map every row and key block to its document
+   (key offset, K1/K2 offsets, length), so compression, block selection and attention forward/backward handle all
+   documents in the same launches; each document has its own positions, compressed keys, init/local blocks and block
+   grid, and never sees another. Token mode runs one document at a time unless every document is dense.
 
 Decode (`decode_attention_triton`, taken by `infllm_v2_attention_triton` for one query token without gradients): four
 launches, no host synchronisation (CUDA-graph safe): (1) split-key logits of every head against K1 in float32 (3 tf32
 tensor-core products) plus per-chunk softmax statistics (over K2 with `coarse`; without cached `coarse_keys`, K2 is
-first derived from K1 by a few PyTorch ops); (2) one program per (sequence, KV
-group): normaliser, group-summed probabilities, block max-pool, forced blocks and an exact top-k by bisection on the
-order-preserving integer image of the scores (ties: the later block), written as an ascending block list; (3) split
-attention over the listed blocks; (4) combine. Batch B >= 1 shares q_pos, like the reference. Not implemented: packed
-varlen sequences (cu_seqlens) - the model calls this once per document. Speed: bench/RESULTS.md, "Sparse kernels".
+first derived from K1 by a few PyTorch ops); (2) one program per (sequence, KV group): normaliser, group-summed
+probabilities, block max-pool, forced blocks and the bisection top-k; (3) split attention over the listed blocks;
+(4) combine. Batch B >= 1 shares q_pos, like the reference. Speed: bench/RESULTS.md, "Sparse kernels".
+`tuning` (a dict, optional everywhere): tile sizes / warps / stages of the prefill kernels (see bench_sparse.py).
 This file imports only torch and triton (triton inside try).
 """
 
