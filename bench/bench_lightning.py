@@ -188,10 +188,10 @@ def bench_norm_gate(T, bw) -> dict:
 
 
 SWEEP = [  # look-back forward configs, most promising first (the sweep stops at its time budget)
-    _c(128, 8, 3, 512), _c(128, 8, 3, 256), _c(128, 8, 3, 1024), _c(128, 8, 3, 512, l2_hints=False),
-    _c(64, 4, 2, 512),  # 2 programs per SM
+    _c(128, 8, 3, 512), _c(128, 8, 3, 256), _c(128, 8, 3, 384), _c(128, 8, 3, 1024), _c(128, 8, 3, 512, l2_hints=False),
+    _c(64, 4, 2, 512), _c(64, 4, 2, 256),  # two programs per SM
     _c(64, 4, 2, 512, chunk=32), _c(128, 8, 2, 512, chunk=32), _c(64, 8, 3, 512), _c(128, 8, 2, 512),
-    _c(64, 8, 2, 512, chunk=32), _c(128, 8, 3, 2048), _c(64, 4, 2, 1024), _c(64, 4, 2, 256),
+    _c(64, 8, 2, 512, chunk=32), _c(128, 8, 3, 2048),
 ]
 
 
