@@ -3,8 +3,9 @@
 Per model and context length L (batch 1 prefill, in chunks):
 - time to first token: the whole chunked prefill of L tokens plus the last position's logits;
 - peak GPU memory of that prefill (weights included);
-- decode tokens/s at each batch size: the prefilled cache is copied to the batch (batch_repeat_interleave) and
-  `decode_steps` tokens are decoded one step at a time; tokens/s = batch * steps / time.
+- decode tokens/s at each batch size: the prefilled cache is copied to the batch (batch_repeat_interleave), 17
+  untimed warm-up steps run, then `decode_steps` tokens are decoded one step at a time; tokens/s = batch * steps /
+  time.
 Running out of memory is a result ("oom"), not a crash. Each model has a time cap: a length whose predicted time
 (extrapolated from the lengths before it) would pass the cap is recorded as "skipped".
 
@@ -23,6 +24,8 @@ from typing import Callable
 import torch
 
 from .prefill import DEFAULT_CHUNK, forward_chunk, prefill, use_chunked_sdpa
+
+DECODE_WARMUP_STEPS = 17
 
 # Shapes of Llama-family models (transformers LlamaConfig fields).
 SHAPES: dict[str, dict] = {
@@ -260,7 +263,9 @@ def bench_length(model, length: int, *, device, chunk_size: int, decode_batches:
                 logits = logits.repeat_interleave(b // done_batch, dim=0)
                 done_batch = b
             nxt = logits.argmax(-1)[:, None]
-            for _ in range(2):  # warm-up steps
+            # Warm-up steps: Triton compiles a kernel variant per batch size and per divisibility of the growing
+            # cache length by 16 (its integer specialisation); 17 steps meet every variant before the timed steps.
+            for _ in range(DECODE_WARMUP_STEPS):
                 logits, cache = forward_chunk(model, nxt, cache)
                 logits = logits[:, -1]
             _sync(device)
