@@ -200,7 +200,7 @@ if HAS_TRITON:
         s_qb, s_qh, s_qt, s_cb, s_ch, s_cc, s_c2b, s_c2h, s_c2c, s_ob, s_oh, s_or,
         G: tl.constexpr, GP: tl.constexpr, BLOCK_T: tl.constexpr, NSUB: tl.constexpr, BLOCK_C: tl.constexpr,
         D: tl.constexpr, KERNEL: tl.constexpr, STRIDE: tl.constexpr, KERNEL2: tl.constexpr, STRIDE2: tl.constexpr,
-        BS: tl.constexpr, ATOMIC: tl.constexpr, IEEE: tl.constexpr,
+        BS: tl.constexpr, ATOMIC: tl.constexpr, IEEE: tl.constexpr, PIPE: tl.constexpr,
     ):
         # Block mode, one program per (row, KV group) (or per share of a row's tokens when NSUB > 1, then summed with
         # atomics). Rows of the matrix: every (head of the group, token of the row). Pass 1: per-row log-sum-exp over
@@ -265,15 +265,31 @@ if HAS_TRITON:
         ck = CK + b * s_cb + g * s_ch + c0 * s_cc
         out = OUT + b * s_ob + g * s_oh + row.to(tl.int64) * s_or
         nfc = (nf // BLOCK_C) * BLOCK_C
-        for cs in range(0, nfc, BLOCK_C):
-            c = cs + tl.arange(0, BLOCK_C)
-            kc = tl.load(ck + c[:, None].to(tl.int64) * s_cc + d[None, :]).to(q.dtype)
-            st = _dot(kc, qt, IEEE) * sm_scale2
-            ps = tl.sum(tl.exp2(st - lse[None, :]), 1)
-            if ATOMIC:
-                tl.atomic_add(out + c, ps)
-            else:
-                tl.store(out + c, ps)
+        if PIPE:  # the next chunk's product is issued before this chunk's exponentials (overlap MMA and MUFU)
+            cb = tl.arange(0, BLOCK_C)
+            st = _dot(tl.load(ck + cb[:, None].to(tl.int64) * s_cc + d[None, :], mask=(cb < nfc)[:, None],
+                              other=0.0).to(q.dtype), qt, IEEE)
+            for cs in range(BLOCK_C, nfc + BLOCK_C, BLOCK_C):
+                c = cs + cb
+                kn = tl.load(ck + c[:, None].to(tl.int64) * s_cc + d[None, :], mask=(c < nfc)[:, None],
+                             other=0.0).to(q.dtype)
+                st_n = _dot(kn, qt, IEEE)
+                ps = tl.sum(tl.exp2(st * sm_scale2 - lse[None, :]), 1)
+                if ATOMIC:
+                    tl.atomic_add(out + c - BLOCK_C, ps)
+                else:
+                    tl.store(out + c - BLOCK_C, ps)
+                st = st_n
+        else:
+            for cs in range(0, nfc, BLOCK_C):
+                c = cs + tl.arange(0, BLOCK_C)
+                kc = tl.load(ck + c[:, None].to(tl.int64) * s_cc + d[None, :]).to(q.dtype)
+                st = _dot(kc, qt, IEEE) * sm_scale2
+                ps = tl.sum(tl.exp2(st - lse[None, :]), 1)
+                if ATOMIC:
+                    tl.atomic_add(out + c, ps)
+                else:
+                    tl.store(out + c, ps)
         for cs in range(nfc, nv, BLOCK_C):
             c = cs + tl.arange(0, BLOCK_C)
             cm = c < nv
@@ -381,7 +397,7 @@ if HAS_TRITON:
         s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, s_ob, s_oh, s_ot, s_lb, s_lh,
         s_Lb, s_Lh, s_Lr, s_nb, s_nh, s_bb, s_bh, s_bt,
         G: tl.constexpr, GP: tl.constexpr, BLOCK_T: tl.constexpr, TPR: tl.constexpr, BS: tl.constexpr,
-        D: tl.constexpr, USE_BITS: tl.constexpr, IEEE: tl.constexpr, PAIR: tl.constexpr,
+        D: tl.constexpr, USE_BITS: tl.constexpr, IEEE: tl.constexpr, PAIR: tl.constexpr, PIPE: tl.constexpr,
     ):
         # One program: one tile (BLOCK_T tokens x the group's heads) of one row and KV group; walks the row's block
         # list: first the blocks every row sees whole (no mask), then the rest with the causal / per-token mask.
@@ -425,18 +441,41 @@ if HAS_TRITON:
                 l = l * alpha + tl.sum(p, 1)
                 acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
                 m = m_new
-        for it in range(n_pair, n_full):
-            jb = tl.load(lst + it)
+        if PIPE:  # the next block's q k^T is issued before this block's softmax (overlap MMA and MUFU)
+            jb = tl.load(lst + n_pair)
+            live_k = n_pair < n_full
             sk64 = (jb * BS + cidx).to(tl.int64)
-            k = tl.load(kbase + sk64[:, None] * s_kt + d[None, :])
-            v = tl.load(vbase + sk64[:, None] * s_vt + d[None, :])
-            s = _dot(q, tl.trans(k), IEEE)
-            m_new = tl.maximum(m, tl.max(s, 1) * sm_scale2)
-            alpha = tl.exp2(m - m_new)
-            p = tl.exp2(s * sm_scale2 - m_new[:, None])
-            l = l * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
-            m = m_new
+            s = _dot(q, tl.trans(tl.load(kbase + sk64[:, None] * s_kt + d[None, :],
+                                         mask=cidx[:, None] < tl.where(live_k, BS, 0), other=0.0)), IEEE)
+            for it in range(n_pair, n_full):
+                more = it + 1 < n_full
+                jbn = tl.load(lst + tl.where(more, it + 1, it))
+                skn = (jbn * BS + cidx).to(tl.int64)
+                kn = tl.load(kbase + skn[:, None] * s_kt + d[None, :], mask=cidx[:, None] < tl.where(more, BS, 0),
+                             other=0.0)
+                v = tl.load(vbase + sk64[:, None] * s_vt + d[None, :])
+                s_n = _dot(q, tl.trans(kn), IEEE)
+                m_new = tl.maximum(m, tl.max(s, 1) * sm_scale2)
+                alpha = tl.exp2(m - m_new)
+                p = tl.exp2(s * sm_scale2 - m_new[:, None])
+                l = l * alpha + tl.sum(p, 1)
+                acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
+                m = m_new
+                s = s_n
+                sk64 = skn
+        else:
+            for it in range(n_pair, n_full):
+                jb = tl.load(lst + it)
+                sk64 = (jb * BS + cidx).to(tl.int64)
+                k = tl.load(kbase + sk64[:, None] * s_kt + d[None, :])
+                v = tl.load(vbase + sk64[:, None] * s_vt + d[None, :])
+                s = _dot(q, tl.trans(k), IEEE)
+                m_new = tl.maximum(m, tl.max(s, 1) * sm_scale2)
+                alpha = tl.exp2(m - m_new)
+                p = tl.exp2(s * sm_scale2 - m_new[:, None])
+                l = l * alpha + tl.sum(p, 1)
+                acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
+                m = m_new
         for it in range(n_full, cnt):
             jb = tl.load(lst + it)
             sk = jb * BS + cidx
@@ -1088,7 +1127,8 @@ def _select_rows(q, ck, ck2, q_pos, rows, nb_max, nc_max, *, scale, block_size, 
             ck2.stride(0), ck2.stride(1), ck2.stride(2), scores.stride(0), scores.stride(1), scores.stride(2),
             G=G, GP=GP, BLOCK_T=bt, NSUB=nsub, BLOCK_C=tuning.get("sel_block_c", 64 if D <= 128 else 32), D=D,
             KERNEL=kernel, STRIDE=stride, KERNEL2=kernel2, STRIDE2=stride2, BS=block_size, ATOMIC=nsub > 1,
-            IEEE=q.dtype == torch.float32, num_warps=tuning.get("sel_warps", 8 if GP * bt >= 128 else 4),
+            IEEE=q.dtype == torch.float32, PIPE=bool(tuning.get("sel_pipe", False)),
+            num_warps=tuning.get("sel_warps", 8 if GP * bt >= 128 else 4),
             num_stages=tuning.get("sel_stages", 2), **_launch_extra(tuning, "sel"),
         )
     width = min(nb_max, max(topk + init_blocks + local_blocks, (dense_len + row_tokens) // block_size)
@@ -1332,6 +1372,7 @@ def _fwd(q, k, v, sel: Selection, scale: float, tuning: dict):
         bs[0], bs[1], bs[2],
         G=G, GP=GP, BLOCK_T=block_t, TPR=tpr, BS=sel.block_size, D=D, USE_BITS=sel.bits is not None,
         IEEE=q.dtype == torch.float32, PAIR=bool(tuning.get("fwd_pair", False)),
+        PIPE=bool(tuning.get("fwd_pipe", False)),
         num_warps=tuning.get("fwd_warps", 8 if GP * block_t >= 128 else 4),
         num_stages=tuning.get("fwd_stages", 3 if D <= 128 else 2), **_launch_extra(tuning, "fwd"),
     )
