@@ -6,13 +6,14 @@
 #   bash bench/train_device.sh quality-bg   carry: .trainwhl .train_gpu_b   (starts the quality run + throughput in
 #                                           the background: a 15-minute run outlasts one 10-minute call)
 #   bash bench/train_device.sh wait         (no carry; waits up to WAIT seconds for the background run, prints it)
+#   (EXTRA="--set model.hype=false" adds recipe overrides; SKIP_TPUT=1 skips the throughput part)
 #   bash bench/train_device.sh fsdp         carry: .trainwhl .train_gpu_x2  (3-bit SmolLM2, texts, token cache); 2 GPUs
 # The 98 MB GGUF exceeds one call's 64 MiB transfer, hence the split and the 3-bit copy (bench/train_quality.py pack).
 set -uo pipefail
 MODE=$1
-pip install -q --no-build-isolation --no-deps -e . >/dev/null 2>&1
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .trainwhl/*.whl \
-  || exit 1
+[ "$MODE" = wait ] || pip install -q --no-build-isolation --no-deps -e . >/dev/null 2>&1
+[ "$MODE" = wait ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+  --target /tmp/site .trainwhl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 case $MODE in
@@ -27,14 +28,16 @@ quality-bg)
   setsid nohup bash -c "cd /root/repo && export PYTHONPATH=/tmp/site:/root/repo PYTHONUNBUFFERED=1 && \
     python3 bench/train_quality.py quality --source /root/tq/smollm2.gguf --texts /root/tq/texts \
       --set data.cache_dir=/root/tq/cache --set output.checkpoint_every=100000 --set 'logging.trackers=[]' \
-      --train-seconds ${SECS:-780} --out /root/qout > /root/qout/quality.log 2>&1; \
-    python3 bench/train_quality.py throughput --out /root/qout > /root/qout/throughput.log 2>&1; \
+      --train-seconds ${SECS:-780} ${EXTRA:-} --out /root/qout > /root/qout/quality.log 2>&1; \
+    [ -n \"${SKIP_TPUT:-}\" ] || python3 bench/train_quality.py throughput --out /root/qout > /root/qout/throughput.log 2>&1; \
     touch /root/qout/done" > /dev/null 2>&1 < /dev/null &
   WAIT=${WAIT:-420}; MODE=wait
   ;&
 wait)
   for i in $(seq 1 $(( ${WAIT:-540} / 10 ))); do [ -f /root/qout/done ] && break; sleep 10; done
   grep -v -i -E "warn|it/s\]" /root/qout/quality.log | tail -25; tail -8 /root/qout/throughput.log 2>/dev/null
+  grep -h heldout_loss /tmp/hybridize-quality-run/metrics.jsonl 2>/dev/null | python3 -c "import sys, json
+for l in sys.stdin: r = json.loads(l); print(r['stage'], r['step'], round(r['loss'], 4), round(r['heldout_loss'], 4))"
   cp /root/qout/*.json /root/qout/*.jsonl /root/qout/*.log $OUT/ 2>/dev/null; ls /root/qout
   [ -f /root/qout/done ] && echo "DONE" || echo "still running"
   ;;
