@@ -187,7 +187,11 @@ def profile_kernels(T: int, variant: str, tuning: dict | None = None) -> str:
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         st.infllm_v2_attention_triton(q, k, v, pos, **opts).sum().backward()
         torch.cuda.synchronize()
-    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=40)
+    avg = prof.key_averages()
+    try:
+        return avg.table(sort_by="device_time_total", row_limit=14, max_name_column_width=40)
+    except Exception:  # older spelling
+        return avg.table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=40)
 
 
 def bench_sweep(T: int, parts: list[str], budget_s: float) -> dict:
@@ -278,7 +282,8 @@ def print_tables(res: dict, variants: list[str]) -> None:
                 continue
             cells = [_x(base, r.get(f"{v}_{ps}")) for v in variants]
             fl = r.get(f"sdpa_flash_{ps}")
-            print(f"| {r['T'] // 1024}K | {ps} | {base:.2f} | {'-' if fl is None else f'{fl:.2f}'} | "
+            label = f"{r['T'] // 1024}K" + (" (tuned)" if "tuning" in r else "")
+            print(f"| {label} | {ps} | {base:.2f} | {'-' if fl is None else f'{fl:.2f}'} | "
                   + " | ".join(cells) + " |")
     print("\nbreakdown (ms): compress / select / attention fwd")
     for r in res["prefill"]:
@@ -314,6 +319,7 @@ def main():
     p.add_argument("--more-variants", nargs="*", default=["token"], help="extra variants at --more-lengths")
     p.add_argument("--flash", action="store_true", help="also time SDPA restricted to the flash backend")
     p.add_argument("--profile", action="store_true", help="per-kernel times of one block+coarse fwd+bwd")
+    p.add_argument("--retune", action="store_true", help="after the sweeps: the targets again with the best tiles")
     p.add_argument("--tuning", default="{}", help="JSON tile configuration for our kernels (see SWEEP)")
     p.add_argument("--budget-s", type=float, default=1e9, help="skip what is left after this many seconds")
     p.add_argument("--out", default=None)
@@ -361,6 +367,30 @@ def main():
     if args.sweep and left() > 30:
         res["sweep"] = bench_sweep(args.sweep_len, args.sweep, left() - 20)
         save()
+        if args.retune:  # the fastest configuration of each part (same result), then the targets again with it
+            best = dict(tuning)
+            for part in args.sweep:
+                ok = []
+                for key, val in res["sweep"].items():
+                    if not key.startswith(part + " ") or not isinstance(val, list):
+                        continue
+                    good = val[1] >= 0.99 if part == "sel" else val[1] < (2e-2 if part == "fwd" else 6e-2)
+                    if good:
+                        ok.append((val[0], json.loads(key[len(part) + 1:])))
+                if ok:
+                    best.update(min(ok, key=lambda x: x[0])[1])
+            res["retuned"] = best
+            print("retuned:", json.dumps(best), flush=True)
+            for T in args.lengths:
+                if left() < cost.get(T, 60):
+                    res["skipped"].append(("retuned", T))
+                    continue
+                r = bench_prefill(T, args.variants, backward=True, flash=False, tuning=best)
+                r["tuning"] = best
+                res["prefill"].append(r)
+                print(json.dumps(r), f"[{time.time() - t0:.0f}s]", flush=True)
+                save()
+            print_tables(dict(res, prefill=[r for r in res["prefill"] if "tuning" in r], decode=[]), args.variants)
     more = args.variants + [v for v in args.more_variants if v not in args.variants]
     for T in list(args.more_lengths) + list(args.fwd_only):
         if left() < cost.get(T, 60):
