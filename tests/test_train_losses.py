@@ -71,6 +71,47 @@ def test_forward_and_reverse_kl_differ_and_vanish_for_equal_logits():
     assert float(kl_sum(s, s, targets)[0]) == pytest.approx(0.0, abs=1e-9)
 
 
+def _naive_kl(s, t, keep, T, direction):
+    log_s = torch.log_softmax(s[keep].double() / T, -1)
+    log_t = torch.log_softmax(t[keep].double() / T, -1)
+    p, log_p, log_q = (log_t.exp(), log_t, log_s) if direction == "forward" else (log_s.exp(), log_s, log_t)
+    return (p * (log_p - log_q)).sum() * T**2
+
+
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+def test_losses_gradients_match_autograd_of_the_plain_formulas(direction, monkeypatch):
+    """The losses compute their gradient chunk by chunk in the forward pass; it must equal autograd through the plain
+    formulas, with chunks that do not divide the rows and ignored positions in between."""
+    import hybridize.train.losses as losses
+
+    monkeypatch.setattr(losses, "CHUNK_ROWS", 3)
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ())))
+    s = torch.randn(2, 9, 13, generator=g, dtype=torch.float64) * 3
+    t = torch.randn(2, 9, 13, generator=g, dtype=torch.float64) * 3
+    targets = torch.randint(0, 13, (2, 9), generator=g)
+    targets[0, 4] = targets[1, 0] = targets[1, 8] = IGNORE
+    keep = (targets != IGNORE).reshape(-1)
+    flat_s, flat_t = s.reshape(-1, 13), t.reshape(-1, 13)
+    for T in (1.0, 2.0):
+        a = s.clone().requires_grad_(True)
+        kl_sum(a, t, targets, temperature=T, direction=direction)[0].backward()
+        b = flat_s.clone().requires_grad_(True)
+        _naive_kl(b, flat_t, keep, T, direction).backward()
+        torch.testing.assert_close(a.grad.reshape(-1, 13), b.grad, rtol=1e-9, atol=1e-12)
+    a = s.clone().requires_grad_(True)
+    cross_entropy_sum(a, targets)[0].backward()
+    b = flat_s.clone().requires_grad_(True)
+    torch.nn.functional.cross_entropy(b[keep], targets.reshape(-1)[keep], reduction="sum").backward()
+    torch.testing.assert_close(a.grad.reshape(-1, 13), b.grad, rtol=1e-9, atol=1e-12)
+    # bf16 logits (autocast): float32 arithmetic inside, a bf16 gradient of the same values
+    a = s.to(torch.bfloat16).requires_grad_(True)
+    kl_sum(a, t.to(torch.bfloat16), targets, temperature=2.0, direction=direction)[0].backward()
+    b = s.to(torch.bfloat16).double().reshape(-1, 13).requires_grad_(True)
+    _naive_kl(b, t.to(torch.bfloat16).double().reshape(-1, 13), keep, 2.0, direction).backward()
+    assert a.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(a.grad.double().reshape(-1, 13), b.grad, rtol=2e-2, atol=2e-3)
+
+
 def test_hidden_mse_matches_explicit_mean():
     g = torch.Generator().manual_seed(5)
     hs = tuple(torch.randn(1, 4, 3, generator=g) for _ in range(4))  # embeddings + 3 layers

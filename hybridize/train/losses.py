@@ -13,12 +13,64 @@ import torch.nn.functional as F
 IGNORE = -100
 
 
+# Rows of logits processed at a time: the full (tokens x vocabulary) matrix is never copied to float32 (at 16K tokens
+# and a 128K vocabulary one float32 copy is 8 GiB); each loss computes its gradient chunk by chunk in the forward pass
+# and keeps only that gradient (in the logits' dtype) for the backward pass.
+CHUNK_ROWS = 2048
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+class _ChunkedRowLoss(torch.autograd.Function):
+    """sum over kept rows r of row_loss(student[r], other[r]) with its gradient w.r.t. `student`, computed in chunks.
+
+    `row_fn(s, o) -> (loss per row, d loss / d s)` works on one chunk in the compute dtype."""
+
+    @staticmethod
+    def forward(ctx, student, other, rows, row_fn, chunk):
+        need_grad = ctx.needs_input_grad[0]
+        grad = torch.zeros_like(student) if need_grad else None
+        total = student.new_zeros((), dtype=_compute_dtype(student))
+        for a in range(0, rows.numel(), chunk):
+            idx = rows[a : a + chunk]
+            s = student.index_select(0, idx).to(total.dtype)
+            o = other.index_select(0, idx)
+            loss, g = row_fn(s, o, need_grad)
+            total = total + loss.sum()
+            if need_grad:
+                grad.index_copy_(0, idx, g.to(grad.dtype))
+        ctx.save_for_backward(grad)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_out.to(grad.dtype), None, None, None, None
+
+
+def _kept_rows(targets: torch.Tensor) -> torch.Tensor:
+    return (targets.reshape(-1) != IGNORE).nonzero().squeeze(1)
+
+
 def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """logits (..., V), targets (...) with IGNORE where nothing is predicted."""
-    flat = logits.reshape(-1, logits.shape[-1]).float()
-    t = targets.reshape(-1)
-    loss = F.cross_entropy(flat, t, ignore_index=IGNORE, reduction="sum")
-    return loss, (t != IGNORE).sum()
+    flat = logits.reshape(-1, logits.shape[-1])
+    t = targets.reshape(-1).to(flat.device)
+    rows = _kept_rows(t)
+
+    def row_fn(s, y, need_grad):
+        log_p = F.log_softmax(s, dim=-1)
+        loss = -log_p.gather(1, y[:, None]).squeeze(1)
+        g = None
+        if need_grad:
+            g = log_p.exp_()
+            g.scatter_add_(1, y[:, None], -torch.ones_like(g[:, :1]))
+        return loss, g
+
+    total = _ChunkedRowLoss.apply(flat, t, rows, row_fn, CHUNK_ROWS)
+    return total, torch.tensor(rows.numel(), device=flat.device)
 
 
 def kl_sum(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor, *,
@@ -27,18 +79,36 @@ def kl_sum(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: 
 
     forward: KL(teacher || student) = sum_v p_t (log p_t - log p_s)   (mean-seeking, HALO's stage 2)
     reverse: KL(student || teacher) = sum_v p_s (log p_s - log p_t)   (mode-seeking)
+    Gradients w.r.t. the student's logits z (softened s = z / T), per row: forward T (p_s - p_t); reverse
+    T p_s (log p_s - log p_t - KL_row).
     """
-    keep = targets.reshape(-1) != IGNORE
-    s = student_logits.reshape(-1, student_logits.shape[-1])[keep].float() / temperature
-    t = teacher_logits.reshape(-1, teacher_logits.shape[-1])[keep].float() / temperature
-    log_s, log_t = F.log_softmax(s, dim=-1), F.log_softmax(t, dim=-1)
-    if direction == "forward":
-        kl = (log_t.exp() * (log_t - log_s)).sum()
-    elif direction == "reverse":
-        kl = (log_s.exp() * (log_s - log_t)).sum()
-    else:
+    if direction not in ("forward", "reverse"):
         raise ValueError(f"kl direction must be forward or reverse, got {direction!r}")
-    return kl * temperature**2, keep.sum()
+    V = student_logits.shape[-1]
+    flat_s = student_logits.reshape(-1, V)
+    flat_t = teacher_logits.reshape(-1, V).to(flat_s.device)
+    rows = _kept_rows(targets.to(flat_s.device))
+    T = float(temperature)
+
+    def row_fn(s, t, need_grad):
+        log_s = F.log_softmax(s / T, dim=-1)
+        log_t = F.log_softmax(t.to(s.dtype) / T, dim=-1)
+        g = None
+        if direction == "forward":
+            p_t = log_t.exp()
+            loss = (p_t * (log_t - log_s)).sum(-1)
+            if need_grad:
+                g = (log_s.exp() - p_t) * T
+        else:
+            p_s = log_s.exp()
+            d = log_s - log_t
+            loss = (p_s * d).sum(-1)
+            if need_grad:
+                g = p_s * (d - loss[:, None]) * T
+        return loss * T**2, g
+
+    total = _ChunkedRowLoss.apply(flat_s, flat_t, rows, row_fn, CHUNK_ROWS)
+    return total, torch.tensor(rows.numel(), device=flat_s.device)
 
 
 def hidden_mse_sum(student_hidden, teacher_hidden, layers: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
