@@ -197,3 +197,25 @@ def test_shipped_recipes_validate(name):
     recipe = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / name)
     assert recipe.stages and all(plan_stage(s, 1).steps > 0 for s in recipe.stages)
     assert recipe.needs_teacher()
+
+
+def test_every_recipe_field_is_documented_in_recipes_readme():
+    """recipes/README.md documents the schema: every field of every recipe section appears there in backticks."""
+    import dataclasses
+    import re
+    from pathlib import Path
+
+    from hybridize.train import recipe as r
+
+    doc = (Path(__file__).resolve().parents[1] / "recipes" / "README.md").read_text()
+    documented = set(re.findall(r"`([a-z_\.\[\]0-9]+)`", doc))
+    words = {w.split(".")[-1] for w in documented} | documented
+    missing = []
+    for cls in (r.Recipe, r.ModelSpec, r.TeacherSpec, r.DataSpec, r.SourceSpec, r.StageSpec, r.LossSpec, r.LoraSpec,
+                r.OutputSpec, r.LoggingSpec, r.HubSpec):
+        for f in dataclasses.fields(cls):
+            if f.name != "source_file" and f.name not in words:
+                missing.append(f"{cls.__name__}.{f.name}")
+    assert not missing, f"recipes/README.md does not document {missing}"
+    for value in r.SCHEDULES + r.PRESETS + r.SOURCE_TYPES + r.PRECISIONS + r.HIDDEN_INPUTS:
+        assert f"`{value}`" in doc, value
