@@ -164,11 +164,9 @@ def bench_decode(T: int, B: int) -> dict:
 
 
 SWEEP = {  # tile configurations of the prefill kernels, timed at one length (block+coarse selection)
-    "fwd": [{}, {"fwd_pipe": True}, {"fwd_pair": True}, {"fwd_pair": True, "fwd_stages": 2}, {"fwd_stages": 2},
-            {"fwd_stages": 4}, {"fwd_rows": 256, "fwd_warps": 16, "fwd_stages": 2}, {"fwd_maxnreg": 128}],
-    "bwd": [{}, {"bwd_warps": 8}, {"bwd_rows": 128, "bwd_warps": 8}, {"bwd_warps": 8, "bwd_stages": 1}],
-    "sel": [{}, {"sel_pipe": True}, {"sel_pipe": True, "sel_rows": 64, "sel_warps": 4}, {"sel_stages": 3},
-            {"sel_rows": 128, "sel_warps": 4}, {"sel_rows": 64, "sel_warps": 4}, {"sel_maxnreg": 128}],
+    "fwd": [{}, {"fwd_pipe": True}, {"fwd_pair": True}, {"fwd_rows": 256, "fwd_warps": 16, "fwd_stages": 2}],
+    "sel": [{}, {"sel_pipe": True}, {"sel_rows": 128, "sel_warps": 4}, {"sel_stages": 3}],
+    "bwd": [{}, {"bwd_warps": 8}],
 }
 
 
