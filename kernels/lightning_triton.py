@@ -24,7 +24,7 @@ in float32; states and accumulation are float32; the intra-chunk products run on
 Parallelism: at B*H = 32 one program per head walks 1024 chunks at 64K tokens one after another and is latency-bound,
 so long sequences are cut into segments that run in parallel; each needs the state entering it.
 
-- Forward (`_fwd_lookback_kernel`, default): ONE kernel with a decoupled look-back. A program takes a ticket from an
+- Look-back forward (`_fwd_lookback_kernel`, `ScanConfig(lookback=True)`): ONE kernel with a decoupled look-back. A program takes a ticket from an
   atomic counter (segments vary slowest), sums its segment's k^T v into U, then obtains the state entering its segment
   from the segments before it: it walks back over their flags, adding a finished predecessor's end state (flag 2) or
   an unfinished one's own sum U (flag 1) and going on past it; it publishes its own end state (flag 2), then walks its
@@ -32,8 +32,11 @@ so long sequences are cut into segments that run in parallel; each needs the sta
   already running, so the waits cannot deadlock (and under the interpreter, which runs programs in order, nobody
   waits at all). Segments are short (512 tokens) so that the second read of k and v can hit L2 (the hints mark the
   first read evict-last): ideally q, k, v are read from memory once and o written once (bench/RESULTS.md has
-  what was measured). Under autograd the state entering each segment is saved for the dq scan.
-- Two-pass alternative (`ScanConfig(lookback=False)`, also used for cu_seqlens): a first pass (STATE_ONLY) sums
+  what was measured). Measured on an H100 it is SLOWER than the two-pass forward at 64K and beyond: each program
+  runs its segment sum and its walk one after the other, and the walk is latency-bound, so the saved memory pass
+  does not pay for the longer programs. Kept as an option; note that with three pipeline stages its float32 tiles
+  need 216 of the 227 KB of shared memory (use num_stages=2 there). Under autograd the state entering each segment is saved for the dq scan.
+- Two-pass forward (default; always for cu_seqlens): a first pass (STATE_ONLY) sums
   each segment's b^T c into U_s (k and v are read twice from memory), then every segment runs in parallel from
   g^(...) X0 + the sum of the U of the segments before it.
 - Backward: dq runs on the forward's segments, each from the saved entering state (transposed); dv and dk use the
@@ -81,7 +84,8 @@ class ScanConfig:
     only the first segment publish the state at its end, so every look-back sums the others' own sums back to it:
     the path a segment takes on a GPU while its predecessors are busy, which the in-order interpreter never runs.
     `chunk`: tokens per chunk inside the kernel (16, 32, 64 or 128; the result does not depend on it); None: the
-    caller's `chunk_size`."""
+    caller's `chunk_size`. `inter_first` (scan kernel): compute the carried-state term first and accumulate the
+    intra-chunk term into it (one accumulator, no decayed copy of a); False: the earlier order."""
 
     block_c: int = 64
     num_warps: int = 8
@@ -94,19 +98,18 @@ class ScanConfig:
     l2_hints: bool = True
     publish_inclusive: bool = True
     chunk: int | None = None
+    inter_first: bool = True
 
 
 # The fastest of a sweep on one H100 (bench/bench_lightning.py --sweep, bf16, 32 heads, d = 128; bench/RESULTS.md):
 # forward at 64K tokens, and the three backward scans at 16K behind that forward.
-DEFAULT_CONFIG = ScanConfig(block_c=128, num_warps=8, num_stages=3, state_lowp=True, target_programs=512,
-                            lookback=True, segment_tokens=512)
+# The look-back forward (lookback=True) measured slower at 64K and 256K (1.46 ms at its best segment length vs 1.35 ms;
+# bench/RESULTS.md), so the default forward is the two-pass scan.
+DEFAULT_CONFIG = ScanConfig(block_c=128, num_warps=8, num_stages=3, state_lowp=True, target_programs=512)
 DEFAULT_BWD_CONFIG = ScanConfig(block_c=64, num_warps=8, num_stages=3, state_lowp=True, target_programs=1024)
 # fp16 / fp32 inputs: the configuration the GPU tests passed with (a 128 x 128 fp32 tile with 3 pipeline stages would
 # not fit in shared memory; these were not part of the sweep).
 OTHER_DTYPE_CONFIG = ScanConfig(block_c=32, num_warps=4, num_stages=3, state_lowp=False, target_programs=1024)
-# their look-back forward: two pipeline stages (with three, float32 tiles need 216 of the 227 KB of shared memory)
-OTHER_DTYPE_FWD_CONFIG = ScanConfig(block_c=32, num_warps=4, num_stages=2, state_lowp=False, lookback=True,
-                                    segment_tokens=512)
 
 if HAS_TRITON:
 
@@ -125,7 +128,7 @@ if HAS_TRITON:
         CH: tl.constexpr, BA: tl.constexpr, BC: tl.constexpr,
         HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr, VARLEN: tl.constexpr, REVERSE: tl.constexpr,
         STATE_LOWP: tl.constexpr, STATE_ONLY: tl.constexpr, USE_U: tl.constexpr, PREFIX: tl.constexpr,
-        OFF32: tl.constexpr,
+        OFF32: tl.constexpr, INTER_FIRST: tl.constexpr,
     ):
         pid = tl.program_id(0)
         pid_c = tl.program_id(1)
@@ -230,18 +233,33 @@ if HAS_TRITON:
             if not STATE_ONLY:
                 a = tl.load(a_base + rows[:, None] * s_at + ra[None, :], mask=mt[:, None] & ma[None, :], other=0.0)
                 a_decay = tl.where(mt, a_decay, 0.0)
-                scores = tl.dot(a, tl.trans(b)) * (decay_mask * scale_state)
-                acc = tl.dot(scores.to(c.dtype), c)
-                a_dec = a.to(tl.float32) * a_decay[:, None]
-                if STATE_LOWP:
-                    acc += tl.dot(a_dec.to(c.dtype), X.to(c.dtype))
-                else:
-                    acc += tl.dot(a_dec, X)
                 o_ptrs = o_base + rows[:, None] * s_ot + rc[None, :]
-                tl.store(o_ptrs, (acc * scale_out).to(Out.dtype.element_ty), mask=mt[:, None] & mc[None, :])
+                if INTER_FIRST:
+                    # the carried-state term first, its row decay applied to the product (no decayed copy of a),
+                    # then the intra-chunk term accumulated into it
+                    if STATE_LOWP:
+                        acc = tl.dot(a, X.to(c.dtype))
+                    else:
+                        acc = tl.dot(a.to(tl.float32), X)
+                    acc = acc * (a_decay * scale_out)[:, None]
+                    scores = tl.dot(a, tl.trans(b)) * (decay_mask * (scale_state * scale_out))
+                    acc = tl.dot(scores.to(c.dtype), c, acc)
+                    tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=mt[:, None] & mc[None, :])
+                else:
+                    scores = tl.dot(a, tl.trans(b)) * (decay_mask * scale_state)
+                    acc = tl.dot(scores.to(c.dtype), c)
+                    a_dec = a.to(tl.float32) * a_decay[:, None]
+                    if STATE_LOWP:
+                        acc += tl.dot(a_dec.to(c.dtype), X.to(c.dtype))
+                    else:
+                        acc += tl.dot(a_dec, X)
+                    tl.store(o_ptrs, (acc * scale_out).to(Out.dtype.element_ty), mask=mt[:, None] & mc[None, :])
 
             b_dec = (b.to(tl.float32) * b_decay[:, None]).to(c.dtype)
-            X = X * x_decay + tl.dot(tl.trans(b_dec), c)
+            if INTER_FIRST:
+                X = tl.dot(tl.trans(b_dec), c, X * x_decay)
+            else:
+                X = X * x_decay + tl.dot(tl.trans(b_dec), c)
 
         if STATE_ONLY:
             tl.store(u_base + seg * s_us + u_tile, X, mask=m2)
@@ -523,7 +541,7 @@ def _launch(a, b, c, log_decay, *, out, init, init_transposed, final, u, u_trans
         # a bf16 copy of the state keeps bf16's range; fp16 could overflow on long, slowly decaying sequences
         STATE_LOWP=config.state_lowp and c.dtype == torch.bfloat16,
         USE_U=u is not None and not state_only and nseg > 1, PREFIX=prefix, OFF32=_fits_int32(T, a, b, c, out),
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        INTER_FIRST=config.inter_first, num_warps=config.num_warps, num_stages=config.num_stages,
     )
 
 
@@ -714,7 +732,7 @@ def lightning_attn_chunked_triton(
     if initial_state is not None:
         initial_state = initial_state.float()
     bf16 = q.dtype == torch.bfloat16
-    config = config or (DEFAULT_CONFIG if bf16 else OTHER_DTYPE_FWD_CONFIG)
+    config = config or (DEFAULT_CONFIG if bf16 else OTHER_DTYPE_CONFIG)
     bwd_config = bwd_config or (DEFAULT_BWD_CONFIG if bf16 else OTHER_DTYPE_CONFIG)
     for c in (config, bwd_config):
         if c.chunk not in (None, 16, 32, 64, 128):
