@@ -24,7 +24,7 @@ in float32; states and accumulation are float32; the intra-chunk products run on
 Parallelism: at B*H = 32 one program per head walks 1024 chunks at 64K tokens one after another and is latency-bound,
 so long sequences are cut into segments that run in parallel; each needs the state entering it.
 
-- Look-back forward (`_fwd_lookback_kernel`, `ScanConfig(lookback=True)`): ONE kernel with a decoupled look-back. A program takes a ticket from an
+- Look-back forward (`_fwd_lookback_kernel`, `ScanConfig(lookback=True)`, the bf16 default): ONE kernel with a decoupled look-back. A program takes a ticket from an
   atomic counter (segments vary slowest), sums its segment's k^T v into U, then obtains the state entering its segment
   from the segments before it: it walks back over their flags, adding a finished predecessor's end state (flag 2) or
   an unfinished one's own sum U (flag 1) and going on past it; it publishes its own end state (flag 2), then walks its
@@ -32,11 +32,11 @@ so long sequences are cut into segments that run in parallel; each needs the sta
   already running, so the waits cannot deadlock (and under the interpreter, which runs programs in order, nobody
   waits at all). Segments are short (512 tokens) so that the second read of k and v can hit L2 (the hints mark the
   first read evict-last): ideally q, k, v are read from memory once and o written once (bench/RESULTS.md has
-  what was measured). Measured on an H100 it is SLOWER than the two-pass forward at 64K and beyond: each program
+  what was measured). Measured on an H100 it did not beat the two-pass forward at 64K and beyond: each program
   runs its segment sum and its walk one after the other, and the walk is latency-bound, so the saved memory pass
-  does not pay for the longer programs. Kept as an option; note that with three pipeline stages its float32 tiles
-  need 216 of the 227 KB of shared memory (use num_stages=2 there). Under autograd the state entering each segment is saved for the dq scan.
-- Two-pass forward (default; always for cu_seqlens): a first pass (STATE_ONLY) sums
+  does not pay for the longer programs; short segments (512 tokens) were slowest, 2048-token segments (no L2 reuse
+  left) fastest. With three pipeline stages its float32 tiles need 216 of the 227 KB of shared memory. Under autograd the state entering each segment is saved for the dq scan.
+- Two-pass forward (`lookback=False`; always for cu_seqlens): a first pass (STATE_ONLY) sums
   each segment's b^T c into U_s (k and v are read twice from memory), then every segment runs in parallel from
   g^(...) X0 + the sum of the U of the segments before it.
 - Backward: dq runs on the forward's segments, each from the saved entering state (transposed); dv and dk use the
@@ -84,8 +84,9 @@ class ScanConfig:
     only the first segment publish the state at its end, so every look-back sums the others' own sums back to it:
     the path a segment takes on a GPU while its predecessors are busy, which the in-order interpreter never runs.
     `chunk`: tokens per chunk inside the kernel (16, 32, 64 or 128; the result does not depend on it); None: the
-    caller's `chunk_size`. `inter_first` (scan kernel): compute the carried-state term first and accumulate the
-    intra-chunk term into it (one accumulator, no decayed copy of a); False: the earlier order."""
+    caller's `chunk_size`. `inter_first` (scan kernel only; not yet timed on a GPU): compute the carried-state term
+    first and accumulate the intra-chunk term into it (one accumulator, no decayed copy of a), as the look-back
+    kernel does."""
 
     block_c: int = 64
     num_warps: int = 8
@@ -98,18 +99,23 @@ class ScanConfig:
     l2_hints: bool = True
     publish_inclusive: bool = True
     chunk: int | None = None
-    inter_first: bool = True
+    inter_first: bool = False
 
 
 # The fastest of a sweep on one H100 (bench/bench_lightning.py --sweep, bf16, 32 heads, d = 128; bench/RESULTS.md):
 # forward at 64K tokens, and the three backward scans at 16K behind that forward.
-# The look-back forward (lookback=True) measured slower at 64K and 256K (1.46 ms at its best segment length vs 1.35 ms;
-# bench/RESULTS.md), so the default forward is the two-pass scan.
-DEFAULT_CONFIG = ScanConfig(block_c=128, num_warps=8, num_stages=3, state_lowp=True, target_programs=512)
+# bf16: the configuration of the measured table in bench/RESULTS.md (the fastest look-back forward of its sweep, 2048-token
+# segments). The two-pass forward (lookback=False, target_programs=512) was faster at 64K and 256K (1.35 vs 1.45 ms at
+# 64K) and slower at 16K (0.41 vs 0.37 ms); its fwd+bwd was not timed in that run.
+DEFAULT_CONFIG = ScanConfig(block_c=128, num_warps=8, num_stages=3, state_lowp=True, target_programs=1024,
+                            lookback=True, segment_tokens=2048)
 DEFAULT_BWD_CONFIG = ScanConfig(block_c=64, num_warps=8, num_stages=3, state_lowp=True, target_programs=1024)
 # fp16 / fp32 inputs: the configuration the GPU tests passed with (a 128 x 128 fp32 tile with 3 pipeline stages would
 # not fit in shared memory; these were not part of the sweep).
 OTHER_DTYPE_CONFIG = ScanConfig(block_c=32, num_warps=4, num_stages=3, state_lowp=False, target_programs=1024)
+# their look-back forward: two pipeline stages (with three, float32 tiles need 216 of the 227 KB of shared memory)
+OTHER_DTYPE_FWD_CONFIG = ScanConfig(block_c=32, num_warps=4, num_stages=2, state_lowp=False, lookback=True,
+                                    segment_tokens=512)
 
 if HAS_TRITON:
 
@@ -732,7 +738,7 @@ def lightning_attn_chunked_triton(
     if initial_state is not None:
         initial_state = initial_state.float()
     bf16 = q.dtype == torch.bfloat16
-    config = config or (DEFAULT_CONFIG if bf16 else OTHER_DTYPE_CONFIG)
+    config = config or (DEFAULT_CONFIG if bf16 else OTHER_DTYPE_FWD_CONFIG)
     bwd_config = bwd_config or (DEFAULT_BWD_CONFIG if bf16 else OTHER_DTYPE_CONFIG)
     for c in (config, bwd_config):
         if c.chunk not in (None, 16, 32, 64, 128):

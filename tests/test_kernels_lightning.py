@@ -112,16 +112,18 @@ def test_chunked_matches_reference_interpreted(interp, seed, B, H, T, Dk, Dv, wi
 
 
 @pytest.mark.parametrize(
-    "B,H,T,Dk,Dv,with_init,chunk,target",
+    "B,H,T,Dk,Dv,with_init,chunk,target,inter_first",
     [
-        (2, 2, 300, 16, 16, True, 16, 12),  # 19 chunks -> 3 segments of 7, 7, 5 chunks, the last chunk partial
-        (1, 1, 130, 32, 16, False, 32, 10 ** 6),  # one chunk per segment
+        (2, 2, 300, 16, 16, True, 16, 12, False),  # 19 chunks -> 3 segments of 7, 7, 5 chunks, the last chunk partial
+        (1, 1, 130, 32, 16, False, 32, 10 ** 6, False),  # one chunk per segment
+        (2, 2, 300, 16, 16, True, 16, 12, True),  # the carried-state term computed first
     ],
 )
-def test_segmented_scan_matches_reference_interpreted(interp, seed, B, H, T, Dk, Dv, with_init, chunk, target):
+def test_segmented_scan_matches_reference_interpreted(interp, seed, B, H, T, Dk, Dv, with_init, chunk, target,
+                                                      inter_first):
     # long sequences are cut into segments that run in parallel, each started from the sums of those before it
     # (the two-pass forward; lookback=False)
-    cfg = interp.ScanConfig(target_programs=target, min_segment_chunks=1, lookback=False)
+    cfg = interp.ScanConfig(target_programs=target, min_segment_chunks=1, lookback=False, inter_first=inter_first)
     assert interp._segments(T, chunk, B * H, cfg, False)[0] > 1
     args = _inputs(B, H, T, Dk, Dv, B, with_init, torch.float32, "cpu")
     errs = _run_both(interp.lightning_attn_chunked_triton, *args, None, chunk=chunk, config=cfg, bwd_config=cfg)
