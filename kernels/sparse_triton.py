@@ -902,16 +902,17 @@ def coarse_from_compressed(ckeys: torch.Tensor, kernel: int, stride: int, coarse
     step = coarse_stride // stride
     nc = ckeys.shape[2] if counts is None else counts
     n2 = _coarse_count(nc, kernel, stride, coarse_kernel, coarse_stride)
-    if counts is None:
-        first = torch.arange(n2) * step
+    dev = ckeys.device
+    if counts is None:  # built on the device: no host copy (the decode step is captured in CUDA graphs)
+        first = torch.arange(n2, device=dev) * step
     else:
         c0 = torch.cumsum(counts, 0) - counts
         doc = torch.repeat_interleave(torch.arange(len(counts)), n2)
-        first = c0[doc] + (torch.arange(int(n2.sum())) - (torch.cumsum(n2, 0) - n2)[doc]) * step
+        first = (c0[doc] + (torch.arange(int(n2.sum())) - (torch.cumsum(n2, 0) - n2)[doc]) * step).to(dev)
     total = int(first.numel())
     if total == 0:
         return ckeys.new_zeros(ckeys.shape[0], ckeys.shape[1], 0, ckeys.shape[3])
-    idx = (first.view(-1, 1) + torch.arange(0, span + 1, kernel // stride).view(1, -1)).to(ckeys.device)
+    idx = first.view(-1, 1) + torch.arange(0, span + 1, kernel // stride, device=dev).view(1, -1)
     return ckeys[:, :, idx.view(-1)].view(ckeys.shape[0], ckeys.shape[1], total, -1, ckeys.shape[3]).mean(3)
 
 
@@ -1129,7 +1130,7 @@ def _select_rows(q, ck, ck2, q_pos, rows, nb_max, nc_max, *, scale, block_size, 
             KERNEL=kernel, STRIDE=stride, KERNEL2=kernel2, STRIDE2=stride2, BS=block_size, ATOMIC=nsub > 1,
             IEEE=q.dtype == torch.float32, PIPE=bool(tuning.get("sel_pipe", False)),
             num_warps=tuning.get("sel_warps", 8 if GP * bt >= 128 else 4),
-            num_stages=tuning.get("sel_stages", 2), **_launch_extra(tuning, "sel"),
+            num_stages=tuning.get("sel_stages", 3), **_launch_extra(tuning, "sel"),
         )
     width = min(nb_max, max(topk + init_blocks + local_blocks, (dense_len + row_tokens) // block_size)
                 + row_tokens // block_size + 2)
@@ -1356,9 +1357,12 @@ def _fwd(q, k, v, sel: Selection, scale: float, tuning: dict):
     B, Hq, Tq, D = q.shape
     Hkv = k.shape[1]
     G = Hq // Hkv
-    GP, block_t = _tiles(G, D, rows=tuning.get("fwd_rows", 128))
+    # Default tiles: 256 query rows (a whole 64-token group of 4 heads), 16 warps, 2 stages - the fastest of the
+    # configurations swept on an H100 at 128K (bench/RESULTS.md, "Sparse kernels").
+    GP, block_t = _tiles(G, D, rows=tuning.get("fwd_rows", 256))
     block_t = min(block_t, _pow2(sel.row_tokens))
     tpr = -(-sel.row_tokens // block_t)
+    rows = GP * block_t
     o = torch.empty_like(q)
     lse = torch.empty(B, Hq, Tq, dtype=torch.float32, device=q.device)
     bits = sel.bits if sel.bits is not None else sel.counts
@@ -1373,8 +1377,8 @@ def _fwd(q, k, v, sel: Selection, scale: float, tuning: dict):
         G=G, GP=GP, BLOCK_T=block_t, TPR=tpr, BS=sel.block_size, D=D, USE_BITS=sel.bits is not None,
         IEEE=q.dtype == torch.float32, PAIR=bool(tuning.get("fwd_pair", False)),
         PIPE=bool(tuning.get("fwd_pipe", False)),
-        num_warps=tuning.get("fwd_warps", 8 if GP * block_t >= 128 else 4),
-        num_stages=tuning.get("fwd_stages", 3 if D <= 128 else 2), **_launch_extra(tuning, "fwd"),
+        num_warps=tuning.get("fwd_warps", 16 if rows >= 256 else 8 if rows >= 128 else 4),
+        num_stages=tuning.get("fwd_stages", 3 if D <= 128 and rows < 256 else 2), **_launch_extra(tuning, "fwd"),
     )
     return o, lse
 
