@@ -19,7 +19,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .cache_hybridize import HybridCache
 from .configuration_hybridize import LIGHTNING, HybridConfig
-from .ops import lightning_attention, sparse_attention
+from .ops import lightning_attention, output_norm_gate, sparse_attention
 
 try:
     from transformers.modeling_layers import GradientCheckpointingLayer as _LayerBase
@@ -168,9 +168,9 @@ class LightningAttention(nn.Module):
         )
         if cache is not None:
             cache.set_lightning_state(self.layer_idx, new_state)
-        o = self.o_norm(o.transpose(1, 2).reshape(B, T, -1))
-        if self.output_gates:
-            o = torch.sigmoid(self.z_proj(x)) * o
+        o = o.transpose(1, 2).reshape(B, T, -1)
+        z = self.z_proj(x) if self.output_gates else None
+        o = output_norm_gate(o, z, self.o_norm.weight, self.o_norm.variance_epsilon)  # fused on CUDA
         return self.o_proj(o)
 
 
