@@ -280,6 +280,29 @@ def _case_coarse(ref, st, seed):
                 differs_from_exact=bool((ref_mask != exact).any()))
 
 
+def _case_tuning(ref, st, seed):
+    """The optional kernel variants (tuning knobs the GPU sweep uses: two blocks per key tile, software-pipelined
+    score products in the attention forward and in the selection) compute the same selections and outputs."""
+    torch.manual_seed(seed)
+    B, Hq, Hkv, D, T = 1, 4, 2, 32, 150
+    q, k, v = torch.randn(B, Hq, T, D), torch.randn(B, Hkv, T, D), torch.randn(B, Hkv, T, D)
+    pos = torch.arange(T)
+    nb = -(-T // 16)
+    opts = dict(TINY, scale=D ** -0.5, topk=5, dense_len=40, selection="block", select_tokens=16, coarse=False,
+                coarse_kernel=32, coarse_stride=16)
+    ck = ref.compress_keys(k, 8, 4)
+    base_sel = st.select_blocks_triton(q, ck, pos, nb, **opts)
+    base = st.block_sparse_attention_triton(q, k, v, pos, base_sel, scale=D ** -0.5)
+    out = {}
+    for name, tuning in (("fwd_pair", {"fwd_pair": True}), ("fwd_pipe", {"fwd_pipe": True}),
+                         ("sel_pipe", {"sel_pipe": True})):
+        sel = st.select_blocks_triton(q, ck, pos, nb, tuning=tuning, **opts)
+        o = st.block_sparse_attention_triton(q, k, v, pos, sel, scale=D ** -0.5, tuning=tuning)
+        out[name] = dict(same_selection=bool((sel.token_mask() == base_sel.token_mask()).all()),
+                         out_err=float((o - base).abs().max()))
+    return out
+
+
 def _case_decode_select(ref, st, B, Hq, Hkv, D, T, topk, seed, pos_back=0):
     """The fused decode selection (one token per sequence) equals the reference's per-token selection."""
     torch.manual_seed(seed)
@@ -329,6 +352,7 @@ def run_interpreter_checks(seed: int) -> dict:
     out["full_prefill"] = _case_full(ref, st, 1, 4, 2, 16, 133, 133, seed + 13, cached=False)
     out["full_decode"] = _case_full(ref, st, 3, 4, 1, 32, 181, 1, seed + 14, cached=True)
     out["coarse"] = _case_coarse(ref, st, seed + 15)
+    out["tuning"] = _case_tuning(ref, st, seed + 16)
     return out
 
 
@@ -411,6 +435,12 @@ def test_fused_decode_selection_matches_reference(interp, case):
 def test_end_to_end_prefill_and_decode_match_reference(interp):
     assert interp["full_prefill"]["out_err"] < 1e-4, interp
     assert interp["full_decode"]["out_err"] < 1e-4, interp
+
+
+@pytest.mark.parametrize("variant", ["fwd_pair", "fwd_pipe", "sel_pipe"])
+def test_optional_kernel_variants_compute_the_same(interp, variant):
+    r = interp["tuning"][variant]
+    assert r["same_selection"] and r["out_err"] < 1e-5, f"seed={interp['seed']} {r}"
 
 
 def test_coarse_normaliser_matches_reference(interp):
