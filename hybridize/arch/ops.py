@@ -36,15 +36,12 @@ except ImportError:
     except ImportError:
         _SPARSE_TRITON = False
 
-try:  # fused output RMSNorm + sigmoid gate of the Lightning layers
+try:  # fused output RMSNorm + sigmoid gate of the Lightning layers (the file also holds its PyTorch reference)
     from .norm_gate_triton import HAS_TRITON as _NORM_GATE_TRITON
-    from .norm_gate_triton import rmsnorm_gate_triton
+    from .norm_gate_triton import rmsnorm_gate_reference, rmsnorm_gate_triton
 except ImportError:
-    try:
-        from hybridize.kernels.norm_gate_triton import HAS_TRITON as _NORM_GATE_TRITON
-        from hybridize.kernels.norm_gate_triton import rmsnorm_gate_triton
-    except ImportError:
-        _NORM_GATE_TRITON = False
+    from hybridize.kernels.norm_gate_triton import HAS_TRITON as _NORM_GATE_TRITON
+    from hybridize.kernels.norm_gate_triton import rmsnorm_gate_reference, rmsnorm_gate_triton
 
 __all__ = ["lightning_attention", "sparse_attention", "output_norm_gate", "compress_keys", "num_compressed"]
 
@@ -81,13 +78,10 @@ def sparse_attention(q, k, v, q_pos, ckeys=None, **options):
     return infllm_v2_attention(q, k, v, q_pos, ckeys, **options)
 
 
-
 def output_norm_gate(o, z, weight, eps):
     """RMSNorm of `o` over its last dimension times `weight`, then `sigmoid(z) *` when a gate input `z` is given
     (DESIGN 3.1: y = sigmoid(W_z x) * RMSNorm(o)). CUDA tensors go to the fused Triton kernel (one read of o and z, one
-    write), anything else to the same arithmetic in PyTorch (float32 statistics)."""
+    write), anything else to its PyTorch reference (the same arithmetic, float32 statistics)."""
     if _NORM_GATE_TRITON and o.is_cuda:
         return rmsnorm_gate_triton(o, None if z is None else z.to(o.dtype), weight, eps)
-    x = o.float()
-    y = weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)).to(o.dtype)
-    return y if z is None else torch.sigmoid(z) * y
+    return rmsnorm_gate_reference(o, z, weight, eps)
