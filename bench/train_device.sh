@@ -1,10 +1,9 @@
 #!/usr/bin/env bash
 # Device runs behind the `## Training` numbers of bench/RESULTS.md (one `run` call each):
-#   bash bench/train_device.sh throughput   carry: .trainwhl .train_gpu_a   (GGUF part a, texts, token cache)
-#   bash bench/train_device.sh quality      carry: .trainwhl .train_gpu_b   (GGUF part b; part a from the warm machine)
 #   bash bench/train_device.sh stash-a      carry: .trainwhl .train_gpu_a   (keeps part a, texts, cache in /root/tq)
-#   bash bench/train_device.sh quality-bg   carry: .trainwhl .train_gpu_b   (starts the quality run + throughput in
-#                                           the background: a 15-minute run outlasts one 10-minute call)
+#   bash bench/train_device.sh quality-bg   carry: .trainwhl .train_gpu_b   (GGUF part b; starts the quality run and
+#                                           the throughput benchmark in the background: a 15-minute run outlasts one
+#                                           10-minute call)
 #   bash bench/train_device.sh wait         (no carry; waits up to WAIT seconds for the background run, prints it)
 #   (EXTRA="--set model.hype=false" adds recipe overrides; SKIP_TPUT=1 skips the throughput part)
 #   bash bench/train_device.sh fsdp         carry: .trainwhl .train_gpu_x2  (3-bit SmolLM2, texts, token cache); 2 GPUs
@@ -40,19 +39,6 @@ wait)
 for l in sys.stdin: r = json.loads(l); print(r['stage'], r['step'], round(r['loss'], 4), round(r['heldout_loss'], 4))"
   cp /root/qout/*.json /root/qout/*.jsonl /root/qout/*.log $OUT/ 2>/dev/null; ls /root/qout
   [ -f /root/qout/done ] && echo "DONE" || echo "still running"
-  ;;
-throughput)
-  mkdir -p /root/train_gpu_a && cp -r .train_gpu_a/. /root/train_gpu_a/
-  python3 bench/train_quality.py smoke --texts .train_gpu_a/texts 2>&1 | grep -v -i warn | tail -4
-  python3 bench/train_quality.py throughput --out $OUT 2>&1 | tee $OUT/throughput.log | grep -v -i warn
-  ;;
-quality)
-  A=.train_gpu_a; [ -f $A/smollm2.part_a ] || A=/root/train_gpu_a
-  [ -f $A/smollm2.part_a ] || { echo "GGUF part a is missing: this is not the machine of the throughput call"; exit 3; }
-  cat $A/smollm2.part_a .train_gpu_b/smollm2.part_b > /tmp/smollm2.gguf
-  python3 bench/train_quality.py quality --source /tmp/smollm2.gguf --texts $A/texts --set data.cache_dir=$A/cache \
-    --set output.checkpoint_every=100000 --set "logging.trackers=[]" --set precision=fp32 --train-seconds ${SECS:-380} --out $OUT 2>&1 \
-    | tee $OUT/quality.log | grep -v -i -E "warn|it/s\]"
   ;;
 fsdp)
   D=.train_gpu_x2
