@@ -114,11 +114,9 @@ def main() -> int:
         raise SystemExit(f"--dense-modes: choose from chunked, one-pass; got {args.dense_modes!r}")
     dense_name = next(n for n in builders if n.endswith("(dense)"))
     dense_build = builders.pop(dense_name)
-    chunk_of = {}
+    one_pass = dense_name.replace(" (dense)", " one-pass (dense)")
     for mode in modes:
-        name = dense_name if mode == "chunked" else dense_name.replace(" (dense)", " one-pass (dense)")
-        builders[name] = dense_build
-        chunk_of[name] = args.chunk if mode == "chunked" else 1 << 40  # one chunk = the whole prompt
+        builders[dense_name if mode == "chunked" else one_pass] = dense_build
     # The dense model first: its times are predictable, and a hybrid run cut short still leaves both in results.jsonl.
     names = sorted(builders, key=lambda n: not n.endswith("(dense)"))
     n_dense = len(modes)
@@ -136,9 +134,9 @@ def main() -> int:
         print(f"{name}: built in {time.perf_counter() - t0:.1f} s, "
               f"{sum(p.numel() for p in model.parameters()) / 1e9:.2f} B params, "
               f"{torch.cuda.memory_allocated() / 2**30:.1f} GiB; time cap {cap:.0f} s", flush=True)
-        one_pass = chunk_of.get(name, args.chunk) != args.chunk
-        models.append(bench_model(name, model, model_lengths, chunk_size=chunk_of.get(name, args.chunk),
-                                  decode_batches=() if one_pass else batches,
+        models.append(bench_model(name, model, model_lengths,
+                                  chunk_size=1 << 40 if name == one_pass else args.chunk,  # one chunk: the prompt
+                                  decode_batches=() if name == one_pass else batches,
                                   decode_steps=args.decode_steps, time_cap_s=cap - (time.perf_counter() - t0),
                                   warmup_length=parse_length(args.warmup),
                                   log=lambda s: print(s, flush=True), on_result=on_result))
