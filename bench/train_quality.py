@@ -157,33 +157,68 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def calibrate(recipe, student, teacher, seconds: float, split: list[float], device: str = "cuda") -> list[int]:
-    """Steps per stage so that stage i takes about split[i] * seconds (one timed step per stage shape)."""
+def _time_micro(model, teacher, stage, micro: int, precision: str, device: str) -> float | None:
+    """Seconds for one forward + backward of `micro` sequences of the stage (best of 2 after a warm-up); None on OOM."""
     from hybridize.train.data import make_batch
-    from hybridize.train.recipe import plan_stage
     from hybridize.train.trainer import loss_parts, part_counts, weighted
 
-    model = copy.deepcopy(student).to(device).train()
-    steps = []
-    for k, stage in enumerate(recipe.stages):
-        plan = plan_stage(stage, 1)
-        L = model.config.num_hidden_layers
-        ids = np.random.default_rng(0).integers(0, min(1000, model.config.vocab_size), stage.seq_len).astype(np.int32)
-        batch = make_batch([(ids, np.array([0]))] * plan.micro_batch, device)
-        times = []
-        for i in range(3):
+    L = model.config.num_hidden_layers
+    ids = np.random.default_rng(0).integers(0, min(1000, model.config.vocab_size), stage.seq_len).astype(np.int32)
+    times = []
+    try:
+        batch = make_batch([(ids, np.array([0]))] * micro, device)
+        for _ in range(3):
             _sync(device)
             t = time.perf_counter()
-            with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=recipe.precision == "bf16"):
+            with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16"):
                 parts = loss_parts(model, teacher, batch, stage.loss, list(range(L)))
                 loss = weighted(parts, part_counts(batch, stage.loss), stage.loss)
             loss.backward()
             _sync(device)
             times.append(time.perf_counter() - t)
+            del parts, loss
+    except torch.OutOfMemoryError:
+        return None
+    finally:
         model.zero_grad(set_to_none=True)
-        step_s = min(times[1:]) * plan.accumulation * 1.08  # + optimizer step and logging
+        if str(device).startswith("cuda"):
+            torch.cuda.empty_cache()
+    return min(times[1:])
+
+
+def calibrate(recipe, student, teacher, seconds: float, split: list[float], device: str = "cuda",
+              micro_factors: tuple[int, ...] = (1,)) -> list[int]:
+    """Steps per stage so that stage i takes about split[i] * seconds. With `micro_factors` (e.g. 1, 2, 4) each stage
+    also tries micro-batches of that many times the recipe's (up to the sequences per step), keeps the fastest per
+    token that fits in memory, and writes it into the stage (the global batch, hence the optimisation, is unchanged)."""
+    from hybridize.train.params import select_trainable
+    from hybridize.train.recipe import plan_stage
+
+    model = copy.deepcopy(student).to(device).train()
+    steps = []
+    for k, stage in enumerate(recipe.stages):
+        if stage.trainable != "lora":  # (LoRA adapters are added by the trainer; time the full model instead)
+            select_trainable(model, stage.trainable, f"stages[{k}].trainable")
+        per_process = plan_stage(stage, 1).per_process
+        best, tried = None, set()
+        for f in micro_factors:
+            micro = min(stage.micro_batch_size * f, per_process)
+            if per_process % micro or micro in tried:
+                continue
+            tried.add(micro)
+            t = _time_micro(model, teacher, stage, micro, recipe.precision, device)
+            print(f"calibration: stage {stage.name}: micro-batch {micro}: "
+                  + ("out of memory" if t is None else f"{t:.3f} s, {micro * stage.seq_len / t:,.0f} tokens/s"),
+                  flush=True)
+            if t is not None and (best is None or t / micro < best[0] / best[1]):
+                best = (t, micro)
+        if best is None:
+            raise SystemExit(f"stage {stage.name}: even micro-batch {stage.micro_batch_size} runs out of memory")
+        stage.micro_batch_size = best[1]
+        step_s = best[0] * (per_process // best[1]) * 1.08  # + optimizer step and logging
         steps.append(max(1, int(split[k] * seconds / step_s)))
-        print(f"calibration: stage {stage.name}: {step_s:.3f} s/step -> {steps[-1]} steps", flush=True)
+        print(f"calibration: stage {stage.name}: micro-batch {best[1]}, {step_s:.3f} s/step -> {steps[-1]} steps",
+              flush=True)
     del model
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
@@ -213,7 +248,8 @@ def cmd_quality(args) -> int:
     del teacher_fp32
     print(f"original model held-out: {base}", flush=True)
     split = [float(x) for x in args.split.split(",")]
-    steps = calibrate(recipe, student, teacher, args.train_seconds, split, dev)
+    factors = tuple(int(x) for x in args.micro_factors.split(","))
+    steps = calibrate(recipe, student, teacher, args.train_seconds, split, dev, factors)
     for st, n in zip(recipe.stages, steps):
         st.steps, st.tokens = n, None
     t_train = time.perf_counter()
@@ -376,22 +412,30 @@ def packed_check() -> None:
 
 
 def cmd_compare(args) -> int:
-    """Loss curves of two runs of the same recipe (e.g. 1 GPU vs FSDP on 2 GPUs), step by step."""
-    runs = [[json.loads(x) for x in Path(f).read_text().splitlines()] for f in (args.a, args.b)]
-    print(f"| step | stage | loss A | loss B | B - A |   (A: {args.a}, B: {args.b})")
-    diffs, rel = [], []
-    for x, y in zip(*runs):
-        d = y["loss"] - x["loss"]
-        diffs.append(abs(d))
-        rel.append(abs(d) / max(abs(x["loss"]), 1e-12))
-        print(f"| {x['global_step']} | {x['stage']} | {x['loss']:.5f} | {y['loss']:.5f} | {d:+.2e} |")
-    for st in dict.fromkeys(x["stage"] for x in runs[0]):
-        a = [x["loss"] for x in runs[0] if x["stage"] == st]
-        noise = float(np.median(np.abs(np.diff(a)))) if len(a) > 2 else float("nan")
-        print(f"stage {st}: median step-to-step change of A {noise:.3e}")
-    print(f"steps {len(diffs)}; max |B - A| {max(diffs):.3e}; max relative {max(rel):.3e}; "
-          f"held-out A {[x.get('heldout_loss') for x in runs[0] if 'heldout_loss' in x]} "
-          f"B {[x.get('heldout_loss') for x in runs[1] if 'heldout_loss' in x]}")
+    """Loss curves of runs of the same recipe, step by step, against the first (e.g. 1 GPU seed 0 vs FSDP on 2 GPUs,
+    with a second seed and a rerun of the first beside them as the yardstick of run-to-run noise)."""
+    names = [Path(f).stem for f in args.runs]
+    runs = [[json.loads(x) for x in Path(f).read_text().splitlines() if x.strip()] for f in args.runs]
+    n = min(len(r) for r in runs)
+    print("| step | stage | " + " | ".join(names) + " |")
+    print("|---" * (len(names) + 2) + "|")
+    for i in range(n):
+        print(f"| {runs[0][i]['global_step']} | {runs[0][i]['stage']} | "
+              + " | ".join(f"{r[i]['loss']:.4f}" for r in runs) + " |")
+    print(f"\nmean |loss - {names[0]}| per stage over the common steps (and the same after a 5-step moving average):")
+    for st in dict.fromkeys(x["stage"] for x in runs[0][:n]):
+        idx = [i for i in range(n) if runs[0][i]["stage"] == st]
+        a = np.array([runs[0][i]["loss"] for i in idx])
+        cells = []
+        for name, r in zip(names[1:], runs[1:]):
+            b = np.array([r[i]["loss"] for i in idx])
+            d = np.abs(b - a)
+            k = np.ones(5) / 5
+            ds = np.abs(np.convolve(b, k, "valid") - np.convolve(a, k, "valid")) if len(a) >= 5 else d
+            cells.append(f"{name}: {d.mean():.4f} ({ds.mean():.4f})")
+        print(f"stage {st} ({len(idx)} steps, median loss {np.median(a):.3f}): " + "; ".join(cells))
+    for name, r in zip(names, runs):
+        print(f"held-out {name}: {[round(x['heldout_loss'], 4) for x in r if 'heldout_loss' in x]}")
     return 0
 
 
@@ -411,6 +455,8 @@ def main() -> int:
     q.add_argument("--num-sources", type=int, default=2)
     q.add_argument("--train-seconds", type=float, default=480)
     q.add_argument("--split", default="0.25,0.75", help="share of the training time per stage")
+    q.add_argument("--micro-factors", default="1", help="micro-batch multiples to time per stage (e.g. 1,2,4); "
+                   "the fastest per token that fits is used")
     q.add_argument("--eval-len", type=int, default=2048)
     q.add_argument("--run-dir", default="/tmp/hybridize-quality-run")
     q.add_argument("--set", action="append", default=[])
@@ -421,8 +467,7 @@ def main() -> int:
     sm.add_argument("--work", default="/tmp/hybridize-smoke")
     sm.add_argument("--precision", default="bf16")
     c = sub.add_parser("compare")
-    c.add_argument("a")
-    c.add_argument("b")
+    c.add_argument("runs", nargs="+", help="metrics.jsonl files; the first is the reference")
     p = sub.add_parser("pack")
     p.add_argument("--out", required=True)
     u = sub.add_parser("unpack")
