@@ -6,7 +6,8 @@
 #                                           10-minute call)
 #   bash bench/train_device.sh wait         (no carry; waits up to WAIT seconds for the background run, prints it)
 #   (EXTRA="--set model.hype=false" adds recipe overrides; SKIP_TPUT=1 skips the throughput part)
-#   bash bench/train_device.sh fsdp         carry: .trainwhl .train_gpu_x2  (3-bit SmolLM2, texts, token cache); 2 GPUs
+#   bash bench/train_device.sh fsdp         carry: .trainwhl .train_gpu_x2 [.snap]  (3-bit SmolLM2, texts, token cache);
+#                                           2 GPUs; S1/S2 steps, PREC bf16|fp32, SRC as for quality-bg
 # The 98 MB GGUF exceeds one call's 64 MiB transfer, hence the split and the 3-bit copy (bench/train_quality.py pack).
 set -uo pipefail
 MODE=$1
@@ -22,7 +23,8 @@ stash-a)
 quality-bg)
   cat /root/tq/smollm2.part_a .train_gpu_b/smollm2.part_b > /root/tq/smollm2.gguf || exit 3
   md5sum /root/tq/smollm2.gguf
-  rm -rf /root/repo && cp -r . /root/repo && rm -rf /root/qout && mkdir -p /root/qout
+  # SRC: a clean export of a commit (e.g. `git archive HEAD | tar -x -C .snap`, carried) instead of the working tree
+  rm -rf /root/repo && cp -r ${SRC:-.} /root/repo && rm -rf /root/qout && mkdir -p /root/qout
   # setsid: the run goes on after this call returns (the machine stays held while `wait` calls follow)
   setsid nohup bash -c "cd /root/repo && export PYTHONPATH=/tmp/site:/root/repo PYTHONUNBUFFERED=1 && \
     python3 bench/train_quality.py quality --source /root/tq/smollm2.gguf --texts /root/tq/texts \
@@ -41,21 +43,31 @@ for l in sys.stdin: r = json.loads(l); print(r['stage'], r['step'], round(r['los
   [ -f /root/qout/done ] && echo "DONE" || echo "still running"
   ;;
 fsdp)
-  D=.train_gpu_x2
+  # 1 GPU (seed 0) vs FSDP on 2 GPUs (seed 0), same global batch; the yardstick of noise: 1-GPU runs with seeds 1
+  # and 2 (other data order) and a rerun of seed 0. Two 1-GPU runs share the machine at a time (one per GPU).
+  D=$PWD/.train_gpu_x2
   python3 bench/train_quality.py unpack $D/smollm2-3bit.npz --out /tmp/smol3 2>&1 | tail -1
+  cd ${SRC:-.}
+  PREC=${PREC:-bf16}; MP=$([ $PREC = bf16 ] && echo bf16 || echo no)
   SETS="--set model.source=/tmp/smol3 --set data.sources[0].path=$D/texts --set data.sources[1].path=$D/texts
-        --set data.cache_dir=$D/cache --set stages[0].tokens=null --set stages[0].steps=${S1:-10}
-        --set stages[1].tokens=null --set stages[1].steps=${S2:-8} --set output.checkpoint_every=100000
-        --set logging.progress=false --set logging.trackers=[] --set output.export=false --set precision=fp32"
+        --set data.cache_dir=$D/cache --set stages[0].tokens=null --set stages[0].steps=${S1:-25}
+        --set stages[1].tokens=null --set stages[1].steps=${S2:-25} --set output.checkpoint_every=100000
+        --set logging.progress=false --set logging.trackers=[] --set output.export=false --set precision=$PREC"
+  one() {  # name gpu seed
+    local t=$(date +%s)
+    CUDA_VISIBLE_DEVICES=$2 python3 -m hybridize.cli train recipes/smollm2-gpu.yaml $SETS --set seed=$3 \
+      --set output.dir=/tmp/$1 > $OUT/$1.log 2>&1
+    echo "$1: rc=$? $(( $(date +%s) - t )) s"; cp /tmp/$1/metrics.jsonl $OUT/$1.jsonl
+  }
+  one gpu1_seed0 0 0 & one gpu1_seed1 1 1 & wait
   t=$(date +%s)
-  python3 -m hybridize.cli train recipes/smollm2-gpu.yaml $SETS --set output.dir=/tmp/run1 2>&1 | grep -v -i warn | tail -3
-  echo "1 GPU: $(( $(date +%s) - t )) s"; t=$(date +%s)
-  accelerate launch --config_file recipes/accelerate/fsdp.yaml --num_processes 2 --mixed_precision no \
-    -m hybridize.cli train \
-    recipes/smollm2-gpu.yaml $SETS --set output.dir=/tmp/run2 > $OUT/fsdp.log 2>&1
-  echo "FSDP 2 GPUs: rc=$? $(( $(date +%s) - t )) s"; grep -v -i warn $OUT/fsdp.log | tail -15
-  cp /tmp/run1/metrics.jsonl $OUT/metrics_1gpu.jsonl; cp /tmp/run2/metrics.jsonl $OUT/metrics_fsdp2.jsonl
-  python3 bench/train_quality.py compare $OUT/metrics_1gpu.jsonl $OUT/metrics_fsdp2.jsonl | tee $OUT/compare.md
-  timeout ${TPUT_S:-80} python3 bench/train_quality.py throughput --fp32 --steps 4 --out $OUT 2>&1 | grep -v -i warn | tail -7
+  accelerate launch --config_file recipes/accelerate/fsdp.yaml --num_processes 2 --mixed_precision $MP \
+    -m hybridize.cli train recipes/smollm2-gpu.yaml $SETS --set seed=0 --set output.dir=/tmp/fsdp2_seed0 \
+    > $OUT/fsdp2_seed0.log 2>&1
+  echo "fsdp2_seed0: rc=$? $(( $(date +%s) - t )) s"; grep -v -i warn $OUT/fsdp2_seed0.log | tail -4
+  cp /tmp/fsdp2_seed0/metrics.jsonl $OUT/fsdp2_seed0.jsonl
+  one gpu1_seed0_rerun 0 0 & one gpu1_seed2 1 2 & wait
+  cd $OUT && python3 $OLDPWD/bench/train_quality.py compare gpu1_seed0.jsonl fsdp2_seed0.jsonl gpu1_seed0_rerun.jsonl \
+    gpu1_seed1.jsonl gpu1_seed2.jsonl | tee compare.md | tail -12
   ;;
 esac
