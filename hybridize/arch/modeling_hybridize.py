@@ -8,6 +8,8 @@ Imports only torch, transformers and the sibling files.
 from __future__ import annotations
 
 import math
+import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +32,77 @@ except ImportError:  # pragma: no cover - older transformers
 # ---------------------------------------------------------------------------------------------------------------------
 # Small parts
 # ---------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
+# Fused elementwise pieces (CUDA inference)
+# ---------------------------------------------------------------------------------------------------------------------
+def _rms_norm_math(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dimension, statistics in float32, the weight applied in the input's dtype."""
+    dtype = x.dtype
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(dtype)
+
+
+def _norm_rope_math(x: torch.Tensor, weight: torch.Tensor, eps: float, cos: torch.Tensor,
+                    sin: torch.Tensor) -> torch.Tensor:
+    """Per-head RMSNorm then RoPE of x (B, T, H, D); cos/sin (B, T, D) float32. Result (B, T, H, D) in the norm's
+    output dtype: the arithmetic of `apply_rope(norm(x).transpose(1, 2), cos, sin)` without the transposes."""
+    y = _rms_norm_math(x, weight, eps)
+    yf = y.float()
+    half = yf.shape[-1] // 2
+    rot = torch.cat((-yf[..., half:], yf[..., :half]), dim=-1)
+    return (yf * cos[:, :, None, :] + rot * sin[:, :, None, :]).to(y.dtype)
+
+
+def _silu_mul_math(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.silu(gate) * up
+
+
+def _sigmoid_mul_math(gate: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return torch.sigmoid(gate) * x
+
+
+class FusedElementwise:
+    """torch.compile'd versions of the small elementwise pieces above, for inference on CUDA.
+
+    In eager PyTorch each of them is 5-15 passes over its tensor (float32 copies, squares, means, the RoPE halves and
+    their concatenation); compiled, each is one read and one write. They are used only where nothing can go wrong:
+    CUDA tensors, no autograd (training and CPU keep the plain PyTorch code), not inside torch.compile or a CUDA
+    graph capture, torch.compile available. `HYBRIDIZE_FUSED=0` in the environment, or `enabled = False`, turns them
+    off; a compilation error turns them off for the process with a warning (the eager code gives the same values).
+    """
+
+    def __init__(self) -> None:
+        self.enabled = os.environ.get("HYBRIDIZE_FUSED", "1").strip().lower() not in ("0", "false", "no", "off")
+        self._compiled: dict[str, object] = {}
+
+    def usable(self, x: torch.Tensor) -> bool:
+        if not (self.enabled and x.is_cuda and not torch.is_grad_enabled() and hasattr(torch, "compile")):
+            return False
+        compiler = getattr(torch, "compiler", None)
+        if compiler is not None and compiler.is_compiling():
+            return False
+        return not torch.cuda.is_current_stream_capturing()
+
+    def __call__(self, fn, *args):
+        name = fn.__name__
+        compiled = self._compiled.get(name)
+        if compiled is None:
+            compiled = self._compiled[name] = torch.compile(fn, fullgraph=True)
+        try:
+            return compiled(*args)
+        except Exception as e:  # noqa: BLE001 - out of memory is re-raised, anything else falls back to eager
+            if isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower():
+                raise
+            warnings.warn(f"hybridize: torch.compile of {name} failed ({type(e).__name__}: {str(e)[:200]}); "
+                          "running plain PyTorch from now on", RuntimeWarning, stacklevel=2)
+            self.enabled = False
+            return fn(*args)
+
+
+FUSED = FusedElementwise()  # the one switch: modeling_hybridize.FUSED.enabled
+
+
 class HybridRMSNorm(nn.Module):
     def __init__(self, size: int, eps: float = 1e-6):
         super().__init__()
@@ -37,10 +110,9 @@ class HybridRMSNorm(nn.Module):
         self.variance_epsilon = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
-        return self.weight * x.to(dtype)
+        if FUSED.usable(x):
+            return FUSED(_rms_norm_math, x, self.weight, self.variance_epsilon)
+        return _rms_norm_math(x, self.weight, self.variance_epsilon)
 
 
 class HybridRotaryEmbedding(nn.Module):
@@ -88,9 +160,13 @@ class HybridMLP(nn.Module):
         self.up_proj = nn.Linear(h, i, bias=config.mlp_bias)
         self.down_proj = nn.Linear(i, h, bias=config.mlp_bias)
         self.act_fn = ACT2FN[config.hidden_act]
+        self.silu = config.hidden_act == "silu"  # fused silu(gate) * up on CUDA inference
 
     def forward(self, x):
-        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        if self.silu and FUSED.usable(gate):
+            return self.down_proj(FUSED(_silu_mul_math, gate, up))
+        return self.down_proj(self.act_fn(gate) * up)
 
 
 def lightning_log_decay(config: HybridConfig, layer_idx: int) -> torch.Tensor:
@@ -152,10 +228,15 @@ class LightningAttention(nn.Module):
     def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         B, T, _ = x.shape
         shape = (B, T, self.num_heads, self.head_dim)
-        q = self.q_norm(self.q_proj(x).view(shape)).transpose(1, 2)
-        k = self.k_norm(self.k_proj(x).view(shape)).transpose(1, 2)
+        q, k = self.q_proj(x).view(shape), self.k_proj(x).view(shape)
         v = self.v_proj(x).view(shape).transpose(1, 2)
-        q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
+        if FUSED.usable(q):  # norm + RoPE in one pass per tensor, (B, T, H, D) order kept (the kernels take strides)
+            q = FUSED(_norm_rope_math, q, self.q_norm.weight, self.q_norm.variance_epsilon, ctx.cos, ctx.sin)
+            k = FUSED(_norm_rope_math, k, self.k_norm.weight, self.k_norm.variance_epsilon, ctx.cos, ctx.sin)
+            q, k = q.transpose(1, 2), k.transpose(1, 2)
+        else:
+            q, k = self.q_norm(q).transpose(1, 2), self.k_norm(k).transpose(1, 2)
+            q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
         # Under autocast the norms (fp32 weights) promote q, k to fp32 while v stays in the autocast dtype.
         q, k = q.to(v.dtype), k.to(v.dtype)
         if ctx.pad_mask is not None:  # left padding must not enter the state
@@ -231,7 +312,8 @@ class SparseAttention(nn.Module):
         o = self._attend(q, k, v, ckeys, ctx)
         o = o.transpose(1, 2).reshape(B, T, -1)
         if self.output_gates:
-            o = torch.sigmoid(self.g_proj(x)) * o
+            g = self.g_proj(x)
+            o = FUSED(_sigmoid_mul_math, g, o) if FUSED.usable(g) else _sigmoid_mul_math(g, o)
         return self.o_proj(o)
 
     def _attend(self, q, k, v, ckeys, ctx: AttentionContext) -> torch.Tensor:

@@ -1,0 +1,122 @@
+"""The fused (torch.compile'd) elementwise pieces of the hybrid model: the same arithmetic as the plain PyTorch code
+they replace on CUDA inference, a fallback to that code when compilation fails, and (on a GPU) the same model outputs
+with the fusion on and off."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from hybridize.arch import modeling_hybridize as mh
+
+
+def _rope_tables(B, T, D, seed):
+    g = torch.Generator().manual_seed(seed)
+    pos = torch.randint(0, 5000, (B, T), generator=g).float()
+    inv = 1.0 / (10000.0 ** (torch.arange(0, D, 2).float() / D))
+    emb = torch.cat((pos[..., None] * inv, pos[..., None] * inv), -1)
+    return emb.cos(), emb.sin()
+
+
+@pytest.mark.parametrize("dtype,shape,seed", [(torch.float32, (2, 37, 3, 16), 1), (torch.bfloat16, (1, 53, 5, 32), 2)])
+def test_norm_rope_math_is_the_norm_then_rope_of_the_layers(dtype, shape, seed):
+    B, T, H, D = shape
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(shape, generator=g) * 3).to(dtype)
+    norm = mh.HybridRMSNorm(D, 1e-5).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(D, generator=g) + 0.5)
+    cos, sin = _rope_tables(B, T, D, seed)
+    with torch.no_grad():
+        # the unfused layer code: norm per head, transpose to (B, H, T, D), then rotate in float32
+        expected = mh.apply_rope(norm(x).transpose(1, 2), cos, sin)
+        got = mh._norm_rope_math(x, norm.weight, norm.variance_epsilon, cos, sin).transpose(1, 2)
+    assert got.dtype == expected.dtype == dtype
+    assert torch.equal(got, expected)
+
+
+def test_fused_pieces_are_not_used_on_cpu_or_with_autograd():
+    fused = mh.FusedElementwise()
+    x = torch.randn(4, 8)
+    assert not fused.usable(x)
+    fused.enabled = False
+    assert not fused.usable(x)
+
+
+def test_a_piece_that_does_not_compile_falls_back_to_plain_pytorch_with_a_warning():
+    def data_dependent(x):  # a host read inside: torch.compile(fullgraph=True) refuses it
+        return x * 2 if float(x.sum()) > 0 else x - 1
+
+    fused = mh.FusedElementwise()
+    x = torch.arange(6.0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = fused(data_dependent, x)
+    assert torch.equal(out, x * 2)
+    assert not fused.enabled
+    assert any("torch.compile of data_dependent failed" in str(w.message) for w in caught)
+
+
+def test_environment_switch_turns_the_fusion_off(monkeypatch):
+    monkeypatch.setenv("HYBRIDIZE_FUSED", "0")
+    assert not mh.FusedElementwise().enabled
+    monkeypatch.setenv("HYBRIDIZE_FUSED", "1")
+    assert mh.FusedElementwise().enabled
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# GPU: the whole model with the fusion on and off
+# ---------------------------------------------------------------------------------------------------------------------
+def _gpu_model(dtype):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from hybridize.convert.build import build_hybrid
+
+    torch.manual_seed(0)
+    src = LlamaForCausalLM(LlamaConfig(
+        vocab_size=97, hidden_size=256, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=4096, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0})).eval()
+    with torch.no_grad():
+        src.lm_head.weight.mul_(8.0)
+    return build_hybrid(src, ["lightning", "sparse", "lightning", "sparse"], sparse_dense_len=128, sparse_topk=4,
+                        sparse_local_blocks=2, prefill_chunk_size=192, output_gates=True).to("cuda", dtype)
+
+
+def _cache(out):
+    return out.past_key_values if "past_key_values" in out else out.cache
+
+
+def _run(model, ids, steps):
+    """Chunked prefill (3 chunks of 192) then one token at a time: every fused piece sees several shapes."""
+    with torch.no_grad():
+        out = model(ids, use_cache=True)
+        cache, logits = _cache(out), [out.logits.float()]
+        for i in range(steps.shape[1]):
+            step = model(steps[:, i : i + 1], cache=cache, use_cache=True)
+            logits.append(step.logits.float())
+    return torch.cat(logits, 1)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])
+def test_gpu_fused_model_equals_the_unfused_model(dtype, tol):
+    model = _gpu_model(dtype)
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(3, 97, (2, 517), generator=g).cuda()
+    steps = torch.randint(3, 97, (2, 5), generator=g).cuda()
+    was = mh.FUSED.enabled
+    try:
+        mh.FUSED.enabled = False
+        plain = _run(model, ids, steps)
+        mh.FUSED.enabled = True
+        fused = _run(model, ids, steps)
+        assert mh.FUSED.enabled, "a fused piece failed to compile and fell back"
+        assert {"_norm_rope_math", "_rms_norm_math", "_silu_mul_math", "_sigmoid_mul_math"} <= set(mh.FUSED._compiled)
+    finally:
+        mh.FUSED.enabled = was
+    rel = ((fused - plain).norm() / plain.norm()).item()
+    assert rel <= tol, rel
