@@ -8,6 +8,7 @@
 #   (EXTRA="--set model.hype=false" adds recipe overrides; SKIP_TPUT=1 skips the throughput part)
 #   bash bench/train_device.sh fsdp         carry: .trainwhl .train_gpu_x2 [.snap]  (3-bit SmolLM2, texts, token cache);
 #                                           2 GPUs; S1/S2 steps, PREC bf16|fp32, SRC as for quality-bg
+#                                           (or fsdp-seeds on SEED_GPU while GPU 0 trains, then fsdp-pair)
 # The 98 MB GGUF exceeds one call's 64 MiB transfer, hence the split and the 3-bit copy (bench/train_quality.py pack).
 set -uo pipefail
 MODE=$1
@@ -42,12 +43,14 @@ for l in sys.stdin: r = json.loads(l); print(r['stage'], r['step'], round(r['los
   cp /root/qout/*.json /root/qout/*.jsonl /root/qout/*.log $OUT/ 2>/dev/null; ls /root/qout
   [ -f /root/qout/done ] && echo "DONE" || echo "still running"
   ;;
-fsdp)
+fsdp|fsdp-seeds|fsdp-pair)
   # 1 GPU (seed 0) vs FSDP on 2 GPUs (seed 0), same global batch; the yardstick of noise: 1-GPU runs with seeds 1
-  # and 2 (other data order) and a rerun of seed 0. Two 1-GPU runs share the machine at a time (one per GPU).
+  # and 2 (other data order) and a rerun of seed 0. `fsdp` does everything (two 1-GPU runs at a time, one per GPU);
+  # on a machine whose GPU 0 is busy, `fsdp-seeds` runs the four 1-GPU runs on SEED_GPU (two at a time) and
+  # `fsdp-pair` later runs the 2-GPU run and the comparison. Runs and metrics are kept in /root/fsdp between calls.
   D=$PWD/.train_gpu_x2
-  python3 bench/train_quality.py unpack $D/smollm2-3bit.npz --out /tmp/smol3 2>&1 | tail -1
-  cd ${SRC:-.}
+  [ -d /tmp/smol3 ] || python3 bench/train_quality.py unpack $D/smollm2-3bit.npz --out /tmp/smol3 2>&1 | tail -1
+  mkdir -p /root/fsdp && cd ${SRC:-.}
   PREC=${PREC:-bf16}; MP=$([ $PREC = bf16 ] && echo bf16 || echo no)
   SETS="--set model.source=/tmp/smol3 --set data.sources[0].path=$D/texts --set data.sources[1].path=$D/texts
         --set data.cache_dir=$D/cache --set stages[0].tokens=null --set stages[0].steps=${S1:-25}
@@ -56,18 +59,27 @@ fsdp)
   one() {  # name gpu seed
     local t=$(date +%s)
     CUDA_VISIBLE_DEVICES=$2 python3 -m hybridize.cli train recipes/smollm2-gpu.yaml $SETS --set seed=$3 \
-      --set output.dir=/tmp/$1 > $OUT/$1.log 2>&1
-    echo "$1: rc=$? $(( $(date +%s) - t )) s"; cp /tmp/$1/metrics.jsonl $OUT/$1.jsonl
+      --set output.dir=/tmp/$1 > /root/fsdp/$1.log 2>&1
+    echo "$1: rc=$? $(( $(date +%s) - t )) s"; cp /tmp/$1/metrics.jsonl /root/fsdp/$1.jsonl
   }
-  one gpu1_seed0 0 0 & one gpu1_seed1 1 1 & wait
-  t=$(date +%s)
-  accelerate launch --config_file recipes/accelerate/fsdp.yaml --num_processes 2 --mixed_precision $MP \
-    -m hybridize.cli train recipes/smollm2-gpu.yaml $SETS --set seed=0 --set output.dir=/tmp/fsdp2_seed0 \
-    > $OUT/fsdp2_seed0.log 2>&1
-  echo "fsdp2_seed0: rc=$? $(( $(date +%s) - t )) s"; grep -v -i warn $OUT/fsdp2_seed0.log | tail -4
-  cp /tmp/fsdp2_seed0/metrics.jsonl $OUT/fsdp2_seed0.jsonl
-  one gpu1_seed0_rerun 0 0 & one gpu1_seed2 1 2 & wait
-  cd $OUT && python3 $OLDPWD/bench/train_quality.py compare gpu1_seed0.jsonl fsdp2_seed0.jsonl gpu1_seed0_rerun.jsonl \
-    gpu1_seed1.jsonl gpu1_seed2.jsonl | tee compare.md | tail -12
+  if [ $MODE = fsdp-seeds ]; then
+    G=${SEED_GPU:-1}
+    one gpu1_seed0 $G 0 & one gpu1_seed1 $G 1 & wait
+    one gpu1_seed0_rerun $G 0 & one gpu1_seed2 $G 2 & wait
+  elif [ $MODE = fsdp ]; then
+    one gpu1_seed0 0 0 & one gpu1_seed1 1 1 & wait
+    one gpu1_seed0_rerun 0 0 & one gpu1_seed2 1 2 & wait
+  fi
+  if [ $MODE != fsdp-seeds ]; then
+    t=$(date +%s)
+    accelerate launch --config_file recipes/accelerate/fsdp.yaml --num_processes 2 --mixed_precision $MP \
+      -m hybridize.cli train recipes/smollm2-gpu.yaml $SETS --set seed=0 --set output.dir=/tmp/fsdp2_seed0 \
+      > /root/fsdp/fsdp2_seed0.log 2>&1
+    echo "fsdp2_seed0: rc=$? $(( $(date +%s) - t )) s"; grep -v -i warn /root/fsdp/fsdp2_seed0.log | tail -4
+    cp /tmp/fsdp2_seed0/metrics.jsonl /root/fsdp/fsdp2_seed0.jsonl
+    (cd /root/fsdp && python3 $OLDPWD/bench/train_quality.py compare gpu1_seed0.jsonl fsdp2_seed0.jsonl \
+      gpu1_seed0_rerun.jsonl gpu1_seed1.jsonl gpu1_seed2.jsonl > compare.md; tail -12 compare.md)
+  fi
+  cp /root/fsdp/* $OUT/ 2>/dev/null; ls /root/fsdp
   ;;
 esac
