@@ -1,7 +1,7 @@
 """Lightning attention speed on one GPU: our Triton kernels vs fla 0.6.0 and SDPA, in one run on one card.
 
     python bench/bench_lightning.py [--lengths 4096 16384 65536 262144] [--batches 1 8 64] [--budget 400]
-                                    [--sweep [--sweep-seconds 60]] [--json F]
+                                    [--sweep [--sweep-seconds 60]] [--skip decode norm_gate bthd] [--json F]
 
 Shapes (issue 5): bf16, B=1, 32 heads, head dim 128; fwd and fwd+bwd at each length; decode step (one token) at batch
 1, 8, 64, timed eager and as a CUDA-graph replay (the graph measures the kernels, eager also the launch path). The
@@ -11,9 +11,14 @@ inputs in its native layout: ours (B, H, T, D), fla (B, T, H, D). Times: `triton
 floor: bytes that must move (each input read once, each output written once) over the device-to-device copy bandwidth
 measured at the start of the run.
 
-Order, so that a run cut short still has its main table: reference check, (sweep), 4K / 16K / 64K (fla is called once
-untimed at each shape first: it compiles and autotunes there), decode, then 256K. The table so far is printed after
-every row; everything after `--budget` seconds is skipped (and said so).
+Forward variants timed side by side at every length (fwd and fwd+bwd): "look-back" (the shipped bf16 default of run
+C, `LT.DEFAULT_CONFIG`), "two-pass" (segment sums, then the walks) and, with `--sweep`, "new": the fastest other
+forward of the sweep at 64K (the overlap forward's configurations, see SWEEP), each checked against the PyTorch
+reference first.
+
+Order, so that a run cut short still has its main table: (sweep), reference checks, 4K / 16K / 64K (fla is called
+once untimed at each shape first: it compiles and autotunes there), decode, then 256K. The table so far is printed
+after every row; everything after `--budget` seconds is skipped (and said so).
 """
 
 from __future__ import annotations
@@ -78,24 +83,29 @@ def ours_fn(q, k, v, ld, config=None, bwd_config=None):
 TWO_PASS = LT.ScanConfig(block_c=128, num_warps=8, num_stages=3, state_lowp=True, target_programs=512, lookback=False)
 
 
-def bench_length(T, bw, fla_chunk, sdpa_max, config, bwd_config) -> dict:
+def bench_length(T, bw, fla_chunk, sdpa_max, variants, bwd_config, bthd=True) -> dict:
+    """fwd and fwd+bwd at T for each named forward config in `variants` (the first is "ours"), fla and SDPA."""
     ld = sala_log_decay(H)
     torch.cuda.empty_cache()
     q, k, v = (torch.randn(1, H, T, D, device="cuda", dtype=DTYPE).requires_grad_() for _ in range(3))
     do = torch.randn(1, H, T, D, device="cuda", dtype=DTYPE)
-    ours = ours_fn(q, k, v, ld, config, bwd_config)
     io_fwd = 4 * H * T * D * 2  # q, k, v in; o out
     io_bwd = io_fwd + 7 * H * T * D * 2  # + q, k, v, do in; dq, dk, dv out
     row = dict(T=T, floor_fwd_ms=io_fwd / bw * 1e3, floor_fwdbwd_ms=io_bwd / bw * 1e3)
-    with torch.no_grad():
-        row["ours_fwd_ms"] = med(ours)
-        row["ours_two_pass_fwd_ms"] = med(ours_fn(q, k, v, ld, TWO_PASS))
-        # the model's layout: (B, T, H, D) projections viewed as (B, H, T, D); o comes back in that order
-        qt, kt, vt = (t.detach().transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
-        row["ours_bthd_fwd_ms"] = med(ours_fn(qt, kt, vt, ld, config))
-        del qt, kt, vt
-    row["ours_fwdbwd_ms"] = med(lambda: ours().backward(do), grad_to_none=[q, k, v])
+    first = next(iter(variants))
+    for name, cfg in variants.items():
+        fn = ours_fn(q, k, v, ld, cfg, bwd_config)
+        with torch.no_grad():
+            row[f"{name}_fwd_ms"] = med(fn)
+        row[f"{name}_fwdbwd_ms"] = med(lambda: fn().backward(do), grad_to_none=[q, k, v])
+    row["ours_fwd_ms"], row["ours_fwdbwd_ms"] = row[f"{first}_fwd_ms"], row[f"{first}_fwdbwd_ms"]
     row["ours_fwd_GBs"] = io_fwd / row["ours_fwd_ms"] * 1e-6
+    if bthd:
+        with torch.no_grad():
+            # the model's layout: (B, T, H, D) projections viewed as (B, H, T, D); o comes back in that order
+            qt, kt, vt = (t.detach().transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
+            row["ours_bthd_fwd_ms"] = med(ours_fn(qt, kt, vt, ld, variants[first]))
+            del qt, kt, vt
     print(f"[{elapsed():.0f}s] T={T} ours done", flush=True)
     if fla_chunk is not None:
         qf, kf, vf = (t.detach().transpose(1, 2).contiguous().requires_grad_() for t in (q, k, v))
@@ -106,7 +116,7 @@ def bench_length(T, bw, fla_chunk, sdpa_max, config, bwd_config) -> dict:
         torch.cuda.synchronize()
         row["fla_first_call_s"] = time.time() - t1
         with torch.no_grad():
-            row["ours_vs_fla_rel"] = rel(ours(), fla().transpose(1, 2))
+            row["ours_vs_fla_rel"] = rel(ours_fn(q, k, v, ld, variants[first])(), fla().transpose(1, 2))
             row["fla_fwd_ms"] = med(fla)
         row["fla_fwdbwd_ms"] = med(lambda: fla().backward(dof), grad_to_none=[qf, kf, vf])
         del qf, kf, vf, dof
@@ -183,22 +193,41 @@ def bench_norm_gate(T, bw) -> dict:
     return row
 
 
-def _c(block_c, num_warps, num_stages, target_programs=512, lookback=False, segment_tokens=512, inter_first=False):
+def short(cfg) -> str:
+    """A config by the fields that differ from ScanConfig's defaults."""
+    base = LT.ScanConfig()
+    diff = {k: v for k, v in vars(cfg).items() if getattr(base, k) != v}
+    return "ScanConfig(" + ", ".join(f"{k}={v}" for k, v in diff.items()) + ")"
+
+
+def _c(block_c, num_warps, num_stages, target_programs=512, lookback=False, segment_tokens=512, inter_first=False,
+       **more):
     return LT.ScanConfig(block_c=block_c, num_warps=num_warps, num_stages=num_stages, state_lowp=True,
                          target_programs=target_programs, lookback=lookback, segment_tokens=segment_tokens,
-                         inter_first=inter_first)
+                         inter_first=inter_first, **more)
 
 
-SWEEP = [  # forward configs at 64K, the default first (the sweep stops at its time budget)
-    LT.DEFAULT_CONFIG, TWO_PASS, _c(128, 8, 3, inter_first=True), _c(128, 8, 3, 1024), _c(128, 8, 3, 256),
-    _c(64, 4, 2, 1024), _c(64, 4, 2, 2048),  # two programs per SM
-    _c(128, 8, 2), _c(64, 8, 3, 1024), _c(128, 8, 3, lookback=True, segment_tokens=1024),
+def _ov(block_c, num_warps, num_stages, segment_tokens, lead=1, decay_v=False, **more):
+    """The overlap forward: sum and walk programs from one ticket counter, sums `lead` segments ahead."""
+    return _c(block_c, num_warps, num_stages, segment_tokens=segment_tokens, overlap=True, lead=lead, decay_v=decay_v,
+              **more)
+
+
+SWEEP = [  # forward configs at 64K, the two shipped ones first (the sweep stops at its time budget)
+    LT.DEFAULT_CONFIG, TWO_PASS,
+    # 4 warps, 64 columns: a sum and a walk program fit on one SM together
+    _ov(64, 4, 2, 1024, decay_v=True), _ov(64, 4, 2, 512, decay_v=True), _ov(64, 4, 2, 2048, decay_v=True),
+    _ov(128, 8, 3, 1024), _ov(128, 8, 3, 512),  # one program per SM: sums and walks take turns
+    _ov(64, 4, 2, 1024), _ov(64, 4, 2, 1024, lead=2, decay_v=True), _ov(64, 4, 2, 1024, lead=0, decay_v=True),
+    _ov(64, 4, 2, 256, decay_v=True), _c(128, 8, 3, inter_first=True),
+    _ov(64, 4, 2, 1024, decay_v=True, l2_hints=False), _ov(128, 8, 3, 2048), _c(64, 4, 2, 1024, inter_first=True),
 ]
 
 
 def sweep(seconds: float, T: int = 65536):
     """Forward (no grad) at T for the configs in SWEEP within a time budget, each output compared with the first's,
-    and the two-pass forward's time split into its two passes. Returns (rows, fastest config)."""
+    and the two-pass forward's time split into its two passes. Returns (rows, the fastest config other than the two
+    shipped ones, or None)."""
     t0 = time.time()
     ld = sala_log_decay(H)
     q, k, v = (torch.randn(1, H, T, D, device="cuda", dtype=DTYPE) for _ in range(3))
@@ -219,7 +248,7 @@ def sweep(seconds: float, T: int = 65536):
         print(json.dumps(split), flush=True)
         del u
         ref = ours_fn(q, k, v, ld, SWEEP[0])()
-        best = (float("inf"), LT.DEFAULT_CONFIG)
+        best = (float("inf"), None)
         for cfg in SWEEP:
             if time.time() - t0 > seconds:
                 print("sweep: time budget spent")
@@ -231,15 +260,15 @@ def sweep(seconds: float, T: int = 65536):
             except Exception as exc:  # noqa: BLE001 - a config the compiler refuses (out of shared memory, ...)
                 print(f"sweep {cfg}: {type(exc).__name__}: {str(exc)[:200]}")
                 continue
-            rows.append(dict(kind="sweep", T=T, cfg=str(cfg), ms=ms, rel=err))
-            print(json.dumps(rows[-1]), flush=True)
-            if err < 2e-2:
+            rows.append(dict(kind="sweep", T=T, cfg=str(cfg), short=short(cfg), ms=ms, rel=err))
+            print(f"[{elapsed():.0f}s] sweep {ms:.3f} ms rel {err:.1e} {short(cfg)}", flush=True)
+            if err < 2e-2 and cfg not in (LT.DEFAULT_CONFIG, TWO_PASS):
                 best = min(best, (ms, cfg), key=lambda x: x[0])
     del q, k, v
     return rows, best[1]
 
 
-def check_against_reference(config, bwd_config, T=4096):
+def check_against_reference(config, bwd_config, T=4096, name="ours"):
     """The configs the table uses, against the PyTorch reference (float32 upcast), forward and gradients."""
     from hybridize.kernels.lightning_reference import lightning_attn_chunked
 
@@ -254,28 +283,32 @@ def check_against_reference(config, bwd_config, T=4096):
     g_r = torch.autograd.grad(o_r, leaves, do)
     errs = {n: rel(a, b) for n, a, b in zip(["o", "dq", "dk", "dv", "ds0"], [o, *g], [o_r, *g_r])}
     ok = all(math.isfinite(e) and e < 1e-2 for e in errs.values())
-    print(f"check vs reference (T={T}, bf16): {'ok' if ok else 'FAIL'} {errs}", flush=True)
-    return dict(kind="check", ok=ok, **errs)
+    print(f"check {name} vs reference (T={T}, bf16): {'ok' if ok else 'FAIL'} {errs}", flush=True)
+    return dict(kind="check", name=name, ok=ok, **errs)
 
 
-def table(rows, bw) -> str:
+def table(rows, bw, names=("ours",)) -> str:
     f = lambda x: "-" if x is None else f"{x:.3g}"  # noqa: E731
     ratio = lambda a, b: None if a is None or b is None else a / b  # noqa: E731
     lines = [f"copy bandwidth {bw / 1e12:.2f} TB/s (read + write)", "",
-             "| T | ours fwd ms | (B,T,H,D) fwd ms | two-pass fwd ms | fla fwd ms | fwd / fla | ours fwd+bwd ms | fla fwd+bwd ms | "
-             "fwd+bwd / fla | SDPA fwd / fwd+bwd ms | fwd floor ms | fwd / floor | fwd GB/s (% of copy) | "
-             "rel(ours, fla) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| T | " + " | ".join(f"{n} fwd ms" for n in names) + " | fla fwd ms | fwd floor ms | "
+             + " | ".join(f"{n} / floor" for n in names) + " | " + " | ".join(f"{n} fwd+bwd ms" for n in names)
+             + " | fla fwd+bwd ms | " + " | ".join(f"{n} fwd+bwd / fla" for n in names)
+             + " | (B,T,H,D) fwd ms | SDPA fwd / fwd+bwd ms | rel(ours, fla) |",
+             "|---" * (7 + 4 * len(names)) + "|"]
     for r in rows:
         if "ours_fwd_ms" not in r:
             continue
         g = r.get
-        lines.append(
-            f"| {r['T']} | {f(g('ours_fwd_ms'))} | {f(g('ours_bthd_fwd_ms'))} | {f(g('ours_two_pass_fwd_ms'))} | {f(g('fla_fwd_ms'))} | "
-            f"{f(ratio(g('ours_fwd_ms'), g('fla_fwd_ms')))} | {f(g('ours_fwdbwd_ms'))} | {f(g('fla_fwdbwd_ms'))} | "
-            f"{f(ratio(g('ours_fwdbwd_ms'), g('fla_fwdbwd_ms')))} | {f(g('sdpa_fwd_ms'))} / {f(g('sdpa_fwdbwd_ms'))} | "
-            f"{f(g('floor_fwd_ms'))} | {f(ratio(g('ours_fwd_ms'), g('floor_fwd_ms')))} | "
-            f"{r['ours_fwd_GBs']:.0f} ({100 * r['ours_fwd_GBs'] * 1e9 / bw:.0f}%) | {f(g('ours_vs_fla_rel'))} |")
+        cells = [str(r["T"])] + [f(g(f"{n}_fwd_ms")) for n in names] + [f(g("fla_fwd_ms")), f(g("floor_fwd_ms"))]
+        cells += [f(ratio(g(f"{n}_fwd_ms"), g("floor_fwd_ms"))) for n in names]
+        cells += [f(g(f"{n}_fwdbwd_ms")) for n in names] + [f(g("fla_fwdbwd_ms"))]
+        cells += [f(ratio(g(f"{n}_fwdbwd_ms"), g("fla_fwdbwd_ms"))) for n in names]
+        cells += [f(g("ours_bthd_fwd_ms")), f"{f(g('sdpa_fwd_ms'))} / {f(g('sdpa_fwdbwd_ms'))}",
+                  f(g("ours_vs_fla_rel"))]
+        lines.append("| " + " | ".join(cells) + " |")
+    if not any("ours_ms" in r for r in rows) and not any("norm_gate_T" in r for r in rows):
+        return "\n".join(lines)
     lines += ["", "| decode batch | ours eager ms | fla eager ms | fla / ours eager | ours graph ms | fla graph ms | "
               "fla / ours graph | floor ms | ours graph GB/s (% of copy) | rel(ours, fla) |",
               "|---|---|---|---|---|---|---|---|---|---|"]
@@ -305,9 +338,11 @@ def main():
     ap.add_argument("--batches", type=int, nargs="*", default=[1, 8, 64])
     ap.add_argument("--sdpa-max", type=int, default=65536, help="longest T timed with SDPA (it is quadratic)")
     ap.add_argument("--budget", type=float, default=400.0, help="seconds; later parts are skipped after this")
-    ap.add_argument("--sweep", action="store_true", help="first sweep the forward's launch parameters at 64K and use "
-                    "the fastest")
+    ap.add_argument("--sweep", action="store_true", help="first sweep the forward's configurations at 64K and time "
+                    "the fastest one other than the two shipped ones beside them, as 'new'")
     ap.add_argument("--sweep-seconds", type=float, default=60.0, help="time budget of the sweep")
+    ap.add_argument("--skip", nargs="*", default=[], choices=["decode", "norm_gate", "bthd"],
+                    help="leave out the decode rows, the norm + gate rows, the (B,T,H,D)-layout forward")
     ap.add_argument("--json", default=None, help="write all rows here")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -317,21 +352,29 @@ def main():
     print(f"copy bandwidth {bw / 1e12:.3f} TB/s", flush=True)
     fla_chunk, fla_rec = fla_ops()
     rows: list[dict] = []
-    config, bwd_config = LT.DEFAULT_CONFIG, LT.DEFAULT_BWD_CONFIG
+    variants = {"look-back": LT.DEFAULT_CONFIG, "two-pass": TWO_PASS}
+    bwd_config = LT.DEFAULT_BWD_CONFIG
     if args.sweep:
-        found, config = sweep(args.sweep_seconds)
+        found, new = sweep(args.sweep_seconds)
         rows += found
-    print(f"forward config {config}\nbackward config {bwd_config}", flush=True)
-    rows.append(check_against_reference(config, bwd_config))
+        if new is not None:
+            variants["new"] = new
+    names = tuple(variants)
+    for name, cfg in variants.items():
+        print(f"{name}: forward config {cfg}", flush=True)
+        rows.append(check_against_reference(cfg, bwd_config, name=name))
+    print(f"backward config {bwd_config}", flush=True)
     long = [T for T in args.lengths if T > 65536]
-    plan = [("T", T) for T in args.lengths if T <= 65536] + [("B", B) for B in args.batches] + \
-        [("N", T) for T in (16384, 65536)] + [("T", T) for T in long]
+    plan = [("T", T) for T in args.lengths if T <= 65536]
+    plan += [("B", B) for B in args.batches if "decode" not in args.skip]
+    plan += [("N", T) for T in (16384, 65536) if "norm_gate" not in args.skip] + [("T", T) for T in long]
 
     def dump():
         if args.json:
             with open(args.json, "w") as fh:
-                json.dump(dict(device=torch.cuda.get_device_name(), copy_bw=bw, config=str(config),
-                               bwd_config=str(bwd_config), rows=rows), fh, indent=1)
+                json.dump(dict(device=torch.cuda.get_device_name(), copy_bw=bw,
+                               variants={n: str(c) for n, c in variants.items()}, bwd_config=str(bwd_config),
+                               rows=rows), fh, indent=1)
 
     for kind, n in plan:
         if elapsed() > args.budget:
@@ -339,7 +382,7 @@ def main():
             continue
         try:
             if kind == "T":
-                row = bench_length(n, bw, fla_chunk, args.sdpa_max, config, bwd_config)
+                row = bench_length(n, bw, fla_chunk, args.sdpa_max, variants, bwd_config, "bthd" not in args.skip)
             elif kind == "B":
                 row = bench_decode(n, bw, fla_rec)
             else:
@@ -350,13 +393,14 @@ def main():
             continue
         rows.append(row)
         print(json.dumps(row), flush=True)
-        print(table(rows, bw), flush=True)
+        print(table(rows, bw, names), flush=True)
         dump()
     if args.sweep:
-        best = sorted((r for r in rows if r.get("kind") == "sweep"), key=lambda r: r["ms"])[:4]
-        print("sweep, fastest:", *(f"  {r['ms']:.3f} ms rel {r['rel']:.1e} {r['cfg']}" for r in best), sep="\n")
-    print(f"[{elapsed():.0f}s] forward config {config}\nbackward config {bwd_config}")
-    print(table(rows, bw))
+        best = sorted((r for r in rows if r.get("kind") == "sweep"), key=lambda r: r["ms"])[:5]
+        print("sweep, fastest:", *(f"  {r['ms']:.3f} ms rel {r['rel']:.1e} {r['short']}" for r in best), sep="\n")
+    print(f"[{elapsed():.0f}s] " + "\n".join(f"{n}: {short(c)}" for n, c in variants.items())
+          + f"\nbackward config {short(bwd_config)}")
+    print(table(rows, bw, names))
     dump()
 
 

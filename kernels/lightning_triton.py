@@ -86,7 +86,11 @@ class ScanConfig:
     `chunk`: tokens per chunk inside the kernel (16, 32, 64 or 128; the result does not depend on it); None: the
     caller's `chunk_size`. `inter_first` (scan kernel only; not yet timed on a GPU): compute the carried-state term
     first and accumulate the intra-chunk term into it (one accumulator, no decayed copy of a), as the look-back
-    kernel does."""
+    kernel does. `overlap` (forward only, no cu_seqlens; takes precedence over `lookback`): the one-launch forward
+    whose segment-sum programs and walk programs take tickets from one counter, the sums `lead` segments ahead of the
+    walks (segments of `segment_tokens` tokens), so that they overlap and the walks re-read k, v from L2;
+    `decay_v` (that kernel only): the state update decays the rows of v (a block_c-wide tile) instead of those of k
+    (all Dk columns), and takes k^T straight from shared memory."""
 
     block_c: int = 64
     num_warps: int = 8
@@ -100,6 +104,9 @@ class ScanConfig:
     publish_inclusive: bool = True
     chunk: int | None = None
     inter_first: bool = False
+    overlap: bool = False
+    lead: int = 1
+    decay_v: bool = False
 
 
 # The fastest of a sweep on one H100 (bench/bench_lightning.py --sweep, bf16, 32 heads, d = 128; bench/RESULTS.md):
@@ -427,6 +434,172 @@ if HAS_TRITON:
                 tl.store(Final + n64 * s_fn + h64 * s_fh + rk[:, None] * s_fr + rc[None, :] * s_fc, X, mask=m2)
 
     @triton.jit
+    def _fwd_overlap_kernel(
+        Q, K, V, Out, Init, Final, Agg, Incl, Pref, Flags, LogDecay,
+        T, H, DK, DV, NSEG, SEGC, NCOL, NHC, LEAD,
+        s_qb, s_qh, s_qt,
+        s_kb, s_kh, s_kt,
+        s_vb, s_vh, s_vt,
+        s_ob, s_oh, s_ot,
+        s_in, s_ih, s_ir, s_ic,
+        s_fn, s_fh, s_fr, s_fc,
+        s_pn, s_ph, s_ps, s_pr,
+        scale,
+        CH: tl.constexpr, BK: tl.constexpr, BC: tl.constexpr,
+        HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr, SAVE_PREFIX: tl.constexpr, STATE_LOWP: tl.constexpr,
+        EV_KEEP: tl.constexpr, EV_DROP: tl.constexpr, PUBLISH_INCL: tl.constexpr, OFF32: tl.constexpr,
+        DECAY_V: tl.constexpr,
+    ):
+        # One launch, two kinds of program, in the order of a ticket counter: S(s) sums segment s's decayed k^T v
+        # into Agg and raises its flag to 1; W(s) obtains the state entering segment s (look-back over the flags),
+        # publishes the state at its end in Incl (flag 2), then walks the segment and writes o. Ticket order, for
+        # LEAD = 1: S(0), S(1), W(0), S(2), W(1), S(3), W(2), ...: bandwidth-bound sums run beside latency-bound
+        # walks, and W(s) re-reads the k, v that S(s) read shortly before (kept in L2 by the evict-last hint). W(s)
+        # waits only for S(j <= s), which hold lower tickets and never wait themselves: no deadlock in any order
+        # the programs start in.
+        ticket = tl.atomic_add(Flags + NHC * NSEG, 1)
+        grp = ticket // NHC
+        r = ticket % NHC
+        n_sum = NSEG - 1  # the last segment's sum is never needed
+        lead = tl.minimum(LEAD, n_sum)
+        n_pair = n_sum - lead
+        kk = grp - lead
+        in_pairs = (kk >= 0) & (kk < 2 * n_pair)
+        is_sum = (grp < lead) | (in_pairs & (kk % 2 == 0))
+        seg = tl.where(grp < lead, grp,
+                       tl.where(in_pairs, tl.where(kk % 2 == 0, lead + kk // 2, kk // 2), kk - n_pair))
+        pid = r // NCOL
+        pid_c = r % NCOL
+        n64 = (pid // H).to(tl.int64)
+        h64 = (pid % H).to(tl.int64)
+        flag_base = Flags + r * NSEG
+
+        rk = tl.arange(0, BK)
+        rc = pid_c * BC + tl.arange(0, BC)
+        mk = rk < DK
+        mc = rc < DV
+        m2 = mk[:, None] & mc[None, :]
+        idx = tl.arange(0, CH)
+        fidx = idx.to(tl.float32)
+        ld = tl.load(LogDecay + pid % H).to(tl.float32)
+        q_base = Q + n64 * s_qb + h64 * s_qh
+        k_base = K + n64 * s_kb + h64 * s_kh
+        v_base = V + n64 * s_vb + h64 * s_vh
+        o_base = Out + n64 * s_ob + h64 * s_oh
+        st_base = n64 * s_pn + h64 * s_ph
+        st_tile = rk[:, None] * s_pr + rc[None, :]
+        nchunks = (T + CH - 1) // CH
+        c0 = seg * SEGC
+        seg_decay = tl.exp(ld * (SEGC * CH))
+        notlast = seg < NSEG - 1
+
+        if is_sum:
+            # S(s): segments before the last are whole (SEGC full chunks)
+            b_decay = tl.exp(ld * (CH - 1.0 - fidx))
+            x_decay = tl.exp(ld * (CH * 1.0))
+            U = tl.full((BK, BC), 0.0, tl.float32)
+            for i in range(SEGC):
+                if OFF32:
+                    rows = (c0 + i) * CH + idx
+                else:
+                    rows = ((c0 + i) * CH + idx).to(tl.int64)
+                kk_ = tl.load(k_base + rows[:, None] * s_kt + rk[None, :], mask=mk[None, :], other=0.0,
+                              eviction_policy=EV_KEEP)
+                vv = tl.load(v_base + rows[:, None] * s_vt + rc[None, :], mask=mc[None, :], other=0.0,
+                             eviction_policy=EV_KEEP)
+                if DECAY_V:  # the decay on the (narrower) v tile; k^T straight from shared memory
+                    v_dec = (vv.to(tl.float32) * b_decay[:, None]).to(vv.dtype)
+                    U = tl.dot(tl.trans(kk_), v_dec, U * x_decay)
+                else:
+                    k_dec = (kk_.to(tl.float32) * b_decay[:, None]).to(vv.dtype)
+                    U = tl.dot(tl.trans(k_dec), vv, U * x_decay)
+            tl.store(Agg + st_base + seg * s_ps + st_tile, U, mask=m2)
+            tl.debug_barrier()
+            tl.atomic_xchg(flag_base + seg, 1, sem="release")
+        else:
+            # W(s): the state entering the segment. Flag 1: the segment's own sum is in Agg; flag 2: the state at
+            # its end is in Incl.
+            if seg == 0:
+                if HAS_INIT:
+                    P = tl.load(Init + n64 * s_in + h64 * s_ih + rk[:, None] * s_ir + rc[None, :] * s_ic, mask=m2,
+                                other=0.0).to(tl.float32)
+                else:
+                    P = tl.full((BK, BC), 0.0, tl.float32)
+            else:
+                P = tl.full((BK, BC), 0.0, tl.float32)
+                j = seg - 1
+                w = seg_decay * 0.0 + 1.0
+                while j >= 0:
+                    f = tl.atomic_add(flag_base + j, 0, sem="acquire")
+                    while f == 0:
+                        f = tl.atomic_add(flag_base + j, 0, sem="acquire")
+                    if f == 2:
+                        P += w * tl.load(Incl + st_base + j * s_ps + st_tile, mask=m2, other=0.0,
+                                         cache_modifier=".cg")
+                        j = j - j - 1
+                    else:
+                        P += w * tl.load(Agg + st_base + j * s_ps + st_tile, mask=m2, other=0.0,
+                                         cache_modifier=".cg")
+                        w = w * seg_decay
+                        j -= 1
+            if PUBLISH_INCL:
+                publish = notlast
+            else:
+                publish = notlast & (seg == 0)
+            if publish:
+                f = tl.atomic_add(flag_base + seg, 0, sem="acquire")
+                while f == 0:
+                    f = tl.atomic_add(flag_base + seg, 0, sem="acquire")
+                U = tl.load(Agg + st_base + seg * s_ps + st_tile, mask=m2, other=0.0, cache_modifier=".cg")
+                tl.store(Incl + st_base + seg * s_ps + st_tile, P * seg_decay + U, mask=m2)
+                tl.debug_barrier()
+                tl.atomic_xchg(flag_base + seg, 2, sem="release")
+            if SAVE_PREFIX:
+                tl.store(Pref + st_base + seg * s_ps + st_tile, P, mask=m2)
+
+            # the walk: o = scale * (decayed q X + intra-chunk part), the carried-state term first
+            a_decay0 = tl.exp(ld * (fidx + 1.0))
+            diff = fidx[:, None] - fidx[None, :]
+            decay_mask = tl.where(diff >= 0, tl.exp(ld * tl.maximum(diff, 0.0)), 0.0) * scale
+            c1 = tl.minimum(c0 + SEGC, nchunks)
+            X = P
+            for ci in range(c0, c1):
+                start = ci * CH
+                t = start + idx
+                mt = t < T
+                if OFF32:
+                    rows = t
+                else:
+                    rows = t.to(tl.int64)
+                qq = tl.load(q_base + rows[:, None] * s_qt + rk[None, :], mask=mt[:, None] & mk[None, :], other=0.0,
+                             eviction_policy=EV_DROP)
+                kk_ = tl.load(k_base + rows[:, None] * s_kt + rk[None, :], mask=mt[:, None] & mk[None, :],
+                              other=0.0, eviction_policy=EV_DROP)
+                vv = tl.load(v_base + rows[:, None] * s_vt + rc[None, :], mask=mt[:, None] & mc[None, :],
+                             other=0.0, eviction_policy=EV_DROP)
+                clen = tl.minimum(T - start, CH).to(tl.float32)
+                b_decay = tl.where(mt, tl.exp(ld * tl.maximum(clen - 1.0 - fidx, 0.0)), 0.0)
+                a_decay = tl.where(mt, a_decay0, 0.0)
+                if STATE_LOWP:
+                    acc = tl.dot(qq, X.to(vv.dtype))
+                else:
+                    acc = tl.dot(qq.to(tl.float32), X)
+                acc = acc * (a_decay * scale)[:, None]
+                scores = tl.dot(qq, tl.trans(kk_)) * decay_mask
+                acc = tl.dot(scores.to(vv.dtype), vv, acc)
+                tl.store(o_base + rows[:, None] * s_ot + rc[None, :], acc.to(Out.dtype.element_ty),
+                         mask=mt[:, None] & mc[None, :], eviction_policy=EV_DROP)
+                if DECAY_V:
+                    v_dec = (vv.to(tl.float32) * b_decay[:, None]).to(vv.dtype)
+                    X = tl.dot(tl.trans(kk_), v_dec, X * tl.exp(ld * clen))
+                else:
+                    k_dec = (kk_.to(tl.float32) * b_decay[:, None]).to(vv.dtype)
+                    X = tl.dot(tl.trans(k_dec), vv, X * tl.exp(ld * clen))
+            if STORE_FINAL:
+                if seg == NSEG - 1:
+                    tl.store(Final + n64 * s_fn + h64 * s_fh + rk[:, None] * s_fr + rc[None, :] * s_fc, X, mask=m2)
+
+    @triton.jit
     def _add(x, y):
         # The kernels here call no jit helper of triton's own library (tl.sum, tl.zeros, tl.cdiv): the tests build this
         # file for the Triton interpreter inside a process where triton was imported compiled, and helpers decorated
@@ -632,6 +805,47 @@ def _lookback_forward(q, k, v, log_decay, *, init, scale, store_final, save_pref
     return out, final, pref, (nseg, segc), flags
 
 
+def _overlap_forward(q, k, v, log_decay, *, init, scale, store_final, save_prefix, chunk, config: ScanConfig):
+    """The one-launch forward with sum and walk programs from one ticket counter (no cu_seqlens). Returns what
+    `_lookback_forward` returns: o, the final state (or None), the state entering each segment (N, H, NSEG, Dk, Dv)
+    float32 when `save_prefix` (else None), (nseg, segc) and the flags (per program and segment, then the counter)."""
+    B, H, T, DK = q.shape
+    DV = v.shape[-1]
+    nseg, segc = _lookback_segments(T, chunk, config)
+    BK = _pow2(DK)
+    BC = _block_c(config, DK, DV)
+    ncol = triton.cdiv(DV, BC)
+    nhc = B * H * ncol
+    dev = q.device
+    out = _new_out(q, DV, q.dtype)
+    final = torch.empty(B, H, DK, DV, device=dev, dtype=torch.float32) if store_final else None
+    flags = torch.zeros(nhc * nseg + 1, device=dev, dtype=torch.int32)
+    shape = (B, H, nseg, DK, DV)
+    agg = torch.empty(shape, device=dev, dtype=torch.float32) if nseg > 1 else None
+    incl = torch.empty(shape, device=dev, dtype=torch.float32) if nseg > 1 else None
+    pref = torch.empty(shape, device=dev, dtype=torch.float32) if save_prefix else None
+    st_strides = (H * nseg * DK * DV, nseg * DK * DV, DK * DV, DV)
+    dummy = log_decay
+    hints = config.l2_hints
+    grid = (nhc * (2 * nseg - 1),)  # nseg - 1 sum programs and nseg walk programs per (sequence, head, column tile)
+    _fwd_overlap_kernel[grid](
+        q, k, v, out, dummy if init is None else init, dummy if final is None else final,
+        dummy if agg is None else agg, dummy if incl is None else incl, dummy if pref is None else pref, flags,
+        log_decay,
+        T, H, DK, DV, nseg, segc, ncol, nhc, max(0, int(config.lead)),
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
+        *((0, 0, 0, 0) if init is None else init.stride()), *((0, 0, 0, 0) if final is None else final.stride()),
+        *st_strides,
+        float(scale),
+        CH=chunk, BK=BK, BC=BC, HAS_INIT=init is not None, STORE_FINAL=final is not None,
+        SAVE_PREFIX=pref is not None, STATE_LOWP=config.state_lowp and v.dtype == torch.bfloat16,
+        EV_KEEP="evict_last" if hints else "", EV_DROP="evict_first" if hints else "",
+        PUBLISH_INCL=config.publish_inclusive, OFF32=_fits_int32(T, q, k, v, out),
+        DECAY_V=config.decay_v, num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    return out, final, pref, (nseg, segc), flags
+
+
 class _LightningChunked(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, log_decay, initial_state, scale, output_final_state, cu_seqlens, chunk, config,
@@ -640,8 +854,8 @@ class _LightningChunked(torch.autograd.Function):
         B, H, T, _ = q.shape
         N = B if cu_seqlens is None else cu_seqlens.numel() - 1
         fwd_chunk = config.chunk or chunk
-        if config.lookback and cu_seqlens is None:
-            o, final, u, (nseg, segc), _ = _lookback_forward(
+        if (config.lookback or config.overlap) and cu_seqlens is None:
+            o, final, u, (nseg, segc), _ = (_overlap_forward if config.overlap else _lookback_forward)(
                 q, k, v, log_decay, init=initial_state, scale=scale, store_final=output_final_state,
                 save_prefix=grad, chunk=fwd_chunk, config=config)
             prefix = True  # u: the state entering each segment, which (transposed) starts the dq scan's segments

@@ -169,6 +169,50 @@ def test_lookback_publishes_every_segment_interpreted(interp, seed):
         assert rel(pref[:, :, s], state) < 1e-5
 
 
+@pytest.mark.parametrize(
+    "B,H,T,Dk,Dv,with_init,chunk,seg_tokens,lead,publish,fwd_chunk,decay_v",
+    [
+        (2, 2, 300, 16, 32, True, 16, 48, 1, True, None, False),  # 7 segments of 3 chunks, the last partial; 2 col tiles
+        (2, 2, 300, 16, 32, True, 16, 48, 1, True, None, True),  # the same, the state update decaying v
+        (1, 2, 130, 32, 16, False, 32, 32, 0, False, None, True),  # sums right before their walks; look-backs over sums
+        (1, 3, 211, 16, 16, True, 16, 32, 2, True, None, False),  # sums two segments ahead
+        (1, 1, 45, 16, 16, True, 16, 64, 1, True, None, True),  # a single segment: walks only
+        (1, 2, 100, 16, 16, False, 16, 32, 50, True, 32, False),  # every sum before every walk; forward chunks of 32
+    ],
+)
+def test_overlap_forward_matches_reference_interpreted(interp, seed, B, H, T, Dk, Dv, with_init, chunk, seg_tokens,
+                                                       lead, publish, fwd_chunk, decay_v):
+    # the one-launch forward with sum and walk programs from one ticket counter; the backward's dq scan starts each
+    # segment from the state the forward saved for it
+    cfg = interp.ScanConfig(overlap=True, segment_tokens=seg_tokens, lead=lead, block_c=16, publish_inclusive=publish,
+                            chunk=fwd_chunk, decay_v=decay_v)
+    bwd = interp.ScanConfig(block_c=16, target_programs=10 ** 6, min_segment_chunks=1)
+    args = _inputs(B, H, T, Dk, Dv, B, with_init, torch.float32, "cpu")
+    errs = _run_both(interp.lightning_attn_chunked_triton, *args, None, chunk=chunk, config=cfg, bwd_config=bwd)
+    assert max(errs.values()) < 1e-5, errs
+
+
+@pytest.mark.parametrize("lead", [0, 1, 3])
+def test_overlap_runs_every_program_once_interpreted(interp, seed, lead):
+    # nseg - 1 sum programs and nseg walk programs per (head, column tile), one ticket each; every walk but the last
+    # publishes the state at its segment's end, and the saved entering states are the reference's
+    q, k, v, ld, s0 = _inputs(1, 3, 200, 16, 32, 1, True, torch.float32, "cpu")
+    cfg = interp.ScanConfig(overlap=True, segment_tokens=32, block_c=16, lead=lead)
+    with torch.no_grad():
+        o, final, pref, (nseg, segc), flags = interp._overlap_forward(
+            q, k, v, ld.float(), init=s0, scale=0.25, store_final=True, save_prefix=True, chunk=16, config=cfg)
+    assert (nseg, segc) == (7, 2) and flags[-1].item() == 3 * 2 * (2 * nseg - 1)
+    per_program = flags[:-1].view(3 * 2, nseg)
+    assert (per_program[:, :-1] == 2).all() and (per_program[:, -1] == 0).all()
+    o_ref, f_ref = lightning_attn_chunked(q, k, v, ld, 0.25, s0, True, 16)
+    assert rel(o, o_ref) < 1e-5 and rel(final, f_ref) < 1e-5
+    assert torch.equal(pref[:, :, 0], s0)
+    for s in range(1, nseg):
+        _, state = lightning_attn_chunked(q[:, :, : 32 * s], k[:, :, : 32 * s], v[:, :, : 32 * s], ld, 0.25, s0,
+                                          True, 16)
+        assert rel(pref[:, :, s], state) < 1e-5
+
+
 @pytest.mark.parametrize("with_init", [False, True])
 def test_varlen_packs_match_reference_interpreted(interp, seed, with_init):
     cu = torch.tensor([0, 13, 80, 81, 150])  # a one-token document and chunk-crossing ones
@@ -319,6 +363,27 @@ def test_lookback_forward_long_gpu(seed, seg_tokens, publish):
                                                          save_prefix=False, chunk=64, config=cfg)
         o_two_pass, _ = lt.lightning_attn_chunked_triton(q, k, v, ld, 0.1, config=lt.ScanConfig(lookback=False))
     assert flags[-1].item() == 8 * nseg  # one ticket per program
+    assert rel(o, o_two_pass) < 1e-2
+
+
+@gpu
+@pytest.mark.parametrize("seg_tokens,lead,block_c,num_warps,num_stages,publish,decay_v",
+                         [(256, 1, 64, 4, 2, True, True), (128, 0, 128, 8, 3, True, False),
+                          (512, 2, 64, 4, 2, True, False), (128, 1, 64, 4, 2, False, True)])
+def test_overlap_forward_long_gpu(seed, seg_tokens, lead, block_c, num_warps, num_stages, publish, decay_v):
+    # sums and walks of many segments in flight at once: the walks really wait on the sums here
+    lt = _kernels()
+    cfg = lt.ScanConfig(block_c=block_c, num_warps=num_warps, num_stages=num_stages, state_lowp=True, overlap=True,
+                        segment_tokens=seg_tokens, lead=lead, publish_inclusive=publish, decay_v=decay_v)
+    args = _inputs(1, 8, 8191, 128, 128, 1, True, torch.bfloat16, "cuda")
+    errs = _run_both(lt.lightning_attn_chunked_triton, *args, None, config=cfg)
+    assert max(errs.values()) < 1e-2, errs
+    q, k, v, ld, _ = args
+    with torch.no_grad():
+        o, _, _, (nseg, _), flags = lt._overlap_forward(q, k, v, ld.float(), init=None, scale=0.1, store_final=False,
+                                                        save_prefix=False, chunk=64, config=cfg)
+        o_two_pass, _ = lt.lightning_attn_chunked_triton(q, k, v, ld, 0.1, config=lt.ScanConfig(lookback=False))
+    assert flags[-1].item() == 8 * (128 // block_c) * (2 * nseg - 1)  # one ticket per program
     assert rel(o, o_two_pass) < 1e-2
 
 
