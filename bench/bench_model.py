@@ -8,7 +8,11 @@ of 16K tokens (batch 1); decode runs from that cache copied to batches 1, 2 and 
 `one-pass` mode (`--dense-modes`): the whole prompt in one forward, its attention a plain causal SDPA call (PyTorch's
 default backend), the fastest prefill a dense transformers model has where memory allows; the chunked mode's later
 chunks need a lower-right causal mask, which only the slower FlashAttention-2 path of SDPA takes. The last table
-compares each hybrid with the faster dense mode at each length. Lengths are tried in increasing order;
+compares each hybrid with the faster dense mode at each length. Before its timed lengths each model prefills once,
+untimed, at its longest length (`--warmup`, at most `--warmup-cap`): kernel compilation (Triton specialises the sparse
+selection kernels per power of two of the key-block count; torch.compile builds the hybrid's fused elementwise pieces)
+then stays out of the timings. Variant `block-eager` is the default hybrid with those fused pieces off (the model code
+before they existed), for before/after comparisons in one run. Lengths are tried in increasing order;
 a model stops growing at its first OOM, and a length whose predicted time would pass the model's share of the time
 budget is recorded as skipped. Every result is appended to OUT/results.jsonl as soon as it exists (a killed run keeps
 what it measured); OUT/bench_results.{json,md} hold the final report (plots: `python bench/bench_model.py --plot OUT`
@@ -26,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from hybridize.arch.modeling_hybridize import FUSED
 from hybridize.eval.report import plot_bench, write_bench_report
 from hybridize.eval.speed import (BenchReport, bench_model, device_name, format_length, parse_length,
                                   shape_builders)
@@ -64,7 +69,11 @@ def main() -> int:
     ap.add_argument("--decode-steps", type=int, default=8)
     ap.add_argument("--budget", type=float, default=380.0, help="seconds for the whole script")
     ap.add_argument("--dense-share", type=float, default=0.4, help="share of the time left kept for the dense model")
-    ap.add_argument("--warmup", default="32K")
+    ap.add_argument("--warmup", default="max",
+                    help="untimed warm-up prefill length per model ('max': the longest length it runs, at most "
+                         "--warmup-cap). Triton compiles a selection-kernel variant per power of two of the key-block "
+                         "count, so a short warm-up leaves compilations inside the timed prefills of longer contexts")
+    ap.add_argument("--warmup-cap", default="256K", help="longest 'max' warm-up")
     ap.add_argument("--variants", default="block,token,block+coarse",
                     help="hybrid sparse-selection variants to run, in order (block is the config default)")
     ap.add_argument("--token-max", default="128K", help="longest length for the exact token-selection hybrid")
@@ -102,7 +111,9 @@ def main() -> int:
 
     known = {"block": {"sparse_selection": "block"},  # the config default
              "token": {"sparse_selection": "token"},  # exact per-token selection
-             "block+coarse": {"sparse_selection": "block", "sparse_coarse_normalizer": True}}
+             "block+coarse": {"sparse_selection": "block", "sparse_coarse_normalizer": True},
+             # the default hybrid with the fused elementwise pieces off (the code before they existed; no decode)
+             "block-eager": {"sparse_selection": "block"}}
     chosen = [v for v in args.variants.split(",") if v]
     bad = [v for v in chosen if v not in known]
     if bad:
@@ -127,6 +138,8 @@ def main() -> int:
         left = args.budget - (time.perf_counter() - t_start)
         cap = left * shares[i] if i < len(names) - 1 else left - 15.0
         model_lengths = [L for L in lengths if L <= parse_length(args.token_max)] if "token" in name else lengths
+        eager = "block-eager" in name
+        FUSED.enabled = not eager
         t0 = time.perf_counter()
         model = builders[name]()
         if device.type == "cuda":
@@ -134,12 +147,15 @@ def main() -> int:
         print(f"{name}: built in {time.perf_counter() - t0:.1f} s, "
               f"{sum(p.numel() for p in model.parameters()) / 1e9:.2f} B params, "
               f"{torch.cuda.memory_allocated() / 2**30:.1f} GiB; time cap {cap:.0f} s", flush=True)
+        warmup = (min(max(model_lengths), parse_length(args.warmup_cap)) if args.warmup == "max"
+                  else parse_length(args.warmup))
         models.append(bench_model(name, model, model_lengths,
                                   chunk_size=1 << 40 if name == one_pass else args.chunk,  # one chunk: the prompt
-                                  decode_batches=() if name == one_pass else batches,
+                                  decode_batches=() if name == one_pass or eager else batches,
                                   decode_steps=args.decode_steps, time_cap_s=cap - (time.perf_counter() - t0),
-                                  warmup_length=parse_length(args.warmup),
+                                  warmup_length=warmup,
                                   log=lambda s: print(s, flush=True), on_result=on_result))
+        FUSED.enabled = True
         del model
         torch.cuda.empty_cache()
     report = BenchReport(device_name(device), "bfloat16", args.chunk, args.decode_steps, sorted(batches), lengths,

@@ -181,7 +181,7 @@ def profile_prefill(model, length: int, chunk: int, device, log, top: int) -> di
     by_kind: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
     for e in prof.events():
         dev = str(getattr(e, "device_type", ""))
-        if device.type == "cuda" and "CUDA" in dev:
+        if device.type == "cuda" and "CUDA" in dev and not e.name.startswith("layer|"):  # (not the ranges)
             kernels[e.name] += e.time_range.elapsed_us()
             counts[e.name] += 1
         ks = getattr(e, "kernels", None) or []

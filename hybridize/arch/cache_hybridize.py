@@ -18,9 +18,11 @@ import torch
 from .ops import compress_keys, num_compressed
 
 
-def _headroom(need: int) -> int:
-    """Extra positions allocated beyond `need`: 1/8 of it (at least 256, at most 65536), a multiple of 64."""
-    extra = min(max(256, need // 8), 65536)
+def _headroom(need: int, incoming: int = 1) -> int:
+    """Extra positions allocated beyond `need`: 1/8 of it, and at least twice the block being appended (a chunked
+    prefill then reallocates, and copies what it holds, every other chunk or less often instead of at every chunk);
+    at least 256, at most 65536, a multiple of 64."""
+    extra = min(max(256, need // 8, 2 * incoming), 65536)
     return -(-extra // 64) * 64
 
 
@@ -29,7 +31,7 @@ def _write(buf: torch.Tensor | None, used: int, new: torch.Tensor) -> torch.Tens
     does not fit (or when batch/heads changed); returns the buffer (possibly new)."""
     need = used + new.shape[2]
     if buf is None or need > buf.shape[2] or buf.shape[:2] != new.shape[:2] or buf.dtype != new.dtype:
-        grown = new.new_empty(new.shape[0], new.shape[1], need + _headroom(need), new.shape[3])
+        grown = new.new_empty(new.shape[0], new.shape[1], need + _headroom(need, new.shape[2]), new.shape[3])
         if buf is not None and used:
             grown[:, :, :used] = buf[:, :, :used]
         buf = grown

@@ -54,6 +54,13 @@ def _norm_rope_math(x: torch.Tensor, weight: torch.Tensor, eps: float, cos: torc
     return (yf * cos[:, :, None, :] + rot * sin[:, :, None, :]).to(y.dtype)
 
 
+def _add_rms_norm_math(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
+                       eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The residual add and the RMSNorm of its result, (x + delta, norm(x + delta))."""
+    s = x + delta
+    return s, _rms_norm_math(s, weight, eps)
+
+
 def _silu_mul_math(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.silu(gate) * up
 
@@ -350,8 +357,15 @@ class HybridDecoderLayer(_LayerBase):
         self.post_attention_layernorm = HybridRMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, hidden_states: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
-        hidden_states = hidden_states + self.self_attn(self.input_layernorm(hidden_states), ctx)
-        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+        mixed = self.self_attn(self.input_layernorm(hidden_states), ctx)
+        norm = self.post_attention_layernorm
+        if FUSED.usable(mixed):  # residual add + norm in one pass
+            hidden_states, normed = FUSED(_add_rms_norm_math, hidden_states, mixed, norm.weight,
+                                          norm.variance_epsilon)
+        else:
+            hidden_states = hidden_states + mixed
+            normed = norm(hidden_states)
+        return hidden_states + self.mlp(normed)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
