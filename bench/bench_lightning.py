@@ -216,7 +216,8 @@ def _ov(block_c, num_warps, num_stages, segment_tokens, lead=1, decay_v=False, *
 SWEEP = [  # forward configs at 64K, the two shipped ones first, then the most promising (the sweep stops at its budget)
     LT.DEFAULT_CONFIG, TWO_PASS,
     # overlap forward, 4 warps and 64 columns: a sum and a walk program fit on one SM together
-    _ov(64, 4, 2, 1024, decay_v=True), _ov(64, 4, 2, 512, decay_v=True), _ov(64, 4, 2, 2048, decay_v=True),
+    _ov(64, 4, 2, 1024, decay_v=True), _ov(64, 4, 2, 1024, decay_v=True, sum_stages=4),
+    _ov(64, 4, 2, 512, decay_v=True), _ov(64, 4, 2, 2048, decay_v=True), _ov(64, 4, 2, 512, decay_v=True, sum_stages=4),
     _ov(128, 8, 3, 1024),  # one program per SM: sums and walks take turns
     _ov(64, 4, 2, 1024, lead=2, decay_v=True), _ov(64, 4, 2, 256, decay_v=True), _ov(64, 4, 2, 1024),
     _ov(64, 4, 2, 1024, lead=0, decay_v=True), _ov(128, 8, 3, 512),

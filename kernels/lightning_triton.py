@@ -90,7 +90,8 @@ class ScanConfig:
     whose segment-sum programs and walk programs take tickets from one counter, the sums `lead` segments ahead of the
     walks (segments of `segment_tokens` tokens), so that they overlap and the walks re-read k, v from L2;
     `decay_v` (that kernel only): the state update decays the rows of v (a block_c-wide tile) instead of those of k
-    (all Dk columns), and takes k^T straight from shared memory."""
+    (all Dk columns), and takes k^T straight from shared memory; `sum_stages`: pipeline depth of its sum programs'
+    loads (None: `num_stages`), deeper since they are bandwidth-bound."""
 
     block_c: int = 64
     num_warps: int = 8
@@ -107,6 +108,7 @@ class ScanConfig:
     overlap: bool = False
     lead: int = 1
     decay_v: bool = False
+    sum_stages: int | None = None
 
 
 # The fastest of a sweep on one H100 (bench/bench_lightning.py --sweep, bf16, 32 heads, d = 128; bench/RESULTS.md):
@@ -448,7 +450,7 @@ if HAS_TRITON:
         CH: tl.constexpr, BK: tl.constexpr, BC: tl.constexpr,
         HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr, SAVE_PREFIX: tl.constexpr, STATE_LOWP: tl.constexpr,
         EV_KEEP: tl.constexpr, EV_DROP: tl.constexpr, PUBLISH_INCL: tl.constexpr, OFF32: tl.constexpr,
-        DECAY_V: tl.constexpr,
+        DECAY_V: tl.constexpr, SUM_STAGES: tl.constexpr,
     ):
         # One launch, two kinds of program, in the order of a ticket counter: S(s) sums segment s's decayed k^T v
         # into Agg and raises its flag to 1; W(s) obtains the state entering segment s (look-back over the flags),
@@ -498,7 +500,7 @@ if HAS_TRITON:
             b_decay = tl.exp(ld * (CH - 1.0 - fidx))
             x_decay = tl.exp(ld * (CH * 1.0))
             U = tl.full((BK, BC), 0.0, tl.float32)
-            for i in range(SEGC):
+            for i in tl.range(0, SEGC, num_stages=SUM_STAGES):
                 if OFF32:
                     rows = (c0 + i) * CH + idx
                 else:
@@ -841,7 +843,8 @@ def _overlap_forward(q, k, v, log_decay, *, init, scale, store_final, save_prefi
         SAVE_PREFIX=pref is not None, STATE_LOWP=config.state_lowp and v.dtype == torch.bfloat16,
         EV_KEEP="evict_last" if hints else "", EV_DROP="evict_first" if hints else "",
         PUBLISH_INCL=config.publish_inclusive, OFF32=_fits_int32(T, q, k, v, out),
-        DECAY_V=config.decay_v, num_warps=config.num_warps, num_stages=config.num_stages,
+        DECAY_V=config.decay_v, SUM_STAGES=config.sum_stages or config.num_stages, num_warps=config.num_warps,
+        num_stages=config.num_stages,
     )
     return out, final, pref, (nseg, segc), flags
 

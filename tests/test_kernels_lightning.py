@@ -175,7 +175,7 @@ def test_lookback_publishes_every_segment_interpreted(interp, seed):
         (2, 2, 300, 16, 32, True, 16, 48, 1, True, None, False),  # 7 segments of 3 chunks, the last partial; 2 col tiles
         (2, 2, 300, 16, 32, True, 16, 48, 1, True, None, True),  # the same, the state update decaying v
         (1, 2, 130, 32, 16, False, 32, 32, 0, False, None, True),  # sums right before their walks; look-backs over sums
-        (1, 3, 211, 16, 16, True, 16, 32, 2, True, None, False),  # sums two segments ahead
+        (1, 3, 211, 16, 16, True, 16, 32, 2, True, None, False),  # sums two segments ahead (4-deep sum pipeline)
         (1, 1, 45, 16, 16, True, 16, 64, 1, True, None, True),  # a single segment: walks only
         (1, 2, 100, 16, 16, False, 16, 32, 50, True, 32, False),  # every sum before every walk; forward chunks of 32
     ],
@@ -185,7 +185,7 @@ def test_overlap_forward_matches_reference_interpreted(interp, seed, B, H, T, Dk
     # the one-launch forward with sum and walk programs from one ticket counter; the backward's dq scan starts each
     # segment from the state the forward saved for it
     cfg = interp.ScanConfig(overlap=True, segment_tokens=seg_tokens, lead=lead, block_c=16, publish_inclusive=publish,
-                            chunk=fwd_chunk, decay_v=decay_v)
+                            chunk=fwd_chunk, decay_v=decay_v, sum_stages=4 if lead == 2 else None)
     bwd = interp.ScanConfig(block_c=16, target_programs=10 ** 6, min_segment_chunks=1)
     args = _inputs(B, H, T, Dk, Dv, B, with_init, torch.float32, "cpu")
     errs = _run_both(interp.lightning_attn_chunked_triton, *args, None, chunk=chunk, config=cfg, bwd_config=bwd)
@@ -367,14 +367,16 @@ def test_lookback_forward_long_gpu(seed, seg_tokens, publish):
 
 
 @gpu
-@pytest.mark.parametrize("seg_tokens,lead,block_c,num_warps,num_stages,publish,decay_v",
-                         [(256, 1, 64, 4, 2, True, True), (128, 0, 128, 8, 3, True, False),
-                          (512, 2, 64, 4, 2, True, False), (128, 1, 64, 4, 2, False, True)])
-def test_overlap_forward_long_gpu(seed, seg_tokens, lead, block_c, num_warps, num_stages, publish, decay_v):
+@pytest.mark.parametrize("seg_tokens,lead,block_c,num_warps,num_stages,publish,decay_v,sum_stages",
+                         [(256, 1, 64, 4, 2, True, True, 4), (128, 0, 128, 8, 3, True, False, None),
+                          (512, 2, 64, 4, 2, True, False, None), (128, 1, 64, 4, 2, False, True, None)])
+def test_overlap_forward_long_gpu(seed, seg_tokens, lead, block_c, num_warps, num_stages, publish, decay_v,
+                                  sum_stages):
     # sums and walks of many segments in flight at once: the walks really wait on the sums here
     lt = _kernels()
     cfg = lt.ScanConfig(block_c=block_c, num_warps=num_warps, num_stages=num_stages, state_lowp=True, overlap=True,
-                        segment_tokens=seg_tokens, lead=lead, publish_inclusive=publish, decay_v=decay_v)
+                        segment_tokens=seg_tokens, lead=lead, publish_inclusive=publish, decay_v=decay_v,
+                        sum_stages=sum_stages)
     args = _inputs(1, 8, 8191, 128, 128, 1, True, torch.bfloat16, "cuda")
     errs = _run_both(lt.lightning_attn_chunked_triton, *args, None, config=cfg)
     assert max(errs.values()) < 1e-2, errs
