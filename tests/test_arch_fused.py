@@ -127,7 +127,7 @@ def _run(model, ids, steps):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
 def test_gpu_fused_model_equals_the_unfused_model(dtype, tol):
     model = _gpu_model(dtype)
     g = torch.Generator().manual_seed(3)
@@ -146,3 +146,31 @@ def test_gpu_fused_model_equals_the_unfused_model(dtype, tol):
         mh.FUSED.enabled = was
     rel = ((fused - plain).norm() / plain.norm()).item()
     assert rel <= tol, rel
+
+
+def test_compiled_pieces_give_the_plain_model_outputs_on_cpu(monkeypatch):
+    """The compiled path forced on the CPU (inductor's C++ backend): a tiny bf16 hybrid gives the same logits as the
+    plain PyTorch code (the compiled pieces round to bfloat16 where the eager code does)."""
+    pytest.importorskip("torch._inductor")
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from helpers import TINY_SPARSE, tiny_llama
+
+    from hybridize.convert.build import build_hybrid
+
+    model = build_hybrid(tiny_llama(), ["lightning", "sparse", "lightning", "sparse"], **TINY_SPARSE)
+    model = model.to(torch.bfloat16)
+    ids = torch.randint(3, 97, (2, 100), generator=torch.Generator().manual_seed(6))
+    fused = mh.FusedElementwise()
+    monkeypatch.setattr(mh, "FUSED", fused)
+    monkeypatch.setattr(mh.FusedElementwise, "usable", lambda self, x: self.enabled)
+    with torch.no_grad():
+        fused.enabled = False
+        plain = model(ids, use_cache=False).logits.float()
+        fused.enabled = True
+        got = model(ids, use_cache=False).logits.float()
+    assert fused.enabled and len(fused._compiled) == 5
+    rel = ((got - plain).norm() / plain.norm()).item()
+    assert rel <= 1e-3, rel

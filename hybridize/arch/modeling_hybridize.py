@@ -95,7 +95,7 @@ class FusedElementwise:
         name = fn.__name__
         compiled = self._compiled.get(name)
         if compiled is None:
-            compiled = self._compiled[name] = torch.compile(fn, fullgraph=True)
+            compiled = self._compiled[name] = torch.compile(fn, fullgraph=True, options=_compile_options())
         try:
             return compiled(*args)
         except Exception as e:  # noqa: BLE001 - out of memory is re-raised, anything else falls back to eager
@@ -105,6 +105,16 @@ class FusedElementwise:
                           "running plain PyTorch from now on", RuntimeWarning, stacklevel=2)
             self.enabled = False
             return fn(*args)
+
+
+def _compile_options() -> dict | None:
+    """Inductor rounds to bfloat16 wherever the eager code does (`.to(dtype)`), where this torch knows how: the fused
+    pieces then give the eager results bit for bit, up to the order of a row's sum of squares."""
+    try:
+        import torch._inductor.config as inductor_config
+    except Exception:  # noqa: BLE001 - no inductor: torch.compile's own error decides
+        return None
+    return {"emulate_precision_casts": True} if hasattr(inductor_config, "emulate_precision_casts") else None
 
 
 FUSED = FusedElementwise()  # the one switch: modeling_hybridize.FUSED.enabled
