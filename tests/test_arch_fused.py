@@ -84,6 +84,25 @@ def test_chunked_prefill_reallocates_the_key_buffer_at_most_every_other_chunk():
     torch.testing.assert_close(ckeys, expected, rtol=1e-6, atol=1e-6)
 
 
+def test_a_piece_past_the_recompile_limit_runs_eagerly_for_new_shapes_only(monkeypatch):
+    import torch._dynamo.config as dynamo_config
+
+    limit = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
+    monkeypatch.setattr(dynamo_config, limit, 1)
+
+    def twice_plus_one(x):
+        return x * 2 + 1
+
+    fused = mh.FusedElementwise()
+    a, b = torch.arange(5.0), torch.arange(7, dtype=torch.float64)  # a new dtype needs a new graph
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert torch.equal(fused(twice_plus_one, a), a * 2 + 1)
+        assert torch.equal(fused(twice_plus_one, b), b * 2 + 1)
+    assert fused.enabled  # still on for the shapes it has compiled
+    assert any("recompile limit" in str(w.message) for w in caught)
+
+
 def test_environment_switch_turns_the_fusion_off(monkeypatch):
     monkeypatch.setenv("HYBRIDIZE_FUSED", "0")
     assert not mh.FusedElementwise().enabled
@@ -115,7 +134,7 @@ def _cache(out):
 
 
 def _run(model, ids, steps):
-    """Chunked prefill (2 chunks of 192) then one token at a time: every fused piece sees two shapes."""
+    """Chunked prefill (2 chunks of 192; the fused pieces) then one token at a time (decode-sized: eager)."""
     with torch.no_grad():
         out = model(ids, use_cache=True)
         cache, logits = _cache(out), [out.logits.float()]

@@ -73,18 +73,24 @@ class FusedElementwise:
     """torch.compile'd versions of the small elementwise pieces above, for inference on CUDA.
 
     In eager PyTorch each of them is 5-15 passes over its tensor (float32 copies, squares, means, the RoPE halves and
-    their concatenation); compiled, each is one read and one write. They are used only where nothing can go wrong:
-    CUDA tensors, no autograd (training and CPU keep the plain PyTorch code), not inside torch.compile or a CUDA
-    graph capture, torch.compile available. `HYBRIDIZE_FUSED=0` in the environment, or `enabled = False`, turns them
-    off; a compilation error turns them off for the process with a warning (the eager code gives the same values).
+    their concatenation); compiled, each is one read and one write. They are used only where nothing can go wrong and
+    the passes cost time: CUDA tensors of at least `min_elements` (prefill chunks; a decode step's few elements stay
+    eager, as do training and CPU), no autograd, not inside torch.compile or a CUDA graph capture, torch.compile
+    available. `HYBRIDIZE_FUSED=0` in the environment, or `enabled = False`, turns them off. A compilation error turns
+    them off for the process with a warning (the eager code gives the same values); a piece that met more input
+    shapes than torch.compile's recompile limit runs eagerly for the new shapes only.
     """
+
+    min_elements = 1 << 16
 
     def __init__(self) -> None:
         self.enabled = os.environ.get("HYBRIDIZE_FUSED", "1").strip().lower() not in ("0", "false", "no", "off")
         self._compiled: dict[str, object] = {}
+        self._at_limit: set[str] = set()
 
     def usable(self, x: torch.Tensor) -> bool:
-        if not (self.enabled and x.is_cuda and not torch.is_grad_enabled() and hasattr(torch, "compile")):
+        if not (self.enabled and x.is_cuda and x.numel() >= self.min_elements and not torch.is_grad_enabled()
+                and hasattr(torch, "compile")):
             return False
         compiler = getattr(torch, "compiler", None)
         if compiler is not None and compiler.is_compiling():
@@ -101,6 +107,12 @@ class FusedElementwise:
         except Exception as e:  # noqa: BLE001 - out of memory is re-raised, anything else falls back to eager
             if isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower():
                 raise
+            if "RecompileLimit" in type(e).__name__ or "CacheLimit" in type(e).__name__:
+                if name not in self._at_limit:
+                    self._at_limit.add(name)
+                    warnings.warn(f"hybridize: {name} met more input shapes than torch.compile's recompile limit; "
+                                  "plain PyTorch for new shapes", RuntimeWarning, stacklevel=2)
+                return fn(*args)
             warnings.warn(f"hybridize: torch.compile of {name} failed ({type(e).__name__}: {str(e)[:200]}); "
                           "running plain PyTorch from now on", RuntimeWarning, stacklevel=2)
             self.enabled = False
