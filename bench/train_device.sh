@@ -46,8 +46,8 @@ for l in sys.stdin: r = json.loads(l); print(r['stage'], r['step'], round(r['los
 fsdp|fsdp-seeds|fsdp-pair)
   # 1 GPU (seed 0) vs FSDP on 2 GPUs (seed 0), same global batch; the yardstick of noise: 1-GPU runs with seeds 1
   # and 2 (other data order) and a rerun of seed 0. `fsdp` does everything (two 1-GPU runs at a time, one per GPU);
-  # on a machine whose GPU 0 is busy, `fsdp-seeds` runs the four 1-GPU runs on SEED_GPU (two at a time) and
-  # `fsdp-pair` later runs the 2-GPU run and the comparison. Runs and metrics are kept in /root/fsdp between calls.
+  # on a machine whose GPU 0 is busy, `fsdp-seeds` runs three 1-GPU runs (seeds 0, 1, 0 again) at once on SEED_GPU and
+  # `fsdp-pair` runs the 2-GPU run and the comparison (FSDP_EXTRA: more overrides, e.g. smaller micro-batches). Runs and metrics are kept in /root/fsdp between calls.
   D=$PWD/.train_gpu_x2
   [ -d /tmp/smol3 ] || python3 bench/train_quality.py unpack $D/smollm2-3bit.npz --out /tmp/smol3 2>&1 | tail -1
   mkdir -p /root/fsdp && cd ${SRC:-.}
@@ -55,7 +55,9 @@ fsdp|fsdp-seeds|fsdp-pair)
   SETS="--set model.source=/tmp/smol3 --set data.sources[0].path=$D/texts --set data.sources[1].path=$D/texts
         --set data.cache_dir=$D/cache --set stages[0].tokens=null --set stages[0].steps=${S1:-25}
         --set stages[1].tokens=null --set stages[1].steps=${S2:-25} --set output.checkpoint_every=100000
-        --set logging.progress=false --set logging.trackers=[] --set output.export=false --set precision=$PREC"
+        --set logging.progress=false --set logging.trackers=[] --set output.export=false --set precision=$PREC
+        ${FSDP_EXTRA:-}"
+  export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
   one() {  # name gpu seed
     local t=$(date +%s)
     CUDA_VISIBLE_DEVICES=$2 python3 -m hybridize.cli train recipes/smollm2-gpu.yaml $SETS --set seed=$3 \
@@ -64,8 +66,7 @@ fsdp|fsdp-seeds|fsdp-pair)
   }
   if [ $MODE = fsdp-seeds ]; then
     G=${SEED_GPU:-1}
-    one gpu1_seed0 $G 0 & one gpu1_seed1 $G 1 & wait
-    one gpu1_seed0_rerun $G 0 & one gpu1_seed2 $G 2 & wait
+    one gpu1_seed0 $G 0 & one gpu1_seed1 $G 1 & one gpu1_seed0_rerun $G 0 & wait
   elif [ $MODE = fsdp ]; then
     one gpu1_seed0 0 0 & one gpu1_seed1 1 1 & wait
     one gpu1_seed0_rerun 0 0 & one gpu1_seed2 1 2 & wait
@@ -78,7 +79,7 @@ fsdp|fsdp-seeds|fsdp-pair)
     echo "fsdp2_seed0: rc=$? $(( $(date +%s) - t )) s"; grep -v -i warn /root/fsdp/fsdp2_seed0.log | tail -4
     cp /tmp/fsdp2_seed0/metrics.jsonl /root/fsdp/fsdp2_seed0.jsonl
     (cd /root/fsdp && python3 $OLDPWD/bench/train_quality.py compare gpu1_seed0.jsonl fsdp2_seed0.jsonl \
-      gpu1_seed0_rerun.jsonl gpu1_seed1.jsonl gpu1_seed2.jsonl > compare.md; tail -12 compare.md)
+      gpu1_seed0_rerun.jsonl gpu1_seed1.jsonl $(ls gpu1_seed2.jsonl 2>/dev/null) > compare.md; tail -12 compare.md)
   fi
   cp /root/fsdp/* $OUT/ 2>/dev/null; ls /root/fsdp
   ;;
