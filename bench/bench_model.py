@@ -30,7 +30,6 @@ from pathlib import Path
 
 import torch
 
-from hybridize.arch.modeling_hybridize import FUSED
 from hybridize.eval.report import plot_bench, write_bench_report
 from hybridize.eval.speed import (BenchReport, bench_model, device_name, format_length, parse_length,
                                   shape_builders)
@@ -139,9 +138,10 @@ def main() -> int:
         cap = left * shares[i] if i < len(names) - 1 else left - 15.0
         model_lengths = [L for L in lengths if L <= parse_length(args.token_max)] if "token" in name else lengths
         eager = "block-eager" in name
-        FUSED.enabled = not eager
         t0 = time.perf_counter()
         model = builders[name]()
+        if eager:
+            model.config.fused_elementwise = False
         if device.type == "cuda":
             torch.cuda.synchronize()
         print(f"{name}: built in {time.perf_counter() - t0:.1f} s, "
@@ -155,7 +155,6 @@ def main() -> int:
                                   decode_steps=args.decode_steps, time_cap_s=cap - (time.perf_counter() - t0),
                                   warmup_length=warmup,
                                   log=lambda s: print(s, flush=True), on_result=on_result))
-        FUSED.enabled = True
         del model
         torch.cuda.empty_cache()
     report = BenchReport(device_name(device), "bfloat16", args.chunk, args.decode_steps, sorted(batches), lengths,

@@ -12,7 +12,7 @@ cache. Per model:
 - one prefill of --profile-length under torch.profiler (CUDA activity): the top kernels by GPU time, GPU time per op
   class (GEMM, SDPA, Lightning scan, sparse kernels, compiled elementwise, eager elementwise, reductions, copies) and,
   where the profiler links kernels to their launching op, per layer kind.
-The hybrid runs twice, with the fused (torch.compile'd) elementwise pieces off and on (`FUSED.enabled`), and then with
+The hybrid runs twice, with the fused (torch.compile'd) elementwise pieces off and on (`config.fused_elementwise`), and then with
 larger prefill chunks (--hybrid-chunks). Everything printed also goes to OUT/profile.txt, the numbers to
 OUT/profile.json.
 """
@@ -231,7 +231,6 @@ def main() -> int:
     ap.add_argument("--out", default="profile-out")
     args = ap.parse_args()
 
-    from hybridize.arch import modeling_hybridize
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -253,9 +252,10 @@ def main() -> int:
     results: dict = {"device": dev, "torch": torch.__version__, "layers": args.layers, "models": {}}
     for which in [m for m in args.models.split(",") if m]:
         hybrid = which.startswith("hybrid")
-        modeling_hybridize.FUSED.enabled = which != "hybrid-eager"
         t0 = time.perf_counter()
         model = build(args.shape, args.layers, dtype, device, hybrid)
+        if hybrid:
+            model.config.fused_elementwise = which != "hybrid-eager"
         chunk = args.chunk if hybrid else 1 << 40  # the dense model: one pass (bench_model.py's one-pass mode)
         if hybrid:
             model.config.prefill_chunk_size = args.chunk
@@ -321,7 +321,6 @@ def main() -> int:
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    modeling_hybridize.FUSED.enabled = True
     (out / "profile.json").write_text(json.dumps(results, indent=1))
     log("\nsummary (wall TTFT s, this few-layer model):")
     for which, r in results["models"].items():

@@ -10,6 +10,11 @@ import pytest
 import torch
 
 from hybridize.arch import modeling_hybridize as mh
+from hybridize.arch.configuration_hybridize import HybridConfig
+
+
+def _fused(on: bool = True) -> mh.FusedElementwise:
+    return mh.FusedElementwise(HybridConfig(num_hidden_layers=1, layer_types=["lightning"], fused_elementwise=on))
 
 
 def _rope_tables(B, T, D, seed):
@@ -38,18 +43,18 @@ def test_norm_rope_math_is_the_norm_then_rope_of_the_layers(dtype, shape, seed):
 
 
 def test_fused_pieces_are_not_used_on_cpu_or_with_autograd():
-    fused = mh.FusedElementwise()
+    fused = _fused()
     x = torch.randn(4, 8)
-    assert not fused.usable(x)
-    fused.enabled = False
-    assert not fused.usable(x)
+    assert fused.enabled and not fused.usable(x)
+    fused.config.fused_elementwise = False
+    assert not fused.enabled and not fused.usable(x)
 
 
 def test_a_piece_that_does_not_compile_falls_back_to_plain_pytorch_with_a_warning():
     def data_dependent(x):  # a host read inside: torch.compile(fullgraph=True) refuses it
         return x * 2 if float(x.sum()) > 0 else x - 1
 
-    fused = mh.FusedElementwise()
+    fused = _fused()
     x = torch.arange(6.0)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -93,7 +98,7 @@ def test_a_piece_past_the_recompile_limit_runs_eagerly_for_new_shapes_only(monke
     def twice_plus_one(x):
         return x * 2 + 1
 
-    fused = mh.FusedElementwise()
+    fused = _fused()
     a, b = torch.arange(5.0), torch.arange(7, dtype=torch.float64)  # a new dtype needs a new graph
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -103,11 +108,42 @@ def test_a_piece_past_the_recompile_limit_runs_eagerly_for_new_shapes_only(monke
     assert any("recompile limit" in str(w.message) for w in caught)
 
 
-def test_environment_switch_turns_the_fusion_off(monkeypatch):
-    monkeypatch.setenv("HYBRIDIZE_FUSED", "0")
-    assert not mh.FusedElementwise().enabled
-    monkeypatch.setenv("HYBRIDIZE_FUSED", "1")
-    assert mh.FusedElementwise().enabled
+def test_the_switch_is_the_models_config_and_a_copied_model_gets_its_own(tmp_path):
+    """One FusedElementwise per model, shared by its layers and switched by `config.fused_elementwise`, which an
+    exported folder keeps and `from_pretrained` can override; a deep copy (as training scripts make) shares the copied
+    config, not the original's."""
+    import copy
+    import sys
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from helpers import TINY_SPARSE, tiny_llama
+
+    from hybridize.convert.build import build_hybrid
+    from hybridize.export import save_hybrid
+
+    model = build_hybrid(tiny_llama(), ["lightning", "sparse", "lightning", "sparse"], **TINY_SPARSE)
+    fused = model.model.fused
+    users = [m for m in model.modules() if getattr(m, "fused", None) is not None]
+    assert users and all(m.fused is fused for m in users)
+    assert fused.config is model.config and fused.enabled
+    model.config.fused_elementwise = False
+    assert not fused.enabled
+    model.config.fused_elementwise = True
+    twin = copy.deepcopy(model)
+    assert twin.model.fused is not fused and twin.model.fused.config is twin.config
+    assert all(m.fused is twin.model.fused for m in twin.modules() if getattr(m, "fused", None) is not None)
+    twin.config.fused_elementwise = False
+    assert fused.enabled and not twin.model.fused.enabled
+    save_hybrid(twin, tmp_path / "out")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", trust_remote_code=True)
+    assert loaded.config.fused_elementwise is False and not loaded.model.fused.enabled
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "out", trust_remote_code=True, fused_elementwise=True)
+    assert again.model.fused.enabled
+    with pytest.raises(ValueError, match="fused_elementwise"):
+        HybridConfig(num_hidden_layers=1, layer_types=["lightning"], fused_elementwise="yes")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -152,17 +188,13 @@ def test_gpu_fused_model_equals_the_unfused_model(dtype, tol):
     g = torch.Generator().manual_seed(3)
     ids = torch.randint(3, 97, (2, 384), generator=g).cuda()
     steps = torch.randint(3, 97, (2, 5), generator=g).cuda()
-    was = mh.FUSED.enabled
-    try:
-        mh.FUSED.enabled = False
-        plain = _run(model, ids, steps)
-        mh.FUSED.enabled = True
-        fused = _run(model, ids, steps)
-        assert mh.FUSED.enabled, "a fused piece failed to compile and fell back"
-        assert {"_norm_rope_math", "_rms_norm_math", "_add_rms_norm_math", "_silu_mul_math",
-                "_sigmoid_mul_math"} <= set(mh.FUSED._compiled)
-    finally:
-        mh.FUSED.enabled = was
+    model.config.fused_elementwise = False
+    plain = _run(model, ids, steps)
+    model.config.fused_elementwise = True
+    fused = _run(model, ids, steps)
+    assert model.model.fused.enabled, "a fused piece failed to compile and fell back"
+    assert {"_norm_rope_math", "_rms_norm_math", "_add_rms_norm_math", "_silu_mul_math",
+            "_sigmoid_mul_math"} <= set(model.model.fused._compiled)
     rel = ((fused - plain).norm() / plain.norm()).item()
     assert rel <= tol, rel
 
@@ -182,13 +214,12 @@ def test_compiled_pieces_give_the_plain_model_outputs_on_cpu(monkeypatch):
     model = build_hybrid(tiny_llama(), ["lightning", "sparse", "lightning", "sparse"], **TINY_SPARSE)
     model = model.to(torch.bfloat16)
     ids = torch.randint(3, 97, (2, 100), generator=torch.Generator().manual_seed(6))
-    fused = mh.FusedElementwise()
-    monkeypatch.setattr(mh, "FUSED", fused)
+    fused = model.model.fused
     monkeypatch.setattr(mh.FusedElementwise, "usable", lambda self, x: self.enabled)
     with torch.no_grad():
-        fused.enabled = False
+        model.config.fused_elementwise = False
         plain = model(ids, use_cache=False).logits.float()
-        fused.enabled = True
+        model.config.fused_elementwise = True
         got = model(ids, use_cache=False).logits.float()
     assert fused.enabled and len(fused._compiled) == 5
     rel = ((got - plain).norm() / plain.norm()).item()

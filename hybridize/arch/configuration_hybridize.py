@@ -32,6 +32,10 @@ class HybridConfig(PretrainedConfig):
     normaliser from coarse keys (4x the compression window and stride). Their definitions: kernels/sparse_reference.py.
     `prefill_chunk_size`: inference with a cache feeds longer inputs through the model in chunks of this many tokens
     (None: one pass), so a long prompt never materialises a full-length MLP activation.
+    `fused_elementwise`: on CUDA, without autograd, run the small elementwise pieces (norms, RoPE, silu * up, gates) as
+    torch.compile'd fused kernels (the same values; 128K prefill of a Llama-3-8B shape 5.33 -> 3.97 s on an H100,
+    bench/RESULTS.md); false keeps
+    plain PyTorch everywhere. It can be changed at run time (`model.config.fused_elementwise = False`).
     """
 
     model_type = "hybridize"
@@ -74,6 +78,7 @@ class HybridConfig(PretrainedConfig):
         sparse_select_tokens: int = 64,
         sparse_coarse_normalizer: bool = False,
         prefill_chunk_size: int | None = 16384,
+        fused_elementwise: bool = True,
         source_model_type: str | None = None,
         pad_token_id: int | None = None,
         bos_token_id: int | None = 1,
@@ -117,6 +122,7 @@ class HybridConfig(PretrainedConfig):
         self.sparse_select_tokens = sparse_select_tokens
         self.sparse_coarse_normalizer = sparse_coarse_normalizer
         self.prefill_chunk_size = prefill_chunk_size
+        self.fused_elementwise = fused_elementwise
         self.source_model_type = source_model_type
         self._validate()
         super().__init__(
@@ -153,6 +159,8 @@ class HybridConfig(PretrainedConfig):
         n = self.sparse_select_tokens
         if not isinstance(n, int) or n < 16 or n & (n - 1):
             raise ValueError(f"sparse_select_tokens must be a power of two >= 16, got {n!r}")
+        if not isinstance(self.fused_elementwise, bool):
+            raise ValueError(f"fused_elementwise must be true or false, got {self.fused_elementwise!r}")
         if not isinstance(self.sparse_coarse_normalizer, bool):
             raise ValueError(f"sparse_coarse_normalizer must be true or false, got {self.sparse_coarse_normalizer!r}")
         if self.sparse_coarse_normalizer and self.sparse_compress_kernel % self.sparse_compress_stride:

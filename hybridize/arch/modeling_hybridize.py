@@ -7,8 +7,8 @@ Imports only torch, transformers and the sibling files.
 
 from __future__ import annotations
 
+import copy
 import math
-import os
 import warnings
 from dataclasses import dataclass
 
@@ -76,17 +76,25 @@ class FusedElementwise:
     their concatenation); compiled, each is one read and one write. They are used only where nothing can go wrong and
     the passes cost time: CUDA tensors of at least `min_elements` (prefill chunks; a decode step's few elements stay
     eager, as do training and CPU), no autograd, not inside torch.compile or a CUDA graph capture, torch.compile
-    available. `HYBRIDIZE_FUSED=0` in the environment, or `enabled = False`, turns them off. A compilation error turns
-    them off for the process with a warning (the eager code gives the same values); a piece that met more input
+    available. One per model, switched by the model's `config.fused_elementwise` (default true; also at run time). A
+    compilation error turns them off for this model with a warning (the eager code gives the same values); a piece that met more input
     shapes than torch.compile's recompile limit runs eagerly for the new shapes only.
     """
 
     min_elements = 1 << 16
 
-    def __init__(self) -> None:
-        self.enabled = os.environ.get("HYBRIDIZE_FUSED", "1").strip().lower() not in ("0", "false", "no", "off")
+    def __init__(self, config) -> None:
+        self.config = config
+        self._failed = False
         self._compiled: dict[str, object] = {}
         self._at_limit: set[str] = set()
+
+    @property
+    def enabled(self) -> bool:
+        return bool(getattr(self.config, "fused_elementwise", True)) and not self._failed
+
+    def __deepcopy__(self, memo):  # a copied model shares the copied config and compiles afresh
+        return FusedElementwise(copy.deepcopy(self.config, memo))
 
     def usable(self, x: torch.Tensor) -> bool:
         if not (self.enabled and x.is_cuda and x.numel() >= self.min_elements and not torch.is_grad_enabled()
@@ -115,7 +123,7 @@ class FusedElementwise:
                 return fn(*args)
             warnings.warn(f"hybridize: torch.compile of {name} failed ({type(e).__name__}: {str(e)[:200]}); "
                           "running plain PyTorch from now on", RuntimeWarning, stacklevel=2)
-            self.enabled = False
+            self._failed = True
             return fn(*args)
 
 
@@ -129,18 +137,17 @@ def _compile_options() -> dict | None:
     return {"emulate_precision_casts": True} if hasattr(inductor_config, "emulate_precision_casts") else None
 
 
-FUSED = FusedElementwise()  # the one switch: modeling_hybridize.FUSED.enabled
-
 
 class HybridRMSNorm(nn.Module):
-    def __init__(self, size: int, eps: float = 1e-6):
+    def __init__(self, size: int, eps: float = 1e-6, fused: FusedElementwise | None = None):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(size))
         self.variance_epsilon = eps
+        self.fused = fused
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if FUSED.usable(x):
-            return FUSED(_rms_norm_math, x, self.weight, self.variance_epsilon)
+        if self.fused is not None and self.fused.usable(x):
+            return self.fused(_rms_norm_math, x, self.weight, self.variance_epsilon)
         return _rms_norm_math(x, self.weight, self.variance_epsilon)
 
 
@@ -182,8 +189,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class HybridMLP(nn.Module):
-    def __init__(self, config: HybridConfig):
+    def __init__(self, config: HybridConfig, fused: FusedElementwise | None = None):
         super().__init__()
+        self.fused = fused
         h, i = config.hidden_size, config.intermediate_size
         self.gate_proj = nn.Linear(h, i, bias=config.mlp_bias)
         self.up_proj = nn.Linear(h, i, bias=config.mlp_bias)
@@ -193,8 +201,8 @@ class HybridMLP(nn.Module):
 
     def forward(self, x):
         gate, up = self.gate_proj(x), self.up_proj(x)
-        if self.silu and FUSED.usable(gate):
-            return self.down_proj(FUSED(_silu_mul_math, gate, up))
+        if self.silu and self.fused is not None and self.fused.usable(gate):
+            return self.down_proj(self.fused(_silu_mul_math, gate, up))
         return self.down_proj(self.act_fn(gate) * up)
 
 
@@ -228,9 +236,10 @@ class AttentionContext:
 class LightningAttention(nn.Module):
     """Lightning linear attention (DESIGN 3.1). Multi-head: K/V heads equal query heads."""
 
-    def __init__(self, config: HybridConfig, layer_idx: int):
+    def __init__(self, config: HybridConfig, layer_idx: int, fused: FusedElementwise | None = None):
         super().__init__()
         self.layer_idx = layer_idx
+        self.fused = fused
         self.num_heads = config.num_attention_heads
         self.head_dim = config.head_dim
         self.chunk_size = config.lightning_chunk_size
@@ -259,9 +268,10 @@ class LightningAttention(nn.Module):
         shape = (B, T, self.num_heads, self.head_dim)
         q, k = self.q_proj(x).view(shape), self.k_proj(x).view(shape)
         v = self.v_proj(x).view(shape).transpose(1, 2)
-        if FUSED.usable(q):  # norm + RoPE in one pass per tensor, (B, T, H, D) order kept (the kernels take strides)
-            q = FUSED(_norm_rope_math, q, self.q_norm.weight, self.q_norm.variance_epsilon, ctx.cos, ctx.sin)
-            k = FUSED(_norm_rope_math, k, self.k_norm.weight, self.k_norm.variance_epsilon, ctx.cos, ctx.sin)
+        fused = self.fused
+        if fused is not None and fused.usable(q):  # norm + RoPE in one pass per tensor, (B, T, H, D) order kept
+            q = fused(_norm_rope_math, q, self.q_norm.weight, self.q_norm.variance_epsilon, ctx.cos, ctx.sin)
+            k = fused(_norm_rope_math, k, self.k_norm.weight, self.k_norm.variance_epsilon, ctx.cos, ctx.sin)
             q, k = q.transpose(1, 2), k.transpose(1, 2)
         else:
             q, k = self.q_norm(q).transpose(1, 2), self.k_norm(k).transpose(1, 2)
@@ -288,9 +298,10 @@ class SparseAttention(nn.Module):
     """The source's softmax attention (GQA kept) run as InfLLM-V2 sparse attention beyond `sparse_dense_len`.
     NoPE when `hype` is on; optional output gate."""
 
-    def __init__(self, config: HybridConfig, layer_idx: int):
+    def __init__(self, config: HybridConfig, layer_idx: int, fused: FusedElementwise | None = None):
         super().__init__()
         self.layer_idx = layer_idx
+        self.fused = fused
         self.config = config
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
@@ -342,7 +353,8 @@ class SparseAttention(nn.Module):
         o = o.transpose(1, 2).reshape(B, T, -1)
         if self.output_gates:
             g = self.g_proj(x)
-            o = FUSED(_sigmoid_mul_math, g, o) if FUSED.usable(g) else _sigmoid_mul_math(g, o)
+            fused = self.fused
+            o = fused(_sigmoid_mul_math, g, o) if fused is not None and fused.usable(g) else _sigmoid_mul_math(g, o)
         return self.o_proj(o)
 
     def _attend(self, q, k, v, ckeys, ctx: AttentionContext) -> torch.Tensor:
@@ -369,21 +381,22 @@ class SparseAttention(nn.Module):
 
 
 class HybridDecoderLayer(_LayerBase):
-    def __init__(self, config: HybridConfig, layer_idx: int):
+    def __init__(self, config: HybridConfig, layer_idx: int, fused: FusedElementwise | None = None):
         super().__init__()
         self.layer_type = config.layer_types[layer_idx]
+        self.fused = fused
         mixer = LightningAttention if self.layer_type == LIGHTNING else SparseAttention
-        self.self_attn = mixer(config, layer_idx)
-        self.mlp = HybridMLP(config)
-        self.input_layernorm = HybridRMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.post_attention_layernorm = HybridRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = mixer(config, layer_idx, fused)
+        self.mlp = HybridMLP(config, fused)
+        self.input_layernorm = HybridRMSNorm(config.hidden_size, config.rms_norm_eps, fused)
+        self.post_attention_layernorm = HybridRMSNorm(config.hidden_size, config.rms_norm_eps, fused)
 
     def forward(self, hidden_states: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         mixed = self.self_attn(self.input_layernorm(hidden_states), ctx)
         norm = self.post_attention_layernorm
-        if FUSED.usable(mixed):  # residual add + norm in one pass
-            hidden_states, normed = FUSED(_add_rms_norm_math, hidden_states, mixed, norm.weight,
-                                          norm.variance_epsilon)
+        if self.fused is not None and self.fused.usable(mixed):  # residual add + norm in one pass
+            hidden_states, normed = self.fused(_add_rms_norm_math, hidden_states, mixed, norm.weight,
+                                               norm.variance_epsilon)
         else:
             hidden_states = hidden_states + mixed
             normed = norm(hidden_states)
@@ -443,8 +456,9 @@ class HybridModel(HybridPreTrainedModel):
         super().__init__(config)
         self.padding_idx = config.pad_token_id
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
-        self.layers = nn.ModuleList(HybridDecoderLayer(config, i) for i in range(config.num_hidden_layers))
-        self.norm = HybridRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.fused = FusedElementwise(config)  # compiled elementwise pieces for CUDA inference, shared by the layers
+        self.layers = nn.ModuleList(HybridDecoderLayer(config, i, self.fused) for i in range(config.num_hidden_layers))
+        self.norm = HybridRMSNorm(config.hidden_size, config.rms_norm_eps, self.fused)
         self.rotary_emb = HybridRotaryEmbedding(config)
         self.gradient_checkpointing = False
         self.post_init()
