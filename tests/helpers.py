@@ -38,3 +38,16 @@ def tiny_llama(num_kv_heads: int = 2, layers: int = 4, tie: bool = False, vocab:
     with torch.no_grad():
         model.lm_head.weight.mul_(8.0)
     return model
+
+
+def gpu_llama():
+    """A small random Llama for the GPU tests of the whole model: head dim 64 (the kernels' tiles), a lm_head scaled
+    up so that greedy choices are clear-cut."""
+    torch.manual_seed(0)
+    src = LlamaForCausalLM(LlamaConfig(
+        vocab_size=97, hidden_size=256, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=4096, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0})).eval()
+    with torch.no_grad():
+        src.lm_head.weight.mul_(8.0)
+    return src

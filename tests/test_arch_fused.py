@@ -150,19 +150,17 @@ def test_the_switch_is_the_models_config_and_a_copied_model_gets_its_own(tmp_pat
 # GPU: the whole model with the fusion on and off
 # ---------------------------------------------------------------------------------------------------------------------
 def _gpu_model(dtype):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from helpers import gpu_llama
 
     from hybridize.convert.build import build_hybrid
 
-    torch.manual_seed(0)
-    src = LlamaForCausalLM(LlamaConfig(
-        vocab_size=97, hidden_size=256, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=4096, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0})).eval()
-    with torch.no_grad():
-        src.lm_head.weight.mul_(8.0)
-    return build_hybrid(src, ["lightning", "sparse", "lightning", "sparse"], sparse_dense_len=128, sparse_topk=4,
-                        sparse_local_blocks=2, prefill_chunk_size=192, output_gates=True).to("cuda", dtype)
+    return build_hybrid(gpu_llama(), ["lightning", "sparse", "lightning", "sparse"], sparse_dense_len=128,
+                        sparse_topk=4, sparse_local_blocks=2, prefill_chunk_size=192, output_gates=True
+                        ).to("cuda", dtype)
 
 
 def _cache(out):

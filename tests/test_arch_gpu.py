@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import tiny_llama
+from helpers import gpu_llama
 from hybridize.convert.build import build_hybrid
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -23,16 +23,7 @@ GPU_SPARSE = dict(  # the kernels' block geometry (64-token blocks, compressed k
 
 
 def _model(dtype):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    src = LlamaForCausalLM(LlamaConfig(
-        vocab_size=97, hidden_size=256, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=4096, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0})).eval()
-    with torch.no_grad():
-        src.lm_head.weight.mul_(8.0)
-    return build_hybrid(src, ["lightning", "sparse", "lightning", "sparse"], **GPU_SPARSE).to("cuda", dtype)
+    return build_hybrid(gpu_llama(), ["lightning", "sparse", "lightning", "sparse"], **GPU_SPARSE).to("cuda", dtype)
 
 
 def _cache(out):
