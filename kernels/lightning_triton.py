@@ -36,6 +36,15 @@ so long sequences are cut into segments that run in parallel; each needs the sta
   runs its segment sum and its walk one after the other, and the walk is latency-bound, so the saved memory pass
   does not pay for the longer programs; short segments (512 tokens) were slowest, 2048-token segments (no L2 reuse
   left) fastest. With three pipeline stages its float32 tiles need 216 of the 227 KB of shared memory. Under autograd the state entering each segment is saved for the dq scan.
+- Overlap forward (`_fwd_overlap_kernel`, `ScanConfig(overlap=True)`; not yet timed on a GPU): one launch with two
+  kinds of program in the order of one ticket counter, S(s) (sum segment s's decayed k^T v into Agg, flag 1) and
+  W(s) (look back over the flags for the state entering segment s, publish the state at its end, flag 2, then walk
+  the segment), ordered S(0), S(1), W(0), S(2), W(1), ... for `lead` = 1. The bandwidth-bound sums run beside the
+  latency-bound walks instead of in a separate pass, and W(s) re-reads the k, v that S(s) read shortly before (L2,
+  evict-last hint). W(s) waits only on S(j <= s), lower tickets that never wait: no deadlock. With 4 warps and
+  64-column tiles (252 registers, 88 KB of shared memory with Triton 3.6) two programs fit on one SM, so a sum and a
+  walk can share it; `decay_v` decays the rows of the 64-wide v tile instead of the 128-wide k tile in the state
+  update (bench/lightning_compile_report.py: 692 instead of 861 instructions per chunk in the walk loop).
 - Two-pass forward (`lookback=False`; always for cu_seqlens): a first pass (STATE_ONLY) sums
   each segment's b^T c into U_s (k and v are read twice from memory), then every segment runs in parallel from
   g^(...) X0 + the sum of the U of the segments before it.
