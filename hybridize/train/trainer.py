@@ -263,6 +263,10 @@ def train(recipe: Recipe, *, resume: bool = False, accelerator=None, on_step=Non
 
     set_seed(recipe.seed)
     main = acc.is_main_process
+    if str(acc.distributed_type).endswith("DEEPSPEED"):
+        raise ValueError("DeepSpeed is not supported by `hybridize train` yet (its engine owns gradient accumulation "
+                         "and the optimizer step, which change per stage here): launch with an FSDP config instead, "
+                         "e.g. recipes/accelerate/fsdp.yaml (parameters, gradients and optimizer state sharded)")
     if any(s.trainable == "lora" for s in recipe.stages) and _is_fsdp(acc):
         raise ValueError(f"{recipe.source_file}: trainable: lora is not supported under FSDP; run it on one process "
                          "or with DDP (accelerate launch without an FSDP config)")
