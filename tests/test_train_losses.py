@@ -213,3 +213,35 @@ def test_teacher_inputs_aligns_each_layer_on_its_own(tiny_pair):
             else:  # Lightning: a different mixer, a real error
                 assert lw > 1e-4, (layer, lw)
     assert all(not layer._forward_pre_hooks for layer in student.model.layers)  # the swap ends with the forward
+
+
+def test_heldout_evaluation_runs_the_plain_code_and_restores_the_fusion_switch(tiny_pair):
+    """The in-run held-out evaluation runs the student with the inference-only fused pieces switched off (the code the
+    training steps run, and no compilation inside a training run), gives the cross-entropy of that model, and leaves
+    the switch (which the exported model keeps) as it was."""
+    from accelerate import Accelerator
+
+    from hybridize.train.trainer import heldout_loss
+
+    student, _ = tiny_pair
+    student.train()
+    acc = Accelerator(cpu=True)
+    seen = []
+    hook = student.register_forward_pre_hook(lambda m, a: seen.append(m.config.fused_elementwise))
+    rng = np.random.default_rng(3)
+    seqs = [(rng.integers(3, 97, 40).astype(np.int32), np.array([0, 17])) for _ in range(3)]
+    try:
+        got = heldout_loss(acc, student, seqs, micro=2)
+    finally:
+        hook.remove()
+    assert seen == [False, False] and student.config.fused_elementwise is True and student.training
+    student.eval()
+    batch = make_batch(seqs, "cpu")
+    with torch.no_grad():
+        logits = student(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                         cu_seqlens=batch["cu_seqlens"], use_cache=False).logits
+    t = batch["targets"]
+    keep = t != IGNORE
+    expected = torch.nn.functional.cross_entropy(logits[keep].double(), t[keep]).item()
+    assert got["heldout_loss"] == pytest.approx(expected, rel=1e-5)
+    assert got["heldout_tokens"] == int(keep.sum())

@@ -142,14 +142,24 @@ def heldout_loss(accelerator, model, sequences, micro: int) -> dict:
     mine = sequences[accelerator.process_index : usable : W]
     was_training = model.training
     model.eval()
+    # The same plain PyTorch code the training steps run: no torch.compile of the inference-only fused pieces
+    # (compilation time) inside a training run.
+    config = getattr(accelerator.unwrap_model(model), "config", None)
+    fused = getattr(config, "fused_elementwise", None)
+    if fused:
+        config.fused_elementwise = False
     total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
-    for i in range(0, len(mine), micro):
-        batch = make_batch(mine[i : i + micro], accelerator.device)
-        out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], cu_seqlens=batch["cu_seqlens"],
-                    use_cache=False)
-        s, n = cross_entropy_sum(out.logits, batch["targets"])
-        total += torch.stack([s.double(), n.double()])
-    model.train(was_training)
+    try:
+        for i in range(0, len(mine), micro):
+            batch = make_batch(mine[i : i + micro], accelerator.device)
+            out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                        cu_seqlens=batch["cu_seqlens"], use_cache=False)
+            s, n = cross_entropy_sum(out.logits, batch["targets"])
+            total += torch.stack([s.double(), n.double()])
+    finally:
+        model.train(was_training)
+        if fused:
+            config.fused_elementwise = fused
     total = accelerator.reduce(total, reduction="sum")
     loss = float(total[0] / total[1].clamp(min=1))
     return {"heldout_loss": loss, "heldout_ppl": math.exp(min(loss, 50.0)), "heldout_tokens": int(total[1])}
