@@ -89,18 +89,18 @@ def test_chunked_prefill_reallocates_the_key_buffer_at_most_every_other_chunk():
     torch.testing.assert_close(ckeys, expected, rtol=1e-6, atol=1e-6)
 
 
-def test_a_piece_past_the_recompile_limit_runs_eagerly_for_new_shapes_only(monkeypatch):
+def test_a_piece_past_the_recompile_limit_runs_eagerly_for_new_shapes_only():
     import torch._dynamo.config as dynamo_config
 
+    # torch's own patch context (a plain setattr/restore of this config module breaks later compilations)
     limit = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
-    monkeypatch.setattr(dynamo_config, limit, 1)
 
     def twice_plus_one(x):
         return x * 2 + 1
 
     fused = _fused()
     a, b = torch.arange(5.0), torch.arange(7, dtype=torch.float64)  # a new dtype needs a new graph
-    with warnings.catch_warnings(record=True) as caught:
+    with dynamo_config.patch({limit: 1}), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         assert torch.equal(fused(twice_plus_one, a), a * 2 + 1)
         assert torch.equal(fused(twice_plus_one, b), b * 2 + 1)
