@@ -4,7 +4,9 @@ Per stage: choose trainable parameters, build AdamW + schedule, prepare with Acc
 `global_batch_tokens` tokens each. A step's sequences are numbered globally (step * sequences_per_step + ...); process
 r takes its contiguous share, so the union over processes, and thus the loss and the update, does not depend on the
 number of processes. Losses are normalised once by the global count of tokens, so micro-batching changes nothing
-either (up to float rounding).
+either (up to float rounding). Under `accelerate launch` the same loop runs with DDP, FSDP (FSDP2) or DeepSpeed ZeRO
+stages 1-2 (each stage builds its engine with that stage's micro-batch and accumulation; the engine updates at the last
+micro-batch of a step).
 """
 
 from __future__ import annotations
@@ -215,6 +217,43 @@ def _is_fsdp(accelerator) -> bool:
     return str(accelerator.distributed_type).endswith("FSDP")
 
 
+def _is_deepspeed(accelerator) -> bool:
+    return str(accelerator.distributed_type).endswith("DEEPSPEED")
+
+
+def _check_deepspeed(accelerator, recipe: Recipe) -> None:
+    """What this loop can run under DeepSpeed: ZeRO stages 0-2 (whole parameters on every process), a replicated
+    teacher, and `on_nonfinite: stop` (the engine applies the update inside the last micro-batch's backward, so a
+    non-finite step cannot be skipped)."""
+    zero = accelerator.state.deepspeed_plugin.zero_stage
+    if zero == 3:
+        raise ValueError("DeepSpeed ZeRO-3 shards the parameters, which the stage-end export needs whole: use ZeRO "
+                         "stage 1 or 2, or FSDP (recipes/accelerate/fsdp.yaml) to shard parameters")
+    if recipe.on_nonfinite == "skip":
+        raise ValueError(f"{recipe.source_file}: on_nonfinite: skip cannot work under DeepSpeed (its engine applies "
+                         "the update inside backward); set on_nonfinite: stop")
+    if recipe.teacher.shard:
+        raise ValueError(f"{recipe.source_file}: teacher.shard works under FSDP only; under DeepSpeed every process "
+                         "holds the frozen teacher: set teacher.shard: false")
+
+
+def _configure_deepspeed(accelerator, plan, stage, precision: str) -> None:
+    """The engine of each stage: its micro-batch, accumulation and clipping; fp32 parameters as on every other path,
+    with bf16 as torch.autocast inside the engine (`torch_autocast`) rather than DeepSpeed's bf16 parameters, so that
+    the weights each stage hands on and exports stay float32."""
+    cfg = accelerator.state.deepspeed_plugin.deepspeed_config
+    cfg.update({
+        "train_micro_batch_size_per_gpu": plan.micro_batch,
+        "gradient_accumulation_steps": plan.accumulation,
+        "train_batch_size": plan.micro_batch * plan.accumulation * accelerator.num_processes,
+        "gradient_clipping": float(stage.grad_clip or 0.0),
+        "bf16": {"enabled": False},
+        "fp16": {"enabled": False},
+        "torch_autocast": {"enabled": precision == "bf16", "dtype": "bfloat16"},
+    })
+    accelerator.gradient_accumulation_steps = plan.accumulation  # what Accelerate compares the engine's value with
+
+
 def _set_sparse(model, stage, default_dense_len: int) -> None:
     cfg = model.config
     if not stage.sparse:
@@ -273,13 +312,12 @@ def train(recipe: Recipe, *, resume: bool = False, accelerator=None, on_step=Non
 
     set_seed(recipe.seed)
     main = acc.is_main_process
-    if str(acc.distributed_type).endswith("DEEPSPEED"):
-        raise ValueError("DeepSpeed is not supported by `hybridize train` yet (its engine owns gradient accumulation "
-                         "and the optimizer step, which change per stage here): launch with an FSDP config instead, "
-                         "e.g. recipes/accelerate/fsdp.yaml (parameters, gradients and optimizer state sharded)")
-    if any(s.trainable == "lora" for s in recipe.stages) and _is_fsdp(acc):
-        raise ValueError(f"{recipe.source_file}: trainable: lora is not supported under FSDP; run it on one process "
-                         "or with DDP (accelerate launch without an FSDP config)")
+    deepspeed = _is_deepspeed(acc)
+    if deepspeed:
+        _check_deepspeed(acc, recipe)
+    if any(s.trainable == "lora" for s in recipe.stages) and (_is_fsdp(acc) or deepspeed):
+        raise ValueError(f"{recipe.source_file}: trainable: lora is not supported under FSDP or DeepSpeed; run it on "
+                         "one process or with DDP (accelerate launch without an FSDP/DeepSpeed config)")
 
     need_teacher = recipe.needs_teacher()
     student, teacher, tokenizer, description = models if models is not None else load_models(recipe, need_teacher)
@@ -335,6 +373,8 @@ def train(recipe: Recipe, *, resume: bool = False, accelerator=None, on_step=Non
             params = [p for p in model.parameters() if p.requires_grad]
             optimizer = torch.optim.AdamW(params, lr=stage.lr, betas=tuple(stage.betas),
                                           weight_decay=stage.weight_decay)
+            if deepspeed:
+                _configure_deepspeed(acc, plan, stage, recipe.precision)
             pmodel, optimizer = acc.prepare(model, optimizer)
             scheduler = make_scheduler(optimizer, stage, plan.steps)  # not prepared: one step per optimizer step
             if resuming_here:
@@ -374,7 +414,13 @@ def train(recipe: Recipe, *, resume: bool = False, accelerator=None, on_step=Non
                     with sync:
                         parts = loss_parts(pmodel, teacher, b, stage.loss, hidden_layers)
                         loss = weighted(parts, totals, stage.loss) * acc.num_processes
-                        acc.backward(loss)
+                        if deepspeed:  # the engine: no second division by the accumulation count (the loss is
+                            # already this micro-batch's share of the step), and its update at the last micro-batch
+                            pmodel.set_gradient_accumulation_boundary(j == len(batches) - 1)
+                            pmodel.backward(loss, scale_wrt_gas=False)
+                            pmodel.step()
+                        else:
+                            acc.backward(loss)
                     sums += torch.stack([parts[x][0].detach().double() for x in keys])
                 sums = acc.reduce(sums, "sum")
                 comp = {x: float(sums[i]) / max(totals[x], 1.0) for i, x in enumerate(keys)}
