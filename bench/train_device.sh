@@ -10,7 +10,9 @@
 #   (EXTRA="--set model.hype=false" adds recipe overrides; SKIP_TPUT=1 skips the throughput part)
 #   bash bench/train_device.sh fsdp         carry: .trainwhl .train_gpu_x2 [.snap]  (3-bit SmolLM2, texts, token cache);
 #                                           2 GPUs; S1/S2 steps, PREC bf16|fp32, SRC as for quality-bg
-#                                           (or fsdp-seeds on SEED_GPU while GPU 0 trains, then fsdp-pair)
+#                                           (or fsdp-seeds on SEED_GPU while GPU 0 trains, then fsdp-pair;
+#                                           deepspeed-pair: the same recipe under recipes/accelerate/deepspeed.yaml on
+#                                           2 GPUs beside the seed runs, carry .dswhl too)
 # The 98 MB GGUF exceeds one call's 64 MiB transfer, hence the split and the 3-bit copy (bench/train_quality.py pack).
 set -uo pipefail
 MODE=$1
@@ -45,7 +47,7 @@ for l in sys.stdin: r = json.loads(l); print(r['stage'], r['step'], round(r['los
   cp /root/qout/*.json /root/qout/*.jsonl /root/qout/*.log $OUT/ 2>/dev/null; ls /root/qout
   [ -f /root/qout/done ] && echo "DONE" || echo "still running"
   ;;
-fsdp|fsdp-seeds|fsdp-pair)
+fsdp|fsdp-seeds|fsdp-pair|deepspeed-pair)
   # 1 GPU (seed 0) vs FSDP on 2 GPUs (seed 0), same global batch; the yardstick of noise: 1-GPU runs with seeds 1
   # and 2 (other data order) and a rerun of seed 0. `fsdp` does everything (two 1-GPU runs at a time, one per GPU);
   # on a machine whose GPU 0 is busy, `fsdp-seeds` runs three 1-GPU runs (seeds 0, 1, 0 again) at once on SEED_GPU and
@@ -73,7 +75,18 @@ fsdp|fsdp-seeds|fsdp-pair)
     one gpu1_seed0 0 0 & one gpu1_seed1 1 1 & wait
     one gpu1_seed0_rerun 0 0 & one gpu1_seed2 1 2 & wait
   fi
-  if [ $MODE != fsdp-seeds ]; then
+  if [ $MODE = deepspeed-pair ]; then  # carry .dswhl too (deepspeed and the packages the image lacks)
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+      $D/../.dswhl/*.whl || exit 1
+    t=$(date +%s)
+    accelerate launch --config_file recipes/accelerate/deepspeed.yaml --num_processes 2 \
+      -m hybridize.cli train recipes/smollm2-gpu.yaml $SETS --set seed=0 --set output.dir=/tmp/ds2_seed0 \
+      > /root/fsdp/ds2_seed0.log 2>&1
+    echo "ds2_seed0: rc=$? $(( $(date +%s) - t )) s"; grep -v -i warn /root/fsdp/ds2_seed0.log | tail -4
+    cp /tmp/ds2_seed0/metrics.jsonl /root/fsdp/ds2_seed0.jsonl
+    (cd /root/fsdp && python3 $OLDPWD/bench/train_quality.py compare gpu1_seed0.jsonl ds2_seed0.jsonl \
+      $(ls fsdp2_seed0.jsonl gpu1_seed1.jsonl 2>/dev/null) > compare_ds.md; tail -12 compare_ds.md)
+  elif [ $MODE != fsdp-seeds ]; then
     t=$(date +%s)
     accelerate launch --config_file recipes/accelerate/fsdp.yaml --num_processes 2 --mixed_precision $MP \
       -m hybridize.cli train recipes/smollm2-gpu.yaml $SETS --set seed=0 --set output.dir=/tmp/fsdp2_seed0 \
