@@ -74,14 +74,15 @@ class FusedElementwise:
 
     In eager PyTorch each of them is 5-15 passes over its tensor (float32 copies, squares, means, the RoPE halves and
     their concatenation); compiled, each is one read and one write. They are used only where nothing can go wrong and
-    the passes cost time: CUDA tensors of at least `min_elements` (prefill chunks; a decode step's few elements stay
-    eager, as do training and CPU), no autograd, not inside torch.compile or a CUDA graph capture, torch.compile
-    available. One per model, switched by the model's `config.fused_elementwise` (default true; also at run time). A
-    compilation error turns them off for this model with a warning (the eager code gives the same values); a piece that met more input
-    shapes than torch.compile's recompile limit runs eagerly for the new shapes only.
+    the passes cost time: CUDA tensors of at least `min_elements` (16M: long-prompt prefill chunks, e.g. 4096 tokens
+    of a 4096-wide model; short prompts and decode steps stay eager and never wait for a compilation, as do training
+    and CPU), no autograd, not inside torch.compile or a CUDA graph capture, torch.compile available. One per model,
+    switched by the model's `config.fused_elementwise` (default true; also at run time). A compilation error turns
+    them off for this model with a warning (the eager code gives the same values); a piece that met more input shapes
+    than torch.compile's recompile limit runs eagerly for the new shapes only.
     """
 
-    min_elements = 1 << 16
+    min_elements = 1 << 24
 
     def __init__(self, config) -> None:
         self.config = config
