@@ -146,6 +146,26 @@ def test_the_switch_is_the_models_config_and_a_copied_model_gets_its_own(tmp_pat
         HybridConfig(num_hidden_layers=1, layer_types=["lightning"], fused_elementwise="yes")
 
 
+def test_a_model_with_compiled_pieces_pickles_and_its_copy_compiles_afresh():
+    import pickle
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from helpers import TINY_SPARSE, tiny_llama
+
+    from hybridize.convert.build import build_hybrid
+
+    model = build_hybrid(tiny_llama(), ["lightning", "sparse", "lightning", "sparse"], **TINY_SPARSE)
+    model.model.fused._compiled["_rms_norm_math"] = lambda *a: None  # stands for a compiled function: unpicklable
+    twin = pickle.loads(pickle.dumps(model))
+    assert twin.model.fused._compiled == {} and twin.model.fused.config is twin.config
+    assert all(m.fused is twin.model.fused for m in twin.modules() if getattr(m, "fused", None) is not None)
+    ids = torch.randint(3, 97, (1, 20), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        assert torch.equal(twin(ids, use_cache=False).logits, model(ids, use_cache=False).logits)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # GPU: the whole model with the fusion on and off
 # ---------------------------------------------------------------------------------------------------------------------

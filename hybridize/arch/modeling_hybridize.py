@@ -97,6 +97,13 @@ class FusedElementwise:
     def __deepcopy__(self, memo):  # a copied model shares the copied config and compiles afresh
         return FusedElementwise(copy.deepcopy(self.config, memo))
 
+    def __getstate__(self):  # a pickled model (torch.save, multiprocessing) leaves the compiled functions behind
+        return {"config": self.config, "_failed": self._failed}
+
+    def __setstate__(self, state):
+        self.__init__(state["config"])
+        self._failed = state["_failed"]
+
     def usable(self, x: torch.Tensor) -> bool:
         if not (self.enabled and x.is_cuda and x.numel() >= self.min_elements and not torch.is_grad_enabled()
                 and hasattr(torch, "compile")):
