@@ -116,3 +116,25 @@ def test_bench_table_ratios_and_oom_as_results():
     assert row1[4:6] == ["4.00x", "2.00x"]  # source / hybrid
     assert row1[9:11] == ["4.00x", "2.00x"]  # decode: hybrid / source
     assert row2[3] == "oom" and row2[4] == "source OOM" and row2[2] == "-"
+
+
+@pytest.mark.parametrize("warmup,first_prefill", [(None, 96), (0, 32)])
+def test_a_hybrid_warms_up_at_its_longest_length_before_the_timed_prefills(folders, warmup, first_prefill):
+    """By default the untimed warm-up of a hybrid prefills its longest length (every Triton variant and fused-piece
+    shape of the timed prefills is met there); 0 turns it off, so the first prefill is the shortest timed one."""
+    from transformers import AutoModelForCausalLM
+
+    from hybridize.eval.speed import bench_model
+
+    model = AutoModelForCausalLM.from_pretrained(folders / "hybrid", trust_remote_code=True)
+    calls = []
+    hook = model.register_forward_pre_hook(lambda m, args, kwargs: calls.append(kwargs["input_ids"].shape[1]),
+                                           with_kwargs=True)
+    try:
+        bench = bench_model("h", model, [32, 96], chunk_size=32, decode_batches=(1,), decode_steps=2,
+                            warmup_length=warmup, progress=False)
+    finally:
+        hook.remove()
+    assert [r.length for r in bench.results] == [32, 96] and all(r.status == "ok" for r in bench.results)
+    first = next(i for i, n in enumerate(calls) if n == 1)  # the first decode step ends the first prefill
+    assert sum(calls[:first]) == first_prefill

@@ -69,7 +69,8 @@ def eval_command(model, compare, texts, seq_len, max_windows, lengths, depths, t
 @click.option("--decode-batch", "decode_batches", default="1", show_default=True, help="decode batch sizes, e.g. 1,8")
 @click.option("--decode-steps", default=16, show_default=True)
 @click.option("--time-cap", default=None, type=float, help="seconds per model; longer lengths are skipped")
-@click.option("--warmup", default=None, help="warm-up prefill length before timing (default: the shortest length; 0: none)")
+@click.option("--warmup", default=None, help="warm-up prefill length before timing (default: a hybrid's longest length up to 256K, "
+              "a dense model's shortest; 0: none)")
 @click.option("--output", "-o", default=None, help="results folder (default: MODEL/bench)")
 @click.option("--force", is_flag=True, help="replace an existing results folder")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None)

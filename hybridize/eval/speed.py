@@ -26,6 +26,7 @@ import torch
 from .prefill import DEFAULT_CHUNK, forward_chunk, prefill, use_chunked_sdpa
 
 DECODE_WARMUP_STEPS = 17
+WARMUP_CAP = 1 << 18  # the longest default warm-up prefill (256K tokens)
 
 # Shapes of Llama-family models (transformers LlamaConfig fields).
 SHAPES: dict[str, dict] = {
@@ -305,15 +306,18 @@ def bench_model(
     on_result: Callable[[str, LengthResult], None] | None = None,
 ) -> ModelBench:
     """Benchmark one model over `lengths` (increasing). Stops growing at the first OOM. A warm-up prefill of
-    `warmup_length` tokens (default: the shortest length; 0: none) runs first and is not recorded."""
+    `warmup_length` tokens (0: none) runs first and is not recorded. Default: for a hybrid, the longest length (at
+    most WARMUP_CAP): its chunked prefill meets every Triton kernel variant (the sparse selection is specialised per
+    power of two of the key-block count) and every prefill shape the fused pieces compile for, so that no
+    compilation falls inside a timed prefill; for a dense model, the shortest length."""
     from .loading import model_kind
 
     device = next(model.parameters()).device
     use_chunked_sdpa(model)  # dense models: flash/efficient attention for chunks after a cache
     out = ModelBench(name, model_kind(model), sum(p.numel() for p in model.parameters()))
     vocab = model.config.vocab_size
-    if warmup_length is None:
-        warmup_length = min(lengths)  # first calls pay for kernel compilation and allocator growth
+    if warmup_length is None:  # first calls pay for kernel compilation and allocator growth
+        warmup_length = min(max(lengths), WARMUP_CAP) if out.kind == "hybrid" else min(lengths)
     if warmup_length:
         bench_length(model, min(warmup_length, max(lengths)), device=device, chunk_size=chunk_size,
                      decode_batches=[1], decode_steps=2, vocab=vocab)
