@@ -30,11 +30,15 @@ from hybridize.train.recipe import recipe_from_dict
 from hybridize.train.trainer import TrainingInterrupted, train
 
 recipe = json.loads(Path(sys.argv[1]).read_text())
-if sys.argv[2] == "3":
-    try:
-        train(recipe_from_dict(recipe))
-    except ValueError as e:
-        print("REFUSED:", e)
+if len(sys.argv) > 4:  # refusals: the recipe as given, then each variant named on the command line
+    variants = {"as-is": {}, "lora": {"stages": [dict(recipe["stages"][0], trainable="lora")]},
+                "skip": {"on_nonfinite": "skip"}, "shard": {"teacher": dict(recipe["teacher"], shard=True)}}
+    for name in sys.argv[4:]:
+        try:
+            train(recipe_from_dict(dict(recipe, **variants[name])))
+            print("RAN:", name)
+        except ValueError as e:
+            print("REFUSED:", name, e)
     sys.exit(0)
 def interrupt(step, record):
     if step == 6:
@@ -50,12 +54,13 @@ print("DONE", result.model_dir)
 '''
 
 
-def _run(tmp_path: Path, recipe: dict, mode: str, port: str) -> str:
+def _run(tmp_path: Path, recipe: dict, mode: str, port: str, *refusals: str) -> str:
     (tmp_path / "recipe.json").write_text(json.dumps(recipe))
     (tmp_path / "runner.py").write_text(RUNNER)
     root = str(Path(__file__).resolve().parents[1])  # the checkout, importable also where it is not installed
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
-    proc = subprocess.run([sys.executable, str(tmp_path / "runner.py"), str(tmp_path / "recipe.json"), mode, port],
+    proc = subprocess.run([sys.executable, str(tmp_path / "runner.py"), str(tmp_path / "recipe.json"), mode, port,
+                           *refusals],
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
@@ -93,11 +98,18 @@ def test_zero2_reproduces_the_plain_trajectory_and_resumes(tmp_path):
         assert (w - reference[name]).abs().max() <= 1e-4 * (1 + reference[name].abs().max()), name
 
 
-def test_zero3_is_refused_with_a_one_line_error(tmp_path):
+@pytest.mark.parametrize("zero,variants,expected", [
+    ("3", ["as-is"], {"as-is": ("ZeRO-3", "fsdp.yaml")}),
+    ("2", ["lora", "skip", "shard"], {"lora": ("lora", "DeepSpeed"), "skip": ("on_nonfinite: skip", "stop"),
+                                      "shard": ("teacher.shard", "shard: false")}),
+])
+def test_what_deepspeed_cannot_run_is_refused_with_a_one_line_error(tmp_path, zero, variants, expected):
     docs = S.write_documents(tmp_path / "docs", count=2)
     src = S.make_tiny_source(tmp_path / "src", docs)
     recipe = S.tiny_recipe(src, docs, tmp_path / "out", tmp_path / "cache")
-    out = _run(tmp_path, recipe, "3", "29612")
-    line = [x for x in out.splitlines() if x.startswith("REFUSED:")]
-    assert line and "ZeRO-3" in line[0] and "fsdp.yaml" in line[0]
-    assert not (tmp_path / "out" / "model").exists()
+    out = _run(tmp_path, recipe, zero, "29612" if zero == "3" else "29613", *variants)
+    for name, words in expected.items():
+        line = [x for x in out.splitlines() if x.startswith(f"REFUSED: {name} ")]
+        assert line, out[-2000:]
+        assert all(w in line[0] for w in words), line[0]
+    assert not (tmp_path / "out" / "model").exists() and not (tmp_path / "out" / "checkpoints").exists()
