@@ -89,6 +89,20 @@ if HAS_TRITON:
         return r
 
     @triton.jit
+    def _lse_step(s2, m, l):
+        """Fold base-2 scores s2 (rows x keys, -inf where hidden) into the running row max m and sum l."""
+        m_new = tl.maximum(m, tl.max(s2, 1))
+        return m_new, l * tl.exp2(m - m_new) + tl.sum(tl.exp2(s2 - m_new[:, None]), 1)
+
+    @triton.jit
+    def _attend_step(s2, v, m, l, acc, IEEE: tl.constexpr):
+        """One online-softmax step: fold base-2 scores s2 of a key tile and its values v into (m, l, acc)."""
+        m_new = tl.maximum(m, tl.max(s2, 1))
+        alpha = tl.exp2(m - m_new)
+        p = tl.exp2(s2 - m_new[:, None])
+        return m_new, l * alpha + tl.sum(p, 1), acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
+
+    @triton.jit
     def _compress_kernel(
         K, O, STARTS, NC, H, s_kb, s_kh, s_kt, s_ob, s_oh, s_oc,
         KERNEL: tl.constexpr, STRIDE: tl.constexpr, BLOCK_C: tl.constexpr, D: tl.constexpr,
@@ -153,9 +167,7 @@ if HAS_TRITON:
             s = _dot(q, tl.trans(kc), IEEE) * sm_scale2
             vis = ((c[None, :] * STRIDE2 + KERNEL2 - 1) <= pos[:, None]) & (c < NC2)[None, :]
             s = tl.where(vis, s, float("-inf"))
-            m_new = tl.maximum(m, tl.max(s, 1))
-            l = l * tl.exp2(m - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), 1)
-            m = m_new
+            m, l = _lse_step(s, m, l)
         lse = tl.where(l > 0, m + tl.log2(tl.where(l > 0, l, 1.0)), 0.0)  # rows that see no (coarse) key: unnormalised
         # Pass 2: group-summed probabilities over K1.
         nv = tl.where(pmax >= KERNEL - 1, (pmax - KERNEL + 1) // STRIDE + 1, 0)
@@ -246,18 +258,14 @@ if HAS_TRITON:
             c = cs + tl.arange(0, BLOCK_C)
             kc = tl.load(ck2 + c[:, None].to(tl.int64) * s_c2c + d[None, :]).to(q.dtype)
             s = _dot(q, tl.trans(kc), IEEE)
-            m_new = tl.maximum(m, tl.max(s, 1) * sm_scale2)
-            l = l * tl.exp2(m - m_new) + tl.sum(tl.exp2(s * sm_scale2 - m_new[:, None]), 1)
-            m = m_new
+            m, l = _lse_step(s * sm_scale2, m, l)
         for cs in range(nf2c, nv2, BLOCK_C):
             c = cs + tl.arange(0, BLOCK_C)
             kc = tl.load(ck2 + c[:, None].to(tl.int64) * s_c2c + d[None, :], mask=(c < nv2)[:, None],
                          other=0.0).to(q.dtype)
             s = _dot(q, tl.trans(kc), IEEE)
             s = tl.where((c[None, :] * STRIDE2 + KERNEL2 - 1) <= pos[:, None], s, float("-inf"))
-            m_new = tl.maximum(m, tl.max(s, 1) * sm_scale2)
-            l = l * tl.exp2(m - m_new) + tl.sum(tl.exp2(s * sm_scale2 - m_new[:, None]), 1)
-            m = m_new
+            m, l = _lse_step(s * sm_scale2, m, l)
         lse = tl.where(l > 0, m + tl.log2(tl.where(l > 0, l, 1.0)), 0.0)  # no (coarse) key visible: unnormalised
         lse = tl.where(rm, lse, 1.0e30)  # padded rows contribute nothing
         # Pass 2 (keys x rows): group-summed probabilities.
@@ -435,12 +443,7 @@ if HAS_TRITON:
                 k = tl.load(kbase + sk64[:, None] * s_kt + d[None, :])
                 v = tl.load(vbase + sk64[:, None] * s_vt + d[None, :])
                 s = _dot(q, tl.trans(k), IEEE)
-                m_new = tl.maximum(m, tl.max(s, 1) * sm_scale2)
-                alpha = tl.exp2(m - m_new)
-                p = tl.exp2(s * sm_scale2 - m_new[:, None])
-                l = l * alpha + tl.sum(p, 1)
-                acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
-                m = m_new
+                m, l, acc = _attend_step(s * sm_scale2, v, m, l, acc, IEEE)
         if PIPE:  # the next block's q k^T is issued before this block's softmax (overlap MMA and MUFU)
             jb = tl.load(lst + n_pair)
             live_k = n_pair < n_full
@@ -455,12 +458,7 @@ if HAS_TRITON:
                              other=0.0)
                 v = tl.load(vbase + sk64[:, None] * s_vt + d[None, :])
                 s_n = _dot(q, tl.trans(kn), IEEE)
-                m_new = tl.maximum(m, tl.max(s, 1) * sm_scale2)
-                alpha = tl.exp2(m - m_new)
-                p = tl.exp2(s * sm_scale2 - m_new[:, None])
-                l = l * alpha + tl.sum(p, 1)
-                acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
-                m = m_new
+                m, l, acc = _attend_step(s * sm_scale2, v, m, l, acc, IEEE)
                 s = s_n
                 sk64 = skn
         else:
@@ -470,12 +468,7 @@ if HAS_TRITON:
                 k = tl.load(kbase + sk64[:, None] * s_kt + d[None, :])
                 v = tl.load(vbase + sk64[:, None] * s_vt + d[None, :])
                 s = _dot(q, tl.trans(k), IEEE)
-                m_new = tl.maximum(m, tl.max(s, 1) * sm_scale2)
-                alpha = tl.exp2(m - m_new)
-                p = tl.exp2(s * sm_scale2 - m_new[:, None])
-                l = l * alpha + tl.sum(p, 1)
-                acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
-                m = m_new
+                m, l, acc = _attend_step(s * sm_scale2, v, m, l, acc, IEEE)
         for it in range(n_full, cnt):
             jb = tl.load(lst + it)
             sk = jb * BS + cidx
@@ -489,12 +482,7 @@ if HAS_TRITON:
                 byte = tl.load(BITS + b * s_bb + g * s_bh + t64 * s_bt + jb // 8, mask=rm, other=0).to(tl.int32)
                 ok = ok & (((byte >> (jb % 8)) & 1) != 0)[:, None]
             s = tl.where(ok, s, float("-inf"))
-            m_new = tl.maximum(m, tl.max(s, 1) * sm_scale2)
-            alpha = tl.exp2(m - m_new)
-            p = tl.exp2(s * sm_scale2 - m_new[:, None])
-            l = l * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
-            m = m_new
+            m, l, acc = _attend_step(s * sm_scale2, v, m, l, acc, IEEE)
         o = acc / tl.where(l > 0, l, 1.0)[:, None]
         lse = tl.where(l > 0, m + tl.log2(tl.where(l > 0, l, 1.0)), 1.0e30)
         tl.store(O + b * s_ob + h[:, None] * s_oh + t64[:, None] * s_ot + d[None, :], o.to(O.dtype.element_ty),
@@ -654,9 +642,7 @@ if HAS_TRITON:
             if not COARSE:
                 vis = ((c * STRIDE + KERNEL - 1) <= pos) & cm
                 s = tl.where(vis[None, :], s, float("-inf"))
-                m_new = tl.maximum(m, tl.max(s, 1))
-                l = l * tl.exp2(m - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), 1)
-                m = m_new
+                m, l = _lse_step(s, m, l)
         if COARSE:
             for c0 in range(0, CH // STEP2, BLOCK_C2):
                 c = pid_c * (CH // STEP2) + c0 + tl.arange(0, BLOCK_C2)
@@ -666,9 +652,7 @@ if HAS_TRITON:
                 s = _dot_f32(q, tl.trans(kc), IEEE) * sm_scale2
                 vis = ((c * STRIDE2 + KERNEL2 - 1) <= pos) & cm
                 s = tl.where(vis[None, :], s, float("-inf"))
-                m_new = tl.maximum(m, tl.max(s, 1))
-                l = l * tl.exp2(m - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), 1)
-                m = m_new
+                m, l = _lse_step(s, m, l)
         st = (bg * NCH + pid_c) * RM + r
         tl.store(MX + st, m)
         tl.store(SM + st, l)
@@ -782,12 +766,7 @@ if HAS_TRITON:
             v = tl.load(vbase + sk64[:, None] * s_vt + d[None, :], mask=km[:, None], other=0.0)
             s = _dot(q, tl.trans(k), IEEE) * sm_scale2
             s = tl.where(((sk <= pos) & km)[None, :], s, float("-inf"))
-            m_new = tl.maximum(m, tl.max(s, 1))
-            alpha = tl.exp2(m - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l = l * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
-            m = m_new
+            m, l, acc = _attend_step(s, v, m, l, acc, IEEE)
         row = (bg * NSPLIT + sp) * RM + r
         tl.store(OP + row[:, None].to(tl.int64) * D + d[None, :], acc)
         tl.store(MP + row, m)
