@@ -296,6 +296,94 @@ if HAS_TRITON:
                 tl.store(f_ptrs, X, mask=m2)
 
     @triton.jit
+    def _segment_sum(k_base, v_base, s_kt, s_vt, rk, rc, mk, mc, c0, idx, fidx, ld,
+                     BK: tl.constexpr, BC: tl.constexpr, SEGC, CH: tl.constexpr, OFF32: tl.constexpr,
+                     EV_KEEP: tl.constexpr, DECAY_V: tl.constexpr, SUM_STAGES: tl.constexpr):
+        """U = the decayed sum of k^T v over the SEGC whole chunks from chunk c0 (a segment before the last)."""
+        b_decay = tl.exp(ld * (CH - 1.0 - fidx))
+        x_decay = tl.exp(ld * (CH * 1.0))
+        U = tl.full((BK, BC), 0.0, tl.float32)
+        for i in tl.range(0, SEGC, num_stages=SUM_STAGES):
+            if OFF32:
+                rows = (c0 + i) * CH + idx
+            else:
+                rows = ((c0 + i) * CH + idx).to(tl.int64)
+            kk = tl.load(k_base + rows[:, None] * s_kt + rk[None, :], mask=mk[None, :], other=0.0,
+                         eviction_policy=EV_KEEP)
+            vv = tl.load(v_base + rows[:, None] * s_vt + rc[None, :], mask=mc[None, :], other=0.0,
+                         eviction_policy=EV_KEEP)
+            if DECAY_V:  # the decay on the (narrower) v tile; k^T straight from shared memory
+                v_dec = (vv.to(tl.float32) * b_decay[:, None]).to(vv.dtype)
+                U = tl.dot(tl.trans(kk), v_dec, U * x_decay)
+            else:
+                k_dec = (kk.to(tl.float32) * b_decay[:, None]).to(vv.dtype)
+                U = U * x_decay + tl.dot(tl.trans(k_dec), vv)
+        return U
+
+    @triton.jit
+    def _add_predecessors(P, flag_base, Agg, Incl, st_base, s_ps, st_tile, m2, seg, seg_decay):
+        """The decoupled look-back: walking back from segment seg - 1, add a finished segment's end state (flag 2,
+        in Incl) and stop, or an unfinished one's own sum (flag 1, in Agg), decayed, and go on; flag 0: wait."""
+        j = seg - 1
+        w = seg_decay * 0.0 + 1.0
+        while j >= 0:
+            f = tl.atomic_add(flag_base + j, 0, sem="acquire")
+            while f == 0:
+                f = tl.atomic_add(flag_base + j, 0, sem="acquire")
+            if f == 2:
+                P += w * tl.load(Incl + st_base + j * s_ps + st_tile, mask=m2, other=0.0, cache_modifier=".cg")
+                j = j - j - 1
+            else:
+                P += w * tl.load(Agg + st_base + j * s_ps + st_tile, mask=m2, other=0.0, cache_modifier=".cg")
+                w = w * seg_decay
+                j -= 1
+        return P
+
+    @triton.jit
+    def _walk_segment(X, q_base, k_base, v_base, o_base, s_qt, s_kt, s_vt, s_ot, rk, rc, mk, mc, c0, c1, T, ld,
+                      scale, idx, fidx, Out, CH: tl.constexpr, OFF32: tl.constexpr, EV_DROP: tl.constexpr,
+                      STATE_LOWP: tl.constexpr, DECAY_V: tl.constexpr):
+        """Walk chunks c0..c1-1 from the state X entering them, writing o = scale * (intra-chunk part + decayed
+        q X); returns the state after them."""
+        diff = fidx[:, None] - fidx[None, :]
+        decay_mask = tl.where(diff >= 0, tl.exp(ld * tl.maximum(diff, 0.0)), 0.0)
+        a_decay0 = tl.exp(ld * (fidx + 1.0))
+        for ci in range(c0, c1):
+            start = ci * CH
+            t = start + idx
+            mt = t < T
+            if OFF32:
+                rows = t
+            else:
+                rows = t.to(tl.int64)
+            kk = tl.load(k_base + rows[:, None] * s_kt + rk[None, :], mask=mt[:, None] & mk[None, :], other=0.0,
+                         eviction_policy=EV_DROP)
+            vv = tl.load(v_base + rows[:, None] * s_vt + rc[None, :], mask=mt[:, None] & mc[None, :], other=0.0,
+                         eviction_policy=EV_DROP)
+            qq = tl.load(q_base + rows[:, None] * s_qt + rk[None, :], mask=mt[:, None] & mk[None, :], other=0.0,
+                         eviction_policy=EV_DROP)
+            clen = tl.minimum(T - start, CH).to(tl.float32)
+            b_decay = tl.where(mt, tl.exp(ld * tl.maximum(clen - 1.0 - fidx, 0.0)), 0.0)
+            a_decay = tl.where(mt, a_decay0, 0.0)
+            # inter-chunk part first, its row decay applied to the product (no decayed copy of q)
+            if STATE_LOWP:
+                acc = tl.dot(qq, X.to(vv.dtype))
+            else:
+                acc = tl.dot(qq.to(tl.float32), X)
+            acc = acc * (a_decay * scale)[:, None]
+            scores = tl.dot(qq, tl.trans(kk)) * (decay_mask * scale)
+            acc = tl.dot(scores.to(vv.dtype), vv, acc)
+            tl.store(o_base + rows[:, None] * s_ot + rc[None, :], acc.to(Out.dtype.element_ty),
+                     mask=mt[:, None] & mc[None, :], eviction_policy=EV_DROP)
+            if DECAY_V:
+                v_dec = (vv.to(tl.float32) * b_decay[:, None]).to(vv.dtype)
+                X = tl.dot(tl.trans(kk), v_dec, X * tl.exp(ld * clen))
+            else:
+                k_dec = (kk.to(tl.float32) * b_decay[:, None]).to(vv.dtype)
+                X = tl.dot(tl.trans(k_dec), vv, X * tl.exp(ld * clen))
+        return X
+
+    @triton.jit
     def _fwd_lookback_kernel(
         Q, K, V, Out, Init, Final, Agg, Incl, Pref, Flags, LogDecay,
         T, H, DK, DV, NSEG, SEGC, NCOL, NHC,
@@ -348,19 +436,8 @@ if HAS_TRITON:
         # 1. this segment's own sum of decayed k^T v (segments before the last are whole: SEGC full chunks)
         U = tl.full((BK, BC), 0.0, tl.float32)
         if notlast:
-            b_decay = tl.exp(ld * (CH - 1.0 - fidx))
-            x_decay = tl.exp(ld * (CH * 1.0))
-            for i in range(SEGC):
-                if OFF32:
-                    rows = (c0 + i) * CH + idx
-                else:
-                    rows = ((c0 + i) * CH + idx).to(tl.int64)
-                kk = tl.load(k_base + rows[:, None] * s_kt + rk[None, :], mask=mk[None, :], other=0.0,
-                             eviction_policy=EV_KEEP)
-                vv = tl.load(v_base + rows[:, None] * s_vt + rc[None, :], mask=mc[None, :], other=0.0,
-                             eviction_policy=EV_KEEP)
-                k_dec = (kk.to(tl.float32) * b_decay[:, None]).to(vv.dtype)
-                U = U * x_decay + tl.dot(tl.trans(k_dec), vv)
+            U = _segment_sum(k_base, v_base, s_kt, s_vt, rk, rc, mk, mc, c0, idx, fidx, ld, BK, BC, SEGC, CH, OFF32,
+                             EV_KEEP, False, None)
 
         # 2. the state entering the segment: decoupled look-back over the segments before it. Flag 1: the
         # segment's own sum is in Agg; flag 2: the state at its end (inclusive prefix) is in Incl.
@@ -382,19 +459,7 @@ if HAS_TRITON:
                 tl.store(Agg + st_base + seg * s_ps + st_tile, U, mask=m2)
                 tl.debug_barrier()
                 tl.atomic_xchg(flag_base + seg, 1, sem="release")
-            j = seg - 1
-            w = seg_decay * 0.0 + 1.0
-            while j >= 0:
-                f = tl.atomic_add(flag_base + j, 0, sem="acquire")
-                while f == 0:
-                    f = tl.atomic_add(flag_base + j, 0, sem="acquire")
-                if f == 2:
-                    P += w * tl.load(Incl + st_base + j * s_ps + st_tile, mask=m2, other=0.0, cache_modifier=".cg")
-                    j = j - j - 1
-                else:
-                    P += w * tl.load(Agg + st_base + j * s_ps + st_tile, mask=m2, other=0.0, cache_modifier=".cg")
-                    w = w * seg_decay
-                    j -= 1
+            P = _add_predecessors(P, flag_base, Agg, Incl, st_base, s_ps, st_tile, m2, seg, seg_decay)
         if PUBLISH_INCL:
             publish_incl = notlast
         else:
@@ -406,40 +471,9 @@ if HAS_TRITON:
         if SAVE_PREFIX:
             tl.store(Pref + st_base + seg * s_ps + st_tile, P, mask=m2)
 
-        # 3. walk the segment's chunks from that state: o = scale * (intra-chunk part + decayed q X)
-        diff = fidx[:, None] - fidx[None, :]
-        decay_mask = tl.where(diff >= 0, tl.exp(ld * tl.maximum(diff, 0.0)), 0.0)
-        a_decay0 = tl.exp(ld * (fidx + 1.0))
-        X = P
-        for ci in range(c0, c1):
-            start = ci * CH
-            t = start + idx
-            mt = t < T
-            if OFF32:
-                rows = t
-            else:
-                rows = t.to(tl.int64)
-            kk = tl.load(k_base + rows[:, None] * s_kt + rk[None, :], mask=mt[:, None] & mk[None, :], other=0.0,
-                         eviction_policy=EV_DROP)
-            vv = tl.load(v_base + rows[:, None] * s_vt + rc[None, :], mask=mt[:, None] & mc[None, :], other=0.0,
-                         eviction_policy=EV_DROP)
-            qq = tl.load(q_base + rows[:, None] * s_qt + rk[None, :], mask=mt[:, None] & mk[None, :], other=0.0,
-                         eviction_policy=EV_DROP)
-            clen = tl.minimum(T - start, CH).to(tl.float32)
-            b_decay = tl.where(mt, tl.exp(ld * tl.maximum(clen - 1.0 - fidx, 0.0)), 0.0)
-            a_decay = tl.where(mt, a_decay0, 0.0)
-            # inter-chunk part first, its row decay applied to the product (no decayed copy of q)
-            if STATE_LOWP:
-                acc = tl.dot(qq, X.to(vv.dtype))
-            else:
-                acc = tl.dot(qq.to(tl.float32), X)
-            acc = acc * (a_decay * scale)[:, None]
-            scores = tl.dot(qq, tl.trans(kk)) * (decay_mask * scale)
-            acc = tl.dot(scores.to(vv.dtype), vv, acc)
-            tl.store(o_base + rows[:, None] * s_ot + rc[None, :], acc.to(Out.dtype.element_ty),
-                     mask=mt[:, None] & mc[None, :], eviction_policy=EV_DROP)
-            k_dec = (kk.to(tl.float32) * b_decay[:, None]).to(vv.dtype)
-            X = tl.dot(tl.trans(k_dec), vv, X * tl.exp(ld * clen))
+        # 3. walk the segment's chunks from that state
+        X = _walk_segment(P, q_base, k_base, v_base, o_base, s_qt, s_kt, s_vt, s_ot, rk, rc, mk, mc, c0, c1, T, ld,
+                          scale, idx, fidx, Out, CH, OFF32, EV_DROP, STATE_LOWP, False)
         if STORE_FINAL:
             if seg == NSEG - 1:
                 tl.store(Final + n64 * s_fn + h64 * s_fh + rk[:, None] * s_fr + rc[None, :] * s_fc, X, mask=m2)
@@ -506,24 +540,8 @@ if HAS_TRITON:
 
         if is_sum:
             # S(s): segments before the last are whole (SEGC full chunks)
-            b_decay = tl.exp(ld * (CH - 1.0 - fidx))
-            x_decay = tl.exp(ld * (CH * 1.0))
-            U = tl.full((BK, BC), 0.0, tl.float32)
-            for i in tl.range(0, SEGC, num_stages=SUM_STAGES):
-                if OFF32:
-                    rows = (c0 + i) * CH + idx
-                else:
-                    rows = ((c0 + i) * CH + idx).to(tl.int64)
-                kk_ = tl.load(k_base + rows[:, None] * s_kt + rk[None, :], mask=mk[None, :], other=0.0,
-                              eviction_policy=EV_KEEP)
-                vv = tl.load(v_base + rows[:, None] * s_vt + rc[None, :], mask=mc[None, :], other=0.0,
-                             eviction_policy=EV_KEEP)
-                if DECAY_V:  # the decay on the (narrower) v tile; k^T straight from shared memory
-                    v_dec = (vv.to(tl.float32) * b_decay[:, None]).to(vv.dtype)
-                    U = tl.dot(tl.trans(kk_), v_dec, U * x_decay)
-                else:
-                    k_dec = (kk_.to(tl.float32) * b_decay[:, None]).to(vv.dtype)
-                    U = tl.dot(tl.trans(k_dec), vv, U * x_decay)
+            U = _segment_sum(k_base, v_base, s_kt, s_vt, rk, rc, mk, mc, c0, idx, fidx, ld, BK, BC, SEGC, CH, OFF32,
+                             EV_KEEP, DECAY_V, SUM_STAGES)
             tl.store(Agg + st_base + seg * s_ps + st_tile, U, mask=m2)
             tl.debug_barrier()
             tl.atomic_xchg(flag_base + seg, 1, sem="release")
@@ -537,22 +555,8 @@ if HAS_TRITON:
                 else:
                     P = tl.full((BK, BC), 0.0, tl.float32)
             else:
-                P = tl.full((BK, BC), 0.0, tl.float32)
-                j = seg - 1
-                w = seg_decay * 0.0 + 1.0
-                while j >= 0:
-                    f = tl.atomic_add(flag_base + j, 0, sem="acquire")
-                    while f == 0:
-                        f = tl.atomic_add(flag_base + j, 0, sem="acquire")
-                    if f == 2:
-                        P += w * tl.load(Incl + st_base + j * s_ps + st_tile, mask=m2, other=0.0,
-                                         cache_modifier=".cg")
-                        j = j - j - 1
-                    else:
-                        P += w * tl.load(Agg + st_base + j * s_ps + st_tile, mask=m2, other=0.0,
-                                         cache_modifier=".cg")
-                        w = w * seg_decay
-                        j -= 1
+                P = _add_predecessors(tl.full((BK, BC), 0.0, tl.float32), flag_base, Agg, Incl, st_base, s_ps,
+                                      st_tile, m2, seg, seg_decay)
             if PUBLISH_INCL:
                 publish = notlast
             else:
@@ -568,44 +572,10 @@ if HAS_TRITON:
             if SAVE_PREFIX:
                 tl.store(Pref + st_base + seg * s_ps + st_tile, P, mask=m2)
 
-            # the walk: o = scale * (decayed q X + intra-chunk part), the carried-state term first
-            a_decay0 = tl.exp(ld * (fidx + 1.0))
-            diff = fidx[:, None] - fidx[None, :]
-            decay_mask = tl.where(diff >= 0, tl.exp(ld * tl.maximum(diff, 0.0)), 0.0) * scale
-            c1 = tl.minimum(c0 + SEGC, nchunks)
-            X = P
-            for ci in range(c0, c1):
-                start = ci * CH
-                t = start + idx
-                mt = t < T
-                if OFF32:
-                    rows = t
-                else:
-                    rows = t.to(tl.int64)
-                qq = tl.load(q_base + rows[:, None] * s_qt + rk[None, :], mask=mt[:, None] & mk[None, :], other=0.0,
-                             eviction_policy=EV_DROP)
-                kk_ = tl.load(k_base + rows[:, None] * s_kt + rk[None, :], mask=mt[:, None] & mk[None, :],
-                              other=0.0, eviction_policy=EV_DROP)
-                vv = tl.load(v_base + rows[:, None] * s_vt + rc[None, :], mask=mt[:, None] & mc[None, :],
-                             other=0.0, eviction_policy=EV_DROP)
-                clen = tl.minimum(T - start, CH).to(tl.float32)
-                b_decay = tl.where(mt, tl.exp(ld * tl.maximum(clen - 1.0 - fidx, 0.0)), 0.0)
-                a_decay = tl.where(mt, a_decay0, 0.0)
-                if STATE_LOWP:
-                    acc = tl.dot(qq, X.to(vv.dtype))
-                else:
-                    acc = tl.dot(qq.to(tl.float32), X)
-                acc = acc * (a_decay * scale)[:, None]
-                scores = tl.dot(qq, tl.trans(kk_)) * decay_mask
-                acc = tl.dot(scores.to(vv.dtype), vv, acc)
-                tl.store(o_base + rows[:, None] * s_ot + rc[None, :], acc.to(Out.dtype.element_ty),
-                         mask=mt[:, None] & mc[None, :], eviction_policy=EV_DROP)
-                if DECAY_V:
-                    v_dec = (vv.to(tl.float32) * b_decay[:, None]).to(vv.dtype)
-                    X = tl.dot(tl.trans(kk_), v_dec, X * tl.exp(ld * clen))
-                else:
-                    k_dec = (kk_.to(tl.float32) * b_decay[:, None]).to(vv.dtype)
-                    X = tl.dot(tl.trans(k_dec), vv, X * tl.exp(ld * clen))
+            # the walk
+            X = _walk_segment(P, q_base, k_base, v_base, o_base, s_qt, s_kt, s_vt, s_ot, rk, rc, mk, mc, c0,
+                              tl.minimum(c0 + SEGC, nchunks), T, ld, scale, idx, fidx, Out, CH, OFF32, EV_DROP,
+                              STATE_LOWP, DECAY_V)
             if STORE_FINAL:
                 if seg == NSEG - 1:
                     tl.store(Final + n64 * s_fn + h64 * s_fh + rk[:, None] * s_fr + rc[None, :] * s_fc, X, mask=m2)
