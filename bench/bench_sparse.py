@@ -60,17 +60,21 @@ def _reps(ms_guess: float) -> int:
     return 3 if ms_guess > 200 else 5 if ms_guess > 30 else 20
 
 
+def _inputs(T: int, seed: int):
+    """Random bf16 q (HQ heads), k, v (HKV heads), an output gradient and positions 0..T-1 for one sequence."""
+    torch.manual_seed(seed)
+    q = torch.randn(1, HQ, T, D, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(1, HKV, T, D, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(1, HKV, T, D, device="cuda", dtype=torch.bfloat16)
+    return q, k, v, torch.randn_like(q), torch.arange(T, device="cuda")
+
+
 def _variant_opts(name: str) -> dict:
     return dict(OPTS, selection="token" if name.startswith("token") else "block", coarse="coarse" in name)
 
 
 def bench_prefill(T: int, variants: list[str], backward: bool, flash: bool = False, tuning: dict | None = None) -> dict:
-    torch.manual_seed(0)
-    q = torch.randn(1, HQ, T, D, device="cuda", dtype=torch.bfloat16)
-    k = torch.randn(1, HKV, T, D, device="cuda", dtype=torch.bfloat16)
-    v = torch.randn(1, HKV, T, D, device="cuda", dtype=torch.bfloat16)
-    do = torch.randn_like(q)
-    pos = torch.arange(T, device="cuda")
+    q, k, v, do, pos = _inputs(T, seed=0)
     out = {"T": T}
     g = HQ // HKV
     ke, ve = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)  # equal heads for both SDPA peers; not timed
@@ -195,12 +199,7 @@ def profile_kernels(T: int, variant: str, tuning: dict | None = None) -> str:
 def bench_sweep(T: int, parts: list[str], budget_s: float) -> dict:
     """Each tile configuration of SWEEP: its time and its largest difference from the default configuration."""
     t0 = time.time()
-    torch.manual_seed(1)
-    q = torch.randn(1, HQ, T, D, device="cuda", dtype=torch.bfloat16)
-    k = torch.randn(1, HKV, T, D, device="cuda", dtype=torch.bfloat16)
-    v = torch.randn(1, HKV, T, D, device="cuda", dtype=torch.bfloat16)
-    do = torch.randn_like(q)
-    pos = torch.arange(T, device="cuda")
+    q, k, v, do, pos = _inputs(T, seed=1)
     opts = dict(OPTS, selection="block", coarse=True)
     ck = st.compress_keys_triton(k)
     nb = -(-T // 64)
