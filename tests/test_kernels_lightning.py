@@ -347,6 +347,21 @@ def test_chunked_matches_reference_gpu(seed, dtype, tol, B, H, T, D, with_init):
     assert max(errs.values()) < tol, errs
 
 
+def _long_segmented_forward(lt, forward, cfg):
+    """A bf16 8-head sequence of 8191 tokens through `forward` (a ticketed one-launch forward) with `cfg`: outputs and
+    gradients vs the reference, and o vs the two-pass forward; returns (segments, tickets taken)."""
+    args = _inputs(1, 8, 8191, 128, 128, 1, True, torch.bfloat16, "cuda")
+    errs = _run_both(lt.lightning_attn_chunked_triton, *args, None, config=cfg)
+    assert max(errs.values()) < 1e-2, errs
+    q, k, v, ld, _ = args
+    with torch.no_grad():
+        o, _, _, (nseg, _), flags = forward(q, k, v, ld.float(), init=None, scale=0.1, store_final=False,
+                                            save_prefix=False, chunk=64, config=cfg)
+        o_two_pass, _ = lt.lightning_attn_chunked_triton(q, k, v, ld, 0.1, config=lt.ScanConfig(lookback=False))
+    assert rel(o, o_two_pass) < 1e-2
+    return nseg, flags[-1].item()
+
+
 @gpu
 @pytest.mark.parametrize("seg_tokens,publish", [(128, True), (64, False), (512, True)])
 def test_lookback_forward_long_gpu(seed, seg_tokens, publish):
@@ -354,16 +369,8 @@ def test_lookback_forward_long_gpu(seed, seg_tokens, publish):
     lt = _kernels()
     cfg = lt.ScanConfig(block_c=128, num_warps=8, num_stages=3, state_lowp=True, lookback=True,
                         segment_tokens=seg_tokens, publish_inclusive=publish)
-    args = _inputs(1, 8, 8191, 128, 128, 1, True, torch.bfloat16, "cuda")
-    errs = _run_both(lt.lightning_attn_chunked_triton, *args, None, config=cfg)
-    assert max(errs.values()) < 1e-2, errs
-    q, k, v, ld, _ = args
-    with torch.no_grad():
-        o, _, _, (nseg, _), flags = lt._lookback_forward(q, k, v, ld.float(), init=None, scale=0.1, store_final=False,
-                                                         save_prefix=False, chunk=64, config=cfg)
-        o_two_pass, _ = lt.lightning_attn_chunked_triton(q, k, v, ld, 0.1, config=lt.ScanConfig(lookback=False))
-    assert flags[-1].item() == 8 * nseg  # one ticket per program
-    assert rel(o, o_two_pass) < 1e-2
+    nseg, tickets = _long_segmented_forward(lt, lt._lookback_forward, cfg)
+    assert tickets == 8 * nseg  # one ticket per program
 
 
 @gpu
@@ -377,16 +384,8 @@ def test_overlap_forward_long_gpu(seed, seg_tokens, lead, block_c, num_warps, nu
     cfg = lt.ScanConfig(block_c=block_c, num_warps=num_warps, num_stages=num_stages, state_lowp=True, overlap=True,
                         segment_tokens=seg_tokens, lead=lead, publish_inclusive=publish, decay_v=decay_v,
                         sum_stages=sum_stages)
-    args = _inputs(1, 8, 8191, 128, 128, 1, True, torch.bfloat16, "cuda")
-    errs = _run_both(lt.lightning_attn_chunked_triton, *args, None, config=cfg)
-    assert max(errs.values()) < 1e-2, errs
-    q, k, v, ld, _ = args
-    with torch.no_grad():
-        o, _, _, (nseg, _), flags = lt._overlap_forward(q, k, v, ld.float(), init=None, scale=0.1, store_final=False,
-                                                        save_prefix=False, chunk=64, config=cfg)
-        o_two_pass, _ = lt.lightning_attn_chunked_triton(q, k, v, ld, 0.1, config=lt.ScanConfig(lookback=False))
-    assert flags[-1].item() == 8 * (128 // block_c) * (2 * nseg - 1)  # one ticket per program
-    assert rel(o, o_two_pass) < 1e-2
+    nseg, tickets = _long_segmented_forward(lt, lt._overlap_forward, cfg)
+    assert tickets == 8 * (128 // block_c) * (2 * nseg - 1)  # one ticket per program
 
 
 @gpu
