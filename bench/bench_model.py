@@ -74,7 +74,8 @@ def main() -> int:
                          "count, so a short warm-up leaves compilations inside the timed prefills of longer contexts")
     ap.add_argument("--warmup-cap", default="256K", help="longest 'max' warm-up")
     ap.add_argument("--variants", default="block,token,block+coarse",
-                    help="hybrid sparse-selection variants to run, in order (block is the config default)")
+                    help="hybrid sparse-selection variants to run, in order (block is the config default); "
+                         "NAME@LEN prefills that variant in chunks of LEN tokens instead of --chunk (e.g. block@64K)")
     ap.add_argument("--token-max", default="128K", help="longest length for the exact token-selection hybrid")
     ap.add_argument("--dense-modes", default="chunked,one-pass",
                     help="dense prefill modes: chunked (--chunk tokens at a time), one-pass (no decode timing)")
@@ -114,10 +115,11 @@ def main() -> int:
              # the default hybrid with the fused elementwise pieces off (the code before they existed; no decode)
              "block-eager": {"sparse_selection": "block"}}
     chosen = [v for v in args.variants.split(",") if v]
-    bad = [v for v in chosen if v not in known]
+    bad = [v for v in chosen if v.partition("@")[0] not in known]
     if bad:
-        raise SystemExit(f"--variants: unknown {bad}; choose from {sorted(known)}")
-    variants = {f"({v} selection)": known[v] for v in chosen}
+        raise SystemExit(f"--variants: unknown {bad}; choose from {sorted(known)} (optionally @LEN)")
+    variants = {f"({v} selection)": known[v.partition("@")[0]] for v in chosen}
+    chunk_of = {f"({v} selection)": parse_length(v.partition("@")[2]) for v in chosen if "@" in v}
     builders = shape_builders(args.shape, "1:3", torch.bfloat16, device, variants)
     modes = [m for m in args.dense_modes.split(",") if m]
     if not modes or any(m not in ("chunked", "one-pass") for m in modes):
@@ -138,6 +140,7 @@ def main() -> int:
         cap = left * shares[i] if i < len(names) - 1 else left - 15.0
         model_lengths = [L for L in lengths if L <= parse_length(args.token_max)] if "token" in name else lengths
         eager = "block-eager" in name
+        chunk = next((c for suffix, c in chunk_of.items() if name.endswith(suffix)), args.chunk)
         t0 = time.perf_counter()
         model = builders[name]()
         if eager:
@@ -150,7 +153,7 @@ def main() -> int:
         warmup = (min(max(model_lengths), parse_length(args.warmup_cap)) if args.warmup == "max"
                   else parse_length(args.warmup))
         models.append(bench_model(name, model, model_lengths,
-                                  chunk_size=1 << 40 if name == one_pass else args.chunk,  # one chunk: the prompt
+                                  chunk_size=1 << 40 if name == one_pass else chunk,  # one-pass: one chunk, the prompt
                                   decode_batches=() if name == one_pass or eager else batches,
                                   decode_steps=args.decode_steps, time_cap_s=cap - (time.perf_counter() - t0),
                                   warmup_length=warmup,

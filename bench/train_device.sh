@@ -12,7 +12,8 @@
 #                                           2 GPUs; S1/S2 steps, PREC bf16|fp32, SRC as for quality-bg
 #                                           (or fsdp-seeds on SEED_GPU while GPU 0 trains, then fsdp-pair;
 #                                           deepspeed-pair: the same recipe under recipes/accelerate/deepspeed.yaml on
-#                                           2 GPUs beside the seed runs, carry .dswhl too)
+#                                           2 GPUs beside the seed runs, carry .dswhl too; runs of an earlier session
+#                                           in .train_gpu_x2/prev/prev_*.jsonl join its comparison)
 # The 98 MB GGUF exceeds one call's 64 MiB transfer, hence the split and the 3-bit copy (bench/train_quality.py pack).
 set -uo pipefail
 MODE=$1
@@ -78,6 +79,10 @@ fsdp|fsdp-seeds|fsdp-pair|deepspeed-pair)
   if [ $MODE = deepspeed-pair ]; then  # carry .dswhl too (deepspeed and the packages the image lacks)
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
       $D/../.dswhl/*.whl || exit 1
+    # Runs of an earlier call or session kept in $D/prev (prev_*.jsonl) join the comparison; without a 1-GPU seed-0
+    # run on this machine, one runs first (the 1-GPU path is deterministic: it must equal prev_gpu1_seed0).
+    cp $D/prev/prev_*.jsonl /root/fsdp/ 2>/dev/null
+    [ -f /root/fsdp/gpu1_seed0.jsonl ] || one gpu1_seed0 0 0
     t=$(date +%s)
     accelerate launch --config_file recipes/accelerate/deepspeed.yaml --num_processes 2 \
       -m hybridize.cli train recipes/smollm2-gpu.yaml $SETS --set seed=0 --set output.dir=/tmp/ds2_seed0 \
@@ -85,7 +90,7 @@ fsdp|fsdp-seeds|fsdp-pair|deepspeed-pair)
     echo "ds2_seed0: rc=$? $(( $(date +%s) - t )) s"; grep -v -i warn /root/fsdp/ds2_seed0.log | tail -4
     cp /tmp/ds2_seed0/metrics.jsonl /root/fsdp/ds2_seed0.jsonl
     (cd /root/fsdp && python3 $OLDPWD/bench/train_quality.py compare gpu1_seed0.jsonl ds2_seed0.jsonl \
-      $(ls fsdp2_seed0.jsonl gpu1_seed1.jsonl 2>/dev/null) > compare_ds.md; tail -12 compare_ds.md)
+      $(ls fsdp2_seed0.jsonl gpu1_seed1.jsonl prev_*.jsonl 2>/dev/null) > compare_ds.md; tail -14 compare_ds.md)
   elif [ $MODE != fsdp-seeds ]; then
     t=$(date +%s)
     accelerate launch --config_file recipes/accelerate/fsdp.yaml --num_processes 2 --mixed_precision $MP \
