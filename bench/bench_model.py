@@ -73,7 +73,7 @@ def main() -> int:
                          "--warmup-cap). Triton compiles a selection-kernel variant per power of two of the key-block "
                          "count, so a short warm-up leaves compilations inside the timed prefills of longer contexts")
     ap.add_argument("--warmup-cap", default="256K", help="longest 'max' warm-up")
-    ap.add_argument("--variants", default="block,token,block+coarse",
+    ap.add_argument("--variants", default="block,token,block+exact",
                     help="hybrid sparse-selection variants to run, in order (block is the config default); "
                          "NAME@LEN prefills that variant in chunks of LEN tokens instead of --chunk (e.g. block@64K)")
     ap.add_argument("--token-max", default="128K", help="longest length for the exact token-selection hybrid")
@@ -109,9 +109,10 @@ def main() -> int:
         jsonl.write(json.dumps({"model": name, **asdict(r)}) + "\n")
         jsonl.flush()
 
-    known = {"block": {"sparse_selection": "block"},  # the config default
+    known = {"block": {"sparse_selection": "block"},  # the config default (coarse normaliser since 2026-11-26 22:10)
              "token": {"sparse_selection": "token"},  # exact per-token selection
              "block+coarse": {"sparse_selection": "block", "sparse_coarse_normalizer": True},
+             "block+exact": {"sparse_selection": "block", "sparse_coarse_normalizer": False},
              # the default hybrid with the fused elementwise pieces off (the code before they existed; no decode)
              "block-eager": {"sparse_selection": "block"}}
     chosen = [v for v in args.variants.split(",") if v]

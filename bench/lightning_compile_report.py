@@ -112,7 +112,8 @@ def main():
     compile_only(calls)
     import bench_lightning as bench  # after the driver switch: it imports the kernels
 
-    configs = bench.SWEEP if args.configs == "sweep" else [bench.LT.DEFAULT_CONFIG, bench.TWO_PASS]
+    shipped = [bench.LT.DEFAULT_CONFIG, bench.LT.LOOKBACK_CONFIG, bench.TWO_PASS]
+    configs = bench.SWEEP if args.configs == "sweep" else shipped
     q = torch.empty(1, bench.H, args.T, bench.D, dtype=torch.bfloat16)
     ld = torch.empty(bench.H)
     print(f"triton {triton.__version__}, sm_90, bf16, 1 x {bench.H} heads x {args.T} tokens x d {bench.D}")

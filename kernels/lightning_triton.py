@@ -24,7 +24,7 @@ in float32; states and accumulation are float32; the intra-chunk products run on
 Parallelism: at B*H = 32 one program per head walks 1024 chunks at 64K tokens one after another and is latency-bound,
 so long sequences are cut into segments that run in parallel; each needs the state entering it.
 
-- Look-back forward (`_fwd_lookback_kernel`, `ScanConfig(lookback=True)`, the bf16 default): ONE kernel with a decoupled look-back. A program takes a ticket from an
+- Look-back forward (`_fwd_lookback_kernel`, `ScanConfig(lookback=True)`, `LOOKBACK_CONFIG`): ONE kernel with a decoupled look-back. A program takes a ticket from an
   atomic counter (segments vary slowest), sums its segment's k^T v into U, then obtains the state entering its segment
   from the segments before it: it walks back over their flags, adding a finished predecessor's end state (flag 2) or
   an unfinished one's own sum U (flag 1) and going on past it; it publishes its own end state (flag 2), then walks its
@@ -36,15 +36,18 @@ so long sequences are cut into segments that run in parallel; each needs the sta
   runs its segment sum and its walk one after the other, and the walk is latency-bound, so the saved memory pass
   does not pay for the longer programs; short segments (512 tokens) were slowest, 2048-token segments (no L2 reuse
   left) fastest. With three pipeline stages its float32 tiles need 216 of the 227 KB of shared memory. Under autograd the state entering each segment is saved for the dq scan.
-- Overlap forward (`_fwd_overlap_kernel`, `ScanConfig(overlap=True)`; not yet timed on a GPU): one launch with two
-  kinds of program in the order of one ticket counter, S(s) (sum segment s's decayed k^T v into Agg, flag 1) and
+- Overlap forward (`_fwd_overlap_kernel`, `ScanConfig(overlap=True)`, the bf16 default `DEFAULT_CONFIG`): one
+  launch with two kinds of program in the order of one ticket counter, S(s) (sum segment s's decayed k^T v into Agg, flag 1) and
   W(s) (look back over the flags for the state entering segment s, publish the state at its end, flag 2, then walk
   the segment), ordered S(0), S(1), W(0), S(2), W(1), ... for `lead` = 1. The bandwidth-bound sums run beside the
   latency-bound walks instead of in a separate pass, and W(s) re-reads the k, v that S(s) read shortly before (L2,
   evict-last hint). W(s) waits only on S(j <= s), lower tickets that never wait: no deadlock. With 4 warps and
   64-column tiles (252 registers, 88 KB of shared memory with Triton 3.6) two programs fit on one SM, so a sum and a
   walk can share it; `decay_v` decays the rows of the 64-wide v tile instead of the 128-wide k tile in the state
-  update (bench/lightning_compile_report.py: 692 instead of 861 instructions per chunk in the walk loop).
+  update (bench/lightning_compile_report.py: 692 instead of 861 instructions per chunk in the walk loop). Measured
+  (run D, one H100, bench/RESULTS.md): faster than the look-back forward at 4K-256K, forward and forward + backward
+  (64K forward 1.32 vs 1.45 ms) with 4096-token segments; shorter segments, whose k and v could stay in L2, were
+  slower (512: 1.54 ms), so the gain comes from fewer, longer walks sharing SMs with the sums, not from L2 reuse.
 - Two-pass forward (`lookback=False`; always for cu_seqlens): a first pass (STATE_ONLY) sums
   each segment's b^T c into U_s (k and v are read twice from memory), then every segment runs in parallel from
   g^(...) X0 + the sum of the U of the segments before it.
@@ -93,9 +96,9 @@ class ScanConfig:
     only the first segment publish the state at its end, so every look-back sums the others' own sums back to it:
     the path a segment takes on a GPU while its predecessors are busy, which the in-order interpreter never runs.
     `chunk`: tokens per chunk inside the kernel (16, 32, 64 or 128; the result does not depend on it); None: the
-    caller's `chunk_size`. `inter_first` (scan kernel only; not yet timed on a GPU): compute the carried-state term
-    first and accumulate the intra-chunk term into it (one accumulator, no decayed copy of a), as the look-back
-    kernel does. `overlap` (forward only, no cu_seqlens; takes precedence over `lookback`): the one-launch forward
+    caller's `chunk_size`. `inter_first` (scan kernel only; not faster in run D: 1.42-1.45 ms at 64K): compute the
+    carried-state term first and accumulate the intra-chunk term into it (one accumulator, no decayed copy of a), as
+    the look-back kernel does. `overlap` (forward only, no cu_seqlens; takes precedence over `lookback`): the one-launch forward
     whose segment-sum programs and walk programs take tickets from one counter, the sums `lead` segments ahead of the
     walks (segments of `segment_tokens` tokens), so that they overlap and the walks re-read k, v from L2;
     `decay_v` (that kernel only): the state update decays the rows of v (a block_c-wide tile) instead of those of k
@@ -122,11 +125,15 @@ class ScanConfig:
 
 # The fastest of a sweep on one H100 (bench/bench_lightning.py --sweep, bf16, 32 heads, d = 128; bench/RESULTS.md):
 # forward at 64K tokens, and the three backward scans at 16K behind that forward.
-# bf16: the configuration of the measured table in bench/RESULTS.md (the fastest look-back forward of its sweep, 2048-token
-# segments). The two-pass forward (lookback=False, target_programs=512) was faster at 64K and 256K (1.35 vs 1.45 ms at
-# 64K) and slower at 16K (0.41 vs 0.37 ms); its fwd+bwd was not timed in that run.
-DEFAULT_CONFIG = ScanConfig(block_c=128, num_warps=8, num_stages=3, state_lowp=True, target_programs=1024,
-                            lookback=True, segment_tokens=2048)
+# bf16 forward: the overlap forward with 64-column tiles, 4 warps (two programs per SM), 4096-token segments and the
+# v-side decay, the fastest of run D's sweep (2026-11-26, H100): forward 0.149 / 0.343 / 1.32 / 5.40 ms at
+# 4K / 16K / 64K / 256K against the look-back forward's 0.165 / 0.373 / 1.45 / 5.66, and faster forward + backward at
+# every length too. Packed documents (cu_seqlens) take the two-pass forward with the same target_programs.
+DEFAULT_CONFIG = ScanConfig(block_c=64, num_warps=4, num_stages=2, state_lowp=True, target_programs=512,
+                            overlap=True, segment_tokens=4096, decay_v=True)
+# the bf16 default of run C (the one-kernel look-back forward, 2048-token segments)
+LOOKBACK_CONFIG = ScanConfig(block_c=128, num_warps=8, num_stages=3, state_lowp=True, target_programs=1024,
+                             lookback=True, segment_tokens=2048)
 DEFAULT_BWD_CONFIG = ScanConfig(block_c=64, num_warps=8, num_stages=3, state_lowp=True, target_programs=1024)
 # fp16 / fp32 inputs: the configuration the GPU tests passed with (a 128 x 128 fp32 tile with 3 pipeline stages would
 # not fit in shared memory; these were not part of the sweep).

@@ -178,6 +178,7 @@ def test_lookback_publishes_every_segment_interpreted(interp, seed):
         (1, 3, 211, 16, 16, True, 16, 32, 2, True, None, False),  # sums two segments ahead (4-deep sum pipeline)
         (1, 1, 45, 16, 16, True, 16, 64, 1, True, None, True),  # a single segment: walks only
         (1, 2, 100, 16, 16, False, 16, 32, 50, True, 32, False),  # every sum before every walk; forward chunks of 32
+        (1, 2, 150, 24, 40, True, 16, 48, 1, True, None, True),  # head dims that are not powers of two
     ],
 )
 def test_overlap_forward_matches_reference_interpreted(interp, seed, B, H, T, Dk, Dv, with_init, chunk, seg_tokens,

@@ -63,7 +63,9 @@ def eval_command(model, compare, texts, seq_len, max_windows, lengths, depths, t
 @click.option("--ratio", default="1:3", show_default=True, help="sparse:linear ratio of the --shape hybrid")
 @click.option("--sparse-selection", type=click.Choice(["token", "block"]), default=None,
               help="--shape hybrid: exact per-token block selection or one selection per 64-query group")
-@click.option("--coarse", is_flag=True, help="--shape hybrid: selection softmax normaliser from coarse keys")
+@click.option("--normalizer", type=click.Choice(["coarse", "exact"]), default=None,
+              help="--shape hybrid: selection softmax normaliser from coarse keys (the config default) or every "
+                   "compressed key")
 @click.option("--lengths", default="1K,2K,4K", show_default=True, help="context lengths (e.g. 32K,128K,1M)")
 @click.option("--chunk-size", default=16384, show_default=True, help="prefill chunk (tokens)")
 @click.option("--decode-batch", "decode_batches", default="1", show_default=True, help="decode batch sizes, e.g. 1,8")
@@ -76,7 +78,7 @@ def eval_command(model, compare, texts, seq_len, max_windows, lengths, depths, t
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None)
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
 @click.option("--no-plots", is_flag=True)
-def bench_command(model, compare, shape, ratio, sparse_selection, coarse, lengths, chunk_size, decode_batches, decode_steps, time_cap, warmup,
+def bench_command(model, compare, shape, ratio, sparse_selection, normalizer, lengths, chunk_size, decode_batches, decode_steps, time_cap, warmup,
                   output, force, dtype, device, no_plots):
     """Time to first token, decode tokens/s and peak memory over context lengths (OOM is a result)."""
     from .evaluate import run_bench_command
@@ -88,7 +90,7 @@ def bench_command(model, compare, shape, ratio, sparse_selection, coarse, length
         output=output, force=force, dtype=dtype, device=device, chunk_size=chunk_size,
         decode_batches=_split(decode_batches, int, "--decode-batch"), decode_steps=decode_steps, time_cap_s=time_cap,
         warmup_length=(0 if warmup == "0" else _length(warmup)) if warmup else None, plots=not no_plots,
-        sparse_selection=sparse_selection, coarse=coarse, command=command,
+        sparse_selection=sparse_selection, normalizer=normalizer, command=command,
         log=lambda s: click.echo(s, err=True),
     )
     click.echo(bench_table(report))

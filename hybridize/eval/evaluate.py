@@ -127,7 +127,7 @@ def run_bench_command(model: str | None = None, compare: str | None = None, *, s
                       force: bool = False, dtype: str | None = None, device: str | None = None,
                       chunk_size: int = DEFAULT_CHUNK, decode_batches=(1,), decode_steps: int = 16,
                       time_cap_s: float | None = None, warmup_length: int | None = None, plots: bool = True,
-                      sparse_selection: str | None = None, coarse: bool = False, command: str = "", log=print):
+                      sparse_selection: str | None = None, normalizer: str | None = None, command: str = "", log=print):
     """Benchmark MODEL (and COMPARE), or a weightless --shape and its hybrid. Returns (report dict, paths)."""
     from .loading import parse_dtype
 
@@ -137,7 +137,7 @@ def run_bench_command(model: str | None = None, compare: str | None = None, *, s
     dtype_name = dtype or ("bfloat16" if dev.type == "cuda" else "float32")
     torch_dtype = parse_dtype(dtype_name)
     if shape is not None:
-        builders = shape_builders(shape, ratio, torch_dtype, dev, selection_variant(sparse_selection, coarse))
+        builders = shape_builders(shape, ratio, torch_dtype, dev, selection_variant(sparse_selection, normalizer))
     else:
         specs = [model] + ([compare] if compare else [])
         builders = {}

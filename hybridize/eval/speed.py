@@ -121,16 +121,17 @@ def shape_builders(shape: str, ratio: str, dtype: torch.dtype, device: torch.dev
     return builders
 
 
-def selection_variant(selection: str | None, coarse: bool) -> dict[str, dict] | None:
-    """The `variants` of shape_builders for a --sparse-selection / --coarse choice (None: the config defaults)."""
-    if selection is None and not coarse:
+def selection_variant(selection: str | None, normalizer: str | None) -> dict[str, dict] | None:
+    """The `variants` of shape_builders for a --sparse-selection / --normalizer choice (None: the config defaults)."""
+    if selection is None and normalizer is None:
         return None
     overrides: dict = {}
     if selection is not None:
         overrides["sparse_selection"] = selection
-    if coarse:
-        overrides["sparse_coarse_normalizer"] = True
-    return {f"({selection or 'token'}{'+coarse' if coarse else ''} selection)": overrides}
+    if normalizer is not None:
+        overrides["sparse_coarse_normalizer"] = normalizer == "coarse"
+    label = "+".join(x for x in (selection, normalizer and f"{normalizer} normaliser") if x)
+    return {f"({label} selection)": overrides}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
