@@ -15,7 +15,8 @@ from hybridize.arch import HybridConfig, HybridForCausalLM
 from hybridize.convert.build import build_hybrid
 from hybridize.export import save_hybrid
 from hybridize.kernels.lightning_reference import lightning_attn_chunked, lightning_attn_recurrent
-from hybridize.kernels.sparse_reference import infllm_v2_attention, select_blocks, compress_keys
+from hybridize.kernels.sparse_reference import (coarse_compressed_keys, compress_keys, infllm_v2_attention,
+                                               select_blocks)
 
 HYBRID_TYPES = ["lightning", "sparse", "lightning", "sparse"]
 
@@ -265,6 +266,15 @@ def test_cache_prefill_and_steps_match_full_forward(tiny_hybrid):
     assert counts == [(n + 40 - 8) // 4 + 1 for n in (7, 19, 12)]
     assert cache.ckeys[sparse_layer].shape[2] == max(counts)
     assert cache.lightning_state(0).dtype == torch.float32
+    # the coarse keys (the default normaliser's), appended step by step, equal those rebuilt from each sequence's
+    # compressed keys at the end
+    assert tiny_hybrid.config.sparse_coarse_normalizer
+    counts2 = cache.coarse_count(full_ids.shape[1])
+    assert max(counts2) > 0
+    for b, (n, n2) in enumerate(zip(counts, counts2)):
+        rebuilt = coarse_compressed_keys(cache.ckeys[sparse_layer][b : b + 1, :, :n], 8, 4, 32, 16)[0]
+        assert rebuilt.shape[1] == n2
+        assert torch.equal(cache.coarse_keys(sparse_layer)[b, :, :n2], rebuilt)
 
 
 def test_decode_steps_append_in_place_without_copying_the_cache(tiny_hybrid):

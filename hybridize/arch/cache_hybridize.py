@@ -2,7 +2,9 @@
 
 Per Lightning layer: the recurrent state (B, H, Dk, Dv), float32, constant size.
 Per sparse layer: keys and values (B, Hkv, T, D) in the padded layout `generate` uses (left padding included), and
-the compressed keys (B, Hkv, Nc, D) computed on each sequence's own tokens (padding excluded), appended as windows fill.
+the compressed keys (B, Hkv, Nc, D) computed on each sequence's own tokens (padding excluded), appended as windows fill,
+and with `sparse_coarse_normalizer` the coarse keys (B, Hkv, N2, D) built from them the same way, so that a decode step
+does not rebuild them from the whole cache.
 
 Left padding is recorded once, at prefill, as a per-sequence count (kept on the host too, so that decoding never
 waits for the GPU); later steps only append real tokens.
@@ -15,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .ops import compress_keys, num_compressed
+from .ops import coarse_compressed_keys, compress_keys, num_compressed
 
 
 def _headroom(need: int, incoming: int = 1) -> int:
@@ -49,6 +51,9 @@ class HybridCache:
         self.layer_types = list(config.layer_types)
         self.kernel = config.sparse_compress_kernel
         self.stride = config.sparse_compress_stride
+        # coarse keys (the selection's softmax normaliser): windows of 4x the kernel, 4x the stride, built from K1
+        self.coarse = bool(getattr(config, "sparse_coarse_normalizer", False))
+        self.kernel2, self.stride2 = 4 * self.kernel, 4 * self.stride
         n = len(self.layer_types)
         self.states: list[torch.Tensor | None] = [None] * n
         # Views of the filled part of the buffers below (what attention reads).
@@ -58,6 +63,8 @@ class HybridCache:
         self._kbuf: list[torch.Tensor | None] = [None] * n
         self._vbuf: list[torch.Tensor | None] = [None] * n
         self._cbuf: list[torch.Tensor | None] = [None] * n
+        self.ckeys2: list[torch.Tensor | None] = [None] * n
+        self._c2buf: list[torch.Tensor | None] = [None] * n
         self.pad: torch.Tensor | None = None  # (B,) left-padding count per sequence
         self.pad_list: list[int] = []  # the same counts on the host
         self.has_pad = False
@@ -104,34 +111,63 @@ class HybridCache:
 
     def _append_compressed(self, layer_idx: int, keys, old_total, total) -> None:
         B, H, _, D = keys.shape
-        new_len = self.logical_lengths(total)
         old_len = [max(0, n) for n in self.logical_lengths(old_total)]
         have_all = [num_compressed(n, self.kernel, self.stride) for n in old_len]
-        need_all = [num_compressed(n, self.kernel, self.stride) for n in new_len]
-        old_want = 0 if self.ckeys[layer_idx] is None else self.ckeys[layer_idx].shape[2]
-        want = max(need_all)
-        if self.ckeys[layer_idx] is None or want > old_want:
-            grow = keys.new_zeros(B, H, want - old_want, D, dtype=torch.float32)
-            self._cbuf[layer_idx] = _write(self._cbuf[layer_idx], old_want, grow)
-        ck = self.ckeys[layer_idx] = self._cbuf[layer_idx][:, :, :want]
+        need_all = self.compressed_count(total)
+        ck = self._grown(self.ckeys, self._cbuf, layer_idx, keys, max(need_all))
         for b in range(B):
             have, need = have_all[b], need_all[b]
             if need > have:
                 start = self.pad_list[b] + have * self.stride
                 stop = self.pad_list[b] + (need - 1) * self.stride + self.kernel
                 ck[b, :, have:need] = compress_keys(keys[b : b + 1, :, start:stop], self.kernel, self.stride)[0]
+        if not self.coarse:
+            return
+        # K2 window c is the mean of the K1 keys c*step, c*step + gap, ..., c*step + span: appended once they exist
+        have2_all, need2_all = [self._count2(n) for n in have_all], [self._count2(n) for n in need_all]
+        ck2 = self._grown(self.ckeys2, self._c2buf, layer_idx, keys, max(need2_all))
+        step, span = self.stride2 // self.stride, (self.kernel2 // self.kernel - 1) * (self.kernel // self.stride)
+        for b in range(B):
+            have2, need2 = have2_all[b], need2_all[b]
+            if need2 > have2:
+                part = ck[b : b + 1, :, have2 * step : (need2 - 1) * step + span + 1]
+                ck2[b, :, have2:need2] = coarse_compressed_keys(part, self.kernel, self.stride, self.kernel2,
+                                                                self.stride2)[0]
+
+    def _grown(self, views: list, bufs: list, layer_idx: int, like: torch.Tensor, want: int) -> torch.Tensor:
+        """The float32 buffer bufs[layer_idx] with at least `want` filled-or-zero positions; views[layer_idx] = the
+        view of its first `want` positions (returned)."""
+        B, H, _, D = like.shape
+        old_want = 0 if views[layer_idx] is None else views[layer_idx].shape[2]
+        if views[layer_idx] is None or want > old_want:
+            grow = like.new_zeros(B, H, want - old_want, D, dtype=torch.float32)
+            bufs[layer_idx] = _write(bufs[layer_idx], old_want, grow)
+        views[layer_idx] = bufs[layer_idx][:, :, :max(want, old_want)]
+        return views[layer_idx]
+
+    def _count2(self, nc: int) -> int:
+        span, step = (self.kernel2 // self.kernel - 1) * (self.kernel // self.stride), self.stride2 // self.stride
+        return 0 if nc <= span else (nc - 1 - span) // step + 1
 
     def compressed_count(self, total: int) -> list[int]:
         return [num_compressed(n, self.kernel, self.stride) for n in self.logical_lengths(total)]
 
+    def coarse_keys(self, layer_idx: int) -> torch.Tensor | None:
+        """The coarse keys (B, Hkv, N2, D) of a sparse layer (None without the coarse normaliser)."""
+        return self.ckeys2[layer_idx] if self.coarse else None
+
+    def coarse_count(self, total: int) -> list[int]:
+        return [self._count2(n) for n in self.compressed_count(total)]
+
     # --- batch surgery used by generation utilities ------------------------------------------------------------
     def _map(self, fn) -> None:
         """Apply a batch-dimension operation to everything held; buffers shrink to their filled part."""
-        for store in (self.states, self.keys, self.values, self.ckeys):
+        for store in (self.states, self.keys, self.values, self.ckeys, self.ckeys2):
             for i, t in enumerate(store):
                 if t is not None:
                     store[i] = fn(t)
         self._kbuf, self._vbuf, self._cbuf = list(self.keys), list(self.values), list(self.ckeys)
+        self._c2buf = list(self.ckeys2)
         if self.pad is not None:
             self.set_padding(fn(self.pad))
 
@@ -153,7 +189,7 @@ class HybridCache:
     def memory_bytes(self) -> int:
         """Bytes held (buffers with their headroom), for memory reports."""
         total = 0
-        for store in (self.states, self._kbuf, self._vbuf, self._cbuf):
+        for store in (self.states, self._kbuf, self._vbuf, self._cbuf, self._c2buf):
             total += sum(t.numel() * t.element_size() for t in store if t is not None)
         return total
 

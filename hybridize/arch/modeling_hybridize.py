@@ -354,10 +354,11 @@ class SparseAttention(nn.Module):
             factor = torch.log(ctx.position_ids.float().clamp(min=0) + a) / math.log(a)
             q = (q.float() * factor[:, None, :, None]).to(q.dtype)
         q, k = q.to(v.dtype), k.to(v.dtype)  # one dtype for the kernels, also under autocast
-        ckeys = None
+        ckeys = ckeys2 = None
         if ctx.cache is not None:
             k, v, ckeys = ctx.cache.update_sparse(self.layer_idx, k, v)
-        o = self._attend(q, k, v, ckeys, ctx)
+            ckeys2 = ctx.cache.coarse_keys(self.layer_idx)
+        o = self._attend(q, k, v, ckeys, ckeys2, ctx)
         o = o.transpose(1, 2).reshape(B, T, -1)
         if self.output_gates:
             g = self.g_proj(x)
@@ -365,17 +366,19 @@ class SparseAttention(nn.Module):
             o = fused(_sigmoid_mul_math, g, o) if fused is not None and fused.usable(g) else _sigmoid_mul_math(g, o)
         return self.o_proj(o)
 
-    def _attend(self, q, k, v, ckeys, ctx: AttentionContext) -> torch.Tensor:
+    def _attend(self, q, k, v, ckeys, ckeys2, ctx: AttentionContext) -> torch.Tensor:
+        """`ckeys` / `ckeys2`: the cache's compressed and coarse keys (None: built from k inside the call)."""
         opts = self.sparse_options()
         Tq, Tk = q.shape[2], k.shape[2]
         if ctx.cu_seqlens is not None:  # packed documents: attention never crosses a boundary (one varlen call)
             return sparse_attention(q, k, v, None, cu_seqlens=ctx.cu_seqlens, **opts)
         if ctx.pad is None:
             pos = torch.arange(Tk - Tq, Tk, device=q.device)
-            return sparse_attention(q, k, v, pos, ckeys, **opts)
+            return sparse_attention(q, k, v, pos, ckeys, coarse_keys=ckeys2, **opts)
         # Left padding: attend on each sequence's own tokens so that blocks and compressed keys ignore padding.
         out = q.new_zeros(q.shape)
         counts = ctx.cache.compressed_count(Tk) if ckeys is not None else None
+        counts2 = ctx.cache.coarse_count(Tk) if ckeys2 is not None else None
         pads = ctx.cache.pad_list if ctx.cache is not None else ctx.pad.tolist()
         for b, pad in enumerate(pads):
             first_q = max(0, pad - (Tk - Tq))  # padded queries (prefill only) produce zeros
@@ -384,7 +387,9 @@ class SparseAttention(nn.Module):
             kb, vb = k[b : b + 1, :, pad:], v[b : b + 1, :, pad:]
             pos = torch.arange(Tk - Tq + first_q - pad, Tk - pad, device=q.device)
             cb = ckeys[b : b + 1, :, : counts[b]] if ckeys is not None else None
-            out[b : b + 1, :, first_q:] = sparse_attention(q[b : b + 1, :, first_q:], kb, vb, pos, cb, **opts)
+            c2b = ckeys2[b : b + 1, :, : counts2[b]] if ckeys2 is not None else None
+            out[b : b + 1, :, first_q:] = sparse_attention(q[b : b + 1, :, first_q:], kb, vb, pos, cb,
+                                                           coarse_keys=c2b, **opts)
         return out
 
 
