@@ -3,7 +3,8 @@
 #   bash bench/train_device.sh stash-a      carry: .trainwhl .train_gpu_a   (keeps part a, texts, cache in /root/tq)
 #   bash bench/train_device.sh quality-bg   carry: .trainwhl .train_gpu_b   (GGUF part b; starts the quality run and
 #                                           (it must have the host to itself: the launch-bound SmolLM2 training ran at
-#                                           half speed beside three other trainings, which broke its calibration)
+#                                           half speed beside three other trainings, which broke its calibration, and
+#                                           21% slower beside GPU benchmarks on the other GPU, past 15 minutes)
 #                                           the throughput benchmark in the background: a 15-minute run outlasts one
 #                                           10-minute call)
 #   bash bench/train_device.sh wait         (no carry; waits up to WAIT seconds for the background run, prints it)
