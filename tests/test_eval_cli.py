@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from eval_tools import word_tokenizer
@@ -12,6 +13,7 @@ from hybridize.cli import main
 from hybridize.convert.build import build_hybrid
 from hybridize.eval.evaluate import run_bench_command
 from hybridize.eval.report import bench_table
+from hybridize.eval.speed import selection_variant, shape_builders
 from hybridize.export import save_hybrid
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -138,3 +140,23 @@ def test_a_hybrid_warms_up_at_its_longest_length_before_the_timed_prefills(folde
     assert [r.length for r in bench.results] == [32, 96] and all(r.status == "ok" for r in bench.results)
     first = next(i for i, n in enumerate(calls) if n == 1)  # the first decode step ends the first prefill
     assert sum(calls[:first]) == first_prefill
+
+
+def test_bench_normalizer_option_builds_that_hybrid(tmp_path):
+    """--normalizer picks the selection's softmax normaliser of the --shape hybrid (the config default: coarse)."""
+    assert selection_variant(None, None) is None
+    for choice, coarse in (("exact", False), ("coarse", True)):
+        variants = selection_variant(None, choice)
+        builders = shape_builders("tiny", "1:3", torch.float32, torch.device("cpu"), variants)
+        name = next(n for n in builders if n.startswith("hybrid"))
+        assert f"{choice} normaliser" in name
+        assert builders[name]().config.sparse_coarse_normalizer is coarse
+    default = shape_builders("tiny", "1:3", torch.float32, torch.device("cpu"))["hybrid 1:3"]()
+    assert default.config.sparse_coarse_normalizer is True
+    res = CliRunner().invoke(main, ["bench", "--shape", "tiny", "--normalizer", "exact", "--lengths", "64",
+                                    "--decode-steps", "1", "--no-plots", "-o", str(tmp_path / "b")])
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "b" / "bench_results.json").read_text())
+    assert [m["name"] for m in report["models"]][0] == "hybrid 1:3 (exact normaliser selection)"
+    res = CliRunner().invoke(main, ["bench", "--shape", "tiny", "--normalizer", "fast", "-o", str(tmp_path / "c")])
+    assert res.exit_code == 2 and "exact" in res.output and not (tmp_path / "c").exists()
