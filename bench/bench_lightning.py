@@ -213,9 +213,15 @@ def _ov(block_c, num_warps, num_stages, segment_tokens, lead=1, decay_v=False, *
               **more)
 
 
-SWEEP = [  # forward configs at 64K, the two shipped ones first, then the most promising (the sweep stops at its budget)
-    LT.LOOKBACK_CONFIG, TWO_PASS,
-    # overlap forward, 4 warps and 64 columns: a sum and a walk program fit on one SM together
+SWEEP = [  # forward configs at 64K: the look-back, two-pass and default first, then the most promising (the sweep stops
+    # at its budget)
+    LT.LOOKBACK_CONFIG, TWO_PASS, LT.DEFAULT_CONFIG,
+    # around run D's winner (64 columns, 4 warps, 4096-token segments, decay_v): fewer and longer walks, narrower
+    # column tiles (more walk programs per SM, q and k re-read from L2), deeper pipelines (not yet timed)
+    _ov(64, 4, 2, 8192, decay_v=True), _ov(64, 4, 2, 16384, decay_v=True), _ov(32, 4, 2, 4096, decay_v=True),
+    _ov(32, 2, 2, 4096, decay_v=True), _ov(32, 4, 2, 8192, decay_v=True), _ov(64, 4, 3, 4096, decay_v=True),
+    _ov(64, 4, 2, 4096, decay_v=True, sum_stages=4), _ov(64, 4, 2, 4096, lead=2, decay_v=True),
+    # run D's sweep: overlap forward, 4 warps and 64 columns: a sum and a walk program fit on one SM together
     _ov(64, 4, 2, 1024, decay_v=True), _ov(64, 4, 2, 1024, decay_v=True, sum_stages=4),
     _ov(64, 4, 2, 512, decay_v=True), _ov(64, 4, 2, 2048, decay_v=True), _ov(64, 4, 2, 512, decay_v=True, sum_stages=4),
     _ov(128, 8, 3, 1024),  # one program per SM: sums and walks take turns
@@ -223,7 +229,7 @@ SWEEP = [  # forward configs at 64K, the two shipped ones first, then the most p
     _ov(64, 4, 2, 1024, lead=0, decay_v=True), _ov(128, 8, 3, 512),
     _ov(64, 4, 2, 1024, lead=10 ** 6, decay_v=True),  # every sum before any walk: the overlap switched off
     _c(64, 4, 2, 1024, inter_first=True), _c(128, 8, 3, inter_first=True),
-    _ov(64, 4, 2, 1024, decay_v=True, l2_hints=False), _ov(64, 4, 2, 4096, decay_v=True), _ov(128, 8, 3, 2048),
+    _ov(64, 4, 2, 1024, decay_v=True, l2_hints=False), _ov(128, 8, 3, 2048),
 ]
 
 
