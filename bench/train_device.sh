@@ -15,6 +15,8 @@
 #                                           deepspeed-pair: the same recipe under recipes/accelerate/deepspeed.yaml on
 #                                           2 GPUs beside the seed runs, carry .dswhl too; runs of an earlier session
 #                                           in .train_gpu_x2/prev/prev_*.jsonl join its comparison)
+#   bash bench/train_device.sh profile      carry: .trainwhl .train_gpu_x2  (where a micro-batch of each stage spends
+#                                           its time: teacher, student, loss; torch.profiler table; EXTRA: more args)
 # The 98 MB GGUF exceeds one call's 64 MiB transfer, hence the split and the 3-bit copy (bench/train_quality.py pack).
 set -uo pipefail
 MODE=$1
@@ -48,6 +50,12 @@ wait)
 for l in sys.stdin: r = json.loads(l); print(r['stage'], r['step'], round(r['loss'], 4), round(r['heldout_loss'], 4))"
   cp /root/qout/*.json /root/qout/*.jsonl /root/qout/*.log $OUT/ 2>/dev/null; ls /root/qout
   [ -f /root/qout/done ] && echo "DONE" || echo "still running"
+  ;;
+profile)
+  D=$PWD/.train_gpu_x2
+  [ -d /tmp/smol3 ] || python3 bench/train_quality.py unpack $D/smollm2-3bit.npz --out /tmp/smol3 2>&1 | tail -1
+  python3 bench/train_quality.py profile --source /tmp/smol3 --texts $D/texts --set data.cache_dir=$D/cache \
+    ${EXTRA:-} 2>&1 | grep -v -i -E "warn|it/s\]|USDT" | tee $OUT/profile.txt | tail -80
   ;;
 fsdp|fsdp-seeds|fsdp-pair|deepspeed-pair)
   # 1 GPU (seed 0) vs FSDP on 2 GPUs (seed 0), same global batch; the yardstick of noise: 1-GPU runs with seeds 1
