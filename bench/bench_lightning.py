@@ -221,6 +221,8 @@ SWEEP = [  # forward configs at 64K: the look-back, two-pass and default first, 
     _ov(64, 4, 2, 8192, decay_v=True), _ov(64, 4, 2, 16384, decay_v=True), _ov(32, 4, 2, 4096, decay_v=True),
     _ov(32, 2, 2, 4096, decay_v=True), _ov(32, 4, 2, 8192, decay_v=True), _ov(64, 4, 3, 4096, decay_v=True),
     _ov(64, 4, 2, 4096, decay_v=True, sum_stages=4), _ov(64, 4, 2, 4096, lead=2, decay_v=True),
+    # 128-token chunks: half the walk iterations, each with twice the work (more independent products in flight)
+    _ov(64, 4, 2, 4096, decay_v=True, chunk=128), _ov(64, 8, 2, 4096, decay_v=True, chunk=128),
     # run D's sweep: overlap forward, 4 warps and 64 columns: a sum and a walk program fit on one SM together
     _ov(64, 4, 2, 1024, decay_v=True), _ov(64, 4, 2, 1024, decay_v=True, sum_stages=4),
     _ov(64, 4, 2, 512, decay_v=True), _ov(64, 4, 2, 2048, decay_v=True), _ov(64, 4, 2, 512, decay_v=True, sum_stages=4),
