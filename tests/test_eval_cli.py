@@ -1,6 +1,7 @@
 """`hybridize eval` and `hybridize bench` on the CPU: real model folders, real files, tables and plots."""
 
 import json
+import time
 
 import pytest
 import torch
@@ -160,3 +161,25 @@ def test_bench_normalizer_option_builds_that_hybrid(tmp_path):
     assert [m["name"] for m in report["models"]][0] == "hybrid 1:3 (exact normaliser selection)"
     res = CliRunner().invoke(main, ["bench", "--shape", "tiny", "--normalizer", "fast", "-o", str(tmp_path / "c")])
     assert res.exit_code == 2 and "exact" in res.output and not (tmp_path / "c").exists()
+
+
+def test_decode_rate_is_the_median_step_so_one_slow_step_does_not_move_it(monkeypatch):
+    """Decode tokens/s come from the median of individually timed steps: one step stalled by 0.5 s (an allocator
+    growth, a host hiccup) leaves the rate at that of the other steps, where a total-time rate would drop ~5x."""
+    from hybridize.eval import speed
+
+    model = shape_builders("tiny", "1:3", torch.float32, torch.device("cpu"))["hybrid 1:3"]()
+    real, calls = speed.forward_chunk, []
+
+    def stalled_once(*a, **k):
+        calls.append(1)
+        if len(calls) == speed.DECODE_WARMUP_STEPS + 2:  # the second timed step
+            time.sleep(0.5)
+        return real(*a, **k)
+
+    monkeypatch.setattr(speed, "forward_chunk", stalled_once)
+    r = speed.bench_length(model, 64, device=torch.device("cpu"), chunk_size=64, decode_batches=[1], decode_steps=5,
+                           vocab=model.config.vocab_size)
+    assert len(calls) == speed.DECODE_WARMUP_STEPS + 5
+    # the median step (milliseconds here), not (4 steps + 0.5 s) / 5 steps, which is below 10 tokens/s
+    assert r.decode_tok_s[1] > 1 / 0.06, r.decode_tok_s

@@ -4,8 +4,9 @@ Per model and context length L (batch 1 prefill, in chunks):
 - time to first token: the whole chunked prefill of L tokens plus the last position's logits;
 - peak GPU memory of that prefill (weights included);
 - decode tokens/s at each batch size: the prefilled cache is copied to the batch (batch_repeat_interleave), 17
-  untimed warm-up steps run, then `decode_steps` tokens are decoded one step at a time; tokens/s = batch * steps /
-  time.
+  untimed warm-up steps run, then `decode_steps` tokens are decoded one step at a time, each step timed on its own
+  (device synchronised); tokens/s = batch / the median step time (robust to the odd slow step: allocator growth, a
+  host hiccup).
 Running out of memory is a result ("oom"), not a crash. Each model has a time cap: a length whose predicted time
 (extrapolated from the lengths before it) would pass the cap is recorded as "skipped".
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import gc
 import math
+import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable
@@ -270,13 +272,15 @@ def bench_length(model, length: int, *, device, chunk_size: int, decode_batches:
             for _ in range(DECODE_WARMUP_STEPS):
                 logits, cache = forward_chunk(model, nxt, cache)
                 logits = logits[:, -1]
-            _sync(device)
-            t0 = time.perf_counter()
+            step_s = []
             for _ in range(decode_steps):
+                _sync(device)
+                t0 = time.perf_counter()
                 logits, cache = forward_chunk(model, logits.argmax(-1)[:, None], cache)
                 logits = logits[:, -1]
-            _sync(device)
-            res.decode_tok_s[b] = b * decode_steps / (time.perf_counter() - t0)
+                _sync(device)
+                step_s.append(time.perf_counter() - t0)
+            res.decode_tok_s[b] = b / statistics.median(step_s)
         except Exception as e:  # noqa: BLE001
             if not _is_oom(e):
                 raise
