@@ -44,6 +44,7 @@ __all__ = [
     "compress_keys",
     "coarse_compressed_keys",
     "num_compressed",
+    "num_coarse",
     "select_blocks",
     "block_sparse_attention",
     "infllm_v2_attention",
@@ -53,6 +54,13 @@ __all__ = [
 def num_compressed(length: int, kernel: int = 32, stride: int = 16) -> int:
     """How many compressed keys `length` tokens produce (only complete windows count)."""
     return 0 if length < kernel else (length - kernel) // stride + 1
+
+
+def num_coarse(num_ckeys: int, kernel: int = 32, stride: int = 16, coarse_kernel: int = 128,
+               coarse_stride: int = 64) -> int:
+    """How many coarse keys K2 `num_ckeys` compressed keys K1 produce (see coarse_compressed_keys)."""
+    span, step = (coarse_kernel // kernel - 1) * (kernel // stride), coarse_stride // stride
+    return 0 if num_ckeys <= span else (num_ckeys - 1 - span) // step + 1
 
 
 def compress_keys(k: torch.Tensor, kernel: int = 32, stride: int = 16) -> torch.Tensor:
@@ -88,7 +96,7 @@ def coarse_compressed_keys(ckeys: torch.Tensor, kernel: int = 32, stride: int = 
     B, H, nc, D = ckeys.shape
     per = coarse_kernel // kernel
     span, step = (per - 1) * (kernel // stride), coarse_stride // stride  # K1 index span of one K2 window, K2 step
-    n2 = 0 if nc <= span else (nc - 1 - span) // step + 1
+    n2 = num_coarse(nc, kernel, stride, coarse_kernel, coarse_stride)
     if n2 == 0:
         return ckeys.new_zeros(B, H, 0, D, dtype=torch.float32)
     first = torch.arange(n2, device=ckeys.device) * step

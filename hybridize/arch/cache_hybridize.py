@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .ops import coarse_compressed_keys, compress_keys, num_compressed
+from .ops import coarse_compressed_keys, compress_keys, num_coarse, num_compressed
 
 
 def _headroom(need: int, incoming: int = 1) -> int:
@@ -51,9 +51,9 @@ class HybridCache:
         self.layer_types = list(config.layer_types)
         self.kernel = config.sparse_compress_kernel
         self.stride = config.sparse_compress_stride
-        # coarse keys (the selection's softmax normaliser): windows of 4x the kernel, 4x the stride, built from K1
-        self.coarse = bool(getattr(config, "sparse_coarse_normalizer", False))
-        self.kernel2, self.stride2 = 4 * self.kernel, 4 * self.stride
+        # coarse keys (the selection's softmax normaliser), built from K1
+        self.coarse = config.sparse_coarse_normalizer
+        self.kernel2, self.stride2 = config.sparse_coarse_window
         n = len(self.layer_types)
         self.states: list[torch.Tensor | None] = [None] * n
         # Views of the filled part of the buffers below (what attention reads).
@@ -123,14 +123,14 @@ class HybridCache:
                 ck[b, :, have:need] = compress_keys(keys[b : b + 1, :, start:stop], self.kernel, self.stride)[0]
         if not self.coarse:
             return
-        # K2 window c is the mean of the K1 keys c*step, c*step + gap, ..., c*step + span: appended once they exist
+        # K2 window c starts at K1 key c * step: the K1 keys from have2 * step on give exactly the new windows
         have2_all, need2_all = [self._count2(n) for n in have_all], [self._count2(n) for n in need_all]
         ck2 = self._grown(self.ckeys2, self._c2buf, layer_idx, keys, max(need2_all))
-        step, span = self.stride2 // self.stride, (self.kernel2 // self.kernel - 1) * (self.kernel // self.stride)
+        step = self.stride2 // self.stride
         for b in range(B):
             have2, need2 = have2_all[b], need2_all[b]
             if need2 > have2:
-                part = ck[b : b + 1, :, have2 * step : (need2 - 1) * step + span + 1]
+                part = ck[b : b + 1, :, have2 * step : need_all[b]]
                 ck2[b, :, have2:need2] = coarse_compressed_keys(part, self.kernel, self.stride, self.kernel2,
                                                                 self.stride2)[0]
 
@@ -146,8 +146,7 @@ class HybridCache:
         return views[layer_idx]
 
     def _count2(self, nc: int) -> int:
-        span, step = (self.kernel2 // self.kernel - 1) * (self.kernel // self.stride), self.stride2 // self.stride
-        return 0 if nc <= span else (nc - 1 - span) // step + 1
+        return num_coarse(nc, self.kernel, self.stride, self.kernel2, self.stride2)
 
     def compressed_count(self, total: int) -> list[int]:
         return [num_compressed(n, self.kernel, self.stride) for n in self.logical_lengths(total)]

@@ -174,6 +174,11 @@ class HybridConfig(PretrainedConfig):
     def sparse_layers(self) -> list[int]:
         return [i for i, t in enumerate(self.layer_types) if t == SPARSE]
 
+    @property
+    def sparse_coarse_window(self) -> tuple[int, int]:
+        """(kernel, stride) of the coarse keys of `sparse_coarse_normalizer`: 4x the compression window and stride."""
+        return 4 * self.sparse_compress_kernel, 4 * self.sparse_compress_stride
+
 
 def default_layer_types(num_layers: int) -> list[str]:
     """Every fourth layer sparse (the last of each group of four), the rest Lightning."""

@@ -329,14 +329,14 @@ class SparseAttention(nn.Module):
 
     def sparse_options(self) -> dict:
         c = self.config
+        coarse_kernel, coarse_stride = c.sparse_coarse_window
         return dict(
             scale=self.head_dim ** -0.5, block_size=c.sparse_block_size, kernel=c.sparse_compress_kernel,
             stride=c.sparse_compress_stride, topk=c.sparse_topk, init_blocks=c.sparse_init_blocks,
             local_blocks=c.sparse_local_blocks, dense_len=c.sparse_dense_len,
             selection=c.sparse_selection, select_tokens=c.sparse_select_tokens,
             # InfLLM-V2's coarse normaliser: keys pooled over 4x the window and 4x the stride
-            coarse=c.sparse_coarse_normalizer, coarse_kernel=4 * c.sparse_compress_kernel,
-            coarse_stride=4 * c.sparse_compress_stride,
+            coarse=c.sparse_coarse_normalizer, coarse_kernel=coarse_kernel, coarse_stride=coarse_stride,
         )
 
     def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:

@@ -11,11 +11,12 @@ import torch
 
 try:  # exported model folder
     from .lightning_reference import lightning_attn_chunked, lightning_attn_recurrent
-    from .sparse_reference import coarse_compressed_keys, compress_keys, infllm_v2_attention, num_compressed
+    from .sparse_reference import (coarse_compressed_keys, compress_keys, infllm_v2_attention, num_coarse,
+                                   num_compressed)
 except ImportError:  # the hybridize package
     from hybridize.kernels.lightning_reference import lightning_attn_chunked, lightning_attn_recurrent
     from hybridize.kernels.sparse_reference import (coarse_compressed_keys, compress_keys, infllm_v2_attention,
-                                                    num_compressed)
+                                                    num_coarse, num_compressed)
 
 try:  # Lightning Triton kernels (HAS_TRITON is False where triton is missing)
     from .lightning_triton import HAS_TRITON as _LIGHTNING_TRITON
@@ -45,7 +46,7 @@ except ImportError:
     from hybridize.kernels.norm_gate_triton import rmsnorm_gate_reference, rmsnorm_gate_triton
 
 __all__ = ["lightning_attention", "sparse_attention", "output_norm_gate", "compress_keys", "coarse_compressed_keys",
-           "num_compressed"]
+           "num_coarse", "num_compressed"]
 
 # Below this many new tokens with a carried state, the recurrence is cheaper than the chunked form.
 _RECURRENT_MAX_TOKENS = 16
