@@ -303,6 +303,44 @@ if HAS_TRITON:
                 tl.store(f_ptrs, X, mask=m2)
 
     @triton.jit
+    def _program_tile(r, Q, K, V, Out, LogDecay, H, DK, DV, NCOL, s_qb, s_qh, s_kb, s_kh, s_vb, s_vh, s_ob, s_oh, s_pn,
+                      s_ph, s_pr, CH: tl.constexpr, BK: tl.constexpr, BC: tl.constexpr):
+        # What a program of the ticketed forwards works on, from r = its (sequence * H + head) * NCOL + column tile:
+        # sequence and head, the key rows and value columns of its state tile with their masks, the chunk's token
+        # offsets, the head's log decay, the base pointers of q, k, v, o, and the offsets of its tile in the
+        # per-segment state buffers (Agg, Incl, Pref).
+        pid = r // NCOL
+        pid_c = r % NCOL
+        n64 = (pid // H).to(tl.int64)
+        h64 = (pid % H).to(tl.int64)
+        rk = tl.arange(0, BK)
+        rc = pid_c * BC + tl.arange(0, BC)
+        mk = rk < DK
+        mc = rc < DV
+        m2 = mk[:, None] & mc[None, :]
+        idx = tl.arange(0, CH)
+        fidx = idx.to(tl.float32)
+        ld = tl.load(LogDecay + pid % H).to(tl.float32)
+        q_base = Q + n64 * s_qb + h64 * s_qh
+        k_base = K + n64 * s_kb + h64 * s_kh
+        v_base = V + n64 * s_vb + h64 * s_vh
+        o_base = Out + n64 * s_ob + h64 * s_oh
+        st_base = n64 * s_pn + h64 * s_ph
+        st_tile = rk[:, None] * s_pr + rc[None, :]
+        return n64, h64, rk, rc, mk, mc, m2, idx, fidx, ld, q_base, k_base, v_base, o_base, st_base, st_tile
+
+    @triton.jit
+    def _initial_state(Init, n64, h64, s_in, s_ih, s_ir, s_ic, rk, rc, m2, BK: tl.constexpr, BC: tl.constexpr,
+                       HAS_INIT: tl.constexpr):
+        # the state entering a sequence's first segment: its tile of the initial state, or zero
+        if HAS_INIT:
+            P = tl.load(Init + n64 * s_in + h64 * s_ih + rk[:, None] * s_ir + rc[None, :] * s_ic, mask=m2,
+                        other=0.0).to(tl.float32)
+        else:
+            P = tl.full((BK, BC), 0.0, tl.float32)
+        return P
+
+    @triton.jit
     def _segment_sum(k_base, v_base, s_kt, s_vt, rk, rc, mk, mc, c0, idx, fidx, ld,
                      BK: tl.constexpr, BC: tl.constexpr, SEGC, CH: tl.constexpr, OFF32: tl.constexpr,
                      EV_KEEP: tl.constexpr, DECAY_V: tl.constexpr, SUM_STAGES: tl.constexpr):
@@ -413,26 +451,10 @@ if HAS_TRITON:
         ticket = tl.atomic_add(Flags + NHC * NSEG, 1)
         seg = ticket // NHC
         r = ticket % NHC
-        pid = r // NCOL
-        pid_c = r % NCOL
-        n64 = (pid // H).to(tl.int64)
-        h64 = (pid % H).to(tl.int64)
         flag_base = Flags + r * NSEG
-
-        rk = tl.arange(0, BK)
-        rc = pid_c * BC + tl.arange(0, BC)
-        mk = rk < DK
-        mc = rc < DV
-        m2 = mk[:, None] & mc[None, :]
-        idx = tl.arange(0, CH)
-        fidx = idx.to(tl.float32)
-        ld = tl.load(LogDecay + pid % H).to(tl.float32)
-        q_base = Q + n64 * s_qb + h64 * s_qh
-        k_base = K + n64 * s_kb + h64 * s_kh
-        v_base = V + n64 * s_vb + h64 * s_vh
-        o_base = Out + n64 * s_ob + h64 * s_oh
-        st_base = n64 * s_pn + h64 * s_ph
-        st_tile = rk[:, None] * s_pr + rc[None, :]
+        n64, h64, rk, rc, mk, mc, m2, idx, fidx, ld, q_base, k_base, v_base, o_base, st_base, st_tile = _program_tile(
+            r, Q, K, V, Out, LogDecay, H, DK, DV, NCOL, s_qb, s_qh, s_kb, s_kh, s_vb, s_vh, s_ob, s_oh, s_pn, s_ph,
+            s_pr, CH, BK, BC)
 
         nchunks = (T + CH - 1) // CH
         c0 = seg * SEGC
@@ -449,11 +471,7 @@ if HAS_TRITON:
         # 2. the state entering the segment: decoupled look-back over the segments before it. Flag 1: the
         # segment's own sum is in Agg; flag 2: the state at its end (inclusive prefix) is in Incl.
         if seg == 0:
-            if HAS_INIT:
-                P = tl.load(Init + n64 * s_in + h64 * s_ih + rk[:, None] * s_ir + rc[None, :] * s_ic, mask=m2,
-                            other=0.0).to(tl.float32)
-            else:
-                P = tl.full((BK, BC), 0.0, tl.float32)
+            P = _initial_state(Init, n64, h64, s_in, s_ih, s_ir, s_ic, rk, rc, m2, BK, BC, HAS_INIT)
         else:
             P = tl.full((BK, BC), 0.0, tl.float32)
             f = tl.atomic_add(flag_base + seg - 1, 0, sem="acquire")
@@ -520,26 +538,10 @@ if HAS_TRITON:
         is_sum = (grp < lead) | (in_pairs & (kk % 2 == 0))
         seg = tl.where(grp < lead, grp,
                        tl.where(in_pairs, tl.where(kk % 2 == 0, lead + kk // 2, kk // 2), kk - n_pair))
-        pid = r // NCOL
-        pid_c = r % NCOL
-        n64 = (pid // H).to(tl.int64)
-        h64 = (pid % H).to(tl.int64)
         flag_base = Flags + r * NSEG
-
-        rk = tl.arange(0, BK)
-        rc = pid_c * BC + tl.arange(0, BC)
-        mk = rk < DK
-        mc = rc < DV
-        m2 = mk[:, None] & mc[None, :]
-        idx = tl.arange(0, CH)
-        fidx = idx.to(tl.float32)
-        ld = tl.load(LogDecay + pid % H).to(tl.float32)
-        q_base = Q + n64 * s_qb + h64 * s_qh
-        k_base = K + n64 * s_kb + h64 * s_kh
-        v_base = V + n64 * s_vb + h64 * s_vh
-        o_base = Out + n64 * s_ob + h64 * s_oh
-        st_base = n64 * s_pn + h64 * s_ph
-        st_tile = rk[:, None] * s_pr + rc[None, :]
+        n64, h64, rk, rc, mk, mc, m2, idx, fidx, ld, q_base, k_base, v_base, o_base, st_base, st_tile = _program_tile(
+            r, Q, K, V, Out, LogDecay, H, DK, DV, NCOL, s_qb, s_qh, s_kb, s_kh, s_vb, s_vh, s_ob, s_oh, s_pn, s_ph,
+            s_pr, CH, BK, BC)
         nchunks = (T + CH - 1) // CH
         c0 = seg * SEGC
         seg_decay = tl.exp(ld * (SEGC * CH))
@@ -556,11 +558,7 @@ if HAS_TRITON:
             # W(s): the state entering the segment. Flag 1: the segment's own sum is in Agg; flag 2: the state at
             # its end is in Incl.
             if seg == 0:
-                if HAS_INIT:
-                    P = tl.load(Init + n64 * s_in + h64 * s_ih + rk[:, None] * s_ir + rc[None, :] * s_ic, mask=m2,
-                                other=0.0).to(tl.float32)
-                else:
-                    P = tl.full((BK, BC), 0.0, tl.float32)
+                P = _initial_state(Init, n64, h64, s_in, s_ih, s_ir, s_ic, rk, rc, m2, BK, BC, HAS_INIT)
             else:
                 P = _add_predecessors(tl.full((BK, BC), 0.0, tl.float32), flag_base, Agg, Incl, st_base, s_ps,
                                       st_tile, m2, seg, seg_decay)
