@@ -30,9 +30,6 @@ except ImportError:  # pragma: no cover - older transformers
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Small parts
-# ---------------------------------------------------------------------------------------------------------------------
-# ---------------------------------------------------------------------------------------------------------------------
 # Fused elementwise pieces (CUDA inference)
 # ---------------------------------------------------------------------------------------------------------------------
 def _rms_norm_math(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -135,6 +132,13 @@ class FusedElementwise:
             return fn(*args)
 
 
+def _fused_or_eager(fused: FusedElementwise | None, fn, *args):
+    """fn(*args): the model's compiled version where it is usable for the first argument, else the plain code."""
+    if fused is not None and fused.usable(args[0]):
+        return fused(fn, *args)
+    return fn(*args)
+
+
 def _compile_options() -> dict | None:
     """Inductor rounds to bfloat16 wherever the eager code does (`.to(dtype)`), where this torch knows how: the fused
     pieces then give the eager results bit for bit, up to the order of a row's sum of squares."""
@@ -145,7 +149,9 @@ def _compile_options() -> dict | None:
     return {"emulate_precision_casts": True} if hasattr(inductor_config, "emulate_precision_casts") else None
 
 
-
+# ---------------------------------------------------------------------------------------------------------------------
+# Small parts
+# ---------------------------------------------------------------------------------------------------------------------
 class HybridRMSNorm(nn.Module):
     def __init__(self, size: int, eps: float = 1e-6, fused: FusedElementwise | None = None):
         super().__init__()
@@ -154,9 +160,7 @@ class HybridRMSNorm(nn.Module):
         self.fused = fused
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fused is not None and self.fused.usable(x):
-            return self.fused(_rms_norm_math, x, self.weight, self.variance_epsilon)
-        return _rms_norm_math(x, self.weight, self.variance_epsilon)
+        return _fused_or_eager(self.fused, _rms_norm_math, x, self.weight, self.variance_epsilon)
 
 
 class HybridRotaryEmbedding(nn.Module):
@@ -211,7 +215,7 @@ class HybridMLP(nn.Module):
         gate, up = self.gate_proj(x), self.up_proj(x)
         if self.silu and self.fused is not None and self.fused.usable(gate):
             return self.down_proj(self.fused(_silu_mul_math, gate, up))
-        return self.down_proj(self.act_fn(gate) * up)
+        return self.down_proj(self.act_fn(gate) * up)  # the activation module itself (its forward hooks run)
 
 
 def lightning_log_decay(config: HybridConfig, layer_idx: int) -> torch.Tensor:
@@ -361,9 +365,7 @@ class SparseAttention(nn.Module):
         o = self._attend(q, k, v, ckeys, ckeys2, ctx)
         o = o.transpose(1, 2).reshape(B, T, -1)
         if self.output_gates:
-            g = self.g_proj(x)
-            fused = self.fused
-            o = fused(_sigmoid_mul_math, g, o) if fused is not None and fused.usable(g) else _sigmoid_mul_math(g, o)
+            o = _fused_or_eager(self.fused, _sigmoid_mul_math, self.g_proj(x), o)
         return self.o_proj(o)
 
     def _attend(self, q, k, v, ckeys, ckeys2, ctx: AttentionContext) -> torch.Tensor:
@@ -410,7 +412,7 @@ class HybridDecoderLayer(_LayerBase):
         if self.fused is not None and self.fused.usable(mixed):  # residual add + norm in one pass
             hidden_states, normed = self.fused(_add_rms_norm_math, hidden_states, mixed, norm.weight,
                                                norm.variance_epsilon)
-        else:
+        else:  # the norm module itself (its forward hooks run)
             hidden_states = hidden_states + mixed
             normed = norm(hidden_states)
         return hidden_states + self.mlp(normed)
