@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from hybridize.eval.report import plot_bench, write_bench_report
-from hybridize.eval.speed import (BenchReport, bench_model, device_name, format_length, parse_length,
+from hybridize.eval.speed import (WARMUP_CAP, BenchReport, bench_model, device_name, format_length, parse_length,
                                   shape_builders)
 
 
@@ -72,7 +72,7 @@ def main() -> int:
                     help="untimed warm-up prefill length per model ('max': the longest length it runs, at most "
                          "--warmup-cap). Triton compiles a selection-kernel variant per power of two of the key-block "
                          "count, so a short warm-up leaves compilations inside the timed prefills of longer contexts")
-    ap.add_argument("--warmup-cap", default="256K", help="longest 'max' warm-up")
+    ap.add_argument("--warmup-cap", default=format_length(WARMUP_CAP), help="longest 'max' warm-up")
     ap.add_argument("--variants", default="block,token,block+exact",
                     help="hybrid sparse-selection variants to run, in order (block is the config default); "
                          "NAME@LEN prefills that variant in chunks of LEN tokens instead of --chunk (e.g. block@64K)")

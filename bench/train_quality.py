@@ -161,33 +161,50 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def _time_micro(model, teacher, stage, micro: int, precision: str, device: str) -> float | None:
-    """Seconds for one forward + backward of `micro` sequences of the stage (best of 2 after a warm-up); None on OOM."""
-    from hybridize.train.data import make_batch
-    from hybridize.train.trainer import loss_parts, part_counts, weighted
-
-    L = model.config.num_hidden_layers
-    ids = np.random.default_rng(0).integers(0, min(1000, model.config.vocab_size), stage.seq_len).astype(np.int32)
+def _best_time(fn, model, device: str, bf16: bool, reps: int = 3) -> float:
+    """Seconds of fn() under the run's autocast, device synchronised: the best of reps - 1 after a warm-up call
+    (gradients accumulate across the calls, as over a step's micro-batches; cleared at the end)."""
     times = []
     try:
-        batch = make_batch([(ids, np.array([0]))] * micro, device)
-        for _ in range(3):
+        for _ in range(reps):
             _sync(device)
             t = time.perf_counter()
-            with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-                parts = loss_parts(model, teacher, batch, stage.loss, list(range(L)))
-                loss = weighted(parts, part_counts(batch, stage.loss), stage.loss)
-            loss.backward()
+            with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
+                fn()
             _sync(device)
             times.append(time.perf_counter() - t)
-            del parts, loss
+    finally:
+        model.zero_grad(set_to_none=True)
+    return min(times[1:])
+
+
+def _micro_batch(model, stage, micro: int, device: str):
+    """`micro` copies of one stage-length sequence of token ids (a single document each), as the trainer batches."""
+    from hybridize.train.data import make_batch
+
+    ids = np.random.default_rng(0).integers(0, min(1000, model.config.vocab_size), stage.seq_len).astype(np.int32)
+    return make_batch([(ids, np.array([0]))] * micro, device)
+
+
+def _stage_loss_backward(model, teacher, stage, batch) -> None:
+    """One forward + backward of the stage's loss on `batch` (the loss the trainer builds)."""
+    from hybridize.train.trainer import loss_parts, part_counts, weighted
+
+    parts = loss_parts(model, teacher, batch, stage.loss, list(range(model.config.num_hidden_layers)))
+    weighted(parts, part_counts(batch, stage.loss), stage.loss).backward()
+
+
+def _time_micro(model, teacher, stage, micro: int, precision: str, device: str) -> float | None:
+    """Seconds for one forward + backward of `micro` sequences of the stage (best of 2 after a warm-up); None on OOM."""
+    try:
+        batch = _micro_batch(model, stage, micro, device)
+        return _best_time(lambda: _stage_loss_backward(model, teacher, stage, batch), model, device,
+                          precision == "bf16")
     except torch.OutOfMemoryError:
         return None
     finally:
-        model.zero_grad(set_to_none=True)
         if str(device).startswith("cuda"):
             torch.cuda.empty_cache()
-    return min(times[1:])
 
 
 def calibrate(recipe, student, teacher, seconds: float, split: list[float], device: str = "cuda",
@@ -229,6 +246,17 @@ def calibrate(recipe, student, teacher, seconds: float, split: list[float], devi
     return steps
 
 
+def _bench_recipe(args, *extra_sets: str):
+    """The recipe of a quality/profile run: --recipe with the model from --source, the texts from --texts (both
+    data sources), no progress bar, then `extra_sets` and the user's --set overrides."""
+    from hybridize.train.recipe import load_recipe
+
+    sets = [f"model.source={args.source}", *extra_sets, "logging.progress=false"] + list(args.set)
+    if args.texts:
+        sets += [f"data.sources[{i}].path={args.texts}" for i in range(args.num_sources)]
+    return load_recipe(args.recipe, sets)
+
+
 def cmd_profile(args) -> int:
     """Where one training micro-batch of each recipe stage spends its time (the quality run trained at ~37K tokens/s
     in distil while the hybrid alone trains at ~80K): the teacher's forward alone, the student's forward + backward
@@ -236,41 +264,21 @@ def cmd_profile(args) -> int:
     (device time by op; wall time against device time tells whether the step waits on the host)."""
     from torch.profiler import ProfilerActivity, profile
 
-    from hybridize.train.data import make_batch
     from hybridize.train.models import load_models
     from hybridize.train.params import select_trainable
-    from hybridize.train.recipe import load_recipe
-    from hybridize.train.trainer import loss_parts, part_counts, weighted
 
-    sets = [f"model.source={args.source}", "logging.progress=false"] + list(args.set)
-    if args.texts:
-        sets += [f"data.sources[{i}].path={args.texts}" for i in range(args.num_sources)]
-    recipe = load_recipe(args.recipe, sets)
+    recipe = _bench_recipe(args)
     student, teacher, _, _ = load_models(recipe, need_teacher=True)
     dev = args.device
     teacher = teacher.to(dev)
     model = student.to(dev).train()
-    L = model.config.num_hidden_layers
     bf16 = recipe.precision == "bf16"
     for k, stage in enumerate(recipe.stages):
         if stage.trainable != "lora":
             select_trainable(model, stage.trainable, f"stages[{k}].trainable")
         micro = args.micro or stage.micro_batch_size
-        ids = np.random.default_rng(0).integers(0, min(1000, model.config.vocab_size), stage.seq_len).astype(np.int32)
-        batch = make_batch([(ids, np.array([0]))] * micro, dev)
+        batch = _micro_batch(model, stage, micro, dev)
         x = batch["input_ids"]
-
-        def timed(fn, reps=3):
-            times = []
-            for _ in range(reps):
-                _sync(dev)
-                t = time.perf_counter()
-                with torch.autocast(torch.device(dev).type, dtype=torch.bfloat16, enabled=bf16):
-                    fn()
-                _sync(dev)
-                times.append(time.perf_counter() - t)
-                model.zero_grad(set_to_none=True)
-            return min(times[1:])
 
         def teacher_fwd():
             with torch.no_grad():
@@ -280,11 +288,10 @@ def cmd_profile(args) -> int:
             model(input_ids=x).logits.float().mean().backward()
 
         def real():
-            parts = loss_parts(model, teacher, batch, stage.loss, list(range(L)))
-            weighted(parts, part_counts(batch, stage.loss), stage.loss).backward()
+            _stage_loss_backward(model, teacher, stage, batch)
 
         tokens = micro * stage.seq_len
-        rows = [(name, timed(fn)) for name, fn in
+        rows = [(name, _best_time(fn, model, dev, bf16)) for name, fn in
                 (("teacher forward", teacher_fwd), ("student fwd+bwd", student_only), ("stage loss fwd+bwd", real))]
         print(f"\nstage {stage.name}: micro-batch {micro} x {stage.seq_len} = {tokens} tokens, precision "
               f"{recipe.precision}, device {dev}")
@@ -304,7 +311,7 @@ def cmd_profile(args) -> int:
         events = prof.key_averages()
         busy = sum(getattr(e, "self_device_time_total", 0) or 0 for e in events) / 1e6
         print(f"profiled stage loss fwd+bwd: wall {wall:.4f} s, device busy {busy:.4f} s "
-              f"({len([e for e in events])} op kinds)")
+              f"({len(events)} op kinds)")
         print(events.table(sort_by=key, row_limit=args.rows))
     return 0
 
@@ -313,15 +320,11 @@ def cmd_quality(args) -> int:
     from transformers import AutoModelForCausalLM
 
     from hybridize.train.models import load_models
-    from hybridize.train.recipe import load_recipe
     from hybridize.train.trainer import train
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    sets = [f"model.source={args.source}", f"output.dir={args.run_dir}", "logging.progress=false"] + list(args.set)
-    if args.texts:
-        sets += [f"data.sources[{i}].path={args.texts}" for i in range(args.num_sources)]
-    recipe = load_recipe(args.recipe, sets)
+    recipe = _bench_recipe(args, f"output.dir={args.run_dir}")
     t0 = time.perf_counter()
     student, teacher, tok, desc = load_models(recipe, need_teacher=True)
     dev = args.device
