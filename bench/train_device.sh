@@ -7,7 +7,9 @@
 #                                           21% slower beside GPU benchmarks on the other GPU, past 15 minutes)
 #                                           the throughput benchmark in the background: a 15-minute run outlasts one
 #                                           10-minute call)
-#   bash bench/train_device.sh wait         (no carry; waits up to WAIT seconds for the background run, prints it)
+#   bash bench/train_device.sh quality-grid carry as quality-bg; VARIANTS="a:--set x=1;b:--set y=2": one run per GPU,
+#                                           at the same time, each on its own CPU cores (SECS, SRC, WAIT as above)
+#   bash bench/train_device.sh wait         (no carry; waits up to WAIT seconds for the background runs, prints them)
 #   (EXTRA="--set model.hype=false" adds recipe overrides; SKIP_TPUT=1 skips the throughput part)
 #   bash bench/train_device.sh fsdp         carry: .trainwhl .train_gpu_x2 [.snap]  (3-bit SmolLM2, texts, token cache);
 #                                           2 GPUs; S1/S2 steps, PREC bf16|fp32, SRC as for quality-bg
@@ -29,27 +31,50 @@ case $MODE in
 stash-a)
   mkdir -p /root/tq && cp -r .train_gpu_a/. /root/tq/ && ls /root/tq
   ;;
-quality-bg)
+quality-bg|quality-grid)
+  # quality-bg: one run (EXTRA: overrides) on ${CUDA_VISIBLE_DEVICES:-0}. quality-grid: one run per entry of
+  # VARIANTS="name:overrides;name:overrides;..." at the same time, entry i on GPU i and on its own slice of the host's
+  # CPU cores (taskset), each with its own copy of the token cache; each must still fit --limit-seconds on its own.
   cat /root/tq/smollm2.part_a .train_gpu_b/smollm2.part_b > /root/tq/smollm2.gguf || exit 3
   md5sum /root/tq/smollm2.gguf
   # SRC: a clean export of a commit (e.g. `git archive HEAD | tar -x -C .snap`, carried) instead of the working tree
   rm -rf /root/repo && cp -r ${SRC:-.} /root/repo && rm -rf /root/qout && mkdir -p /root/qout
-  # setsid: the run goes on after this call returns (the machine stays held while `wait` calls follow)
-  setsid nohup bash -c "cd /root/repo && export PYTHONPATH=/tmp/site:/root/repo PYTHONUNBUFFERED=1 && \
-    python3 bench/train_quality.py quality --source /root/tq/smollm2.gguf --texts /root/tq/texts \
-      --set data.cache_dir=/root/tq/cache --set output.checkpoint_every=100000 --set 'logging.trackers=[]' \
-      --train-seconds ${SECS:-780} ${EXTRA:-} --out /root/qout > /root/qout/quality.log 2>&1; \
-    [ -n \"${SKIP_TPUT:-}\" ] || python3 bench/train_quality.py throughput --out /root/qout > /root/qout/throughput.log 2>&1; \
-    touch /root/qout/done" > /dev/null 2>&1 < /dev/null &
+  [ $MODE = quality-bg ] && VARIANTS="main:${EXTRA:-}"
+  IFS=';' read -ra VS <<< "$VARIANTS"
+  PER=$(( $(nproc) / ${#VS[@]} )); i=0
+  for v in "${VS[@]}"; do
+    name=${v%%:*}; extra=${v#*:}
+    gpu=$([ $MODE = quality-bg ] && echo ${CUDA_VISIBLE_DEVICES:-0} || echo $i)
+    tput=$([ $MODE = quality-bg ] && [ -z "${SKIP_TPUT:-}" ] && echo 1 || echo "")
+    mkdir -p /root/qout/$name && rm -rf /root/tq/cache_$name && cp -r /root/tq/cache /root/tq/cache_$name
+    echo "$name: GPU $gpu, CPUs $((i * PER))-$((i * PER + PER - 1)), overrides: $extra"
+    # setsid: the run goes on after this call returns (the machine stays held while `wait` calls follow)
+    setsid nohup bash -c "cd /root/repo && export PYTHONPATH=/tmp/site:/root/repo PYTHONUNBUFFERED=1 \
+      CUDA_VISIBLE_DEVICES=$gpu OMP_NUM_THREADS=$(( PER > 1 ? PER / 2 : 1 )) && \
+      taskset -c $((i * PER))-$((i * PER + PER - 1)) python3 bench/train_quality.py quality \
+        --source /root/tq/smollm2.gguf --texts /root/tq/texts --run-dir /tmp/hq_$name \
+        --set data.cache_dir=/root/tq/cache_$name --set output.checkpoint_every=100000 --set 'logging.trackers=[]' \
+        --train-seconds ${SECS:-780} $extra --out /root/qout/$name > /root/qout/$name/quality.log 2>&1; \
+      [ -z \"$tput\" ] || python3 bench/train_quality.py throughput --out /root/qout/$name \
+        > /root/qout/$name/throughput.log 2>&1; \
+      touch /root/qout/$name/done" > /dev/null 2>&1 < /dev/null &
+    i=$((i + 1))
+  done
   WAIT=${WAIT:-420}; MODE=wait
   ;&
 wait)
-  for i in $(seq 1 $(( ${WAIT:-540} / 10 ))); do [ -f /root/qout/done ] && break; sleep 10; done
-  grep -v -i -E "warn|it/s\]" /root/qout/quality.log | tail -25; tail -8 /root/qout/throughput.log 2>/dev/null
-  grep -h heldout_loss /tmp/hybridize-quality-run/metrics.jsonl 2>/dev/null | python3 -c "import sys, json
+  for i in $(seq 1 $(( ${WAIT:-540} / 10 ))); do
+    left=0; for d in /root/qout/*/; do [ -f $d/done ] || left=1; done
+    [ $left = 0 ] && break; sleep 10
+  done
+  for d in /root/qout/*/; do
+    name=$(basename $d); echo "=== $name"
+    grep -v -i -E "warn|it/s\]" $d/quality.log | tail -12; tail -8 $d/throughput.log 2>/dev/null
+    grep -h heldout_loss /tmp/hq_$name/metrics.jsonl 2>/dev/null | python3 -c "import sys, json
 for l in sys.stdin: r = json.loads(l); print(r['stage'], r['step'], round(r['loss'], 4), round(r['heldout_loss'], 4))"
-  cp /root/qout/*.json /root/qout/*.jsonl /root/qout/*.log $OUT/ 2>/dev/null; ls /root/qout
-  [ -f /root/qout/done ] && echo "DONE" || echo "still running"
+    mkdir -p $OUT/$name && cp $d/*.json $d/*.jsonl $d/*.log $OUT/$name/ 2>/dev/null
+    [ -f $d/done ] && echo "$name DONE" || echo "$name still running"
+  done
   ;;
 profile)
   D=$PWD/.train_gpu_x2

@@ -245,3 +245,28 @@ def test_heldout_evaluation_runs_the_plain_code_and_restores_the_fusion_switch(t
     expected = torch.nn.functional.cross_entropy(logits[keep].double(), t[keep]).item()
     assert got["heldout_loss"] == pytest.approx(expected, rel=1e-5)
     assert got["heldout_tokens"] == int(keep.sum())
+
+
+def test_teacher_runs_on_the_batch_rows_and_matches_the_flat_row(tiny_pair):
+    """The teacher runs on the B equal-length rows of a batch, not on the flattened row (whose block-diagonal mask and
+    attention cover (B*T)^2 entries); its logits and hidden states equal those of the flattened call, and a batch of
+    unequal sequences keeps the flat call."""
+    from hybridize.train.trainer import teacher_outputs
+
+    _, teacher = tiny_pair
+    rng = np.random.default_rng(4)
+    seqs = [(rng.integers(0, 97, 24).astype(np.int32), np.array([0, 5, 17])),
+            (rng.integers(0, 97, 24).astype(np.int32), np.array([0])),
+            (rng.integers(0, 97, 24).astype(np.int32), np.array([0, 23]))]
+    batch = make_batch(seqs)
+    assert batch["rows"] == 3
+    by_rows = teacher_outputs(teacher, batch, need_hidden=True)
+    flat = teacher_outputs(teacher, dict(batch, rows=1), need_hidden=True)
+    assert by_rows.logits.shape == flat.logits.shape == (1, 72, teacher.config.vocab_size)
+    torch.testing.assert_close(by_rows.logits, flat.logits, rtol=1e-4, atol=1e-5)
+    assert len(by_rows.hidden_states) == len(flat.hidden_states) == teacher.config.num_hidden_layers + 1
+    for a, b in zip(by_rows.hidden_states, flat.hidden_states):
+        assert a.shape == b.shape == (1, 72, teacher.config.hidden_size)
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert teacher_outputs(teacher, batch, need_hidden=False).hidden_states is None
+    assert make_batch([seqs[0], (seqs[1][0][:17], np.array([0]))])["rows"] == 1

@@ -229,9 +229,11 @@ def pack(docs: TokenizedDocs, seq_len: int) -> PackedSequences:
     return PackedSequences(tokens, starts)
 
 
-def make_batch(sequences: list[tuple[np.ndarray, np.ndarray]], device=None) -> dict[str, torch.Tensor]:
+def make_batch(sequences: list[tuple[np.ndarray, np.ndarray]], device=None) -> dict:
     """Flatten sequences into one row of B*T tokens with `cu_seqlens` over all segments, position ids restarting per
-    segment, and next-token targets that never cross a segment boundary (IGNORE at each segment's last token)."""
+    segment, and next-token targets that never cross a segment boundary (IGNORE at each segment's last token).
+    `rows`: how many equal-length rows the flat row splits into (B when all sequences have one length, else 1); a
+    model without cu_seqlens (the teacher) runs on those rows, so its attention never spans the whole flat row."""
     ids, pos, targets, cu = [], [], [], [0]
     offset = 0
     for tokens, starts in sequences:
@@ -255,6 +257,7 @@ def make_batch(sequences: list[tuple[np.ndarray, np.ndarray]], device=None) -> d
     }
     if device is not None:
         batch = {k: v.to(device) for k, v in batch.items()}
+    batch["rows"] = len(sequences) if len({len(t) for t, _ in sequences}) == 1 else 1
     return batch
 
 

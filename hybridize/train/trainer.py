@@ -19,6 +19,7 @@ import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -90,17 +91,32 @@ def teacher_inputs(model, teacher_hidden):
             h.remove()
 
 
+@torch.no_grad()
+def teacher_outputs(teacher, batch: dict, need_hidden: bool) -> SimpleNamespace:
+    """The teacher's logits (and hidden states) for `batch`, shaped like the student's: one row of B*T tokens.
+
+    The teacher (a transformers model, no cu_seqlens) sees packed documents through position ids that restart per
+    document, from which transformers builds a block-diagonal causal mask. It runs on the batch's B rows of T tokens,
+    not on the flat row: the mask and the attention then cover B*T^2 entries instead of (B*T)^2 (at 16 x 2048 the
+    flat call spent 0.36 s per micro-batch in the masked attention alone on an H100, 16 times the work needed)."""
+    rows = batch.get("rows", 1)
+    out = teacher(input_ids=batch["input_ids"].view(rows, -1), position_ids=batch["position_ids"].view(rows, -1),
+                  output_hidden_states=need_hidden, use_cache=False)
+
+    def flat(t):
+        return t.reshape(1, -1, t.shape[-1])
+
+    return SimpleNamespace(logits=flat(out.logits),
+                           hidden_states=tuple(flat(h) for h in out.hidden_states) if need_hidden else None)
+
+
 def loss_parts(model, teacher, batch: dict, loss_spec, hidden_layers: list[int]) -> dict[str, tuple]:
     """{"hidden_mse"|"kl"|"ce": (sum, count)} for the terms with a non-zero weight."""
     need_hidden = loss_spec.hidden_mse > 0
     parts = {}
     t_out = None
     if loss_spec.hidden_mse > 0 or loss_spec.kl > 0:
-        with torch.no_grad():
-            # The teacher (a transformers model) sees packed documents through position ids that restart per
-            # document: transformers builds a block-diagonal causal mask from them.
-            t_out = teacher(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                            output_hidden_states=need_hidden, use_cache=False)
+        t_out = teacher_outputs(teacher, batch, need_hidden)
     swap = (teacher_inputs(model, t_out.hidden_states) if loss_spec.hidden_inputs == "teacher_inputs"
             else contextlib.nullcontext())
     with swap:
