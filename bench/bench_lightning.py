@@ -216,6 +216,10 @@ def _ov(block_c, num_warps, num_stages, segment_tokens, lead=1, decay_v=False, *
 SWEEP = [  # forward configs at 64K: the look-back, two-pass and default first, then the most promising (the sweep stops
     # at its budget)
     LT.LOOKBACK_CONFIG, TWO_PASS, LT.DEFAULT_CONFIG,
+    # Nsight Compute on the default at 64K (bench/RESULTS.md): 3.25 GB of DRAM traffic against the 2.15 GB floor, L2 hit
+    # rate 34.5%; the two 64-column tiles of a segment both read its q and k, and the walks load them evict-first
+    _ov(64, 4, 2, 4096, decay_v=True, walk_qk_hint=""), _ov(64, 4, 2, 4096, decay_v=True, walk_qk_hint="evict_last"),
+    _ov(64, 4, 2, 8192, decay_v=True, walk_qk_hint="evict_last"),
     # around run D's winner (64 columns, 4 warps, 4096-token segments, decay_v): fewer and longer walks, narrower
     # column tiles (more walk programs per SM, q and k re-read from L2), deeper pipelines (not yet timed)
     _ov(64, 4, 2, 8192, decay_v=True), _ov(64, 4, 2, 16384, decay_v=True), _ov(32, 4, 2, 4096, decay_v=True),

@@ -12,6 +12,7 @@ Shapes as bench_lightning.py: bf16, B = 1, 32 heads, d = 128, SALA decays. Witho
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -30,10 +31,14 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--T", type=int, default=65536)
     ap.add_argument("--skip-fla", action="store_true")
+    ap.add_argument("--walk-qk-hint", default=None, help="ScanConfig.walk_qk_hint for ours (default: the shipped one)")
     args = ap.parse_args()
     ld = sala_log_decay(H)
     q, k, v = (torch.randn(1, H, args.T, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-    runs = {"ours": lambda: LT.lightning_attn_chunked_triton(q, k, v, ld)[0]}
+    cfg = LT.DEFAULT_CONFIG
+    if args.walk_qk_hint is not None:
+        cfg = dataclasses.replace(cfg, walk_qk_hint=args.walk_qk_hint)
+    runs = {"ours": lambda: LT.lightning_attn_chunked_triton(q, k, v, ld, config=cfg)[0]}
     if not args.skip_fla:
         try:
             from fla.ops.simple_gla import chunk_simple_gla

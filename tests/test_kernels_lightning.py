@@ -275,6 +275,8 @@ def test_bad_arguments_are_refused(interp):
         interp.lightning_attn_chunked_triton(q, q, q, ld, chunk_size=48)
     with pytest.raises(ValueError, match="ScanConfig.chunk"):
         interp.lightning_attn_chunked_triton(q, q, q, ld, config=interp.ScanConfig(chunk=48))
+    with pytest.raises(ValueError, match="walk_qk_hint"):
+        interp.lightning_attn_chunked_triton(q, q, q, ld, config=interp.ScanConfig(walk_qk_hint="evict_normal"))
     with pytest.raises(ValueError, match="log_decay"):
         interp.lightning_attn_chunked_triton(q, q, q, -torch.rand(3))
     with pytest.raises(ValueError, match="initial_state"):
@@ -375,16 +377,18 @@ def test_lookback_forward_long_gpu(seed, seg_tokens, publish):
 
 
 @gpu
-@pytest.mark.parametrize("seg_tokens,lead,block_c,num_warps,num_stages,publish,decay_v,sum_stages",
-                         [(256, 1, 64, 4, 2, True, True, 4), (128, 0, 128, 8, 3, True, False, None),
-                          (512, 2, 64, 4, 2, True, False, None), (128, 1, 64, 4, 2, False, True, None)])
+@pytest.mark.parametrize("seg_tokens,lead,block_c,num_warps,num_stages,publish,decay_v,sum_stages,qk_hint",
+                         [(256, 1, 64, 4, 2, True, True, 4, "evict_first"),
+                          (128, 0, 128, 8, 3, True, False, None, "evict_first"),
+                          (512, 2, 64, 4, 2, True, False, None, ""),
+                          (128, 1, 64, 4, 2, False, True, None, "evict_last")])
 def test_overlap_forward_long_gpu(seed, seg_tokens, lead, block_c, num_warps, num_stages, publish, decay_v,
-                                  sum_stages):
+                                  sum_stages, qk_hint):
     # sums and walks of many segments in flight at once: the walks really wait on the sums here
     lt = _kernels()
     cfg = lt.ScanConfig(block_c=block_c, num_warps=num_warps, num_stages=num_stages, state_lowp=True, overlap=True,
                         segment_tokens=seg_tokens, lead=lead, publish_inclusive=publish, decay_v=decay_v,
-                        sum_stages=sum_stages)
+                        sum_stages=sum_stages, walk_qk_hint=qk_hint)
     nseg, tickets = _long_segmented_forward(lt, lt._overlap_forward, cfg)
     assert tickets == 8 * (128 // block_c) * (2 * nseg - 1)  # one ticket per program
 
