@@ -258,8 +258,8 @@ def _bench_recipe(args, *extra_sets: str):
 
 
 def cmd_profile(args) -> int:
-    """Where one training micro-batch of each recipe stage spends its time (the quality run trained at ~37K tokens/s
-    in distil while the hybrid alone trains at ~80K): the teacher's forward alone, the student's forward + backward
+    """Where one training micro-batch of each recipe stage spends its time (it found the teacher's (B*T)^2 packed
+    mask, bench/RESULTS.md): the teacher's forward alone, the student's forward + backward
     alone (mean of its logits as the loss), the stage's real loss + backward, and a torch.profiler table of the last
     (device time by op; wall time against device time tells whether the step waits on the host)."""
     from torch.profiler import ProfilerActivity, profile
