@@ -103,7 +103,9 @@ class ScanConfig:
     walks (segments of `segment_tokens` tokens), so that they overlap and the walks re-read k, v from L2;
     `decay_v` (that kernel only): the state update decays the rows of v (a block_c-wide tile) instead of those of k
     (all Dk columns), and takes k^T straight from shared memory; `sum_stages`: pipeline depth of its sum programs'
-    loads (None: `num_stages`), deeper since they are bandwidth-bound."""
+    loads (None: `num_stages`), deeper since they are bandwidth-bound. `walk_qk_hint` (look-back and overlap forwards,
+    with `l2_hints`): the L2 eviction policy of the walks' q and k loads, "evict_first", "evict_last" or "" (none); with
+    two or more column tiles the programs of one segment's tiles read the same q and k at about the same time."""
 
     block_c: int = 64
     num_warps: int = 8
@@ -121,6 +123,7 @@ class ScanConfig:
     lead: int = 1
     decay_v: bool = False
     sum_stages: int | None = None
+    walk_qk_hint: str = "evict_first"
 
 
 # The fastest of a sweep on one H100 (bench/bench_lightning.py --sweep, bf16, 32 heads, d = 128; bench/RESULTS.md):
@@ -387,6 +390,7 @@ if HAS_TRITON:
     @triton.jit
     def _walk_segment(X, q_base, k_base, v_base, o_base, s_qt, s_kt, s_vt, s_ot, rk, rc, mk, mc, c0, c1, T, ld,
                       scale, idx, fidx, Out, CH: tl.constexpr, OFF32: tl.constexpr, EV_DROP: tl.constexpr,
+                      EV_QK: tl.constexpr,
                       STATE_LOWP: tl.constexpr, DECAY_V: tl.constexpr):
         """Walk chunks c0..c1-1 from the state X entering them, writing o = scale * (intra-chunk part + decayed
         q X); returns the state after them."""
@@ -402,11 +406,11 @@ if HAS_TRITON:
             else:
                 rows = t.to(tl.int64)
             kk = tl.load(k_base + rows[:, None] * s_kt + rk[None, :], mask=mt[:, None] & mk[None, :], other=0.0,
-                         eviction_policy=EV_DROP)
+                         eviction_policy=EV_QK)
             vv = tl.load(v_base + rows[:, None] * s_vt + rc[None, :], mask=mt[:, None] & mc[None, :], other=0.0,
                          eviction_policy=EV_DROP)
             qq = tl.load(q_base + rows[:, None] * s_qt + rk[None, :], mask=mt[:, None] & mk[None, :], other=0.0,
-                         eviction_policy=EV_DROP)
+                         eviction_policy=EV_QK)
             clen = tl.minimum(T - start, CH).to(tl.float32)
             b_decay = tl.where(mt, tl.exp(ld * tl.maximum(clen - 1.0 - fidx, 0.0)), 0.0)
             a_decay = tl.where(mt, a_decay0, 0.0)
@@ -442,7 +446,8 @@ if HAS_TRITON:
         scale,
         CH: tl.constexpr, BK: tl.constexpr, BC: tl.constexpr,
         HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr, SAVE_PREFIX: tl.constexpr, STATE_LOWP: tl.constexpr,
-        EV_KEEP: tl.constexpr, EV_DROP: tl.constexpr, PUBLISH_INCL: tl.constexpr, OFF32: tl.constexpr,
+        EV_KEEP: tl.constexpr, EV_DROP: tl.constexpr, EV_QK: tl.constexpr, PUBLISH_INCL: tl.constexpr,
+        OFF32: tl.constexpr,
     ):
         # Work order from a ticket, not from the program id: a program only ever waits on lower tickets, which
         # belong to programs that are already running (or done), so the waits cannot deadlock whatever order the
@@ -498,7 +503,7 @@ if HAS_TRITON:
 
         # 3. walk the segment's chunks from that state
         X = _walk_segment(P, q_base, k_base, v_base, o_base, s_qt, s_kt, s_vt, s_ot, rk, rc, mk, mc, c0, c1, T, ld,
-                          scale, idx, fidx, Out, CH, OFF32, EV_DROP, STATE_LOWP, False)
+                          scale, idx, fidx, Out, CH, OFF32, EV_DROP, EV_QK, STATE_LOWP, False)
         if STORE_FINAL:
             if seg == NSEG - 1:
                 tl.store(Final + n64 * s_fn + h64 * s_fh + rk[:, None] * s_fr + rc[None, :] * s_fc, X, mask=m2)
@@ -517,7 +522,8 @@ if HAS_TRITON:
         scale,
         CH: tl.constexpr, BK: tl.constexpr, BC: tl.constexpr,
         HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr, SAVE_PREFIX: tl.constexpr, STATE_LOWP: tl.constexpr,
-        EV_KEEP: tl.constexpr, EV_DROP: tl.constexpr, PUBLISH_INCL: tl.constexpr, OFF32: tl.constexpr,
+        EV_KEEP: tl.constexpr, EV_DROP: tl.constexpr, EV_QK: tl.constexpr, PUBLISH_INCL: tl.constexpr,
+        OFF32: tl.constexpr,
         DECAY_V: tl.constexpr, SUM_STAGES: tl.constexpr,
     ):
         # One launch, two kinds of program, in the order of a ticket counter: S(s) sums segment s's decayed k^T v
@@ -579,7 +585,7 @@ if HAS_TRITON:
 
             # the walk
             X = _walk_segment(P, q_base, k_base, v_base, o_base, s_qt, s_kt, s_vt, s_ot, rk, rc, mk, mc, c0,
-                              tl.minimum(c0 + SEGC, nchunks), T, ld, scale, idx, fidx, Out, CH, OFF32, EV_DROP,
+                              tl.minimum(c0 + SEGC, nchunks), T, ld, scale, idx, fidx, Out, CH, OFF32, EV_DROP, EV_QK,
                               STATE_LOWP, DECAY_V)
             if STORE_FINAL:
                 if seg == NSEG - 1:
@@ -785,6 +791,7 @@ def _lookback_forward(q, k, v, log_decay, *, init, scale, store_final, save_pref
         CH=chunk, BK=BK, BC=BC, HAS_INIT=init is not None, STORE_FINAL=final is not None,
         SAVE_PREFIX=pref is not None, STATE_LOWP=config.state_lowp and v.dtype == torch.bfloat16,
         EV_KEEP="evict_last" if hints else "", EV_DROP="evict_first" if hints else "",
+        EV_QK=config.walk_qk_hint if hints else "",
         PUBLISH_INCL=config.publish_inclusive, OFF32=_fits_int32(T, q, k, v, out),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
@@ -826,6 +833,7 @@ def _overlap_forward(q, k, v, log_decay, *, init, scale, store_final, save_prefi
         CH=chunk, BK=BK, BC=BC, HAS_INIT=init is not None, STORE_FINAL=final is not None,
         SAVE_PREFIX=pref is not None, STATE_LOWP=config.state_lowp and v.dtype == torch.bfloat16,
         EV_KEEP="evict_last" if hints else "", EV_DROP="evict_first" if hints else "",
+        EV_QK=config.walk_qk_hint if hints else "",
         PUBLISH_INCL=config.publish_inclusive, OFF32=_fits_int32(T, q, k, v, out),
         DECAY_V=config.decay_v, SUM_STAGES=config.sum_stages or config.num_stages, num_warps=config.num_warps,
         num_stages=config.num_stages,
@@ -944,6 +952,8 @@ def lightning_attn_chunked_triton(
     for c in (config, bwd_config):
         if c.chunk not in (None, 16, 32, 64, 128):
             raise ValueError(f"ScanConfig.chunk must be None, 16, 32, 64 or 128, got {c.chunk}")
+        if c.walk_qk_hint not in ("evict_first", "evict_last", ""):
+            raise ValueError(f"ScanConfig.walk_qk_hint must be 'evict_first', 'evict_last' or '', got {c.walk_qk_hint!r}")
     # a backward can follow: the forward then keeps what the dq scan needs
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, initial_state))
     res = _LightningChunked.apply(q, k, v, log_decay, initial_state, scale, bool(output_final_state), cu_seqlens,
