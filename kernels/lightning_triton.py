@@ -306,6 +306,18 @@ if HAS_TRITON:
                 tl.store(f_ptrs, X, mask=m2)
 
     @triton.jit
+    def _state_tile(pid, pid_c, H, DK, DV, BK: tl.constexpr, BC: tl.constexpr):
+        # Program (sequence * H + head, column tile pid_c) -> its sequence and head (int64), the key rows and value
+        # columns of its state tile, and their masks.
+        n64 = (pid // H).to(tl.int64)
+        h64 = (pid % H).to(tl.int64)
+        rk = tl.arange(0, BK)
+        rc = pid_c * BC + tl.arange(0, BC)
+        mk = rk < DK
+        mc = rc < DV
+        return n64, h64, rk, rc, mk, mc, mk[:, None] & mc[None, :]
+
+    @triton.jit
     def _program_tile(r, Q, K, V, Out, LogDecay, H, DK, DV, NCOL, s_qb, s_qh, s_kb, s_kh, s_vb, s_vh, s_ob, s_oh, s_pn,
                       s_ph, s_pr, CH: tl.constexpr, BK: tl.constexpr, BC: tl.constexpr):
         # What a program of the ticketed forwards works on, from r = its (sequence * H + head) * NCOL + column tile:
@@ -313,14 +325,7 @@ if HAS_TRITON:
         # offsets, the head's log decay, the base pointers of q, k, v, o, and the offsets of its tile in the
         # per-segment state buffers (Agg, Incl, Pref).
         pid = r // NCOL
-        pid_c = r % NCOL
-        n64 = (pid // H).to(tl.int64)
-        h64 = (pid % H).to(tl.int64)
-        rk = tl.arange(0, BK)
-        rc = pid_c * BC + tl.arange(0, BC)
-        mk = rk < DK
-        mc = rc < DV
-        m2 = mk[:, None] & mc[None, :]
+        n64, h64, rk, rc, mk, mc, m2 = _state_tile(pid, r % NCOL, H, DK, DV, BK, BC)
         idx = tl.arange(0, CH)
         fidx = idx.to(tl.float32)
         ld = tl.load(LogDecay + pid % H).to(tl.float32)
@@ -611,15 +616,7 @@ if HAS_TRITON:
         scale,
         BK: tl.constexpr, BV: tl.constexpr,
     ):
-        pid = tl.program_id(0)
-        pid_v = tl.program_id(1)
-        b = (pid // H).to(tl.int64)
-        h = (pid % H).to(tl.int64)
-        rk = tl.arange(0, BK)
-        rv = pid_v * BV + tl.arange(0, BV)
-        mk = rk < DK
-        mv = rv < DV
-        m2 = mk[:, None] & mv[None, :]
+        b, h, rk, rv, mk, mv, m2 = _state_tile(tl.program_id(0), tl.program_id(1), H, DK, DV, BK, BV)
         S = tl.load(SIn + b * s_ib + h * s_ih + rk[:, None] * s_ir + rv[None, :] * s_ic, mask=m2, other=0.0)
         g = tl.exp(tl.load(LogDecay + h).to(tl.float32))
         for t in range(TN):
@@ -755,9 +752,10 @@ def _lookback_segments(T: int, chunk: int, config: ScanConfig) -> tuple[int, int
     return -(-nchunks // segc), segc
 
 
-def _lookback_forward(q, k, v, log_decay, *, init, scale, store_final, save_prefix, chunk, config: ScanConfig):
-    """The one-kernel forward (no cu_seqlens). Returns o, the final state (or None), the state entering each segment
-    (N, H, NSEG, Dk, Dv) float32 when `save_prefix` (else None), and (nseg, segc)."""
+def _ticketed_forward(q, k, v, log_decay, *, init, scale, store_final, save_prefix, chunk, config: ScanConfig):
+    """The one-launch forwards (no cu_seqlens): the overlap kernel when `config.overlap`, else the look-back kernel.
+    Returns o, the final state (or None), the state entering each segment (N, H, NSEG, Dk, Dv) float32 when
+    `save_prefix` (else None), (nseg, segc) and the flags (one per program and segment, then the ticket counter)."""
     B, H, T, DK = q.shape
     DV = v.shape[-1]
     nseg, segc = _lookback_segments(T, chunk, config)
@@ -778,16 +776,13 @@ def _lookback_forward(q, k, v, log_decay, *, init, scale, store_final, save_pref
     st_strides = (H * nseg * DK * DV, nseg * DK * DV, DK * DV, DV)
     dummy = log_decay
     hints = config.l2_hints
-    grid = (nhc * nseg,)
-    _fwd_lookback_kernel[grid](
-        q, k, v, out, dummy if init is None else init, dummy if final is None else final,
-        dummy if agg is None else agg, dummy if incl is None else incl, dummy if pref is None else pref, flags,
-        log_decay,
-        T, H, DK, DV, nseg, segc, ncol, nhc,
-        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
-        *((0, 0, 0, 0) if init is None else init.stride()), *((0, 0, 0, 0) if final is None else final.stride()),
-        *st_strides,
-        float(scale),
+    head = (q, k, v, out, dummy if init is None else init, dummy if final is None else final,
+            dummy if agg is None else agg, dummy if incl is None else incl, dummy if pref is None else pref, flags,
+            log_decay, T, H, DK, DV, nseg, segc, ncol, nhc)
+    tail = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
+            *((0, 0, 0, 0) if init is None else init.stride()), *((0, 0, 0, 0) if final is None else final.stride()),
+            *st_strides, float(scale))
+    consts = dict(
         CH=chunk, BK=BK, BC=BC, HAS_INIT=init is not None, STORE_FINAL=final is not None,
         SAVE_PREFIX=pref is not None, STATE_LOWP=config.state_lowp and v.dtype == torch.bfloat16,
         EV_KEEP="evict_last" if hints else "", EV_DROP="evict_first" if hints else "",
@@ -795,49 +790,12 @@ def _lookback_forward(q, k, v, log_decay, *, init, scale, store_final, save_pref
         PUBLISH_INCL=config.publish_inclusive, OFF32=_fits_int32(T, q, k, v, out),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
-    return out, final, pref, (nseg, segc), flags
-
-
-def _overlap_forward(q, k, v, log_decay, *, init, scale, store_final, save_prefix, chunk, config: ScanConfig):
-    """The one-launch forward with sum and walk programs from one ticket counter (no cu_seqlens). Returns what
-    `_lookback_forward` returns: o, the final state (or None), the state entering each segment (N, H, NSEG, Dk, Dv)
-    float32 when `save_prefix` (else None), (nseg, segc) and the flags (per program and segment, then the counter)."""
-    B, H, T, DK = q.shape
-    DV = v.shape[-1]
-    nseg, segc = _lookback_segments(T, chunk, config)
-    BK = _pow2(DK)
-    BC = _block_c(config, DK, DV)
-    ncol = triton.cdiv(DV, BC)
-    nhc = B * H * ncol
-    dev = q.device
-    out = _new_out(q, DV, q.dtype)
-    final = torch.empty(B, H, DK, DV, device=dev, dtype=torch.float32) if store_final else None
-    flags = torch.zeros(nhc * nseg + 1, device=dev, dtype=torch.int32)
-    shape = (B, H, nseg, DK, DV)
-    agg = torch.empty(shape, device=dev, dtype=torch.float32) if nseg > 1 else None
-    incl = torch.empty(shape, device=dev, dtype=torch.float32) if nseg > 1 else None
-    pref = torch.empty(shape, device=dev, dtype=torch.float32) if save_prefix else None
-    st_strides = (H * nseg * DK * DV, nseg * DK * DV, DK * DV, DV)
-    dummy = log_decay
-    hints = config.l2_hints
-    grid = (nhc * (2 * nseg - 1),)  # nseg - 1 sum programs and nseg walk programs per (sequence, head, column tile)
-    _fwd_overlap_kernel[grid](
-        q, k, v, out, dummy if init is None else init, dummy if final is None else final,
-        dummy if agg is None else agg, dummy if incl is None else incl, dummy if pref is None else pref, flags,
-        log_decay,
-        T, H, DK, DV, nseg, segc, ncol, nhc, max(0, int(config.lead)),
-        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
-        *((0, 0, 0, 0) if init is None else init.stride()), *((0, 0, 0, 0) if final is None else final.stride()),
-        *st_strides,
-        float(scale),
-        CH=chunk, BK=BK, BC=BC, HAS_INIT=init is not None, STORE_FINAL=final is not None,
-        SAVE_PREFIX=pref is not None, STATE_LOWP=config.state_lowp and v.dtype == torch.bfloat16,
-        EV_KEEP="evict_last" if hints else "", EV_DROP="evict_first" if hints else "",
-        EV_QK=config.walk_qk_hint if hints else "",
-        PUBLISH_INCL=config.publish_inclusive, OFF32=_fits_int32(T, q, k, v, out),
-        DECAY_V=config.decay_v, SUM_STAGES=config.sum_stages or config.num_stages, num_warps=config.num_warps,
-        num_stages=config.num_stages,
-    )
+    if config.overlap:  # nseg - 1 sum programs and nseg walk programs per (sequence, head, column tile)
+        _fwd_overlap_kernel[(nhc * (2 * nseg - 1),)](
+            *head, max(0, int(config.lead)), *tail, DECAY_V=config.decay_v,
+            SUM_STAGES=config.sum_stages or config.num_stages, **consts)
+    else:
+        _fwd_lookback_kernel[(nhc * nseg,)](*head, *tail, **consts)
     return out, final, pref, (nseg, segc), flags
 
 
@@ -850,7 +808,7 @@ class _LightningChunked(torch.autograd.Function):
         N = B if cu_seqlens is None else cu_seqlens.numel() - 1
         fwd_chunk = config.chunk or chunk
         if (config.lookback or config.overlap) and cu_seqlens is None:
-            o, final, u, (nseg, segc), _ = (_overlap_forward if config.overlap else _lookback_forward)(
+            o, final, u, (nseg, segc), _ = _ticketed_forward(
                 q, k, v, log_decay, init=initial_state, scale=scale, store_final=output_final_state,
                 save_prefix=grad, chunk=fwd_chunk, config=config)
             prefix = True  # u: the state entering each segment, which (transposed) starts the dq scan's segments

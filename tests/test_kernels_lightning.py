@@ -156,7 +156,7 @@ def test_lookback_publishes_every_segment_interpreted(interp, seed):
     q, k, v, ld, _ = _inputs(1, 3, 200, 16, 32, 1, False, torch.float32, "cpu")
     cfg = interp.ScanConfig(lookback=True, segment_tokens=32, block_c=16)
     with torch.no_grad():
-        o, _, pref, (nseg, segc), flags = interp._lookback_forward(
+        o, _, pref, (nseg, segc), flags = interp._ticketed_forward(
             q, k, v, ld.float(), init=None, scale=0.25, store_final=False, save_prefix=True, chunk=16, config=cfg)
     programs = 3 * 2 * nseg  # heads x column tiles x segments
     assert (nseg, segc) == (7, 2) and flags[-1].item() == programs
@@ -200,7 +200,7 @@ def test_overlap_runs_every_program_once_interpreted(interp, seed, lead):
     q, k, v, ld, s0 = _inputs(1, 3, 200, 16, 32, 1, True, torch.float32, "cpu")
     cfg = interp.ScanConfig(overlap=True, segment_tokens=32, block_c=16, lead=lead)
     with torch.no_grad():
-        o, final, pref, (nseg, segc), flags = interp._overlap_forward(
+        o, final, pref, (nseg, segc), flags = interp._ticketed_forward(
             q, k, v, ld.float(), init=s0, scale=0.25, store_final=True, save_prefix=True, chunk=16, config=cfg)
     assert (nseg, segc) == (7, 2) and flags[-1].item() == 3 * 2 * (2 * nseg - 1)
     per_program = flags[:-1].view(3 * 2, nseg)
@@ -350,16 +350,16 @@ def test_chunked_matches_reference_gpu(seed, dtype, tol, B, H, T, D, with_init):
     assert max(errs.values()) < tol, errs
 
 
-def _long_segmented_forward(lt, forward, cfg):
-    """A bf16 8-head sequence of 8191 tokens through `forward` (a ticketed one-launch forward) with `cfg`: outputs and
+def _long_segmented_forward(lt, cfg):
+    """A bf16 8-head sequence of 8191 tokens through the ticketed one-launch forward `cfg` picks: outputs and
     gradients vs the reference, and o vs the two-pass forward; returns (segments, tickets taken)."""
     args = _inputs(1, 8, 8191, 128, 128, 1, True, torch.bfloat16, "cuda")
     errs = _run_both(lt.lightning_attn_chunked_triton, *args, None, config=cfg)
     assert max(errs.values()) < 1e-2, errs
     q, k, v, ld, _ = args
     with torch.no_grad():
-        o, _, _, (nseg, _), flags = forward(q, k, v, ld.float(), init=None, scale=0.1, store_final=False,
-                                            save_prefix=False, chunk=64, config=cfg)
+        o, _, _, (nseg, _), flags = lt._ticketed_forward(q, k, v, ld.float(), init=None, scale=0.1,
+                                                         store_final=False, save_prefix=False, chunk=64, config=cfg)
         o_two_pass, _ = lt.lightning_attn_chunked_triton(q, k, v, ld, 0.1, config=lt.ScanConfig(lookback=False))
     assert rel(o, o_two_pass) < 1e-2
     return nseg, flags[-1].item()
@@ -372,7 +372,7 @@ def test_lookback_forward_long_gpu(seed, seg_tokens, publish):
     lt = _kernels()
     cfg = lt.ScanConfig(block_c=128, num_warps=8, num_stages=3, state_lowp=True, lookback=True,
                         segment_tokens=seg_tokens, publish_inclusive=publish)
-    nseg, tickets = _long_segmented_forward(lt, lt._lookback_forward, cfg)
+    nseg, tickets = _long_segmented_forward(lt, cfg)
     assert tickets == 8 * nseg  # one ticket per program
 
 
@@ -389,7 +389,7 @@ def test_overlap_forward_long_gpu(seed, seg_tokens, lead, block_c, num_warps, nu
     cfg = lt.ScanConfig(block_c=block_c, num_warps=num_warps, num_stages=num_stages, state_lowp=True, overlap=True,
                         segment_tokens=seg_tokens, lead=lead, publish_inclusive=publish, decay_v=decay_v,
                         sum_stages=sum_stages, walk_qk_hint=qk_hint)
-    nseg, tickets = _long_segmented_forward(lt, lt._overlap_forward, cfg)
+    nseg, tickets = _long_segmented_forward(lt, cfg)
     assert tickets == 8 * (128 // block_c) * (2 * nseg - 1)  # one ticket per program
 
 
