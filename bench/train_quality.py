@@ -266,6 +266,7 @@ def cmd_profile(args) -> int:
 
     from hybridize.train.models import load_models
     from hybridize.train.params import select_trainable
+    from hybridize.train.trainer import teacher_outputs
 
     recipe = _bench_recipe(args)
     student, teacher, _, _ = load_models(recipe, need_teacher=True)
@@ -280,9 +281,8 @@ def cmd_profile(args) -> int:
         batch = _micro_batch(model, stage, micro, dev)
         x = batch["input_ids"]
 
-        def teacher_fwd():
-            with torch.no_grad():
-                teacher(input_ids=x)
+        def teacher_fwd():  # the trainer's teacher call (on the batch's rows, hidden states where the loss uses them)
+            teacher_outputs(teacher, batch, need_hidden=stage.loss.hidden_mse > 0)
 
         def student_only():
             model(input_ids=x).logits.float().mean().backward()
