@@ -62,15 +62,22 @@ def _files(path: str, pattern: str, include=None, exclude=()) -> list[str]:
     raise FileNotFoundError(f"data path {p} not found")
 
 
+def _read_text_file(path: str, encoding: str) -> str:
+    try:
+        return Path(path).read_text(encoding=encoding)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not valid {encoding} (byte {e.start}): set the source's `encoding:` "
+                         f"(e.g. latin-1)") from None
+
+
 def load_documents(src, cache_dir: str | None = None) -> list[str]:
     """The documents of one non-teacher source, as strings (one per text file for `text` sources)."""
-    ds_lib = _datasets()
     kind = src.type
-    if kind == "text":
-        ds = ds_lib.load_dataset("text", data_files=_files(src.path, src.glob, src.include, src.exclude), sample_by="document",
-                                 encoding=src.encoding, split="train", cache_dir=cache_dir)
-        column = "text"
-    elif kind in ("jsonl", "json", "parquet"):
+    if kind == "text":  # one document per file, read directly (no `datasets` needed for plain text)
+        return [t for t in (_read_text_file(f, src.encoding) for f in _files(src.path, src.glob, src.include,
+                                                                             src.exclude)) if t]
+    ds_lib = _datasets()
+    if kind in ("jsonl", "json", "parquet"):
         builder = "parquet" if kind == "parquet" else "json"
         pattern = "*.parquet" if kind == "parquet" else ("*.jsonl" if kind == "jsonl" else "*.json")
         ds = ds_lib.load_dataset(builder, data_files=_files(src.path, pattern, src.include, src.exclude), split="train", cache_dir=cache_dir)
@@ -88,20 +95,29 @@ def load_documents(src, cache_dir: str | None = None) -> list[str]:
 
 
 @torch.no_grad()
-def generate_documents(teacher, tokenizer, src, seed: int) -> list[str]:
-    """Sample `num_samples` continuations of the prompts (cycled) from the teacher: a corpus with no download."""
+def generate_documents(teacher, tokenizer, src, seed: int, progress: bool = True) -> list[str]:
+    """Sample `num_samples` continuations of the prompts (cycled; the built-in prompts of many domains when the source
+    gives none) from the teacher, `batch_size` at a time: a corpus with no download. Each document is the prompt and
+    its continuation, as the teacher would read it."""
+    from .prompts import builtin_prompts
+
     device = next(teacher.parameters()).device
     gen = torch.Generator(device="cpu").manual_seed(seed)
     torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
-    out = []
+    pool = src.prompts or builtin_prompts()
+    prompts = [pool[i % len(pool)] for i in range(src.num_samples)]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    prompts = [src.prompts[i % len(src.prompts)] for i in range(src.num_samples)]
-    batch = 8
+    out = []
     old_side = tokenizer.padding_side
     tokenizer.padding_side = "left"
+    batches = range(0, len(prompts), src.batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        batches = tqdm(batches, desc="teacher writes training text", unit="batch")
     try:
-        for i in range(0, len(prompts), batch):
-            enc = tokenizer(prompts[i : i + batch], return_tensors="pt", padding=True).to(device)
+        for i in batches:
+            enc = tokenizer(prompts[i : i + src.batch_size], return_tensors="pt", padding=True).to(device)
             ids = teacher.generate(**enc, do_sample=True, temperature=src.temperature, max_new_tokens=src.max_new_tokens,
                                    pad_token_id=pad)
             out += tokenizer.batch_decode(ids, skip_special_tokens=True)
@@ -326,8 +342,12 @@ class Corpus:
     def train_tokens(self) -> int:
         return int(sum(len(t.ids) for t in self.train))
 
-    def stream(self, seq_len: int, seed: int) -> MixtureStream:
-        return MixtureStream([pack(t, seq_len) for t in self.train], self.weights, seed)
+    def stream(self, seq_len: int, seed: int, weights: list[float] | None = None) -> MixtureStream:
+        """`weights`: this stage's mixture over the training sources (default: their own weights); a source of weight
+        0 is left out."""
+        weights = self.weights if weights is None else weights
+        keep = [i for i, w in enumerate(weights) if w > 0]
+        return MixtureStream([pack(self.train[i], seq_len) for i in keep], [weights[i] for i in keep], seed)
 
     def eval_sequences(self, seq_len: int, count: int) -> list[tuple[np.ndarray, np.ndarray]]:
         if self.heldout is None:

@@ -30,6 +30,7 @@ KL_DIRECTIONS = ("forward", "reverse")
 HIDDEN_LAYERS = ("all", "lightning")
 HIDDEN_INPUTS = ("end_to_end", "teacher_inputs")
 NONFINITE = ("stop", "skip")
+SELECT_METHODS = ("uniform", "sala", "block_influence")
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 
 
@@ -38,10 +39,15 @@ class ModelSpec:
     source: str | None = "default"  # "default" (built-in SmolLM2-135M), a HF folder / hub id, or a .gguf file
     converted: str | None = None  # an already converted hybrid folder (then `source` only provides the teacher)
     ratio: str = "1:3"
-    layers: list[int] | None = None  # explicit sparse layer indices (overrides ratio)
+    layers: list[int] | None = None  # explicit sparse layer indices (overrides ratio and select)
+    # how the ratio's sparse layers are placed: uniform, or a scoring method of hybridize.select (sala,
+    # block_influence), scored once on the source and cached in data.cache_dir (or read from score_report)
+    select: str = "uniform"
+    score_report: str | None = None  # a report.json written by `hybridize score` (with select: sala|block_influence)
     hype: bool = True
     gates: bool = True
     lightning_decay: str = "sala"  # per-head decay of the Lightning layers: "sala" (same in every layer) or "layerwise"
+    sparse_query_log_scale: float | None = None  # HALO's NoPE query scaling q_t *= log(t + a) / log(a) (a, e.g. 362)
     students: str | None = None  # aligned students (safetensors keyed by hybrid parameter names), loaded strict=False
 
 
@@ -67,10 +73,11 @@ class SourceSpec:
     heldout: bool = False  # use this source only for held-out evaluation
     max_documents: int | None = None
     # teacher-generated text
-    prompts: list[str] | None = None
+    prompts: list[str] | None = None  # None: the built-in prompts of many domains (hybridize.train.prompts)
     num_samples: int = 16
     max_new_tokens: int = 256
     temperature: float = 1.0
+    batch_size: int = 64  # sequences sampled at once
 
 
 @dataclass
@@ -126,6 +133,9 @@ class StageSpec:
     gradient_checkpointing: bool = False
     eval_every: int | None = None
     eval_sequences: int = 16
+    # this stage's mixture: one weight per data source, in data.sources order (held-out sources: 0); default: the
+    # sources' own weights. A long-context stage can draw on long documents only.
+    data_weights: list[float] | None = None
 
 
 @dataclass
@@ -281,6 +291,14 @@ def validate(recipe: Recipe) -> Recipe:
     _choice(f, "teacher.dtype", recipe.teacher.dtype, DTYPE_NAMES)
     _choice(f, "model.lightning_decay", recipe.model.lightning_decay, ("sala", "layerwise"))
     m = recipe.model
+    _choice(f, "model.select", m.select, SELECT_METHODS)
+    if m.sparse_query_log_scale is not None and not (math.isfinite(m.sparse_query_log_scale)
+                                                     and m.sparse_query_log_scale > 1):
+        _fail(f, "model.sparse_query_log_scale", f"must be a number above 1 (HALO uses 362), got "
+                                                 f"{m.sparse_query_log_scale}")
+    if m.score_report is not None and m.select not in ("sala", "block_influence"):
+        _fail(f, "model.score_report", f"a score report places layers with select: sala or block_influence, "
+                                       f"not {m.select!r}")
     if m.source is None and m.converted is None:
         _fail(f, "model.source", "give model.source (a checkpoint to convert) or model.converted (a hybrid folder)")
     if not recipe.stages:
@@ -293,8 +311,11 @@ def validate(recipe: Recipe) -> Recipe:
         w = f"data.sources[{i}]"
         _choice(f, f"{w}.type", s.type, SOURCE_TYPES)
         if s.type == "teacher":
-            if not s.prompts:
-                _fail(f, f"{w}.prompts", "a teacher source needs a list of prompts")
+            if s.prompts is not None and not s.prompts:
+                _fail(f, f"{w}.prompts", "an empty list: give prompts, or leave prompts out for the built-in ones")
+            for key in ("num_samples", "max_new_tokens", "batch_size"):
+                if getattr(s, key) <= 0:
+                    _fail(f, f"{w}.{key}", f"must be positive, got {getattr(s, key)}")
         elif not s.path:
             _fail(f, f"{w}.path", f"a {s.type} source needs a path")
         if not (s.weight > 0 and math.isfinite(s.weight)):
@@ -325,6 +346,14 @@ def validate(recipe: Recipe) -> Recipe:
             _fail(f, f"{w}.decay_fraction", f"must be in (0, 1], got {s.decay_fraction}")
         if len(s.betas) != 2:
             _fail(f, f"{w}.betas", f"must be two numbers, got {s.betas}")
+        if s.data_weights is not None:
+            srcs = recipe.data.sources
+            if len(s.data_weights) != len(srcs):
+                _fail(f, f"{w}.data_weights", f"give one weight per data source ({len(srcs)}), got {len(s.data_weights)}")
+            if any(not (math.isfinite(x) and x >= 0) for x in s.data_weights):
+                _fail(f, f"{w}.data_weights", f"weights must be finite and >= 0, got {s.data_weights}")
+            if not any(x > 0 for x, src in zip(s.data_weights, srcs) if not src.heldout):
+                _fail(f, f"{w}.data_weights", "no training source has a positive weight")
         if isinstance(s.trainable, str):
             _choice(f, f"{w}.trainable", s.trainable, PRESETS + ("or a list of glob patterns",))
         elif not s.trainable:

@@ -278,6 +278,13 @@ def _set_sparse(model, stage, default_dense_len: int) -> None:
         cfg.sparse_dense_len = stage.dense_len if stage.dense_len is not None else default_dense_len
 
 
+def _training_weights(recipe: Recipe, stage) -> list[float] | None:
+    """The stage's mixture over the training sources (data_weights lists every source, held-out ones included)."""
+    if stage.data_weights is None:
+        return None
+    return [w for w, src in zip(stage.data_weights, recipe.data.sources) if not src.heldout]
+
+
 def _trim_metrics(path: Path, upto: int) -> None:
     if not path.is_file():
         return
@@ -396,7 +403,7 @@ def train(recipe: Recipe, *, resume: bool = False, accelerator=None, on_step=Non
             if resuming_here:
                 acc.load_state(str(ckpt))
                 scheduler.load_state_dict(state["scheduler"])
-            stream = corpus.stream(stage.seq_len, recipe.seed * 1000 + k)
+            stream = corpus.stream(stage.seq_len, recipe.seed * 1000 + k, _training_weights(recipe, stage))
             eval_seqs = corpus.eval_sequences(stage.seq_len, stage.eval_sequences)
             hidden_layers = list(range(model.config.num_hidden_layers)) if stage.loss.hidden_layers == "all" else [
                 i for i, t in enumerate(acc.unwrap_model(pmodel).config.layer_types) if t == LIGHTNING]

@@ -1,0 +1,120 @@
+"""The retention recipe's parts: built-in teacher prompts, per-stage data mixtures, layers placed by a scoring method
+run once and cached, plain-text sources read without `datasets`."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import test_train_support as S
+from hybridize.train.data import Corpus, TokenizedDocs, build_corpus
+from hybridize.train.models import sparse_layers_for
+from hybridize.train.prompts import builtin_prompts
+from hybridize.train.recipe import RecipeError, load_recipe
+from hybridize.train.trainer import _training_weights
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _good(tmp_path):
+    return S.tiny_recipe(tmp_path / "src", tmp_path / "docs", tmp_path / "out", tmp_path / "cache")
+
+
+def _docs(first_token: int, count: int, length: int) -> TokenizedDocs:
+    ids = np.full(count * length, first_token, dtype=np.int32)
+    return TokenizedDocs(ids, np.arange(0, count * length + 1, length, dtype=np.int64))
+
+
+def test_stage_weights_choose_the_sources_it_reads():
+    corpus = Corpus([_docs(5, 40, 64), _docs(7, 40, 64)], [1.0, 1.0], None)
+    both = {int(corpus.stream(64, 0)[i][0][0]) for i in range(200)}
+    assert both == {5, 7}
+    only_second = {int(corpus.stream(64, 0, [0.0, 1.0])[i][0][0]) for i in range(200)}
+    assert only_second == {7}
+
+
+def test_stage_weights_skip_heldout_sources(tmp_path):
+    recipe = _good(tmp_path)
+    docs = recipe["data"]["sources"][0]
+    recipe["data"]["sources"] = [dict(docs), dict(docs, heldout=True), dict(docs)]
+    recipe["stages"][1]["data_weights"] = [0.0, 0.0, 2.0]
+    r = load_recipe(S.write_recipe(tmp_path / "r.yaml", recipe))
+    assert _training_weights(r, r.stages[1]) == [0.0, 2.0]
+    assert _training_weights(r, r.stages[0]) is None
+
+
+@pytest.mark.parametrize("mutate, field, words", [
+    (lambda r: r["stages"][0].update(data_weights=[1.0, 1.0]), "stages[0].data_weights", "one weight per data source"),
+    (lambda r: r["stages"][0].update(data_weights=[-1.0]), "stages[0].data_weights", "finite and >= 0"),
+    (lambda r: r["stages"][0].update(data_weights=[0.0]), "stages[0].data_weights", "no training source"),
+    (lambda r: r["model"].update(select="random"), "model.select", "uniform, sala, block_influence"),
+    (lambda r: r["model"].update(score_report="x.json"), "model.score_report", "select: sala or block_influence"),
+    (lambda r: r["data"]["sources"].append({"type": "teacher", "prompts": []}), "data.sources[1].prompts",
+     "leave prompts out"),
+    (lambda r: r["data"]["sources"].append({"type": "teacher", "batch_size": 0}), "data.sources[1].batch_size",
+     "must be positive"),
+])
+def test_new_fields_are_validated(tmp_path, mutate, field, words):
+    recipe = _good(tmp_path)
+    mutate(recipe)
+    with pytest.raises(RecipeError) as e:
+        load_recipe(S.write_recipe(tmp_path / "r.yaml", recipe))
+    assert f"r.yaml: {field}:" in str(e.value) and words in str(e.value)
+
+
+def test_teacher_source_without_prompts_uses_the_builtin_ones(tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    docs = S.write_documents(tmp_path / "docs", count=3)
+    src = S.make_tiny_source(tmp_path / "src", docs, layers=1)
+    tok = AutoTokenizer.from_pretrained(src)
+    teacher = AutoModelForCausalLM.from_pretrained(src)
+    recipe = _good(tmp_path)
+    recipe["data"] = {"sources": [{"type": "teacher", "num_samples": 5, "max_new_tokens": 4, "batch_size": 2}],
+                      "cache_dir": str(tmp_path / "cache")}
+    spec = load_recipe(S.write_recipe(tmp_path / "r.yaml", recipe)).data
+    torch.manual_seed(0)
+    corpus = build_corpus(spec, tok, seed=0, teacher=teacher, teacher_key="tiny")
+    assert corpus.train[0].num_docs == 5
+    prompts = builtin_prompts()
+    texts = [tok.decode(corpus.train[0].ids[a:b]) for a, b in zip(corpus.train[0].offsets[:-1],
+                                                                  corpus.train[0].offsets[1:])]
+    assert all(t.startswith(p) for t, p in zip(texts, prompts[:5]))  # byte-level BPE: prompts come back exactly
+    assert len(set(prompts)) == len(prompts) > 500
+
+
+def test_text_source_names_a_file_that_is_not_its_encoding(tmp_path):
+    from transformers import AutoTokenizer
+
+    docs = S.write_documents(tmp_path / "docs", count=2)
+    src = S.make_tiny_source(tmp_path / "src", docs, layers=1)
+    (docs / "bad.txt").write_bytes(b"caf\xe9 au lait\n" * 10)
+    recipe = _good(tmp_path)
+    spec = load_recipe(S.write_recipe(tmp_path / "r.yaml", recipe)).data
+    with pytest.raises(ValueError, match=r"bad.txt is not valid utf-8 .*encoding"):
+        build_corpus(spec, AutoTokenizer.from_pretrained(src), seed=0)
+
+
+def test_select_scores_once_and_reads_the_cache(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    docs = S.write_documents(tmp_path / "docs", count=3)
+    src = S.make_tiny_source(tmp_path / "src", docs, layers=6)
+    model = AutoModelForCausalLM.from_pretrained(src)
+    tok = AutoTokenizer.from_pretrained(src)
+    recipe = _good(tmp_path)
+    recipe["model"].update(select="block_influence", ratio="1:2")
+    spec = load_recipe(S.write_recipe(tmp_path / "r.yaml", recipe)).model
+    said: list[str] = []
+    first = sparse_layers_for(model, spec, tokenizer=tok, cache_dir=str(tmp_path / "cache"), progress=False,
+                              log=said.append)
+    assert len(first) == 2 and all(0 <= i < 6 for i in first)
+    assert "once" in said[-1]
+    reports = list((tmp_path / "cache").glob("select-block_influence-*/report.json"))
+    assert len(reports) == 1
+    again = sparse_layers_for(model, spec, tokenizer=None, cache_dir=str(tmp_path / "cache"), progress=False,
+                              log=said.append)
+    assert again == first and "cached" in said[-1]
+    spec.layers = [1, 4]  # an explicit list wins over any method
+    assert sparse_layers_for(model, spec, tokenizer=tok, cache_dir=str(tmp_path / "cache")) == [1, 4]

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Run by tools/retention_device.sh start (in the background): prepare once, then every variant at the same time.
+# $1 VARIANTS ("name:overrides;..."), $2 training seconds per variant, $3 output folder.
+set -uo pipefail
+VARIANTS=$1; SECS=$2; OUT_DIR=$3
+RECIPE=${RECIPE:-recipes/retention.yaml}
+CACHE=$OUT_DIR/../cache
+t=$(date +%s)
+python3 bench/train_quality.py prepare --recipe $RECIPE --set data.cache_dir=$CACHE --methods sala,block_influence \
+  --out $OUT_DIR/prepare > $OUT_DIR/prepare.log 2>&1 || { echo "prepare failed"; tail -30 $OUT_DIR/prepare.log; touch $OUT_DIR/ALL_DONE; exit 1; }
+echo "prepare: $(( $(date +%s) - t )) s"; tail -5 $OUT_DIR/prepare.log
+# several runs share the GPU: smaller micro-batches (same global batches, so the same optimisation) keep them in memory
+SHARED=${SHARED:-"--set stages[0].micro_batch_size=16 --set stages[1].micro_batch_size=4 --set stages[2].micro_batch_size=1"}
+export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+IFS=';' read -ra VS <<< "$VARIANTS"
+PER=$(( $(nproc) / ${#VS[@]} )); i=0
+for v in "${VS[@]}"; do
+  name=${v%%:*}; extra=${v#*:}
+  mkdir -p $OUT_DIR/$name
+  echo "$name: CPUs $((i * PER))-$((i * PER + PER - 1)), overrides: $extra"
+  ( OMP_NUM_THREADS=$(( PER > 1 ? PER / 2 : 1 )) taskset -c $((i * PER))-$((i * PER + PER - 1)) \
+      python3 bench/train_quality.py quality --recipe $RECIPE --set data.cache_dir=$CACHE \
+      --set output.checkpoint_every=100000 --set 'logging.trackers=[]' --run-dir /tmp/ret_$name $SHARED \
+      --train-seconds $SECS --split ${SPLIT:-0.2,0.6,0.2} $([ $i = 0 ] && echo --eval-untrained) $extra \
+      --out $OUT_DIR/$name > $OUT_DIR/$name/quality.log 2>&1; touch $OUT_DIR/$name/done ) &
+  i=$((i + 1))
+done
+wait
+echo "all variants: $(( $(date +%s) - t )) s"
+touch $OUT_DIR/ALL_DONE
