@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 
 import click
 
@@ -52,10 +54,25 @@ class LazyGroup(click.Group):
         return super().get_command(ctx, name)
 
 
+def _interrupt_on_sigterm(ctx: click.Context) -> None:
+    """SIGTERM (kill, timeout, a job scheduler) unwinds like Ctrl-C, so that half-written outputs are removed; the
+    default action would end the process on the spot and leave them behind."""
+    if threading.current_thread() is not threading.main_thread():
+        return  # signal handlers can only be set from the main thread
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    ctx.call_on_close(lambda: signal.signal(signal.SIGTERM, previous))
+
+
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="hybridize")
-def main():
+@click.pass_context
+def main(ctx):
     """Turn a dense Llama-family Transformer into a Lightning + InfLLM-V2 sparse hybrid."""
+    _interrupt_on_sigterm(ctx)
 
 
 @main.command()

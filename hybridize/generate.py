@@ -1,4 +1,5 @@
-"""Load a converted folder the way users will (trust_remote_code) and generate a short sample."""
+"""Load a converted folder and generate a short sample. The folder loads with the installed hybridize classes, not
+its own copy of the modeling files: that copy is code, and the folder may have been replaced since it was written."""
 
 from __future__ import annotations
 
@@ -10,8 +11,11 @@ DEFAULT_PROMPT = "The capital of France is"
 def sample_text(folder: str | Path, prompt: str = DEFAULT_PROMPT, max_new_tokens: int = 24) -> str:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
-    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+    from .arch import register_auto_classes
+
+    register_auto_classes()
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=False).eval()
     return generate_text(model, tokenizer, prompt, max_new_tokens)
 
 

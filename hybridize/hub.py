@@ -80,6 +80,16 @@ def _read_config(folder: Path) -> dict:
         raise ValueError(f"{path} is not valid JSON: {e}") from None
 
 
+def _check_hybrid(folder: Path) -> None:
+    """The card tags every upload as a hybrid: a dense folder would be published under the wrong name."""
+    from .export import is_hybrid_folder
+
+    config = _read_config(folder)
+    if not is_hybrid_folder(folder):
+        raise ValueError(f"{folder} is not a hybrid model folder (its config.json has model_type "
+                         f"{config.get('model_type')!r}): push a folder written by `hybridize convert` or `train`")
+
+
 def split_front_matter(text: str) -> tuple[str, str]:
     """('---\\n...\\n---' block or '', the rest) of a markdown file."""
     m = re.match(r"^---\n.*?\n---\n?", text, flags=re.S)
@@ -197,6 +207,7 @@ def plan_push(folder: str | Path, repo_id: str, *, private: bool = False, revisi
         raise FileNotFoundError(f"{folder} is not a folder: give the model folder to push")
     if not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*", repo_id or ""):
         raise ValueError(f"REPO_ID must look like user/name, got {repo_id!r}")
+    _check_hybrid(folder)
     files = upload_files(folder)
     card = model_card(folder, repo_id, base_model=base_model, files=files)
     replaced = ["README.md"] if (folder / "README.md").is_file() else []
@@ -222,8 +233,10 @@ def hub_token(token: str | None = None) -> str:
 
 def _network_errors() -> tuple[type[BaseException], ...]:
     errors: list[type[BaseException]] = [OSError, ConnectionError, TimeoutError]
-    for module, name in (("huggingface_hub.errors", "HfHubHTTPError"), ("httpx", "HTTPError"),
-                         ("requests", "RequestException")):
+    # huggingface_hub.errors.HTTPError is the base error of whichever HTTP client this huggingface_hub uses
+    # (requests, httpx, or httpx2 in 2.x); the clients are listed too for what raises outside huggingface_hub.
+    for module, name in (("huggingface_hub.errors", "HfHubHTTPError"), ("huggingface_hub.errors", "HTTPError"),
+                         ("httpx", "HTTPError"), ("httpx2", "HTTPError"), ("requests", "RequestException")):
         try:
             errors.append(getattr(__import__(module, fromlist=[name]), name))
         except (ImportError, AttributeError):

@@ -169,3 +169,160 @@ def test_truncated_pickle_checkpoint(tmp_path, tiny):
     pt.write_bytes(pt.read_bytes()[:5000])
     message = fails_cleanly(tmp_path, pt)
     assert "weights.pt" in message and "re-download or re-save" in message
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The output: never an input, never someone else's folder, never left half-written
+# ---------------------------------------------------------------------------------------------------------------------
+def _convert(*args) -> "object":
+    return CliRunner().invoke(main, ["convert", *map(str, args), "--quiet", "--no-sample"])
+
+
+def _one_line_error(result) -> str:
+    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    return lines[0]
+
+
+def _tree(folder: Path) -> dict:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("where", ["source", "parent"])
+def test_output_that_is_the_source_or_holds_it_is_refused(tmp_path, tiny, where):
+    (tmp_path / "notes.txt").write_text("the user's")
+    before = _tree(tmp_path)
+    output = tiny.parent if where == "source" else tmp_path
+    message = _one_line_error(_convert(tiny.parent, "-o", output, "--force"))
+    assert "input" in message
+    assert _tree(tmp_path) == before
+
+
+def test_output_in_the_current_folder_is_refused_before_converting(tmp_path, tiny, monkeypatch):
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    before = _tree(tmp_path)
+    message = _one_line_error(_convert(tiny, "-o", ".", "--force"))
+    assert "current folder" in message
+    assert _tree(tmp_path) == before and sorted(p.name for p in tmp_path.iterdir()) == ["src", "work"]
+
+
+def test_force_does_not_replace_a_folder_hybridize_did_not_write(tmp_path, tiny):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "thesis.tex").write_text("years of work")
+    message = _one_line_error(_convert(tiny, "-o", out, "--force"))
+    assert "--force" in message and "not an output" in message
+    assert _tree(out) == {"thesis.tex": b"years of work"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
+
+
+@pytest.mark.parametrize("existing", ["file", "hybrid"])
+def test_force_replaces_a_file_or_an_earlier_output_and_leaves_nothing_beside_it(tmp_path, tiny, existing):
+    out = tmp_path / "out"
+    if existing == "file":
+        out.write_text("an old file")
+    else:
+        assert _convert(tiny, "-o", out).exit_code == 0
+        (out / "stale.txt").write_text("from the earlier run")
+    result = _convert(tiny, "-o", out, "--force")
+    assert result.exit_code == 0, result.output
+    assert (out / "config.json").is_file() and not (out / "stale.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]  # no .out.old-* or .out.tmp-*
+
+
+@pytest.mark.parametrize("theirs", [[], ["model.safetensors"]])
+def test_an_output_that_appears_while_writing_is_kept_and_the_run_fails(tmp_path, theirs):
+    """Two runs writing the same new output: the one that finishes second fails instead of replacing the first's
+    (an empty folder included, which a plain rename would silently replace)."""
+    from hybridize.export import OutputExistsError, atomic_folder
+
+    out = tmp_path / "out"
+    with pytest.raises(OutputExistsError, match="appeared while"):
+        with atomic_folder(out) as tmp:
+            (tmp / "mine.txt").write_text("second run")
+            out.mkdir()  # the first run finishes now
+            for name in theirs:
+                (out / name).write_text("first run")
+    assert sorted(p.name for p in out.iterdir()) == theirs
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_write_errors_name_the_output_not_the_temporary_folder(tmp_path, tiny, monkeypatch):
+    from hybridize.convert import safetensors_io
+
+    def full_disk(self, name, tensor):
+        raise OSError(28, "No space left on device", str(self.folder / "model.safetensors"))
+
+    monkeypatch.setattr(safetensors_io.ShardedSafetensorsWriter, "write", full_disk)
+    message = fails_cleanly(tmp_path, tiny)
+    assert "No space left" in message and str(tmp_path / "out") in message and ".tmp-" not in message
+
+
+def test_an_unwritable_output_is_named_in_the_error(tmp_path, tiny):
+    """/sys refuses new folders even to root (a chmod'ed folder would not stop root)."""
+    probe = Path("/sys/hybridize-probe")
+    try:
+        probe.mkdir()
+    except OSError:
+        pass
+    else:
+        probe.rmdir()
+        pytest.skip("/sys is writable here")
+    result = CliRunner().invoke(main, ["convert", str(tiny), "-o", "/sys/hybridize-out", "--quiet"])
+    message = _one_line_error(result)
+    assert "/sys/hybridize-out" in message and ".tmp-" not in message
+
+
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return int(proc.stdout)
+
+
+def test_temporary_folders_of_dead_runs_are_swept_and_nothing_else(tmp_path, tiny):
+    import os
+
+    dead, live = _dead_pid(), os.getppid()
+    leftovers = [f".out.tmp-{dead}-abc123", f".out.old-{dead}-abc123"]
+    kept = [f".out.tmp-{live}-abc123", ".out.tmp-notapid", f".other.tmp-{dead}-abc123", "out.tmp-1-x"]
+    for name in leftovers + kept:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.safetensors").write_text("partial")
+    assert _convert(tiny, "-o", tmp_path / "out").exit_code == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out", "src"] + kept)
+
+
+def test_sigterm_during_convert_removes_the_partial_output(tmp_path):
+    """A real `hybridize convert` process, sent SIGTERM while its temporary folder exists, exits non-zero and leaves
+    nothing behind. The source is large enough (77 MB) that writing takes far longer than the polling interval."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    config = LlamaConfig(vocab_size=32000, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2)
+    src = tmp_path / "src"
+    src.mkdir()
+    config.save_pretrained(src)
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in LlamaForCausalLM(config).state_dict().items()}
+    save_file({k: torch.zeros(s) for k, s in shapes.items()}, src / "model.safetensors")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.Popen([sys.executable, "-m", "hybridize.cli", "convert", str(src), "-o", str(tmp_path / "out"),
+                             "--quiet", "--no-sample"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not any(p.name.startswith(".out.tmp-") for p in tmp_path.iterdir()):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode not in (0, -signal.SIGTERM), err
+    assert b"Traceback" not in err, err
+    assert [p.name for p in tmp_path.iterdir()] == ["src"]

@@ -183,3 +183,101 @@ def test_decode_rate_is_the_median_step_so_one_slow_step_does_not_move_it(monkey
     assert len(calls) == speed.DECODE_WARMUP_STEPS + 5
     # the median step (milliseconds here), not (4 steps + 0.5 s) / 5 steps, which is below 10 tokens/s
     assert r.decode_tok_s[1] > 1 / 0.06, r.decode_tok_s
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Untrusted folders and bad input
+# ---------------------------------------------------------------------------------------------------------------------
+def _plant(folder, marker):
+    """Make `folder` run Python that writes `marker` if anything imports its code: a dense folder gets an auto_map
+    to modeling_evil.py (model and tokenizer), a hybrid folder a changed modeling_hybridize.py."""
+    payload = f"import pathlib\npathlib.Path({str(marker)!r}).write_text('ran')\n"
+    if (folder / "modeling_hybridize.py").is_file():
+        path = folder / "modeling_hybridize.py"
+        path.write_text(path.read_text() + "\n" + payload)
+        return
+    (folder / "modeling_evil.py").write_text(payload)
+    config = json.loads((folder / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "modeling_evil.EvilConfig", "AutoModelForCausalLM": "modeling_evil.EvilLM"}
+    (folder / "config.json").write_text(json.dumps(config))
+    tok = json.loads((folder / "tokenizer_config.json").read_text())
+    tok["auto_map"] = {"AutoTokenizer": ["modeling_evil.EvilTokenizer", None]}
+    (folder / "tokenizer_config.json").write_text(json.dumps(tok))
+
+
+@pytest.fixture
+def planted(folders, tmp_path):
+    import shutil
+
+    for name in ("hybrid", "source"):
+        shutil.copytree(folders / name, tmp_path / name)
+        _plant(tmp_path / name, tmp_path / f"ran-{name}")
+    return tmp_path
+
+
+def test_eval_never_runs_python_files_from_the_folders(planted, folders):
+    from hybridize.eval.loading import load_model
+
+    res = CliRunner().invoke(main, ["eval", str(planted / "hybrid"), "--compare", str(planted / "source"), "--text",
+                                    str(folders / "text.txt"), "--seq-len", "32", "--max-windows", "1",
+                                    "--no-retrieval", "-o", str(planted / "out")])
+    assert res.exit_code == 0, res.output
+    loaded = load_model(str(planted / "source"))
+    assert loaded.kind == "dense" and loaded.tokenizer is not None
+    assert load_model(str(planted / "hybrid")).kind == "hybrid"
+    assert sorted(p.name for p in planted.glob("ran-*")) == []
+
+
+def _bad(args, out):
+    res = CliRunner().invoke(main, [*map(str, args), "-o", str(out)])
+    assert res.exit_code == 2, (res.output, res.exception)
+    lines = [line for line in res.output.splitlines() if "error" in line.lower()]  # not transformers' progress bars
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in res.output, res.output
+    assert not out.exists()
+    return lines[0]
+
+
+@pytest.mark.parametrize("command", ["eval", "bench"])
+def test_bad_device_is_a_one_line_error(folders, tmp_path, command):
+    assert "cpu, cuda" in _bad([command, folders / "hybrid", "--device", "banana"], tmp_path / "o")
+    if not torch.cuda.is_available():
+        assert "--device cpu" in _bad([command, folders / "hybrid", "--device", "cuda"], tmp_path / "o")
+
+
+@pytest.mark.parametrize("command", ["eval", "bench"])
+def test_truncated_weights_are_a_one_line_error(folders, tmp_path, command):
+    import shutil
+
+    shutil.copytree(folders / "hybrid", tmp_path / "cut")
+    weights = tmp_path / "cut" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1000])
+    message = _bad([command, tmp_path / "cut", "--device", "cpu", "--lengths", "32"], tmp_path / "o")
+    assert "cut" in message and "truncated" in message
+
+
+def test_bench_decode_batch_zero_and_no_model_say_what_to_give(folders, tmp_path):
+    message = _bad(["bench", folders / "hybrid", "--decode-batch", "0", "--lengths", "32", "--device", "cpu"],
+                   tmp_path / "o")
+    assert "--decode-batch" in message and "at least 1" in message
+    message = _bad(["bench"], tmp_path / "o")
+    assert "MODEL" in message and "--shape" in message and "not both" not in message
+
+
+def test_eval_of_a_folder_without_tokenizer_says_so(folders, tmp_path):
+    import shutil
+
+    shutil.copytree(folders / "hybrid", tmp_path / "bare")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / "bare" / name).unlink()
+    message = _bad(["eval", tmp_path / "bare", "--no-retrieval", "--device", "cpu"], tmp_path / "o")
+    assert "no tokenizer" in message and "tokenizer.json" in message
+
+
+def test_eval_force_never_replaces_the_model_or_a_foreign_folder(folders, tmp_path):
+    import shutil
+
+    shutil.copytree(folders / "hybrid", tmp_path / "model")
+    before = sorted(p.name for p in (tmp_path / "model").iterdir())
+    res = CliRunner().invoke(main, ["eval", str(tmp_path / "model"), "-o", str(tmp_path / "model"), "--force"])
+    assert res.exit_code == 2 and "input" in res.output
+    assert sorted(p.name for p in (tmp_path / "model").iterdir()) == before

@@ -113,3 +113,36 @@ def test_bad_repo_id_and_folder(folder, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="config.json"):
         push_folder(tmp_path / "empty", "me/x", dry_run=True)
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # closed on leaving: nothing listens there now
+
+
+def test_push_without_network_is_one_line(folder, tmp_path):
+    """A real push (no mocked client) against an endpoint nothing listens on: huggingface_hub 2.x raises httpx2
+    errors, which must end as one line and exit code 2. Run in a subprocess: the endpoint is read at import."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = dict(os.environ, HF_ENDPOINT=f"http://127.0.0.1:{_closed_port()}", HF_HOME=str(tmp_path / "hf-home"),
+               PYTHONPATH=os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")]))
+    env.pop("HF_HUB_OFFLINE", None)
+    res = subprocess.run([sys.executable, "-m", "hybridize.cli", "push", str(folder), "me/tiny", "--token", "hf_x"],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert res.stderr.startswith("error: could not push to me/tiny") and res.stderr.count("\n") == 1, res.stderr
+    assert "Traceback" not in res.stderr and res.stdout == ""
+
+
+def test_push_refuses_a_folder_that_is_not_a_hybrid(tmp_path):
+    tiny_llama().save_pretrained(tmp_path / "dense")
+    res = CliRunner().invoke(main, ["push", str(tmp_path / "dense"), "me/dense", "--dry-run"])
+    assert res.exit_code == 2 and res.output.count("\n") == 1, res.output
+    assert "not a hybrid" in res.output and "'llama'" in res.output

@@ -18,7 +18,7 @@ import torch
 
 from .. import __version__
 from ..arch.configuration_hybridize import LIGHTNING, HybridConfig
-from ..export import AUTO_MAP, OutputExistsError, atomic_folder, copy_architecture
+from ..export import AUTO_MAP, atomic_folder, check_output, copy_architecture
 from ..select.placement import layer_types_from, num_sparse_layers, parse_ratio, uniform_layers
 from ..select.registry import SELECTORS, get_selector, needs_weights
 from .build import added_tensors, hybrid_config_from_source, map_tensor
@@ -198,9 +198,9 @@ def convert(
     from tqdm.auto import tqdm
 
     output = Path(output)
+    inputs = (source, config, students, (select_options or {}).get("score_report"))
     # Cheap checks first: nothing is read when the options are wrong.
-    if output.exists() and not force:
-        raise OutputExistsError(f"{output} already exists: choose another --output or pass --force to replace it")
+    check_output(output, force=force, inputs=inputs)
     method = resolve_method(select, layers)
     if method != "layers":
         parse_ratio(ratio)
@@ -232,7 +232,7 @@ def convert(
     plan, from_source = plan_output(ckpt, family, hconfig, out_dtype)
     aligned = _aligned_students(students, hconfig, plan) if students is not None else {}
 
-    with atomic_folder(output, force=force) as tmp:
+    with atomic_folder(output, force=force, inputs=inputs) as tmp:
         with ShardedSafetensorsWriter(tmp, plan, max_bytes) as writer:
             total = sum(spec.nbytes for spec in ckpt.specs.values())
             with tqdm(total=total, unit="B", unit_scale=True, desc="reading + writing weights",

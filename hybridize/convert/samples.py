@@ -26,14 +26,17 @@ def should_sample(result: ConvertResult, requested: bool | None) -> bool:
 
 
 def before_after(result: ConvertResult, prompt: str = DEFAULT_PROMPT, max_new_tokens: int = 16) -> Samples | None:
-    """Greedy samples of the source and of the converted folder (loaded with trust_remote_code, as users will);
+    """Greedy samples of the source and of the converted folder (loaded with the installed hybridize classes);
     None when the output has no tokenizer. The two models are loaded one after the other, never together."""
     from transformers import AutoTokenizer
+
+    from ..arch import register_auto_classes
 
     folder = result.output
     if not ((folder / "tokenizer.json").is_file() or (folder / "tokenizer_config.json").is_file()):
         return None
-    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)  # our own output folder
+    register_auto_classes()
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
     source_model = load_source_model(result.checkpoint)
     before = generate_text(source_model, tokenizer, prompt, max_new_tokens)
     del source_model

@@ -38,8 +38,11 @@ def _length(x: str) -> int:
 @click.option("--force", is_flag=True, help="replace an existing results folder")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None)
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
+@click.option("--trust-remote-code", is_flag=True,
+              help="let MODEL and --compare run the Python files their folders ship (config.json auto_map); off by "
+                   "default. Hybrids always load with the installed hybridize classes")
 def eval_command(model, compare, texts, seq_len, max_windows, lengths, depths, trials, no_retrieval, chunk_size,
-                 output, force, dtype, device):
+                 output, force, dtype, device, trust_remote_code):
     """Perplexity, pass-key retrieval and samples for MODEL, beside --compare SOURCE."""
     from .evaluate import EvalSettings, run_eval
     from .report import eval_table
@@ -50,7 +53,7 @@ def eval_command(model, compare, texts, seq_len, max_windows, lengths, depths, t
         retrieval=not no_retrieval, chunk_size=chunk_size, progress=sys.stderr.isatty(),
     )
     results, paths = _fail_cleanly(run_eval, model, compare, output=output, force=force, dtype=dtype, device=device,
-                                   settings=settings)
+                                   settings=settings, trust_remote_code=trust_remote_code)
     click.echo(eval_table(results))
     click.echo("wrote " + ", ".join(str(p) for p in paths.values()))
 
@@ -78,8 +81,11 @@ def eval_command(model, compare, texts, seq_len, max_windows, lengths, depths, t
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None)
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
 @click.option("--no-plots", is_flag=True)
+@click.option("--trust-remote-code", is_flag=True,
+              help="let MODEL and --compare run the Python files their folders ship (config.json auto_map); off by "
+                   "default. Hybrids always load with the installed hybridize classes")
 def bench_command(model, compare, shape, ratio, sparse_selection, normalizer, lengths, chunk_size, decode_batches, decode_steps, time_cap, warmup,
-                  output, force, dtype, device, no_plots):
+                  output, force, dtype, device, no_plots, trust_remote_code):
     """Time to first token, decode tokens/s and peak memory over context lengths (OOM is a result)."""
     from .evaluate import run_bench_command
     from .report import bench_table
@@ -91,7 +97,7 @@ def bench_command(model, compare, shape, ratio, sparse_selection, normalizer, le
         decode_batches=_split(decode_batches, int, "--decode-batch"), decode_steps=decode_steps, time_cap_s=time_cap,
         warmup_length=(0 if warmup == "0" else _length(warmup)) if warmup else None, plots=not no_plots,
         sparse_selection=sparse_selection, normalizer=normalizer, command=command,
-        log=lambda s: click.echo(s, err=True),
+        log=lambda s: click.echo(s, err=True), trust_remote_code=trust_remote_code,
     )
     click.echo(bench_table(report))
     click.echo("wrote " + ", ".join(str(p) for p in paths.values()))

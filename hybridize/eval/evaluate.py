@@ -8,11 +8,11 @@ from pathlib import Path
 
 import torch
 
-from ..export import atomic_folder
+from ..export import atomic_folder, holds
 from .loading import LoadedModel, load_model, pick_device
 from .perplexity import perplexity
 from .prefill import DEFAULT_CHUNK, generate
-from .report import write_bench_report, write_eval_report
+from .report import BENCH_JSON, EVAL_JSON, write_bench_report, write_eval_report
 from .retrieval import passkey_retrieval
 from .speed import format_length, run_bench, selection_variant, shape_builders
 
@@ -103,17 +103,22 @@ def default_output(model: str, what: str) -> Path:
 
 
 def run_eval(model: str, compare: str | None = None, *, output: str | Path | None = None, force: bool = False,
-             dtype: str | None = None, device: str | None = None, settings: EvalSettings | None = None):
+             dtype: str | None = None, device: str | None = None, settings: EvalSettings | None = None,
+             trust_remote_code: bool = False):
     """Load MODEL (and COMPARE) one at a time, evaluate, write eval_results.json/.md and the heat map into `output`.
-    Returns (results, {kind: path})."""
+    Returns (results, {kind: path}). `trust_remote_code`: let non-hybrid folders run the Python files they ship."""
     settings = settings or EvalSettings()
+    pick_device(device)
     specs = [model] + ([compare] if compare else [])
     names = _unique_names(specs)
     output = Path(output) if output is not None else default_output(model, "eval")
     results = {"settings": _settings_dict(settings), "models": {}}
-    with atomic_folder(output, force=force) as tmp:
+    with atomic_folder(output, force=force, ours=holds(EVAL_JSON), inputs=specs) as tmp:
         for spec, name in zip(specs, names):
-            loaded = load_model(spec, dtype=dtype, device=device)
+            loaded = load_model(spec, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+            if loaded.tokenizer is None:
+                raise ValueError(f"{spec} has no tokenizer, which eval needs to read its texts: copy the source "
+                                 "model's tokenizer files (tokenizer.json, tokenizer_config.json) into it")
             loaded.name = name
             results["models"][name] = evaluate_model(loaded, settings)
             del loaded
@@ -127,12 +132,21 @@ def run_bench_command(model: str | None = None, compare: str | None = None, *, s
                       force: bool = False, dtype: str | None = None, device: str | None = None,
                       chunk_size: int = DEFAULT_CHUNK, decode_batches=(1,), decode_steps: int = 16,
                       time_cap_s: float | None = None, warmup_length: int | None = None, plots: bool = True,
-                      sparse_selection: str | None = None, normalizer: str | None = None, command: str = "", log=print):
-    """Benchmark MODEL (and COMPARE), or a weightless --shape and its hybrid. Returns (report dict, paths)."""
+                      sparse_selection: str | None = None, normalizer: str | None = None, command: str = "", log=print,
+                      trust_remote_code: bool = False):
+    """Benchmark MODEL (and COMPARE), or a weightless --shape and its hybrid. Returns (report dict, paths).
+    `trust_remote_code`: let non-hybrid folders run the Python files they ship."""
     from .loading import parse_dtype
 
-    if (model is None) == (shape is None):
+    if model is not None and shape is not None:
         raise ValueError("give a MODEL folder or --shape (e.g. --shape llama3-8b), not both")
+    if model is None and shape is None:
+        raise ValueError("give a MODEL folder to benchmark, or --shape (e.g. --shape llama3-8b) for a weightless "
+                         "model and its hybrid")
+    bad = [b for b in decode_batches if b < 1]
+    if bad or decode_steps < 1:
+        raise ValueError(f"--decode-batch sizes and --decode-steps must be at least 1, got "
+                         f"{bad[0] if bad else decode_steps}")
     dev = pick_device(device)
     dtype_name = dtype or ("bfloat16" if dev.type == "cuda" else "float32")
     torch_dtype = parse_dtype(dtype_name)
@@ -142,9 +156,11 @@ def run_bench_command(model: str | None = None, compare: str | None = None, *, s
         specs = [model] + ([compare] if compare else [])
         builders = {}
         for spec, name in zip(specs, _unique_names(specs)):
-            builders[name] = (lambda s=spec: load_model(s, dtype=torch_dtype, device=str(dev)).model)
+            builders[name] = (lambda s=spec: load_model(s, dtype=torch_dtype, device=str(dev),
+                                                        trust_remote_code=trust_remote_code).model)
     output = Path(output) if output is not None else default_output(model or f"{shape}", "bench")
-    with atomic_folder(output, force=force) as tmp:
+    inputs = [model, compare] if shape is None else []
+    with atomic_folder(output, force=force, ours=holds(BENCH_JSON), inputs=inputs) as tmp:
         report = run_bench(builders, list(lengths), device=dev, dtype=dtype_name, chunk_size=chunk_size,
                            decode_batches=tuple(decode_batches), decode_steps=decode_steps, time_cap_s=time_cap_s,
                            warmup_length=warmup_length, command=command, log=log).to_dict()

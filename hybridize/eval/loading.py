@@ -31,18 +31,28 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
 def pick_device(device: str | None = None) -> torch.device:
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        picked = torch.device(device)
+    except (RuntimeError, ValueError):
+        picked = None
+    if picked is None or picked.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be cpu, cuda, cuda:N or auto, got {device!r}")
+    if picked.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: this machine has no CUDA device; use --device cpu")
+    if picked.type == "cuda" and (picked.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                         f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    return picked
 
 
 def model_kind(model) -> str:
     return "hybrid" if getattr(model.config, "model_type", None) == "hybridize" else "dense"
 
 
-def load_model(spec: str, *, dtype=None, device=None) -> LoadedModel:
-    """`spec`: a model folder or hub id (hybrid folders load with trust_remote_code), a `.gguf` file, or "default"
-    for the built-in SmolLM2-135M. One-line errors for paths that do not exist."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+def load_model(spec: str, *, dtype=None, device=None, trust_remote_code: bool = False) -> LoadedModel:
+    """`spec`: a model folder or hub id, a `.gguf` file, or "default" for the built-in SmolLM2-135M. One-line errors
+    for paths that do not exist. Hybrids load with the installed hybridize classes; a folder's own Python files run
+    only with `trust_remote_code` (the --trust-remote-code flag)."""
     from ..convert.default_model import load_default_model, load_gguf
 
     dtype = parse_dtype(dtype)
@@ -61,17 +71,40 @@ def load_model(spec: str, *, dtype=None, device=None) -> LoadedModel:
             raise FileNotFoundError(f"{spec} does not exist: give a model folder, a hub id, a .gguf file or 'default'")
         if path.is_dir() and not (path / "config.json").is_file():
             raise FileNotFoundError(f"{spec} has no config.json: is it a model folder?")
-        kwargs = {"trust_remote_code": True}
-        if dtype is not None:
-            kwargs["dtype"] = dtype
-        model = AutoModelForCausalLM.from_pretrained(spec, **kwargs)
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(spec, trust_remote_code=True)
-        except (OSError, ValueError):
-            tokenizer = None
+        model, tokenizer = _load_pretrained(spec, dtype, trust_remote_code)
         name = path.name if path.exists() else spec
     model.to(device).eval()
     return LoadedModel(name, model, tokenizer, model_kind(model))
+
+
+def _load_pretrained(spec: str, dtype: torch.dtype | None, trust_remote_code: bool):
+    """(model, tokenizer or None) of a folder or hub id. A hybrid's auto_map is ignored: its folder's copy of the
+    modeling files may have been changed by anyone who handled the folder."""
+    import pickle
+
+    from safetensors import SafetensorError
+    from transformers import AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
+
+    from ..arch import HybridForCausalLM, register_auto_classes
+    from ..convert.errors import CorruptCheckpointError
+
+    register_auto_classes()  # so that AutoTokenizer reads a hybrid's config without its folder's code
+    kwargs = {"dtype": dtype} if dtype is not None else {}
+    try:
+        config, _ = PretrainedConfig.get_config_dict(spec)
+        if config.get("model_type") == "hybridize":
+            model = HybridForCausalLM.from_pretrained(spec, **kwargs)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(spec, trust_remote_code=trust_remote_code, **kwargs)
+    except (SafetensorError, EOFError, pickle.UnpicklingError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CorruptCheckpointError(f"the weights of {spec} cannot be read ({first}): is a file truncated? "
+                                     "re-download or re-convert it") from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(spec, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError):
+        tokenizer = None
+    return model, tokenizer
 
 
 __all__ = ["DTYPES", "DEFAULT_SOURCE", "LoadedModel", "load_model", "model_kind", "parse_dtype", "pick_device"]

@@ -234,9 +234,9 @@ def score_model(model, tokenizer, settings: ScoreSettings | None = None, *, prog
 
 def write_result(result: ScoreResult, output: str | Path, force: bool = False) -> Path:
     """The report folder: report.json, scores.png and (sala) students.safetensors; written atomically."""
-    from ..export import atomic_folder
+    from ..export import atomic_folder, holds
 
-    with atomic_folder(output, force=force) as folder:
+    with atomic_folder(output, force=force, ours=holds(REPORT_NAME)) as folder:
         write_json(result.report, folder / REPORT_NAME)
         write_chart(result.report, folder / CHART_NAME)
         if result.students is not None:
