@@ -118,3 +118,27 @@ def test_select_scores_once_and_reads_the_cache(tmp_path):
     assert again == first and "cached" in said[-1]
     spec.layers = [1, 4]  # an explicit list wins over any method
     assert sparse_layers_for(model, spec, tokenizer=tok, cache_dir=str(tmp_path / "cache")) == [1, 4]
+
+
+def test_converted_student_loads_with_the_installed_classes_only(tmp_path):
+    """A converted folder's own modeling file is never run (it could come from anywhere)."""
+    from click.testing import CliRunner
+
+    from hybridize.cli import main
+    from hybridize.train.models import load_models
+
+    docs = S.write_documents(tmp_path / "docs", count=2)
+    src = S.make_tiny_source(tmp_path / "src", docs, layers=2)
+    hybrid = tmp_path / "hybrid"
+    res = CliRunner().invoke(main, ["convert", str(src), "-o", str(hybrid), "--ratio", "1:1", "--no-sample", "-q"])
+    assert res.exit_code == 0, res.output
+    marker = tmp_path / "ran"
+    code = hybrid / "modeling_hybridize.py"
+    code.write_text(f"open({str(marker)!r}, 'w').write('x')\n" + code.read_text())
+    recipe = _good(tmp_path)
+    recipe["model"] = {"source": str(src), "converted": str(hybrid)}
+    student, _, _, _ = load_models(load_recipe(S.write_recipe(tmp_path / "r.yaml", recipe)), need_teacher=False)
+    assert type(student).__module__.startswith("hybridize.arch") and not marker.exists()
+    recipe["model"]["converted"] = str(src)  # a dense folder is no converted hybrid
+    with pytest.raises(ValueError, match="not a hybrid"):
+        load_models(load_recipe(S.write_recipe(tmp_path / "r.yaml", recipe)), need_teacher=False)

@@ -190,7 +190,7 @@ def test_teacher_generated_source(tmp_path):
                           corpus.train[0].ids)
 
 
-@pytest.mark.parametrize("name", ["sala.yaml", "demo.yaml", "smollm2-gpu.yaml"])
+@pytest.mark.parametrize("name", ["sala.yaml", "demo.yaml", "smollm2-gpu.yaml", "retention.yaml"])
 def test_shipped_recipes_validate(name):
     from pathlib import Path
 

@@ -127,7 +127,14 @@ def load_models(recipe, need_teacher: bool):
     if spec.converted is not None:
         if not Path(spec.converted).is_dir():
             raise FileNotFoundError(f"model.converted {spec.converted} is not a folder")
-        student = AutoModelForCausalLM.from_pretrained(spec.converted, trust_remote_code=True, dtype=torch.float32)
+        from ..arch import register_auto_classes
+
+        register_auto_classes()  # the installed hybrid classes, never the folder's own copy of the modeling files
+        config = Path(spec.converted) / "config.json"
+        if not config.is_file() or '"hybridize"' not in config.read_text(errors="replace"):
+            raise ValueError(f"model.converted {spec.converted} is not a hybrid written by `hybridize convert`: give "
+                             "the source as model.source instead")
+        student = AutoModelForCausalLM.from_pretrained(spec.converted, dtype=torch.float32)
         tok = AutoTokenizer.from_pretrained(spec.converted)
         description = f"converted hybrid {spec.converted}"
     else:
