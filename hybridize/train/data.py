@@ -66,25 +66,57 @@ def load_documents(src, cache_dir: str | None = None) -> list[str]:
     """The documents of one non-teacher source, as strings (one per text file for `text` sources)."""
     ds_lib = _datasets()
     kind = src.type
-    if kind == "text":
-        ds = ds_lib.load_dataset("text", data_files=_files(src.path, src.glob, src.include, src.exclude), sample_by="document",
-                                 encoding=src.encoding, split="train", cache_dir=cache_dir)
-        column = "text"
-    elif kind in ("jsonl", "json", "parquet"):
-        builder = "parquet" if kind == "parquet" else "json"
-        pattern = "*.parquet" if kind == "parquet" else ("*.jsonl" if kind == "jsonl" else "*.json")
-        ds = ds_lib.load_dataset(builder, data_files=_files(src.path, pattern, src.include, src.exclude), split="train", cache_dir=cache_dir)
-        column = src.field
-    elif kind == "hf":
-        ds = ds_lib.load_dataset(src.path, src.name, split=src.split, cache_dir=cache_dir)
-        column = src.field
-    else:
-        raise ValueError(f"load_documents cannot read a {kind!r} source")
+    files: list[str] = []
+    try:
+        if kind == "text":
+            files = _files(src.path, src.glob, src.include, src.exclude)
+            ds = ds_lib.load_dataset("text", data_files=files, sample_by="document", encoding=src.encoding,
+                                     split="train", cache_dir=cache_dir)
+            column = "text"
+        elif kind in ("jsonl", "json", "parquet"):
+            builder = "parquet" if kind == "parquet" else "json"
+            pattern = "*.parquet" if kind == "parquet" else ("*.jsonl" if kind == "jsonl" else "*.json")
+            files = _files(src.path, pattern, src.include, src.exclude)
+            ds = ds_lib.load_dataset(builder, data_files=files, split="train", cache_dir=cache_dir)
+            column = src.field
+        elif kind == "hf":
+            ds = ds_lib.load_dataset(src.path, src.name, split=src.split, cache_dir=cache_dir)
+            column = src.field
+        else:
+            raise ValueError(f"load_documents cannot read a {kind!r} source")
+    except ds_lib.exceptions.DatasetGenerationError as e:
+        # `datasets` wraps the reader's error; a decoding failure is the one a recipe can fix, so find its file
+        if kind == "text":
+            _check_encoding(files, src.encoding)
+        cause = e.__cause__ or e.__context__
+        raise ValueError(f"data source {src.path}: cannot be read ({str(cause or e).splitlines()[0]})") from None
     if column not in ds.column_names:
         raise ValueError(f"data source {src.path}: no field {column!r} (fields: {', '.join(ds.column_names)})")
     if src.max_documents is not None:
         ds = ds.select(range(min(src.max_documents, len(ds))))
     return [t for t in ds[column] if t]
+
+
+def _check_encoding(files: list[str], encoding: str) -> None:
+    """A one-line error naming the first file that is not valid `encoding`, with the recipe field that fixes it."""
+    import codecs
+
+    for f in files:
+        decoder = codecs.getincrementaldecoder(encoding)()
+        offset = 0
+        with open(f, "rb") as fh:
+            while chunk := fh.read(1 << 20):
+                try:
+                    decoder.decode(chunk)
+                except UnicodeDecodeError as e:
+                    raise ValueError(f"data file {f} is not valid {encoding} (byte {offset + e.start}): set "
+                                     f"`encoding:` on its data source (e.g. encoding: latin-1) or fix the file") from None
+                offset += len(chunk)
+        try:
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            raise ValueError(f"data file {f} is not valid {encoding} (it ends inside a character): set `encoding:` "
+                             "on its data source or fix the file") from None
 
 
 @torch.no_grad()

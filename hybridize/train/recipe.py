@@ -8,6 +8,7 @@ allowed, e.g. `recipe.yaml: stages[0].schedule: must be one of constant, cosine,
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import types
 import typing
@@ -126,6 +127,8 @@ class StageSpec:
     gradient_checkpointing: bool = False
     eval_every: int | None = None
     eval_sequences: int = 16
+    # train past the teacher's max_position_embeddings (a long-context stage with HyPE): refused unless set
+    past_source_context: bool = False
 
 
 @dataclass
@@ -458,6 +461,52 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     for assignment in overrides:
         set_override(raw, assignment)
     return recipe_from_dict(raw, str(path))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The run's identity (stored in checkpoints, compared on --resume)
+# ---------------------------------------------------------------------------------------------------------------------
+# Fields that change neither the weights nor the data a run sees: a resumed run may set them differently.
+_NOT_DEFINING = {"data": ("cache_dir",),
+                 "stages": ("micro_batch_size", "gradient_checkpointing", "eval_every", "eval_sequences",
+                            "past_source_context")}
+
+
+def run_fingerprint(recipe: Recipe) -> dict:
+    """The recipe fields that define a run's result: model, teacher, data, stages and seed, without output, logging
+    and the settings that only trade memory or time (micro-batch size, activation checkpointing, evaluation)."""
+    full = json.loads(json.dumps(recipe.to_dict(), default=str))
+    out = {k: full[k] for k in ("model", "teacher", "data", "stages", "seed")}
+    for key in _NOT_DEFINING["data"]:
+        out["data"].pop(key, None)
+    for stage in out["stages"]:
+        for key in _NOT_DEFINING["stages"]:
+            stage.pop(key, None)
+    return out
+
+
+def fingerprint_difference(stored, current, where: str = "") -> str | None:
+    """The first field (dotted path) where two fingerprints differ, with both values; None when they match."""
+    if isinstance(stored, dict) and isinstance(current, dict):
+        for key in list(stored) + [k for k in current if k not in stored]:
+            sub = f"{where}.{key}" if where else key
+            if key not in stored or key not in current:
+                return f"{sub}: {stored.get(key, '(absent)')!r} in the checkpoint, {current.get(key, '(absent)')!r} now"
+            found = fingerprint_difference(stored[key], current[key], sub)
+            if found:
+                return found
+        return None
+    if isinstance(stored, list) and isinstance(current, list) and where in ("stages", "data.sources"):
+        for i, (a, b) in enumerate(zip(stored, current)):
+            found = fingerprint_difference(a, b, f"{where}[{i}]")
+            if found:
+                return found
+        if len(stored) != len(current):
+            return f"{where}: {len(stored)} in the checkpoint, {len(current)} now"
+        return None
+    if stored != current:
+        return f"{where}: {stored!r} in the checkpoint, {current!r} now"
+    return None
 
 
 # ---------------------------------------------------------------------------------------------------------------------
