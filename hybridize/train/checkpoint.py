@@ -68,14 +68,20 @@ def check_checkpoint(path: Path) -> dict:
     files = sorted(f for f in path.rglob("*") if f.is_file() and f.name != STATE_FILE)
     if state["stage_done"] and not (path / WEIGHTS_FILE).is_file():
         raise CheckpointError(f"{path} has no {WEIGHTS_FILE}")
-    if not state["stage_done"] and not any(f.suffix in (".safetensors", ".bin") or "fsdp" in str(f) for f in files):
+    # save_state's model file: model.safetensors, FSDP's sharded .distcp files, DeepSpeed's *_model_states.pt
+    if not state["stage_done"] and not any(f.suffix in (".safetensors", ".bin", ".pt", ".distcp") for f in files):
         raise CheckpointError(f"{path} holds no model weights")
     for f in files:
         try:
             if f.suffix == ".safetensors":
                 SafetensorsReader(f)
             elif f.suffix in (".bin", ".pkl", ".pt", ".pth"):
-                zipfile.ZipFile(f).close()
+                with open(f, "rb") as fh:
+                    magic = fh.read(4)
+                if not magic:
+                    raise zipfile.BadZipFile(f)
+                if magic == b"PK\x03\x04":  # torch.save's zip format (a plain pickle cannot be checked cheaply)
+                    zipfile.ZipFile(f).close()
         except (CorruptCheckpointError, zipfile.BadZipFile, OSError, EOFError) as e:
             reason = str(e).splitlines()[0] if isinstance(e, CorruptCheckpointError) else "cut off or damaged"
             raise CheckpointError(f"{f} is unreadable ({reason.removeprefix(str(f)).strip()})") from None
