@@ -263,3 +263,19 @@ def test_past_source_context_true_trains_with_one_note(assets, tmp_path):
     assert result.exit_code == 0, result.output
     notes = [x for x in result.output.splitlines() if "past the source model's context" in x]
     assert len(notes) == 1 and "'long' (1024)" in notes[0] and "'longer' (1024)" in notes[0], result.output
+
+
+@pytest.mark.parametrize("max_pos, rope, expected", [
+    (512, {"rope_type": "default", "rope_theta": 10000.0}, 512),
+    (4096, {"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0}, 16384),
+    (32768, {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e6, "original_max_position_embeddings": 32768},
+     131072),
+    (131072, {"rope_type": "llama3", "factor": 8.0, "rope_theta": 5e5, "low_freq_factor": 1.0,
+              "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}, 131072),
+])
+def test_source_context_counts_rope_scaling(max_pos, rope, expected):
+    from transformers import LlamaConfig
+
+    from hybridize.train.trainer import source_context
+
+    assert source_context(LlamaConfig(max_position_embeddings=max_pos, rope_parameters=rope)) == expected
