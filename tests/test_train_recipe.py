@@ -46,6 +46,60 @@ def test_malformed_recipe_gives_one_line_error_naming_the_field(tmp_path, mutate
     assert lines[0].startswith(f"error: {path}: {field}:") and words in lines[0], lines[0]
 
 
+@pytest.mark.parametrize("key, value, field, words", [
+    ("stages[0].grad_clip", "-1", "stages[0].grad_clip", ">= 0"),
+    ("stages[0].lr", ".nan", "stages[0].lr", "finite"),
+    ("stages[0].lr", ".inf", "stages[0].lr", "finite"),
+    ("stages[0].lr", "-1e-3", "stages[0].lr", "positive"),
+    ("stages[0].min_lr", ".nan", "stages[0].min_lr", "finite"),
+    ("stages[0].min_lr", "-1e-5", "stages[0].min_lr", ">= 0"),
+    ("stages[1].min_lr", "1.0", "stages[1].min_lr", "must not exceed lr"),
+    ("stages[0].loss.hidden_mse", "-1", "stages[0].loss.hidden_mse", ">= 0"),
+    ("stages[1].loss.kl", ".nan", "stages[1].loss.kl", "finite"),
+    ("stages[1].loss.ce", "-.inf", "stages[1].loss.ce", "finite"),
+    ("stages[1].loss.temperature", "0", "stages[1].loss.temperature", "positive"),
+    ("stages[1].loss.temperature", ".nan", "stages[1].loss.temperature", "finite"),
+    ("stages[0].warmup_steps", "-1", "stages[0].warmup_steps", ">= 0"),
+    ("stages[0].dense_len", "-8", "stages[0].dense_len", ">= 0"),
+    ("stages[0].weight_decay", "-0.1", "stages[0].weight_decay", ">= 0"),
+    ("stages[0].steps", "-4", "stages[0].steps", "positive"),
+    ("stages[0].seq_len", "0", "stages[0].seq_len", "positive"),
+    ("stages[0].micro_batch_size", "-2", "stages[0].micro_batch_size", "positive"),
+    ("stages[0].global_batch_tokens", "-128", "stages[0].global_batch_tokens", "positive"),
+    ("stages[1].eval_every", "0", "stages[1].eval_every", "positive"),
+    ("stages[1].eval_sequences", "-1", "stages[1].eval_sequences", ">= 0"),
+    ("stages[0].decay_fraction", "0", "stages[0].decay_fraction", "(0, 1]"),
+    ("stages[0].betas", "[0.9, 1.0]", "stages[0].betas[1]", "[0, 1)"),
+    ("stages[0].betas", "[-0.1, 0.95]", "stages[0].betas[0]", "[0, 1)"),
+    ("stages[0].lora.r", "0", "stages[0].lora.r", "positive"),
+    ("stages[0].lora.dropout", "1.5", "stages[0].lora.dropout", "[0, 1)"),
+    ("seed", "-1", "seed", ">= 0"),
+    ("output.dir", "''", "output.dir", "must not be empty"),
+    ("output.checkpoint_every", "-2", "output.checkpoint_every", "positive"),
+    ("output.keep_last", "0", "output.keep_last", "positive"),
+    ("logging.log_every", "0", "logging.log_every", "positive"),
+    ("data.heldout_fraction", "1.0", "data.heldout_fraction", "[0, 1)"),
+    ("data.sources[0].weight", ".nan", "data.sources[0].weight", "finite"),
+    ("data.sources[0].num_samples", "-3", "data.sources[0].num_samples", "positive"),
+    ("data.sources[0].max_new_tokens", "0", "data.sources[0].max_new_tokens", "positive"),
+    ("data.sources[0].max_documents", "-1", "data.sources[0].max_documents", "positive"),
+    ("data.sources[0].temperature", "0", "data.sources[0].temperature", "positive"),
+])
+def test_out_of_range_values_are_refused_on_load_naming_file_and_field(tmp_path, key, value, field, words):
+    path = S.write_recipe(tmp_path / "r.yaml", _good(tmp_path))
+    with pytest.raises(RecipeError) as err:
+        load_recipe(path, [f"{key}={value}"])
+    message = str(err.value)
+    assert message.startswith(f"{path}: {field}: ") and words in message and "\n" not in message, message
+
+
+def test_out_of_range_value_through_the_cli_is_one_line(tmp_path):
+    path = S.write_recipe(tmp_path / "r.yaml", _good(tmp_path))
+    result = CliRunner().invoke(main, ["train", str(path), "--set", "stages[0].grad_clip=-1"])
+    assert result.exit_code == 2, result.output
+    assert result.output.strip() == f"error: {path}: stages[0].grad_clip: must be >= 0, got -1.0"
+
+
 def test_invalid_yaml_and_missing_file(tmp_path):
     bad = tmp_path / "broken.yaml"
     bad.write_text("stages: [\n  name: x\n")

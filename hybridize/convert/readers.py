@@ -15,6 +15,8 @@ import json
 import os
 import pickle
 import re
+import struct
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -79,6 +81,8 @@ def open_checkpoint(source: str | os.PathLike | None, config: str | os.PathLike 
         return open_gguf(default_gguf_path(), label="SmolLM2-135M-Instruct (built-in default, GGUF)")
     path = Path(source).expanduser()
     if not path.exists():
+        if path.name == "params.json" and any(path.parent.glob("consolidated.*.pth")):
+            return meta_format.open_meta(path.parent, config)  # says that params.json is missing
         text = str(source)
         if _HUB_ID.match(text) and not text.startswith("."):
             return open_hf_folder(hub_snapshot(text), config, source=text)
@@ -86,6 +90,8 @@ def open_checkpoint(source: str | os.PathLike | None, config: str | os.PathLike 
     if path.is_dir():
         if meta_format.is_meta_folder(path):
             return meta_format.open_meta(path, config)
+        if any(path.glob("consolidated.*.pth")) and not (path / "config.json").is_file():
+            return meta_format.open_meta(path, config)  # says that params.json is missing
         if (path / "config.json").is_file() or config is not None:
             return open_hf_folder(path, config, source=str(source))
         ggufs = sorted(path.glob("*.gguf"))
@@ -252,25 +258,39 @@ def open_state_dict_file(path: Path, config: str | os.PathLike | None = None) ->
     )
 
 
+def _torch_load(path: Path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as e:
+        if "mmap" not in str(e) and "zip" not in str(e).lower():
+            raise
+        return torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) file: no mmap
+
+
 def _load_pickle(path: Path) -> dict:
     """torch.load with weights_only=True (never arbitrary unpickling), memory-mapped when the file allows it."""
     try:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:
-            if "mmap" not in str(e) and "zip" not in str(e).lower():
-                raise
-            obj = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) file: no mmap
+        with warnings.catch_warnings():
+            # the legacy unpickler warns about the protocol of whatever bytes it is handed before failing on them
+            warnings.filterwarnings("ignore", message=".*protocol.*")
+            obj = _torch_load(path)
     except pickle.UnpicklingError as e:
         found = re.search(r"GLOBAL ([\w.]+)", str(e))
-        what = f" ({found.group(1)})" if found else ""
+        if found is None:  # random bytes also fail the weights-only unpickler (an unknown opcode), but name no class
+            raise CorruptCheckpointError(
+                f"{path} is not a readable PyTorch checkpoint (not a pickle of tensors): re-download or re-save it"
+            ) from None
         raise UnsafeCheckpointError(
-            f"{path} stores Python objects{what} that only arbitrary unpickling could load; refusing it (that can run "
-            "code): re-save just the state dict (torch.save(model.state_dict())) or use safetensors"
+            f"{path} stores Python objects ({found.group(1)}) that only arbitrary unpickling could load; refusing it "
+            "(that can run code): re-save just the state dict (torch.save(model.state_dict())) or use safetensors"
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
+    # The legacy unpickler fails on arbitrary bytes with whatever its first misread opcode raises.
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError, TypeError, AttributeError,
+            UnicodeDecodeError, struct.error) as e:
+        readable = isinstance(e, (RuntimeError, OSError, ValueError)) and str(e)
+        detail = str(e).splitlines()[0][:120] if readable else "not a pickle of tensors"
         raise CorruptCheckpointError(
-            f"{path} is not a readable PyTorch checkpoint ({str(e).splitlines()[0][:120]}): re-download or re-save it"
+            f"{path} is not a readable PyTorch checkpoint ({detail}): re-download or re-save it"
         ) from None
     if not isinstance(obj, dict):
         raise CorruptCheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict")
@@ -326,10 +346,7 @@ def open_gguf(path: Path, label: str | None = None) -> Checkpoint:
     """GGUF through transformers (dequantised in memory: GGUF files are quantised, so there is nothing to stream)."""
     from .default_model import load_gguf
 
-    try:
-        model, tokenizer = load_gguf(path)
-    except (ValueError, KeyError, OSError) as e:
-        raise CorruptCheckpointError(f"{path}: transformers cannot load this GGUF file ({str(e).splitlines()[0]})") from None
+    model, tokenizer = load_gguf(path)
     family_for(model.config.model_type, str(path))
     state = model.state_dict()
     specs = {k: TensorSpec(tuple(v.shape), v.dtype, path) for k, v in state.items()}

@@ -14,6 +14,8 @@ import click
 @click.option("--resume", is_flag=True, help="continue from the latest checkpoint in output.dir")
 def train(recipe_file, overrides, resume):
     """Run the stages of RECIPE_FILE (align -> distil -> extend), on one process or under `accelerate launch`."""
+    from safetensors import SafetensorError
+
     from ..cli import UserError
     from .recipe import load_recipe
     from .trainer import NonFiniteLossError, TrainingInterrupted, train as run_training
@@ -24,7 +26,10 @@ def train(recipe_file, overrides, resume):
     except TrainingInterrupted as e:
         click.echo(f"stopped: {e}", err=True)
         sys.exit(130)
-    except (FileNotFoundError, FileExistsError, ValueError, NotImplementedError, ImportError, NonFiniteLossError) as e:
+    except OSError as e:  # disk full, read-only or missing paths: the system's words, with the path when it has one
+        message = f"{e.filename}: {e.strerror}" if e.filename and e.strerror else str(e)
+        raise UserError(message.splitlines()[0] if message else type(e).__name__) from None
+    except (ValueError, NotImplementedError, ImportError, NonFiniteLossError, SafetensorError) as e:
         raise UserError(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
     if result.model_dir is not None:
         click.echo(f"wrote {result.model_dir} ({result.tokens:,} training tokens, {result.global_step} steps)")

@@ -66,8 +66,8 @@ def _read_text_file(path: str, encoding: str) -> str:
     try:
         return Path(path).read_text(encoding=encoding)
     except UnicodeDecodeError as e:
-        raise ValueError(f"{path} is not valid {encoding} (byte {e.start}): set the source's `encoding:` "
-                         f"(e.g. latin-1)") from None
+        raise ValueError(f"data file {path} is not valid {encoding} (byte {e.start}): set `encoding:` on its data "
+                         "source (e.g. encoding: latin-1) or fix the file") from None
 
 
 def load_documents(src, cache_dir: str | None = None) -> list[str]:
@@ -77,16 +77,21 @@ def load_documents(src, cache_dir: str | None = None) -> list[str]:
         return [t for t in (_read_text_file(f, src.encoding) for f in _files(src.path, src.glob, src.include,
                                                                              src.exclude)) if t]
     ds_lib = _datasets()
-    if kind in ("jsonl", "json", "parquet"):
-        builder = "parquet" if kind == "parquet" else "json"
-        pattern = "*.parquet" if kind == "parquet" else ("*.jsonl" if kind == "jsonl" else "*.json")
-        ds = ds_lib.load_dataset(builder, data_files=_files(src.path, pattern, src.include, src.exclude), split="train", cache_dir=cache_dir)
-        column = src.field
-    elif kind == "hf":
-        ds = ds_lib.load_dataset(src.path, src.name, split=src.split, cache_dir=cache_dir)
-        column = src.field
-    else:
-        raise ValueError(f"load_documents cannot read a {kind!r} source")
+    try:
+        if kind in ("jsonl", "json", "parquet"):
+            builder = "parquet" if kind == "parquet" else "json"
+            pattern = "*.parquet" if kind == "parquet" else ("*.jsonl" if kind == "jsonl" else "*.json")
+            files = _files(src.path, pattern, src.include, src.exclude)
+            ds = ds_lib.load_dataset(builder, data_files=files, split="train", cache_dir=cache_dir)
+            column = src.field
+        elif kind == "hf":
+            ds = ds_lib.load_dataset(src.path, src.name, split=src.split, cache_dir=cache_dir)
+            column = src.field
+        else:
+            raise ValueError(f"load_documents cannot read a {kind!r} source")
+    except ds_lib.exceptions.DatasetGenerationError as e:  # `datasets` wraps the reader's error: show its cause
+        cause = e.__cause__ or e.__context__
+        raise ValueError(f"data source {src.path}: cannot be read ({str(cause or e).splitlines()[0]})") from None
     if column not in ds.column_names:
         raise ValueError(f"data source {src.path}: no field {column!r} (fields: {', '.join(ds.column_names)})")
     if src.max_documents is not None:

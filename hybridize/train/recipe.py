@@ -8,6 +8,7 @@ allowed, e.g. `recipe.yaml: stages[0].schedule: must be one of constant, cosine,
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import types
 import typing
@@ -136,6 +137,8 @@ class StageSpec:
     # this stage's mixture: one weight per data source, in data.sources order (held-out sources: 0); default: the
     # sources' own weights. A long-context stage can draw on long documents only.
     data_weights: list[float] | None = None
+    # train past the teacher's max_position_embeddings (a long-context stage with HyPE): refused unless set
+    past_source_context: bool = False
 
 
 @dataclass
@@ -190,6 +193,64 @@ class Recipe:
 # ---------------------------------------------------------------------------------------------------------------------
 def _fail(file: str, where: str, message: str):
     raise RecipeError(f"{file}: {where}: {message}")
+
+
+def _positive(v):
+    return None if v > 0 else f"must be positive, got {v}"
+
+
+def _non_negative(v):
+    return None if v >= 0 else f"must be >= 0, got {v}"
+
+
+def _in_range(lo, hi, *, lo_open=False, hi_open=False):
+    def check(v):
+        ok = (lo < v if lo_open else lo <= v) and (v < hi if hi_open else v <= hi)
+        interval = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+        return None if ok else f"must be in {interval}, got {v}"
+
+    return check
+
+
+def _each(check):
+    """Applied to every item of a list field (the message names the item)."""
+    check.each = True
+    return check
+
+
+def _not_blank(v):
+    return None if v.strip() else "must not be empty"
+
+
+# Per-field constraints on values that type-check, applied on load (None, where a field allows it, is not checked).
+# Every float must also be finite (see _convert). Cross-field rules live in validate().
+CONSTRAINTS: dict[str, dict[str, Any]] = {
+    "Recipe": {"seed": _non_negative},
+    "SourceSpec": {"weight": _positive, "max_documents": _positive, "num_samples": _positive,
+                   "max_new_tokens": _positive, "temperature": _positive},
+    "DataSpec": {"heldout_fraction": _in_range(0.0, 1.0, hi_open=True)},
+    "LossSpec": {"hidden_mse": _non_negative, "kl": _non_negative, "ce": _non_negative, "temperature": _positive},
+    "LoraSpec": {"r": _positive, "alpha": _positive, "dropout": _in_range(0.0, 1.0, hi_open=True)},
+    "StageSpec": {"seq_len": _positive, "global_batch_tokens": _positive, "lr": _positive, "tokens": _positive,
+                  "steps": _positive, "micro_batch_size": _positive, "min_lr": _non_negative,
+                  "warmup_steps": _non_negative, "decay_fraction": _in_range(0.0, 1.0, lo_open=True),
+                  "weight_decay": _non_negative, "betas": _each(_in_range(0.0, 1.0, hi_open=True)),
+                  "grad_clip": _non_negative, "dense_len": _non_negative, "eval_every": _positive,
+                  "eval_sequences": _non_negative},
+    "OutputSpec": {"dir": _not_blank, "checkpoint_every": _positive, "keep_last": _positive},
+    "LoggingSpec": {"log_every": _positive},
+}
+
+
+def _check_field(cls, name: str, value, file: str, where: str) -> None:
+    check = CONSTRAINTS.get(cls.__name__, {}).get(name)
+    if check is None or value is None:
+        return
+    items = list(enumerate(value)) if getattr(check, "each", False) else [(None, value)]
+    for i, v in items:
+        message = check(v)
+        if message:
+            _fail(file, where if i is None else f"{where}[{i}]", message)
 
 
 def _type_name(tp) -> str:
@@ -249,6 +310,8 @@ def _convert(value, tp, file: str, where: str):
                 _fail(file, where, f"must be a number, got {value!r}")
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             _fail(file, where, f"must be a number, got {value!r}")
+        if not math.isfinite(value):  # YAML reads .nan / .inf (and "nan" parses): no field means either
+            _fail(file, where, f"must be a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
@@ -273,6 +336,7 @@ def _build(cls, raw, file: str, where: str):
         sub = f"{where}.{name}" if where else name
         if name in raw:
             kwargs[name] = _convert(raw[name], hints[name], file, sub)
+            _check_field(cls, name, kwargs[name], file, sub)
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             _fail(file, sub, "is required")
     return cls(**kwargs)
@@ -305,8 +369,6 @@ def validate(recipe: Recipe) -> Recipe:
         _fail(f, "stages", "must list at least one stage")
     if not recipe.data.sources:
         _fail(f, "data.sources", "must list at least one data source")
-    if not 0.0 <= recipe.data.heldout_fraction < 1.0:
-        _fail(f, "data.heldout_fraction", f"must be in [0, 1), got {recipe.data.heldout_fraction}")
     for i, s in enumerate(recipe.data.sources):
         w = f"data.sources[{i}]"
         _choice(f, f"{w}.type", s.type, SOURCE_TYPES)
@@ -318,8 +380,6 @@ def validate(recipe: Recipe) -> Recipe:
                     _fail(f, f"{w}.{key}", f"must be positive, got {getattr(s, key)}")
         elif not s.path:
             _fail(f, f"{w}.path", f"a {s.type} source needs a path")
-        if not (s.weight > 0 and math.isfinite(s.weight)):
-            _fail(f, f"{w}.weight", f"must be a positive number, got {s.weight}")
     if not any(not s.heldout for s in recipe.data.sources):
         _fail(f, "data.sources", "every source is marked heldout: at least one must feed training")
     names = set()
@@ -328,22 +388,15 @@ def validate(recipe: Recipe) -> Recipe:
         if s.name in names:
             _fail(f, f"{w}.name", f"stage names must be unique; {s.name!r} repeats")
         names.add(s.name)
-        for key in ("seq_len", "global_batch_tokens", "micro_batch_size"):
-            if getattr(s, key) <= 0:
-                _fail(f, f"{w}.{key}", f"must be positive, got {getattr(s, key)}")
         if s.global_batch_tokens % s.seq_len:
             _fail(f, f"{w}.global_batch_tokens", f"must be a multiple of seq_len ({s.seq_len}), got {s.global_batch_tokens}")
         if (s.tokens is None) == (s.steps is None):
             _fail(f, f"{w}.tokens", "give exactly one of tokens or steps")
-        if (s.tokens is not None and s.tokens <= 0) or (s.steps is not None and s.steps <= 0):
-            _fail(f, f"{w}.{'tokens' if s.tokens is not None else 'steps'}", "must be positive")
-        if s.lr <= 0 or s.min_lr < 0 or s.min_lr > s.lr:
-            _fail(f, f"{w}.lr", f"need 0 <= min_lr <= lr and lr > 0, got lr={s.lr}, min_lr={s.min_lr}")
+        if s.min_lr > s.lr:
+            _fail(f, f"{w}.min_lr", f"must not exceed lr ({s.lr}), got {s.min_lr}")
         _choice(f, f"{w}.schedule", s.schedule, SCHEDULES)
         if s.schedule == "exponential" and s.min_lr <= 0:
             _fail(f, f"{w}.min_lr", "the exponential schedule needs min_lr > 0")
-        if not 0.0 < s.decay_fraction <= 1.0:
-            _fail(f, f"{w}.decay_fraction", f"must be in (0, 1], got {s.decay_fraction}")
         if len(s.betas) != 2:
             _fail(f, f"{w}.betas", f"must be two numbers, got {s.betas}")
         if s.data_weights is not None:
@@ -359,9 +412,6 @@ def validate(recipe: Recipe) -> Recipe:
         elif not s.trainable:
             _fail(f, f"{w}.trainable", "an empty pattern list trains nothing")
         loss = s.loss
-        for key in ("hidden_mse", "kl", "ce"):
-            if getattr(loss, key) < 0:
-                _fail(f, f"{w}.loss.{key}", "weights must be >= 0")
         if not (loss.hidden_mse or loss.kl or loss.ce):
             _fail(f, f"{w}.loss", "all loss weights are 0: set hidden_mse, kl or ce")
         _choice(f, f"{w}.loss.kl_direction", loss.kl_direction, KL_DIRECTIONS)
@@ -369,12 +419,8 @@ def validate(recipe: Recipe) -> Recipe:
         _choice(f, f"{w}.loss.hidden_inputs", loss.hidden_inputs, HIDDEN_INPUTS)
         if loss.hidden_inputs == "teacher_inputs" and (loss.kl or loss.ce):
             _fail(f, f"{w}.loss.hidden_inputs", "teacher_inputs aligns layers one by one: combine it with hidden_mse only")
-        if loss.temperature <= 0:
-            _fail(f, f"{w}.loss.temperature", f"must be positive, got {loss.temperature}")
     if recipe.output.dtype is not None:
         _choice(f, "output.dtype", recipe.output.dtype, DTYPE_NAMES)
-    if recipe.output.keep_last < 1:
-        _fail(f, "output.keep_last", "must be at least 1")
     return recipe
 
 
@@ -444,6 +490,52 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     for assignment in overrides:
         set_override(raw, assignment)
     return recipe_from_dict(raw, str(path))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The run's identity (stored in checkpoints, compared on --resume)
+# ---------------------------------------------------------------------------------------------------------------------
+# Fields that change neither the weights nor the data a run sees: a resumed run may set them differently.
+_NOT_DEFINING = {"data": ("cache_dir",),
+                 "stages": ("micro_batch_size", "gradient_checkpointing", "eval_every", "eval_sequences",
+                            "past_source_context")}
+
+
+def run_fingerprint(recipe: Recipe) -> dict:
+    """The recipe fields that define a run's result: model, teacher, data, stages and seed, without output, logging
+    and the settings that only trade memory or time (micro-batch size, activation checkpointing, evaluation)."""
+    full = json.loads(json.dumps(recipe.to_dict(), default=str))
+    out = {k: full[k] for k in ("model", "teacher", "data", "stages", "seed")}
+    for key in _NOT_DEFINING["data"]:
+        out["data"].pop(key, None)
+    for stage in out["stages"]:
+        for key in _NOT_DEFINING["stages"]:
+            stage.pop(key, None)
+    return out
+
+
+def fingerprint_difference(stored, current, where: str = "") -> str | None:
+    """The first field (dotted path) where two fingerprints differ, with both values; None when they match."""
+    if isinstance(stored, dict) and isinstance(current, dict):
+        for key in list(stored) + [k for k in current if k not in stored]:
+            sub = f"{where}.{key}" if where else key
+            if key not in stored or key not in current:
+                return f"{sub}: {stored.get(key, '(absent)')!r} in the checkpoint, {current.get(key, '(absent)')!r} now"
+            found = fingerprint_difference(stored[key], current[key], sub)
+            if found:
+                return found
+        return None
+    if isinstance(stored, list) and isinstance(current, list) and where in ("stages", "data.sources"):
+        for i, (a, b) in enumerate(zip(stored, current)):
+            found = fingerprint_difference(a, b, f"{where}[{i}]")
+            if found:
+                return found
+        if len(stored) != len(current):
+            return f"{where}: {len(stored)} in the checkpoint, {len(current)} now"
+        return None
+    if stored != current:
+        return f"{where}: {stored!r} in the checkpoint, {current!r} now"
+    return None
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import signal
 import time
 from dataclasses import dataclass, field
@@ -25,18 +26,18 @@ import torch
 
 from ..arch.configuration_hybridize import LIGHTNING
 from .checkpoint import (
+    checkpoint_dir,
     full_state_dict,
-    latest_checkpoint,
     list_checkpoints,
     load_weights,
-    read_state,
     save_checkpoint,
+    usable_checkpoint,
 )
 from .data import build_corpus, make_batch
 from .losses import IGNORE, cross_entropy_sum, hidden_mse_sum, kl_sum
 from .models import load_models
 from .params import apply_lora, merge_lora, select_trainable
-from .recipe import Recipe, plan_stage
+from .recipe import Recipe, RecipeError, fingerprint_difference, plan_stage, run_fingerprint
 from .schedule import make_scheduler
 
 
@@ -320,16 +321,102 @@ def _fresh_student(config, checkpoint: Path):
     return model.float().train()
 
 
+def _check_output_dir(output: Path, file: str) -> None:
+    """Fail before any work when output.dir cannot be created or written (under a file, read-only, no permission)."""
+    existing = output
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise RecipeError(f"{file}: output.dir: {output} cannot be created: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise RecipeError(f"{file}: output.dir: {existing} is not writable (read-only or no permission): choose "
+                          "another output.dir")
+
+
+def source_context(config) -> int | None:
+    """How many positions the source model was trained for: max_position_embeddings, or the length its RoPE
+    scaling reaches when that is longer (yarn/linear/dynamic configs keep the original length there)."""
+    limit = getattr(config, "max_position_embeddings", None)
+    if not limit:
+        return None
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    factor = rope.get("factor") if isinstance(rope, dict) else None
+    if factor and rope.get("rope_type", rope.get("type")) not in (None, "default"):
+        limit = max(limit, int(rope.get("original_max_position_embeddings", limit) * float(factor)))
+    return int(limit)
+
+
+def _check_context(recipe: Recipe, config, main: bool) -> None:
+    limit = source_context(config)
+    if limit is None:
+        return
+    past = [(k, s) for k, s in enumerate(recipe.stages) if s.seq_len > limit]
+    for k, s in past:
+        if not s.past_source_context:
+            raise RecipeError(f"{recipe.source_file}: stages[{k}].seq_len: {s.seq_len} is past the source model's "
+                              f"context ({limit} positions): lower it, or set stages[{k}].past_source_context: true "
+                              "to train a longer context on purpose")
+    if past and main:
+        names = ", ".join(f"{s.name!r} ({s.seq_len})" for _, s in past)
+        print(f"note: stages {names} train past the source model's context of {limit} positions "
+              "(past_source_context: true)", flush=True)
+
+
+def _created_by_this_run(output: Path) -> list[Path]:
+    """What a run may create in output.dir that is not there yet (the folder itself when it does not exist)."""
+    if not output.exists():
+        return [output]
+    return [p for p in (output / "recipe.json", output / "metrics.jsonl", output / "logs", checkpoint_dir(output))
+            if not p.exists()]
+
+
+def _remove_failed_run(output: Path, created: list[Path]) -> None:
+    """After a failure before the first checkpoint, what the run created holds nothing to resume from: remove it,
+    and only it (a folder that existed before stays)."""
+    if list_checkpoints(output):
+        return
+    for path in created:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        elif path.exists():
+            path.unlink()
+
+
 def train(recipe: Recipe, *, resume: bool = False, accelerator=None, on_step=None, models=None) -> TrainResult:
     """Run every stage of `recipe`; returns the history and where the final model was written.
 
     `on_step(global_step, record)` is called on every process after each optimizer step (tests use it).
     `models`: (student, teacher or None, tokenizer, description) already loaded, instead of `load_models(recipe)`.
+    A run that fails before its first checkpoint removes what it created in output.dir.
     """
     output = Path(recipe.output.dir)
+    _check_output_dir(output, recipe.source_file)
+    created = _created_by_this_run(output)
+    try:
+        return _train(recipe, output, resume=resume, accelerator=accelerator, on_step=on_step, models=models)
+    except BaseException:
+        if int(os.environ.get("RANK", "0")) == 0:  # the main process wrote the files
+            _remove_failed_run(output, created)
+        raise
+
+
+def _train(recipe: Recipe, output: Path, *, resume, accelerator, on_step, models) -> TrainResult:
     if not resume and list_checkpoints(output):
         raise FileExistsError(f"output.dir {output} already holds checkpoints: pass --resume to continue that run "
                               f"or choose another output.dir")
+    fingerprint = run_fingerprint(recipe)
+    ckpt = resumed = None
+    notes: list[str] = []
+    if resume:
+        ckpt, resumed, notes = usable_checkpoint(output)
+        if ckpt is None:
+            raise FileNotFoundError(f"--resume: output.dir {output} holds no checkpoint to continue from: run "
+                                    "without --resume to start this run")
+        if "recipe" in resumed:  # checkpoints written before the fingerprint existed cannot be compared
+            diff = fingerprint_difference(resumed["recipe"], fingerprint)
+            if diff:
+                raise RecipeError(f"{recipe.source_file}: {diff}: the run in {output} was made with another recipe; "
+                                  "resume with the recipe that started it, or choose another output.dir")
     acc = accelerator or _make_accelerator(recipe, output)
     from accelerate.utils import set_seed
 
@@ -346,6 +433,7 @@ def train(recipe: Recipe, *, resume: bool = False, accelerator=None, on_step=Non
     student, teacher, tokenizer, description = models if models is not None else load_models(recipe, need_teacher)
     if need_teacher and teacher is None:
         raise ValueError("the recipe's stages need a teacher but none was given")
+    _check_context(recipe, teacher.config if teacher is not None else student.config, main)
     default_dense_len = student.config.sparse_dense_len
     if teacher is not None:
         teacher = acc.prepare_model(teacher, evaluation_mode=True) if recipe.teacher.shard else teacher.to(acc.device)
@@ -354,13 +442,14 @@ def train(recipe: Recipe, *, resume: bool = False, accelerator=None, on_step=Non
                               teacher_key=str(recipe.teacher.source or recipe.model.source))
 
     state = {"stage": 0, "step": 0, "stage_done": False, "global_step": 0, "tokens": 0, "scheduler": None,
-             "metrics": {}, "stages": [], "description": description}
-    ckpt = latest_checkpoint(output) if resume else None
+             "metrics": {}, "stages": [], "description": description, "recipe": fingerprint}
     if ckpt is not None:
-        state = read_state(ckpt)
+        state = dict(resumed, recipe=fingerprint)
         if state["stage_done"]:
             load_weights(student, ckpt)
         if main:
+            for note in notes:
+                print(f"note: {note}", flush=True)
             print(f"resuming from {ckpt} (stage {state['stage']}, step {state['step']})", flush=True)
     metrics_file = output / "metrics.jsonl"
     if main:
