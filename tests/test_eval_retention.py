@@ -1,5 +1,6 @@
 """The retention report: held-out sources, multi-needle retrieval, agreement, knowledge probes, report and CLI."""
 
+import importlib.util
 import json
 import random
 import re
@@ -18,7 +19,8 @@ from hybridize.eval.loading import LoadedModel
 from hybridize.eval.perplexity import perplexity_of_ids, position_edges, position_nll
 from hybridize.eval.probes import PROBES
 from hybridize.eval.retention import (
-    RetentionSettings, next_token_agreement, probe_correct, retention_report, score_probes, write_retention_report,
+    RetentionSettings, next_token_agreement, probe_correct, retention_report, run_lm_eval, score_probes,
+    write_retention_report,
 )
 from hybridize.eval.retrieval import TASKS, make_probe, run_retrieval
 
@@ -155,6 +157,7 @@ def test_retention_report_measures_and_writes_the_files(tmp_path):
     paths = write_retention_report(results, tmp_path / "r")
     assert json.loads(paths["json"].read_text())["reference"] == "source"
     md = paths["markdown"].read_text()
+    assert "| held-out perplexity / reference (geometric mean) | 1 |" in md
     for title in ("### Perplexity", "### Retrieval", "### Knowledge probes", "### Agreement with source",
                   "### NLL by position"):
         assert title in md
@@ -163,6 +166,14 @@ def test_retention_report_measures_and_writes_the_files(tmp_path):
         assert (tmp_path / "r" / name).read_bytes()[:8] == PNG
     with pytest.raises(ValueError, match="reference"):
         retention_report(models, RetentionSettings.quick(), reference="nope")
+
+
+def test_lm_eval_hook_skips_with_a_note_without_lm_eval():
+    if importlib.util.find_spec("lm_eval") is not None:
+        pytest.skip("lm_eval is installed")
+    tok = word_tokenizer()
+    loaded = LoadedModel("m", tiny_llama(vocab=len(tok)), tok, "dense")
+    assert "not installed" in run_lm_eval(loaded, ["hellaswag"])["skipped"]
 
 
 def test_settings_are_validated():

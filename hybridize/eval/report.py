@@ -98,6 +98,22 @@ def _bucket(lo: int, hi: int) -> str:
     return f"{format_length(lo) if lo else '0'}-{format_length(hi)}"
 
 
+SUMMARY_LABELS = {
+    "heldout_ppl_ratio": "held-out perplexity / reference (geometric mean)",
+    "probe_accuracy": "knowledge probes: accuracy",
+    "probe_retained": "knowledge probes: accuracy where the reference is right",
+    "top1_agreement": "next-token top-1 agreement with the reference",
+    "kl": "KL(reference || model), nats/token",
+}
+
+
+def _summary_label(key: str) -> str:
+    if key in SUMMARY_LABELS:
+        return SUMMARY_LABELS[key]
+    task, _, what = key.partition("_")
+    return f"{task}: {'choice accuracy' if what == 'choice_accuracy' else 'exact match'} (all lengths)"
+
+
 def _frac(num, den) -> str:
     return f"{num / den:.2f} ({num}/{den})" if den else "-"
 
@@ -119,7 +135,8 @@ def retention_markdown(results: dict) -> str:
     keys = list(dict.fromkeys(k for m in models for k in m.get("summary", {})))
     if keys:
         out.append("\n### Summary\n\n" + _table(["measure"] + names,
-                                                   [[k] + [_fmt(m["summary"].get(k)) for m in models] for k in keys]))
+                                                   [[_summary_label(k)] + [_fmt(m["summary"].get(k)) for m in models]
+                                                    for k in keys]))
 
     rows = []
     sources = list(dict.fromkeys(s for m in models for s in m.get("perplexity", {})))

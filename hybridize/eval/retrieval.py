@@ -10,9 +10,9 @@ a question that ends where the asked needle's answer starts. Three tasks:
 Two scores:
 
 - accuracy: greedy decoding reproduces the answer exactly (chance is about 10^-digits);
-- choice_accuracy: the true answer has the highest log-likelihood among `choices` answers of the same form (chance is
-  1/choices; the other needles' answers are among them), which separates a model that knows nothing from one that
-  retrieves a little.
+- choice_accuracy: the true answer has the highest log-likelihood per token among `choices` answers of the same form
+  (chance is 1/choices; the other needles' answers are among them), which separates a model that knows nothing from
+  one that retrieves a little.
 
 The prompt is prefilled in chunks once; the candidate keys are then scored as one batch that continues from copies of
 that cache, so a probe costs one long prefill whatever the number of choices.
@@ -240,7 +240,9 @@ def run_retrieval(
         probe = make_probe(task, tokenizer, lengths[li], depths[di], rng, choices=choices, digits=digits,
                            needles=needles)
         logp, greedy = score_candidates(model, probe.prompt, probe.candidates, chunk_size)
-        is_chosen = bool(logp[0] > logp[1:].max())
+        # per token: kv answers of one form tokenize to different lengths, and a sum favours the shorter ones
+        per_token = logp / torch.tensor([len(c) for c in probe.candidates], dtype=logp.dtype)
+        is_chosen = bool(per_token[0] > per_token[1:].max())
         probes.append(ProbeResult(lengths[li], depths[di], probe.answer, bool(greedy[0]), is_chosen, float(logp[0])))
         hits[li][di] += float(greedy[0]) / trials
         chosen[li][di] += float(is_chosen) / trials
