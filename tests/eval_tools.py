@@ -15,18 +15,23 @@ from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerFast
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from hybridize.eval.retrieval import FILLER, NEEDLE_PREFIX, NEEDLE_SUFFIX, QUESTION
+from hybridize.eval.retrieval import (
+    FILLER, KV_QUESTION, MULTI_NEEDLE, MULTI_QUESTION, NAMES, NEEDLE_PREFIX, NEEDLE_SUFFIX, QUESTION,
+)
 
 _CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 SPECIALS = ["[UNK]", "<s>", "</s>", "<pad>"]
 
 
 def word_tokenizer(extra_text: str = "") -> PreTrainedTokenizerFast:
-    """Word-level tokenizer over the retrieval texts (and `extra_text`); every digit is its own token."""
+    """Word-level tokenizer over the retrieval texts (and `extra_text`); every digit is its own token, and so is each
+    letter of the kv probes' strings (letters and digits alternate)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-    text = " ".join([FILLER, NEEDLE_PREFIX, NEEDLE_SUFFIX, QUESTION, extra_text])
-    words = sorted(set(re.findall(r"[A-Za-z]+|[^\w\s]", text)))
+    templates = [MULTI_NEEDLE, MULTI_QUESTION, KV_QUESTION, '" ": " ". "?', " ".join(NAMES), " ".join("abcdef")]
+    text = " ".join([FILLER, NEEDLE_PREFIX, NEEDLE_SUFFIX, QUESTION, *templates, extra_text])
+    # runs of punctuation are one token for the Whitespace pre-tokenizer ('":' in the kv probes)
+    words = sorted(set(re.findall(r"[A-Za-z]+|[^\w\s]+", text)) | set(re.findall(r"[^\w\s]", text)))
     vocab = {w: i for i, w in enumerate(SPECIALS + [str(d) for d in range(10)] + words)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Sequence(

@@ -29,9 +29,11 @@ def _length(x: str) -> int:
               help="perplexity text: a file, a folder of .txt, 'shakespeare' or hf:NAME[:CONFIG[:SPLIT]] (repeatable)")
 @click.option("--seq-len", default=512, show_default=True, help="perplexity window (tokens)")
 @click.option("--max-windows", default=8, show_default=True, help="perplexity windows per text (0: all)")
-@click.option("--lengths", default="256,512,1024", show_default=True, help="pass-key context lengths (e.g. 4K,32K)")
-@click.option("--depths", default="0,0.25,0.5,0.75,1", show_default=True, help="needle depths in [0, 1]")
-@click.option("--trials", default=1, show_default=True, help="pass keys per length and depth")
+@click.option("--lengths", default=None, help="retrieval context lengths, e.g. 4K,32K [default: 256,512,1024; "
+              "retention: 1K,2K,4K,8K,16K,32K,64K]")
+@click.option("--depths", default=None, help="needle depths in [0, 1] [default: 0,0.25,0.5,0.75,1; retention: "
+              "0.1,0.5,0.9]")
+@click.option("--trials", default=None, type=int, help="probes per length and depth [default: 1; retention: 3]")
 @click.option("--no-retrieval", is_flag=True, help="skip the pass-key probes")
 @click.option("--chunk-size", default=16384, show_default=True, help="prefill chunk (tokens)")
 @click.option("--output", "-o", default=None, help="results folder (default: MODEL/eval)")
@@ -41,20 +43,68 @@ def _length(x: str) -> int:
 @click.option("--trust-remote-code", is_flag=True,
               help="let MODEL and --compare run the Python files their folders ship (config.json auto_map); off by "
                    "default. Hybrids always load with the installed hybridize classes")
+@click.option("--suite", type=click.Choice(["eval", "retention"]), default="eval", show_default=True,
+              help="retention: held-out perplexity, NLL by position, passkey/multikey/kv retrieval, agreement with "
+                   "and knowledge kept from --compare (the reference); writes retention.json/.md (default folder "
+                   "MODEL/retention)")
+@click.option("--sources", default=None, help="retention: perplexity texts, comma-separated (news, wiki, pydoc, "
+              "shakespeare, files) [default: wiki,news,pydoc,shakespeare]")
+@click.option("--windows", default=None, help="retention: perplexity windows, e.g. 512,2K,8K")
+@click.option("--tasks", default=None, help="retention: retrieval tasks (passkey, multikey, kv) [default: all]")
+@click.option("--position-len", default=None, help="retention: window of the NLL-by-position curve (e.g. 32K)")
+@click.option("--quick", is_flag=True, help="retention: tiny lengths and counts (a smoke test)")
+@click.option("--data-dir", default=None, help="retention: folder holding gensim's lee_background.cor and enwiki "
+              "test files (default: the installed gensim package)")
+@click.option("--lm-eval-tasks", default=None, help="retention: lm-evaluation-harness tasks, comma-separated "
+              "(needs lm_eval; offline)")
+@click.option("--lm-eval-include-path", default=None,
+              help="retention: folder of local lm-evaluation-harness task files")
 def eval_command(model, compare, texts, seq_len, max_windows, lengths, depths, trials, no_retrieval, chunk_size,
-                 output, force, dtype, device, trust_remote_code):
-    """Perplexity, pass-key retrieval and samples for MODEL, beside --compare SOURCE."""
+                 output, force, dtype, device, trust_remote_code, suite, sources, windows, tasks, position_len, quick,
+                 data_dir, lm_eval_tasks, lm_eval_include_path):
+    """Perplexity, pass-key retrieval and samples for MODEL, beside --compare SOURCE (--suite retention: what MODEL
+    kept of SOURCE)."""
+    if suite == "retention":
+        return _retention(model, compare, lengths=lengths, depths=depths, trials=trials, chunk_size=chunk_size,
+                          output=output, force=force, dtype=dtype, device=device, sources=sources, windows=windows,
+                          tasks=tasks, position_len=position_len, quick=quick, data_dir=data_dir,
+                          lm_eval_tasks=lm_eval_tasks, lm_eval_include_path=lm_eval_include_path,
+                          trust_remote_code=trust_remote_code)
     from .evaluate import EvalSettings, run_eval
     from .report import eval_table
 
     settings = _fail_cleanly(
         EvalSettings, texts=tuple(texts), seq_len=seq_len, max_windows=max_windows or None,
-        lengths=_split(lengths, _length, "--lengths"), depths=_split(depths, float, "--depths"), trials=trials,
+        lengths=_split(lengths or "256,512,1024", _length, "--lengths"),
+        depths=_split(depths or "0,0.25,0.5,0.75,1", float, "--depths"), trials=trials or 1,
         retrieval=not no_retrieval, chunk_size=chunk_size, progress=sys.stderr.isatty(),
     )
     results, paths = _fail_cleanly(run_eval, model, compare, output=output, force=force, dtype=dtype, device=device,
                                    settings=settings, trust_remote_code=trust_remote_code)
     click.echo(eval_table(results))
+    click.echo("wrote " + ", ".join(str(p) for p in paths.values()))
+
+
+def _retention(model, compare, *, lengths, depths, trials, chunk_size, output, force, dtype, device, sources, windows,
+               tasks, position_len, quick, data_dir, lm_eval_tasks, lm_eval_include_path, trust_remote_code):
+    from .retention import RetentionSettings, run_retention
+
+    given = {"lengths": lengths and _split(lengths, _length, "--lengths"),
+             "depths": depths and _split(depths, float, "--depths"), "trials": trials,
+             "sources": sources and _split(sources, str, "--sources"),
+             "windows": windows and _split(windows, _length, "--windows"),
+             "tasks": tasks and _split(tasks, str, "--tasks"),
+             "position_len": position_len and _length(position_len), "data_dir": data_dir,
+             "lm_eval_tasks": lm_eval_tasks and _split(lm_eval_tasks, str, "--lm-eval-tasks"),
+             "lm_eval_include_path": lm_eval_include_path}
+    given = {k: v for k, v in given.items() if v is not None}
+    settings = _fail_cleanly(RetentionSettings.quick if quick else RetentionSettings, chunk_size=chunk_size,
+                             progress=sys.stderr.isatty(), **given)
+    results, paths = _fail_cleanly(run_retention, model, compare, output=output, force=force, dtype=dtype,
+                                   device=device, settings=settings, trust_remote_code=trust_remote_code)
+    from .report import retention_markdown
+
+    click.echo(retention_markdown(results))
     click.echo("wrote " + ", ".join(str(p) for p in paths.values()))
 
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from .prefill import DEFAULT_CHUNK, prefill
 
-BUILTIN_TEXTS = ("shakespeare",)
+BUILTIN_TEXTS = ("shakespeare", "news", "wiki", "pydoc")
 
 
 @dataclass
@@ -42,8 +42,13 @@ def shakespeare_files() -> list[Path]:
 
 
 def read_text(source: str, max_chars: int | None = None) -> str:
-    """Text of `source`: a file, a folder of .txt files, "shakespeare" (built in), or "hf:NAME[:CONFIG[:SPLIT]]" (needs
-    the `datasets` package; the "text" column)."""
+    """Text of `source`: a file, a folder of .txt files, "shakespeare" (built in), a held-out source of heldout.py
+    ("news", "wiki", "pydoc"), or "hf:NAME[:CONFIG[:SPLIT]]" (needs the `datasets` package; the "text" column)."""
+    from .heldout import HELDOUT_SOURCES, read_documents
+
+    if source in HELDOUT_SOURCES:
+        text = "\n\n".join(read_documents(source, max_chars=max_chars))
+        return text[:max_chars] if max_chars is not None else text
     if source == "shakespeare":
         files = shakespeare_files()
         return _join(files, max_chars, encoding="latin-1")
@@ -56,8 +61,8 @@ def read_text(source: str, max_chars: int | None = None) -> str:
             raise FileNotFoundError(f"{source} holds no .txt files")
         return _join(files, max_chars)
     if not path.is_file():
-        raise FileNotFoundError(f"{source} does not exist: give a text file, a folder of .txt files, 'shakespeare' or "
-                                f"hf:NAME[:CONFIG[:SPLIT]]")
+        raise FileNotFoundError(f"{source} does not exist: give a text file, a folder of .txt files, 'shakespeare', "
+                                f"'news', 'wiki', 'pydoc' or hf:NAME[:CONFIG[:SPLIT]]")
     return _join([path], max_chars)
 
 
@@ -144,6 +149,64 @@ def perplexity_of_ids(
     return PerplexityResult(source, seq_len, n, count, nll, math.exp(nll))
 
 
+@dataclass
+class PositionResult:
+    """Mean NLL of the predictions made at each position bucket [edges[i], edges[i+1]) of long windows: a model that
+    uses its context well keeps lowering it with position; one that loses the context flattens or rises."""
+    source: str
+    window_len: int
+    windows: int
+    edges: list[int]
+    nll: list[float | None]  # None for a bucket with no prediction
+    tokens: list[int]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def position_edges(length: int, first: int = 512) -> list[int]:
+    """Bucket edges 0, first, 2*first, 4*first, ... up to `length` (always the last edge)."""
+    if length < 2 or first < 1:
+        raise ValueError(f"need length >= 2 and first >= 1, got {length}, {first}")
+    edges, e = [0], first
+    while e < length:
+        edges.append(e)
+        e *= 2
+    return edges + [length]
+
+
+@torch.no_grad()
+def position_nll(model, ids: torch.Tensor, window_len: int, edges: list[int] | None = None, *,
+                 max_windows: int | None = None, chunk_size: int = DEFAULT_CHUNK, source: str = "") -> PositionResult:
+    """NLL by position: non-overlapping windows of `window_len` tokens of the 1-D `ids`, each prediction (of the
+    token at t+1, made at position t) summed into its position's bucket."""
+    edges = edges or position_edges(window_len)
+    n = ids.numel() // window_len
+    if n == 0:
+        raise ValueError(f"the text has {ids.numel()} tokens, fewer than one window of {window_len}")
+    n = min(n, max_windows) if max_windows is not None else n
+    device = next(model.parameters()).device
+    bounds = torch.tensor(edges[1:-1], dtype=torch.long)
+    sums = torch.zeros(len(edges) - 1, dtype=torch.float64)
+    counts = torch.zeros(len(edges) - 1, dtype=torch.long)
+    for w in range(n):
+        window = ids[w * window_len : (w + 1) * window_len].view(1, -1).to(device)
+
+        def on_chunk(logits, start, stop):
+            stop_pred = min(stop, window_len - 1)
+            if stop_pred <= start:
+                return
+            lg = logits[0, : stop_pred - start].float()
+            nll = F.cross_entropy(lg, window[0, start + 1 : stop_pred + 1], reduction="none").double().cpu()
+            bucket = torch.bucketize(torch.arange(start, stop_pred), bounds, right=True)
+            sums.index_add_(0, bucket, nll)
+            counts.index_add_(0, bucket, torch.ones_like(bucket))
+
+        prefill(model, window, chunk_size, on_chunk=on_chunk)
+    means = [float(s / c) if c else None for s, c in zip(sums.tolist(), counts.tolist())]
+    return PositionResult(source, window_len, n, list(edges), means, counts.tolist())
+
+
 def perplexity(model, tokenizer, source: str, seq_len: int = 512, *, max_windows: int | None = 8,
                chunk_size: int = DEFAULT_CHUNK, progress: bool = False) -> PerplexityResult:
     """Read `source` (see read_text), tokenize it with `tokenizer`, and measure perplexity."""
@@ -156,4 +219,7 @@ def perplexity(model, tokenizer, source: str, seq_len: int = 512, *, max_windows
                              progress=progress)
 
 
-__all__ = ["PerplexityResult", "perplexity", "perplexity_of_ids", "read_text", "window_nll"]
+__all__ = [
+    "PerplexityResult", "PositionResult", "perplexity", "perplexity_of_ids", "position_edges", "position_nll",
+    "read_text", "window_nll",
+]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from .speed import format_length
@@ -11,6 +12,8 @@ EVAL_JSON, EVAL_MD = "eval_results.json", "eval_results.md"
 BENCH_JSON, BENCH_MD = "bench_results.json", "bench_results.md"
 BENCH_PLOTS = ("bench_ttft.png", "bench_decode.png", "bench_memory.png")
 RETRIEVAL_PNG = "retrieval_heatmap.png"
+RETENTION_JSON, RETENTION_MD = "retention.json", "retention.md"
+RETENTION_PLOTS = ("retention_retrieval.png", "retention_position.png")
 
 
 def write_json(data: dict, path: str | Path) -> Path:
@@ -83,6 +86,217 @@ def write_eval_report(results: dict, folder: str | Path) -> dict[str, Path]:
 
         try:
             paths["heatmap"] = plot_heatmap(retrieval, folder / RETRIEVAL_PNG)
+        except ImportError:  # matplotlib missing: tables and JSON only
+            pass
+    return paths
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# retention
+# ---------------------------------------------------------------------------------------------------------------------
+def _bucket(lo: int, hi: int) -> str:
+    return f"{format_length(lo) if lo else '0'}-{format_length(hi)}"
+
+
+SUMMARY_LABELS = {
+    "heldout_ppl_ratio": "held-out perplexity / reference (geometric mean)",
+    "probe_accuracy": "knowledge probes: accuracy",
+    "probe_retained": "knowledge probes: accuracy where the reference is right",
+    "top1_agreement": "next-token top-1 agreement with the reference",
+    "kl": "KL(reference || model), nats/token",
+}
+
+
+def _summary_label(key: str) -> str:
+    if key in SUMMARY_LABELS:
+        return SUMMARY_LABELS[key]
+    task, _, what = key.partition("_")
+    return f"{task}: {'choice accuracy' if what == 'choice_accuracy' else 'exact match'} (all lengths)"
+
+
+def _frac(num, den) -> str:
+    return f"{num / den:.2f} ({num}/{den})" if den else "-"
+
+
+def retention_markdown(results: dict) -> str:
+    """Tables of the retention report: summary, perplexity (and ratio to the reference) per source and window,
+    retrieval by task x length, probes, agreement, NLL by position, timing, notes."""
+    names = list(results["models"])
+    ref = results["reference"]
+    models = [results["models"][n] for n in names]
+    others = [n for n in names if n != ref]
+    out = [f"## Retention (reference: {ref})\n"]
+    roles = ", ".join(f"{s} ({r})" for s, r in results["sources"].items())
+    out.append(f"Sources: {roles}.\n")
+    for train, per in results.get("overlap", {}).items():
+        out.append(f"Held-out 13-gram overlap with {train}: "
+                   + ", ".join(f"{s} {v:.4f}" for s, v in per.items()) + ".\n")
+
+    keys = list(dict.fromkeys(k for m in models for k in m.get("summary", {})))
+    if keys:
+        out.append("\n### Summary\n\n" + _table(["measure"] + names,
+                                                   [[_summary_label(k)] + [_fmt(m["summary"].get(k)) for m in models]
+                                                    for k in keys]))
+
+    rows = []
+    sources = list(dict.fromkeys(s for m in models for s in m.get("perplexity", {})))
+    for s in sources:
+        windows = list(dict.fromkeys(w for m in models for w in m["perplexity"].get(s, {})))
+        for w in windows:
+            vals = [m["perplexity"].get(s, {}).get(w) for m in models]
+            n = next(v for v in vals if v)
+            rows.append([s, f"{format_length(int(w))} x {n['windows']}"]
+                        + [_fmt(v["perplexity"], 4) if v else "-" for v in vals]
+                        + [_fmt(results["models"][o]["perplexity"].get(s, {}).get(w, {}).get("ratio"), 3)
+                           for o in others])
+    if rows:
+        out.append("\n### Perplexity\n\n" + _table(
+            ["source", "window x count"] + names + [f"ratio ({o} / {ref})" for o in others], rows))
+
+    retrieval = [m.get("retrieval", {}) for m in models]
+    tasks = list(dict.fromkeys(t for r in retrieval for t in r))
+    if tasks:
+        rows = []
+        for t in tasks:
+            first = next(r[t] for r in retrieval if t in r)
+            for L in first["by_length"]:
+                cells = [r[t]["by_length"].get(L) if t in r else None for r in retrieval]
+                rows.append([t, format_length(int(L)), str(first["by_length"][L]["n"])]
+                            + [f"{c['accuracy']:.2f} / {c['choice_accuracy']:.2f}" if c else "-" for c in cells])
+        chance = next(r[t]["chance"] for r in retrieval for t in r)
+        out.append(f"\n### Retrieval\n\nGreedy exact match / likelihood choice (chance {chance:.2f}); n probes per "
+                   "task and length (depths x trials).\n\n" + _table(["task", "length", "n"] + names, rows))
+
+    if any("probes" in m for m in models):
+        p0 = results["models"][ref].get("probes", {})
+        rows = [[f"all {p0.get('total', '-')} prompts"]
+                + [_frac(m["probes"]["correct"], m["probes"]["total"]) if "probes" in m else "-" for m in models],
+                [f"the {p0.get('retained_total', '-')} the reference answers"]
+                + [_frac(m["probes"].get("retained_correct", 0), m["probes"].get("retained_total", 0))
+                   if "probes" in m else "-" for m in models]]
+        cats = list(p0.get("by_category", {}))
+        rows += [[f"{c} ({p0['by_category'][c]['total']})"]
+                 + [_fmt(m["probes"]["by_category"][c]["accuracy"]) if "probes" in m else "-" for m in models]
+                 for c in cats]
+        out.append("\n### Knowledge probes\n\nGreedy completion starts with the answer.\n\n"
+                   + _table(["prompts"] + names, rows))
+
+    agree = list(dict.fromkeys(s for n in others for s in results["models"][n].get("agreement", {})))
+    if agree:
+        rows = []
+        for s in agree:
+            vals = [results["models"][n].get("agreement", {}).get(s) for n in others]
+            tokens = next(v["tokens"] for v in vals if v)
+            rows.append([s, str(tokens)] + [_fmt(v["top1"]) if v else "-" for v in vals]
+                        + [_fmt(v["kl"]) if v else "-" for v in vals])
+        out.append(f"\n### Agreement with {ref}\n\nNext-token top-1 agreement and mean KL({ref} || model) in "
+                   "nats.\n\n" + _table(["source", "tokens"] + [f"top-1 ({n})" for n in others]
+                                           + [f"KL ({n})" for n in others], rows))
+
+    pos_sources = list(dict.fromkeys(s for m in models for s in m.get("position", {})))
+    if pos_sources:
+        rows = []
+        for s in pos_sources:
+            p = next(m["position"][s] for m in models if s in m.get("position", {}))
+            for i in range(len(p["edges"]) - 1):
+                rows.append([s, _bucket(p["edges"][i], p["edges"][i + 1])]
+                            + [_fmt(m["position"][s]["nll"][i], 4) if s in m.get("position", {}) else "-"
+                               for m in models])
+        out.append("\n### NLL by position\n\nMean NLL (nats/token) of the predictions made in each position "
+                   "bucket.\n\n" + _table(["source", "positions"] + names, rows))
+
+    lm = {n: m["lm_eval"] for n, m in zip(names, models) if m.get("lm_eval")}
+    if lm:
+        out.append("\n### lm-evaluation-harness\n\n" + "\n".join(f"- **{n}**: {v}" for n, v in lm.items()) + "\n")
+    sections = list(dict.fromkeys(k for m in models for k in m.get("seconds", {})))
+    if sections:
+        out.append("\n### Time (s)\n\n" + _table(["section"] + names, [[k] + [_fmt(m["seconds"].get(k)) for m in models]
+                                                                         for k in sections]))
+    if results.get("notes"):
+        out.append("\n### Notes\n\n" + "\n".join(f"- {n}" for n in results["notes"]) + "\n")
+    return "\n".join(out)
+
+
+def plot_retention(results: dict, folder: str | Path) -> list[Path]:
+    """retention_retrieval.png: accuracy vs length per task (solid: greedy, dashed: choice); retention_position.png:
+    NLL vs position per source."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder = Path(folder)
+    paths = []
+    models = results["models"]
+    tasks = list(dict.fromkeys(t for m in models.values() for t in m.get("retrieval", {})))
+    if tasks:
+        fig, axes = plt.subplots(1, len(tasks), figsize=(4.4 * len(tasks), 3.4), squeeze=False)
+        for ax, t in zip(axes[0], tasks):
+            for i, (name, m) in enumerate(models.items()):
+                r = m.get("retrieval", {}).get(t)
+                if r is None:
+                    continue
+                x = r["lengths"]
+                color = f"C{i}"
+                ax.plot(x, [r["by_length"][str(L)]["accuracy"] for L in x], marker="o", color=color, label=name)
+                ax.plot(x, [r["by_length"][str(L)]["choice_accuracy"] for L in x], ls="--", marker=".", color=color)
+                chance = r["chance"]
+            ax.axhline(chance, color="gray", ls=":", lw=1)
+            ax.set_xscale("log", base=2)
+            ax.set_ylim(-0.03, 1.03)
+            ax.set_xlabel("context length (tokens)")
+            ax.set_title(f"{t} (solid: exact, dashed: choice)", fontsize=9)
+            ax.grid(True, alpha=0.3)
+        axes[0][0].set_ylabel("accuracy")
+        axes[0][0].legend(fontsize=8)
+        paths.append(_save(fig, folder / RETENTION_PLOTS[0]))
+    sources = list(dict.fromkeys(s for m in models.values() for s in m.get("position", {})))
+    if sources:
+        fig, axes = plt.subplots(1, len(sources), figsize=(4.8 * len(sources), 3.4), squeeze=False)
+        for ax, s in zip(axes[0], sources):
+            for name, m in models.items():
+                p = m.get("position", {}).get(s)
+                if p is None:
+                    continue
+                pts = [((lo + hi) / 2, v) for lo, hi, v in zip(p["edges"], p["edges"][1:], p["nll"]) if v is not None]
+                ax.plot([a for a, _ in pts], [b for _, b in pts], marker="o", label=name)
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("position (tokens)")
+            ax.set_ylabel("mean NLL (nats/token)")
+            ax.set_title(f"NLL by position: {s}", fontsize=9)
+            ax.grid(True, alpha=0.3)
+        axes[0][0].legend(fontsize=8)
+        paths.append(_save(fig, folder / RETENTION_PLOTS[1]))
+    return paths
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def _write_text(path: Path, text: str) -> Path:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)  # a reader never sees half a file
+    return path
+
+
+def write_retention_report(results: dict, folder: str | Path, plots: bool = True) -> dict[str, Path]:
+    """retention.json, retention.md and the plots in `folder`, each file replaced atomically."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {"json": _write_text(folder / RETENTION_JSON, json.dumps(results, indent=2, default=str) + "\n"),
+             "markdown": _write_text(folder / RETENTION_MD, retention_markdown(results))}
+    if plots:
+        try:
+            for p in plot_retention(results, folder):
+                paths[p.stem] = p
         except ImportError:  # matplotlib missing: tables and JSON only
             pass
     return paths
@@ -224,6 +438,7 @@ def write_bench_report(report: dict, folder: str | Path, plots: bool = True) -> 
 
 
 __all__ = [
-    "BENCH_JSON", "BENCH_MD", "BENCH_PLOTS", "EVAL_JSON", "EVAL_MD", "RETRIEVAL_PNG", "bench_table", "eval_table",
-    "plot_bench", "write_bench_report", "write_eval_report", "write_json",
+    "BENCH_JSON", "BENCH_MD", "BENCH_PLOTS", "EVAL_JSON", "EVAL_MD", "RETENTION_JSON", "RETENTION_MD",
+    "RETENTION_PLOTS", "RETRIEVAL_PNG", "bench_table", "eval_table", "plot_bench", "plot_retention",
+    "retention_markdown", "write_bench_report", "write_eval_report", "write_json", "write_retention_report",
 ]
