@@ -4,12 +4,16 @@
         Training throughput (tokens/s, fwd + bwd + AdamW, bf16 autocast) of a SmolLM2-135M-shaped dense Llama (random
         weights, SDPA) and its 1:3 hybrid, at 2K and 8K tokens per sequence, 16K tokens per step.
 
-    python bench/train_quality.py quality --source SmolLM2.gguf --texts DIR --recipe recipes/smollm2-gpu.yaml \
-        --train-seconds 480 --out OUT
-        Held-out perplexity of the original model, then `train(recipe)` with step counts calibrated to fill
-        --train-seconds, then the same perplexity script on the exported hybrid folder (loaded with
-        trust_remote_code, as a user would). Held-out text: the recipe's `heldout: true` sources (plays that no stage
-        trains on).
+    python bench/train_quality.py prepare --recipe recipes/retention.yaml --methods sala,block_influence --out OUT
+        The recipe's teacher-written corpus and the layer scores of each placement method, cached once in the
+        recipe's data.cache_dir, so that several quality runs started together do not each compute them.
+
+    python bench/train_quality.py quality --recipe recipes/retention.yaml --train-seconds 720 [--eval-untrained] \
+        [--set KEY=VALUE ...] --out OUT
+        `train(recipe)` with step counts calibrated to fill --train-seconds, then the retention report
+        (hybridize.eval.retention: perplexity on held-out text from domains no recipe trains on, retrieval by length,
+        factual probes, agreement with the source) of the source, the trained hybrid loaded from its exported folder
+        as a user loads it, and with --eval-untrained the conversion before training.
 
     python bench/train_quality.py profile --source SmolLM2.gguf --texts DIR [--micro N]
         Where one micro-batch of each stage spends its time: teacher forward, student fwd + bwd, the stage's loss
@@ -26,7 +30,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -118,44 +121,6 @@ def cmd_throughput(args) -> int:
 # ---------------------------------------------------------------------------------------------------------------------
 # Held-out perplexity: one function for both models
 # ---------------------------------------------------------------------------------------------------------------------
-@torch.no_grad()
-def heldout_perplexity(model, docs, seq_len: int = 2048, batch: int = 8, device: str = "cuda") -> dict:
-    """Next-token perplexity over documents (token id arrays), each cut into non-overlapping windows of `seq_len`
-    that start fresh (no context carried across windows); every model sees exactly the same windows."""
-    model.eval()
-    windows = []
-    for d in docs:
-        for a in range(0, len(d) - 1, seq_len):
-            w = d[a : a + seq_len]
-            if len(w) > 1:
-                windows.append(np.asarray(w, dtype=np.int64))
-    total, count = 0.0, 0
-    full = [w for w in windows if len(w) == seq_len]
-    rest = [w for w in windows if len(w) != seq_len]
-    groups = [full[i : i + batch] for i in range(0, len(full), batch)] + [[w] for w in rest]
-    for g in groups:
-        ids = torch.from_numpy(np.stack(g)).to(device)
-        logits = model(input_ids=ids, use_cache=False).logits.float()
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
-                                                 reduction="sum")
-        total += float(loss)
-        count += ids[:, 1:].numel()
-    return {"loss": total / count, "ppl": math.exp(total / count), "tokens": count, "windows": len(windows)}
-
-
-def heldout_docs(recipe, tokenizer) -> list[np.ndarray]:
-    from hybridize.train.data import cached_tokens
-
-    docs = []
-    for src in recipe.data.sources:
-        if src.heldout:
-            tok = cached_tokens(src, tokenizer, recipe.data.cache_dir, append_eos=False)
-            docs += [tok.ids[tok.offsets[i] : tok.offsets[i + 1]] for i in range(tok.num_docs)]
-    if not docs:
-        raise SystemExit("the recipe has no `heldout: true` source to measure perplexity on")
-    return docs
-
-
 def _sync(device):
     if str(device).startswith("cuda"):
         torch.cuda.synchronize()
@@ -251,7 +216,8 @@ def _bench_recipe(args, *extra_sets: str):
     data sources), no progress bar, then `extra_sets` and the user's --set overrides."""
     from hybridize.train.recipe import load_recipe
 
-    sets = [f"model.source={args.source}", *extra_sets, "logging.progress=false"] + list(args.set)
+    sets = ([f"model.source={args.source}"] if args.source else []) + [*extra_sets, "logging.progress=false"] \
+        + list(args.set)
     if args.texts:
         sets += [f"data.sources[{i}].path={args.texts}" for i in range(args.num_sources)]
     return load_recipe(args.recipe, sets)
@@ -316,9 +282,45 @@ def cmd_profile(args) -> int:
     return 0
 
 
-def cmd_quality(args) -> int:
-    from transformers import AutoModelForCausalLM
+def cmd_prepare(args) -> int:
+    """What every quality run of a recipe would otherwise redo at the same time: the teacher-written corpus and the
+    layer scores of each placement method, computed once here into the recipe's cache (data.cache_dir)."""
+    import dataclasses
 
+    from hybridize.train.data import build_corpus
+    from hybridize.train.models import DTYPES, load_source, sparse_layers_for
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    recipe = _bench_recipe(args)
+    report: dict = {"device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"}
+    t = time.perf_counter()
+    source, tok = load_source(recipe.model.source)
+    report["load_s"] = time.perf_counter() - t
+    for method in args.methods.split(","):
+        t = time.perf_counter()
+        spec = dataclasses.replace(recipe.model, select=method, layers=None)
+        layers = sparse_layers_for(source, spec, tokenizer=tok, cache_dir=recipe.data.cache_dir, progress=False)
+        report[f"select_{method}"] = {"layers": layers, "seconds": time.perf_counter() - t}
+        print(f"{method}: sparse layers {layers} ({time.perf_counter() - t:.0f} s)", flush=True)
+    teacher = source.to(DTYPES[recipe.teacher.dtype]).to(args.device).eval()
+    t = time.perf_counter()
+    corpus = build_corpus(recipe.data, tok, recipe.seed, teacher=teacher,
+                          teacher_key=str(recipe.teacher.source or recipe.model.source))
+    report["corpus_s"] = time.perf_counter() - t
+    report["train_tokens"] = [int(len(x.ids)) for x in corpus.train]
+    report["heldout_tokens"] = 0 if corpus.heldout is None else int(len(corpus.heldout.ids))
+    print(f"corpus: {report['train_tokens']} training tokens per source, {report['heldout_tokens']} held out, "
+          f"{report['corpus_s']:.0f} s", flush=True)
+    (out / "prepare.json").write_text(json.dumps(report, indent=1))
+    return 0
+
+
+def cmd_quality(args) -> int:
+    """Train the recipe for --train-seconds and export it; then (unless --no-retention) the retention report of the
+    source, the trained hybrid loaded from its exported folder as a user loads it, and the conversion before training
+    (--save-untrained), side by side."""
+    from hybridize.export import save_hybrid
     from hybridize.train.models import load_models
     from hybridize.train.trainer import train
 
@@ -327,14 +329,13 @@ def cmd_quality(args) -> int:
     recipe = _bench_recipe(args, f"output.dir={args.run_dir}")
     t0 = time.perf_counter()
     student, teacher, tok, desc = load_models(recipe, need_teacher=True)
+    if args.save_untrained:
+        save_hybrid(student, args.save_untrained, tok, force=True)
     dev = args.device
     teacher = teacher.to(dev)
-    docs = heldout_docs(recipe, tok)
-    teacher_fp32 = copy.deepcopy(teacher).float()
-    base = heldout_perplexity(teacher_fp32, docs, args.eval_len, device=dev)
-    del teacher_fp32
-    print(f"original model held-out: {base}", flush=True)
     split = [float(x) for x in args.split.split(",")]
+    if len(split) != len(recipe.stages):
+        raise SystemExit(f"--split gives {len(split)} shares for {len(recipe.stages)} stages")
     factors = tuple(int(x) for x in args.micro_factors.split(","))
     steps = calibrate(recipe, student, teacher, args.train_seconds, split, dev, factors)
     for st, n in zip(recipe.stages, steps):
@@ -342,9 +343,7 @@ def cmd_quality(args) -> int:
     t_train = time.perf_counter()
     result = train(recipe, models=(student, teacher, tok, desc))
     train_s = time.perf_counter() - t_train
-    hybrid = AutoModelForCausalLM.from_pretrained(result.model_dir, trust_remote_code=True, dtype=torch.float32).to(dev)
-    after = heldout_perplexity(hybrid, docs, args.eval_len, device=dev)
-    print(f"trained hybrid held-out: {after}", flush=True)
+    del student, teacher
     history = result.history
     per_stage = {}
     for st in recipe.stages:
@@ -352,19 +351,59 @@ def cmd_quality(args) -> int:
         per_stage[st.name] = {"steps": len(rows), "tokens": len(rows) * st.global_batch_tokens, "seq_len": st.seq_len,
                               "tokens_per_s_median": float(np.median([h["tokens_per_s"] for h in rows[1:]] or [0])),
                               "first_loss": rows[0]["loss"], "last_loss": rows[-1]["loss"]}
-    report = {"device": torch.cuda.get_device_name() if dev.startswith("cuda") else "cpu", "source": desc, "original": base, "hybrid": after,
-              "ratio": after["ppl"] / base["ppl"], "train_seconds": train_s, "total_seconds": time.perf_counter() - t0,
-              "tokens": result.tokens, "stages": per_stage, "eval_len": args.eval_len,
-              "limit_seconds": args.limit_seconds, "within_limit": train_s <= args.limit_seconds}
-    (out / "quality.json").write_text(json.dumps(report, indent=1))
+    report = {"device": torch.cuda.get_device_name() if dev.startswith("cuda") else "cpu", "source": desc,
+              "model_dir": str(result.model_dir), "train_seconds": train_s, "tokens": result.tokens,
+              "tokens_per_s": result.tokens / train_s, "stages": per_stage, "limit_seconds": args.limit_seconds,
+              "within_limit": train_s <= args.limit_seconds, "overrides": list(args.set)}
     (out / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
-    print(f"\n| model | held-out ppl | loss | tokens |  ({report['device']}, {args.eval_len}-token windows)")
-    print(f"| original | {base['ppl']:.3f} | {base['loss']:.4f} | {base['tokens']} |")
-    print(f"| trained hybrid 1:3 | {after['ppl']:.3f} | {after['loss']:.4f} | {after['tokens']} |")
-    print(f"ratio {report['ratio']:.3f}; trained {result.tokens:,} tokens in {train_s:.0f} s; stages {per_stage}")
+    (out / "quality.json").write_text(json.dumps(report, indent=1))
+    print(f"trained {result.tokens:,} tokens in {train_s:.0f} s ({report['tokens_per_s']:,.0f} tokens/s); "
+          f"stages {per_stage}", flush=True)
     if not report["within_limit"]:
-        print(f"NOT A VALID BENCHMARK RUN: training took {train_s:.0f} s, over the {args.limit_seconds:.0f} s limit "
-              "(was the host shared?)")
+        print(f"NOT A VALID BENCHMARK RUN: training took {train_s:.0f} s, over the {args.limit_seconds:.0f} s limit")
+    if not args.no_retention:
+        torch.cuda.empty_cache() if dev.startswith("cuda") else None
+        models = {"source": recipe.teacher.source or recipe.model.source, "trained": str(result.model_dir)}
+        if args.save_untrained:
+            models["converted"] = args.save_untrained
+        _retention(models, "source", out / "retention", dev, quick=args.quick_retention)
+    print(f"total {time.perf_counter() - t0:.0f} s")
+    return 0
+
+
+def _retention(specs: dict[str, str], reference: str, out: Path, device: str, quick: bool = False,
+               trials: int = 3) -> dict:
+    """The retention report of models given as {name: "default" | .gguf | folder}. Hybrid folders load the way a user
+    loads them (AutoModelForCausalLM with trust_remote_code: the folder's own modeling files); they are this
+    benchmark's own exports."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hybridize.eval.loading import LoadedModel, load_model
+    from hybridize.eval.retention import RetentionSettings, retention_report, write_retention_report
+
+    if device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 weights for every model; matrix products in tf32
+    models = {}
+    for name, spec in specs.items():
+        if Path(spec).is_dir() and '"hybridize"' in (Path(spec) / "config.json").read_text():
+            model = AutoModelForCausalLM.from_pretrained(spec, trust_remote_code=True, dtype=torch.float32)
+            models[name] = LoadedModel(name, model.to(device).eval(), AutoTokenizer.from_pretrained(spec), "hybrid")
+        else:
+            models[name] = load_model(spec, dtype="float32", device=device)
+            models[name].name = name
+    settings = RetentionSettings.quick() if quick else RetentionSettings(trials=trials)
+    t = time.perf_counter()
+    results = retention_report(models, settings, reference=reference)
+    results["bench_seconds"] = time.perf_counter() - t
+    write_retention_report(results, out)
+    print((out / "retention.md").read_text())
+    print(f"retention report: {len(models)} models in {results['bench_seconds']:.0f} s -> {out}", flush=True)
+    return results
+
+
+def cmd_retention(args) -> int:
+    specs = dict(x.split("=", 1) for x in args.model)
+    _retention(specs, args.reference, Path(args.out), args.device, quick=args.quick, trials=args.trials)
     return 0
 
 
@@ -540,22 +579,41 @@ def main() -> int:
     t.add_argument("--steps", type=int, default=6)
     t.add_argument("--fp32", action="store_true", help="no bf16 autocast")
     q = sub.add_parser("quality")
-    q.add_argument("--source", required=True)
-    q.add_argument("--recipe", default="recipes/smollm2-gpu.yaml")
+    q.add_argument("--source", default=None, help="the model to convert (default: the recipe's)")
+    q.add_argument("--recipe", default="recipes/retention.yaml")
+    q.add_argument("--save-untrained", default=None, help="export the conversion before training to this folder "
+                   "(and report it beside the others)")
+    q.add_argument("--no-retention", action="store_true", help="train and export only")
+    q.add_argument("--quick-retention", action="store_true", help="tiny retention settings (a smoke test)")
     q.add_argument("--texts", default=None, help="folder of the Shakespeare texts (overrides the recipe's paths)")
-    q.add_argument("--num-sources", type=int, default=2)
+    q.add_argument("--num-sources", type=int, default=0)
     q.add_argument("--train-seconds", type=float, default=480)
-    q.add_argument("--split", default="0.25,0.75", help="share of the training time per stage")
+    q.add_argument("--split", default="0.2,0.6,0.2", help="share of the training time per stage")
     q.add_argument("--limit-seconds", type=float, default=900.0,
                    help="the benchmark's training-time limit (issue 8: 15 minutes); the report says whether the run "
                         "stayed within it (a contended host can make the calibrated plan run long)")
     q.add_argument("--micro-factors", default="1", help="micro-batch multiples to time per stage (e.g. 1,2,4); "
                    "the fastest per token that fits is used")
-    q.add_argument("--eval-len", type=int, default=2048)
     q.add_argument("--run-dir", default="/tmp/hybridize-quality-run")
     q.add_argument("--set", action="append", default=[])
     q.add_argument("--device", default="cuda")
     q.add_argument("--out", default="bench-out")
+    rr = sub.add_parser("retention")
+    rr.add_argument("--model", action="append", required=True, help="NAME=SPEC (default, a .gguf, a folder); repeat")
+    rr.add_argument("--reference", default="source")
+    rr.add_argument("--quick", action="store_true")
+    rr.add_argument("--trials", type=int, default=3, help="retrieval probes per length and depth")
+    rr.add_argument("--device", default="cuda")
+    rr.add_argument("--out", default="bench-out/retention")
+    pp = sub.add_parser("prepare")
+    pp.add_argument("--source", default=None)
+    pp.add_argument("--recipe", default="recipes/retention.yaml")
+    pp.add_argument("--texts", default=None)
+    pp.add_argument("--num-sources", type=int, default=0)
+    pp.add_argument("--methods", default="sala", help="placement methods whose layer scores to cache")
+    pp.add_argument("--set", action="append", default=[])
+    pp.add_argument("--device", default="cuda")
+    pp.add_argument("--out", default="bench-out")
     pr = sub.add_parser("profile")
     pr.add_argument("--source", required=True)
     pr.add_argument("--recipe", default="recipes/smollm2-gpu.yaml")
@@ -577,7 +635,7 @@ def main() -> int:
     u.add_argument("file")
     u.add_argument("--out", required=True)
     args = ap.parse_args()
-    return {"throughput": cmd_throughput, "quality": cmd_quality, "profile": cmd_profile, "smoke": cmd_smoke,
+    return {"throughput": cmd_throughput, "quality": cmd_quality, "prepare": cmd_prepare, "retention": cmd_retention, "profile": cmd_profile, "smoke": cmd_smoke,
             "compare": cmd_compare, "pack": cmd_pack, "unpack": cmd_unpack}[args.cmd](args)
 
 

@@ -31,17 +31,18 @@ start)
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   VARIANTS=${VARIANTS:-"sala:;uniform:--set model.select=uniform;block:--set model.select=block_influence;sala_all:--set stages[1].trainable=all --set stages[2].trainable=all;sala_logn:--set model.sparse_query_log_scale=362"}
   setsid nohup bash -c "cd $R/repo && export PYTHONPATH=$SITE:$R/repo PYTHONUNBUFFERED=1 && \
-    bash tools/retention_pipeline.sh '$VARIANTS' ${SECS:-720} $R/out" > $R/out/pipeline.log 2>&1 < /dev/null &
+    bash tools/retention_pipeline.sh '$VARIANTS' ${SECS:-600} $R/out" > $R/out/pipeline.log 2>&1 < /dev/null &
   MODE=wait
   ;&
 wait)
   for i in $(seq 1 $(( ${WAIT:-540} / 15 ))); do
     [ -f $R/out/ALL_DONE ] && break; sleep 15
   done
-  echo "=== pipeline"; grep -v -i -E "warn|it/s\]|s/it\]" $R/out/pipeline.log | tail -15
+  echo "=== pipeline"; grep -v -i -E "warn|it/s\]|s/it\]" $R/out/pipeline.log | tail -70
   for d in $R/out/*/; do
+    [ -f $d/quality.log ] || continue
     name=$(basename $d); echo "=== $name"
-    grep -v -i -E "warn|it/s\]|s/it\]|step/s|batch/s" $d/quality.log 2>/dev/null | tail -6
+    grep -v -i -E "warn|it/s\]|s/it\]|step/s|batch/s" $d/quality.log 2>/dev/null | tail -3
     [ -f $d/done ] && echo "$name DONE" || echo "$name running"
   done
   cd $R/out && tar czf $OUT/results.tar.gz --exclude='*.safetensors' --exclude='*/run/*' . 2>/dev/null; ls -la $OUT

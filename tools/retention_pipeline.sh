@@ -18,13 +18,22 @@ for v in "${VS[@]}"; do
   name=${v%%:*}; extra=${v#*:}
   mkdir -p $OUT_DIR/$name
   echo "$name: CPUs $((i * PER))-$((i * PER + PER - 1)), overrides: $extra"
-  ( OMP_NUM_THREADS=$(( PER > 1 ? PER / 2 : 1 )) taskset -c $((i * PER))-$((i * PER + PER - 1)) \
+  PIN=$(command -v taskset >/dev/null && echo "taskset -c $((i * PER))-$((i * PER + PER - 1))")
+  ( OMP_NUM_THREADS=$(( PER > 1 ? PER / 2 : 1 )) $PIN \
       python3 bench/train_quality.py quality --recipe $RECIPE --set data.cache_dir=$CACHE \
       --set output.checkpoint_every=100000 --set 'logging.trackers=[]' --run-dir /tmp/ret_$name $SHARED \
-      --train-seconds $SECS --split ${SPLIT:-0.2,0.6,0.2} $([ $i = 0 ] && echo --eval-untrained) $extra \
+      --train-seconds $SECS --split ${SPLIT:-0.2,0.6,0.2} --no-retention \
+      $([ $i = 0 ] && echo --save-untrained $OUT_DIR/converted_model) $extra \
       --out $OUT_DIR/$name > $OUT_DIR/$name/quality.log 2>&1; touch $OUT_DIR/$name/done ) &
   i=$((i + 1))
 done
 wait
-echo "all variants: $(( $(date +%s) - t )) s"
+echo "all variants trained: $(( $(date +%s) - t )) s"
+# one process reports every model in turn (the source once; retrieval at 64K copies each cache ten times, which
+# several processes at once would not fit)
+MODELS="--model source=default"
+[ -d $OUT_DIR/converted_model ] && MODELS="$MODELS --model converted=$OUT_DIR/converted_model"
+for v in "${VS[@]}"; do name=${v%%:*}; [ -d /tmp/ret_$name/model ] && MODELS="$MODELS --model $name=/tmp/ret_$name/model"; done
+python3 bench/train_quality.py retention $MODELS --trials ${TRIALS:-2} --out $OUT_DIR/retention > $OUT_DIR/retention.log 2>&1
+echo "retention report: rc=$?, $(( $(date +%s) - t )) s"; tail -60 $OUT_DIR/retention.log
 touch $OUT_DIR/ALL_DONE
