@@ -113,8 +113,10 @@ def generate_documents(teacher, tokenizer, src, seed: int, progress: bool = True
     prompts = [pool[i % len(pool)] for i in range(src.num_samples)]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     out = []
-    old_side = tokenizer.padding_side
+    old_side, old_pad = tokenizer.padding_side, tokenizer.pad_token
     tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:  # padding needs a token; the mask hides it
+        tokenizer.pad_token = tokenizer.eos_token
     batches = range(0, len(prompts), src.batch_size)
     if progress:
         from tqdm.auto import tqdm
@@ -127,7 +129,7 @@ def generate_documents(teacher, tokenizer, src, seed: int, progress: bool = True
                                    pad_token_id=pad)
             out += tokenizer.batch_decode(ids, skip_special_tokens=True)
     finally:
-        tokenizer.padding_side = old_side
+        tokenizer.padding_side, tokenizer.pad_token = old_side, old_pad
     return out
 
 
