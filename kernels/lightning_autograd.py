@@ -1,20 +1,13 @@
 """Lightning attention in Triton: the chunked form's autograd function. Forward: the one-launch forward
 (lightning_forward.py) or the two-pass chunk scan; backward: three chunk scans (dq, dv, dk; see lightning_triton.py).
-
-This file imports only torch and triton (triton inside try so that machines without it can still import the model).
 """
 
 from __future__ import annotations
 
 import torch
 
-from .lightning_common import _block_c, _rows, _scan, _segments
+from .lightning_common import _block_c, _rows, _scan, _segments, triton
 from .lightning_forward import _ticketed_forward
-
-try:
-    import triton
-except ImportError:  # pragma: no cover - exercised only where triton is missing
-    pass
 
 
 class _LightningChunked(torch.autograd.Function):

@@ -17,6 +17,7 @@ try:
     HAS_TRITON = True
 except ImportError:  # pragma: no cover - exercised only where triton is missing
     HAS_TRITON = False
+    triton = tl = None  # the other kernel files take triton from here
 
 @dataclass(frozen=True)
 class ScanConfig:

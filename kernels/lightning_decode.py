@@ -1,19 +1,11 @@
 """Lightning attention in Triton: the decode step (a few new tokens against a carried state, no autograd).
-
-This file imports only torch and triton (triton inside try so that machines without it can still import the model).
 """
 
 from __future__ import annotations
 
 import torch
 
-from .lightning_common import HAS_TRITON, _check, _pow2, _require_triton, _rows
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - exercised only where triton is missing
-    pass
+from .lightning_common import HAS_TRITON, _check, _pow2, _require_triton, _rows, tl, triton
 
 if HAS_TRITON:
     from .lightning_common import _state_tile

@@ -1,20 +1,12 @@
 """Lightning attention in Triton: the one-launch forwards (look-back and overlap kernels, `_ticketed_forward`); see
 the design notes in lightning_triton.py. The two-pass forward is the chunk scan of lightning_common.py.
-
-This file imports only torch and triton (triton inside try so that machines without it can still import the model).
 """
 
 from __future__ import annotations
 
 import torch
 
-from .lightning_common import HAS_TRITON, ScanConfig, _block_c, _fits_int32, _new_out, _pow2
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - exercised only where triton is missing
-    pass
+from .lightning_common import HAS_TRITON, ScanConfig, _block_c, _fits_int32, _new_out, _pow2, tl, triton
 
 if HAS_TRITON:
     from .lightning_common import _state_tile

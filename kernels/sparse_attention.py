@@ -1,21 +1,13 @@
 """InfLLM-V2 sparse Triton kernels, stage 3: block-sparse attention forward and backward over a `Selection`
 (`block_sparse_attention_triton`). See sparse_triton.py.
-
-This file imports only torch and triton (triton inside try).
 """
 
 from __future__ import annotations
 
 import torch
 
-from .sparse_common import _LOG2E, HAS_TRITON, _launch_extra, _pow2, _tiles
+from .sparse_common import _LOG2E, HAS_TRITON, _launch_extra, _pow2, _tiles, tl, triton
 from .sparse_select import Selection
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - exercised only where triton is missing
-    pass
 
 if HAS_TRITON:
     from .sparse_common import _attend_step, _dot

@@ -14,6 +14,7 @@ try:
     HAS_TRITON = True
 except ImportError:  # pragma: no cover - exercised only where triton is missing
     HAS_TRITON = False
+    triton = tl = None  # the other kernel files take triton from here
 
 _LOG2E = 1.4426950408889634
 

@@ -1,20 +1,12 @@
 """InfLLM-V2 sparse Triton kernels, stage 1: compressed keys K1 (`compress_keys_triton`) and the coarse keys K2
 built from them (`coarse_from_compressed`). See sparse_triton.py.
-
-This file imports only torch and triton (triton inside try).
 """
 
 from __future__ import annotations
 
 import torch
 
-from .sparse_common import HAS_TRITON, _coarse_count, _count, _documents
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - exercised only where triton is missing
-    pass
+from .sparse_common import HAS_TRITON, _coarse_count, _count, _documents, tl, triton
 
 if HAS_TRITON:
 

@@ -1,27 +1,18 @@
 """InfLLM-V2 sparse Triton kernels, decode: one query token per sequence, selection and attention in four launches
 (`decode_attention_triton`, `decode_select_triton`). See sparse_triton.py.
-
-This file imports only torch and triton (triton inside try).
 """
 
 from __future__ import annotations
 
 import torch
 
-from .sparse_common import _LOG2E, HAS_TRITON, _pow2
+from .sparse_common import _LOG2E, HAS_TRITON, _pow2, tl, triton
 from .sparse_compress import coarse_from_compressed
 from .sparse_reference import SparseOptions
 from .sparse_select import Selection, _rows_single
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - exercised only where triton is missing
-    pass
-
 if HAS_TRITON:
     from .sparse_common import _attend_step, _dot, _dot_f32, _lse_step
-
 
     @triton.jit
     def _decode_logits_kernel(

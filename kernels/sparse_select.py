@@ -1,8 +1,6 @@
 """InfLLM-V2 sparse Triton kernels, stage 2: block selection (token and block modes, see sparse_triton.py), the
 row tables of packed documents and the `Selection` the attention kernels read. The block-choice rule is the
 reference's `_choose` (sparse_reference.py), with a faster top-k of the same order.
-
-This file imports only torch and triton (triton inside try).
 """
 
 from __future__ import annotations
@@ -13,15 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from .sparse_common import (_LOG2E, HAS_TRITON, _coarse_count, _count, _documents, _launch_extra, _pow2,
-                            _tiles)
+                            _tiles, tl, triton)
 from .sparse_compress import coarse_from_compressed
 from .sparse_reference import SparseOptions, _choose
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - exercised only where triton is missing
-    pass
 
 if HAS_TRITON:
     from .sparse_common import _dot, _lse_step
@@ -499,11 +491,8 @@ def select_blocks_triton(
     `cu_seqlens`: packed documents (B == 1, block mode; q_pos is then ignored, ckeys from
     `compress_keys_triton(k, cu_seqlens=...)`); num_kv_blocks is then unused. `options` / `fields`: SparseOptions."""
     o = SparseOptions.of(options, **fields)
-    block_size, kernel, stride = o.block_size, o.kernel, o.stride
-    selection, select_tokens = o.selection, o.select_tokens
-    coarse, coarse_kernel, coarse_stride = o.coarse, o.coarse_kernel, o.coarse_stride
-    if selection not in ("token", "block"):
-        raise ValueError(f"selection must be 'token' or 'block', got {selection!r}")
+    if o.selection not in ("token", "block"):
+        raise ValueError(f"selection must be 'token' or 'block', got {o.selection!r}")
     tuning = tuning or {}
     B, Hq, Tq, D = q.shape
     Hkv = ckeys.shape[1]
@@ -514,41 +503,41 @@ def select_blocks_triton(
         q = q.contiguous()
     packed = None
     if cu_seqlens is not None:
-        if selection != "block":
+        if o.selection != "block":
             raise ValueError("packed documents (cu_seqlens) need selection='block' in select_blocks_triton")
-        packed = _pack(cu_seqlens, Tq, select_tokens, block_size, kernel, stride, coarse_kernel, coarse_stride,
-                       device)
+        packed = _pack(cu_seqlens, Tq, o.select_tokens, o.block_size, o.kernel, o.stride, o.coarse_kernel,
+                       o.coarse_stride, device)
         q_pos = packed.q_pos
     q_pos = q_pos.to(device=device, dtype=torch.int32).contiguous()
     # K1 in the query dtype for the block-mode score kernel (bf16 tensor-core products); float32 otherwise.
     ck = ckeys.detach()
-    if coarse:
+    if o.coarse:
         if coarse_keys is None:
-            coarse_keys = coarse_from_compressed(ck, kernel, stride, coarse_kernel, coarse_stride,
+            coarse_keys = coarse_from_compressed(ck, o.kernel, o.stride, o.coarse_kernel, o.coarse_stride,
                                                  counts=None if packed is None else packed.counts)
         ck2 = coarse_keys.detach()
-        k2, s2 = coarse_kernel, coarse_stride
+        k2, s2 = o.coarse_kernel, o.coarse_stride
     else:
-        ck2, k2, s2 = ck, kernel, stride
+        ck2, k2, s2 = ck, o.kernel, o.stride
     nc = ck.shape[2]
-    if selection == "block" and Tq > 1:  # (one query: a group of one token, the same as token mode)
-        if select_tokens < 16 or select_tokens & (select_tokens - 1):
-            raise ValueError(f"select_tokens must be a power of two >= 16, got {select_tokens}")
+    if o.selection == "block" and Tq > 1:  # (one query: a group of one token, the same as token mode)
+        if o.select_tokens < 16 or o.select_tokens & (o.select_tokens - 1):
+            raise ValueError(f"select_tokens must be a power of two >= 16, got {o.select_tokens}")
         ck = ck.to(q.dtype).contiguous()
-        ck2 = ck if not coarse else ck2.to(q.dtype).contiguous()
+        ck2 = ck if not o.coarse else ck2.to(q.dtype).contiguous()
         if packed is None:
             # Groups aligned to absolute positions (q_pos is consecutive: q_pos[0] + arange(Tq)); one host sync.
-            off = int(q_pos[0]) % select_tokens
-            rows = _rows_single(Tq, select_tokens, off, device)
+            off = int(q_pos[0]) % o.select_tokens
+            rows = _rows_single(Tq, o.select_tokens, off, device)
             nb_max, nc_max = nb, nc
         else:
             rows, nb_max, nc_max = packed.rows, packed.num_blocks, packed.max_compressed
-            if not coarse:  # pass 1 then reads K1: its offsets
+            if not o.coarse:  # pass 1 then reads K1: its offsets
                 rows = rows.clone()
                 rows[:, 5] = rows[:, 4]
         lists, counts = _select_rows(q, ck, ck2, q_pos, rows, nb_max, nc_max, scale=scale, options=o, kernel2=k2,
                                      stride2=s2, tuning=tuning)
-        return Selection(lists, counts, None, rows, q_pos, select_tokens, nb_max, block_size,
+        return Selection(lists, counts, None, rows, q_pos, o.select_tokens, nb_max, o.block_size,
                          key_blocks=None if packed is None else packed.key_blocks)
     ck = ck if ck.stride(-1) == 1 else ck.contiguous()
     ck2 = ck2 if ck2.stride(-1) == 1 else ck2.contiguous()
@@ -562,9 +551,9 @@ def select_blocks_triton(
         qa, pa = q[:, :, a:e], q_pos[a:e]
         if nc > 0:
             scores = torch.empty(B, Hkv, e - a, nc, dtype=torch.float32, device=device)
-            _launch_token_scores(qa, ck, ck2, pa, scores, scale=scale, kernel=kernel, stride=stride, kernel2=k2,
-                                 stride2=s2)
-            block_scores = _pool_blocks(scores, nb, block_size, kernel, stride)
+            _launch_token_scores(qa, ck, ck2, pa, scores, scale=scale, kernel=o.kernel, stride=o.stride,
+                                 kernel2=k2, stride2=s2)
+            block_scores = _pool_blocks(scores, nb, o.block_size, o.kernel, o.stride)
         else:
             block_scores = torch.full((B, Hkv, e - a, nb), float("-inf"), device=device)
         mask = _choose(block_scores, pa.long(), pa.long(), o, top=_top_later_wins)
@@ -581,4 +570,4 @@ def select_blocks_triton(
     counts = torch.cat(counts_all, 2) if len(counts_all) > 1 else counts_all[0]
     bits = (torch.cat(bits_all, 2) if len(bits_all) > 1 else bits_all[0]) if bits_all else None
     rows = _rows_single(Tq, sel_t if Tq > 1 else 1, 0, device)
-    return Selection(lists, counts, bits, rows, q_pos, sel_t if Tq > 1 else 1, nb, block_size)
+    return Selection(lists, counts, bits, rows, q_pos, sel_t if Tq > 1 else 1, nb, o.block_size)
