@@ -32,15 +32,20 @@ Options (both off by default; the default is the exact per-token function above)
 
 Shapes: q (B, Hq, Tq, D); k, v (B, Hkv, Tk, D); query positions `q_pos` (Tq,) in 0..Tk-1, shared by the batch.
 Packed documents: `infllm_v2_attention(..., cu_seqlens=...)` runs each document alone (positions from 0).
+The twelve options travel as one frozen `SparseOptions` (defined here, taken by both backends): every function takes
+`options=` and/or the fields as keywords (`SparseOptions.of`).
 This file imports only torch: it is copied into every exported model folder as the fallback path.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
+
 import torch
 import torch.nn.functional as F
 
 __all__ = [
+    "SparseOptions",
     "compress_keys",
     "coarse_compressed_keys",
     "num_compressed",
@@ -49,6 +54,31 @@ __all__ = [
     "block_sparse_attention",
     "infllm_v2_attention",
 ]
+
+
+@dataclass(frozen=True)
+class SparseOptions:
+    """The options of InfLLM-V2 attention (see the module docstring), shared by this reference and the Triton side."""
+
+    block_size: int = 64
+    kernel: int = 32
+    stride: int = 16
+    topk: int = 96
+    init_blocks: int = 1
+    local_blocks: int = 32
+    dense_len: int = 8192
+    selection: str = "token"
+    select_tokens: int = 64
+    coarse: bool = False
+    coarse_kernel: int = 128
+    coarse_stride: int = 64
+
+    @classmethod
+    def of(cls, options: SparseOptions | None = None, **fields) -> SparseOptions:
+        """`options` (None: the defaults) with `fields` replaced: how the functions read `options=` and keywords."""
+        if options is None:
+            return cls(**fields)
+        return replace(options, **fields) if fields else options
 
 
 def num_compressed(length: int, kernel: int = 32, stride: int = 16) -> int:
@@ -146,22 +176,27 @@ def _pool(scores, visible, num_kv_blocks, block_size, kernel, stride):
     return gathered.masked_fill(~ok, float("-inf")).amax(-1)
 
 
-def _choose(block_scores, t_lo, t_hi, *, block_size, topk, init_blocks, local_blocks, dense_len):
-    """Step 4 for rows whose tokens span positions t_lo..t_hi (R, 1): forced blocks of every token, top-k, dense."""
+def _top_later_first(ranked, k):
+    """Indices of the k highest scores along the last dim. Ties (common: neighbouring blocks share the compressed keys
+    they overlap) go to the later block: a stable descending sort over the blocks in reverse order."""
+    order = torch.sort(ranked.flip(-1), dim=-1, descending=True, stable=True).indices[..., :k]
+    return ranked.shape[-1] - 1 - order
+
+
+def _choose(block_scores, t_lo, t_hi, options: SparseOptions, top=_top_later_first):
+    """Step 4 for rows whose tokens span positions t_lo..t_hi ((R,) or (R, 1)): forced blocks of every token, top-k,
+    dense. `top(ranked, k)`: the k highest, ties to the later block (the Triton side passes a faster equal one)."""
+    o = options
     num_kv_blocks = block_scores.shape[-1]
     j = torch.arange(num_kv_blocks, device=block_scores.device).view(1, -1)
-    own_lo = torch.div(t_lo, block_size, rounding_mode="floor")
-    own_hi = torch.div(t_hi, block_size, rounding_mode="floor")
+    t_lo, t_hi = t_lo.view(-1, 1), t_hi.view(-1, 1)
+    own_lo = torch.div(t_lo, o.block_size, rounding_mode="floor")
+    own_hi = torch.div(t_hi, o.block_size, rounding_mode="floor")
     visible_blocks = j <= own_hi
-    forced = visible_blocks & ((j < init_blocks) | (j > own_lo - local_blocks))
-    dense_query = ((t_lo + 1) < dense_len) | ((own_lo + 1) <= topk)
+    forced = visible_blocks & ((j < o.init_blocks) | (j > own_lo - o.local_blocks))
+    dense_query = ((t_lo + 1) < o.dense_len) | ((own_lo + 1) <= o.topk)
     ranked = block_scores.masked_fill(forced, float("inf")).masked_fill(~visible_blocks, float("-inf"))
-    k_eff = min(topk, num_kv_blocks)
-    # Ties (common: neighbouring blocks share the compressed keys they overlap) go to the later block: a stable
-    # descending sort over the blocks in reverse order.
-    order = torch.sort(ranked.flip(-1), dim=-1, descending=True, stable=True).indices[..., :k_eff]
-    top = num_kv_blocks - 1 - order
-    chosen = torch.zeros_like(ranked, dtype=torch.bool).scatter_(-1, top, True)
+    chosen = torch.zeros_like(ranked, dtype=torch.bool).scatter_(-1, top(ranked, min(o.topk, num_kv_blocks)), True)
     return (chosen | forced | dense_query) & visible_blocks
 
 
@@ -172,23 +207,18 @@ def select_blocks(
     num_kv_blocks: int,
     *,
     scale: float,
-    block_size: int = 64,
-    kernel: int = 32,
-    stride: int = 16,
-    topk: int = 96,
-    init_blocks: int = 1,
-    local_blocks: int = 32,
-    dense_len: int = 8192,
-    selection: str = "token",
-    select_tokens: int = 64,
-    coarse: bool = False,
-    coarse_kernel: int = 128,
-    coarse_stride: int = 64,
+    options: SparseOptions | None = None,
     coarse_keys: torch.Tensor | None = None,
     return_scores: bool = False,
+    **fields,
 ):
     """Block selection. Returns a bool mask (B, Hkv, Tq, NB): True where query t reads block j.
-    `return_scores` also returns the block scores: (B, Hkv, Tq, NB) per token, (B, Hkv, groups, NB) in block mode."""
+    `return_scores` also returns the block scores: (B, Hkv, Tq, NB) per token, (B, Hkv, groups, NB) in block mode.
+    `options` / `fields`: see SparseOptions."""
+    o = SparseOptions.of(options, **fields)
+    block_size, kernel, stride = o.block_size, o.kernel, o.stride
+    selection, select_tokens = o.selection, o.select_tokens
+    coarse, coarse_kernel, coarse_stride = o.coarse, o.coarse_kernel, o.coarse_stride
     if selection not in ("token", "block"):
         raise ValueError(f"selection must be 'token' or 'block', got {selection!r}")
     if select_tokens < 1:
@@ -197,8 +227,6 @@ def select_blocks(
     Hkv, nc = ckeys.shape[1], ckeys.shape[2]
     device = q.device
     t = q_pos.view(-1, 1)
-    opts = dict(block_size=block_size, topk=topk, init_blocks=init_blocks, local_blocks=local_blocks,
-                dense_len=dense_len)
     if selection == "token":
         # 2.-3. Group scores over the visible compressed keys, max over the keys overlapping each block.
         if nc > 0:
@@ -208,7 +236,7 @@ def select_blocks(
         else:
             block_scores = q.new_full((B, Hkv, Tq, num_kv_blocks), float("-inf"), dtype=torch.float32)
         # 4. Forced and visible blocks, then top-k among the rest.
-        mask = _choose(block_scores, t, t, **opts)
+        mask = _choose(block_scores, t, t, o)
     else:
         # Groups by absolute position; the call's tokens of one group share the selection.
         gid = torch.div(q_pos, select_tokens, rounding_mode="floor")
@@ -226,7 +254,7 @@ def select_blocks(
             block_scores = _pool(group_scores, group_visible, num_kv_blocks, block_size, kernel, stride)
         else:
             block_scores = q.new_full((B, Hkv, ng, num_kv_blocks), float("-inf"), dtype=torch.float32)
-        group_mask = _choose(block_scores, t_lo.view(-1, 1), t_hi.view(-1, 1), **opts)
+        group_mask = _choose(block_scores, t_lo.view(-1, 1), t_hi.view(-1, 1), o)
         j = torch.arange(num_kv_blocks, device=device).view(1, -1)
         own = torch.div(t, block_size, rounding_mode="floor")
         mask = group_mask[:, :, gidx] & (j <= own)  # never a block after the token's own
@@ -257,51 +285,34 @@ def infllm_v2_attention(
     ckeys: torch.Tensor | None = None,
     *,
     scale: float | None = None,
-    block_size: int = 64,
-    kernel: int = 32,
-    stride: int = 16,
-    topk: int = 96,
-    init_blocks: int = 1,
-    local_blocks: int = 32,
-    dense_len: int = 8192,
-    selection: str = "token",
-    select_tokens: int = 64,
-    coarse: bool = False,
-    coarse_kernel: int = 128,
-    coarse_stride: int = 64,
+    options: SparseOptions | None = None,
     coarse_keys: torch.Tensor | None = None,
     cu_seqlens: torch.Tensor | None = None,
+    **fields,
 ):
     """Dense causal attention while every query is short; the full InfLLM-V2 selection otherwise.
     `cu_seqlens` (packed documents: B == 1, queries = keys, q_pos ignored): each document on its own, positions,
-    compressed keys and blocks restarting at its first token; documents never see each other."""
+    compressed keys and blocks restarting at its first token; documents never see each other.
+    `options` / `fields`: see SparseOptions."""
+    o = SparseOptions.of(options, **fields)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if cu_seqlens is not None:
         if q.shape[0] != 1 or q.shape[2] != k.shape[2] or ckeys is not None or coarse_keys is not None:
             raise ValueError("packed documents (cu_seqlens) need batch 1, as many queries as keys and no cached keys")
         bounds = [int(x) for x in cu_seqlens]
-        opts = dict(scale=scale, block_size=block_size, kernel=kernel, stride=stride, topk=topk,
-                    init_blocks=init_blocks, local_blocks=local_blocks, dense_len=dense_len, selection=selection,
-                    select_tokens=select_tokens, coarse=coarse, coarse_kernel=coarse_kernel,
-                    coarse_stride=coarse_stride)
         parts = [infllm_v2_attention(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], torch.arange(b - a, device=q.device),
-                                     **opts) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+                                     scale=scale, options=o) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
         return torch.cat(parts, 2) if parts else q.new_zeros(q.shape)
     Tk = k.shape[2]
-    num_blocks = -(-Tk // block_size)
+    num_blocks = -(-Tk // o.block_size)
     group = q.shape[1] // k.shape[1]
-    if Tk < dense_len or num_blocks <= topk:
+    if Tk < o.dense_len or num_blocks <= o.topk:
         s = torch.arange(Tk, device=q.device)
         causal = s.view(1, -1) <= q_pos.view(-1, 1)
         kk = k.repeat_interleave(group, dim=1) if group > 1 else k
         vv = v.repeat_interleave(group, dim=1) if group > 1 else v
         return F.scaled_dot_product_attention(q, kk, vv, attn_mask=causal, scale=scale)
     if ckeys is None:
-        ckeys = compress_keys(k, kernel, stride)
-    mask = select_blocks(
-        q, ckeys, q_pos, num_blocks, scale=scale, block_size=block_size, kernel=kernel, stride=stride,
-        topk=topk, init_blocks=init_blocks, local_blocks=local_blocks, dense_len=dense_len, selection=selection,
-        select_tokens=select_tokens, coarse=coarse, coarse_kernel=coarse_kernel, coarse_stride=coarse_stride,
-        coarse_keys=coarse_keys,
-    )
-    return block_sparse_attention(q, k, v, q_pos, mask, scale=scale, block_size=block_size)
+        ckeys = compress_keys(k, o.kernel, o.stride)
+    mask = select_blocks(q, ckeys, q_pos, num_blocks, scale=scale, options=o, coarse_keys=coarse_keys)
+    return block_sparse_attention(q, k, v, q_pos, mask, scale=scale, block_size=o.block_size)

@@ -1,14 +1,15 @@
 """Lightning Triton kernels against the PyTorch reference: forward, every gradient, varlen packs, the decode step.
 
-On CPU the kernels run under the Triton interpreter in float32 on tiny shapes: a private copy of
-kernels/lightning_triton.py is loaded with TRITON_INTERPRET=1 set only while it loads (triton reads the flag when a
-kernel is decorated), so the rest of the suite keeps the normal, compiled kernels. On a GPU the same checks run in
+On CPU the kernels run under the Triton interpreter in float32 on tiny shapes: a private copy of kernels/
+(lightning_triton.py and the files it imports) is loaded with TRITON_INTERPRET=1 set only while it loads (triton
+reads the flag when a kernel is decorated), so the rest of the suite keeps the normal, compiled kernels. On a GPU the same checks run in
 bf16 on larger shapes, plus the whole model through the kernel path against the reference path.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
 import importlib.util
 import os
 import sys
@@ -29,15 +30,23 @@ pytest.importorskip("triton")
 KERNEL_FILE = Path(__file__).resolve().parents[1] / "kernels" / "lightning_triton.py"
 
 
+INTERPRETED_PACKAGE = "_kernels_interpreted"
+
+
 def _load_interpreted(path: Path):
-    """A kernel file with its kernels built for the Triton interpreter (CPU tensors)."""
+    """A kernel file with its kernels built for the Triton interpreter (CPU tensors). The kernel files import each
+    other relatively, so the whole kernels/ folder is loaded as a private package (every module of it imported while
+    the flag is set) and the file's module taken from it."""
     old = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"
     try:
-        spec = importlib.util.spec_from_file_location(f"_{path.stem}_interpreted", path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module  # dataclasses look their module up there
-        spec.loader.exec_module(module)
+        if INTERPRETED_PACKAGE not in sys.modules:
+            spec = importlib.util.spec_from_file_location(INTERPRETED_PACKAGE, path.parent / "__init__.py",
+                                                          submodule_search_locations=[str(path.parent)])
+            package = importlib.util.module_from_spec(spec)
+            sys.modules[spec.name] = package  # dataclasses look their module up there
+            spec.loader.exec_module(package)
+        module = importlib.import_module(f"{INTERPRETED_PACKAGE}.{path.stem}")
     finally:
         if old is None:
             os.environ.pop("TRITON_INTERPRET")

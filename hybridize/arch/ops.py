@@ -11,12 +11,12 @@ import torch
 
 try:  # exported model folder
     from .lightning_reference import lightning_attn_chunked, lightning_attn_recurrent
-    from .sparse_reference import (coarse_compressed_keys, compress_keys, infllm_v2_attention, num_coarse,
-                                   num_compressed)
+    from .sparse_reference import (SparseOptions, coarse_compressed_keys, compress_keys, infllm_v2_attention,
+                                   num_coarse, num_compressed)
 except ImportError:  # the hybridize package
     from hybridize.kernels.lightning_reference import lightning_attn_chunked, lightning_attn_recurrent
-    from hybridize.kernels.sparse_reference import (coarse_compressed_keys, compress_keys, infllm_v2_attention,
-                                                    num_coarse, num_compressed)
+    from hybridize.kernels.sparse_reference import (SparseOptions, coarse_compressed_keys, compress_keys,
+                                                    infllm_v2_attention, num_coarse, num_compressed)
 
 try:  # Lightning Triton kernels (HAS_TRITON is False where triton is missing)
     from .lightning_triton import HAS_TRITON as _LIGHTNING_TRITON
@@ -69,16 +69,18 @@ def lightning_attention(q, k, v, log_decay, *, scale, initial_state=None, output
                                   cu_seqlens)
 
 
-def sparse_attention(q, k, v, q_pos, ckeys=None, **options):
+def sparse_attention(q, k, v, q_pos, ckeys=None, *, options=None, **kwargs):
     """InfLLM-V2 attention for one logical (unpadded) sequence batch; dense below `dense_len`.
     CUDA tensors go to the Triton kernels, anything else to the PyTorch reference; both take the same options
-    (`selection="token"|"block"`, `select_tokens`, `coarse`, ... : see sparse_reference.py) and compute the same
-    function. A single query token on CUDA (decode) takes the fused four-launch decode path. `cu_seqlens=` (packed
-    documents, B == 1, q_pos None): every document on its own, in one call."""
-    if _SPARSE_TRITON and q.is_cuda and _sparse_supports(
-            q, k, block_size=options.get("block_size", 64), stride=options.get("stride", 16)):
-        return infllm_v2_attention_triton(q, k, v, q_pos, ckeys, **options)
-    return infllm_v2_attention(q, k, v, q_pos, ckeys, **options)
+    (`SparseOptions` as `options=` and/or its fields as keywords: `selection="token"|"block"`, `select_tokens`,
+    `coarse`, ... : see sparse_reference.py) and compute the same function. A single query token on CUDA (decode)
+    takes the fused four-launch decode path. `cu_seqlens=` (packed documents, B == 1, q_pos None): every document on
+    its own, in one call. Other keywords (`scale`, `coarse_keys`, `cu_seqlens`) pass through."""
+    fields = {name: kwargs.pop(name) for name in SparseOptions.__dataclass_fields__ if name in kwargs}
+    o = SparseOptions.of(options, **fields)
+    if _SPARSE_TRITON and q.is_cuda and _sparse_supports(q, k, block_size=o.block_size, stride=o.stride):
+        return infllm_v2_attention_triton(q, k, v, q_pos, ckeys, options=o, **kwargs)
+    return infllm_v2_attention(q, k, v, q_pos, ckeys, options=o, **kwargs)
 
 
 def output_norm_gate(o, z, weight, eps):
