@@ -8,23 +8,8 @@ import threading
 
 import click
 
-
-class UserError(click.ClickException):
-    """A one-line error and exit code 2, no traceback."""
-
-    exit_code = 2
-
-    def show(self, file=None):
-        click.echo(f"error: {self.format_message()}", err=True)
-
-
-def _fail_cleanly(fn, *args, **kwargs):
-    """Run a library call; turn expected failures into one-line errors."""
-    try:
-        return fn(*args, **kwargs)
-    except (FileNotFoundError, FileExistsError, ValueError, NotImplementedError, OSError) as e:
-        raise UserError(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
-
+# eval/cli.py still imports these two from here (it is being changed on another branch)
+from .errors import UserError, _fail_cleanly  # noqa: F401
 
 # Commands that live in their own modules (imported only when used, so `hybridize --help` stays fast).
 LAZY_COMMANDS = {
@@ -110,6 +95,7 @@ def convert(source, ratio, layers, select, score_report, students, config, outpu
     Without SOURCE: the built-in SmolLM2-135M-Instruct. Families: Llama 1-3.x, Mistral, Qwen2/2.5, Qwen3, Phi-3.
     """
     from .convert.converter import convert as run_convert
+    from .convert.samples import before_after, should_sample, wants_sample
 
     layer_list = None
     if layers is not None:
@@ -124,13 +110,12 @@ def convert(source, ratio, layers, select, score_report, students, config, outpu
         run_convert, source, output, ratio=ratio, layers=layer_list, select=select, config=config, hype=hype,
         gates=gates, dtype=dtype, force=force, max_shard_size=max_shard_size, progress=not quiet,
         select_options={"score_report": score_report} if score_report else None, students=students,
+        keep_source=lambda ckpt: wants_sample(ckpt, sample),
     )
     click.echo(f"wrote {result.output} ({len(result.sparse_layers)} sparse of {result.num_layers} layers: "
                f"{result.sparse_layers})")
     for note in result.extras.get("notes", []):
         click.echo(f"note: {note}")
-    from .convert.samples import before_after, should_sample
-
     if should_sample(result, sample):
         samples = before_after(result)
         if samples is None:

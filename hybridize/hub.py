@@ -286,7 +286,7 @@ def push_folder(folder: str | Path, repo_id: str, *, private: bool = False, revi
 @click.option("--token", default=None, envvar="HF_TOKEN", help="Hub token (default: HF_TOKEN or `hf auth login`)")
 def push_command(model, repo_id, private, revision, dry_run, base_model, token):
     """Publish MODEL (a hybrid folder) as REPO_ID on the Hugging Face Hub, with a model card."""
-    from .cli import _fail_cleanly
+    from .errors import _fail_cleanly
 
     result = _fail_cleanly(push_folder, model, repo_id, private=private, revision=revision, dry_run=dry_run,
                            token=token, base_model=base_model)

@@ -1,9 +1,11 @@
 """`hybridize convert`: source checkpoint -> self-contained hybrid model folder, streamed.
 
-Steps: open the source (readers.py) and check its tensors against its config; choose the sparse layers; plan every
-output tensor (names, shapes, shards) from the specs alone; then stream the source tensor by tensor through the family
-adapter and the hybrid mapping (build.map_tensor) straight into the planned safetensors shards. The hybrid model is
-never built in memory, and the source is read once: peak memory stays near one copy of the model (bench/RESULTS.md).
+Steps: open the source and check its tensors against its config, once (source.open_checked); choose the sparse
+layers; plan every output tensor (names, shapes, shards) from the specs alone; then stream the source tensor by tensor
+through the family adapter and the hybrid mapping (build.map_tensor) straight into the planned safetensors shards.
+The hybrid model is never built in memory, and the source is read once: a source already in memory (loaded for a
+scoring --select method, or a GGUF model) is streamed from there, and the before/after sample reuses what was read
+(keep_source). Without those, peak memory stays near one copy of the model (bench/RESULTS.md).
 Everything is written into a temporary folder renamed into place at the end (export.atomic_folder).
 """
 
@@ -12,24 +14,22 @@ from __future__ import annotations
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
 from .. import __version__
-from ..arch.configuration_hybridize import LIGHTNING, HybridConfig
+from ..arch.configuration_hybridize import HybridConfig
+from ..common import parse_dtype
 from ..export import AUTO_MAP, atomic_folder, check_output, copy_architecture
-from ..select.placement import layer_types_from, num_sparse_layers, parse_ratio, uniform_layers
+from ..select.placement import layer_types_for, layer_types_from, parse_ratio, sparse_count, sparse_indices
 from ..select.registry import SELECTORS, get_selector, needs_weights
 from .build import added_tensors, hybrid_config_from_source, map_tensor
-from .errors import WeightMismatchError
-from .families import Family, family_for
+from .checkpoint import Checkpoint, ignored
+from .families import Family
 from .model_card import model_card
-from .readers import Checkpoint, open_checkpoint
 from .safetensors_io import ShardedSafetensorsWriter, TensorSpec, parse_size
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # old Llama checkpoints saved the RoPE table; it is recomputed
+from .source import cast_floating, load_source_model, model_from_tensors, open_checked, source_tokenizer
 
 
 @dataclass
@@ -41,6 +41,7 @@ class ConvertResult:
     extras: dict = field(default_factory=dict)
     method: str = "uniform"
     checkpoint: Checkpoint | None = field(default=None, repr=False)
+    source_model: Any = field(default=None, repr=False)  # the source as a transformers model, when kept (keep_source)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -72,16 +73,11 @@ def choose_sparse_layers(
 ) -> list[int]:
     """Sparse layer indices: the explicit list, or `select`'s choice of num_sparse_layers(ratio) layers."""
     method = resolve_method(select, layers)
-    if method == "layers":
-        layer_types_from(num_layers, layers)  # range check
-        return sorted(set(layers))
-    sparse, linear = parse_ratio(ratio)
-    n_sparse = num_sparse_layers(num_layers, sparse, linear)
+    if method in ("layers", "uniform"):
+        return sparse_indices(layer_types_for(num_layers, ratio, layers if method == "layers" else None))
     if model is None:
-        if method != "uniform":
-            raise ValueError(f"--select {method} needs the source model")
-        return uniform_layers(num_layers, n_sparse)
-    chosen = sorted(get_selector(method)(model, n_sparse, **select_options))
+        raise ValueError(f"--select {method} needs the source model")
+    chosen = sorted(get_selector(method)(model, sparse_count(num_layers, ratio), **select_options))
     layer_types_from(num_layers, chosen)
     return chosen
 
@@ -96,52 +92,14 @@ class _ConfigOnly:
 # ---------------------------------------------------------------------------------------------------------------------
 # Checks and plan
 # ---------------------------------------------------------------------------------------------------------------------
-def _ignored(name: str) -> bool:
-    return name.endswith(_IGNORED_SUFFIXES)
-
-
-def check_weights(ckpt: Checkpoint) -> None:
-    """Every tensor the config implies is present with its shape, and nothing else is: one-line errors otherwise."""
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        reference = AutoModelForCausalLM.from_config(ckpt.config)
-    expected = {name: tuple(t.shape) for name, t in reference.state_dict().items()}
-    tied = bool(getattr(ckpt.config, "tie_word_embeddings", False))
-    hint = "are the weights and the config from the same model?"
-    missing = [n for n in expected if n not in ckpt.specs and not (tied and n == "lm_head.weight")]
-    if missing:
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise WeightMismatchError(
-            f"the weights in {ckpt.source} lack {missing[0]}{more}, which {ckpt.config_file} requires: {hint}"
-        )
-    for name, shape in expected.items():
-        spec = ckpt.specs.get(name)
-        if spec is not None and spec.shape != shape:
-            where = spec.file or ckpt.source
-            raise WeightMismatchError(
-                f"{name} has shape {list(spec.shape)} in {where} but {ckpt.config_file} implies {list(shape)}: {hint}"
-            )
-    extra = [n for n in ckpt.specs if n not in expected and not _ignored(n)]
-    if extra:
-        more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
-        raise WeightMismatchError(
-            f"the weights in {ckpt.source} hold {extra[0]}{more}, which {ckpt.config_file} does not describe: {hint}"
-        )
-
-
 def hybrid_tensors(
     family: Family, name: str, tensor: torch.Tensor, ckpt: Checkpoint, config: HybridConfig
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """The hybrid tensors made from one source tensor: family names -> Llama names -> hybrid names."""
-    if _ignored(name):
+    if ignored(name):
         return
     for llama_name, llama_tensor in family.to_llama(name, tensor, ckpt.config):
         yield from map_tensor(llama_name, llama_tensor, config)
-
-
-def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return tensor.to(dtype) if tensor.is_floating_point() else tensor
 
 
 def plan_output(
@@ -155,7 +113,7 @@ def plan_output(
     for name, spec in ckpt.specs.items():
         empty = torch.empty(spec.shape, dtype=spec.dtype, device="meta")
         for out_name, out in hybrid_tensors(family, name, empty, ckpt, config):
-            plan[out_name] = TensorSpec(tuple(out.shape), _cast(out, dtype).dtype)
+            plan[out_name] = TensorSpec(tuple(out.shape), cast_floating(out, dtype).dtype)
     from_source = set(plan)
     for out_name, out in added_tensors(config, from_source, dtype, device="meta"):
         plan[out_name] = TensorSpec(tuple(out.shape), out.dtype)
@@ -190,13 +148,14 @@ def convert(
     progress: bool = True,
     select_options: dict | None = None,
     students: str | Path | None = None,
+    keep_source: bool | Callable[[Checkpoint], bool] = False,
 ) -> ConvertResult:
     """Convert `source` (None: the built-in SmolLM2-135M) into a hybrid model folder at `output`.
     `select_options` go to the --select method (e.g. score_report=); a method that needs weights also gets the
     source model and `tokenizer=` (the source's, or None). `students`: a students.safetensors written by
-    `hybridize score`; its aligned Lightning weights replace the fresh ones in the Lightning layers."""
-    from tqdm.auto import tqdm
-
+    `hybridize score`; its aligned Lightning weights replace the fresh ones in the Lightning layers.
+    `keep_source` (or, as a function, its answer for the opened checkpoint): also return the source as a
+    transformers model (result.source_model), made from the tensors already read, for the before/after sample."""
     output = Path(output)
     inputs = (source, config, students, (select_options or {}).get("score_report"))
     # Cheap checks first: nothing is read when the options are wrong.
@@ -204,47 +163,27 @@ def convert(
     method = resolve_method(select, layers)
     if method != "layers":
         parse_ratio(ratio)
-    if dtype is not None and dtype not in DTYPES:
-        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    chosen_dtype = parse_dtype(dtype)
     max_bytes = parse_size(max_shard_size)
 
-    ckpt = open_checkpoint(source, config)
-    family = family_for(getattr(ckpt.config, "model_type", None), ckpt.config_file)
-    family.check(ckpt.config)
-    ckpt.notes.extend(family.notes(ckpt.config))
-    check_weights(ckpt)
-
+    ckpt = open_checked(source, config)
+    family = ckpt.family
     num_layers = ckpt.config.num_hidden_layers
-    selector_model, options = None, dict(select_options or {})
-    if method not in ("layers", "uniform"):
-        selector_model = _ConfigOnly(ckpt.config)
-        if needs_weights(get_selector(method)):
-            selector_model = load_source_model(ckpt)
-            options.setdefault("tokenizer", source_tokenizer(ckpt))
-            options.setdefault("progress", progress)
+    options = dict(select_options or {})
+    selector_model = _selector_model(ckpt, method, options, progress)
     sparse_layers = choose_sparse_layers(num_layers, ratio, layers, method, selector_model, **options)
+    loaded = selector_model if selector_model is not None and not isinstance(selector_model, _ConfigOnly) else None
     del selector_model
-    layer_types = layer_types_from(num_layers, sparse_layers)
-    hconfig = hybrid_config_from_source(
-        ckpt.config, layer_types, hype=hype, output_gates=gates, **family.hybrid_options(ckpt.config)
-    )
-    out_dtype = DTYPES[dtype] if dtype else _source_dtype(ckpt)
+    hconfig = hybrid_config_from_source(ckpt.config, layer_types_from(num_layers, sparse_layers), hype=hype,
+                                        output_gates=gates, **family.hybrid_options(ckpt.config))
+    out_dtype = chosen_dtype or _source_dtype(ckpt)
     plan, from_source = plan_output(ckpt, family, hconfig, out_dtype)
     aligned = _aligned_students(students, hconfig, plan) if students is not None else {}
+    keep = keep_source(ckpt) if callable(keep_source) else bool(keep_source)
 
     with atomic_folder(output, force=force, inputs=inputs) as tmp:
-        with ShardedSafetensorsWriter(tmp, plan, max_bytes) as writer:
-            total = sum(spec.nbytes for spec in ckpt.specs.values())
-            with tqdm(total=total, unit="B", unit_scale=True, desc="reading + writing weights",
-                      disable=not progress) as bar:
-                for name, tensor in ckpt.stream():
-                    for out_name, out in hybrid_tensors(family, name, tensor, ckpt, hconfig):
-                        writer.write(out_name, _cast(aligned.get(out_name, out), out_dtype))
-                    bar.update(ckpt.specs[name].nbytes if name in ckpt.specs else 0)
-                    del tensor
-            for out_name, out in added_tensors(hconfig, from_source, out_dtype):
-                writer.write(out_name, _cast(aligned.get(out_name, out), out_dtype))
-            writer.finish()
+        writing = _Writing(ckpt, hconfig, plan, from_source, aligned, out_dtype)
+        kept = writing.write(tmp, max_bytes, progress, loaded=loaded, keep=keep)
         hconfig.conversion = {
             "source": ckpt.source, "source_format": ckpt.format, "family": family.model_type, "method": method,
             "ratio": None if method == "layers" else ratio, "hybridize_version": __version__,
@@ -262,40 +201,70 @@ def convert(
         ))
     return ConvertResult(output, sparse_layers, num_layers, ckpt.source,
                          extras={"format": ckpt.format, "family": family.model_type, "notes": ckpt.notes},
-                         method=method, checkpoint=ckpt)
+                         method=method, checkpoint=ckpt, source_model=kept)
+
+
+def _selector_model(ckpt: Checkpoint, method: str, options: dict, progress: bool):
+    """What the --select method sees: nothing (layers, uniform), the config alone, or the source model; a method
+    that needs weights also gets the source's tokenizer through `options`."""
+    if method in ("layers", "uniform"):
+        return None
+    if not needs_weights(get_selector(method)):
+        return _ConfigOnly(ckpt.config)
+    options.setdefault("tokenizer", source_tokenizer(ckpt))
+    options.setdefault("progress", progress)
+    return load_source_model(ckpt)
+
+
+@dataclass
+class _Writing:
+    """The weights part of a conversion: stream the source through the mapping into the planned shards."""
+
+    ckpt: Checkpoint
+    hconfig: HybridConfig
+    plan: dict[str, TensorSpec]
+    from_source: set[str]
+    aligned: dict[str, torch.Tensor]
+    dtype: torch.dtype
+
+    def write(self, folder: Path, max_bytes: int, progress: bool, *, loaded=None, keep: bool = False):
+        """Write the shards; return the source model when `keep` (None otherwise). A source already in memory
+        (`loaded` for the layer choice, or a GGUF model) is streamed from there, so no file is read twice."""
+        from tqdm.auto import tqdm
+
+        ckpt = self.ckpt
+        loaded = loaded if loaded is not None else ckpt.model
+        if loaded is not None:  # tied weights appear twice in a state dict; the specs name each tensor once
+            stream = ((n, t) for n, t in loaded.state_dict().items() if n in ckpt.specs)
+        else:
+            stream = ckpt.stream()
+        kept = {} if keep and loaded is None else None
+        with ShardedSafetensorsWriter(folder, self.plan, max_bytes) as writer:
+            total = sum(spec.nbytes for spec in ckpt.specs.values())
+            with tqdm(total=total, unit="B", unit_scale=True, desc="reading + writing weights",
+                      disable=not progress) as bar:
+                for name, tensor in stream:
+                    for out_name, out in hybrid_tensors(ckpt.family, name, tensor, ckpt, self.hconfig):
+                        writer.write(out_name, cast_floating(self.aligned.get(out_name, out), self.dtype))
+                    bar.update(ckpt.specs[name].nbytes if name in ckpt.specs else 0)
+                    if kept is not None:
+                        kept[name] = tensor
+                    del tensor
+            for out_name, out in added_tensors(self.hconfig, self.from_source, self.dtype):
+                writer.write(out_name, cast_floating(self.aligned.get(out_name, out), self.dtype))
+            writer.finish()
+        if not keep:
+            return None
+        return loaded.float() if loaded is not None else model_from_tensors(ckpt, kept.items())
 
 
 def _aligned_students(path: str | Path, hconfig: HybridConfig, plan: dict) -> dict[str, torch.Tensor]:
     """The Lightning-layer tensors of a students file, checked against the planned output (names, shapes, gates)."""
-    from safetensors import safe_open
+    from ..select.alignment import read_aligned_students
 
-    from ..select.alignment import load_student_tensors
-
-    from safetensors import SafetensorError
-
-    path = Path(path)
-    lightning = [i for i, t in enumerate(hconfig.layer_types) if t == LIGHTNING]
-    try:
-        tensors = load_student_tensors(path, lightning)
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
-    except (SafetensorError, OSError) as e:
-        if isinstance(e, FileNotFoundError):
-            raise
-        raise ValueError(f"--students {path} is not a readable safetensors file ({str(e).splitlines()[0]}): "
-                         "run `hybridize score` again to rewrite it") from None
-    if "gates" in meta and (meta["gates"] == "True") != bool(hconfig.output_gates):
-        flag = "--gates" if meta["gates"] == "True" else "--no-gates"
-        raise ValueError(f"{path} holds students aligned with{'' if flag == '--gates' else 'out'} output gates: "
-                         f"convert with {flag}")
-    for name, tensor in tensors.items():
-        spec = plan.get(name)
-        if spec is None or tuple(spec.shape) != tuple(tensor.shape):
-            raise ValueError(f"{path} does not fit this model ({name}: {tuple(tensor.shape)}): were the students "
-                             f"aligned on this source?")
-    if lightning and not tensors:
-        raise ValueError(f"{path} holds no student for the Lightning layers {lightning}")
-    return tensors
+    return read_aligned_students(path, {n: spec.shape for n, spec in plan.items()}, hconfig.layer_types,
+                                 hconfig.output_gates, what="--students",
+                                 fix_gates=lambda has: f"convert with {'--gates' if has else '--no-gates'}")
 
 
 def _is_hub_id(ckpt: Checkpoint) -> bool:
@@ -347,32 +316,3 @@ def _write_tokenizer(folder: Path, ckpt: Checkpoint) -> bool:
     if not files:
         ckpt.notes.append("the source has no tokenizer files: none written")
     return bool(files)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# The source as a transformers model (samples; selection methods that score layers)
-# ---------------------------------------------------------------------------------------------------------------------
-def source_tokenizer(ckpt: Checkpoint):
-    """The source's tokenizer, or None when it has none."""
-    if ckpt.tokenizer is not None:
-        return ckpt.tokenizer
-    if ckpt.folder is None or not any(p.name.startswith("tokenizer") for p in ckpt.tokenizer_files()):
-        return None
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(ckpt.folder)
-
-
-def load_source_model(ckpt: Checkpoint, dtype: torch.dtype = torch.float32):
-    """The source as a transformers causal LM, read from the same stream as the conversion (its tensors are checked
-    against its config first, so a mismatch is a one-line error here too)."""
-    from .default_model import model_from_state
-
-    if ckpt.model is not None:
-        return ckpt.model.to(dtype)
-    check_weights(ckpt)
-    state = {name: _cast(t, dtype) for name, t in ckpt.stream() if not _ignored(name)}
-    model = model_from_state(ckpt.config, state, dtype=dtype)
-    if ckpt.generation_config is not None:
-        model.generation_config = ckpt.generation_config
-    return model

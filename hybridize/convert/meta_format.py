@@ -18,6 +18,7 @@ from typing import Iterator
 
 import torch
 
+from .checkpoint import Checkpoint, load_pickle, read_config
 from .errors import CorruptCheckpointError, MissingConfigError, WeightMismatchError
 from .safetensors_io import TensorSpec
 
@@ -93,8 +94,6 @@ def read_params(folder: Path) -> dict:
 
 
 def open_meta(folder: Path, config: str | os.PathLike | None = None):
-    from .readers import Checkpoint, _load_pickle, read_config
-
     shards = sorted(folder.glob("consolidated.*.pth"), key=lambda p: int(p.name.split(".")[1]))
     if not shards:
         raise MissingConfigError(f"{folder} has params.json but no consolidated.*.pth files")
@@ -103,7 +102,7 @@ def open_meta(folder: Path, config: str | os.PathLike | None = None):
     shard_shapes: dict[str, list[tuple[int, ...]]] = {}
     dtypes: dict[str, torch.dtype] = {}
     for path in shards:
-        state = _load_pickle(path)
+        state = load_pickle(path)
         for name, tensor in state.items():
             if isinstance(tensor, torch.Tensor) and name not in _IGNORED:
                 shard_shapes.setdefault(name, []).append(tuple(tensor.shape))
@@ -135,7 +134,7 @@ def open_meta(folder: Path, config: str | os.PathLike | None = None):
     kv_heads = cfg.num_key_value_heads
 
     def stream() -> Iterator[tuple[str, torch.Tensor]]:
-        states = [_load_pickle(p) for p in shards]
+        states = [load_pickle(p) for p in shards]
         for name in shard_shapes:
             parts = [s[name] for s in states]
             tensor = parts[0] if joins[name] is None else torch.cat(parts, dim=joins[name])

@@ -13,60 +13,22 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import re
-import struct
-import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 
-from .errors import (
-    CorruptCheckpointError,
-    MissingConfigError,
-    SourceNotFoundError,
-    UnsafeCheckpointError,
-    WeightMismatchError,
-)
+from . import meta_format
+from .checkpoint import Checkpoint, load_pickle, read_config
+from .errors import CorruptCheckpointError, MissingConfigError, SourceNotFoundError, WeightMismatchError
 from .families import family_for
 from .safetensors_io import SafetensorsReader, TensorSpec
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".ckpt", ".pth")
 STATE_DICT_SUFFIXES = (".safetensors",) + PICKLE_SUFFIXES
-TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json",
-    "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
-)
 WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "module", "weights")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-@dataclass
-class Checkpoint:
-    """A source model, not yet read: its config, tensor specs and a way to stream its tensors (transformers names)."""
-
-    source: str  # what the user gave
-    format: str  # "hf-safetensors", "hf-bin", "state-dict", "meta", "gguf"
-    config: Any  # the family's transformers config
-    config_file: str  # where the config came from, for messages
-    specs: dict[str, TensorSpec]
-    stream: Callable[[], Iterator[tuple[str, torch.Tensor]]]
-    folder: Path | None = None  # tokenizer / generation_config files live here
-    tokenizer: Any = None  # in-memory tokenizer (GGUF)
-    generation_config: Any = None  # in-memory generation config (GGUF)
-    model: Any = None  # in-memory model (GGUF)
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def num_parameters(self) -> int:
-        return sum(spec.nbytes // torch.empty((), dtype=spec.dtype).element_size() for spec in self.specs.values())
-
-    def tokenizer_files(self) -> list[Path]:
-        if self.folder is None:
-            return []
-        return [self.folder / name for name in TOKENIZER_FILES if (self.folder / name).is_file()]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -74,7 +36,6 @@ class Checkpoint:
 # ---------------------------------------------------------------------------------------------------------------------
 def open_checkpoint(source: str | os.PathLike | None, config: str | os.PathLike | None = None) -> Checkpoint:
     """Recognise the format of `source` (None: the built-in default model) and open it."""
-    from . import meta_format
     from .default_model import default_gguf_path
 
     if source is None:
@@ -116,28 +77,6 @@ def open_checkpoint(source: str | os.PathLike | None, config: str | os.PathLike 
 # ---------------------------------------------------------------------------------------------------------------------
 # Configs
 # ---------------------------------------------------------------------------------------------------------------------
-def read_config(path: str | os.PathLike):
-    """A transformers config of a supported family from a config.json; one-line errors for anything else."""
-    from transformers import AutoConfig
-
-    path = Path(path)
-    if not path.is_file():
-        raise MissingConfigError(f"config file {path} does not exist")
-    try:
-        data = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise MissingConfigError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})") from None
-    if not isinstance(data, dict) or "model_type" not in data:
-        raise MissingConfigError(f"{path} has no model_type: is it a transformers config.json?")
-    model_type = data["model_type"]
-    family_for(model_type, str(path))
-    data = {k: v for k, v in data.items() if k not in ("model_type", "_name_or_path")}
-    try:
-        return AutoConfig.for_model(model_type, **data)
-    except (TypeError, ValueError, KeyError) as e:
-        raise MissingConfigError(f"{path} is not a valid config: {str(e).splitlines()[0]}") from None
-
-
 def _config_for(folder: Path, config: str | os.PathLike | None) -> tuple[Any, str]:
     chosen = Path(config) if config is not None else folder / "config.json"
     if not chosen.is_file():
@@ -195,11 +134,11 @@ def open_hf_folder(folder: Path, config: str | os.PathLike | None = None, source
     else:
         specs = {}
         for f in files:
-            specs.update(_specs_of(_load_pickle(f), f))
+            specs.update(_specs_of(load_pickle(f), f))
 
         def stream():
             for f in files:  # one shard at a time: its memory map is released before the next opens
-                state = _load_pickle(f)
+                state = load_pickle(f)
                 yield from ((k, v) for k, v in state.items() if isinstance(v, torch.Tensor))
                 del state
 
@@ -242,12 +181,12 @@ def open_state_dict_file(path: Path, config: str | os.PathLike | None = None) ->
         reader = SafetensorsReader(path)
         specs, stream = reader.specs(), reader.tensors
     else:
-        state = _unwrap(_load_pickle(path), path)
+        state = _unwrap(load_pickle(path), path)
         specs = _specs_of(state, path)
         del state
 
         def stream():
-            state = _unwrap(_load_pickle(path), path)
+            state = _unwrap(load_pickle(path), path)
             yield from ((k, v) for k, v in state.items() if isinstance(v, torch.Tensor))
 
     rename = _prefix_fixer(specs, path)
@@ -256,45 +195,6 @@ def open_state_dict_file(path: Path, config: str | os.PathLike | None = None) ->
         specs=_renamed(specs.items(), rename, dict), stream=lambda: _renamed(stream(), rename, iter),
         folder=path.parent, generation_config=_generation_config(path.parent),
     )
-
-
-def _torch_load(path: Path):
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError as e:
-        if "mmap" not in str(e) and "zip" not in str(e).lower():
-            raise
-        return torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) file: no mmap
-
-
-def _load_pickle(path: Path) -> dict:
-    """torch.load with weights_only=True (never arbitrary unpickling), memory-mapped when the file allows it."""
-    try:
-        with warnings.catch_warnings():
-            # the legacy unpickler warns about the protocol of whatever bytes it is handed before failing on them
-            warnings.filterwarnings("ignore", message=".*protocol.*")
-            obj = _torch_load(path)
-    except pickle.UnpicklingError as e:
-        found = re.search(r"GLOBAL ([\w.]+)", str(e))
-        if found is None:  # random bytes also fail the weights-only unpickler (an unknown opcode), but name no class
-            raise CorruptCheckpointError(
-                f"{path} is not a readable PyTorch checkpoint (not a pickle of tensors): re-download or re-save it"
-            ) from None
-        raise UnsafeCheckpointError(
-            f"{path} stores Python objects ({found.group(1)}) that only arbitrary unpickling could load; refusing it "
-            "(that can run code): re-save just the state dict (torch.save(model.state_dict())) or use safetensors"
-        ) from None
-    # The legacy unpickler fails on arbitrary bytes with whatever its first misread opcode raises.
-    except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError, TypeError, AttributeError,
-            UnicodeDecodeError, struct.error) as e:
-        readable = isinstance(e, (RuntimeError, OSError, ValueError)) and str(e)
-        detail = str(e).splitlines()[0][:120] if readable else "not a pickle of tensors"
-        raise CorruptCheckpointError(
-            f"{path} is not a readable PyTorch checkpoint ({detail}): re-download or re-save it"
-        ) from None
-    if not isinstance(obj, dict):
-        raise CorruptCheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict")
-    return obj
 
 
 def _unwrap(obj: dict, path: Path) -> dict:

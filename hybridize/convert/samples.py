@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..generate import DEFAULT_PROMPT, generate_text, sample_text
-from .converter import ConvertResult, load_source_model
+from .checkpoint import Checkpoint
+from .converter import ConvertResult
+from .source import load_source_model
 
 AUTO_SAMPLE_MAX_PARAMETERS = 1_500_000_000  # above this, sampling on a CPU takes too long to do unasked
 
@@ -19,9 +21,13 @@ class Samples:
 
 def should_sample(result: ConvertResult, requested: bool | None) -> bool:
     """--sample / --no-sample, or (unset) sample models up to AUTO_SAMPLE_MAX_PARAMETERS parameters."""
+    return wants_sample(result.checkpoint, requested)
+
+
+def wants_sample(ckpt: Checkpoint | None, requested: bool | None) -> bool:
+    """should_sample before the conversion: convert keeps the source in memory for the sample only when this holds."""
     if requested is not None:
         return requested
-    ckpt = result.checkpoint
     return ckpt is None or ckpt.num_parameters <= AUTO_SAMPLE_MAX_PARAMETERS
 
 
@@ -37,7 +43,8 @@ def before_after(result: ConvertResult, prompt: str = DEFAULT_PROMPT, max_new_to
         return None
     register_auto_classes()
     tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
-    source_model = load_source_model(result.checkpoint)
+    source_model = result.source_model if result.source_model is not None else load_source_model(result.checkpoint)
+    result.source_model = None  # the two models are never held together
     before = generate_text(source_model, tokenizer, prompt, max_new_tokens)
     del source_model
     after = sample_text(folder, prompt, max_new_tokens)

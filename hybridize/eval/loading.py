@@ -8,7 +8,8 @@ from typing import Any
 
 import torch
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from ..common import DTYPES, parse_dtype
+
 DEFAULT_SOURCE = "default"  # the built-in SmolLM2-135M (offline GGUF)
 
 
@@ -18,14 +19,6 @@ class LoadedModel:
     model: Any
     tokenizer: Any | None
     kind: str  # "hybrid" or "dense"
-
-
-def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    return DTYPES[dtype]
 
 
 def pick_device(device: str | None = None) -> torch.device:
@@ -50,31 +43,53 @@ def model_kind(model) -> str:
 
 
 def load_model(spec: str, *, dtype=None, device=None, trust_remote_code: bool = False) -> LoadedModel:
-    """`spec`: a model folder or hub id, a `.gguf` file, or "default" for the built-in SmolLM2-135M. One-line errors
-    for paths that do not exist. Hybrids load with the installed hybridize classes; a folder's own Python files run
-    only with `trust_remote_code` (the --trust-remote-code flag)."""
-    from ..convert.default_model import load_default_model, load_gguf
+    """`spec`: a hybrid folder, "default" (the built-in SmolLM2-135M) or any source `hybridize convert` reads, offline
+    (convert.source.open_source: same formats, same errors). Hybrids load with the installed hybridize classes; a
+    folder's own Python files run only with `trust_remote_code` (the --trust-remote-code flag)."""
+    from ..convert.source import open_source
 
     dtype = parse_dtype(dtype)
     device = pick_device(device)
-    if spec == DEFAULT_SOURCE:
-        model, tokenizer = load_default_model(dtype=dtype)
-        name = "SmolLM2-135M"
-    elif spec.endswith(".gguf"):
-        if not Path(spec).is_file():
-            raise FileNotFoundError(f"{spec} does not exist: give a .gguf file, a model folder or 'default'")
-        model, tokenizer = load_gguf(spec, dtype=dtype)
-        name = Path(spec).stem
-    else:
+    folder_code = trust_remote_code and spec != DEFAULT_SOURCE and not spec.endswith(".gguf")
+    if folder_code or _is_hybrid(spec):
         path = Path(spec)
-        if not path.exists() and (spec.startswith((".", "/")) or spec.count("/") != 1):
-            raise FileNotFoundError(f"{spec} does not exist: give a model folder, a hub id, a .gguf file or 'default'")
         if path.is_dir() and not (path / "config.json").is_file():
             raise FileNotFoundError(f"{spec} has no config.json: is it a model folder?")
         model, tokenizer = _load_pretrained(spec, dtype, trust_remote_code)
-        name = path.name if path.exists() else spec
+    else:
+        model, tokenizer, _ = open_source(spec, dtype or torch.float32)
     model.to(device).eval()
-    return LoadedModel(name, model, tokenizer, model_kind(model))
+    return LoadedModel(_display_name(spec), model, tokenizer, model_kind(model))
+
+
+def _display_name(spec: str) -> str:
+    if spec == DEFAULT_SOURCE:
+        return "SmolLM2-135M"
+    path = Path(spec)
+    if spec.endswith(".gguf"):
+        return path.stem
+    return path.name if path.exists() else spec
+
+
+def _is_hybrid(spec: str) -> bool:
+    """Whether `spec` is a folder (or a cached hub model) written by `hybridize convert`."""
+    import json
+
+    from ..convert.errors import SourceNotFoundError
+    from ..convert.readers import hub_snapshot
+
+    folder = Path(spec)
+    if not folder.exists():
+        if spec.startswith((".", "/")) or spec.count("/") != 1:
+            return False
+        try:
+            folder = hub_snapshot(spec)
+        except SourceNotFoundError:
+            return False
+    try:
+        return json.loads((folder / "config.json").read_text()).get("model_type") == "hybridize"
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _load_pretrained(spec: str, dtype: torch.dtype | None, trust_remote_code: bool):

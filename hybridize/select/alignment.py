@@ -82,6 +82,38 @@ def load_student_tensors(path: str | Path, layers: list[int] | None = None) -> d
     return {k: v for k, v in tensors.items() if k.startswith(keep)}
 
 
+def read_aligned_students(path: str | Path, expected: dict[str, tuple[int, ...]], layer_types: list[str], gates: bool,
+                          *, what: str, fix_gates) -> dict[str, torch.Tensor]:
+    """The Lightning-layer tensors of a students file, checked against the hybrid they go into: readable, aligned with
+    the same output gates, each tensor a name of `expected` with its shape, and some for the Lightning layers.
+    `what` names the option in messages; `fix_gates(file_has_gates)` says how to match the file's gates."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    lightning = [i for i, t in enumerate(layer_types) if t == LIGHTNING]
+    try:
+        tensors = load_student_tensors(path, lightning)
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError) as e:
+        if isinstance(e, FileNotFoundError):
+            raise FileNotFoundError(f"{what} {e}") from None
+        raise ValueError(f"{what} {path} is not a readable safetensors file ({str(e).splitlines()[0]}): "
+                         "run `hybridize score` again to rewrite it") from None
+    if "gates" in meta and (meta["gates"] == "True") != bool(gates):
+        has_gates = meta["gates"] == "True"
+        raise ValueError(f"{path} holds students aligned with{'' if has_gates else 'out'} output gates: "
+                         f"{fix_gates(has_gates)}")
+    for name, tensor in tensors.items():
+        shape = expected.get(name)
+        if shape is None or tuple(shape) != tuple(tensor.shape):
+            raise ValueError(f"{path} does not fit this model ({name}: {tuple(tensor.shape)}): were the students "
+                             f"aligned on this source?")
+    if lightning and not tensors:
+        raise ValueError(f"{path} holds no student for the Lightning layers {lightning}")
+    return tensors
+
+
 @dataclass
 class AlignSettings:
     steps: int = 48

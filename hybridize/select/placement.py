@@ -50,3 +50,21 @@ def layer_types_from(num_layers: int, sparse_layers: list[int]) -> list[str]:
         raise ValueError(f"layer index {bad[0]} is out of range: the model has layers 0..{num_layers - 1}")
     chosen = set(sparse_layers)
     return [SPARSE if i in chosen else LIGHTNING for i in range(num_layers)]
+
+
+def sparse_count(num_layers: int, ratio: str) -> int:
+    """How many of `num_layers` layers a SPARSE:LINEAR ratio keeps sparse (num_sparse_layers' rounding rule)."""
+    sparse, linear = parse_ratio(ratio)
+    return num_sparse_layers(num_layers, sparse, linear)
+
+
+def layer_types_for(num_layers: int, ratio: str = "1:3", layers: list[int] | None = None) -> list[str]:
+    """The layer types of a hybrid: sparse at `layers` (range-checked), or without them at the ratio's count of
+    evenly spaced layers (uniform_layers)."""
+    if layers is None:
+        layers = uniform_layers(num_layers, sparse_count(num_layers, ratio))
+    return layer_types_from(num_layers, layers)
+
+
+def sparse_indices(layer_types: list[str]) -> list[int]:
+    return [i for i, t in enumerate(layer_types) if t == SPARSE]

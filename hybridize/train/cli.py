@@ -16,7 +16,7 @@ def train(recipe_file, overrides, resume):
     """Run the stages of RECIPE_FILE (align -> distil -> extend), on one process or under `accelerate launch`."""
     from safetensors import SafetensorError
 
-    from ..cli import UserError
+    from ..errors import UserError
     from .recipe import load_recipe
     from .trainer import NonFiniteLossError, TrainingInterrupted, train as run_training
 

@@ -6,31 +6,17 @@ from pathlib import Path
 
 import torch
 
+from ..common import DTYPES
 from ..convert.build import build_hybrid
-from ..select.placement import layer_types_from, num_sparse_layers, parse_ratio, uniform_layers
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from ..convert.source import open_source, require_tokenizer
+from ..select.placement import layer_types_for, sparse_count, sparse_indices
 
 
 def load_source(source: str, dtype=torch.float32):
-    """A Llama-family transformers model and tokenizer: "default" (built-in SmolLM2-135M), a .gguf file, or a Hugging
-    Face folder / hub id."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if source == "default":
-        from ..convert.default_model import load_default_model
-
-        model, tok = load_default_model()
-    elif str(source).endswith(".gguf"):
-        from ..convert.default_model import load_gguf
-
-        if not Path(source).is_file():
-            raise FileNotFoundError(f"model.source {source} not found")
-        model, tok = load_gguf(source)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
-        tok = AutoTokenizer.from_pretrained(source)
-    return model.to(dtype).eval(), tok
+    """A Llama-family transformers model and tokenizer from any source `hybridize convert` reads ("default": the
+    built-in SmolLM2-135M), offline."""
+    model, tok, label = open_source(source, dtype)
+    return model, require_tokenizer(tok, label, "training needs its tokenizer")
 
 
 def sparse_layers_for(source_model, spec, *, tokenizer=None, cache_dir: str | None = None, progress: bool = True,
@@ -39,13 +25,9 @@ def sparse_layers_for(source_model, spec, *, tokenizer=None, cache_dir: str | No
     method (sala, block_influence) reads `spec.score_report` or scores the source once (on the GPU when there is
     one) and keeps the report in `cache_dir`, keyed by the source's weights and the score settings."""
     num_layers = source_model.config.num_hidden_layers
-    if spec.layers is not None:
-        layer_types_from(num_layers, spec.layers)
-        return sorted(set(spec.layers))
-    s, l = parse_ratio(spec.ratio)
-    n_sparse = num_sparse_layers(num_layers, s, l)
-    if spec.select == "uniform":
-        return uniform_layers(num_layers, n_sparse)
+    if spec.layers is not None or spec.select == "uniform":
+        return sparse_indices(layer_types_for(num_layers, spec.ratio, spec.layers))
+    n_sparse = sparse_count(num_layers, spec.ratio)
     from ..select.report import read_report
     from ..select.selectors import choose_from_report
 
@@ -104,16 +86,15 @@ def _own_storage(model) -> None:
 
 
 def load_students(model, path: str) -> int:
-    """Load aligned students (hybrid parameter names) with strict=False; returns how many tensors matched."""
-    from safetensors.torch import load_file
+    """Load aligned students (hybrid parameter names) into the Lightning layers, checked as `convert --students`
+    checks them; returns how many tensors were loaded."""
+    from ..select.alignment import read_aligned_students
 
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"model.students {path} not found")
-    own = model.state_dict()
-    found = {k: v for k, v in load_file(path).items() if k in own and own[k].shape == v.shape}
-    if not found:
-        raise ValueError(f"model.students {path}: no tensor matches this model's parameter names and shapes")
-    model.load_state_dict(found, strict=False)
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    found = read_aligned_students(path, expected, model.config.layer_types, model.config.output_gates,
+                                  what="model.students",
+                                  fix_gates=lambda has: f"set model.gates: {'true' if has else 'false'}")
+    model.load_state_dict(found, strict=False)  # the students cover the Lightning attention only
     return len(found)
 
 
@@ -141,7 +122,7 @@ def load_models(recipe, need_teacher: bool):
         source_model, tok = load_source(spec.source)
         layers = sparse_layers_for(source_model, spec, tokenizer=tok, cache_dir=recipe.data.cache_dir,
                                    progress=recipe.logging.progress)
-        types = layer_types_from(source_model.config.num_hidden_layers, layers)
+        types = layer_types_for(source_model.config.num_hidden_layers, layers=layers)
         student = build_hybrid(source_model, types, hype=spec.hype, output_gates=spec.gates,
                                lightning_decay=spec.lightning_decay, sparse_query_log_scale=spec.sparse_query_log_scale)
         _own_storage(student)

@@ -18,6 +18,8 @@ from typing import Any, Union, get_args, get_origin
 
 import yaml
 
+from ..common import DTYPES
+
 
 class RecipeError(ValueError):
     """A malformed recipe: one line naming file and field."""
@@ -32,12 +34,12 @@ HIDDEN_LAYERS = ("all", "lightning")
 HIDDEN_INPUTS = ("end_to_end", "teacher_inputs")
 NONFINITE = ("stop", "skip")
 SELECT_METHODS = ("uniform", "sala", "block_influence")
-DTYPE_NAMES = ("float32", "bfloat16", "float16")
+DTYPE_NAMES = tuple(DTYPES)
 
 
 @dataclass
 class ModelSpec:
-    source: str | None = "default"  # "default" (built-in SmolLM2-135M), a HF folder / hub id, or a .gguf file
+    source: str | None = "default"  # "default" (built-in SmolLM2-135M) or any source `hybridize convert` reads
     converted: str | None = None  # an already converted hybrid folder (then `source` only provides the teacher)
     ratio: str = "1:3"
     layers: list[int] | None = None  # explicit sparse layer indices (overrides ratio and select)

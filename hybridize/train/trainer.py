@@ -620,7 +620,7 @@ def _train(recipe: Recipe, output: Path, *, resume, accelerator, on_step, models
 
         folder = output / "model"
         if recipe.output.dtype is not None:
-            from .models import DTYPES
+            from ..common import DTYPES
 
             model.to(DTYPES[recipe.output.dtype])
         save_hybrid(model.eval(), folder, tokenizer=tokenizer, force=True)

