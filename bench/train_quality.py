@@ -378,9 +378,11 @@ def _retention(specs: dict[str, str], reference: str, out: Path, device: str, qu
     benchmark's own exports."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from hybridize.arch import register_auto_classes
     from hybridize.eval.loading import LoadedModel, load_model
     from hybridize.eval.retention import RetentionSettings, retention_report, write_retention_report
 
+    register_auto_classes()  # else the tokenizer load of a folder with auto_map waits 15 s on a trust prompt
     if device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 weights for every model; matrix products in tf32
     models = {}
@@ -393,7 +395,8 @@ def _retention(specs: dict[str, str], reference: str, out: Path, device: str, qu
             models[name].name = name
     settings = RetentionSettings.quick() if quick else RetentionSettings(trials=trials)
     t = time.perf_counter()
-    results = retention_report(models, settings, reference=reference)
+    results = retention_report(models, settings, reference=reference,
+                               log=lambda line: print(f"[{time.perf_counter() - t:.0f} s] {line}", flush=True))
     results["bench_seconds"] = time.perf_counter() - t
     write_retention_report(results, out)
     print((out / "retention.md").read_text())

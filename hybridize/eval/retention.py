@@ -345,10 +345,11 @@ def _same_tokens(a, b, text: str) -> bool:
 
 
 def retention_report(models: dict[str, LoadedModel], settings: RetentionSettings | None = None, *,
-                     reference: str) -> dict:
+                     reference: str, log=None) -> dict:
     """Measure every model of `models` ({name: LoadedModel}, all in memory, with tokenizers) beside
     `models[reference]`. Returns a JSON-serialisable dict: settings, reference, sources (their roles), overlap (held-out
-    n-gram overlap with the training texts), models ({name: measurements, with ratios to the reference}), notes."""
+    n-gram overlap with the training texts), models ({name: measurements, with ratios to the reference}), notes.
+    `log`: called with a line after each model's section (a long report shows where it is)."""
     settings = settings or RetentionSettings()
     if reference not in models:
         raise ValueError(f"reference {reference!r} is not one of the models ({', '.join(models)})")
@@ -383,6 +384,8 @@ def retention_report(models: dict[str, LoadedModel], settings: RetentionSettings
                     m["lm_eval"] = run_lm_eval(loaded, settings.lm_eval_tasks, settings.lm_eval_include_path,
                                                settings.lm_eval_limit)
             results["models"][name] = m
+            if log is not None:
+                log(f"{name}: " + ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()))
             gc.collect()
         others = {n: m for n, m in models.items() if n != reference}
         results["agreement_seconds"] = {}
