@@ -110,12 +110,12 @@ def test_select_scores_once_and_reads_the_cache(tmp_path):
     first = sparse_layers_for(model, spec, tokenizer=tok, cache_dir=str(tmp_path / "cache"), progress=False,
                               log=said.append)
     assert len(first) == 2 and all(0 <= i < 6 for i in first)
-    assert "once" in said[-1]
-    reports = list((tmp_path / "cache").glob("select-block_influence-*/report.json"))
+    assert said[-1].startswith("scoring layers (block_influence) once")
+    reports = list((tmp_path / "cache" / "scores").glob("block_influence-*.json"))
     assert len(reports) == 1
     again = sparse_layers_for(model, spec, tokenizer=None, cache_dir=str(tmp_path / "cache"), progress=False,
                               log=said.append)
-    assert again == first and "cached" in said[-1]
+    assert again == first and said[-1] == f"layer scores (block_influence): {reports[0]}"  # read, not scored again
     spec.layers = [1, 4]  # an explicit list wins over any method
     assert sparse_layers_for(model, spec, tokenizer=tok, cache_dir=str(tmp_path / "cache")) == [1, 4]
 
@@ -142,3 +142,20 @@ def test_converted_student_loads_with_the_installed_classes_only(tmp_path):
     recipe["model"]["converted"] = str(src)  # a dense folder is no converted hybrid
     with pytest.raises(ValueError, match="not a hybrid"):
         load_models(load_recipe(S.write_recipe(tmp_path / "r.yaml", recipe)), need_teacher=False)
+
+
+def test_weights_key_follows_the_weights_not_their_dtype():
+    import torch
+
+    from helpers import tiny_llama
+    from hybridize.select.cache import weights_key
+
+    model = tiny_llama(layers=2, seed=4)
+    with torch.no_grad():  # weights that bfloat16 holds exactly, as a bf16 checkpoint read into float32 does
+        for p in model.parameters():
+            p.copy_(p.to(torch.bfloat16).float())
+    key = weights_key(model)
+    assert weights_key(model.to(torch.bfloat16)) == key
+    with torch.no_grad():
+        model.model.embed_tokens.weight[0, 0] += 1.0
+    assert weights_key(model) != key

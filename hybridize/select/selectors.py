@@ -5,8 +5,9 @@ Keyword arguments understood here:
 - `score_report`: a report.json (or the folder) written by `hybridize score`: its per-layer measurements are re-ranked
   for `n_sparse`, nothing is recomputed;
 - `tokenizer`: the source's tokenizer (needed when scoring runs);
-- `score_settings`: a ScoreSettings for the run (default: the CPU defaults, or the GPU ones on a CUDA model);
-- `keep_first_last`: override the first/last rule.
+- `score_settings`: a ScoreSettings for a fresh run; without it the device's default settings are scored once per
+  model and method and kept (hybridize.select.cache: `cache_dir`, default ~/.cache/hybridize or $HYBRIDIZE_CACHE);
+- `keep_first_last`: override the first/last rule; `log`: where the cache says what it did.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def _tokenizer_for(model, tokenizer):
 
 
 def _run_or_read(method: str, model, n_sparse: int, *, score_report=None, tokenizer=None, score_settings=None,
-                 keep_first_last=None, progress: bool = True) -> list[int]:
+                 keep_first_last=None, progress: bool = True, cache_dir=None, log=print) -> list[int]:
     if score_report is not None:
         report = read_report(score_report)
         if report["method"] != method:
@@ -58,13 +59,17 @@ def _run_or_read(method: str, model, n_sparse: int, *, score_report=None, tokeni
             raise ValueError(f"{score_report} scores {report['num_layers']} layers but the model has "
                              f"{model.config.num_hidden_layers}: it was written for another model")
         return choose_from_report(report, n_sparse, keep_first_last)
+    if score_settings is None:  # the device's default settings: scored once per model and kept (select.cache)
+        from .cache import cached_report
+
+        path = cached_report(model, method, lambda: _tokenizer_for(model, tokenizer), cache_dir=cache_dir,
+                             progress=progress, log=log)
+        return choose_from_report(read_report(path), n_sparse, keep_first_last)
     import dataclasses
 
-    from .api import ScoreSettings, score_model
+    from .api import score_model
 
-    on_gpu = next(model.parameters()).device.type == "cuda"
-    settings = score_settings or (ScoreSettings.for_gpu() if on_gpu else ScoreSettings())
-    settings = dataclasses.replace(settings, method=method)
+    settings = dataclasses.replace(score_settings, method=method)
     result = score_model(model, _tokenizer_for(model, tokenizer), settings, progress=progress)
     return choose_from_report(result.report, n_sparse, keep_first_last)
 
@@ -81,5 +86,5 @@ def block_influence(model, n_sparse: int, **kw) -> list[int]:
 
 
 def _known(kw: dict) -> dict:
-    names = ("score_report", "tokenizer", "score_settings", "keep_first_last", "progress")
+    names = ("score_report", "tokenizer", "score_settings", "keep_first_last", "progress", "cache_dir", "log")
     return {k: v for k, v in kw.items() if k in names}

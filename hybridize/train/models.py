@@ -22,8 +22,8 @@ def load_source(source: str, dtype=torch.float32):
 def sparse_layers_for(source_model, spec, *, tokenizer=None, cache_dir: str | None = None, progress: bool = True,
                       log=print) -> list[int]:
     """The sparse layers of the student: `spec.layers`, or the ratio's count placed by `spec.select`. A scoring
-    method (sala, block_influence) reads `spec.score_report` or scores the source once (on the GPU when there is
-    one) and keeps the report in `cache_dir`, keyed by the source's weights and the score settings."""
+    method (sala, block_influence) reads `spec.score_report`, or the report scored once per source and method
+    (hybridize.select.cache; `cache_dir`: the recipe's data.cache_dir)."""
     num_layers = source_model.config.num_hidden_layers
     if spec.layers is not None or spec.select == "uniform":
         return sparse_indices(layer_types_for(num_layers, spec.ratio, spec.layers))
@@ -31,52 +31,17 @@ def sparse_layers_for(source_model, spec, *, tokenizer=None, cache_dir: str | No
     from ..select.report import read_report
     from ..select.selectors import choose_from_report
 
+    from ..select.cache import cached_report
+
     report_path = spec.score_report
     if report_path is None:
-        report_path = _cached_score_report(source_model, spec.select, tokenizer, cache_dir, progress, log)
+        report_path = cached_report(source_model, spec.select, tokenizer, cache_dir=cache_dir, progress=progress,
+                                    log=log)
     report = read_report(report_path)
     if report["method"] != spec.select or report["num_layers"] != num_layers:
         raise ValueError(f"model.score_report {report_path}: {report['method']} scores of {report['num_layers']} "
                          f"layers, but the recipe places {spec.select} layers in a {num_layers}-layer model")
     return choose_from_report(report, n_sparse)
-
-
-def _weights_key(model) -> str:
-    """A fingerprint of a model's weights: config plus a few exact sums (cheap, and changes with any fine-tune)."""
-    import hashlib
-    import json
-
-    h = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
-    for name, p in list(model.named_parameters())[:: max(1, len(list(model.parameters())) // 16)]:
-        h.update(f"{name}:{p.double().sum().item():.10e}:{p.double().abs().sum().item():.10e}".encode())
-    return h.hexdigest()[:20]
-
-
-def _cached_score_report(source_model, method: str, tokenizer, cache_dir: str | None, progress: bool, log) -> Path:
-    import dataclasses
-    import hashlib
-    import json
-
-    from ..select.api import ScoreSettings, score_model, write_result
-
-    on_gpu = torch.cuda.is_available()
-    settings = dataclasses.replace(ScoreSettings.for_gpu() if on_gpu else ScoreSettings(), method=method)
-    key = hashlib.sha256((_weights_key(source_model) + json.dumps(settings.to_dict(), sort_keys=True,
-                                                                  default=str)).encode()).hexdigest()[:20]
-    folder = Path(cache_dir or ".hybridize-cache") / f"select-{method}-{key}"
-    if (folder / "report.json").is_file():
-        log(f"layer scores ({method}): {folder} (cached)")
-        return folder
-    log(f"scoring layers ({method}) once; the report is kept in {folder}")
-    device = next(source_model.parameters()).device
-    if on_gpu:
-        source_model.to("cuda")
-    try:
-        result = score_model(source_model, tokenizer, settings, progress=progress)
-    finally:
-        source_model.to(device)
-    write_result(result, folder, force=True)
-    return folder
 
 
 def _own_storage(model) -> None:
