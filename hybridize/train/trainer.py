@@ -430,7 +430,10 @@ def _train(recipe: Recipe, output: Path, *, resume, accelerator, on_step, models
                          "one process or with DDP (accelerate launch without an FSDP/DeepSpeed config)")
 
     need_teacher = recipe.needs_teacher()
-    student, teacher, tokenizer, description = models if models is not None else load_models(recipe, need_teacher)
+    if models is None:
+        with acc.main_process_first():  # the first process scores layers (model.select) once; the others read them
+            models = load_models(recipe, need_teacher)
+    student, teacher, tokenizer, description = models
     if need_teacher and teacher is None:
         raise ValueError("the recipe's stages need a teacher but none was given")
     _check_context(recipe, teacher.config if teacher is not None else student.config, main)
