@@ -615,8 +615,8 @@ def _train(recipe: Recipe, output: Path, *, resume, accelerator, on_step, models
         _set_checkpointing(model, False)
     model.requires_grad_(True)
     if main and recipe.output.export:
+        from ..card import Training, model_card, write_card
         from ..export import save_hybrid
-        from .card import write_card
 
         folder = output / "model"
         if recipe.output.dtype is not None:
@@ -625,12 +625,14 @@ def _train(recipe: Recipe, output: Path, *, resume, accelerator, on_step, models
             model.to(DTYPES[recipe.output.dtype])
         save_hybrid(model.eval(), folder, tokenizer=tokenizer, force=True)
         (folder / "recipe.json").write_text(json.dumps(recipe.to_dict(), indent=1, default=str))
-        write_card(folder, recipe, state, result)
+        write_card(folder, model_card(training=Training(
+            state.get("description", ""), state.get("stages", []), result.tokens, result.global_step,
+            state.get("metrics") or {}, recipe.data.sources)))
         result.model_dir = folder
         if recipe.push_to_hub is not None:
-            from .hub import push_trained
+            from ..hub import push_folder
 
-            push_trained(folder, recipe.push_to_hub)
+            push_folder(folder, recipe.push_to_hub.repo_id, private=recipe.push_to_hub.private)
     acc.wait_for_everyone()
     if acc.trackers:
         acc.end_training()
