@@ -178,7 +178,7 @@ def calibrate(recipe, student, teacher, seconds: float, split: list[float], devi
     also tries micro-batches of that many times the recipe's (up to the sequences per step), keeps the fastest per
     token that fits in memory, and writes it into the stage (the global batch, hence the optimisation, is unchanged)."""
     from hybridize.train.params import select_trainable
-    from hybridize.train.recipe import plan_stage
+    from hybridize.train.plan import plan_stage
 
     model = copy.deepcopy(student).to(device).train()
     steps = []

@@ -1,6 +1,6 @@
 """`hybridize push`: publish a hybrid model folder on the Hugging Face Hub with a model card.
 
-The card (README.md of the upload) carries Hub metadata (base_model, library_name, tags, pipeline_tag), the layer map,
+The card (README.md of the upload, built by hybridize.card) carries Hub metadata (base_model, library_name, tags, pipeline_tag), the layer map,
 how the model was made (config.json's `conversion` record) and trained (recipe.json / trainer_state.json), and any
 eval/bench results found in the folder (eval_results.md, bench_results.md and their plots). A README.md already in the
 folder (written by convert or train) is kept as the body of the card; the upload never changes the folder itself.
@@ -19,14 +19,11 @@ from pathlib import Path
 
 import click
 
-LIBRARY_NAME = "transformers"
-PIPELINE_TAG = "text-generation"
-TAGS = ["hybridize", "hybrid-attention", "linear-attention", "lightning-attention", "sparse-attention", "infllm-v2"]
+from .card import Upload, model_card
+
 # Never uploaded: caches, temporary folders of atomic writes, checkpoints of interrupted runs, Python byte code.
 EXCLUDE_DIRS = {"__pycache__", ".git", ".cache", ".ipynb_checkpoints"}
 EXCLUDE_SUFFIXES = (".pyc", ".lock", ".tmp")
-RESULT_NAMES = ("eval_results", "bench_results")
-KNOWN_BASES = {"SmolLM2-135M-Instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}
 
 
 class HubError(OSError):
@@ -55,7 +52,7 @@ class PushPlan:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Files and card
+# Files (the card: hybridize.card)
 # ---------------------------------------------------------------------------------------------------------------------
 def upload_files(folder: Path) -> list[str]:
     """Repo paths of every file under `folder` that goes up (README.md always: the card)."""
@@ -80,123 +77,13 @@ def _read_config(folder: Path) -> dict:
         raise ValueError(f"{path} is not valid JSON: {e}") from None
 
 
-def _check_hybrid(folder: Path) -> None:
+def _check_hybrid(folder: Path, config: dict) -> None:
     """The card tags every upload as a hybrid: a dense folder would be published under the wrong name."""
     from .export import is_hybrid_folder
 
-    config = _read_config(folder)
     if not is_hybrid_folder(folder):
         raise ValueError(f"{folder} is not a hybrid model folder (its config.json has model_type "
                          f"{config.get('model_type')!r}): push a folder written by `hybridize convert` or `train`")
-
-
-def split_front_matter(text: str) -> tuple[str, str]:
-    """('---\\n...\\n---' block or '', the rest) of a markdown file."""
-    m = re.match(r"^---\n.*?\n---\n?", text, flags=re.S)
-    return (m.group(0), text[m.end():]) if m else ("", text)
-
-
-def base_model_of(config: dict, override: str | None = None) -> str | None:
-    """A hub id for `base_model`: --base-model, else the conversion source when it is a hub id or a known model."""
-    if override:
-        return override
-    source = str((config.get("conversion") or {}).get("source") or "")
-    for name, repo in KNOWN_BASES.items():
-        if name in source:
-            return repo
-    if re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", source) and not Path(source).exists():
-        return source
-    return None
-
-
-def layer_map(layer_types: list[str]) -> str:
-    return "".join("S" if t in ("full_attention", "sparse") else "L" for t in layer_types)
-
-
-def _front_matter(base_model: str | None, extra_tags: list[str]) -> str:
-    lines = ["---", f"library_name: {LIBRARY_NAME}", f"pipeline_tag: {PIPELINE_TAG}"]
-    if base_model:
-        lines.append(f"base_model: {base_model}")
-    lines.append("tags:")
-    lines += [f"- {t}" for t in TAGS + [t for t in extra_tags if t not in TAGS]]
-    lines.append("---")
-    return "\n".join(lines) + "\n"
-
-
-def _training_section(folder: Path) -> str:
-    recipe_file = folder / "recipe.json"
-    if not recipe_file.is_file():
-        return ""
-    try:
-        recipe = json.loads(recipe_file.read_text())
-    except json.JSONDecodeError:
-        return ""
-    rows = []
-    for i, st in enumerate(recipe.get("stages", [])):
-        rows.append(f"| {st.get('name', i)} | {st.get('seq_len', '-')} | {st.get('tokens', st.get('steps', '-'))} | "
-                    f"{st.get('lr', '-')} | {st.get('train', st.get('trainable', '-'))} |")
-    text = "## Training\n\nStages of the `hybridize train` recipe (recipe.json in this repo):\n\n"
-    if rows:
-        text += "| stage | seq len | tokens / steps | lr | trains |\n|---|---|---|---|---|\n" + "\n".join(rows) + "\n"
-    return text
-
-
-def _results_sections(folder: Path, files: list[str]) -> str:
-    """Markdown of the eval/bench results found in the folder, with their plots linked."""
-    parts = []
-    for stem in RESULT_NAMES:
-        for md in sorted(f for f in files if Path(f).name == f"{stem}.md"):
-            text = (folder / md).read_text().strip()
-            parent = Path(md).parent
-            plots = sorted(f for f in files if f.endswith(".png") and Path(f).parent == parent
-                           and (Path(f).name.startswith("bench_") if stem == "bench_results"
-                                else not Path(f).name.startswith("bench_")))
-            text = re.sub(r"^## [^\n]*\n+", "", text, count=1)  # the file's own title: the section has one
-            body = re.sub(r"^## ", "### ", text, flags=re.M)
-            section = f"## {'Evaluation' if stem == 'eval_results' else 'Speed'} (`{md}`)\n\n{body}\n"
-            section += "".join(f"\n![{Path(p).stem}]({p})\n" for p in plots)
-            parts.append(section)
-    return "\n".join(parts)
-
-
-def model_card(folder: str | Path, repo_id: str, *, base_model: str | None = None,
-               files: list[str] | None = None) -> str:
-    """The README.md that goes up with `folder`."""
-    folder = Path(folder)
-    config = _read_config(folder)
-    files = files if files is not None else upload_files(folder)
-    conversion = config.get("conversion") or {}
-    types = config.get("layer_types") or []
-    base = base_model_of(config, base_model)
-    name = repo_id.split("/")[-1]
-    existing = ""
-    if (folder / "README.md").is_file():
-        _, existing = split_front_matter((folder / "README.md").read_text())
-    out = [_front_matter(base, [config.get("source_model_type")] if config.get("source_model_type") else [])]
-    if existing.strip():
-        out.append(existing.strip() + "\n")
-    else:
-        out.append(f"# {name}\n\nA Lightning + InfLLM-V2 sparse hybrid made with "
-                   "`hybridize` from a dense Llama-family model.\n")
-    if types and "## Layer map" not in existing:
-        sparse = [i for i, t in enumerate(types) if t in ("full_attention", "sparse")]
-        out.append(f"## Layer map\n\n`S` = sparse attention (InfLLM-V2), `L` = Lightning linear attention, layer 0 "
-                   f"first ({len(sparse)} sparse of {len(types)}: {sparse}):\n\n    {layer_map(types)}\n")
-    if conversion and "source format" not in existing:
-        rows = "\n".join(f"| {k} | {v} |" for k, v in conversion.items())
-        out.append(f"## How it was made\n\n| | |\n|---|---|\n{rows}\n")
-    if "## Stages" not in existing:
-        training = _training_section(folder)
-        if training:
-            out.append(training)
-    results = _results_sections(folder, files)
-    if results:
-        out.append(results)
-    if "## Use" not in existing:
-        out.append("## Use\n\n```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
-                   f'model = AutoModelForCausalLM.from_pretrained("{repo_id}", trust_remote_code=True)\n'
-                   f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")\n```\n')
-    return "\n".join(out)
 
 
 def plan_push(folder: str | Path, repo_id: str, *, private: bool = False, revision: str | None = None,
@@ -207,9 +94,10 @@ def plan_push(folder: str | Path, repo_id: str, *, private: bool = False, revisi
         raise FileNotFoundError(f"{folder} is not a folder: give the model folder to push")
     if not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*", repo_id or ""):
         raise ValueError(f"REPO_ID must look like user/name, got {repo_id!r}")
-    _check_hybrid(folder)
+    config = _read_config(folder)
+    _check_hybrid(folder, config)
     files = upload_files(folder)
-    card = model_card(folder, repo_id, base_model=base_model, files=files)
+    card = model_card(upload=Upload(folder, repo_id, config, files, base_model))
     replaced = ["README.md"] if (folder / "README.md").is_file() else []
     return PushPlan(folder, repo_id, files, card, private, revision, replaced)
 
@@ -297,5 +185,5 @@ def push_command(model, repo_id, private, revision, dry_run, base_model, token):
         click.echo(f"pushed {model} to {repo_id}: {result}")
 
 
-__all__ = ["HubError", "PushPlan", "execute_push", "hub_token", "model_card", "plan_push", "push_command",
-           "push_folder", "upload_files"]
+__all__ = ["HubError", "PushPlan", "execute_push", "hub_token", "plan_push", "push_command", "push_folder",
+           "upload_files"]

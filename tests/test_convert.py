@@ -134,6 +134,24 @@ def test_one_in_four_hybrid_loads_and_generates(tmp_path, family):
     assert "LLLS" in card and "hybridize version" in card and str(source) in card
 
 
+def test_auto_model_returns_the_last_hidden_state(tmp_path):
+    """AutoModel (the bare decoder, no lm_head) of an export gives `last_hidden_state`, as any transformers model
+    does, and its final position feeds the causal-LM head to the same logits."""
+    from transformers import AutoModel
+
+    source = save_source(tiny_model("llama"), tmp_path / "src", "hf-safetensors-sharded")
+    out = tmp_path / "out"
+    assert run_convert(source, "--output", out, "--ratio", "1:1").exit_code == 0
+    base = AutoModel.from_pretrained(out, trust_remote_code=True, dtype=torch.float32).eval()
+    assert type(base).__name__ == "HybridModel"
+    with torch.no_grad():
+        hidden = base(IDS).last_hidden_state
+    assert hidden.shape == (*IDS.shape, 64)
+    causal = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(causal.lm_head(hidden), causal(IDS).logits)
+
+
 def test_untied_and_tied_heads_survive(tmp_path):
     """Untied: the output holds lm_head; tied: it does not, and the loaded model ties it to the embedding."""
     for family, tied in (("llama", False), ("qwen2", True)):

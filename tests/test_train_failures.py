@@ -276,6 +276,6 @@ def test_past_source_context_true_trains_with_one_note(assets, tmp_path):
 def test_source_context_counts_rope_scaling(max_pos, rope, expected):
     from transformers import LlamaConfig
 
-    from hybridize.train.trainer import source_context
+    from hybridize.train.plan import source_context
 
     assert source_context(LlamaConfig(max_position_embeddings=max_pos, rope_parameters=rope)) == expected

@@ -11,7 +11,7 @@ from hybridize.train.data import Corpus, TokenizedDocs, build_corpus
 from hybridize.train.models import sparse_layers_for
 from hybridize.train.prompts import builtin_prompts
 from hybridize.train.recipe import RecipeError, load_recipe
-from hybridize.train.trainer import _training_weights
+from hybridize.train.plan import training_weights
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -39,8 +39,8 @@ def test_stage_weights_skip_heldout_sources(tmp_path):
     recipe["data"]["sources"] = [dict(docs), dict(docs, heldout=True), dict(docs)]
     recipe["stages"][1]["data_weights"] = [0.0, 0.0, 2.0]
     r = load_recipe(S.write_recipe(tmp_path / "r.yaml", recipe))
-    assert _training_weights(r, r.stages[1]) == [0.0, 2.0]
-    assert _training_weights(r, r.stages[0]) is None
+    assert training_weights(r, r.stages[1]) == [0.0, 2.0]
+    assert training_weights(r, r.stages[0]) is None
 
 
 @pytest.mark.parametrize("mutate, field, words", [

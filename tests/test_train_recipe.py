@@ -12,7 +12,8 @@ from click.testing import CliRunner
 import test_train_support as S
 from hybridize.cli import main
 from hybridize.train.data import MixtureStream, build_corpus, pack
-from hybridize.train.recipe import RecipeError, load_recipe, plan_stage
+from hybridize.train.plan import plan_stage
+from hybridize.train.recipe import RecipeError, load_recipe
 from hybridize.train.schedule import lr_at
 
 

@@ -17,7 +17,7 @@ from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from .cache_hybridize import HybridCache
 from .configuration_hybridize import LIGHTNING, HybridConfig
@@ -466,6 +466,16 @@ def left_padding(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
     return pad if bool(pad.any()) else None
 
 
+# transformers renamed the outputs' cache field from `past_key_values` to `cache` during 5.x; use whichever exists.
+_CACHE_FIELD = "cache" if "cache" in getattr(CausalLMOutputWithPast, "__dataclass_fields__", {}) else "past_key_values"
+_BASE_CACHE_FIELD = ("cache" if "cache" in getattr(BaseModelOutputWithPast, "__dataclass_fields__", {})
+                     else "past_key_values")
+
+
+def _model_output(hidden, cache, all_hidden) -> BaseModelOutputWithPast:
+    return BaseModelOutputWithPast(last_hidden_state=hidden, hidden_states=all_hidden, **{_BASE_CACHE_FIELD: cache})
+
+
 class HybridModel(HybridPreTrainedModel):
     def __init__(self, config: HybridConfig):
         super().__init__(config)
@@ -523,14 +533,14 @@ class HybridModel(HybridPreTrainedModel):
             hidden = []
             for s in range(0, T, chunk):
                 e = min(T, s + chunk)
-                h, cache, _ = self(
+                out = self(
                     inputs_embeds=inputs_embeds[:, s:e],
                     attention_mask=None if attention_mask is None else attention_mask[:, : past + e],
                     position_ids=None if position_ids is None else position_ids[:, s:e],
                     cache=cache, use_cache=True,
                 )
-                hidden.append(h)
-            return torch.cat(hidden, dim=1), cache, None
+                hidden.append(out.last_hidden_state)
+            return _model_output(torch.cat(hidden, dim=1), cache, None)
         pad_mask = None
         if pad is not None:
             col = torch.arange(past, past + T, device=inputs_embeds.device).view(1, -1)
@@ -552,11 +562,7 @@ class HybridModel(HybridPreTrainedModel):
             all_hidden[-1] = hidden
         if cache is not None:
             cache.seq_len += T
-        return hidden, cache, (tuple(all_hidden) if all_hidden is not None else None)
-
-
-# transformers renamed the output's cache field from `past_key_values` to `cache` during 5.x; use whichever exists.
-_CACHE_FIELD = "cache" if "cache" in getattr(CausalLMOutputWithPast, "__dataclass_fields__", {}) else "past_key_values"
+        return _model_output(hidden, cache, tuple(all_hidden) if all_hidden is not None else None)
 
 
 class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
@@ -597,17 +603,18 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
         return_dict: bool | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
-        hidden, cache, all_hidden = self.model(
+        out = self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
             past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
             output_hidden_states=output_hidden_states, cu_seqlens=cu_seqlens, cache=cache,
         )
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) and logits_to_keep else slice(None)
-        logits = self.lm_head(hidden[:, keep])
+        logits = self.lm_head(out.last_hidden_state[:, keep])
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=all_hidden, **{_CACHE_FIELD: cache})
+        return CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=out.hidden_states,
+                                      **{_CACHE_FIELD: getattr(out, _BASE_CACHE_FIELD)})
 
     def prepare_inputs_for_generation(
         self, input_ids, past_key_values=None, attention_mask=None, inputs_embeds=None, cache=None,

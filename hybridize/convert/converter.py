@@ -20,6 +20,7 @@ import torch
 
 from .. import __version__
 from ..arch.configuration_hybridize import HybridConfig
+from ..card import Conversion, model_card, write_card
 from ..common import parse_dtype
 from ..export import AUTO_MAP, atomic_folder, check_output, copy_architecture
 from ..select.placement import layer_types_for, layer_types_from, parse_ratio, sparse_count, sparse_indices
@@ -27,7 +28,6 @@ from ..select.registry import SELECTORS, get_selector, needs_weights
 from .build import added_tensors, hybrid_config_from_source, map_tensor
 from .checkpoint import Checkpoint, ignored
 from .families import Family
-from .model_card import model_card
 from .safetensors_io import ShardedSafetensorsWriter, TensorSpec, parse_size
 from .source import cast_floating, load_source_model, model_from_tensors, open_checked, source_tokenizer
 
@@ -193,12 +193,12 @@ def convert(
         _write_generation_config(tmp, ckpt)
         _write_tokenizer(tmp, ckpt)
         copy_architecture(tmp)
-        (tmp / "README.md").write_text(model_card(
+        write_card(tmp, model_card(conversion=Conversion(
             name=output.name, source=ckpt.source, source_format=ckpt.format, family=family.label,
             layer_types=hconfig.layer_types, method=method, ratio=None if method == "layers" else ratio, hype=hype,
             gates=gates, dtype=str(out_dtype).removeprefix("torch."), version=__version__,
             base_model=ckpt.source if ckpt.folder is not None and _is_hub_id(ckpt) else None,
-        ))
+        )))
     return ConvertResult(output, sparse_layers, num_layers, ckpt.source,
                          extras={"format": ckpt.format, "family": family.model_type, "notes": ckpt.notes},
                          method=method, checkpoint=ckpt, source_model=kept)

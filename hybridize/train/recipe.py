@@ -540,31 +540,4 @@ def fingerprint_difference(stored, current, where: str = "") -> str | None:
     return None
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Derived quantities
-# ---------------------------------------------------------------------------------------------------------------------
-@dataclass
-class StagePlan:
-    """How one stage's global batch splits across processes and micro-batches."""
-
-    steps: int
-    sequences_per_step: int  # global
-    per_process: int
-    micro_batch: int
-    accumulation: int
-
-
-def plan_stage(stage: StageSpec, world_size: int, file: str = "<recipe>", index: int = 0) -> StagePlan:
-    seqs = stage.global_batch_tokens // stage.seq_len
-    w = f"stages[{index}]"
-    if seqs % world_size:
-        _fail(file, f"{w}.global_batch_tokens", f"{seqs} sequences per step do not split over {world_size} processes")
-    per_process = seqs // world_size
-    micro = min(stage.micro_batch_size, per_process)
-    if per_process % micro:
-        _fail(file, f"{w}.micro_batch_size", f"{per_process} sequences per process per step are not a multiple of {micro}")
-    steps = stage.steps if stage.steps is not None else math.ceil(stage.tokens / stage.global_batch_tokens)
-    return StagePlan(steps, seqs, per_process, micro, per_process // micro)
-
-
-__all__ = ["Recipe", "RecipeError", "StageSpec", "load_recipe", "recipe_from_dict", "plan_stage", "set_override"]
+__all__ = ["Recipe", "RecipeError", "StageSpec", "load_recipe", "recipe_from_dict", "set_override"]

@@ -15,7 +15,6 @@ import contextlib
 import json
 import math
 import os
-import shutil
 import signal
 import time
 from dataclasses import dataclass, field
@@ -25,20 +24,17 @@ from types import SimpleNamespace
 import torch
 
 from ..arch.configuration_hybridize import LIGHTNING
-from .checkpoint import (
-    checkpoint_dir,
-    full_state_dict,
-    list_checkpoints,
-    load_weights,
-    save_checkpoint,
-    usable_checkpoint,
-)
+from .backend import check_backend, configure_deepspeed, is_deepspeed, is_fsdp, make_accelerator
+from .checkpoint import full_state_dict, list_checkpoints, load_weights, save_checkpoint, usable_checkpoint
 from .data import build_corpus, make_batch
 from .losses import IGNORE, cross_entropy_sum, hidden_mse_sum, kl_sum
 from .models import load_models
 from .params import apply_lora, merge_lora, select_trainable
-from .recipe import Recipe, RecipeError, fingerprint_difference, plan_stage, run_fingerprint
+from .plan import StagePlan, check_context, plan_stage, training_weights
+from .recipe import Recipe, RecipeError, StageSpec, fingerprint_difference, run_fingerprint
+from .rundir import check_output_dir, created_by_this_run, remove_failed_run, trim_metrics
 from .schedule import make_scheduler
+from .state import RunState
 
 
 class TrainingInterrupted(RuntimeError):
@@ -212,87 +208,14 @@ class StopFlag:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# The run
+# The student between stages
 # ---------------------------------------------------------------------------------------------------------------------
-def _make_accelerator(recipe: Recipe, output: Path):
-    from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration
-
-    trackers = []
-    for name in recipe.logging.trackers:
-        try:
-            __import__({"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}.get(name, name))
-            trackers.append(name)
-        except ImportError:
-            pass
-    mixed = "bf16" if recipe.precision == "bf16" else "no"
-    return Accelerator(mixed_precision=mixed, log_with=trackers or None,
-                       project_config=ProjectConfiguration(project_dir=str(output), logging_dir=str(output / "logs")))
-
-
-def _is_fsdp(accelerator) -> bool:
-    return str(accelerator.distributed_type).endswith("FSDP")
-
-
-def _is_deepspeed(accelerator) -> bool:
-    return str(accelerator.distributed_type).endswith("DEEPSPEED")
-
-
-def _check_deepspeed(accelerator, recipe: Recipe) -> None:
-    """What this loop can run under DeepSpeed: ZeRO stages 0-2 (whole parameters on every process), a replicated
-    teacher, and `on_nonfinite: stop` (the engine applies the update inside the last micro-batch's backward, so a
-    non-finite step cannot be skipped)."""
-    zero = accelerator.state.deepspeed_plugin.zero_stage
-    if zero == 3:
-        raise ValueError("DeepSpeed ZeRO-3 shards the parameters, which the stage-end export needs whole: use ZeRO "
-                         "stage 1 or 2, or FSDP (recipes/accelerate/fsdp.yaml) to shard parameters")
-    if recipe.on_nonfinite == "skip":
-        raise ValueError(f"{recipe.source_file}: on_nonfinite: skip cannot work under DeepSpeed (its engine applies "
-                         "the update inside backward); set on_nonfinite: stop")
-    if recipe.teacher.shard:
-        raise ValueError(f"{recipe.source_file}: teacher.shard works under FSDP only; under DeepSpeed every process "
-                         "holds the frozen teacher: set teacher.shard: false")
-
-
-def _configure_deepspeed(accelerator, plan, stage, precision: str) -> None:
-    """The engine of each stage: its micro-batch, accumulation and clipping; fp32 parameters as on every other path,
-    with bf16 as torch.autocast inside the engine (`torch_autocast`) rather than DeepSpeed's bf16 parameters, so that
-    the weights each stage hands on and exports stay float32."""
-    cfg = accelerator.state.deepspeed_plugin.deepspeed_config
-    cfg.update({
-        "train_micro_batch_size_per_gpu": plan.micro_batch,
-        "gradient_accumulation_steps": plan.accumulation,
-        "train_batch_size": plan.micro_batch * plan.accumulation * accelerator.num_processes,
-        "gradient_clipping": float(stage.grad_clip or 0.0),
-        "bf16": {"enabled": False},
-        "fp16": {"enabled": False},
-        "torch_autocast": {"enabled": precision == "bf16", "dtype": "bfloat16"},
-    })
-    accelerator.gradient_accumulation_steps = plan.accumulation  # what Accelerate compares the engine's value with
-
-
 def _set_sparse(model, stage, default_dense_len: int) -> None:
     cfg = model.config
     if not stage.sparse:
         cfg.sparse_dense_len = 1 << 62  # plain causal attention at every length
     else:
         cfg.sparse_dense_len = stage.dense_len if stage.dense_len is not None else default_dense_len
-
-
-def _training_weights(recipe: Recipe, stage) -> list[float] | None:
-    """The stage's mixture over the training sources (data_weights lists every source, held-out ones included)."""
-    if stage.data_weights is None:
-        return None
-    return [w for w, src in zip(stage.data_weights, recipe.data.sources) if not src.heldout]
-
-
-def _trim_metrics(path: Path, upto: int) -> None:
-    if not path.is_file():
-        return
-    keep = [x for x in path.read_text().splitlines() if x.strip() and json.loads(x)["global_step"] <= upto]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(x + "\n" for x in keep))
-    os.replace(tmp, path)
 
 
 def _checkpointing(model) -> bool:
@@ -321,65 +244,66 @@ def _fresh_student(config, checkpoint: Path):
     return model.float().train()
 
 
-def _check_output_dir(output: Path, file: str) -> None:
-    """Fail before any work when output.dir cannot be created or written (under a file, read-only, no permission)."""
-    existing = output
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise RecipeError(f"{file}: output.dir: {output} cannot be created: {existing} is a file")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise RecipeError(f"{file}: output.dir: {existing} is not writable (read-only or no permission): choose "
-                          "another output.dir")
+def _student_for(run: _Run, k: int, stage: StageSpec, model):
+    """The student as stage k trains it: its attention lengths, activation checkpointing and trainable parameters
+    (LoRA adapters added)."""
+    _set_sparse(model, stage, run.default_dense_len)
+    if stage.gradient_checkpointing:
+        _set_checkpointing(model, True)
+    elif _checkpointing(model):
+        _set_checkpointing(model, False)
+    if stage.trainable == "lora":
+        model.requires_grad_(False)
+        model = apply_lora(model, stage.lora)
+    else:
+        select_trainable(model, stage.trainable, f"{run.recipe.source_file}: stages[{k}].trainable")
+    model.train()
+    return model
 
 
-def source_context(config) -> int | None:
-    """How many positions the source model was trained for: max_position_embeddings, or the length its RoPE
-    scaling reaches when that is longer (yarn/linear/dynamic configs keep the original length there)."""
-    limit = getattr(config, "max_position_embeddings", None)
-    if not limit:
-        return None
-    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-    factor = rope.get("factor") if isinstance(rope, dict) else None
-    if factor and rope.get("rope_type", rope.get("type")) not in (None, "default"):
-        limit = max(limit, int(rope.get("original_max_position_embeddings", limit) * float(factor)))
-    return int(limit)
+# ---------------------------------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------------------------------
+@dataclass
+class _Run:
+    """What every stage of a run shares."""
+
+    recipe: Recipe
+    acc: object
+    output: Path
+    state: RunState
+    result: TrainResult
+    teacher: object
+    tokenizer: object
+    corpus: object
+    student_config: object
+    default_dense_len: int  # the student's own sparse_dense_len, restored for the export
+    checkpoint: Path | None  # the checkpoint this run resumed from
+    on_step: object
+    last_good: str | None = None  # the newest checkpoint written (named when a non-finite loss stops the run)
+    stop: StopFlag | None = None
+
+    @property
+    def main(self) -> bool:
+        return self.acc.is_main_process
 
 
-def _check_context(recipe: Recipe, config, main: bool) -> None:
-    limit = source_context(config)
-    if limit is None:
-        return
-    past = [(k, s) for k, s in enumerate(recipe.stages) if s.seq_len > limit]
-    for k, s in past:
-        if not s.past_source_context:
-            raise RecipeError(f"{recipe.source_file}: stages[{k}].seq_len: {s.seq_len} is past the source model's "
-                              f"context ({limit} positions): lower it, or set stages[{k}].past_source_context: true "
-                              "to train a longer context on purpose")
-    if past and main:
-        names = ", ".join(f"{s.name!r} ({s.seq_len})" for _, s in past)
-        print(f"note: stages {names} train past the source model's context of {limit} positions "
-              "(past_source_context: true)", flush=True)
+@dataclass
+class _Stage:
+    """One stage while it runs."""
 
-
-def _created_by_this_run(output: Path) -> list[Path]:
-    """What a run may create in output.dir that is not there yet (the folder itself when it does not exist)."""
-    if not output.exists():
-        return [output]
-    return [p for p in (output / "recipe.json", output / "metrics.jsonl", output / "logs", checkpoint_dir(output))
-            if not p.exists()]
-
-
-def _remove_failed_run(output: Path, created: list[Path]) -> None:
-    """After a failure before the first checkpoint, what the run created holds nothing to resume from: remove it,
-    and only it (a folder that existed before stays)."""
-    if list_checkpoints(output):
-        return
-    for path in created:
-        if path.is_dir():
-            shutil.rmtree(path, ignore_errors=True)
-        elif path.exists():
-            path.unlink()
+    index: int
+    spec: StageSpec
+    plan: StagePlan
+    pmodel: object  # the student prepared by Accelerate
+    optimizer: object
+    scheduler: object  # not prepared: one step per optimizer step
+    stream: object
+    eval_seqs: list
+    hidden_layers: list[int]
+    start: int  # the first step to run (past the checkpoint's when resuming inside this stage)
+    bar: object
+    t_last: float
 
 
 def train(recipe: Recipe, *, resume: bool = False, accelerator=None, on_step=None, models=None) -> TrainResult:
@@ -390,45 +314,78 @@ def train(recipe: Recipe, *, resume: bool = False, accelerator=None, on_step=Non
     A run that fails before its first checkpoint removes what it created in output.dir.
     """
     output = Path(recipe.output.dir)
-    _check_output_dir(output, recipe.source_file)
-    created = _created_by_this_run(output)
+    check_output_dir(output, recipe.source_file)
+    created = created_by_this_run(output)
     try:
-        return _train(recipe, output, resume=resume, accelerator=accelerator, on_step=on_step, models=models)
+        run, model = _setup(recipe, output, resume=resume, accelerator=accelerator, on_step=on_step, models=models)
+        state = run.state
+        with StopFlag() as run.stop:
+            for k, stage in enumerate(recipe.stages):
+                if k > state.stage or (k == state.stage and not state.stage_done):
+                    model = run_stage(run, k, stage, model)
+        return export_run(run, model)
     except BaseException:
         if int(os.environ.get("RANK", "0")) == 0:  # the main process wrote the files
-            _remove_failed_run(output, created)
+            remove_failed_run(output, created)
         raise
 
 
-def _train(recipe: Recipe, output: Path, *, resume, accelerator, on_step, models) -> TrainResult:
-    if not resume and list_checkpoints(output):
-        raise FileExistsError(f"output.dir {output} already holds checkpoints: pass --resume to continue that run "
-                              f"or choose another output.dir")
+def _setup(recipe: Recipe, output: Path, *, resume, accelerator, on_step, models) -> tuple[_Run, object]:
+    """Everything before the first stage: the checkpoint to resume from, the accelerator (and seed), the models, the
+    corpus, the run state and the output folder. Returns the run and the student."""
     fingerprint = run_fingerprint(recipe)
-    ckpt = resumed = None
-    notes: list[str] = []
-    if resume:
-        ckpt, resumed, notes = usable_checkpoint(output)
-        if ckpt is None:
-            raise FileNotFoundError(f"--resume: output.dir {output} holds no checkpoint to continue from: run "
-                                    "without --resume to start this run")
-        if "recipe" in resumed:  # checkpoints written before the fingerprint existed cannot be compared
-            diff = fingerprint_difference(resumed["recipe"], fingerprint)
-            if diff:
-                raise RecipeError(f"{recipe.source_file}: {diff}: the run in {output} was made with another recipe; "
-                                  "resume with the recipe that started it, or choose another output.dir")
-    acc = accelerator or _make_accelerator(recipe, output)
+    ckpt, resumed, notes = _resume_point(recipe, output, resume, fingerprint)
+    acc = accelerator or make_accelerator(recipe, output)
     from accelerate.utils import set_seed
 
     set_seed(recipe.seed)
-    main = acc.is_main_process
-    deepspeed = _is_deepspeed(acc)
-    if deepspeed:
-        _check_deepspeed(acc, recipe)
-    if any(s.trainable == "lora" for s in recipe.stages) and (_is_fsdp(acc) or deepspeed):
-        raise ValueError(f"{recipe.source_file}: trainable: lora is not supported under FSDP or DeepSpeed; run it on "
-                         "one process or with DDP (accelerate launch without an FSDP/DeepSpeed config)")
+    check_backend(acc, recipe)
+    student, teacher, tokenizer, description = _models(recipe, acc, models)
+    default_dense_len = student.config.sparse_dense_len
+    with acc.main_process_first():
+        corpus = build_corpus(recipe.data, tokenizer, recipe.seed, teacher=teacher,
+                              teacher_key=str(recipe.teacher.source or recipe.model.source))
+    state = RunState(description=description, recipe=fingerprint)
+    if ckpt is not None:
+        state = RunState.resumed(resumed, fingerprint)
+        if state.stage_done:
+            load_weights(student, ckpt)
+        if acc.is_main_process:
+            for note in notes:
+                print(f"note: {note}", flush=True)
+            print(f"resuming from {ckpt} (stage {state.stage}, step {state.step})", flush=True)
+    if acc.is_main_process:
+        output.mkdir(parents=True, exist_ok=True)
+        (output / "recipe.json").write_text(json.dumps(recipe.to_dict(), indent=1, default=str))
+        trim_metrics(output / "metrics.jsonl", state.global_step)  # steps after the checkpoint run (and log) again
+    if acc.trackers:
+        acc.init_trackers("hybridize", config={"stages": len(recipe.stages), "seed": recipe.seed})
+    run = _Run(recipe, acc, output, state, TrainResult(output, None), teacher, tokenizer, corpus, student.config,
+               default_dense_len, ckpt, on_step, last_good=str(ckpt) if ckpt else None)
+    return run, student
 
+
+def _resume_point(recipe: Recipe, output: Path, resume: bool, fingerprint: dict):
+    """(checkpoint, its stored state, notes) to continue from; (None, None, []) for a fresh run."""
+    if not resume and list_checkpoints(output):
+        raise FileExistsError(f"output.dir {output} already holds checkpoints: pass --resume to continue that run "
+                              f"or choose another output.dir")
+    if not resume:
+        return None, None, []
+    ckpt, resumed, notes = usable_checkpoint(output)
+    if ckpt is None:
+        raise FileNotFoundError(f"--resume: output.dir {output} holds no checkpoint to continue from: run "
+                                "without --resume to start this run")
+    if "recipe" in resumed:  # checkpoints written before the fingerprint existed cannot be compared
+        diff = fingerprint_difference(resumed["recipe"], fingerprint)
+        if diff:
+            raise RecipeError(f"{recipe.source_file}: {diff}: the run in {output} was made with another recipe; "
+                              "resume with the recipe that started it, or choose another output.dir")
+    return ckpt, resumed, notes
+
+
+def _models(recipe: Recipe, acc, models):
+    """(student, teacher placed for this backend or None, tokenizer, description)."""
     need_teacher = recipe.needs_teacher()
     if models is None:
         with acc.main_process_first():  # the first process scores layers (model.select) once; the others read them
@@ -436,206 +393,228 @@ def _train(recipe: Recipe, output: Path, *, resume, accelerator, on_step, models
     student, teacher, tokenizer, description = models
     if need_teacher and teacher is None:
         raise ValueError("the recipe's stages need a teacher but none was given")
-    _check_context(recipe, teacher.config if teacher is not None else student.config, main)
-    default_dense_len = student.config.sparse_dense_len
+    check_context(recipe, teacher.config if teacher is not None else student.config, acc.is_main_process)
     if teacher is not None:
         teacher = acc.prepare_model(teacher, evaluation_mode=True) if recipe.teacher.shard else teacher.to(acc.device)
-    with acc.main_process_first():
-        corpus = build_corpus(recipe.data, tokenizer, recipe.seed, teacher=teacher,
-                              teacher_key=str(recipe.teacher.source or recipe.model.source))
+    return student, teacher, tokenizer, description
 
-    state = {"stage": 0, "step": 0, "stage_done": False, "global_step": 0, "tokens": 0, "scheduler": None,
-             "metrics": {}, "stages": [], "description": description, "recipe": fingerprint}
-    if ckpt is not None:
-        state = dict(resumed, recipe=fingerprint)
-        if state["stage_done"]:
-            load_weights(student, ckpt)
-        if main:
-            for note in notes:
-                print(f"note: {note}", flush=True)
-            print(f"resuming from {ckpt} (stage {state['stage']}, step {state['step']})", flush=True)
-    metrics_file = output / "metrics.jsonl"
-    if main:
-        output.mkdir(parents=True, exist_ok=True)
-        (output / "recipe.json").write_text(json.dumps(recipe.to_dict(), indent=1, default=str))
-        _trim_metrics(metrics_file, state["global_step"])  # steps after the checkpoint will be run (and logged) again
-    if acc.trackers:
-        acc.init_trackers("hybridize", config={"stages": len(recipe.stages), "seed": recipe.seed})
-    result = TrainResult(output, None, tokens=state["tokens"], global_step=state["global_step"])
-    last_good = str(ckpt) if ckpt else None
-    model = student
 
-    with StopFlag() as stop:
-        for k, stage in enumerate(recipe.stages):
-            if k < state["stage"] or (k == state["stage"] and state["stage_done"]):
-                continue
-            plan = plan_stage(stage, acc.num_processes, recipe.source_file, k)
-            resuming_here = ckpt is not None and k == state["stage"] and not state["stage_done"]
-            start = state["step"] if resuming_here else 0
+# ---------------------------------------------------------------------------------------------------------------------
+# One stage
+# ---------------------------------------------------------------------------------------------------------------------
+def run_stage(run: _Run, k: int, spec: StageSpec, model):
+    """Stage k from its first step (or the checkpoint's); returns the plain student it hands to the next stage."""
+    st = prepare_stage(run, k, spec, model)
+    for step in range(st.start, st.plan.steps):
+        train_step(run, st, step)
+    st.bar.close()
+    return finish_stage(run, st)
 
-            _set_sparse(model, stage, default_dense_len)
-            if stage.gradient_checkpointing:
-                _set_checkpointing(model, True)
-            elif _checkpointing(model):
-                _set_checkpointing(model, False)
-            if stage.trainable == "lora":
-                model.requires_grad_(False)
-                model = apply_lora(model, stage.lora)
+
+def prepare_stage(run: _Run, k: int, spec: StageSpec, model) -> _Stage:
+    recipe, acc, state = run.recipe, run.acc, run.state
+    plan = plan_stage(spec, acc.num_processes, recipe.source_file, k)
+    resuming_here = run.checkpoint is not None and k == state.stage and not state.stage_done
+    model = _student_for(run, k, spec, model)
+    run.result.trainable[spec.name] = [n for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=spec.lr, betas=tuple(spec.betas), weight_decay=spec.weight_decay)
+    if is_deepspeed(acc):
+        configure_deepspeed(acc, plan, spec, recipe.precision)
+    pmodel, optimizer = acc.prepare(model, optimizer)
+    scheduler = make_scheduler(optimizer, spec, plan.steps)
+    if resuming_here:
+        acc.load_state(str(run.checkpoint))
+        scheduler.load_state_dict(state.scheduler)
+    stream = run.corpus.stream(spec.seq_len, recipe.seed * 1000 + k, training_weights(recipe, spec))
+    eval_seqs = run.corpus.eval_sequences(spec.seq_len, spec.eval_sequences)
+    hidden_layers = list(range(model.config.num_hidden_layers)) if spec.loss.hidden_layers == "all" else [
+        i for i, t in enumerate(acc.unwrap_model(pmodel).config.layer_types) if t == LIGHTNING]
+    start = state.step if resuming_here else 0
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=plan.steps, initial=start, desc=f"{spec.name}", unit="step", dynamic_ncols=True,
+               disable=not (run.main and recipe.logging.progress))
+    return _Stage(k, spec, plan, pmodel, optimizer, scheduler, stream, eval_seqs, hidden_layers, start, bar,
+                  time.perf_counter())
+
+
+def train_step(run: _Run, st: _Stage, step: int) -> dict:
+    """One optimizer step of `global_batch_tokens` tokens: loss, update, log, then stop or checkpoint if due."""
+    spec, state = st.spec, run.state
+    comp = forward_backward(run, st, _step_batches(run, st, step))
+    total_loss = sum(getattr(spec.loss, x) * v for x, v in comp.items())
+    record = {"stage": spec.name, "step": step + 1, "global_step": state.global_step + 1, "loss": total_loss, **comp,
+              "lr": st.scheduler.get_last_lr()[0]}
+    _update(run, st, step, record)
+    st.scheduler.step()
+    state.global_step += 1
+    state.tokens += spec.global_batch_tokens
+    now = time.perf_counter()
+    record["tokens"] = state.tokens
+    record["tokens_per_s"] = spec.global_batch_tokens / max(now - st.t_last, 1e-9)
+    st.t_last = now
+    if step + 1 == st.plan.steps or (spec.eval_every and (step + 1) % spec.eval_every == 0):
+        record.update(heldout_loss(run.acc, st.pmodel, st.eval_seqs, st.plan.micro_batch))
+    _log(run, st, record)
+    if run.on_step is not None:
+        run.on_step(state.global_step, record)
+    _stop_or_checkpoint(run, st, step)
+    return record
+
+
+def _step_batches(run: _Run, st: _Stage, step: int) -> list[dict]:
+    """This process's micro-batches of the step: its contiguous share of the step's globally numbered sequences."""
+    plan, acc = st.plan, run.acc
+    base = step * plan.sequences_per_step + acc.process_index * plan.per_process
+    return [make_batch([st.stream[base + j * plan.micro_batch + i] for i in range(plan.micro_batch)], acc.device)
+            for j in range(plan.accumulation)]
+
+
+def forward_backward(run: _Run, st: _Stage, batches: list[dict]) -> dict[str, float]:
+    """Gradients of the step's loss, each term normalised by its global token count; returns each term's value."""
+    acc, loss_spec = run.acc, st.spec.loss
+    local = {}
+    for b in batches:
+        for key, n in part_counts(b, loss_spec).items():
+            local[key] = local.get(key, 0) + n
+    keys = sorted(local)
+    totals_t = acc.reduce(torch.tensor([float(local[x]) for x in keys], device=acc.device), "sum")
+    totals = dict(zip(keys, totals_t.tolist()))
+    sums = torch.zeros(len(keys), dtype=torch.float64, device=acc.device)
+    for j, b in enumerate(batches):
+        last = j == len(batches) - 1
+        with contextlib.nullcontext() if last else acc.no_sync(st.pmodel):
+            parts = loss_parts(st.pmodel, run.teacher, b, loss_spec, st.hidden_layers)
+            loss = weighted(parts, totals, loss_spec) * acc.num_processes
+            if is_deepspeed(acc):  # the engine: no second division by the accumulation count (the loss is already
+                # this micro-batch's share of the step), and its update at the last micro-batch
+                st.pmodel.set_gradient_accumulation_boundary(last)
+                st.pmodel.backward(loss, scale_wrt_gas=False)
+                st.pmodel.step()
             else:
-                select_trainable(model, stage.trainable, f"{recipe.source_file}: stages[{k}].trainable")
-            model.train()
-            result.trainable[stage.name] = [n for n, p in model.named_parameters() if p.requires_grad]
-            params = [p for p in model.parameters() if p.requires_grad]
-            optimizer = torch.optim.AdamW(params, lr=stage.lr, betas=tuple(stage.betas),
-                                          weight_decay=stage.weight_decay)
-            if deepspeed:
-                _configure_deepspeed(acc, plan, stage, recipe.precision)
-            pmodel, optimizer = acc.prepare(model, optimizer)
-            scheduler = make_scheduler(optimizer, stage, plan.steps)  # not prepared: one step per optimizer step
-            if resuming_here:
-                acc.load_state(str(ckpt))
-                scheduler.load_state_dict(state["scheduler"])
-            stream = corpus.stream(stage.seq_len, recipe.seed * 1000 + k, _training_weights(recipe, stage))
-            eval_seqs = corpus.eval_sequences(stage.seq_len, stage.eval_sequences)
-            hidden_layers = list(range(model.config.num_hidden_layers)) if stage.loss.hidden_layers == "all" else [
-                i for i, t in enumerate(acc.unwrap_model(pmodel).config.layer_types) if t == LIGHTNING]
+                acc.backward(loss)
+        sums += torch.stack([parts[x][0].detach().double() for x in keys])
+    sums = acc.reduce(sums, "sum")
+    return {x: float(sums[i]) / max(totals[x], 1.0) for i, x in enumerate(keys)}
 
-            def checkpoint(step: int, done: bool, weights=None) -> Path:
-                st = dict(state, stage=k, step=step, stage_done=done, scheduler=scheduler.state_dict(),
-                          global_step=result.global_step, tokens=result.tokens)
-                return save_checkpoint(acc, output, st, full_state_dict=weights, keep_last=recipe.output.keep_last)
 
-            from tqdm.auto import tqdm
+def _update(run: _Run, st: _Stage, step: int, record: dict) -> None:
+    """The optimizer step, or (non-finite loss) no update: stop the run or mark the step skipped."""
+    total_loss = record["loss"]
+    if not math.isfinite(total_loss):
+        st.optimizer.zero_grad(set_to_none=True)
+        if run.recipe.on_nonfinite == "stop":
+            raise NonFiniteLossError(
+                f"non-finite loss ({total_loss}) at stage {st.spec.name!r} step {step + 1} (global step "
+                f"{run.state.global_step + 1}); last good checkpoint: {run.last_good or 'none'}")
+        record["skipped"] = True
+        return
+    if st.spec.grad_clip:
+        gn = run.acc.clip_grad_norm_(st.pmodel.parameters(), st.spec.grad_clip)
+        record["grad_norm"] = float(gn)
+    st.optimizer.step()
+    st.optimizer.zero_grad(set_to_none=True)
 
-            bar = tqdm(total=plan.steps, initial=start, desc=f"{stage.name}", unit="step", dynamic_ncols=True,
-                       disable=not (main and recipe.logging.progress))
-            t_last = time.perf_counter()
-            for step in range(start, plan.steps):
-                base = step * plan.sequences_per_step + acc.process_index * plan.per_process
-                batches = []
-                for j in range(plan.accumulation):
-                    seqs = [stream[base + j * plan.micro_batch + i] for i in range(plan.micro_batch)]
-                    batches.append(make_batch(seqs, acc.device))
-                local = {}
-                for b in batches:
-                    for key, n in part_counts(b, stage.loss).items():
-                        local[key] = local.get(key, 0) + n
-                keys = sorted(local)
-                totals_t = acc.reduce(torch.tensor([float(local[x]) for x in keys], device=acc.device), "sum")
-                totals = dict(zip(keys, totals_t.tolist()))
-                sums = torch.zeros(len(keys), dtype=torch.float64, device=acc.device)
-                for j, b in enumerate(batches):
-                    sync = contextlib.nullcontext() if j == len(batches) - 1 else acc.no_sync(pmodel)
-                    with sync:
-                        parts = loss_parts(pmodel, teacher, b, stage.loss, hidden_layers)
-                        loss = weighted(parts, totals, stage.loss) * acc.num_processes
-                        if deepspeed:  # the engine: no second division by the accumulation count (the loss is
-                            # already this micro-batch's share of the step), and its update at the last micro-batch
-                            pmodel.set_gradient_accumulation_boundary(j == len(batches) - 1)
-                            pmodel.backward(loss, scale_wrt_gas=False)
-                            pmodel.step()
-                        else:
-                            acc.backward(loss)
-                    sums += torch.stack([parts[x][0].detach().double() for x in keys])
-                sums = acc.reduce(sums, "sum")
-                comp = {x: float(sums[i]) / max(totals[x], 1.0) for i, x in enumerate(keys)}
-                total_loss = sum(getattr(stage.loss, x) * v for x, v in comp.items())
-                record = {"stage": stage.name, "step": step + 1, "global_step": result.global_step + 1,
-                          "loss": total_loss, **comp, "lr": scheduler.get_last_lr()[0]}
-                if not math.isfinite(total_loss):
-                    optimizer.zero_grad(set_to_none=True)
-                    if recipe.on_nonfinite == "stop":
-                        raise NonFiniteLossError(
-                            f"non-finite loss ({total_loss}) at stage {stage.name!r} step {step + 1} (global step "
-                            f"{result.global_step + 1}); last good checkpoint: {last_good or 'none'}")
-                    record["skipped"] = True
-                else:
-                    if stage.grad_clip:
-                        gn = acc.clip_grad_norm_(pmodel.parameters(), stage.grad_clip)
-                        record["grad_norm"] = float(gn)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                scheduler.step()
-                result.global_step += 1
-                result.tokens += stage.global_batch_tokens
-                now = time.perf_counter()
-                record["tokens"] = result.tokens
-                record["tokens_per_s"] = stage.global_batch_tokens / max(now - t_last, 1e-9)
-                t_last = now
-                if stage.eval_every and (step + 1) % stage.eval_every == 0 and step + 1 < plan.steps:
-                    record.update(heldout_loss(acc, pmodel, eval_seqs, plan.micro_batch))
-                if step + 1 == plan.steps:
-                    record.update(heldout_loss(acc, pmodel, eval_seqs, plan.micro_batch))
-                result.history.append(record)
-                if main:
-                    with open(metrics_file, "a") as f:
-                        f.write(json.dumps(record) + "\n")
-                    if acc.trackers:
-                        acc.log({x: v for x, v in record.items() if isinstance(v, (int, float))},
-                                step=result.global_step)
-                    bar.set_postfix(loss=f"{total_loss:.4g}", tok_s=f"{record['tokens_per_s']:.0f}")
-                    bar.update(1)
-                if "heldout_loss" in record:
-                    result.evals.append(record)
-                    state["metrics"] = {x: record[x] for x in ("heldout_loss", "heldout_ppl") if x in record}
-                if on_step is not None:
-                    on_step(result.global_step, record)
-                # Every process must agree on stopping (a signal may reach only some of them).
-                flag = acc.reduce(torch.tensor([1.0 if stop.signal else 0.0], device=acc.device), "sum")
-                if float(flag) > 0 and step + 1 < plan.steps:
-                    path = checkpoint(step + 1, False)
-                    bar.close()
-                    raise TrainingInterrupted(f"interrupted at stage {stage.name!r} step {step + 1}; checkpoint "
-                                              f"{path} written: continue with --resume")
-                every = recipe.output.checkpoint_every
-                if every and (step + 1) % every == 0 and step + 1 < plan.steps:
-                    last_good = str(checkpoint(step + 1, False))
-            bar.close()
 
-            # Stage end: fold LoRA back, save full weights, start the next stage from a plain model.
-            state["stages"] = [s for s in state["stages"] if s["name"] != stage.name] + [{
-                "name": stage.name, "seq_len": stage.seq_len, "steps": plan.steps,
-                "tokens": plan.steps * stage.global_batch_tokens, "lr": stage.lr, "schedule": stage.schedule,
-                "trainable": stage.trainable, "loss": {x: getattr(stage.loss, x) for x in ("hidden_mse", "kl", "ce")},
-                "kl_direction": stage.loss.kl_direction, "temperature": stage.loss.temperature, "sparse": stage.sparse,
-                **state["metrics"]}]
-            if _is_fsdp(acc):
-                weights = full_state_dict(acc, pmodel)
-                last_good = str(checkpoint(plan.steps, True, weights if main else {}))
-                acc.free_memory()
-                del pmodel, optimizer
-                model = _fresh_student(student.config, Path(last_good))
-            else:
-                model = merge_lora(acc.unwrap_model(pmodel))
-                weights = {n: t for n, t in model.state_dict().items()
-                           if not (n == "lm_head.weight" and model.config.tie_word_embeddings)}
-                last_good = str(checkpoint(plan.steps, True, weights if main else {}))
-                acc.free_memory()
-            state.update(stage=k, step=plan.steps, stage_done=True)
+def _log(run: _Run, st: _Stage, record: dict) -> None:
+    run.result.history.append(record)
+    if run.main:
+        with open(run.output / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if run.acc.trackers:
+            run.acc.log({x: v for x, v in record.items() if isinstance(v, (int, float))}, step=run.state.global_step)
+        st.bar.set_postfix(loss=f"{record['loss']:.4g}", tok_s=f"{record['tokens_per_s']:.0f}")
+        st.bar.update(1)
+    if "heldout_loss" in record:
+        run.result.evals.append(record)
+        run.state.metrics = {x: record[x] for x in ("heldout_loss", "heldout_ppl") if x in record}
 
-    model.config.sparse_dense_len = default_dense_len
+
+def _stop_or_checkpoint(run: _Run, st: _Stage, step: int) -> None:
+    more = step + 1 < st.plan.steps  # the stage's last step is checkpointed by finish_stage
+    # Every process must agree on stopping (a signal may reach only some of them).
+    flag = run.acc.reduce(torch.tensor([1.0 if run.stop.signal else 0.0], device=run.acc.device), "sum")
+    if float(flag) > 0 and more:
+        path = _save(run, st, step + 1, False)
+        st.bar.close()
+        raise TrainingInterrupted(f"interrupted at stage {st.spec.name!r} step {step + 1}; checkpoint {path} "
+                                  "written: continue with --resume")
+    every = run.recipe.output.checkpoint_every
+    if every and (step + 1) % every == 0 and more:
+        run.last_good = str(_save(run, st, step + 1, False))
+
+
+def _save(run: _Run, st: _Stage, step: int, done: bool, weights=None) -> Path:
+    saved = run.state.saved(stage=st.index, step=step, stage_done=done, scheduler=st.scheduler.state_dict())
+    return save_checkpoint(run.acc, run.output, saved, full_state_dict=weights, keep_last=run.recipe.output.keep_last)
+
+
+def finish_stage(run: _Run, st: _Stage):
+    """Record the stage, fold LoRA back, save the full weights; returns a plain student for the next stage."""
+    acc, spec, plan, state = run.acc, st.spec, st.plan, run.state
+    state.stages = [s for s in state.stages if s["name"] != spec.name] + [_stage_record(spec, plan, state.metrics)]
+    if is_fsdp(acc):
+        weights = full_state_dict(acc, st.pmodel)
+        run.last_good = str(_save(run, st, plan.steps, True, weights if run.main else {}))
+        acc.free_memory()
+        st.pmodel = st.optimizer = None  # the sharded model goes before the next stage's copy is built
+        model = _fresh_student(run.student_config, Path(run.last_good))
+    else:
+        model = merge_lora(acc.unwrap_model(st.pmodel))
+        weights = {n: t for n, t in model.state_dict().items()
+                   if not (n == "lm_head.weight" and model.config.tie_word_embeddings)}
+        run.last_good = str(_save(run, st, plan.steps, True, weights if run.main else {}))
+        acc.free_memory()
+    state.stage, state.step, state.stage_done = st.index, plan.steps, True
+    return model
+
+
+def _stage_record(spec: StageSpec, plan: StagePlan, metrics: dict) -> dict:
+    """What the model card reports of a finished stage."""
+    return {"name": spec.name, "seq_len": spec.seq_len, "steps": plan.steps,
+            "tokens": plan.steps * spec.global_batch_tokens, "lr": spec.lr, "schedule": spec.schedule,
+            "trainable": spec.trainable, "loss": {x: getattr(spec.loss, x) for x in ("hidden_mse", "kl", "ce")},
+            "kl_direction": spec.loss.kl_direction, "temperature": spec.loss.temperature, "sparse": spec.sparse,
+            **metrics}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Export
+# ---------------------------------------------------------------------------------------------------------------------
+def export_run(run: _Run, model) -> TrainResult:
+    """The trained model as a user loads it (output.dir/model, with its card; pushed when the recipe says so)."""
+    recipe, result, state = run.recipe, run.result, run.state
+    result.tokens, result.global_step = state.tokens, state.global_step
+    model.config.sparse_dense_len = run.default_dense_len
     if _checkpointing(model):
         _set_checkpointing(model, False)
     model.requires_grad_(True)
-    if main and recipe.output.export:
-        from ..export import save_hybrid
-        from .card import write_card
-
-        folder = output / "model"
-        if recipe.output.dtype is not None:
-            from ..common import DTYPES
-
-            model.to(DTYPES[recipe.output.dtype])
-        save_hybrid(model.eval(), folder, tokenizer=tokenizer, force=True)
-        (folder / "recipe.json").write_text(json.dumps(recipe.to_dict(), indent=1, default=str))
-        write_card(folder, recipe, state, result)
-        result.model_dir = folder
-        if recipe.push_to_hub is not None:
-            from .hub import push_trained
-
-            push_trained(folder, recipe.push_to_hub)
-    acc.wait_for_everyone()
-    if acc.trackers:
-        acc.end_training()
+    if run.main and recipe.output.export:
+        result.model_dir = _export_folder(run, model)
+    run.acc.wait_for_everyone()
+    if run.acc.trackers:
+        run.acc.end_training()
     result.model = model
     return result
+
+
+def _export_folder(run: _Run, model) -> Path:
+    from ..card import Training, model_card, write_card
+    from ..export import save_hybrid
+
+    recipe, state = run.recipe, run.state
+    folder = run.output / "model"
+    if recipe.output.dtype is not None:
+        from ..common import DTYPES
+
+        model.to(DTYPES[recipe.output.dtype])
+    save_hybrid(model.eval(), folder, tokenizer=run.tokenizer, force=True)
+    (folder / "recipe.json").write_text(json.dumps(recipe.to_dict(), indent=1, default=str))
+    write_card(folder, model_card(training=Training(state.description, state.stages, state.tokens, state.global_step,
+                                                    state.metrics, recipe.data.sources)))
+    if recipe.push_to_hub is not None:
+        from ..hub import push_folder
+
+        push_folder(folder, recipe.push_to_hub.repo_id, private=recipe.push_to_hub.private)
+    return folder

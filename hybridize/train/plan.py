@@ -1,0 +1,73 @@
+"""The plan of each stage: how its global batch splits over processes and micro-batches, which data mixture it
+draws, and whether its sequences fit the source model's context. Derived from the recipe, checked when the loop
+reaches the stage (it depends on the number of processes)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .recipe import Recipe, RecipeError, StageSpec
+
+
+@dataclass
+class StagePlan:
+    """How one stage's global batch splits across processes and micro-batches."""
+
+    steps: int
+    sequences_per_step: int  # global
+    per_process: int
+    micro_batch: int
+    accumulation: int
+
+
+def plan_stage(stage: StageSpec, world_size: int, file: str = "<recipe>", index: int = 0) -> StagePlan:
+    seqs = stage.global_batch_tokens // stage.seq_len
+    w = f"stages[{index}]"
+    if seqs % world_size:
+        raise RecipeError(f"{file}: {w}.global_batch_tokens: {seqs} sequences per step do not split over {world_size} "
+                          "processes")
+    per_process = seqs // world_size
+    micro = min(stage.micro_batch_size, per_process)
+    if per_process % micro:
+        raise RecipeError(f"{file}: {w}.micro_batch_size: {per_process} sequences per process per step are not a "
+                          f"multiple of {micro}")
+    steps = stage.steps if stage.steps is not None else math.ceil(stage.tokens / stage.global_batch_tokens)
+    return StagePlan(steps, seqs, per_process, micro, per_process // micro)
+
+
+def training_weights(recipe: Recipe, stage: StageSpec) -> list[float] | None:
+    """The stage's mixture over the training sources (data_weights lists every source, held-out ones included)."""
+    if stage.data_weights is None:
+        return None
+    return [w for w, src in zip(stage.data_weights, recipe.data.sources) if not src.heldout]
+
+
+def source_context(config) -> int | None:
+    """How many positions the source model was trained for: max_position_embeddings, or the length its RoPE
+    scaling reaches when that is longer (yarn/linear/dynamic configs keep the original length there)."""
+    limit = getattr(config, "max_position_embeddings", None)
+    if not limit:
+        return None
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    factor = rope.get("factor") if isinstance(rope, dict) else None
+    if factor and rope.get("rope_type", rope.get("type")) not in (None, "default"):
+        limit = max(limit, int(rope.get("original_max_position_embeddings", limit) * float(factor)))
+    return int(limit)
+
+
+def check_context(recipe: Recipe, config, main: bool) -> None:
+    """Refuse a stage longer than the source's context unless it says past_source_context (then note it once)."""
+    limit = source_context(config)
+    if limit is None:
+        return
+    past = [(k, s) for k, s in enumerate(recipe.stages) if s.seq_len > limit]
+    for k, s in past:
+        if not s.past_source_context:
+            raise RecipeError(f"{recipe.source_file}: stages[{k}].seq_len: {s.seq_len} is past the source model's "
+                              f"context ({limit} positions): lower it, or set stages[{k}].past_source_context: true "
+                              "to train a longer context on purpose")
+    if past and main:
+        names = ", ".join(f"{s.name!r} ({s.seq_len})" for _, s in past)
+        print(f"note: stages {names} train past the source model's context of {limit} positions "
+              "(past_source_context: true)", flush=True)
