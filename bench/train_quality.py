@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from portable import without_machine_paths  # bench/portable.py (the script's folder is on sys.path)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -348,10 +349,12 @@ def cmd_quality(args) -> int:
         per_stage[st.name] = {"steps": len(rows), "tokens": len(rows) * st.global_batch_tokens, "seq_len": st.seq_len,
                               "tokens_per_s_median": float(np.median([h["tokens_per_s"] for h in rows[1:]] or [0])),
                               "first_loss": rows[0]["loss"], "last_loss": rows[-1]["loss"]}
-    report = {"device": torch.cuda.get_device_name() if dev.startswith("cuda") else "cpu", "source": desc,
-              "model_dir": str(result.model_dir), "train_seconds": train_s, "tokens": result.tokens,
+    report = {"device": torch.cuda.get_device_name() if dev.startswith("cuda") else "cpu",
+              "source": without_machine_paths(desc), "model_dir": without_machine_paths(str(result.model_dir)),
+              "train_seconds": train_s, "tokens": result.tokens,
               "tokens_per_s": result.tokens / train_s, "stages": per_stage, "limit_seconds": args.limit_seconds,
-              "within_limit": train_s <= args.limit_seconds, "overrides": list(args.set)}
+              "within_limit": train_s <= args.limit_seconds,
+              "overrides": [without_machine_paths(x) for x in args.set]}
     (out / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
     (out / "quality.json").write_text(json.dumps(report, indent=1))
     print(f"trained {result.tokens:,} tokens in {train_s:.0f} s ({report['tokens_per_s']:,.0f} tokens/s); "
