@@ -216,7 +216,7 @@ def _ov(block_c, num_warps, num_stages, segment_tokens, lead=1, decay_v=False, *
 SWEEP = [  # forward configs at 64K: the look-back, two-pass and default first, then the most promising (the sweep stops
     # at its budget)
     LT.LOOKBACK_CONFIG, TWO_PASS, LT.DEFAULT_CONFIG,
-    # Nsight Compute on the default at 64K (bench/RESULTS.md): 3.25 GB of DRAM traffic against the 2.15 GB floor, L2 hit
+    # Nsight Compute on the default at 64K (results/kernels-lightning.md): 3.25 GB of DRAM traffic against the 2.15 GB floor, L2 hit
     # rate 34.5%; the two 64-column tiles of a segment both read its q and k, and the walks load them evict-first
     _ov(64, 4, 2, 4096, decay_v=True, walk_qk_hint=""), _ov(64, 4, 2, 4096, decay_v=True, walk_qk_hint="evict_last"),
     _ov(64, 4, 2, 8192, decay_v=True, walk_qk_hint="evict_last"),

@@ -30,9 +30,10 @@ from pathlib import Path
 
 import torch
 
+from hybridize.common import format_length
 from hybridize.eval.report import plot_bench, write_bench_report
-from hybridize.eval.speed import (WARMUP_CAP, BenchReport, bench_model, device_name, format_length, parse_length,
-                                  shape_builders)
+from hybridize.eval.speed import WARMUP_CAP, BenchReport, bench_model, device_name, parse_length, shape_builders
+from portable import without_machine_paths  # bench/portable.py (the script's folder is on sys.path)
 
 
 def kernel_dispatch() -> dict:
@@ -162,7 +163,7 @@ def main() -> int:
         del model
         torch.cuda.empty_cache()
     report = BenchReport(device_name(device), "bfloat16", args.chunk, args.decode_steps, sorted(batches), lengths,
-                         models, "python bench/bench_model.py " + " ".join(sys.argv[1:]),
+                         models, without_machine_paths("python bench/bench_model.py " + " ".join(sys.argv[1:])),
                          time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())).to_dict()
     report["kernels"] = info["kernels"]
     paths = write_bench_report(report, out, plots=True)

@@ -61,7 +61,7 @@ MEASURE = """
 import json, resource, sys, time
 t0 = time.time()
 import torch, transformers
-import hybridize.convert.converter as converter
+from hybridize.convert import converter
 mode, source, out = sys.argv[1], sys.argv[2], sys.argv[3]
 if mode == "streaming":
     converter.convert(source, out, ratio="1:3", progress=False)

@@ -28,8 +28,10 @@ from pathlib import Path
 
 import torch
 
+from hybridize.common import format_length
 from hybridize.eval.prefill import prefill, use_chunked_sdpa
-from hybridize.eval.speed import format_length, hybrid_layer_types, parse_length, random_model, shape_config
+from hybridize.eval.speed import parse_length, random_model, shape_config
+from hybridize.select.placement import layer_types_for
 
 FULL_LAYERS = {"llama3-8b": 32, "smollm2-135m": 30, "tiny": 4}
 
@@ -41,7 +43,7 @@ def build(shape: str, layers: int, dtype, device, hybrid: bool):
     src.num_hidden_layers = layers
     if not hybrid:
         return random_model(src, dtype, device)
-    return random_model(hybrid_config_from_source(src, hybrid_layer_types(layers, "1:3")), dtype, device)
+    return random_model(hybrid_config_from_source(src, layer_types_for(layers, "1:3")), dtype, device)
 
 
 def layer_kind(layer) -> str:

@@ -19,9 +19,6 @@
         Where one micro-batch of each stage spends its time: teacher forward, student fwd + bwd, the stage's loss
         fwd + bwd, and a torch.profiler table of the last.
 
-    python bench/train_quality.py pack --out FILE.npz      (here: SmolLM2 weights at 3 bits, to fit a 64 MiB transfer)
-    python bench/train_quality.py unpack FILE.npz --out DIR (there: a Hugging Face folder of the re-quantised model)
-
 Each prints a short table last and writes JSON beside it.
 """
 
@@ -36,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from portable import without_machine_paths  # bench/portable.py (the script's folder is on sys.path)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -225,8 +223,8 @@ def _bench_recipe(args, *extra_sets: str):
 
 def cmd_profile(args) -> int:
     """Where one training micro-batch of each recipe stage spends its time (it found the teacher's (B*T)^2 packed
-    mask, bench/RESULTS.md): the teacher's forward alone, the student's forward + backward
-    alone (mean of its logits as the loss), the stage's real loss + backward, and a torch.profiler table of the last
+    mask, bench/results/training.md): the teacher's forward alone, the student's forward + backward alone (mean of
+    its logits as the loss), the stage's real loss + backward, and a torch.profiler table of the last
     (device time by op; wall time against device time tells whether the step waits on the host)."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -351,10 +349,12 @@ def cmd_quality(args) -> int:
         per_stage[st.name] = {"steps": len(rows), "tokens": len(rows) * st.global_batch_tokens, "seq_len": st.seq_len,
                               "tokens_per_s_median": float(np.median([h["tokens_per_s"] for h in rows[1:]] or [0])),
                               "first_loss": rows[0]["loss"], "last_loss": rows[-1]["loss"]}
-    report = {"device": torch.cuda.get_device_name() if dev.startswith("cuda") else "cpu", "source": desc,
-              "model_dir": str(result.model_dir), "train_seconds": train_s, "tokens": result.tokens,
+    report = {"device": torch.cuda.get_device_name() if dev.startswith("cuda") else "cpu",
+              "source": without_machine_paths(desc), "model_dir": without_machine_paths(str(result.model_dir)),
+              "train_seconds": train_s, "tokens": result.tokens,
               "tokens_per_s": result.tokens / train_s, "stages": per_stage, "limit_seconds": args.limit_seconds,
-              "within_limit": train_s <= args.limit_seconds, "overrides": list(args.set)}
+              "within_limit": train_s <= args.limit_seconds,
+              "overrides": [without_machine_paths(x) for x in args.set]}
     (out / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
     (out / "quality.json").write_text(json.dumps(report, indent=1))
     print(f"trained {result.tokens:,} tokens in {train_s:.0f} s ({report['tokens_per_s']:,.0f} tokens/s); "
@@ -407,82 +407,6 @@ def _retention(specs: dict[str, str], reference: str, out: Path, device: str, qu
 def cmd_retention(args) -> int:
     specs = dict(x.split("=", 1) for x in args.model)
     _retention(specs, args.reference, Path(args.out), args.device, quick=args.quick, trials=args.trials)
-    return 0
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# 3-bit transport of SmolLM2 (the device accepts 64 MiB per call; the GGUF is 98 MB)
-# ---------------------------------------------------------------------------------------------------------------------
-def _quant3(w: np.ndarray, group: int = 128):
-    flat = w.astype(np.float32).reshape(-1)
-    pad = (-len(flat)) % group
-    flat = np.concatenate([flat, np.zeros(pad, np.float32)]).reshape(-1, group)
-    lo, hi = flat.min(1, keepdims=True), flat.max(1, keepdims=True)
-    scale = np.maximum(hi - lo, 1e-8) / 7.0
-    q = np.clip(np.rint((flat - lo) / scale), 0, 7).astype(np.uint8).reshape(-1)
-    bits = np.packbits(((q[:, None] >> np.arange(3, dtype=np.uint8)) & 1).astype(np.uint8).reshape(-1))
-    return bits, lo.astype(np.float16).reshape(-1), scale.astype(np.float16).reshape(-1)
-
-
-def _dequant3(bits, lo, scale, shape, group: int = 128) -> np.ndarray:
-    n = int(np.prod(shape))
-    total = n + (-n) % group
-    planes = np.unpackbits(bits)[: total * 3].reshape(-1, 3)
-    q = (planes * np.array([1, 2, 4], np.uint8)).sum(1).astype(np.float32).reshape(-1, group)
-    w = q * scale.astype(np.float32)[:, None] + lo.astype(np.float32)[:, None]
-    return w.reshape(-1)[:n].reshape(shape)
-
-
-def cmd_pack(args) -> int:
-    from hybridize.convert.default_model import load_default_model
-
-    model, tok = load_default_model()
-    arrays = {"config": np.frombuffer(json.dumps(model.config.to_dict()).encode(), np.uint8)}
-    tdir = Path(args.out).with_suffix(".tok")
-    tok.save_pretrained(tdir)
-    arrays["tokenizer"] = np.frombuffer((tdir / "tokenizer.json").read_bytes(), np.uint8)
-    arrays["tokenizer_config"] = np.frombuffer((tdir / "tokenizer_config.json").read_bytes(), np.uint8)
-    for name, t in model.state_dict().items():
-        if name == "lm_head.weight" and model.config.tie_word_embeddings:
-            continue
-        w = t.float().numpy()
-        if w.ndim == 2:
-            b, lo, sc = _quant3(w)
-            arrays[f"q3:{name}:bits"], arrays[f"q3:{name}:lo"], arrays[f"q3:{name}:scale"] = b, lo, sc
-            arrays[f"q3:{name}:shape"] = np.array(w.shape)
-        else:
-            arrays[f"f32:{name}"] = w
-    np.savez_compressed(args.out, **arrays)
-    print(f"wrote {args.out} ({Path(args.out).stat().st_size / 2**20:.1f} MiB)")
-    return 0
-
-
-def cmd_unpack(args) -> int:
-    from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
-
-    f = np.load(args.file)
-    cfg = json.loads(bytes(f["config"]).decode())
-    model_type = cfg.pop("model_type")
-    config = AutoConfig.for_model(model_type, **{k: v for k, v in cfg.items() if k not in ("_name_or_path",)})
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    state = {}
-    for key in f.files:
-        if key.startswith("f32:"):
-            state[key[4:]] = torch.from_numpy(f[key])
-        elif key.startswith("q3:") and key.endswith(":bits"):
-            name = key[3:-5]
-            shape = tuple(int(x) for x in f[f"q3:{name}:shape"])
-            state[name] = torch.from_numpy(_dequant3(f[key], f[f"q3:{name}:lo"], f[f"q3:{name}:scale"], shape))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    assert not unexpected and all(m == "lm_head.weight" for m in missing), (missing, unexpected)
-    model.tie_weights()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    (out / "tokenizer.json").write_bytes(bytes(f["tokenizer"]))
-    (out / "tokenizer_config.json").write_bytes(bytes(f["tokenizer_config"]))
-    PreTrainedTokenizerFast.from_pretrained(out)  # loads
-    print(f"wrote {out}")
     return 0
 
 
@@ -632,14 +556,9 @@ def main() -> int:
     sm.add_argument("--precision", default="bf16")
     c = sub.add_parser("compare")
     c.add_argument("runs", nargs="+", help="metrics.jsonl files; the first is the reference")
-    p = sub.add_parser("pack")
-    p.add_argument("--out", required=True)
-    u = sub.add_parser("unpack")
-    u.add_argument("file")
-    u.add_argument("--out", required=True)
     args = ap.parse_args()
     return {"throughput": cmd_throughput, "quality": cmd_quality, "prepare": cmd_prepare, "retention": cmd_retention, "profile": cmd_profile, "smoke": cmd_smoke,
-            "compare": cmd_compare, "pack": cmd_pack, "unpack": cmd_unpack}[args.cmd](args)
+            "compare": cmd_compare}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -8,8 +8,7 @@ import threading
 
 import click
 
-# eval/cli.py still imports these two from here (it is being changed on another branch)
-from .errors import UserError, _fail_cleanly  # noqa: F401
+from .errors import UserError, _fail_cleanly
 
 # Commands that live in their own modules (imported only when used, so `hybridize --help` stays fast).
 LAZY_COMMANDS = {

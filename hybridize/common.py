@@ -1,4 +1,5 @@
-"""Small helpers every command shares: dtype names, and the built-in Shakespeare text."""
+"""Small helpers every command shares: dtype names, context lengths as people write them, and the built-in
+Shakespeare text."""
 
 from __future__ import annotations
 
@@ -20,6 +21,15 @@ def parse_dtype(dtype: str | torch.dtype | None, what: str = "--dtype",
     if dtype not in names:
         raise ValueError(f"{what} must be one of {', '.join(names)}, got {dtype!r}")
     return DTYPES[dtype]
+
+
+def format_length(n: int) -> str:
+    """131072 -> '128K', 1048576 -> '1M'; a length that is no whole number of K stays digits."""
+    if n >= 1 << 20 and n % (1 << 20) == 0:
+        return f"{n >> 20}M"
+    if n >= 1024 and n % 1024 == 0:
+        return f"{n >> 10}K"
+    return str(n)
 
 
 def shakespeare_files(alternative: str = "") -> list[Path]:

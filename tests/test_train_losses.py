@@ -82,7 +82,7 @@ def _naive_kl(s, t, keep, T, direction):
 def test_losses_gradients_match_autograd_of_the_plain_formulas(direction, monkeypatch):
     """The losses compute their gradient chunk by chunk in the forward pass; it must equal autograd through the plain
     formulas, with chunks that do not divide the rows and ignored positions in between."""
-    import hybridize.train.losses as losses
+    from hybridize.train import losses
 
     monkeypatch.setattr(losses, "CHUNK_ROWS", 3)
     g = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ())))

@@ -26,18 +26,20 @@ class HybridConfig(PretrainedConfig):
     the sparse layers use no positional encoding (NoPE) and the Lightning layers keep RoPE; without it both use RoPE.
     Sparse selection: `sparse_selection="block"` (default: the queries of one `sparse_select_tokens`-aligned group, i.e.
     one 64-token block, share a selection, as block-sparse kernels need for speed; prefill on the GPU is 10x faster than
-    per-token selection, bench/RESULTS.md) or `"token"` (exact per-token selection; a decode step is always per token,
-    so only "token" makes a cached generation reproduce the full forward bit for bit beyond `sparse_dense_len`);
+    per-token selection, bench/results/model-speed.md) or `"token"` (exact per-token selection; a decode step is always
+    per token, so only "token" makes a cached generation reproduce the full forward bit for bit beyond
+    `sparse_dense_len`);
     `sparse_coarse_normalizer` (default true, as in InfLLM-V2's kernels) takes the selection softmax's normaliser from
     coarse keys (4x the compression window and stride) instead of every compressed key: 3-5% faster prefill at
     128K-256K on the Llama-3-8B shape, and the same held-out loss within 0.001 nats on SmolLM2 made all-sparse at 8K
-    tokens (bench/RESULTS.md); false gives the exact normaliser. Their definitions: kernels/sparse_reference.py.
+    tokens (bench/results/kernels-sparse.md); false gives the exact normaliser. Their definitions:
+    kernels/sparse_reference.py.
     `prefill_chunk_size`: inference with a cache feeds longer inputs through the model in chunks of this many tokens
     (None: one pass), so a long prompt never materialises a full-length MLP activation.
     `fused_elementwise`: on CUDA, without autograd, run the small elementwise pieces (norms, RoPE, silu * up, gates) as
     torch.compile'd fused kernels (the same values; 128K prefill of a Llama-3-8B shape 5.33 -> 3.97 s on an H100,
-    bench/RESULTS.md); false keeps
-    plain PyTorch everywhere. It can be changed at run time (`model.config.fused_elementwise = False`).
+    bench/results/model-speed.md); false keeps plain PyTorch everywhere. It can be changed at run time
+    (`model.config.fused_elementwise = False`).
     """
 
     model_type = "hybridize"

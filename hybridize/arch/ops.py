@@ -85,8 +85,8 @@ def sparse_attention(q, k, v, q_pos, ckeys=None, *, options=None, **kwargs):
 
 def output_norm_gate(o, z, weight, eps):
     """RMSNorm of `o` over its last dimension times `weight`, then `sigmoid(z) *` when a gate input `z` is given
-    (DESIGN 3.1: y = sigmoid(W_z x) * RMSNorm(o)). CUDA tensors go to the fused Triton kernel (one read of o and z, one
-    write), anything else to its PyTorch reference (the same arithmetic, float32 statistics)."""
+    (docs/design.md §3.1: y = sigmoid(W_z x) * RMSNorm(o)). CUDA tensors go to the fused Triton kernel (one read of o
+    and z, one write), anything else to its PyTorch reference (the same arithmetic, float32 statistics)."""
     if _NORM_GATE_TRITON and o.is_cuda:
         return rmsnorm_gate_triton(o, None if z is None else z.to(o.dtype), weight, eps)
     return rmsnorm_gate_reference(o, z, weight, eps)

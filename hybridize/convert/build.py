@@ -4,7 +4,7 @@ Weights arrive under Llama's names ("model.layers.3.self_attn.k_proj.weight", ..
 naming schemes to these first. Each source tensor maps to one or more hybrid tensors, so a converter can stream a
 checkpoint shard by shard and never hold two copies of the model.
 
-Reuse rules (DESIGN 3.1 / 3.2):
+Reuse rules (docs/design.md §3.1, §3.2):
 - Lightning layers: W_q, W_o copied; W_k, W_v (and biases) expanded to one head per query head (GQA ->
   MHA, repeat_interleave); per-head q/k RMSNorm copied when the source has them, else ones; output norm ones.
 - Sparse layers: every projection copied as is (GQA kept); q/k norms copied when present.

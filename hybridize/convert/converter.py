@@ -5,7 +5,7 @@ layers; plan every output tensor (names, shapes, shards) from the specs alone; t
 through the family adapter and the hybrid mapping (build.map_tensor) straight into the planned safetensors shards.
 The hybrid model is never built in memory, and the source is read once: a source already in memory (loaded for a
 scoring --select method, or a GGUF model) is streamed from there, and the before/after sample reuses what was read
-(keep_source). Without those, peak memory stays near one copy of the model (bench/RESULTS.md).
+(keep_source). Without those, peak memory stays near one copy of the model (bench/results/convert.md).
 Everything is written into a temporary folder renamed into place at the end (export.atomic_folder).
 """
 

@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from ..cli import UserError, _fail_cleanly
+from ..errors import UserError, _fail_cleanly
 
 
 def _split(text: str, convert, what: str) -> tuple:

@@ -14,7 +14,7 @@ from .perplexity import perplexity
 from .prefill import DEFAULT_CHUNK, generate
 from .report import BENCH_JSON, EVAL_JSON, write_bench_report, write_eval_report
 from .retrieval import passkey_retrieval
-from .speed import format_length, run_bench, selection_variant, shape_builders
+from .speed import run_bench, selection_variant, shape_builders
 
 DEFAULT_PROMPTS = ("The capital of France is", "Once upon a time,")
 
@@ -168,4 +168,4 @@ def run_bench_command(model: str | None = None, compare: str | None = None, *, s
     return report, {k: output / p.name for k, p in paths.items()}
 
 
-__all__ = ["EvalSettings", "evaluate", "evaluate_model", "format_length", "run_bench_command", "run_eval"]
+__all__ = ["EvalSettings", "evaluate", "evaluate_model", "run_bench_command", "run_eval"]

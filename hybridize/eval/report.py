@@ -6,7 +6,7 @@ import json
 import os
 from pathlib import Path
 
-from .speed import format_length
+from ..common import format_length
 
 EVAL_JSON, EVAL_MD = "eval_results.json", "eval_results.md"
 BENCH_JSON, BENCH_MD = "bench_results.json", "bench_results.md"

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from ..common import format_length
 from .prefill import DEFAULT_CHUNK, forward_chunk, prefill
 
 FILLER = (
@@ -273,7 +274,7 @@ def plot_heatmap(results: dict[str, RetrievalResult | dict], path: str | Path, m
     for ax, (name, r) in zip(axes[0], items):
         grid = torch.tensor(r[metric]).T  # depths x lengths
         im = ax.imshow(grid.numpy(), vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto", origin="lower")
-        ax.set_xticks(range(len(r["lengths"])), [_short(n) for n in r["lengths"]])
+        ax.set_xticks(range(len(r["lengths"])), [format_length(n) for n in r["lengths"]])
         ax.set_yticks(range(len(r["depths"])), [f"{d:.0%}" for d in r["depths"]])
         ax.set_xlabel("context length (tokens)")
         ax.set_ylabel("needle depth")
@@ -288,14 +289,6 @@ def plot_heatmap(results: dict[str, RetrievalResult | dict], path: str | Path, m
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
-
-
-def _short(n: int) -> str:
-    if n >= 1 << 20 and n % (1 << 20) == 0:
-        return f"{n >> 20}M"
-    if n >= 1024 and n % 1024 == 0:
-        return f"{n >> 10}K"
-    return str(n)
 
 
 __all__ = [

@@ -25,6 +25,7 @@ from typing import Callable
 
 import torch
 
+from ..common import format_length
 from .prefill import DEFAULT_CHUNK, forward_chunk, prefill, use_chunked_sdpa
 
 DECODE_WARMUP_STEPS = 17
@@ -64,14 +65,6 @@ def parse_length(text: str | int) -> int:
     return value
 
 
-def format_length(n: int) -> str:
-    if n >= 1 << 20 and n % (1 << 20) == 0:
-        return f"{n >> 20}M"
-    if n >= 1024 and n % 1024 == 0:
-        return f"{n >> 10}K"
-    return str(n)
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # Models of a shape, built one at a time
 # ---------------------------------------------------------------------------------------------------------------------
@@ -81,13 +74,6 @@ def shape_config(shape: str):
     if shape not in SHAPES:
         raise ValueError(f"--shape must be one of {sorted(SHAPES)}, got {shape!r}")
     return LlamaConfig(**SHAPES[shape], bos_token_id=1, eos_token_id=2)
-
-
-def hybrid_layer_types(num_layers: int, ratio: str = "1:3") -> list[str]:
-    from ..select.placement import layer_types_from, num_sparse_layers, parse_ratio, uniform_layers
-
-    sparse, linear = parse_ratio(ratio)
-    return layer_types_from(num_layers, uniform_layers(num_layers, num_sparse_layers(num_layers, sparse, linear)))
 
 
 def random_model(config, dtype: torch.dtype, device: torch.device):
@@ -111,9 +97,10 @@ def shape_builders(shape: str, ratio: str, dtype: torch.dtype, device: torch.dev
     """{name: () -> model} for the dense source of a shape and its hybrid(s). `variants` maps a name suffix to
     HybridConfig overrides (e.g. {"block": {"sparse_selection": "block"}}); default: one hybrid, default config."""
     from ..convert.build import hybrid_config_from_source
+    from ..select.placement import layer_types_for
 
     src_config = shape_config(shape)
-    types = hybrid_layer_types(src_config.num_hidden_layers, ratio)
+    types = layer_types_for(src_config.num_hidden_layers, ratio)
     builders: dict[str, Callable] = {}
     for suffix, overrides in (variants or {"": {}}).items():
         config = hybrid_config_from_source(src_config, types, **overrides)
@@ -428,5 +415,5 @@ def run_bench(
 
 __all__ = [
     "SHAPES", "BenchReport", "LengthResult", "ModelBench", "bench_length", "bench_model", "cache_bytes_estimate",
-    "format_length", "parse_length", "random_model", "run_bench", "shape_builders", "shape_config",
+    "parse_length", "random_model", "run_bench", "shape_builders", "shape_config",
 ]

@@ -1,4 +1,5 @@
-"""`hybridize score`: align Lightning students, sweep the layers, score them and choose the sparse ones (DESIGN 3.3).
+"""`hybridize score`: align Lightning students, sweep the layers, score them and choose the sparse ones
+(docs/design.md §3.3).
 
 Library entry points: `score_model(model, tokenizer, settings)` for an in-memory transformers model, and
 `score(source, output, settings)` which reads a checkpoint and writes the report folder

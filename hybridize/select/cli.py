@@ -22,7 +22,7 @@ def _lengths(text: str, option: str) -> tuple[int, ...]:
 @click.option("--output", "-o", default="layer-scores", show_default=True,
               help="report folder (report.json, scores.png, students.safetensors)")
 @click.option("--method", type=click.Choice(["sala", "block_influence"]), default="sala", show_default=True,
-              help="sala: align students + sweep (DESIGN 3.3); block_influence: cheap 1 - cos(in, out) proxy")
+              help="sala: align students + sweep (docs/design.md §3.3); block_influence: cheap 1 - cos(in, out) proxy")
 @click.option("--ratio", default="1:3", show_default=True, help="sparse:linear layer ratio")
 @click.option("--keep-first-last/--no-keep-first-last", default=True, show_default=True,
               help="always keep the first and last layers as attention (SALA)")

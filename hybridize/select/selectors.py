@@ -76,7 +76,7 @@ def _run_or_read(method: str, model, n_sparse: int, *, score_report=None, tokeni
 
 def sala(model, n_sparse: int, **kw) -> list[int]:
     """SALA/HALO: aligned Lightning students swapped in one layer at a time, scored by retrieval lost per general
-    ability lost (DESIGN 3.3). Slow: minutes on a CPU for a 135M model."""
+    ability lost (docs/design.md §3.3). Slow: minutes on a CPU for a 135M model."""
     return _run_or_read("sala", model, n_sparse, **_known(kw))
 
 

@@ -1,25 +1,25 @@
 #!/usr/bin/env bash
-# Device runs behind the `## Training` numbers of bench/RESULTS.md (one `run` call each):
-#   bash bench/train_device.sh stash-a      carry: .trainwhl .train_gpu_a   (keeps part a, texts, cache in /root/tq)
-#   bash bench/train_device.sh quality-bg   carry: .trainwhl .train_gpu_b   (GGUF part b; starts the quality run and
+# Device runs behind the numbers of bench/results/training.md (one `run` call each):
+#   bash tools/train_device.sh stash-a      carry: .trainwhl .train_gpu_a   (keeps part a, texts, cache in /root/tq)
+#   bash tools/train_device.sh quality-bg   carry: .trainwhl .train_gpu_b   (GGUF part b; starts the quality run and
 #                                           (it must have the host to itself: the launch-bound SmolLM2 training ran at
 #                                           half speed beside three other trainings, which broke its calibration, and
 #                                           21% slower beside GPU benchmarks on the other GPU, past 15 minutes)
 #                                           the throughput benchmark in the background: a 15-minute run outlasts one
 #                                           10-minute call)
-#   bash bench/train_device.sh quality-grid carry as quality-bg; VARIANTS="a:--set x=1;b:--set y=2": one run per GPU,
+#   bash tools/train_device.sh quality-grid carry as quality-bg; VARIANTS="a:--set x=1;b:--set y=2": one run per GPU,
 #                                           at the same time, each on its own CPU cores (SECS, SRC, WAIT as above)
-#   bash bench/train_device.sh wait         (no carry; waits up to WAIT seconds for the background runs, prints them)
+#   bash tools/train_device.sh wait         (no carry; waits up to WAIT seconds for the background runs, prints them)
 #   (EXTRA="--set model.hype=false" adds recipe overrides; SKIP_TPUT=1 skips the throughput part)
-#   bash bench/train_device.sh fsdp         carry: .trainwhl .train_gpu_x2 [.snap]  (3-bit SmolLM2, texts, token cache);
+#   bash tools/train_device.sh fsdp         carry: .trainwhl .train_gpu_x2 [.snap]  (3-bit SmolLM2, texts, token cache);
 #                                           2 GPUs; S1/S2 steps, PREC bf16|fp32, SRC as for quality-bg
 #                                           (or fsdp-seeds on SEED_GPU while GPU 0 trains, then fsdp-pair;
 #                                           deepspeed-pair: the same recipe under recipes/accelerate/deepspeed.yaml on
 #                                           2 GPUs beside the seed runs, carry .dswhl too; runs of an earlier session
 #                                           in .train_gpu_x2/prev/prev_*.jsonl join its comparison)
-#   bash bench/train_device.sh profile      carry: .trainwhl .train_gpu_x2  (where a micro-batch of each stage spends
+#   bash tools/train_device.sh profile      carry: .trainwhl .train_gpu_x2  (where a micro-batch of each stage spends
 #                                           its time: teacher, student, loss; torch.profiler table; EXTRA: more args)
-# The 98 MB GGUF exceeds one call's 64 MiB transfer, hence the split and the 3-bit copy (bench/train_quality.py pack).
+# The 98 MB GGUF exceeds one call's 64 MiB transfer, hence the split and the 3-bit copy (tools/smollm2_3bit.py pack).
 set -uo pipefail
 MODE=$1
 [ "$MODE" = wait ] || pip install -q --no-build-isolation --no-deps -e . >/dev/null 2>&1
@@ -78,7 +78,7 @@ for l in sys.stdin: r = json.loads(l); print(r['stage'], r['step'], round(r['los
   ;;
 profile)
   D=$PWD/.train_gpu_x2
-  [ -d /tmp/smol3 ] || python3 bench/train_quality.py unpack $D/smollm2-3bit.npz --out /tmp/smol3 2>&1 | tail -1
+  [ -d /tmp/smol3 ] || python3 tools/smollm2_3bit.py unpack $D/smollm2-3bit.npz --out /tmp/smol3 2>&1 | tail -1
   python3 bench/train_quality.py profile --source /tmp/smol3 --texts $D/texts --set data.cache_dir=$D/cache \
     ${EXTRA:-} 2>&1 | grep -v -i -E "warn|it/s\]|USDT" | tee $OUT/profile.txt | tail -80
   ;;
@@ -88,7 +88,7 @@ fsdp|fsdp-seeds|fsdp-pair|deepspeed-pair)
   # on a machine whose GPU 0 is busy, `fsdp-seeds` runs three 1-GPU runs (seeds 0, 1, 0 again) at once on SEED_GPU and
   # `fsdp-pair` runs the 2-GPU run and the comparison (FSDP_EXTRA: more overrides, e.g. smaller micro-batches). Runs and metrics are kept in /root/fsdp between calls.
   D=$PWD/.train_gpu_x2
-  [ -d /tmp/smol3 ] || python3 bench/train_quality.py unpack $D/smollm2-3bit.npz --out /tmp/smol3 2>&1 | tail -1
+  [ -d /tmp/smol3 ] || python3 tools/smollm2_3bit.py unpack $D/smollm2-3bit.npz --out /tmp/smol3 2>&1 | tail -1
   mkdir -p /root/fsdp && cd ${SRC:-.}
   PREC=${PREC:-bf16}; MP=$([ $PREC = bf16 ] && echo bf16 || echo no)
   SETS="--set model.source=/tmp/smol3 --set data.sources[0].path=$D/texts --set data.sources[1].path=$D/texts
