@@ -62,7 +62,7 @@ class ScanConfig:
     walk_qk_hint: str = "evict_first"
 
 
-# The fastest of a sweep on one H100 (bench/bench_lightning.py --sweep, bf16, 32 heads, d = 128; bench/RESULTS.md):
+# The fastest of a sweep on one H100 (bench/bench_lightning.py --sweep, bf16, 32 heads, d = 128; bench/results/kernels-lightning.md):
 # forward at 64K tokens, and the three backward scans at 16K behind that forward.
 # bf16 forward: the overlap forward with 64-column tiles, 4 warps (two programs per SM), 4096-token segments and the
 # v-side decay, the fastest of run D's sweep (2026-11-26, H100): forward 0.149 / 0.343 / 1.32 / 5.40 ms at

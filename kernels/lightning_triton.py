@@ -31,7 +31,7 @@ so long sequences are cut into segments that run in parallel; each needs the sta
   chunks from the entering state and writes o. A program waits only on lower tickets, held by programs that are
   already running, so the waits cannot deadlock (and under the interpreter, which runs programs in order, nobody
   waits at all). Segments are short (512 tokens) so that the second read of k and v can hit L2 (the hints mark the
-  first read evict-last): ideally q, k, v are read from memory once and o written once (bench/RESULTS.md has
+  first read evict-last): ideally q, k, v are read from memory once and o written once (bench/results/kernels-lightning.md has
   what was measured). Measured on an H100 it did not beat the two-pass forward at 64K and beyond: each program
   runs its segment sum and its walk one after the other, and the walk is latency-bound, so the saved memory pass
   does not pay for the longer programs; short segments (512 tokens) were slowest, 2048-token segments (no L2 reuse
@@ -45,7 +45,7 @@ so long sequences are cut into segments that run in parallel; each needs the sta
   64-column tiles (252 registers, 88 KB of shared memory with Triton 3.6) two programs fit on one SM, so a sum and a
   walk can share it; `decay_v` decays the rows of the 64-wide v tile instead of the 128-wide k tile in the state
   update (bench/lightning_compile_report.py: 692 instead of 861 instructions per chunk in the walk loop). Measured
-  (run D, one H100, bench/RESULTS.md): faster than the look-back forward at 4K-256K, forward and forward + backward
+  (run D, one H100, bench/results/kernels-lightning.md): faster than the look-back forward at 4K-256K, forward and forward + backward
   (64K forward 1.32 vs 1.45 ms) with 4096-token segments; shorter segments, whose k and v could stay in L2, were
   slower (512: 1.54 ms), so the gain comes from fewer, longer walks sharing SMs with the sums, not from L2 reuse.
 - Two-pass forward (`lookback=False`; always for cu_seqlens): a first pass (STATE_ONLY) sums

@@ -1,4 +1,4 @@
-"""Fused output RMSNorm + sigmoid gate of the Lightning layer (DESIGN 3.1), in Triton:
+"""Fused output RMSNorm + sigmoid gate of the Lightning layer (docs/design.md §3.1), in Triton:
 
     y = sigmoid(z) * (w * RMSNorm(o)),   RMSNorm(o) = o / sqrt(mean(o^2) + eps)   over the last dimension (H * d)
 

@@ -248,7 +248,7 @@ def _fwd(q, k, v, sel: Selection, scale: float, tuning: dict):
     Hkv = k.shape[1]
     G = Hq // Hkv
     # Default tiles: 256 query rows (a whole 64-token group of 4 heads), 16 warps, 2 stages - the fastest of the
-    # configurations swept on an H100 at 128K (bench/RESULTS.md, "Sparse kernels").
+    # configurations swept on an H100 at 128K (bench/results/kernels-sparse.md).
     GP, block_t = _tiles(G, D, rows=tuning.get("fwd_rows", 256))
     block_t = min(block_t, _pow2(sel.row_tokens))
     tpr = -(-sel.row_tokens // block_t)

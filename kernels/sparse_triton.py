@@ -34,7 +34,7 @@ launches, no host synchronisation (CUDA-graph safe): (1) split-key logits of eve
 tensor-core products) plus per-chunk softmax statistics (over K2 with `coarse`; without cached `coarse_keys`, K2 is
 first derived from K1 by a few PyTorch ops); (2) one program per (sequence, KV group): normaliser, group-summed
 probabilities, block max-pool, forced blocks and the bisection top-k; (3) split attention over the listed blocks;
-(4) combine. Batch B >= 1 shares q_pos, like the reference. Speed: bench/RESULTS.md, "Sparse kernels".
+(4) combine. Batch B >= 1 shares q_pos, like the reference. Speed: bench/results/kernels-sparse.md.
 `tuning` (a dict, optional everywhere): tile sizes / warps / stages of the prefill kernels (see bench_sparse.py).
 Options: one frozen `SparseOptions` (sparse_reference.py), passed as `options=` and/or its fields as keywords.
 

@@ -246,7 +246,7 @@ class AttentionContext:
 # Token mixers
 # ---------------------------------------------------------------------------------------------------------------------
 class LightningAttention(nn.Module):
-    """Lightning linear attention (DESIGN 3.1). Multi-head: K/V heads equal query heads."""
+    """Lightning linear attention (docs/design.md §3.1). Multi-head: K/V heads equal query heads."""
 
     def __init__(self, config: HybridConfig, layer_idx: int, fused: FusedElementwise | None = None):
         super().__init__()
