@@ -496,6 +496,19 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def _recipe_parser(sub, name: str, recipe: str, num_sources: int):
+    """A subcommand that runs a recipe: --recipe, --source, --texts over its first --num-sources sources, --set, --device
+    (what _bench_recipe reads)."""
+    p = sub.add_parser(name)
+    p.add_argument("--source", default=None, help="the model to convert (default: the recipe's)")
+    p.add_argument("--recipe", default=recipe)
+    p.add_argument("--texts", default=None, help="folder of the Shakespeare texts (overrides the recipe's paths)")
+    p.add_argument("--num-sources", type=int, default=num_sources)
+    p.add_argument("--set", action="append", default=[])
+    p.add_argument("--device", default="cuda")
+    return p
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -505,15 +518,11 @@ def main() -> int:
     t.add_argument("--tokens-per-step", type=int, default=16384)
     t.add_argument("--steps", type=int, default=6)
     t.add_argument("--fp32", action="store_true", help="no bf16 autocast")
-    q = sub.add_parser("quality")
-    q.add_argument("--source", default=None, help="the model to convert (default: the recipe's)")
-    q.add_argument("--recipe", default="recipes/retention.yaml")
+    q = _recipe_parser(sub, "quality", "recipes/retention.yaml", 0)
     q.add_argument("--save-untrained", default=None, help="export the conversion before training to this folder "
                    "(and report it beside the others)")
     q.add_argument("--no-retention", action="store_true", help="train and export only")
     q.add_argument("--quick-retention", action="store_true", help="tiny retention settings (a smoke test)")
-    q.add_argument("--texts", default=None, help="folder of the Shakespeare texts (overrides the recipe's paths)")
-    q.add_argument("--num-sources", type=int, default=0)
     q.add_argument("--train-seconds", type=float, default=480)
     q.add_argument("--split", default="0.2,0.6,0.2", help="share of the training time per stage")
     q.add_argument("--limit-seconds", type=float, default=900.0,
@@ -522,8 +531,6 @@ def main() -> int:
     q.add_argument("--micro-factors", default="1", help="micro-batch multiples to time per stage (e.g. 1,2,4); "
                    "the fastest per token that fits is used")
     q.add_argument("--run-dir", default="/tmp/hybridize-quality-run")
-    q.add_argument("--set", action="append", default=[])
-    q.add_argument("--device", default="cuda")
     q.add_argument("--out", default="bench-out")
     rr = sub.add_parser("retention")
     rr.add_argument("--model", action="append", required=True, help="NAME=SPEC (default, a .gguf, a folder); repeat")
@@ -532,24 +539,12 @@ def main() -> int:
     rr.add_argument("--trials", type=int, default=3, help="retrieval probes per length and depth")
     rr.add_argument("--device", default="cuda")
     rr.add_argument("--out", default="bench-out/retention")
-    pp = sub.add_parser("prepare")
-    pp.add_argument("--source", default=None)
-    pp.add_argument("--recipe", default="recipes/retention.yaml")
-    pp.add_argument("--texts", default=None)
-    pp.add_argument("--num-sources", type=int, default=0)
+    pp = _recipe_parser(sub, "prepare", "recipes/retention.yaml", 0)
     pp.add_argument("--methods", default="sala", help="placement methods whose layer scores to cache")
-    pp.add_argument("--set", action="append", default=[])
-    pp.add_argument("--device", default="cuda")
     pp.add_argument("--out", default="bench-out")
-    pr = sub.add_parser("profile")
-    pr.add_argument("--source", required=True)
-    pr.add_argument("--recipe", default="recipes/smollm2-gpu.yaml")
-    pr.add_argument("--texts", default=None)
-    pr.add_argument("--num-sources", type=int, default=2)
+    pr = _recipe_parser(sub, "profile", "recipes/smollm2-gpu.yaml", 2)
     pr.add_argument("--micro", type=int, default=None, help="micro-batch (default: each stage's)")
     pr.add_argument("--rows", type=int, default=25)
-    pr.add_argument("--set", action="append", default=[])
-    pr.add_argument("--device", default="cuda")
     sm = sub.add_parser("smoke")
     sm.add_argument("--texts", required=True)
     sm.add_argument("--work", default="/tmp/hybridize-smoke")

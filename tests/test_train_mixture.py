@@ -64,12 +64,8 @@ def test_new_fields_are_validated(tmp_path, mutate, field, words):
 
 def test_teacher_source_without_prompts_uses_the_builtin_ones(tmp_path):
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    docs = S.write_documents(tmp_path / "docs", count=3)
-    src = S.make_tiny_source(tmp_path / "src", docs, layers=1)
-    tok = AutoTokenizer.from_pretrained(src)
-    teacher = AutoModelForCausalLM.from_pretrained(src)
+    _, tok, teacher = S.tiny_teacher(tmp_path)
     recipe = _good(tmp_path)
     recipe["data"] = {"sources": [{"type": "teacher", "num_samples": 5, "max_new_tokens": 4, "batch_size": 2}],
                       "cache_dir": str(tmp_path / "cache")}
@@ -97,12 +93,7 @@ def test_text_source_names_a_file_that_is_not_its_encoding(tmp_path):
 
 
 def test_select_scores_once_and_reads_the_cache(tmp_path):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    docs = S.write_documents(tmp_path / "docs", count=3)
-    src = S.make_tiny_source(tmp_path / "src", docs, layers=6)
-    model = AutoModelForCausalLM.from_pretrained(src)
-    tok = AutoTokenizer.from_pretrained(src)
+    _, tok, model = S.tiny_teacher(tmp_path, layers=6)
     recipe = _good(tmp_path)
     recipe["model"].update(select="block_influence", ratio="1:2")
     spec = load_recipe(S.write_recipe(tmp_path / "r.yaml", recipe)).model

@@ -224,12 +224,8 @@ def test_hf_source_reads_a_load_dataset_path(tmp_path):
 
 def test_teacher_generated_source(tmp_path):
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    docs = S.write_documents(tmp_path / "docs", count=3)
-    src = S.make_tiny_source(tmp_path / "src", docs, layers=1)
-    tok = AutoTokenizer.from_pretrained(src)
-    teacher = AutoModelForCausalLM.from_pretrained(src)
+    _, tok, teacher = S.tiny_teacher(tmp_path)
     recipe = _good(tmp_path)
     recipe["data"] = {"sources": [{"type": "teacher", "prompts": ["ROMEO.", "JULIET."], "num_samples": 3,
                                    "max_new_tokens": 12}], "cache_dir": str(tmp_path / "cache")}

@@ -53,6 +53,14 @@ def make_tiny_source(folder: Path, docs: Path, vocab_size: int = 320, layers: in
     return folder
 
 
+def tiny_teacher(tmp_path: Path, layers: int = 1):
+    """A tiny source folder with its tokenizer and model loaded: (folder, tokenizer, model)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = make_tiny_source(tmp_path / "src", write_documents(tmp_path / "docs", count=3), layers=layers)
+    return src, AutoTokenizer.from_pretrained(src), AutoModelForCausalLM.from_pretrained(src)
+
+
 def tiny_recipe(source: Path, docs: Path, output: Path, cache: Path, **over) -> dict:
     """A two-stage recipe (align new layers by hidden MSE, then KL + CE on everything) for the tiny model, fp32."""
     recipe = {
