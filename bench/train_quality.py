@@ -395,10 +395,14 @@ def _retention(specs: dict[str, str], reference: str, out: Path, device: str, qu
             models[name].name = name
     settings = RetentionSettings.quick() if quick else RetentionSettings(trials=trials)
     t = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    partial = out / "retention.partial.json"  # what a run cut short still leaves
     results = retention_report(models, settings, reference=reference,
-                               log=lambda line: print(f"[{time.perf_counter() - t:.0f} s] {line}", flush=True))
+                               log=lambda line: print(f"[{time.perf_counter() - t:.0f} s] {line}", flush=True),
+                               on_model=lambda r: partial.write_text(json.dumps(r, indent=1, default=str)))
     results["bench_seconds"] = time.perf_counter() - t
     write_retention_report(results, out)
+    partial.unlink(missing_ok=True)
     print((out / "retention.md").read_text())
     print(f"retention report: {len(models)} models in {results['bench_seconds']:.0f} s -> {out}", flush=True)
     return results

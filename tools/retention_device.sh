@@ -29,9 +29,11 @@ start)
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target $SITE $R/*.whl || exit 1
   rm -rf $R/repo && mkdir -p $R/repo && cp -r . $R/repo && rm -rf $R/repo/.dev_b $R/out && mkdir -p $R/out
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-  VARIANTS=${VARIANTS:-"sala:;uniform:--set model.select=uniform;block:--set model.select=block_influence;sala_all:--set stages[1].trainable=all --set stages[2].trainable=all;sala_logn:--set model.sparse_query_log_scale=362"}
+  # default: the recipe alone on the GPU. The five-variant comparison of 2026-12-01 was
+  # VARIANTS="sala:;uniform:--set model.select=uniform;block:--set model.select=block_influence;sala_all:--set stages[1].trainable=all --set stages[2].trainable=all;sala_logn:--set model.sparse_query_log_scale=362"
+  VARIANTS=${VARIANTS:-"sala:"}
   setsid nohup bash -c "cd $R/repo && export PYTHONPATH=$SITE:$R/repo PYTHONUNBUFFERED=1 && \
-    bash tools/retention_pipeline.sh '$VARIANTS' ${SECS:-600} $R/out" > $R/out/pipeline.log 2>&1 < /dev/null &
+    COMMON='${COMMON:-}' bash tools/retention_pipeline.sh '$VARIANTS' ${SECS:-720} $R/out" > $R/out/pipeline.log 2>&1 < /dev/null &
   MODE=wait
   ;&
 wait)
@@ -39,6 +41,7 @@ wait)
     [ -f $R/out/ALL_DONE ] && break; sleep 15
   done
   echo "=== pipeline"; grep -v -i -E "warn|it/s\]|s/it\]" $R/out/pipeline.log | tail -70
+  grep -h '^\[' $R/out/retention.log 2>/dev/null | tail -8  # the report's progress, one line per model
   for d in $R/out/*/; do
     [ -f $d/quality.log ] || continue
     name=$(basename $d); echo "=== $name"

@@ -345,11 +345,12 @@ def _same_tokens(a, b, text: str) -> bool:
 
 
 def retention_report(models: dict[str, LoadedModel], settings: RetentionSettings | None = None, *,
-                     reference: str, log=None) -> dict:
+                     reference: str, log=None, on_model=None) -> dict:
     """Measure every model of `models` ({name: LoadedModel}, all in memory, with tokenizers) beside
     `models[reference]`. Returns a JSON-serialisable dict: settings, reference, sources (their roles), overlap (held-out
     n-gram overlap with the training texts), models ({name: measurements, with ratios to the reference}), notes.
-    `log`: called with a line after each model's section (a long report shows where it is)."""
+    `log`: called with a line after each model's measurements (a long report shows where it is); `on_model`: called
+    with the results so far after each model (a caller can keep them if the run is cut short)."""
     settings = settings or RetentionSettings()
     if reference not in models:
         raise ValueError(f"reference {reference!r} is not one of the models ({', '.join(models)})")
@@ -386,6 +387,8 @@ def retention_report(models: dict[str, LoadedModel], settings: RetentionSettings
             results["models"][name] = m
             if log is not None:
                 log(f"{name}: " + ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()))
+            if on_model is not None:
+                on_model(results)
             gc.collect()
         others = {n: m for n, m in models.items() if n != reference}
         results["agreement_seconds"] = {}
