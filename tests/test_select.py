@@ -251,6 +251,19 @@ def test_cli_bad_input_is_a_one_line_error(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_score_refuses_a_foreign_output_before_scoring(tmp_path, monkeypatch):
+    """--force over a folder score did not write, or the current folder, is refused at once: no model is read."""
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("the user's")
+    res = CliRunner().invoke(main, ["score", str(tmp_path / "missing-model"), "-o", str(foreign), "--force"])
+    assert res.exit_code == 2 and "not an output of this hybridize command" in res.output
+    assert (foreign / "notes.txt").read_text() == "the user's"
+    monkeypatch.chdir(foreign)
+    res = CliRunner().invoke(main, ["score", str(tmp_path / "missing-model"), "-o", ".", "--force"])
+    assert res.exit_code == 2 and "current folder" in res.output
+
+
 def test_qk_norm_family_scores(tokenizer):
     """A Qwen3-shaped source (per-head q/k norms): the reference run reproduces transformers' loss, students build."""
     from transformers import Qwen3Config, Qwen3ForCausalLM

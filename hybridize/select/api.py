@@ -262,9 +262,10 @@ def score(source: str | None = None, output: str | Path = "layer-scores", settin
           force: bool = False, progress: bool = True, dtype: str = "float32") -> ScoreResult:
     """Read `source` (None: the built-in SmolLM2-135M), score its layers and write the report folder.
     `dtype` bfloat16 halves memory (teacher, students and the sweep's stored streams) for large models on a GPU."""
-    output = Path(output)
-    if output.exists() and not force:
-        raise FileExistsError(f"{output} already exists: choose another --output or pass --force to replace it")
+    from ..export import check_output, holds
+
+    # every refusal before minutes of scoring (atomic_folder checks again when it writes)
+    output = check_output(output, force=force, ours=holds(REPORT_NAME), inputs=[source])
     (settings or ScoreSettings()).validate()  # cheap checks before reading the model
     parse_dtype(dtype, "dtype", SCORE_DTYPES)
     started = time.perf_counter()

@@ -37,7 +37,10 @@ def sparse_layers_for(source_model, spec, *, tokenizer=None, cache_dir: str | No
     if report_path is None:
         report_path = cached_report(source_model, spec.select, tokenizer, cache_dir=cache_dir, progress=progress,
                                     log=log)
-    report = read_report(report_path)
+    try:
+        report = read_report(report_path)
+    except (OSError, ValueError) as e:
+        raise type(e)(f"model.score_report: {e}") from None
     if report["method"] != spec.select or report["num_layers"] != num_layers:
         raise ValueError(f"model.score_report {report_path}: {report['method']} scores of {report['num_layers']} "
                          f"layers, but the recipe places {spec.select} layers in a {num_layers}-layer model")
