@@ -101,7 +101,8 @@ def _retention(model, compare, *, lengths, depths, trials, chunk_size, output, f
     settings = _fail_cleanly(RetentionSettings.quick if quick else RetentionSettings, chunk_size=chunk_size,
                              progress=sys.stderr.isatty(), **given)
     results, paths = _fail_cleanly(run_retention, model, compare, output=output, force=force, dtype=dtype,
-                                   device=device, settings=settings, trust_remote_code=trust_remote_code)
+                                   device=device, settings=settings, trust_remote_code=trust_remote_code,
+                                   log=lambda line: click.echo(f"measured {line}", err=True))
     from .report import retention_markdown
 
     click.echo(retention_markdown(results))

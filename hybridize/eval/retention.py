@@ -471,9 +471,10 @@ def _summary(m: dict, results: dict) -> dict:
 
 def run_retention(model: str, compare: str, *, output: str | Path | None = None, force: bool = False,
                   dtype: str | None = None, device: str | None = None, settings: RetentionSettings | None = None,
-                  trust_remote_code: bool = False):
+                  trust_remote_code: bool = False, log=None):
     """Load MODEL and COMPARE (the reference), run retention_report, write retention.json/.md and the plots into
-    `output` (default MODEL/retention) atomically. Returns (results, {kind: path})."""
+    `output` (default MODEL/retention) atomically. `log` gets a line per model measured. Returns (results,
+    {kind: path})."""
     from ..export import atomic_folder, holds
     from .evaluate import _unique_names, default_output
     from .loading import load_model
@@ -486,7 +487,7 @@ def run_retention(model: str, compare: str, *, output: str | Path | None = None,
         for spec, name in zip([model, compare], names):
             models[name] = load_model(spec, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
             models[name].name = name
-        results = retention_report(models, settings, reference=names[1])
+        results = retention_report(models, settings, reference=names[1], log=log)
         paths = write_retention_report(results, tmp)
     return results, {k: output / p.name for k, p in paths.items()}
 
