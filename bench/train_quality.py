@@ -310,8 +310,20 @@ def cmd_prepare(args) -> int:
     report["heldout_tokens"] = 0 if corpus.heldout is None else int(len(corpus.heldout.ids))
     print(f"corpus: {report['train_tokens']} training tokens per source, {report['heldout_tokens']} held out, "
           f"{report['corpus_s']:.0f} s", flush=True)
+    report["heldout_overlap"] = _training_overlap(corpus, tok)
+    print(f"13-gram overlap of the retention report's held-out sources with the training text: "
+          f"{report['heldout_overlap']}", flush=True)
     (out / "prepare.json").write_text(json.dumps(report, indent=1))
     return 0
+
+
+def _training_overlap(corpus, tokenizer) -> dict[str, float]:
+    """Word 13-gram overlap of each held-out source of the retention report with this corpus's training text (the
+    teacher's samples could repeat what it memorised): a held-out source must stay near 0."""
+    from hybridize.eval.heldout import HELDOUT_SOURCES, ngram_overlap, read_documents
+
+    texts = [tokenizer.decode(t.ids[a:b]) for t in corpus.train for a, b in zip(t.offsets[:-1], t.offsets[1:])]
+    return {s: round(ngram_overlap(texts, read_documents(s)), 5) for s in HELDOUT_SOURCES}
 
 
 def cmd_quality(args) -> int:
