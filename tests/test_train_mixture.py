@@ -150,3 +150,37 @@ def test_weights_key_follows_the_weights_not_their_dtype():
     with torch.no_grad():
         model.model.embed_tokens.weight[0, 0] += 1.0
     assert weights_key(model) != key
+
+
+def test_recall_copies_a_span_of_the_same_document_over_its_end():
+    from hybridize.train.data import RecallStream
+
+    corpus = Corpus([TokenizedDocs(np.arange(1000, dtype=np.int32), np.array([0, 100, 1000]))], [1.0], None)
+    plain = corpus.stream(256, 0)
+    every = RecallStream(plain, 1.0, 16, seed=3)
+    changed = 0
+    for i in range(20):
+        (tokens, starts), (out, same_starts) = plain[i], every[i]
+        assert np.array_equal(starts, same_starts)
+        a = int(starts[-1])
+        if len(tokens) - a < 64:  # last document too short for a copy: untouched
+            assert np.array_equal(out, tokens)
+            continue
+        changed += 1
+        assert np.array_equal(out[:-16], tokens[:-16])
+        src = int(out[-16]) - int(tokens[0])  # the token ids are positions in the corpus: where the copy came from
+        assert np.array_equal(out[-16:], tokens[src : src + 16]) and a <= src <= a + (len(tokens) - a - 16) // 2
+        assert np.array_equal(every[i][0], out)  # pure in i
+    assert changed > 0
+    never = RecallStream(plain, 0.0, 16, seed=3)
+    assert all(np.array_equal(never[i][0], plain[i][0]) for i in range(5))
+
+
+def test_recall_span_must_fit_the_stage(tmp_path):
+    recipe = _good(tmp_path)
+    recipe["stages"][0].update(recall=0.5, recall_span=16)  # seq_len 32 holds no 4 spans of 16
+    with pytest.raises(RecipeError, match=r"stages\[0\].recall_span: a recall copy needs"):
+        load_recipe(S.write_recipe(tmp_path / "r.yaml", recipe))
+    recipe["stages"][0].update(recall=1.5, recall_span=4)
+    with pytest.raises(RecipeError, match=r"stages\[0\].recall:"):
+        load_recipe(S.write_recipe(tmp_path / "r.yaml", recipe))

@@ -44,8 +44,8 @@ def test_two_processes_match_one(tmp_path):
 
 
 def test_retention_recipe_parts_under_two_processes(tmp_path):
-    """Teacher-written text, layers placed by a scoring method and a final stage with its own data mixture and the
-    sparse path on: two processes follow one process's losses, and only the first process scores the layers."""
+    """Teacher-written text, layers placed by a scoring method and a final stage with its own data mixture, recall
+    copies and the sparse path on: two processes follow one process's losses, and only the first scores the layers."""
     docs = S.write_documents(tmp_path / "docs")
     src = S.make_tiny_source(tmp_path / "src", docs, layers=4)
     recipe = S.tiny_recipe(src, docs, tmp_path / "one", tmp_path / "cache1")
@@ -54,7 +54,7 @@ def test_retention_recipe_parts_under_two_processes(tmp_path):
                                  {"type": "text", "path": str(docs)}]
     recipe["stages"].append({"name": "long", "seq_len": 128, "global_batch_tokens": 256, "micro_batch_size": 1,
                              "steps": 2, "lr": 1e-4, "trainable": ["*.self_attn.*"], "sparse": True, "dense_len": 32,
-                             "data_weights": [0.0, 1.0], "loss": {"ce": 1.0}})
+                             "data_weights": [0.0, 1.0], "recall": 0.5, "recall_span": 16, "loss": {"ce": 1.0}})
     runs = {}
     for name, nproc in (("one", "1"), ("two", "2")):
         recipe["output"]["dir"] = str(tmp_path / name)

@@ -336,6 +336,28 @@ class MixtureStream:
         return self.packed[s].tokens[seq], self.packed[s].starts[seq]
 
 
+class RecallStream:
+    """A stream whose sequence i, with probability `fraction` (a seeded draw per i), ends in a copy: the last `span`
+    tokens of its last document are replaced by `span` tokens taken from the first half of that document. Sequences
+    whose last document is shorter than 4 spans are left as they are. Pure in i, so a resumed run sees the same."""
+
+    def __init__(self, stream, fraction: float, span: int, seed: int):
+        self.stream, self.fraction, self.span, self.seed = stream, fraction, span, seed
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        tokens, starts = self.stream[i]
+        rng = np.random.default_rng([self.seed, 104729, i])
+        if rng.random() >= self.fraction:
+            return tokens, starts
+        a, T, n = int(starts[-1]), len(tokens), self.span
+        if T - a < 4 * n:
+            return tokens, starts
+        src = a + int(rng.integers(0, (T - a - n) // 2 + 1))
+        out = tokens.copy()
+        out[T - n :] = tokens[src : src + n]
+        return out, starts
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Everything a run needs
 # ---------------------------------------------------------------------------------------------------------------------

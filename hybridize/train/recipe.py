@@ -139,6 +139,11 @@ class StageSpec:
     # this stage's mixture: one weight per data source, in data.sources order (held-out sources: 0); default: the
     # sources' own weights. A long-context stage can draw on long documents only.
     data_weights: list[float] | None = None
+    # long-range recall: in this fraction of the sequences, the last `recall_span` tokens of the last document are
+    # replaced by a copy of a span from the first half of that document, so the language-model loss rewards reading
+    # back over the gap (induction at the stage's length); 0 leaves the text as it is
+    recall: float = 0.0
+    recall_span: int = 64
     # train past the teacher's max_position_embeddings (a long-context stage with HyPE): refused unless set
     past_source_context: bool = False
 
@@ -238,7 +243,7 @@ CONSTRAINTS: dict[str, dict[str, Any]] = {
                   "warmup_steps": _non_negative, "decay_fraction": _in_range(0.0, 1.0, lo_open=True),
                   "weight_decay": _non_negative, "betas": _each(_in_range(0.0, 1.0, hi_open=True)),
                   "grad_clip": _non_negative, "dense_len": _non_negative, "eval_every": _positive,
-                  "eval_sequences": _non_negative},
+                  "eval_sequences": _non_negative, "recall": _in_range(0.0, 1.0), "recall_span": _positive},
     "OutputSpec": {"dir": _not_blank, "checkpoint_every": _positive, "keep_last": _positive},
     "LoggingSpec": {"log_every": _positive},
 }
@@ -401,6 +406,9 @@ def validate(recipe: Recipe) -> Recipe:
             _fail(f, f"{w}.min_lr", "the exponential schedule needs min_lr > 0")
         if len(s.betas) != 2:
             _fail(f, f"{w}.betas", f"must be two numbers, got {s.betas}")
+        if s.recall > 0 and 4 * s.recall_span > s.seq_len:
+            _fail(f, f"{w}.recall_span", f"a recall copy needs a document of 4 spans: 4 x {s.recall_span} is more "
+                                         f"than seq_len {s.seq_len}")
         if s.data_weights is not None:
             srcs = recipe.data.sources
             if len(s.data_weights) != len(srcs):

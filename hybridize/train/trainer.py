@@ -26,7 +26,7 @@ import torch
 from ..arch.configuration_hybridize import LIGHTNING
 from .backend import check_backend, configure_deepspeed, is_deepspeed, is_fsdp, make_accelerator
 from .checkpoint import full_state_dict, list_checkpoints, load_weights, save_checkpoint, usable_checkpoint
-from .data import build_corpus, make_batch
+from .data import RecallStream, build_corpus, make_batch
 from .losses import IGNORE, cross_entropy_sum, hidden_mse_sum, kl_sum
 from .models import load_models
 from .params import apply_lora, merge_lora, select_trainable
@@ -427,6 +427,8 @@ def prepare_stage(run: _Run, k: int, spec: StageSpec, model) -> _Stage:
         acc.load_state(str(run.checkpoint))
         scheduler.load_state_dict(state.scheduler)
     stream = run.corpus.stream(spec.seq_len, recipe.seed * 1000 + k, training_weights(recipe, spec))
+    if spec.recall > 0:
+        stream = RecallStream(stream, spec.recall, spec.recall_span, recipe.seed * 1000 + k)
     eval_seqs = run.corpus.eval_sequences(spec.seq_len, spec.eval_sequences)
     hidden_layers = list(range(model.config.num_hidden_layers)) if spec.loss.hidden_layers == "all" else [
         i for i, t in enumerate(acc.unwrap_model(pmodel).config.layer_types) if t == LIGHTNING]
