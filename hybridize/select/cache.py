@@ -1,20 +1,15 @@
 """Layer scores computed once per model and method and kept on disk, so that `convert` and `train` place the sparse
-layers by a scoring method without paying for it twice. Reports for the built-in default model ship with the package
-(scoring it takes minutes on a CPU, which the one-command conversion should not pay)."""
+layers by a scoring method without paying for it twice."""
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import inspect
 import json
 import os
 from pathlib import Path
 
 import torch
-
-BUILTIN_REPORTS = Path(__file__).parent / "reports"
-
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("HYBRIDIZE_CACHE") or Path.home() / ".cache" / "hybridize")
@@ -36,30 +31,29 @@ def weights_key(model) -> str:
     return h.hexdigest()[:20]
 
 
-def cached_report(model, method: str, tokenizer, *, cache_dir: str | Path | None = None, progress: bool = True,
+def cached_report(model, method: str, get_tokenizer, *, cache_dir: str | Path | None = None, progress: bool = True,
                   log=print) -> Path:
-    """The path of `method`'s score report for `model`: a shipped one, one cached earlier, or a fresh one (scored on
-    the GPU when there is one, with that device's default settings) written into `cache_dir`/scores. `tokenizer` may
-    be a function that returns it (only scoring needs it)."""
+    """The path of `method`'s score report for `model`: one cached earlier, or a fresh one (scored on the GPU when
+    there is one, with that device's default settings) written into `cache_dir`/scores. `get_tokenizer()` gives the
+    source's tokenizer, called only when scoring runs."""
     from .api import ScoreSettings, score_model
     from .report import write_json
 
     name = f"{method}-{weights_key(model)}.json"
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    for path in (BUILTIN_REPORTS / name, cache / "scores" / name):
-        if path.is_file():
-            log(f"layer scores ({method}): {path}")
-            return path
+    path = cache / "scores" / name
+    if path.is_file():
+        log(f"layer scores ({method}): {path}")
+        return path
     on_gpu = torch.cuda.is_available()
     settings = dataclasses.replace(ScoreSettings.for_gpu() if on_gpu else ScoreSettings(), method=method)
-    path = cache / "scores" / name
     log(f"scoring layers ({method}) once, on the {'GPU' if on_gpu else 'CPU'}; kept in {path} (--select uniform "
         "skips scoring)")
     device = next(model.parameters()).device
     if on_gpu:
         model.to("cuda")
     try:
-        result = score_model(model, tokenizer() if inspect.isfunction(tokenizer) else tokenizer, settings, progress=progress)
+        result = score_model(model, get_tokenizer(), settings, progress=progress)
     finally:
         model.to(device)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -69,4 +63,4 @@ def cached_report(model, method: str, tokenizer, *, cache_dir: str | Path | None
     return path
 
 
-__all__ = ["BUILTIN_REPORTS", "cached_report", "default_cache_dir", "weights_key"]
+__all__ = ["cached_report", "default_cache_dir", "weights_key"]

@@ -111,7 +111,6 @@ def generate_documents(teacher, tokenizer, src, seed: int, progress: bool = True
     torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
     pool = src.prompts or builtin_prompts()
     prompts = [pool[i % len(pool)] for i in range(src.num_samples)]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     out = []
     old_side, old_pad = tokenizer.padding_side, tokenizer.pad_token
     tokenizer.padding_side = "left"
@@ -126,7 +125,7 @@ def generate_documents(teacher, tokenizer, src, seed: int, progress: bool = True
         for i in batches:
             enc = tokenizer(prompts[i : i + src.batch_size], return_tensors="pt", padding=True).to(device)
             ids = teacher.generate(**enc, do_sample=True, temperature=src.temperature, max_new_tokens=src.max_new_tokens,
-                                   pad_token_id=pad)
+                                   pad_token_id=tokenizer.pad_token_id)
             out += tokenizer.batch_decode(ids, skip_special_tokens=True)
     finally:
         tokenizer.padding_side, tokenizer.pad_token = old_side, old_pad

@@ -21,30 +21,22 @@ def load_source(source: str, dtype=torch.float32):
 
 def sparse_layers_for(source_model, spec, *, tokenizer=None, cache_dir: str | None = None, progress: bool = True,
                       log=print) -> list[int]:
-    """The sparse layers of the student: `spec.layers`, or the ratio's count placed by `spec.select`. A scoring
-    method (sala, block_influence) reads `spec.score_report`, or the report scored once per source and method
-    (hybridize.select.cache; `cache_dir`: the recipe's data.cache_dir)."""
+    """The sparse layers of the student: `spec.layers`, or the ratio's count placed by `spec.select` through the same
+    selector `convert --select` uses (a scoring method reads `spec.score_report`, or the report scored once per source
+    and method: hybridize.select.cache, with `cache_dir` the recipe's data.cache_dir)."""
     num_layers = source_model.config.num_hidden_layers
     if spec.layers is not None or spec.select == "uniform":
         return sparse_indices(layer_types_for(num_layers, spec.ratio, spec.layers))
-    n_sparse = sparse_count(num_layers, spec.ratio)
-    from ..select.report import read_report
-    from ..select.selectors import choose_from_report
+    from ..select.registry import get_selector
 
-    from ..select.cache import cached_report
-
-    report_path = spec.score_report
-    if report_path is None:
-        report_path = cached_report(source_model, spec.select, tokenizer, cache_dir=cache_dir, progress=progress,
-                                    log=log)
     try:
-        report = read_report(report_path)
+        return get_selector(spec.select)(source_model, sparse_count(num_layers, spec.ratio),
+                                         score_report=spec.score_report, tokenizer=tokenizer, cache_dir=cache_dir,
+                                         progress=progress, log=log)
     except (OSError, ValueError) as e:
+        if spec.score_report is None:
+            raise
         raise type(e)(f"model.score_report: {e}") from None
-    if report["method"] != spec.select or report["num_layers"] != num_layers:
-        raise ValueError(f"model.score_report {report_path}: {report['method']} scores of {report['num_layers']} "
-                         f"layers, but the recipe places {spec.select} layers in a {num_layers}-layer model")
-    return choose_from_report(report, n_sparse)
 
 
 def _own_storage(model) -> None:
