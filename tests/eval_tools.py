@@ -100,3 +100,19 @@ class CopyModel(PreTrainedModel):
         if logits_to_keep:
             logits = logits[:, -logits_to_keep:]
         return CausalLMOutputWithPast(logits=logits, **{_CACHE_FIELD: CopyCache(full) if use_cache else None})
+
+
+def save_source_and_hybrid(root) -> None:
+    """A tiny dense source (root/source) and a random 1:3 hybrid of the same vocabulary (root/hybrid), each saved with
+    the word tokenizer, as the CLI tests load them."""
+    from helpers import tiny_llama
+    from hybridize.arch.configuration_hybridize import default_layer_types
+    from hybridize.convert.build import build_hybrid
+    from hybridize.export import save_hybrid
+
+    tok = word_tokenizer()
+    source = tiny_llama(vocab=len(tok))
+    source.save_pretrained(root / "source")
+    tok.save_pretrained(root / "source")
+    save_hybrid(build_hybrid(tiny_llama(vocab=len(tok)), default_layer_types(4)), root / "hybrid", tokenizer=tok)
+

@@ -7,15 +7,11 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from eval_tools import word_tokenizer
-from helpers import tiny_llama
-from hybridize.arch.configuration_hybridize import default_layer_types
+from eval_tools import save_source_and_hybrid
 from hybridize.cli import main
-from hybridize.convert.build import build_hybrid
 from hybridize.eval.evaluate import run_bench_command
 from hybridize.eval.report import bench_table
 from hybridize.eval.speed import selection_variant, shape_builders
-from hybridize.export import save_hybrid
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -23,12 +19,7 @@ PNG = b"\x89PNG\r\n\x1a\n"
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
-    tok = word_tokenizer()
-    source = tiny_llama(vocab=len(tok))
-    source.save_pretrained(root / "source")
-    tok.save_pretrained(root / "source")
-    hybrid = build_hybrid(tiny_llama(vocab=len(tok)), default_layer_types(4))
-    save_hybrid(hybrid, root / "hybrid", tokenizer=tok)
+    save_source_and_hybrid(root)
     text = root / "text.txt"
     text.write_text("The river runs to the sea and the wind moves over the hills. The sky is blue. " * 30)
     return root

@@ -9,7 +9,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from eval_tools import CopyConfig, CopyModel, word_tokenizer
+from eval_tools import CopyConfig, CopyModel, save_source_and_hybrid, word_tokenizer
 from helpers import TINY_SPARSE, tiny_llama
 from hybridize.arch.configuration_hybridize import default_layer_types
 from hybridize.cli import main
@@ -200,14 +200,7 @@ def test_settings_are_validated():
 
 
 def test_cli_retention_suite_end_to_end(tmp_path):
-    tok = word_tokenizer()
-    source = tiny_llama(vocab=len(tok))
-    source.save_pretrained(tmp_path / "source")
-    tok.save_pretrained(tmp_path / "source")
-    hybrid = build_hybrid(tiny_llama(vocab=len(tok)), default_layer_types(4))
-    from hybridize.export import save_hybrid
-
-    save_hybrid(hybrid, tmp_path / "hybrid", tokenizer=tok)
+    save_source_and_hybrid(tmp_path)
     out = tmp_path / "ret"
     args = ["eval", str(tmp_path / "hybrid"), "--compare", str(tmp_path / "source"), "--suite", "retention", "--quick",
             "--sources", "news,pydoc", "--tasks", "passkey,kv", "--lengths", "160", "-o", str(out)]
