@@ -8,12 +8,15 @@
         The recipe's teacher-written corpus and the layer scores of each placement method, cached once in the
         recipe's data.cache_dir, so that several quality runs started together do not each compute them.
 
-    python bench/train_quality.py quality --recipe recipes/retention.yaml --train-seconds 720 [--eval-untrained] \
-        [--set KEY=VALUE ...] --out OUT
+    python bench/train_quality.py quality --recipe recipes/retention.yaml --train-seconds 600 [--save-untrained DIR] \
+        [--no-retention] [--set KEY=VALUE ...] --out OUT
         `train(recipe)` with step counts calibrated to fill --train-seconds, then the retention report
         (hybridize.eval.retention: perplexity on held-out text from domains no recipe trains on, retrieval by length,
         factual probes, agreement with the source) of the source, the trained hybrid loaded from its exported folder
-        as a user loads it, and with --eval-untrained the conversion before training.
+        as a user loads it, and with --save-untrained the conversion before training.
+
+    python bench/train_quality.py retention --model source=default --model NAME=FOLDER ... --out OUT
+        The retention report of the models given (one process, one model at a time; the source is the reference).
 
     python bench/train_quality.py profile --source SmolLM2.gguf --texts DIR [--micro N]
         Where one micro-batch of each stage spends its time: teacher forward, student fwd + bwd, the stage's loss
@@ -392,6 +395,7 @@ def _retention(specs: dict[str, str], reference: str, out: Path, device: str, qu
 
     from hybridize.arch import register_auto_classes
     from hybridize.eval.loading import LoadedModel, load_model
+    from hybridize.export import is_hybrid_folder
     from hybridize.eval.retention import RetentionSettings, retention_report, write_retention_report
 
     register_auto_classes()  # else the tokenizer load of a folder with auto_map waits 15 s on a trust prompt
@@ -399,7 +403,7 @@ def _retention(specs: dict[str, str], reference: str, out: Path, device: str, qu
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 weights for every model; matrix products in tf32
     models = {}
     for name, spec in specs.items():
-        if Path(spec).is_dir() and '"hybridize"' in (Path(spec) / "config.json").read_text():
+        if is_hybrid_folder(spec):
             model = AutoModelForCausalLM.from_pretrained(spec, trust_remote_code=True, dtype=torch.float32)
             models[name] = LoadedModel(name, model.to(device).eval(), AutoTokenizer.from_pretrained(spec), "hybrid")
         else:

@@ -69,10 +69,10 @@ def load_models(recipe, need_teacher: bool):
         if not Path(spec.converted).is_dir():
             raise FileNotFoundError(f"model.converted {spec.converted} is not a folder")
         from ..arch import register_auto_classes
+        from ..export import is_hybrid_folder
 
         register_auto_classes()  # the installed hybrid classes, never the folder's own copy of the modeling files
-        config = Path(spec.converted) / "config.json"
-        if not config.is_file() or '"hybridize"' not in config.read_text(errors="replace"):
+        if not is_hybrid_folder(spec.converted):
             raise ValueError(f"model.converted {spec.converted} is not a hybrid written by `hybridize convert`: give "
                              "the source as model.source instead")
         student = AutoModelForCausalLM.from_pretrained(spec.converted, dtype=torch.float32)
