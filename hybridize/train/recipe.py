@@ -233,8 +233,10 @@ def _not_blank(v):
 # Every float must also be finite (see _convert). Cross-field rules live in validate().
 CONSTRAINTS: dict[str, dict[str, Any]] = {
     "Recipe": {"seed": _non_negative},
+    "ModelSpec": {"sparse_query_log_scale": lambda v: None if v > 1 else f"must be a number above 1 (HALO uses 362), "
+                                                                           f"got {v}"},
     "SourceSpec": {"weight": _positive, "max_documents": _positive, "num_samples": _positive,
-                   "max_new_tokens": _positive, "temperature": _positive},
+                   "max_new_tokens": _positive, "temperature": _positive, "batch_size": _positive},
     "DataSpec": {"heldout_fraction": _in_range(0.0, 1.0, hi_open=True)},
     "LossSpec": {"hidden_mse": _non_negative, "kl": _non_negative, "ce": _non_negative, "temperature": _positive},
     "LoraSpec": {"r": _positive, "alpha": _positive, "dropout": _in_range(0.0, 1.0, hi_open=True)},
@@ -363,10 +365,6 @@ def validate(recipe: Recipe) -> Recipe:
     _choice(f, "model.lightning_decay", recipe.model.lightning_decay, ("sala", "layerwise"))
     m = recipe.model
     _choice(f, "model.select", m.select, SELECT_METHODS)
-    if m.sparse_query_log_scale is not None and not (math.isfinite(m.sparse_query_log_scale)
-                                                     and m.sparse_query_log_scale > 1):
-        _fail(f, "model.sparse_query_log_scale", f"must be a number above 1 (HALO uses 362), got "
-                                                 f"{m.sparse_query_log_scale}")
     if m.score_report is not None and m.select not in ("sala", "block_influence"):
         _fail(f, "model.score_report", f"a score report places layers with select: sala or block_influence, "
                                        f"not {m.select!r}")
@@ -382,9 +380,6 @@ def validate(recipe: Recipe) -> Recipe:
         if s.type == "teacher":
             if s.prompts is not None and not s.prompts:
                 _fail(f, f"{w}.prompts", "an empty list: give prompts, or leave prompts out for the built-in ones")
-            for key in ("num_samples", "max_new_tokens", "batch_size"):
-                if getattr(s, key) <= 0:
-                    _fail(f, f"{w}.{key}", f"must be positive, got {getattr(s, key)}")
         elif not s.path:
             _fail(f, f"{w}.path", f"a {s.type} source needs a path")
     if not any(not s.heldout for s in recipe.data.sources):
