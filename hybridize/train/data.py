@@ -1,7 +1,7 @@
 """Training data: documents from text files (read directly), from `datasets` (local jsonl/parquet, hub names) or sampled
 from the teacher, tokenized once and cached, split into training and held-out documents, packed into fixed-length
-sequences that keep document boundaries, and served as a deterministic weighted mixture whose position is a single integer (the number
-of sequences consumed), so a resumed run continues with exactly the next batch.
+sequences that keep document boundaries, and served as a deterministic weighted mixture whose position is a single
+integer (the number of sequences consumed), so a resumed run continues with exactly the next batch.
 """
 
 from __future__ import annotations
