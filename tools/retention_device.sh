@@ -57,7 +57,7 @@ wait)
     [ -f $R/out/ALL_DONE ] && break; sleep 15
   done
   echo "=== pipeline"; grep -v -i -E "warn|it/s\]|s/it\]" $R/out/pipeline.log | tail -70
-  grep -h '^\[' $R/out/retention.log 2>/dev/null | tail -8  # the report's progress, one line per model
+  grep -h "^\[" $R/out/retention_*.log 2>/dev/null | tail -8  # the report's progress, one line per model
   for d in $R/out/*/; do
     [ -f $d/quality.log ] || continue
     name=$(basename $d); echo "=== $name"
