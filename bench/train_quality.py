@@ -350,7 +350,12 @@ def cmd_quality(args) -> int:
     if len(split) != len(recipe.stages):
         raise SystemExit(f"--split gives {len(split)} shares for {len(recipe.stages)} stages")
     factors = tuple(int(x) for x in args.micro_factors.split(","))
-    steps = calibrate(recipe, student, teacher, args.train_seconds, split, dev, factors)
+    if args.steps:  # the same step counts for runs that share a GPU (timing one beside the others misleads)
+        steps = [int(x) for x in args.steps.split(",")]
+        if len(steps) != len(recipe.stages) or min(steps) < 1:
+            raise SystemExit(f"--steps gives {args.steps!r} for {len(recipe.stages)} stages: one positive count each")
+    else:
+        steps = calibrate(recipe, student, teacher, args.train_seconds, split, dev, factors)
     for st, n in zip(recipe.stages, steps):
         st.steps, st.tokens = n, None
     t_train = time.perf_counter()
@@ -387,10 +392,11 @@ def cmd_quality(args) -> int:
 
 
 def _retention(specs: dict[str, str], reference: str, out: Path, device: str, quick: bool = False,
-               trials: int = 3) -> dict:
+               trials: int = 3, reuse: str | None = None) -> dict:
     """The retention report of models given as {name: "default" | .gguf | folder}. Hybrid folders load the way a user
     loads them (AutoModelForCausalLM with trust_remote_code: the folder's own modeling files); they are this
-    benchmark's own exports."""
+    benchmark's own exports. `reuse`: an earlier retention.json whose measurements of the models it shares with
+    `specs` are taken, not measured again (they still serve for agreement)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from hybridize.arch import register_auto_classes
@@ -415,7 +421,8 @@ def _retention(specs: dict[str, str], reference: str, out: Path, device: str, qu
     partial = out / "retention.partial.json"  # what a run cut short still leaves
     results = retention_report(models, settings, reference=reference,
                                log=lambda line: print(f"[{time.perf_counter() - t:.0f} s] {line}", flush=True),
-                               on_model=lambda r: partial.write_text(json.dumps(r, indent=1, default=str)))
+                               on_model=lambda r: partial.write_text(json.dumps(r, indent=1, default=str)),
+                               measured=json.loads(Path(reuse).read_text()) if reuse else None)
     results["bench_seconds"] = time.perf_counter() - t
     write_retention_report(results, out)
     partial.unlink(missing_ok=True)
@@ -426,7 +433,19 @@ def _retention(specs: dict[str, str], reference: str, out: Path, device: str, qu
 
 def cmd_retention(args) -> int:
     specs = dict(x.split("=", 1) for x in args.model)
-    _retention(specs, args.reference, Path(args.out), args.device, quick=args.quick, trials=args.trials)
+    _retention(specs, args.reference, Path(args.out), args.device, quick=args.quick, trials=args.trials,
+               reuse=args.reuse)
+    return 0
+
+
+def cmd_merge(args) -> int:
+    """One retention report from several (e.g. the source measured once, each trained hybrid in its own run)."""
+    from hybridize.eval.report import write_retention_report
+    from hybridize.eval.retention import merge_reports
+
+    merged = merge_reports([json.loads(Path(p).read_text()) for p in args.reports], args.reference)
+    write_retention_report(merged, Path(args.out))
+    print((Path(args.out) / "retention.md").read_text())
     return 0
 
 
@@ -545,6 +564,8 @@ def main() -> int:
     q.add_argument("--quick-retention", action="store_true", help="tiny retention settings (a smoke test)")
     q.add_argument("--train-seconds", type=float, default=480)
     q.add_argument("--split", default="0.2,0.6,0.2", help="share of the training time per stage")
+    q.add_argument("--steps", default=None, help="step counts per stage (e.g. 40,100,40) instead of calibrating them "
+                   "for --train-seconds: the same counts for runs that share a GPU")
     q.add_argument("--limit-seconds", type=float, default=900.0,
                    help="the benchmark's training-time limit (issue 8: 15 minutes); the report says whether the run "
                         "stayed within it (a contended host can make the calibrated plan run long)")
@@ -556,9 +577,15 @@ def main() -> int:
     rr.add_argument("--model", action="append", required=True, help="NAME=SPEC (default, a .gguf, a folder); repeat")
     rr.add_argument("--reference", default="source")
     rr.add_argument("--quick", action="store_true")
+    rr.add_argument("--reuse", default=None, help="an earlier retention.json (same settings): the models it measured "
+                    "are taken from it, not measured again (e.g. the source, bench/results/retention-2026-12-01)")
     rr.add_argument("--trials", type=int, default=3, help="retrieval probes per length and depth")
     rr.add_argument("--device", default="cuda")
     rr.add_argument("--out", default="bench-out/retention")
+    mg = sub.add_parser("merge", help="one retention report from several retention.json files")
+    mg.add_argument("reports", nargs="+", help="retention.json files measured with the same settings")
+    mg.add_argument("--reference", default="source")
+    mg.add_argument("--out", default="bench-out/retention")
     pp = _recipe_parser(sub, "prepare", "recipes/retention.yaml", 0)
     pp.add_argument("--methods", default="sala", help="placement methods whose layer scores to cache")
     pp.add_argument("--out", default="bench-out")
@@ -572,7 +599,7 @@ def main() -> int:
     c = sub.add_parser("compare")
     c.add_argument("runs", nargs="+", help="metrics.jsonl files; the first is the reference")
     args = ap.parse_args()
-    return {"throughput": cmd_throughput, "quality": cmd_quality, "prepare": cmd_prepare, "retention": cmd_retention, "profile": cmd_profile, "smoke": cmd_smoke,
+    return {"throughput": cmd_throughput, "quality": cmd_quality, "prepare": cmd_prepare, "retention": cmd_retention, "merge": cmd_merge, "profile": cmd_profile, "smoke": cmd_smoke,
             "compare": cmd_compare}[args.cmd](args)
 
 

@@ -18,8 +18,10 @@ from hybridize.eval.heldout import check_disjoint, clean_wiki, ngram_overlap, re
 from hybridize.eval.loading import LoadedModel
 from hybridize.eval.perplexity import perplexity_of_ids, position_edges, position_nll
 from hybridize.eval.probes import PROBES
+from hybridize.eval.report import retention_markdown
 from hybridize.eval.retention import (
-    RetentionSettings, next_token_agreement, probe_correct, retention_report, run_lm_eval, score_probes,
+    RetentionSettings, merge_reports, next_token_agreement, probe_correct, retention_report, run_lm_eval,
+    score_probes,
     write_retention_report,
 )
 from hybridize.eval.retrieval import TASKS, make_probe, run_retrieval
@@ -179,6 +181,47 @@ def test_retention_report_measures_and_writes_the_files(tmp_path):
         assert (tmp_path / "r" / name).read_bytes()[:8] == PNG
     with pytest.raises(ValueError, match="reference"):
         retention_report(models, RetentionSettings.quick(), reference="nope")
+
+
+def test_reports_measured_apart_merge_into_the_report_measured_together():
+    tok = word_tokenizer()
+    models = {"source": LoadedModel("source", tiny_llama(vocab=len(tok), seed=1), tok, "dense"),
+              "other": LoadedModel("other", tiny_llama(vocab=len(tok), seed=2), tok, "dense"),
+              "copy": LoadedModel("copy", CopyModel(CopyConfig(vocab_size=len(tok))), tok, "dense")}
+    settings = RetentionSettings.quick()
+    together = retention_report(models, settings, reference="source")
+    first = retention_report({k: models[k] for k in ("source", "other")}, settings, reference="source")
+    alone = retention_report({"copy": models["copy"]}, RetentionSettings.quick(trials=2), reference="copy")
+    merged = merge_reports([first, alone], reference="source")
+    assert list(merged["models"]) == ["source", "other", "copy"]
+    for name in ("other", "copy"):
+        got, want = merged["models"][name], together["models"][name]
+        assert got["summary"]["heldout_ppl_ratio"] == pytest.approx(want["summary"]["heldout_ppl_ratio"], rel=1e-5)
+        assert got["probes"]["retained_total"] == want["probes"]["retained_total"]
+        assert got["probes"]["retained_correct"] == want["probes"]["retained_correct"]
+    # the copy model was measured beside itself: its agreement with the source is not known, the other's is kept
+    assert "agreement" not in merged["models"]["copy"] and "agreement" in merged["models"]["other"]
+    assert merged["models"]["copy"]["retrieval"]["kv"]["by_length"]["256"]["n"] == 2
+    assert "1.00 / 1.00 (n=2)" in retention_markdown(merged)
+    with pytest.raises(ValueError, match="windows"):
+        merge_reports([first, retention_report({"copy": models["copy"]}, RetentionSettings.quick(windows=(32,)),
+                                               reference="copy")], reference="source")
+    with pytest.raises(ValueError, match="reference"):
+        merge_reports([alone], reference="source")
+    # the source measured once: a later report takes its measurements and still measures agreement beside it
+    reused = retention_report({k: models[k] for k in ("source", "copy")}, settings, reference="source",
+                              measured=json.loads(json.dumps(first)))
+    source = reused["models"]["source"]
+    assert source["reused"] and source["seconds"] == first["models"]["source"]["seconds"]
+    got, want = reused["models"]["copy"], together["models"]["copy"]
+    assert got["agreement"]["news"]["top1"] == pytest.approx(want["agreement"]["news"]["top1"])
+    assert got["summary"]["heldout_ppl_ratio"] == pytest.approx(want["summary"]["heldout_ppl_ratio"], rel=1e-5)
+    both = merge_reports([first, reused], reference="source")
+    assert list(both["models"]) == ["source", "other", "copy"] and "reused" not in both["models"]["source"]
+    with pytest.raises(ValueError, match="more than one"):
+        merge_reports([first, first], reference="source")
+    with pytest.raises(ValueError, match="max_tokens"):
+        retention_report(models, RetentionSettings.quick(max_tokens=1024), reference="source", measured=first)
 
 
 def test_lm_eval_hook_skips_with_a_note_without_lm_eval():

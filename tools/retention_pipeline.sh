@@ -14,6 +14,8 @@ export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 IFS=';' read -ra VS <<< "$VARIANTS"
 # several runs sharing the GPU: smaller micro-batches (same global batches, so the same optimisation) fit in memory
 # together (2026-12-01: five at once ran at 13.5-13.9K tokens/s each, bench/results/retention.md)
+# Each run times its steps for SECS while the others start up, so their step counts differ (2026-12-01: 81 vs 37-39
+# long-stage steps; runs overran 600 s by 60-85%): give several runs the same STEPS="align,distil,long" instead.
 [ ${#VS[@]} -gt 1 ] && SHARED=${SHARED:-"--set stages[0].micro_batch_size=16 --set stages[1].micro_batch_size=4 --set stages[2].micro_batch_size=1"}
 SHARED=${SHARED:-}
 PER=$(( $(nproc) / ${#VS[@]} )); i=0
@@ -25,28 +27,30 @@ for v in "${VS[@]}"; do
   ( OMP_NUM_THREADS=$(( PER > 1 ? PER / 2 : 1 )) $PIN \
       python3 bench/train_quality.py quality --recipe $RECIPE --set data.cache_dir=$CACHE $COMMON \
       --set output.checkpoint_every=100000 --set 'logging.trackers=[]' --run-dir /tmp/ret_$name $SHARED \
-      --train-seconds $SECS --split ${SPLIT:-0.2,0.6,0.2} --no-retention \
+      --train-seconds $SECS --split ${SPLIT:-0.2,0.6,0.2} --no-retention ${STEPS:+--steps $STEPS} \
       $([ $i = 0 ] && echo --save-untrained $OUT_DIR/converted_model) $extra \
       --out $OUT_DIR/$name > $OUT_DIR/$name/quality.log 2>&1; touch $OUT_DIR/$name/done ) &
   i=$((i + 1))
 done
-# the source and the conversion need no training: their report runs beside the training runs (one process at 64K
-# holds the source's cache ten times, about 30 GB in fp32, which fits beside the runs' small micro-batches)
-report() {  # $1 name, then NAME=SPEC pairs: one report of the source and those models
-  local name=$1; shift
-  python3 bench/train_quality.py retention --model source=default $(printf -- '--model %s ' "$@") \
-    --trials ${TRIALS:-3} --out $OUT_DIR/retention_$name > $OUT_DIR/retention_$name.log 2>&1
-  echo "report $name: rc=$?, $(( $(date +%s) - t )) s"
+# Reports: the source is not measured again (its H200 measurements of 2026-12-01 are in bench/results; it took 459 s
+# beside the training runs); each model is measured in its own process beside it (agreement needs both in memory),
+# the conversion while the runs train, each trained run once all have finished; then one merged report.
+SOURCE_JSON=${SOURCE_JSON:-bench/results/retention-2026-12-01/retention.json}
+report() {  # $1 name, $2 model spec
+  python3 bench/train_quality.py retention --model source=default --model $1=$2 --reuse $SOURCE_JSON \
+    --trials ${TRIALS:-2} --out $OUT_DIR/retention_$1 > $OUT_DIR/retention_$1.log 2>&1
+  echo "report $1: rc=$?, $(( $(date +%s) - t )) s"
 }
 # the export renames a finished folder into place
 for _ in $(seq 1 120); do [ -d $OUT_DIR/converted_model ] && break; sleep 5; done
-[ -d $OUT_DIR/converted_model ] && report converted converted=$OUT_DIR/converted_model &
+[ -d $OUT_DIR/converted_model ] && report converted $OUT_DIR/converted_model &
 while [ $(ls -d $OUT_DIR/*/done 2>/dev/null | wc -l) -lt ${#VS[@]} ]; do sleep 5; done
 echo "all variants trained: $(( $(date +%s) - t )) s"
-# one report per trained run, all at once (each measures the source again beside its hybrid: a few seconds on the GPU)
 for v in "${VS[@]}"; do
-  name=${v%%:*}; [ -d /tmp/ret_$name/model ] && report $name $name=/tmp/ret_$name/model &
+  name=${v%%:*}; [ -d /tmp/ret_$name/model ] && report $name /tmp/ret_$name/model &
 done
 wait
-for f in $OUT_DIR/retention_*.log; do echo "=== $f"; grep -E "^\[|retention report" $f | tail -8; done
+python3 bench/train_quality.py merge $OUT_DIR/retention_*/retention.json --out $OUT_DIR/retention > $OUT_DIR/merge.log 2>&1
+for f in $OUT_DIR/retention_*.log; do echo "=== $f"; grep -E "^\[|retention report" $f | tail -3; done
+head -25 $OUT_DIR/retention/retention.md
 touch $OUT_DIR/ALL_DONE

@@ -162,7 +162,9 @@ def retention_markdown(results: dict) -> str:
             for L in first["by_length"]:
                 cells = [r[t]["by_length"].get(L) if t in r else None for r in retrieval]
                 rows.append([t, format_length(int(L)), str(first["by_length"][L]["n"])]
-                            + [f"{c['accuracy']:.2f} / {c['choice_accuracy']:.2f}" if c else "-" for c in cells])
+                            + [f"{c['accuracy']:.2f} / {c['choice_accuracy']:.2f}"
+                               + ("" if c["n"] == first["by_length"][L]["n"] else f" (n={c['n']})") if c else "-"
+                               for c in cells])
         chance = next(r[t]["chance"] for r in retrieval for t in r)
         out.append(f"\n### Retrieval\n\nGreedy exact match / likelihood choice (chance {chance:.2f}); n probes per "
                    "task and length (depths x trials).\n\n" + _table(["task", "length", "n"] + names, rows))

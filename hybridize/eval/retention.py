@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import importlib.util
+import json
 import math
 import os
 import time
@@ -345,12 +346,14 @@ def _same_tokens(a, b, text: str) -> bool:
 
 
 def retention_report(models: dict[str, LoadedModel], settings: RetentionSettings | None = None, *,
-                     reference: str, log=None, on_model=None) -> dict:
+                     reference: str, log=None, on_model=None, measured: dict | None = None) -> dict:
     """Measure every model of `models` ({name: LoadedModel}, all in memory, with tokenizers) beside
     `models[reference]`. Returns a JSON-serialisable dict: settings, reference, sources (their roles), overlap (held-out
     n-gram overlap with the training texts), models ({name: measurements, with ratios to the reference}), notes.
     `log`: called with a line after each model's measurements (a long report shows where it is); `on_model`: called
-    with the results so far after each model (a caller can keep them if the run is cut short)."""
+    with the results so far after each model (a caller can keep them if the run is cut short). `measured`: an earlier
+    report (same settings, retrieval trials aside) whose measurements of the models it names are taken instead of
+    measured again; those models still serve for agreement (the source measured once, each hybrid beside it)."""
     settings = settings or RetentionSettings()
     if reference not in models:
         raise ValueError(f"reference {reference!r} is not one of the models ({', '.join(models)})")
@@ -365,7 +368,11 @@ def retention_report(models: dict[str, LoadedModel], settings: RetentionSettings
                      "overlap": _overlap(settings, texts), "models": {}}
     ref = models[reference]
     with chunked_attention([m.model for m in models.values()]):
+        known = _reusable(measured, settings, models) if measured else {}
         for name, loaded in models.items():
+            if name in known:
+                results["models"][name] = dict(known[name], reused=True)
+                continue
             seconds: dict[str, float] = {}
             m: dict = {"kind": loaded.kind, "params": sum(p.numel() for p in loaded.model.parameters()),
                        "seconds": seconds}
@@ -395,11 +402,67 @@ def retention_report(models: dict[str, LoadedModel], settings: RetentionSettings
         for source in settings.agreement_sources:
             _agreement(source, ref, others, settings, texts, results, notes)
     if settings.probes:
-        ref_correct = [probe_correct(c, p[2]) for c, p in zip(results["models"][reference]["probes"], PROBES)]
-        for m in results["models"].values():
-            m["probes"] = score_probes(m["probes"], PROBES, ref_correct)
+        completions = {n: _completions(m["probes"]) for n, m in results["models"].items()}
+        ref_correct = [probe_correct(c, p[2]) for c, p in zip(completions[reference], PROBES)]
+        for n, m in results["models"].items():
+            m["probes"] = score_probes(completions[n], PROBES, ref_correct)
     _add_ratios(results)
     return results
+
+
+def _completions(probes) -> list[str]:
+    """A model's probe completions: measured here (a list) or scored in an earlier report (a dict with items)."""
+    return [it["completion"] for it in probes["items"]] if isinstance(probes, dict) else list(probes)
+
+
+def _same_settings(a: dict, b: dict) -> None:
+    """Two reports' settings agree except in retrieval trials (each retrieval cell keeps its own count)."""
+    a, b = ({k: v for k, v in x.items() if k not in ("trials", "progress")} for x in (a, b))
+    if a != b:
+        diff = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+        raise ValueError(f"reports measured with different settings ({', '.join(diff)}): they cannot be combined")
+
+
+def _reusable(measured: dict, settings: RetentionSettings, models: dict) -> dict:
+    _same_settings(measured["settings"], json.loads(json.dumps(settings.to_dict())))
+    return {n: {k: v for k, v in m.items() if k not in ("agreement", "summary", "reused")}
+            for n, m in measured["models"].items() if n in models}
+
+
+def merge_reports(reports: list[dict], reference: str) -> dict:
+    """One report from several retention_report results taken with the same settings (the retrieval trials may
+    differ: each cell keeps its own count), e.g. the source measured once and each trained hybrid in its own run.
+    Ratios, position differences, probe retention and summaries are recomputed against `reference`; a model's
+    agreement is kept only where its report had the same reference (agreement needs both models in one run). A model
+    in several reports must be measured in at most one of them (the others took it with `measured`)."""
+    if not reports:
+        raise ValueError("merge_reports needs at least one report")
+    for r in reports[1:]:
+        _same_settings(reports[0]["settings"], r["settings"])
+    models, notes = {}, []
+    for r in reports:
+        for name, m in r["models"].items():
+            if name in models and not (m.get("reused") or models[name].get("reused")):
+                raise ValueError(f"model {name!r} is in more than one report")
+            if name in models and m.get("reused"):
+                continue  # a copy of a measurement another report holds
+            m = dict(m)
+            if r["reference"] != reference:
+                m.pop("agreement", None)
+            models[name] = m
+        notes += [n for n in r.get("notes", []) if n not in notes]
+    if reference not in models:
+        raise ValueError(f"reference {reference!r} is in none of the reports ({', '.join(models)})")
+    merged = {**reports[0], "reference": reference, "models": models, "notes": notes,
+              "merged_from": [{"reference": r["reference"], "models": list(r["models"]),
+                               "trials": r["settings"].get("trials")} for r in reports]}
+    completions = {n: _completions(m["probes"]) for n, m in models.items() if "probes" in m}
+    if reference in completions:
+        ref_correct = [probe_correct(c, p[2]) for c, p in zip(completions[reference], PROBES)]
+        for n, c in completions.items():
+            models[n]["probes"] = score_probes(c, PROBES, ref_correct)
+    _add_ratios(merged)
+    return merged
 
 
 def _agreement(source, ref: LoadedModel, others: dict, settings, texts: SourceTexts, results: dict, notes: list):

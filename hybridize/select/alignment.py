@@ -142,21 +142,73 @@ class AlignResult:
 
 
 @torch.no_grad()
-def calibrate_output_scale(runner: LayerRunner, students: nn.ModuleList, ids: torch.Tensor) -> list[float]:
-    """Rescale each student's output norm by the least-squares factor against the teacher on one batch.
+def fit_output_norm(attention: LightningAttention, x: torch.Tensor, ctx, target: torch.Tensor,
+                    per_channel: bool = False) -> float:
+    """Set a Lightning layer's output-norm weight to the least-squares fit of its output to `target` (the teacher's
+    attention output for the same input `x`); returns the relative error MSE / mean(target^2) after the fit.
 
-    A fresh student has no softmax normaliser: its output norm sets a unit RMS, while the teacher's attention output
-    is an average of values, often 10-1000x smaller. The output is linear in the norm's weight, so
-    alpha = <student, teacher> / <student, student> is the best single factor, and the relative error on this batch
-    becomes at most 1 before any training step."""
+    A fresh Lightning layer has no softmax normaliser: its output norm sets a unit RMS, while the teacher's attention
+    output is an average of values, 3-30x smaller in SmolLM2 (more in other models). The layer's output is linear in
+    the norm's weight w: out_t = W_o (m_t * w), m_t the normalised, gated activations. per_channel=False scales the
+    current weight by one factor; per_channel=True solves for all of w ((W_o^T W_o) * (sum_t m_t m_t^T) w =
+    sum_t m_t * (W_o^T a_t)). Either way the error on these tokens is at most what a layer that outputs nothing
+    gets (relative error 1)."""
+    weight = attention.o_norm.weight
+    current = weight.detach().float().clone()
+    captured = []
+    hook = attention.o_proj.register_forward_pre_hook(lambda _, args: captured.append(args[0].detach()))
+    try:
+        weight.fill_(1.0)
+        attention(x, ctx)
+    finally:
+        hook.remove()
+    m = captured[0].float().reshape(-1, current.numel())
+    a = target.float().reshape(-1, target.shape[-1])
+    if attention.o_proj.bias is not None:
+        a = a - attention.o_proj.bias.float()
+    W = attention.o_proj.weight.float()
+    if per_channel:
+        gram = (W.T @ W) * (m.T @ m)
+        ridge = 1e-6 * gram.diagonal().mean().clamp(min=1e-30)
+        rhs = (m * (a @ W)).sum(0)
+        fitted = torch.linalg.solve(gram + ridge * torch.eye(len(rhs), device=gram.device), rhs)
+    else:
+        out = (m * current) @ W.T
+        fitted = current * (out * a).sum() / out.pow(2).sum().clamp(min=1e-30)
+    weight.copy_(fitted.to(weight.dtype))
+    err = ((m * fitted) @ W.T - a).pow(2).mean() / a.pow(2).mean().clamp(min=1e-30)
+    return float(err)
+
+
+@torch.no_grad()
+def calibrate_output_scale(runner: LayerRunner, students: nn.ModuleList, ids: torch.Tensor) -> list[float]:
+    """Rescale each student's output norm by its least-squares factor against the teacher on one batch
+    (fit_output_norm); returns the factors."""
     ctx = runner.context(ids)
     factors = []
     for student, (x, target) in zip(students, runner.attention_io(ids)):
-        out = student(x, ctx).float()
-        alpha = (out * target.float()).sum() / out.pow(2).sum().clamp(min=1e-30)
-        student.o_norm.weight.mul_(alpha.to(student.o_norm.weight.dtype))
-        factors.append(alpha.item())
+        before = student.o_norm.weight.detach().float().clone()
+        fit_output_norm(student, x, ctx, target)
+        nz = before.abs() > 0
+        factors.append(float((student.o_norm.weight.float()[nz] / before[nz]).mean()) if nz.any() else 1.0)
     return factors
+
+
+@torch.no_grad()
+def calibrate_lightning_outputs(hybrid, source_model, ids: torch.Tensor, per_channel: bool = True) -> dict[int, float]:
+    """Fit every Lightning layer's output norm of a fresh conversion to its source layer's attention output on the
+    token batch `ids` (B, T), each layer fed the source's own input to that layer (fit_output_norm). Returns
+    {layer: relative error after the fit}."""
+    from .runner import reference_hybrid
+
+    runner = LayerRunner(reference_hybrid(source_model))
+    ids = ids.to(runner.device)
+    ctx = runner.context(ids)
+    errors = {}
+    for i, (x, target) in enumerate(runner.attention_io(ids)):
+        if hybrid.config.layer_types[i] == LIGHTNING:
+            errors[i] = fit_output_norm(hybrid.model.layers[i].self_attn, x, ctx, target, per_channel)
+    return errors
 
 
 def _lr_at(step: int, s: AlignSettings) -> float:

@@ -52,6 +52,9 @@ class ModelSpec:
     lightning_decay: str = "sala"  # per-head decay of the Lightning layers: "sala" (same in every layer) or "layerwise"
     sparse_query_log_scale: float | None = None  # HALO's NoPE query scaling q_t *= log(t + a) / log(a) (a, e.g. 362)
     students: str | None = None  # aligned students (safetensors keyed by hybrid parameter names), loaded strict=False
+    # fit each Lightning layer's output-norm weights to its source layer's attention output (least squares on 4 x 512
+    # tokens of the built-in plays) before training: a fresh Lightning layer's output is 3-30x too large
+    calibrate: bool = True
 
 
 @dataclass
