@@ -51,3 +51,18 @@ def gpu_llama():
     with torch.no_grad():
         src.lm_head.weight.mul_(8.0)
     return src
+
+
+def require_triton_interpreter() -> None:
+    """Skip unless triton's CPU interpreter can run the kernels: triton 3.6's interpreter gives a reduction such as
+    tl.max a shape-(1,) result that `range` cannot take as a bound (checked against 3.6.0, 3.7.0, 3.8.0 and 3.9.0;
+    3.7 and later run every kernel)."""
+    import pytest
+
+    try:
+        import triton
+    except ImportError:
+        pytest.skip("the kernel tests on the CPU need triton (pip install 'triton>=3.7')")
+    major, minor = (int(x) for x in triton.__version__.split(".")[:2])
+    if (major, minor) < (3, 7):
+        pytest.skip(f"triton {triton.__version__}'s interpreter cannot run the kernels: pip install 'triton>=3.7'")

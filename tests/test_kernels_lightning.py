@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import TINY_SPARSE, tiny_llama
+from helpers import TINY_SPARSE, require_triton_interpreter, tiny_llama
 from hybridize.kernels.lightning_reference import (
     lightning_attn_chunked,
     lightning_attn_recurrent,
@@ -37,6 +37,7 @@ def _load_interpreted(path: Path):
     """A kernel file with its kernels built for the Triton interpreter (CPU tensors). The kernel files import each
     other relatively, so the whole kernels/ folder is loaded as a private package (every module of it imported while
     the flag is set) and the file's module taken from it."""
+    require_triton_interpreter()
     old = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"
     try:

@@ -16,6 +16,8 @@ import sys
 import pytest
 import torch
 
+from helpers import require_triton_interpreter
+
 TINY = dict(block_size=16, kernel=8, stride=4, init_blocks=1, local_blocks=2)
 
 
@@ -364,6 +366,7 @@ def run_interpreter_checks(seed: int) -> dict:
 
 @pytest.fixture(scope="module")
 def interp():
+    require_triton_interpreter()
     seed = int.from_bytes(os.urandom(3), "little")
     env = dict(os.environ, TRITON_INTERPRET="1")
     proc = subprocess.run([sys.executable, __file__, str(seed)], env=env, capture_output=True, text=True,
