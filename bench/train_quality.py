@@ -599,8 +599,8 @@ def main() -> int:
     c = sub.add_parser("compare")
     c.add_argument("runs", nargs="+", help="metrics.jsonl files; the first is the reference")
     args = ap.parse_args()
-    return {"throughput": cmd_throughput, "quality": cmd_quality, "prepare": cmd_prepare, "retention": cmd_retention, "merge": cmd_merge, "profile": cmd_profile, "smoke": cmd_smoke,
-            "compare": cmd_compare}[args.cmd](args)
+    return {"throughput": cmd_throughput, "quality": cmd_quality, "prepare": cmd_prepare, "retention": cmd_retention,
+            "merge": cmd_merge, "profile": cmd_profile, "smoke": cmd_smoke, "compare": cmd_compare}[args.cmd](args)
 
 
 if __name__ == "__main__":

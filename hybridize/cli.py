@@ -82,11 +82,14 @@ def main(ctx):
 @click.option("--force", is_flag=True, help="replace an existing output folder")
 @click.option("--hype/--no-hype", default=True, show_default=True, help="NoPE in sparse layers, RoPE in Lightning")
 @click.option("--gates/--no-gates", default=True, show_default=True, help="new sigmoid output gates")
+@click.option("--calibrate/--no-calibrate", default=None,
+              help="fit the Lightning layers' output norms to the source on 2K tokens of the built-in plays (default: "
+                   "on for models up to 1.5B parameters with a tokenizer; the source runs on the CPU)")
 @click.option("--sample/--no-sample", default=None,
               help="print a before/after generation (default: on for models up to 1.5B parameters)")
 @click.option("--quiet", "-q", is_flag=True, help="no progress bars")
 def convert(source, ratio, layers, select, score_report, students, config, output, dtype, max_shard_size, force, hype,
-            gates, sample, quiet):
+            gates, calibrate, sample, quiet):
     """Convert SOURCE into a hybrid model folder.
 
     SOURCE: a Hugging Face model folder or a hub id in the local cache; a .safetensors/.bin/.pt/.ckpt/.pth state
@@ -109,12 +112,16 @@ def convert(source, ratio, layers, select, score_report, students, config, outpu
         run_convert, source, output, ratio=ratio, layers=layer_list, select=select, config=config, hype=hype,
         gates=gates, dtype=dtype, force=force, max_shard_size=max_shard_size, progress=not quiet,
         select_options={"score_report": score_report} if score_report else None, students=students,
-        keep_source=lambda ckpt: wants_sample(ckpt, sample),
+        keep_source=lambda ckpt: wants_sample(ckpt, sample), calibrate=calibrate,
     )
     click.echo(f"wrote {result.output} ({len(result.sparse_layers)} sparse of {result.num_layers} layers: "
                f"{result.sparse_layers})")
     for note in result.extras.get("notes", []):
         click.echo(f"note: {note}")
+    if result.calibration:
+        errors = result.calibration["relative_error"].values()
+        click.echo(f"Lightning output norms fitted to the source on {result.calibration['tokens']} tokens (mean "
+                   f"relative error {sum(errors) / max(len(errors), 1):.2f}; 1 = a layer that outputs nothing)")
     if should_sample(result, sample):
         samples = before_after(result)
         if samples is None:

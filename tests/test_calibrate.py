@@ -4,6 +4,7 @@ the source's attention outputs, used before training (recipe model.calibrate) an
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -92,3 +93,57 @@ def test_recipe_students_start_calibrated_unless_switched_off(tmp_path):
             on, off = (_relative_error(students[c].model.layers[i].self_attn, *io[i][:1], ctx, io[i][1])
                        for c in (True, False))
             assert on < off
+
+
+def test_convert_fits_the_output_norms_of_the_folder_it_writes(tmp_path):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hybridize.arch import register_auto_classes
+    from hybridize.convert.converter import convert
+
+    docs = S.write_documents(tmp_path / "docs")
+    src = S.make_tiny_source(tmp_path / "src", docs)
+    on = convert(str(src), tmp_path / "on", ratio="1:1", progress=False)  # default: a small source with a tokenizer
+    off = convert(str(src), tmp_path / "off", ratio="1:1", progress=False, calibrate=False)
+    config = json.loads((tmp_path / "on" / "config.json").read_text())
+    lightning = [i for i, t in enumerate(config["layer_types"]) if t == LIGHTNING]
+    assert off.calibration is None and sorted(int(i) for i in on.calibration["relative_error"]) == lightning
+    assert config["conversion"]["calibrated_output_norms"]["tokens"] == on.calibration["tokens"]
+    weights = {k: v for f in (tmp_path / "on").glob("*.safetensors") for k, v in load_file(f).items()}
+    plain = {k: v for f in (tmp_path / "off").glob("*.safetensors") for k, v in load_file(f).items()}
+    for name in plain:  # only the Lightning output norms differ, and those were ones
+        if name.endswith("o_norm.weight") and int(name.split(".")[2]) in lightning:
+            assert torch.equal(plain[name], torch.ones_like(plain[name]))
+            assert not torch.equal(weights[name], plain[name])
+        else:
+            assert torch.equal(weights[name], plain[name]), name
+    # loaded as a user loads it, the calibrated folder is closer to the source on text the fit did not see
+    register_auto_classes()
+    tok = AutoTokenizer.from_pretrained(src)
+    ids = tok(" ".join(p.read_text() for p in sorted(docs.glob("*.txt"))), return_tensors="pt").input_ids[:, -200:]
+    source = AutoModelForCausalLM.from_pretrained(src).eval()
+    with torch.no_grad():
+        ref = source(ids).logits.log_softmax(-1)
+        kl = {}
+        for name in ("on", "off"):
+            model = AutoModelForCausalLM.from_pretrained(tmp_path / name).eval()
+            kl[name] = float((ref.exp() * (ref - model(ids).logits.log_softmax(-1))).sum(-1).mean())
+    assert kl["on"] < kl["off"]
+
+
+def test_convert_calibration_without_a_tokenizer_is_refused_in_one_line(tmp_path):
+    from click.testing import CliRunner
+
+    from hybridize.cli import main
+
+    src = tiny_llama(layers=4)
+    src.save_pretrained(tmp_path / "bare")  # no tokenizer files
+    result = CliRunner().invoke(main, ["convert", str(tmp_path / "bare"), "-o", str(tmp_path / "out"), "--calibrate",
+                                       "--no-sample", "-q"])
+    assert result.exit_code == 2 and "tokenizer" in result.output and "--no-calibrate" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "out").exists()
+    result = CliRunner().invoke(main, ["convert", str(tmp_path / "bare"), "-o", str(tmp_path / "out"), "--no-sample",
+                                       "-q"])  # the default skips calibration where it cannot make it
+    assert result.exit_code == 0, result.output
+    assert "fitted" not in result.output

@@ -42,6 +42,7 @@ class ConvertResult:
     method: str = "uniform"
     checkpoint: Checkpoint | None = field(default=None, repr=False)
     source_model: Any = field(default=None, repr=False)  # the source as a transformers model, when kept (keep_source)
+    calibration: dict | None = None  # the output-norm fit (convert's `calibrate`), when one was made
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -149,13 +150,17 @@ def convert(
     select_options: dict | None = None,
     students: str | Path | None = None,
     keep_source: bool | Callable[[Checkpoint], bool] = False,
+    calibrate: bool | None = None,
 ) -> ConvertResult:
     """Convert `source` (None: the built-in SmolLM2-135M) into a hybrid model folder at `output`.
     `select_options` go to the --select method (e.g. score_report=); a method that needs weights also gets the
     source model and `tokenizer=` (the source's, or None). `students`: a students.safetensors written by
     `hybridize score`; its aligned Lightning weights replace the fresh ones in the Lightning layers.
     `keep_source` (or, as a function, its answer for the opened checkpoint): also return the source as a
-    transformers model (result.source_model), made from the tensors already read, for the before/after sample."""
+    transformers model (result.source_model), made from the tensors already read, for the before/after sample.
+    `calibrate`: fit the Lightning layers' output norms to the source's attention outputs on the built-in plays
+    (select.alignment.calibrate_lightning_outputs; a fresh Lightning layer's output is 3-30x too large); None: when
+    the source has a tokenizer and at most CALIBRATE_MAX_PARAMETERS parameters (the source is run on the CPU)."""
     output = Path(output)
     inputs = (source, config, students, (select_options or {}).get("score_report"))
     # Cheap checks first: nothing is read when the options are wrong.
@@ -179,6 +184,11 @@ def convert(
     out_dtype = chosen_dtype or _source_dtype(ckpt)
     plan, from_source = plan_output(ckpt, family, hconfig, out_dtype)
     aligned = _aligned_students(students, hconfig, plan) if students is not None else {}
+    calibration = None
+    if students is None and wants_calibration(ckpt, calibrate):
+        loaded = loaded if loaded is not None else load_source_model(ckpt)
+        aligned, calibration = calibrated_output_norms(loaded, source_tokenizer(ckpt), hconfig.layer_types, hype=hype,
+                                                       output_gates=gates, **family.hybrid_options(ckpt.config))
     keep = keep_source(ckpt) if callable(keep_source) else bool(keep_source)
 
     with atomic_folder(output, force=force, inputs=inputs) as tmp:
@@ -188,6 +198,7 @@ def convert(
             "source": ckpt.source, "source_format": ckpt.format, "family": family.model_type, "method": method,
             "ratio": None if method == "layers" else ratio, "hybridize_version": __version__,
             "aligned_students": str(students) if students is not None else None,
+            "calibrated_output_norms": calibration,
         }
         _write_config(tmp, hconfig, out_dtype)
         _write_generation_config(tmp, ckpt)
@@ -201,7 +212,33 @@ def convert(
         )))
     return ConvertResult(output, sparse_layers, num_layers, ckpt.source,
                          extras={"format": ckpt.format, "family": family.model_type, "notes": ckpt.notes},
-                         method=method, checkpoint=ckpt, source_model=kept)
+                         method=method, checkpoint=ckpt, source_model=kept, calibration=calibration)
+
+
+CALIBRATE_MAX_PARAMETERS = 1_500_000_000  # above this, running the source on a CPU takes too long to do unasked
+
+
+def wants_calibration(ckpt: Checkpoint, requested: bool | None) -> bool:
+    if requested is not None:
+        if requested and source_tokenizer(ckpt) is None:
+            raise ValueError(f"{ckpt.source} has no tokenizer, which calibration needs: copy its tokenizer files "
+                             "beside it or convert with --no-calibrate")
+        return requested
+    return ckpt.num_parameters <= CALIBRATE_MAX_PARAMETERS and source_tokenizer(ckpt) is not None
+
+
+def calibrated_output_norms(source_model, tokenizer, layer_types: list[str], **config_options
+                            ) -> tuple[dict[str, torch.Tensor], dict]:
+    """The Lightning output-norm weights of the hybrid (`layer_types`, `config_options` as for build_hybrid) fitted
+    to `source_model`, under the hybrid's tensor names, and the record of the fit (select.alignment)."""
+    from ..select.alignment import calibrate_on_plays
+    from .build import build_hybrid
+
+    hybrid = build_hybrid(source_model, layer_types, **config_options)
+    record = calibrate_on_plays(hybrid, source_model, tokenizer)
+    weights = {f"model.layers.{i}.self_attn.o_norm.weight": hybrid.model.layers[int(i)].self_attn.o_norm.weight.detach()
+               for i in record["relative_error"]}
+    return weights, record
 
 
 def _selector_model(ckpt: Checkpoint, method: str, options: dict, progress: bool):

@@ -58,20 +58,6 @@ def load_students(model, path: str) -> int:
     return len(found)
 
 
-def calibrate(student, source_model, tokenizer, seqs: int = 4, seq_len: int = 512) -> str:
-    """Fit the student's Lightning output norms to the source (select.alignment.calibrate_lightning_outputs) on
-    `seqs` x `seq_len` tokens of the built-in plays; returns a note with the fit's mean relative error."""
-    from ..select.alignment import calibrate_lightning_outputs
-    from ..select.data import calibration_data
-
-    ids = calibration_data(tokenizer, train_seqs=seqs, heldout_seqs=0, seq_len=seq_len).train
-    errors = calibrate_lightning_outputs(student, source_model, ids)
-    if not errors:
-        return "no Lightning layer to calibrate"
-    return (f"Lightning output norms fitted to the source on {ids.numel()} tokens (relative error "
-            f"{sum(errors.values()) / len(errors):.2f})")
-
-
 def load_models(recipe, need_teacher: bool):
     """(student in float32, teacher or None, tokenizer, description)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -102,7 +88,13 @@ def load_models(recipe, need_teacher: bool):
         _own_storage(student)
         description = f"{spec.source} converted with sparse layers {layers}"
         if spec.calibrate and not spec.students:
-            description += f", {calibrate(student, source_model, tok)}"
+            from ..select.alignment import calibrate_on_plays
+
+            fit = calibrate_on_plays(student, source_model, tok)
+            errors = list(fit["relative_error"].values())
+            if errors:
+                description += (f", Lightning output norms fitted to the source on {fit['tokens']} tokens (relative "
+                                f"error {sum(errors) / len(errors):.2f})")
     if spec.students:
         n = load_students(student, spec.students)
         description += f", {n} aligned student tensors from {spec.students}"
