@@ -242,6 +242,32 @@ def test_settings_are_validated():
     assert RetentionSettings(lengths=[1024]).lengths == (1024,)
 
 
+def test_cli_reuses_the_reference_measured_by_an_earlier_report(tmp_path):
+    save_source_and_hybrid(tmp_path)
+    common = ["--compare", str(tmp_path / "source"), "--suite", "retention", "--quick", "--sources", "news",
+              "--tasks", "passkey", "--lengths", "160"]
+    first = CliRunner().invoke(main, ["eval", str(tmp_path / "hybrid"), *common, "-o", str(tmp_path / "a")])
+    assert first.exit_code == 0, first.output
+    earlier = tmp_path / "a" / "retention.json"
+    res = CliRunner().invoke(main, ["eval", str(tmp_path / "hybrid"), *common, "--reuse-reference", str(earlier),
+                                    "-o", str(tmp_path / "b")])
+    assert res.exit_code == 0, res.output
+    a, b = (json.loads((tmp_path / d / "retention.json").read_text())["models"] for d in ("a", "b"))
+    assert b["source"]["reused"] and b["source"]["perplexity"] == a["source"]["perplexity"]
+    assert b["source"]["seconds"] == a["source"]["seconds"]  # taken, not measured again
+    assert b["hybrid"]["agreement"]["news"]["top1"] == pytest.approx(a["hybrid"]["agreement"]["news"]["top1"])
+    assert b["hybrid"]["summary"]["heldout_ppl_ratio"] == pytest.approx(a["hybrid"]["summary"]["heldout_ppl_ratio"])
+    for extra, words in ((["--windows", "48"], "windows"), ([], "not a retention.json")):
+        bad = earlier if extra else tmp_path / "a" / "retention.md"
+        res = CliRunner().invoke(main, ["eval", str(tmp_path / "hybrid"), *common, *extra, "--reuse-reference",
+                                        str(bad), "-o", str(tmp_path / "c")])
+        assert res.exit_code == 2 and words in res.output and "Traceback" not in res.output, res.output
+        assert not (tmp_path / "c").exists()
+    res = CliRunner().invoke(main, ["eval", str(tmp_path / "hybrid"), "--compare", str(tmp_path / "source"),
+                                    "--reuse-reference", str(earlier), "-o", str(tmp_path / "d")])
+    assert res.exit_code == 2 and "--suite retention" in res.output
+
+
 def test_cli_retention_suite_end_to_end(tmp_path):
     save_source_and_hybrid(tmp_path)
     out = tmp_path / "ret"

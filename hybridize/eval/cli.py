@@ -53,6 +53,9 @@ def _length(x: str) -> int:
 @click.option("--tasks", default=None, help="retention: retrieval tasks (passkey, multikey, kv) [default: all]")
 @click.option("--position-len", default=None, help="retention: window of the NLL-by-position curve (e.g. 32K)")
 @click.option("--quick", is_flag=True, help="retention: tiny lengths and counts (a smoke test)")
+@click.option("--reuse-reference", default=None, type=click.Path(),
+              help="retention: an earlier retention.json with the same --compare and settings; the reference's "
+                   "measurements are taken from it instead of measured again (agreement is still measured)")
 @click.option("--data-dir", default=None, help="retention: folder holding gensim's lee_background.cor and enwiki "
               "test files (default: the installed gensim package)")
 @click.option("--lm-eval-tasks", default=None, help="retention: lm-evaluation-harness tasks, comma-separated "
@@ -61,7 +64,7 @@ def _length(x: str) -> int:
               help="retention: folder of local lm-evaluation-harness task files")
 def eval_command(model, compare, texts, seq_len, max_windows, lengths, depths, trials, no_retrieval, chunk_size,
                  output, force, dtype, device, trust_remote_code, suite, sources, windows, tasks, position_len, quick,
-                 data_dir, lm_eval_tasks, lm_eval_include_path):
+                 data_dir, lm_eval_tasks, lm_eval_include_path, reuse_reference):
     """Perplexity, pass-key retrieval and samples for MODEL, beside --compare SOURCE (--suite retention: what MODEL
     kept of SOURCE)."""
     if suite == "retention":
@@ -69,7 +72,9 @@ def eval_command(model, compare, texts, seq_len, max_windows, lengths, depths, t
                           output=output, force=force, dtype=dtype, device=device, sources=sources, windows=windows,
                           tasks=tasks, position_len=position_len, quick=quick, data_dir=data_dir,
                           lm_eval_tasks=lm_eval_tasks, lm_eval_include_path=lm_eval_include_path,
-                          trust_remote_code=trust_remote_code)
+                          trust_remote_code=trust_remote_code, reuse_reference=reuse_reference)
+    if reuse_reference is not None:
+        raise UserError("--reuse-reference belongs to the retention suite: add --suite retention")
     from .evaluate import EvalSettings, run_eval
     from .report import eval_table
 
@@ -86,7 +91,8 @@ def eval_command(model, compare, texts, seq_len, max_windows, lengths, depths, t
 
 
 def _retention(model, compare, *, lengths, depths, trials, chunk_size, output, force, dtype, device, sources, windows,
-               tasks, position_len, quick, data_dir, lm_eval_tasks, lm_eval_include_path, trust_remote_code):
+               tasks, position_len, quick, data_dir, lm_eval_tasks, lm_eval_include_path, trust_remote_code,
+               reuse_reference):
     from .retention import RetentionSettings, run_retention
 
     given = {"lengths": lengths and _split(lengths, _length, "--lengths"),
@@ -102,7 +108,8 @@ def _retention(model, compare, *, lengths, depths, trials, chunk_size, output, f
                              progress=sys.stderr.isatty(), **given)
     results, paths = _fail_cleanly(run_retention, model, compare, output=output, force=force, dtype=dtype,
                                    device=device, settings=settings, trust_remote_code=trust_remote_code,
-                                   log=lambda line: click.echo(f"measured {line}", err=True))
+                                   log=lambda line: click.echo(f"measured {line}", err=True),
+                                   reuse_reference=reuse_reference)
     from .report import retention_markdown
 
     click.echo(retention_markdown(results))

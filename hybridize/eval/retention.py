@@ -534,25 +534,42 @@ def _summary(m: dict, results: dict) -> dict:
 
 def run_retention(model: str, compare: str, *, output: str | Path | None = None, force: bool = False,
                   dtype: str | None = None, device: str | None = None, settings: RetentionSettings | None = None,
-                  trust_remote_code: bool = False, log=None):
+                  trust_remote_code: bool = False, log=None, reuse_reference: str | Path | None = None):
     """Load MODEL and COMPARE (the reference), run retention_report, write retention.json/.md and the plots into
-    `output` (default MODEL/retention) atomically. `log` gets a line per model measured. Returns (results,
-    {kind: path})."""
+    `output` (default MODEL/retention) atomically. `log` gets a line per model measured. `reuse_reference`: the
+    retention.json of an earlier run with the same reference and settings; its measurements of the reference are
+    taken, not measured again (the reference is still loaded, for agreement). Returns (results, {kind: path})."""
     from ..export import atomic_folder, holds
     from .evaluate import _unique_names, default_output
     from .loading import load_model
     if not compare:
         raise ValueError("the retention suite compares with a reference: give --compare SOURCE")
     names = _unique_names([model, compare])
+    measured = _reference_measurements(reuse_reference, names[1]) if reuse_reference is not None else None
     output = Path(output) if output is not None else default_output(model, "retention")
     with atomic_folder(output, force=force, ours=holds(RETENTION_JSON), inputs=[model, compare]) as tmp:
         models = {}
         for spec, name in zip([model, compare], names):
             models[name] = load_model(spec, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
             models[name].name = name
-        results = retention_report(models, settings, reference=names[1], log=log)
+        results = retention_report(models, settings, reference=names[1], log=log, measured=measured)
         paths = write_retention_report(results, tmp)
     return results, {k: output / p.name for k, p in paths.items()}
+
+
+def _reference_measurements(path: str | Path, reference: str) -> dict:
+    """The reference's entry of an earlier retention.json, as retention_report's `measured`."""
+    try:
+        earlier = json.loads(Path(path).read_text())
+        entry = earlier["models"][earlier["reference"]]
+        settings = earlier["settings"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"--reuse-reference {path}: not a retention.json written by `hybridize eval --suite "
+                         f"retention` ({type(e).__name__}: {e})") from None
+    if earlier["reference"] != reference:
+        raise ValueError(f"--reuse-reference {path} measured the reference {earlier['reference']!r}, not "
+                         f"{reference!r}: compare with the same model, or leave the option out")
+    return {"settings": settings, "models": {reference: entry}}
 
 
 __all__ = [
