@@ -360,6 +360,7 @@ def retention_report(models: dict[str, LoadedModel], settings: RetentionSettings
     missing = [n for n, m in models.items() if m.tokenizer is None]
     if missing:
         raise ValueError(f"{missing[0]} has no tokenizer: the retention report needs one for every model")
+    known = _reusable(measured, settings, models) if measured else {}  # checked before any work
     texts = SourceTexts(settings)
     notes: list[str] = []
     results: dict = {"settings": settings.to_dict(), "reference": reference, "notes": notes,
@@ -368,7 +369,6 @@ def retention_report(models: dict[str, LoadedModel], settings: RetentionSettings
                      "overlap": _overlap(settings, texts), "models": {}}
     ref = models[reference]
     with chunked_attention([m.model for m in models.values()]):
-        known = _reusable(measured, settings, models) if measured else {}
         for name, loaded in models.items():
             if name in known:
                 results["models"][name] = dict(known[name], reused=True)
