@@ -118,10 +118,9 @@ def convert(source, ratio, layers, select, score_report, students, config, outpu
                f"{result.sparse_layers})")
     for note in result.extras.get("notes", []):
         click.echo(f"note: {note}")
-    if result.calibration:
-        errors = result.calibration["relative_error"].values()
+    if result.calibration and result.calibration["mean_relative_error"] is not None:
         click.echo(f"Lightning output norms fitted to the source on {result.calibration['tokens']} tokens (mean "
-                   f"relative error {sum(errors) / max(len(errors), 1):.2f}; 1 = a layer that outputs nothing)")
+                   f"relative error {result.calibration['mean_relative_error']:.2f}; 1 = a layer that outputs nothing)")
     if should_sample(result, sample):
         samples = before_after(result)
         if samples is None:

@@ -185,10 +185,12 @@ def convert(
     plan, from_source = plan_output(ckpt, family, hconfig, out_dtype)
     aligned = _aligned_students(students, hconfig, plan) if students is not None else {}
     calibration = None
-    if students is None and wants_calibration(ckpt, calibrate):
-        loaded = loaded if loaded is not None else load_source_model(ckpt)
-        aligned, calibration = calibrated_output_norms(loaded, source_tokenizer(ckpt), hconfig.layer_types, hype=hype,
-                                                       output_gates=gates, **family.hybrid_options(ckpt.config))
+    if students is None and calibrate is not False:
+        tokenizer = options["tokenizer"] if "tokenizer" in options else source_tokenizer(ckpt)  # read once
+        if wants_calibration(ckpt, calibrate, tokenizer):
+            loaded = loaded if loaded is not None else load_source_model(ckpt)
+            aligned, calibration = calibrated_output_norms(loaded, tokenizer, hconfig.layer_types, hype=hype,
+                                                           output_gates=gates, **family.hybrid_options(ckpt.config))
     keep = keep_source(ckpt) if callable(keep_source) else bool(keep_source)
 
     with atomic_folder(output, force=force, inputs=inputs) as tmp:
@@ -218,13 +220,15 @@ def convert(
 CALIBRATE_MAX_PARAMETERS = 1_500_000_000  # above this, running the source on a CPU takes too long to do unasked
 
 
-def wants_calibration(ckpt: Checkpoint, requested: bool | None) -> bool:
+def wants_calibration(ckpt: Checkpoint, requested: bool | None, tokenizer) -> bool:
+    """`requested`, or (None) whether the source is small enough to run on a CPU unasked; `tokenizer`: the source's
+    (None when it has none: calibration needs text)."""
     if requested is not None:
-        if requested and source_tokenizer(ckpt) is None:
+        if requested and tokenizer is None:
             raise ValueError(f"{ckpt.source} has no tokenizer, which calibration needs: copy its tokenizer files "
                              "beside it or convert with --no-calibrate")
         return requested
-    return ckpt.num_parameters <= CALIBRATE_MAX_PARAMETERS and source_tokenizer(ckpt) is not None
+    return ckpt.num_parameters <= CALIBRATE_MAX_PARAMETERS and tokenizer is not None
 
 
 def calibrated_output_norms(source_model, tokenizer, layer_types: list[str], **config_options

@@ -442,10 +442,11 @@ def merge_reports(reports: list[dict], reference: str) -> dict:
     models, notes = {}, []
     for r in reports:
         for name, m in r["models"].items():
-            if name in models and not (m.get("reused") or models[name].get("reused")):
-                raise ValueError(f"model {name!r} is in more than one report")
-            if name in models and m.get("reused"):
-                continue  # a copy of a measurement another report holds
+            if name in models:
+                if m.get("reused"):
+                    continue  # a copy of a measurement another report holds
+                if not models[name].get("reused"):
+                    raise ValueError(f"model {name!r} is in more than one report")
             m = dict(m)
             if r["reference"] != reference:
                 m.pop("agreement", None)

@@ -213,13 +213,15 @@ def calibrate_lightning_outputs(hybrid, source_model, ids: torch.Tensor, per_cha
 
 def calibrate_on_plays(hybrid, source_model, tokenizer, seqs: int = 4, seq_len: int = 512) -> dict:
     """calibrate_lightning_outputs on `seqs` x `seq_len` tokens of the built-in plays (what convert and train use);
-    returns a record of the fit: tokens, text, relative error per Lightning layer."""
+    returns a record of the fit: tokens, text, relative error per Lightning layer and their mean (None without
+    Lightning layers)."""
     from .data import calibration_data
 
     data = calibration_data(tokenizer, train_seqs=seqs, heldout_seqs=0, seq_len=seq_len)
     errors = calibrate_lightning_outputs(hybrid, source_model, data.train)
     return {"tokens": int(data.train.numel()), "text": data.source,
-            "relative_error": {str(i): round(e, 4) for i, e in errors.items()}}
+            "relative_error": {str(i): round(e, 4) for i, e in errors.items()},
+            "mean_relative_error": sum(errors.values()) / len(errors) if errors else None}
 
 
 def _lr_at(step: int, s: AlignSettings) -> float:

@@ -83,7 +83,8 @@ def calibration_data(
     if len(held_ids) // heldout_seq_len < heldout_seqs:
         raise ValueError(f"held-out text gives only {len(held_ids) // heldout_seq_len} chunks of {heldout_seq_len} "
                          f"tokens, {heldout_seqs} needed: give more text or fewer held-out sequences")
-    heldout = torch.tensor(held_ids[: heldout_seqs * heldout_seq_len], dtype=torch.long).view(heldout_seqs, heldout_seq_len)
+    heldout = torch.tensor(held_ids[: heldout_seqs * heldout_seq_len], dtype=torch.long)
+    heldout = heldout.view(heldout_seqs, heldout_seq_len)
     return CalibrationData(train, heldout, source)
 
 

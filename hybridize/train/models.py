@@ -91,10 +91,9 @@ def load_models(recipe, need_teacher: bool):
             from ..select.alignment import calibrate_on_plays
 
             fit = calibrate_on_plays(student, source_model, tok)
-            errors = list(fit["relative_error"].values())
-            if errors:
+            if fit["mean_relative_error"] is not None:
                 description += (f", Lightning output norms fitted to the source on {fit['tokens']} tokens (relative "
-                                f"error {sum(errors) / len(errors):.2f})")
+                                f"error {fit['mean_relative_error']:.2f})")
     if spec.students:
         n = load_students(student, spec.students)
         description += f", {n} aligned student tensors from {spec.students}"
