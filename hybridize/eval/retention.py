@@ -546,7 +546,7 @@ def run_retention(model: str, compare: str, *, output: str | Path | None = None,
     if not compare:
         raise ValueError("the retention suite compares with a reference: give --compare SOURCE")
     names = _unique_names([model, compare])
-    measured = _reference_measurements(reuse_reference, names[1]) if reuse_reference is not None else None
+    measured = reference_measurements(reuse_reference, names[1]) if reuse_reference is not None else None
     output = Path(output) if output is not None else default_output(model, "retention")
     with atomic_folder(output, force=force, ours=holds(RETENTION_JSON), inputs=[model, compare]) as tmp:
         models = {}
@@ -558,8 +558,9 @@ def run_retention(model: str, compare: str, *, output: str | Path | None = None,
     return results, {k: output / p.name for k, p in paths.items()}
 
 
-def _reference_measurements(path: str | Path, reference: str) -> dict:
-    """The reference's entry of an earlier retention.json, as retention_report's `measured`."""
+def reference_measurements(path: str | Path, reference: str) -> dict:
+    """The reference's entry of an earlier retention.json, as retention_report's `measured`. Only the reference: a
+    model of the same name measured there may not be the model given now (a conversion made another way)."""
     try:
         earlier = json.loads(Path(path).read_text())
         entry = earlier["models"][earlier["reference"]]
@@ -575,5 +576,5 @@ def _reference_measurements(path: str | Path, reference: str) -> dict:
 
 __all__ = [
     "RetentionSettings", "chunked_attention", "next_token_agreement", "probe_completions", "probe_correct",
-    "retention_report", "run_retention", "run_lm_eval", "score_probes", "write_retention_report",
+    "reference_measurements", "retention_report", "run_retention", "run_lm_eval", "score_probes", "write_retention_report",
 ]
