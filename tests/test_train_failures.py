@@ -11,6 +11,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 import test_train_support as S
@@ -279,3 +280,67 @@ def test_source_context_counts_rope_scaling(max_pos, rope, expected):
     from hybridize.train.plan import source_context
 
     assert source_context(LlamaConfig(max_position_embeddings=max_pos, rope_parameters=rope)) == expected
+
+
+def _memory_limited(model, fits):
+    """The model as it behaves on an accelerator where only inputs with `fits(input_ids)` fit: a larger one raises
+    torch's own out-of-memory error before any work (a CPU has no such limit to meet for real)."""
+
+    def check(module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is not None and not fits(ids):
+            raise torch.OutOfMemoryError(f"{tuple(ids.shape)} does not fit")
+
+    model.register_forward_pre_hook(check, with_kwargs=True)
+    return model
+
+
+def test_out_of_memory_halves_the_micro_batch_and_keeps_the_update(assets, tmp_path, capsys):
+    """A micro-batch that does not fit is halved until it does (4 -> 2 -> 1 here), with the same global batch: the run
+    trains the same weights as one written with micro-batch 1. What does not fit at one sequence is one line."""
+    from hybridize.train.models import load_models
+    from hybridize.train.trainer import StageDoesNotFit
+
+    def run(name: str, micro: int, limit: int | None):  # limit: sequences of 16 tokens per forward
+        recipe = _recipe(assets, tmp_path / name)
+        recipe["stages"] = [dict(recipe["stages"][0], seq_len=16, micro_batch_size=micro, steps=3)]
+        recipe["output"]["checkpoint_every"] = None
+        spec = recipe_from_dict(recipe)
+        student, teacher, tok, desc = load_models(spec, need_teacher=False)
+        if limit is not None:  # the student reads a micro-batch packed into one row
+            _memory_limited(student, lambda ids: ids.numel() <= limit * 16)
+        return train(spec, models=(student, teacher, tok, desc))
+
+    plain = run("plain", 1, None)
+    shrunk = run("shrunk", 4, 1)
+    said = capsys.readouterr().out
+    assert "micro-batch 4 ran out of accelerator memory; continuing with 2" in said
+    assert "micro-batch 2 ran out of accelerator memory; continuing with 1" in said
+    assert [h["loss"] for h in shrunk.history] == pytest.approx([h["loss"] for h in plain.history], rel=1e-5)
+    want = dict(plain.model.named_parameters())
+    for name, p in shrunk.model.named_parameters():
+        torch.testing.assert_close(p, want[name], rtol=1e-5, atol=1e-6, msg=name)
+    with pytest.raises(StageDoesNotFit, match=r"stage 'a' \(stages\[0\]\): one sequence of 16 tokens .*"
+                                              r"stages\[0\]\.gradient_checkpointing: true"):
+        run("none", 2, 0)
+    assert not (tmp_path / "none").exists()
+
+
+def test_teacher_sampling_halves_its_batch_when_out_of_memory(tmp_path):
+    """A teacher source's batch_size written for a smaller teacher: sampling goes on in halves and writes the same
+    documents as a run written with the batch that fits; a teacher that cannot sample one sequence is one line."""
+    from hybridize.train.data import generate_documents
+    from hybridize.train.recipe import SourceSpec
+
+    _, tok, teacher = S.tiny_teacher(tmp_path)
+    prompts = ["ROMEO.", "JULIET.", "NURSE.", "TYBALT.", "FRIAR."]
+
+    def sample(batch: int, limit: int | None = None):
+        src = SourceSpec(type="teacher", prompts=prompts, num_samples=5, max_new_tokens=6, batch_size=batch)
+        model = teacher if limit is None else _memory_limited(copy.deepcopy(teacher), lambda ids: len(ids) <= limit)
+        return generate_documents(model, tok, src, seed=3, progress=False)
+
+    fits = sample(2)
+    assert sample(8, limit=2) == fits and len(fits) == 5
+    with pytest.raises(ValueError, match="sampling one sequence of 6 new tokens: lower max_new_tokens"):
+        sample(2, limit=0)

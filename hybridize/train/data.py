@@ -116,20 +116,42 @@ def generate_documents(teacher, tokenizer, src, seed: int, progress: bool = True
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:  # padding needs a token; the mask hides it
         tokenizer.pad_token = tokenizer.eos_token
-    batches = range(0, len(prompts), src.batch_size)
+    bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        batches = tqdm(batches, desc="teacher writes training text", unit="batch")
+        bar = tqdm(total=len(prompts), desc="teacher writes training text", unit="sample")
+    batch = src.batch_size
     try:
-        for i in batches:
-            enc = tokenizer(prompts[i : i + src.batch_size], return_tensors="pt", padding=True).to(device)
-            ids = teacher.generate(**enc, do_sample=True, temperature=src.temperature, max_new_tokens=src.max_new_tokens,
-                                   pad_token_id=tokenizer.pad_token_id)
+        while len(out) < len(prompts):
+            part = prompts[len(out) : len(out) + batch]
+            ids = _sample(teacher, tokenizer, part, src, device)
+            if ids is None:  # out of memory: a batch_size written for a smaller teacher (the KV cache is what grows)
+                if batch == 1:
+                    raise ValueError(f"the teacher runs out of accelerator memory sampling one sequence of "
+                                     f"{src.max_new_tokens} new tokens: lower max_new_tokens")
+                batch //= 2
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                continue
             out += tokenizer.batch_decode(ids, skip_special_tokens=True)
+            if bar is not None:
+                bar.update(len(part))
     finally:
         tokenizer.padding_side, tokenizer.pad_token = old_side, old_pad
+        if bar is not None:
+            bar.close()
     return out
+
+
+def _sample(teacher, tokenizer, prompts: list[str], src, device):
+    """The teacher's sampled continuations of `prompts` (token ids), or None when they do not fit in memory."""
+    enc = tokenizer(prompts, return_tensors="pt", padding=True).to(device)
+    try:
+        return teacher.generate(**enc, do_sample=True, temperature=src.temperature, max_new_tokens=src.max_new_tokens,
+                                pad_token_id=tokenizer.pad_token_id)
+    except torch.OutOfMemoryError:
+        return None
 
 
 # ---------------------------------------------------------------------------------------------------------------------

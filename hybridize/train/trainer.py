@@ -45,6 +45,10 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
+class StageDoesNotFit(ValueError):
+    """A stage's micro-batch runs out of accelerator memory and the loop cannot make it smaller by itself."""
+
+
 @dataclass
 class TrainResult:
     output_dir: Path
@@ -444,7 +448,7 @@ def prepare_stage(run: _Run, k: int, spec: StageSpec, model) -> _Stage:
 def train_step(run: _Run, st: _Stage, step: int) -> dict:
     """One optimizer step of `global_batch_tokens` tokens: loss, update, log, then stop or checkpoint if due."""
     spec, state = st.spec, run.state
-    comp = forward_backward(run, st, _step_batches(run, st, step))
+    comp = _forward_backward_in_memory(run, st, step)
     total_loss = sum(getattr(spec.loss, x) * v for x, v in comp.items())
     record = {"stage": spec.name, "step": step + 1, "global_step": state.global_step + 1, "loss": total_loss, **comp,
               "lr": st.scheduler.get_last_lr()[0]}
@@ -471,6 +475,42 @@ def _step_batches(run: _Run, st: _Stage, step: int) -> list[dict]:
     base = step * plan.sequences_per_step + acc.process_index * plan.per_process
     return [make_batch([st.stream[base + j * plan.micro_batch + i] for i in range(plan.micro_batch)], acc.device)
             for j in range(plan.accumulation)]
+
+
+def _forward_backward_in_memory(run: _Run, st: _Stage, step: int) -> dict[str, float]:
+    """forward_backward, halving the micro-batch each time it runs out of accelerator memory, so that a source larger
+    than the recipe was written for still trains. The global batch stays, and with it the update (the losses are
+    normalised by the global token count). Only a single process may do this: processes that shrink on their own
+    would no longer meet in the same collectives."""
+    while True:
+        try:
+            return forward_backward(run, st, _step_batches(run, st, step))
+        except torch.OutOfMemoryError:
+            plan, k = st.plan, st.index
+            where = f"stage {st.spec.name!r} (stages[{k}])"
+            if plan.micro_batch == 1:
+                raise StageDoesNotFit(f"{where}: one sequence of {st.spec.seq_len} tokens per micro-batch runs out of "
+                                      f"accelerator memory: set stages[{k}].gradient_checkpointing: true, or a shorter "
+                                      "seq_len") from None
+            if run.acc.num_processes > 1 or is_deepspeed(run.acc):
+                raise StageDoesNotFit(f"{where}: micro-batch {plan.micro_batch} runs out of accelerator memory: set "
+                                      f"stages[{k}].micro_batch_size to {_smaller_divisor(plan)} (a single process "
+                                      "halves it by itself)") from None
+        # out of the handler: the exception's frames, and the activations they hold, are released by now
+        st.optimizer.zero_grad(set_to_none=True)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        micro = _smaller_divisor(st.plan)
+        if run.main:
+            print(f"stage {st.spec.name!r}: micro-batch {st.plan.micro_batch} ran out of accelerator memory; "
+                  f"continuing with {micro} (same global batch)", flush=True)
+        st.plan = StagePlan(st.plan.steps, st.plan.sequences_per_step, st.plan.per_process, micro,
+                            st.plan.per_process // micro)
+
+
+def _smaller_divisor(plan: StagePlan) -> int:
+    """The largest micro-batch below the current one that divides the process's sequences per step."""
+    return next(m for m in range(plan.micro_batch // 2, 0, -1) if plan.per_process % m == 0)
 
 
 def forward_backward(run: _Run, st: _Stage, batches: list[dict]) -> dict[str, float]:
