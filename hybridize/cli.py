@@ -67,8 +67,10 @@ def main(ctx):
                    "8 of 30, 1 of 2.")
 @click.option("--layers", default=None, help="explicit sparse layer indices, e.g. 0,9,16 (instead of --ratio)")
 @click.option("--select", "select", default=None, metavar="METHOD",
-              help="how to place the sparse layers: uniform (default; evenly spaced, last layer included), layers "
-                   "(the --layers list), or a scoring method registered in hybridize.select.registry")
+              help="how to place the sparse layers: block_influence (default for models up to 1.5B parameters with "
+                   "a tokenizer: the layers that change the residual stream most), uniform (default above; evenly "
+                   "spaced, last layer included), layers (the --layers list), or sala and the other scoring methods "
+                   "registered in hybridize.select.registry")
 @click.option("--score-report", default=None, type=click.Path(),
               help="with --select sala: reuse the report.json (or folder) `hybridize score` wrote instead of scoring")
 @click.option("--students", default=None, type=click.Path(),
@@ -114,8 +116,8 @@ def convert(source, ratio, layers, select, score_report, students, config, outpu
         select_options={"score_report": score_report} if score_report else None, students=students,
         keep_source=lambda ckpt: wants_sample(ckpt, sample), calibrate=calibrate,
     )
-    click.echo(f"wrote {result.output} ({len(result.sparse_layers)} sparse of {result.num_layers} layers: "
-               f"{result.sparse_layers})")
+    click.echo(f"wrote {result.output} ({len(result.sparse_layers)} sparse of {result.num_layers} layers, placed by "
+               f"{result.method}: {result.sparse_layers})")
     for note in result.extras.get("notes", []):
         click.echo(f"note: {note}")
     if result.calibration and result.calibration["mean_relative_error"] is not None:

@@ -125,7 +125,7 @@ def test_one_in_four_hybrid_loads_and_generates(tmp_path, family):
     out = tmp_path / "out"
     result = run_convert(source, "--output", out, "--ratio", "1:3")
     assert result.exit_code == 0, result.output
-    assert "1 sparse of 4 layers: [3]" in result.output
+    assert "1 sparse of 4 layers, placed by uniform: [3]" in result.output  # no tokenizer: nothing to score with
     hybrid = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
     assert hybrid.config.layer_types == ["linear_attention"] * 3 + ["full_attention"]
     generated = hybrid.generate(IDS[:1, :5], max_new_tokens=6, do_sample=False)
@@ -238,7 +238,8 @@ def test_output_folder_contents_and_samples(tmp_path):
     source = save_source(model, tmp_path / "src", "hf-safetensors-sharded")
     word_tokenizer(source)
     out = tmp_path / "out"
-    result = run_convert(source, "--output", out, "--ratio", "1:1", "--max-shard-size", "50KB", "--dtype", "bfloat16")
+    result = run_convert(source, "--output", out, "--ratio", "1:1", "--max-shard-size", "50KB", "--dtype", "bfloat16",
+                         "--select", "uniform")
     assert result.exit_code == 0, result.output
     index = json.loads((out / "model.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))
@@ -262,6 +263,35 @@ def test_output_folder_contents_and_samples(tmp_path):
     expected = tokenizer.decode(model.generate(**ids, max_new_tokens=16, do_sample=False)[0], skip_special_tokens=True)
     assert lines["source"] == repr(expected)
     assert "hybrid" in lines
+
+
+def test_default_placement_scores_a_small_source_with_a_tokenizer(tmp_path, monkeypatch):
+    """Without --select or --layers, a source that convert runs unasked keeps the layers block influence scores
+    highest, as `--select block_influence` does, without writing a score cache; without a tokenizer (scoring reads
+    text) the layers are spaced evenly."""
+    monkeypatch.setenv("HYBRIDIZE_CACHE", str(tmp_path / "cache"))
+    source = save_source(_tiny4(), tmp_path / "src", "hf-safetensors-sharded")
+    bare = save_source(_tiny4(), tmp_path / "bare", "hf-safetensors-sharded")
+    word_tokenizer(source)
+
+    def convert(src, name, *args):
+        result = run_convert(src, "--output", tmp_path / name, "--ratio", "1:3", "--no-sample", *args)
+        assert result.exit_code == 0, result.output
+        return json.loads((tmp_path / name / "config.json").read_text())
+
+    default = convert(source, "default")
+    assert default["conversion"]["method"] == "block_influence"
+    assert not (tmp_path / "cache").exists()
+    scored = convert(source, "scored", "--select", "block_influence")
+    assert default["layer_types"] == scored["layer_types"] and default["layer_types"].count("full_attention") == 1
+    without = convert(bare, "bare-out")
+    assert without["conversion"]["method"] == "uniform"
+    assert without["layer_types"] == convert(bare, "uniform", "--select", "uniform")["layer_types"]
+
+
+def _tiny4():
+    torch.manual_seed(1)
+    return AutoModelForCausalLM.from_config(FAMILIES["llama"](4), dtype=torch.float32).eval()
 
 
 def test_explicit_layers_and_select(tmp_path):
@@ -316,7 +346,7 @@ def test_gguf_default_model_converts(tmp_path):
     out = tmp_path / "smol"
     result = run_convert("--output", out, "--no-sample")
     assert result.exit_code == 0, result.output
-    assert "8 sparse of 30 layers" in result.output
+    assert "8 sparse of 30 layers, placed by block_influence" in result.output
     config = json.loads((out / "config.json").read_text())
     assert config["layer_types"].count("full_attention") == 8 and config["tie_word_embeddings"] is True
     assert (out / "tokenizer.json").is_file()

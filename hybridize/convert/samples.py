@@ -6,10 +6,8 @@ from dataclasses import dataclass
 
 from ..generate import DEFAULT_PROMPT, generate_text, sample_text
 from .checkpoint import Checkpoint
-from .converter import ConvertResult
+from .converter import ConvertResult, runs_unasked
 from .source import load_source_model
-
-AUTO_SAMPLE_MAX_PARAMETERS = 1_500_000_000  # above this, sampling on a CPU takes too long to do unasked
 
 
 @dataclass
@@ -20,7 +18,7 @@ class Samples:
 
 
 def should_sample(result: ConvertResult, requested: bool | None) -> bool:
-    """--sample / --no-sample, or (unset) sample models up to AUTO_SAMPLE_MAX_PARAMETERS parameters."""
+    """--sample / --no-sample, or (unset) sample a source that runs unasked (converter.runs_unasked)."""
     return wants_sample(result.checkpoint, requested)
 
 
@@ -28,7 +26,7 @@ def wants_sample(ckpt: Checkpoint | None, requested: bool | None) -> bool:
     """should_sample before the conversion: convert keeps the source in memory for the sample only when this holds."""
     if requested is not None:
         return requested
-    return ckpt is None or ckpt.num_parameters <= AUTO_SAMPLE_MAX_PARAMETERS
+    return runs_unasked(ckpt)
 
 
 def before_after(result: ConvertResult, prompt: str = DEFAULT_PROMPT, max_new_tokens: int = 16) -> Samples | None:
