@@ -220,9 +220,9 @@ def test_gpu_fused_model_equals_the_unfused_model(dtype, tol):
 
 def test_compiled_pieces_give_the_plain_model_outputs_on_cpu(monkeypatch):
     """The compiled path forced on the CPU (inductor's C++ backend): a tiny bf16 hybrid gives the plain PyTorch code's
-    logits to within less than bfloat16's own rounding noise (the same model in float32 against bfloat16). Where
-    inductor emulates the eager code's bfloat16 casts the two agree far closer, but torch 2.11's C++ backend does not
-    everywhere (relative difference 9.0e-3 on the H200 machine, against 1.2e-2 of rounding noise)."""
+    logits (the compiled pieces round to bfloat16 where the eager code does: bit-exact with torch 2.13). torch 2.11's
+    C++ backend does not round everywhere the eager code does (relative difference 9.0e-3 on the H200 machine): there
+    the bound is bfloat16's own rounding noise (the same model in float32 against bfloat16, 1.2e-2)."""
     pytest.importorskip("torch._inductor")
     import sys
     from pathlib import Path
@@ -247,4 +247,5 @@ def test_compiled_pieces_give_the_plain_model_outputs_on_cpu(monkeypatch):
     rel = ((got - plain).norm() / plain.norm()).item()
     noise = ((plain - exact).norm() / exact.norm()).item()
     print(f"compiled vs eager bf16: {rel:.2e}; eager bf16 vs fp32: {noise:.2e}")
-    assert rel < noise, (rel, noise)
+    exact_casts = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 13)
+    assert rel <= (1e-3 if exact_casts else noise), (rel, noise)
