@@ -11,6 +11,7 @@ Everything is written into a temporary folder renamed into place at the end (exp
 
 from __future__ import annotations
 
+import functools
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,9 +56,6 @@ class ConvertResult:
 # influence, SALA). Block influence costs a few forward passes; SALA's score costs minutes.
 DEFAULT_SCORED_METHOD = "block_influence"
 RUN_UNASKED_MAX_PARAMETERS = 1_500_000_000  # above this, running the source on a CPU takes too long to do unasked
-
-
-_NOT_READ = object()  # the source's tokenizer before convert has read it (None means: the source has none)
 
 
 def runs_unasked(ckpt: Checkpoint | None) -> bool:
@@ -201,15 +199,15 @@ def convert(
     family = ckpt.family
     num_layers = ckpt.config.num_hidden_layers
     options = dict(select_options or {})
-    tokenizer = _NOT_READ
+    # read once, when first needed: the default placement, scoring and calibration all read text
+    tokenizer = functools.cache(lambda: options["tokenizer"] if "tokenizer" in options else source_tokenizer(ckpt))
     if method is None:
-        tokenizer = source_tokenizer(ckpt)
-        method = default_method(ckpt, tokenizer)
+        method = default_method(ckpt, tokenizer())
         if method != "uniform":  # the CPU settings, scored afresh: a few forward passes, not worth a cache file
             from ..select.api import ScoreSettings
 
-            options.update(tokenizer=tokenizer, score_settings=ScoreSettings(method=method))
-    selector_model = _selector_model(ckpt, method, options, progress)
+            options["score_settings"] = ScoreSettings(method=method)
+    selector_model = _selector_model(ckpt, method, options, progress, tokenizer)
     sparse_layers = choose_sparse_layers(num_layers, ratio, layers, method, selector_model, **options)
     loaded = selector_model if selector_model is not None and not isinstance(selector_model, _ConfigOnly) else None
     del selector_model
@@ -219,13 +217,10 @@ def convert(
     plan, from_source = plan_output(ckpt, family, hconfig, out_dtype)
     aligned = _aligned_students(students, hconfig, plan) if students is not None else {}
     calibration = None
-    if students is None and calibrate is not False:
-        if tokenizer is _NOT_READ:  # read once: the placement, scoring and calibration share it
-            tokenizer = options["tokenizer"] if "tokenizer" in options else source_tokenizer(ckpt)
-        if wants_calibration(ckpt, calibrate, tokenizer):
-            loaded = loaded if loaded is not None else load_source_model(ckpt)
-            aligned, calibration = calibrated_output_norms(loaded, tokenizer, hconfig.layer_types, hype=hype,
-                                                           output_gates=gates, **family.hybrid_options(ckpt.config))
+    if students is None and calibrate is not False and wants_calibration(ckpt, calibrate, tokenizer()):
+        loaded = loaded if loaded is not None else load_source_model(ckpt)
+        aligned, calibration = calibrated_output_norms(loaded, tokenizer(), hconfig.layer_types, hype=hype,
+                                                       output_gates=gates, **family.hybrid_options(ckpt.config))
     keep = keep_source(ckpt) if callable(keep_source) else bool(keep_source)
 
     with atomic_folder(output, force=force, inputs=inputs) as tmp:
@@ -277,14 +272,14 @@ def calibrated_output_norms(source_model, tokenizer, layer_types: list[str], **c
     return weights, record
 
 
-def _selector_model(ckpt: Checkpoint, method: str, options: dict, progress: bool):
+def _selector_model(ckpt: Checkpoint, method: str, options: dict, progress: bool, tokenizer: Callable[[], Any]):
     """What the --select method sees: nothing (layers, uniform), the config alone, or the source model; a method
-    that needs weights also gets the source's tokenizer through `options`."""
+    that needs weights also gets the source's tokenizer (`tokenizer()`) through `options`."""
     if method in ("layers", "uniform"):
         return None
     if not needs_weights(get_selector(method)):
         return _ConfigOnly(ckpt.config)
-    options.setdefault("tokenizer", source_tokenizer(ckpt))
+    options.setdefault("tokenizer", tokenizer())
     options.setdefault("progress", progress)
     return load_source_model(ckpt)
 

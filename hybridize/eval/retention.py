@@ -576,5 +576,6 @@ def reference_measurements(path: str | Path, reference: str) -> dict:
 
 __all__ = [
     "RetentionSettings", "chunked_attention", "next_token_agreement", "probe_completions", "probe_correct",
-    "reference_measurements", "retention_report", "run_retention", "run_lm_eval", "score_probes", "write_retention_report",
+    "reference_measurements", "retention_report", "run_retention", "run_lm_eval", "score_probes",
+    "write_retention_report",
 ]

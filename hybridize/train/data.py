@@ -116,11 +116,9 @@ def generate_documents(teacher, tokenizer, src, seed: int, progress: bool = True
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:  # padding needs a token; the mask hides it
         tokenizer.pad_token = tokenizer.eos_token
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
+    from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(prompts), desc="teacher writes training text", unit="sample")
+    bar = tqdm(total=len(prompts), desc="teacher writes training text", unit="sample", disable=not progress)
     batch = src.batch_size
     try:
         while len(out) < len(prompts):
@@ -135,12 +133,10 @@ def generate_documents(teacher, tokenizer, src, seed: int, progress: bool = True
                     torch.cuda.empty_cache()
                 continue
             out += tokenizer.batch_decode(ids, skip_special_tokens=True)
-            if bar is not None:
-                bar.update(len(part))
+            bar.update(len(part))
     finally:
         tokenizer.padding_side, tokenizer.pad_token = old_side, old_pad
-        if bar is not None:
-            bar.close()
+        bar.close()
     return out
 
 

@@ -17,7 +17,7 @@ import math
 import os
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -504,8 +504,7 @@ def _forward_backward_in_memory(run: _Run, st: _Stage, step: int) -> dict[str, f
         if run.main:
             print(f"stage {st.spec.name!r}: micro-batch {st.plan.micro_batch} ran out of accelerator memory; "
                   f"continuing with {micro} (same global batch)", flush=True)
-        st.plan = StagePlan(st.plan.steps, st.plan.sequences_per_step, st.plan.per_process, micro,
-                            st.plan.per_process // micro)
+        st.plan = replace(st.plan, micro_batch=micro, accumulation=st.plan.per_process // micro)
 
 
 def _smaller_divisor(plan: StagePlan) -> int:
