@@ -4,6 +4,7 @@ and without it, then the exported folder's perplexity on the held-out sources (b
     python bench/calibrate_check.py on 20 30 /tmp/cal-on      # 20 align + 30 distil steps, calibrated start
     python bench/calibrate_check.py off 20 30 /tmp/cal-off
     python bench/calibrate_check.py on 35 15 /tmp/cal-uniform --layers 3,7,11,14,18,22,26,29   # another placement
+    python bench/calibrate_check.py on 35 15 /tmp/cal-split --set stages[1].lr_outside_mixers=5e-5  # any recipe field
 
 SmolLM2-135M (the built-in default), sparse layers [0, 4, 5, 7, 15, 17, 21, 29] (SALA's GPU placement; --layers for
 another), HyPE, gates,
@@ -20,7 +21,7 @@ import torch
 
 from hybridize.eval.heldout import read_text
 from hybridize.eval.perplexity import perplexity_of_ids
-from hybridize.train.recipe import recipe_from_dict
+from hybridize.train.recipe import recipe_from_dict, set_override
 from hybridize.train.trainer import train
 
 SPARSE_LAYERS = [0, 4, 5, 7, 15, 17, 21, 29]
@@ -71,12 +72,16 @@ def main() -> None:
     ap.add_argument("distil_steps", type=int)
     ap.add_argument("out", type=Path)
     ap.add_argument("--layers", default=",".join(map(str, SPARSE_LAYERS)), help="sparse layer indices")
+    ap.add_argument("--set", action="append", default=[], help="KEY=VALUE override of the recipe, e.g. "
+                    "stages[1].lr_outside_mixers=5e-5")
     args = ap.parse_args()
     layers = [int(x) for x in args.layers.split(",")]
     torch.set_num_threads(2)
     t = time.perf_counter()
-    result = train(recipe_from_dict(recipe(args.calibrate == "on", args.align_steps, args.distil_steps, args.out,
-                                           layers)))
+    raw = recipe(args.calibrate == "on", args.align_steps, args.distil_steps, args.out, layers)
+    for assignment in args.set:
+        set_override(raw, assignment)
+    result = train(recipe_from_dict(raw))
     losses = [(h["stage"], h["step"], round(h["loss"], 3)) for h in result.history]
     print(f"trained in {time.perf_counter() - t:.0f} s; first loss {losses[0]}, last {losses[-1]}")
     print(f"held-out perplexity (calibrate {args.calibrate}, sparse layers {layers}):",

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 import test_train_support as S
 from hybridize.train.models import load_models
-from hybridize.train.recipe import recipe_from_dict
+from hybridize.train.recipe import RecipeError, recipe_from_dict
 from hybridize.train.trainer import train
 
 
@@ -23,11 +23,11 @@ def assets(tmp_path_factory):
     return S.tiny_assets(tmp_path_factory, "train_params")
 
 
-def _run(assets, name, trainable, lora=None):
+def _run(assets, name, trainable, lora=None, **stage_fields):
     """Two optimizer steps with the given preset; returns (initial student state, trained state, requires_grad map)."""
     root, docs, src = assets
     stage = {"name": "s", "seq_len": 32, "global_batch_tokens": 64, "micro_batch_size": 2, "steps": 2, "lr": 1e-2,
-             "trainable": trainable, "loss": {"kl": 1.0, "ce": 1.0}, "grad_clip": None}
+             "trainable": trainable, "loss": {"kl": 1.0, "ce": 1.0}, "grad_clip": None, **stage_fields}
     if lora:
         stage["lora"] = lora
     recipe = S.tiny_recipe(src, docs, root / f"out-{name}", root / "cache", stages=[stage])
@@ -81,3 +81,24 @@ def test_lora_trains_adapters_only_and_merges_them_on_export(assets):
     assert names == set(initial), "the merged model has the plain parameter names"
     changed = {n for n in initial if not torch.equal(initial[n], final[n])}
     assert changed and all(re.search(r"self_attn\.(q_proj|v_proj)\.weight$", n) for n in changed), sorted(changed)
+
+
+def test_lr_outside_mixers_sets_the_rate_of_everything_but_the_token_mixers(assets):
+    # AdamW's first update moves every weight with a non-zero gradient by about its group's rate (m / sqrt(v) = +-1),
+    # so one constant-rate step shows each parameter's rate in the size of its change
+    initial, final, grads, _ = _run(assets, "lr_split", "all", steps=1, schedule="constant", lr=1e-2,
+                                    lr_outside_mixers=1e-4)
+    moved = {n: (final[n] - initial[n]).abs().max().item() for n in grads}
+    mixers = {n: d for n, d in moved.items() if re.search(r"\.layers\.\d+\.self_attn\.", n)}
+    rest = {n: d for n, d in moved.items() if n not in mixers}
+    assert mixers and rest and any(".mlp." in n for n in rest) and any("embed" in n for n in rest)
+    assert all(d <= 1.01e-4 for d in rest.values()), max(rest.items(), key=lambda kv: kv[1])
+    assert max(mixers.values()) > 0.9e-2 and all(d <= 1.01e-2 for d in mixers.values())
+    assert max(rest.values()) > 0.9e-4
+
+
+def test_lr_outside_mixers_must_be_positive(assets):
+    root, docs, src = assets
+    stage = {"name": "s", "seq_len": 32, "global_batch_tokens": 64, "steps": 1, "lr": 1e-3, "lr_outside_mixers": 0}
+    with pytest.raises(RecipeError, match=r"stages\[0\]\.lr_outside_mixers.*positive"):
+        recipe_from_dict(S.tiny_recipe(src, docs, root / "out-bad", root / "cache", stages=[stage]))

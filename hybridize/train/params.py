@@ -33,6 +33,23 @@ def is_lightning_parameter(name: str, config) -> bool:
     return m is not None and config.layer_types[int(m.group(1))] == LIGHTNING and m.group(2).startswith("self_attn.")
 
 
+def is_mixer_parameter(name: str) -> bool:
+    """A token mixer's parameter (`layers.N.self_attn.*`, Lightning or sparse), LoRA-wrapped names included."""
+    m = _LAYER.search(name)
+    return m is not None and m.group(2).startswith("self_attn.")
+
+
+def parameter_groups(model: nn.Module, lr: float, lr_outside_mixers: float | None) -> list[dict]:
+    """The optimizer's groups of the trainable parameters: token mixers at `lr`, everything else at
+    `lr_outside_mixers` (one group at `lr` when that is None or equal). Empty groups are left out."""
+    trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if lr_outside_mixers is None or lr_outside_mixers == lr:
+        return [{"params": [p for _, p in trained], "lr": lr}]
+    groups = [{"params": [p for n, p in trained if is_mixer_parameter(n)], "lr": lr},
+              {"params": [p for n, p in trained if not is_mixer_parameter(n)], "lr": lr_outside_mixers}]
+    return [g for g in groups if g["params"]]
+
+
 def select_trainable(model: nn.Module, trainable, where: str = "trainable") -> list[str]:
     """Set requires_grad per the preset ("new", "lightning", "all") or glob patterns; return trained names.
     ("lora" is handled by `apply_lora`, which freezes the base model itself.)"""

@@ -125,6 +125,10 @@ class StageSpec:
     steps: int | None = None
     micro_batch_size: int = 1  # sequences per forward on each process
     min_lr: float = 0.0
+    # learning rate of the trained parameters outside the token mixers (MLPs, norms, embeddings, head); default `lr`.
+    # The mixers are rewritten and need a large rate; the rest already holds what the source knows. The schedule
+    # scales both alike (min_lr applies to the mixers; the rest ends at min_lr * lr_outside_mixers / lr).
+    lr_outside_mixers: float | None = None
     schedule: str = "cosine"
     warmup_steps: int = 0
     decay_fraction: float = 0.2  # WSD: the final fraction of steps that decays
@@ -244,6 +248,7 @@ CONSTRAINTS: dict[str, dict[str, Any]] = {
     "LossSpec": {"hidden_mse": _non_negative, "kl": _non_negative, "ce": _non_negative, "temperature": _positive},
     "LoraSpec": {"r": _positive, "alpha": _positive, "dropout": _in_range(0.0, 1.0, hi_open=True)},
     "StageSpec": {"seq_len": _positive, "global_batch_tokens": _positive, "lr": _positive, "tokens": _positive,
+                  "lr_outside_mixers": _positive,
                   "steps": _positive, "micro_batch_size": _positive, "min_lr": _non_negative,
                   "warmup_steps": _non_negative, "decay_fraction": _in_range(0.0, 1.0, lo_open=True),
                   "weight_decay": _non_negative, "betas": _each(_in_range(0.0, 1.0, hi_open=True)),

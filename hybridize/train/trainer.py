@@ -29,7 +29,7 @@ from .checkpoint import full_state_dict, list_checkpoints, load_weights, save_ch
 from .data import RecallStream, build_corpus, make_batch
 from .losses import IGNORE, cross_entropy_sum, hidden_mse_sum, kl_sum
 from .models import load_models
-from .params import apply_lora, merge_lora, select_trainable
+from .params import apply_lora, merge_lora, parameter_groups, select_trainable
 from .plan import StagePlan, check_context, plan_stage, training_weights
 from .recipe import Recipe, RecipeError, StageSpec, fingerprint_difference, run_fingerprint
 from .rundir import check_output_dir, created_by_this_run, remove_failed_run, trim_metrics
@@ -421,8 +421,8 @@ def prepare_stage(run: _Run, k: int, spec: StageSpec, model) -> _Stage:
     resuming_here = run.checkpoint is not None and k == state.stage and not state.stage_done
     model = _student_for(run, k, spec, model)
     run.result.trainable[spec.name] = [n for n, p in model.named_parameters() if p.requires_grad]
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=spec.lr, betas=tuple(spec.betas), weight_decay=spec.weight_decay)
+    groups = parameter_groups(model, spec.lr, spec.lr_outside_mixers)
+    optimizer = torch.optim.AdamW(groups, lr=spec.lr, betas=tuple(spec.betas), weight_decay=spec.weight_decay)
     if is_deepspeed(acc):
         configure_deepspeed(acc, plan, spec, recipe.precision)
     pmodel, optimizer = acc.prepare(model, optimizer)
