@@ -2,6 +2,7 @@
 
     python bench/bench_lightning.py [--lengths 4096 16384 65536 262144] [--batches 1 8 64] [--budget 400]
                                     [--sweep [--sweep-seconds 60]] [--skip decode norm_gate bthd] [--json F]
+                                    [--variants look-back default two-pass]
 
 Shapes (issue 5): bf16, B=1, 32 heads, head dim 128; fwd and fwd+bwd at each length; decode step (one token) at batch
 1, 8, 64, timed eager and as a CUDA-graph replay (the graph measures the kernels, eager also the launch path). The
@@ -363,6 +364,9 @@ def main():
     ap.add_argument("--sweep-seconds", type=float, default=60.0, help="time budget of the sweep")
     ap.add_argument("--skip", nargs="*", default=[], choices=["decode", "norm_gate", "bthd"],
                     help="leave out the decode rows, the norm + gate rows, the (B,T,H,D)-layout forward")
+    ap.add_argument("--variants", nargs="+", default=["look-back", "default", "two-pass"],
+                    choices=["look-back", "default", "two-pass"],
+                    help="forward configs timed side by side (the first one is 'ours' in the ratios)")
     ap.add_argument("--json", default=None, help="write all rows here")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -372,7 +376,8 @@ def main():
     print(f"copy bandwidth {bw / 1e12:.3f} TB/s", flush=True)
     fla_chunk, fla_rec = fla_ops()
     rows: list[dict] = []
-    variants = {"look-back": LT.LOOKBACK_CONFIG, "default": LT.DEFAULT_CONFIG, "two-pass": TWO_PASS}
+    known = {"look-back": LT.LOOKBACK_CONFIG, "default": LT.DEFAULT_CONFIG, "two-pass": TWO_PASS}
+    variants = {n: known[n] for n in dict.fromkeys(args.variants)}
     bwd_config = LT.DEFAULT_BWD_CONFIG
     if args.sweep:
         found, new = sweep(args.sweep_seconds)

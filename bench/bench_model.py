@@ -17,6 +17,14 @@ a model stops growing at its first OOM, and a length whose predicted time would 
 budget is recorded as skipped. Every result is appended to OUT/results.jsonl as soon as it exists (a killed run keeps
 what it measured); OUT/bench_results.{json,md} hold the final report (plots: `python bench/bench_model.py --plot OUT`
 where matplotlib is installed).
+
+Per-model plans (issue 18: one run for prefill, 2M tokens and decode at the largest batch): `--lengths-of
+one-pass=128K,256K` gives a model its own lengths (one-pass, chunked: the dense modes; hybrid: every hybrid variant);
+`--decode-at hybrid:128K=8,16,24,32` its own decode batches at one length (increasing; the first out of memory ends
+the list, so the last that ran is the largest batch that fits; the one-pass dense model decodes only where named);
+`--fit-search` bisects, right after each model is built, the longest context whose cache and one chunk's activations
+can be allocated beside its weights (`largest_fitting_length`, an allocation probe in --chunk steps, not a prefill)
+into OUT/fit.json. A model's time cap counts from its build (warm-up included).
 """
 
 from __future__ import annotations
@@ -32,7 +40,8 @@ import torch
 
 from hybridize.common import format_length
 from hybridize.eval.report import plot_bench, write_bench_report
-from hybridize.eval.speed import WARMUP_CAP, BenchReport, bench_model, device_name, parse_length, shape_builders
+from hybridize.eval.speed import (WARMUP_CAP, BenchReport, bench_model, device_name, largest_fitting_length,
+                                  parse_length, shape_builders)
 from portable import without_machine_paths  # bench/portable.py (the script's folder is on sys.path)
 
 
@@ -54,7 +63,7 @@ def report_from_jsonl(folder: Path, args) -> dict:
         m["results"].append(row)
     lengths = sorted({r["length"] for m in models.values() for r in m["results"]})
     return {"device": info["device"], "dtype": "bfloat16", "chunk_size": args.chunk, "decode_steps": args.decode_steps,
-            "decode_batches": sorted(int(b) for b in args.decode_batches.split(",")), "lengths": lengths,
+            "decode_batches": sorted(int(b) for b in args.decode_batches.split(",") if b.strip()), "lengths": lengths,
             "models": list(models.values()), "command": "(rebuilt from results.jsonl of a run cut short)", "date": "",
             "kernels": info.get("kernels")}
 
@@ -80,6 +89,18 @@ def main() -> int:
     ap.add_argument("--token-max", default="128K", help="longest length for the exact token-selection hybrid")
     ap.add_argument("--dense-modes", default="chunked,one-pass",
                     help="dense prefill modes: chunked (--chunk tokens at a time), one-pass (no decode timing)")
+    ap.add_argument("--lengths-of", action="append", default=[], metavar="MODEL=LENGTHS",
+                    help="lengths of one model instead of --lengths (MODEL: one-pass, chunked or hybrid; repeat)")
+    ap.add_argument("--decode-at", action="append", default=[], metavar="MODEL:LENGTH=BATCHES",
+                    help="decode batches of MODEL at LENGTH instead of --decode-batches, e.g. hybrid:128K=8,16,24 "
+                         "(increasing; the first out of memory ends the list; repeat)")
+    ap.add_argument("--dense-warmup", default=None, help="warm-up length of the dense models (default: --warmup); "
+                    "a dense model compiles no Triton kernels, so a short one does")
+    ap.add_argument("--dense-decode-warmup", type=int, default=None,
+                    help="untimed decode steps per batch of the dense models (default: as the hybrids, 17: a Triton "
+                         "variant per divisibility of the cache length by 16, which the dense models do not have)")
+    ap.add_argument("--fit-search", action="store_true",
+                    help="bisect each model's longest context whose cache + one chunk fits (OUT/fit.json)")
     ap.add_argument("--plot", default=None, help="only draw the plots of an earlier OUT folder")
     args = ap.parse_args()
     if args.plot:
@@ -99,7 +120,8 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     lengths = [parse_length(x) for x in args.lengths.split(",")]
-    batches = tuple(int(b) for b in args.decode_batches.split(","))
+    batches = tuple(int(b) for b in args.decode_batches.split(",") if b.strip())
+    lengths_of, decode_at = parse_plans(args.lengths_of, args.decode_at)
     info = {"device": device_name(device), "torch": torch.__version__, "kernels": kernel_dispatch(),
             "total_gib": torch.cuda.get_device_properties(0).total_memory / 2**30 if device.type == "cuda" else None}
     print(json.dumps(info), flush=True)
@@ -136,11 +158,14 @@ def main() -> int:
     n_dense = len(modes)
     shares = [args.dense_share / n_dense / (1 - args.dense_share * i / n_dense) for i in range(n_dense)]
     shares += [0.7] * (len(names) - n_dense - 1) + [1.0]
-    models = []
+    models, fits = [], {}
     for i, name in enumerate(names):
         left = args.budget - (time.perf_counter() - t_start)
         cap = left * shares[i] if i < len(names) - 1 else left - 15.0
-        model_lengths = [L for L in lengths if L <= parse_length(args.token_max)] if "token" in name else lengths
+        role = "one-pass" if name == one_pass else "chunked" if name == dense_name else "hybrid"
+        model_lengths = lengths_of.get(role, lengths)
+        if "token" in name:
+            model_lengths = [L for L in model_lengths if L <= parse_length(args.token_max)]
         eager = "block-eager" in name
         chunk = next((c for suffix, c in chunk_of.items() if name.endswith(suffix)), args.chunk)
         t0 = time.perf_counter()
@@ -151,18 +176,33 @@ def main() -> int:
             torch.cuda.synchronize()
         print(f"{name}: built in {time.perf_counter() - t0:.1f} s, "
               f"{sum(p.numel() for p in model.parameters()) / 1e9:.2f} B params, "
-              f"{torch.cuda.memory_allocated() / 2**30:.1f} GiB; time cap {cap:.0f} s", flush=True)
-        warmup = (min(max(model_lengths), parse_length(args.warmup_cap)) if args.warmup == "max"
-                  else parse_length(args.warmup))
+              f"{torch.cuda.memory_allocated() / 2**30:.1f} GiB; time cap {cap:.0f} s (from the build, warm-up "
+              f"included)", flush=True)
+        if args.fit_search:  # first, on a GPU that holds only the weights
+            t1 = time.perf_counter()
+            fits[name] = largest_fitting_length(model, device, args.chunk)
+            print(f"{name}: longest context whose cache + one {args.chunk}-token chunk can be allocated: "
+                  f"{fits[name]} tokens ({format_length(fits[name])}; probe {time.perf_counter() - t1:.1f} s)",
+                  flush=True)
+            (out / "fit.json").write_text(json.dumps({"chunk": args.chunk, "total_gib": info["total_gib"],
+                                                      "fit_tokens": fits}, indent=1))
+        warm = args.dense_warmup if role != "hybrid" and args.dense_warmup else args.warmup
+        warmup = (min(max(model_lengths), parse_length(args.warmup_cap)) if warm == "max" else parse_length(warm))
+        extra = {}
+        if role != "hybrid" and args.dense_decode_warmup is not None:
+            extra["decode_warmup_steps"] = args.dense_decode_warmup
         models.append(bench_model(name, model, model_lengths,
                                   chunk_size=1 << 40 if name == one_pass else chunk,  # one-pass: one chunk, the prompt
                                   decode_batches=() if name == one_pass or eager else batches,
-                                  decode_steps=args.decode_steps, time_cap_s=cap - (time.perf_counter() - t0),
-                                  warmup_length=warmup,
+                                  decode_steps=args.decode_steps, time_cap_s=cap, cap_from=t0,
+                                  warmup_length=warmup, decode_at=None if eager else decode_at.get(role),
+                                  **extra,
                                   log=lambda s: print(s, flush=True), on_result=on_result))
         del model
         torch.cuda.empty_cache()
-    report = BenchReport(device_name(device), "bfloat16", args.chunk, args.decode_steps, sorted(batches), lengths,
+    lengths = sorted({L for m in models for L in (r.length for r in m.results)} | set(lengths))
+    batches = sorted({b for m in models for r in m.results for b in r.decode_tok_s} | set(batches))
+    report = BenchReport(device_name(device), "bfloat16", args.chunk, args.decode_steps, batches, lengths,
                          models, without_machine_paths("python bench/bench_model.py " + " ".join(sys.argv[1:])),
                          time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())).to_dict()
     report["kernels"] = info["kernels"]
@@ -176,6 +216,25 @@ def main() -> int:
             print(f"{name} {format_length(r.length)}: {r.status} ({r.note})")
     print(fair_table(report))
     return 0
+
+
+def parse_plans(lengths_of: list[str], decode_at: list[str]) -> tuple[dict, dict]:
+    """--lengths-of MODEL=L,L and --decode-at MODEL:LEN=B,B -> ({model: [lengths]}, {model: {length: (batches)}})."""
+    roles = ("one-pass", "chunked", "hybrid")
+    lens: dict[str, list[int]] = {}
+    for spec in lengths_of:
+        role, _, text = spec.partition("=")
+        if role not in roles or not text:
+            raise SystemExit(f"--lengths-of: expected MODEL=LENGTHS with MODEL in {roles}, got {spec!r}")
+        lens[role] = [parse_length(x) for x in text.split(",") if x.strip()]
+    dec: dict[str, dict[int, tuple[int, ...]]] = {}
+    for spec in decode_at:
+        head, _, text = spec.partition("=")
+        role, _, length = head.partition(":")
+        if role not in roles or not length:
+            raise SystemExit(f"--decode-at: expected MODEL:LENGTH=BATCHES with MODEL in {roles}, got {spec!r}")
+        dec.setdefault(role, {})[parse_length(length)] = tuple(sorted(int(b) for b in text.split(",") if b.strip()))
+    return lens, dec
 
 
 def fair_table(report: dict) -> str:

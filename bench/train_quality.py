@@ -1,8 +1,10 @@
 """Training benchmarks for `hybridize train` (issue 8), one GPU.
 
-    python bench/train_quality.py throughput --out OUT
+    python bench/train_quality.py throughput --out OUT [--shape smollm2 llama3-1b] [--lengths 2048 8192 32768]
         Training throughput (tokens/s, fwd + bwd + AdamW, bf16 autocast) of a SmolLM2-135M-shaped dense Llama (random
-        weights, SDPA) and its 1:3 hybrid, at 2K and 8K tokens per sequence, 16K tokens per step.
+        weights, SDPA) and its 1:3 hybrid, at 2K and 8K tokens per sequence, 16K tokens per step (at least one
+        sequence); `--shape llama3-1b` adds the Llama-3.2-1B shape, `--loss-chunk N` computes the loss N tokens at a
+        time (lm_head recomputed in backward) so that long sequences of a 128K vocabulary fit.
 
     python bench/train_quality.py prepare --recipe recipes/retention.yaml --methods sala,block_influence --out OUT
         The recipe's teacher-written corpus and the layer scores of each placement method, cached once in the
@@ -50,11 +52,44 @@ def smollm2_config():
                        rope_theta=100000.0, tie_word_embeddings=True, rms_norm_eps=1e-5)
 
 
-def time_training(model, seq_len: int, tokens_per_step: int, steps: int = 6, warmup: int = 2, bf16: bool = True) -> dict:
+def llama3_1b_config():
+    """Llama-3.2-1B's shape (its llama3 RoPE scaling left out: no effect on speed)."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                       num_attention_heads=32, num_key_value_heads=8, head_dim=64, max_position_embeddings=131072,
+                       rope_theta=500000.0, tie_word_embeddings=True, rms_norm_eps=1e-5)
+
+
+THROUGHPUT_SHAPES = {"smollm2": smollm2_config, "llama3-1b": llama3_1b_config}
+
+
+def _chunk_loss(head, hidden, targets):
+    return torch.nn.functional.cross_entropy(head(hidden).float(), targets, reduction="sum")
+
+
+def _training_loss(model, ids, loss_chunk: int):
+    """Next-token cross-entropy; with loss_chunk, the logits of loss_chunk tokens at a time, recomputed in backward
+    (never the whole (tokens, vocab) matrix)."""
+    if not loss_chunk:
+        out = model(input_ids=ids, use_cache=False)
+        return torch.nn.functional.cross_entropy(out.logits[:, :-1].float().reshape(-1, out.logits.shape[-1]),
+                                                 ids[:, 1:].reshape(-1))
+    from torch.utils.checkpoint import checkpoint
+
+    hidden = model.model(input_ids=ids, use_cache=False).last_hidden_state[:, :-1]
+    hidden, targets = hidden.reshape(-1, hidden.shape[-1]), ids[:, 1:].reshape(-1)
+    total = sum(checkpoint(_chunk_loss, model.lm_head, hidden[s:s + loss_chunk], targets[s:s + loss_chunk],
+                           use_reentrant=False) for s in range(0, targets.numel(), loss_chunk))
+    return total / targets.numel()
+
+
+def time_training(model, seq_len: int, tokens_per_step: int, steps: int = 6, warmup: int = 2, bf16: bool = True,
+                  loss_chunk: int = 0) -> dict:
     device = "cuda"
     model = model.to(device).float().train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
-    B = tokens_per_step // seq_len
+    B = max(1, tokens_per_step // seq_len)
     ids = torch.randint(0, model.config.vocab_size, (B, seq_len), device=device)
     torch.cuda.reset_peak_memory_stats()
     times = []
@@ -62,9 +97,7 @@ def time_training(model, seq_len: int, tokens_per_step: int, steps: int = 6, war
         torch.cuda.synchronize()
         t = time.perf_counter()
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
-            out = model(input_ids=ids, use_cache=False)
-        loss = torch.nn.functional.cross_entropy(out.logits[:, :-1].float().reshape(-1, out.logits.shape[-1]),
-                                                 ids[:, 1:].reshape(-1))
+            loss = _training_loss(model, ids, loss_chunk)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -80,42 +113,50 @@ def cmd_throughput(args) -> int:
     from transformers import LlamaForCausalLM
 
     from hybridize.convert.build import build_hybrid
-    from hybridize.select.placement import layer_types_from, uniform_layers
+    from hybridize.select.placement import layer_types_for
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(0)
-    cfg = smollm2_config()
-    cfg._attn_implementation = "sdpa"
     rows = []
-    for length in args.lengths:
-        dense = LlamaForCausalLM(cfg)
-        hybrid = build_hybrid(dense, layer_types_from(30, uniform_layers(30, 8)))
-        for p in hybrid.parameters():
-            p.data = p.data.clone()
-        for name, model in (("dense", dense), ("hybrid 1:3", hybrid)):
-            try:
-                r = time_training(model, length, args.tokens_per_step, steps=args.steps, bf16=not args.fp32)
-            except torch.OutOfMemoryError:
-                r = {"seq_len": length, "error": "out of memory"}
-            r["model"] = name
-            rows.append(r)
-            print(json.dumps(r), flush=True)
-            model.to("cpu")
-            torch.cuda.empty_cache()
     from hybridize.arch import ops
 
     info = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows, "fp32": args.fp32,
+            "tokens_per_step": args.tokens_per_step, "loss_chunk": args.loss_chunk,
             "ops": {k: str(v) for k, v in vars(ops).items() if k.startswith("_") and k.isupper() is False
                     and isinstance(v, (bool, int, str))}}
+    for shape in args.shape:
+        torch.manual_seed(0)
+        cfg = THROUGHPUT_SHAPES[shape]()
+        cfg._attn_implementation = "sdpa"
+        cfg.max_position_embeddings = max(cfg.max_position_embeddings, max(args.lengths))
+        t0 = time.perf_counter()
+        dense = LlamaForCausalLM(cfg)  # once per shape: the steps change the weights, not the speed
+        hybrid = build_hybrid(dense, layer_types_for(cfg.num_hidden_layers, "1:3"))  # SmolLM2: 8 of 30 sparse
+        for p in hybrid.parameters():
+            p.data = p.data.clone()
+        print(f"{shape}: built in {time.perf_counter() - t0:.1f} s", flush=True)
+        for length in args.lengths:
+            for name, model in (("dense", dense), ("hybrid 1:3", hybrid)):
+                try:
+                    r = time_training(model, length, args.tokens_per_step, steps=args.steps, bf16=not args.fp32,
+                                      loss_chunk=args.loss_chunk)
+                except torch.OutOfMemoryError:
+                    r = {"seq_len": length, "error": "out of memory"}
+                r["model"], r["shape"] = name, shape
+                rows.append(r)
+                print(json.dumps(r), flush=True)
+                model.to("cpu")
+                torch.cuda.empty_cache()
+                (out / "throughput.json").write_text(json.dumps(info, indent=1))  # a run cut short keeps its rows
+        del dense, hybrid
     (out / "throughput.json").write_text(json.dumps(info, indent=1))
-    print(f"\n| model | seq len | tokens/step | step ms | tokens/s | peak GiB |  ({info['device']})")
+    print(f"\n| shape | model | seq len | tokens/step | step ms | tokens/s | peak GiB |  ({info['device']})")
     for r in rows:
         if "error" in r:
-            print(f"| {r['model']} | {r['seq_len']} | - | - | {r['error']} | - |")
+            print(f"| {r['shape']} | {r['model']} | {r['seq_len']} | - | - | {r['error']} | - |")
         else:
-            print(f"| {r['model']} | {r['seq_len']} | {r['tokens_per_step']} | {1000 * r['step_s']:.1f} | "
-                  f"{r['tokens_per_s']:,.0f} | {r['peak_gib']:.1f} |")
+            print(f"| {r['shape']} | {r['model']} | {r['seq_len']} | {r['tokens_per_step']} | "
+                  f"{1000 * r['step_s']:.1f} | {r['tokens_per_s']:,.0f} | {r['peak_gib']:.1f} |")
     return 0
 
 
@@ -562,6 +603,9 @@ def main() -> int:
     t.add_argument("--tokens-per-step", type=int, default=16384)
     t.add_argument("--steps", type=int, default=6)
     t.add_argument("--fp32", action="store_true", help="no bf16 autocast")
+    t.add_argument("--shape", nargs="+", default=["smollm2"], choices=sorted(THROUGHPUT_SHAPES),
+                   help="model shapes, in order (llama3-1b: Llama-3.2-1B's)")
+    t.add_argument("--loss-chunk", type=int, default=0, help="tokens per loss chunk (0: the whole logits at once)")
     q = _recipe_parser(sub, "quality", "recipes/retention.yaml", 0)
     q.add_argument("--save-untrained", default=None, help="export the conversion before training to this folder "
                    "(and report it beside the others)")

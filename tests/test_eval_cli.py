@@ -154,6 +154,23 @@ def test_bench_normalizer_option_builds_that_hybrid(tmp_path):
     assert res.exit_code == 2 and "exact" in res.output and not (tmp_path / "c").exists()
 
 
+def test_decode_batches_need_not_divide_each_other_and_a_length_can_have_its_own():
+    """Each decode batch is made from one row of the cache, so 2 then 3 both run (no "skipped"); `decode_at` gives a
+    length its own batches, and the time cap can count from before the warm-up (`cap_from`)."""
+    from hybridize.eval import speed
+
+    model = shape_builders("tiny", "1:3", torch.float32, torch.device("cpu"))["hybrid 1:3"]()
+    bench = speed.bench_model("h", model, [32, 64], chunk_size=32, decode_batches=(1,), decode_steps=1,
+                              warmup_length=0, decode_at={64: (2, 3, 5)}, decode_warmup_steps=1)
+    got = {r.length: sorted(r.decode_tok_s) for r in bench.results}
+    assert got == {32: [1], 64: [2, 3, 5]}
+    assert all(isinstance(v, float) for r in bench.results for v in r.decode_tok_s.values())
+    capped = speed.bench_model("h", model, [32, 64], chunk_size=32, decode_batches=(1,), decode_steps=1,
+                               warmup_length=0, time_cap_s=0.0, cap_from=time.perf_counter() - 100)
+    assert [r.status for r in capped.results] == ["ok", "skipped"]
+    assert speed.largest_fitting_length(model, torch.device("cpu"), 32, high=320) == 320  # no probe on the CPU
+
+
 def test_decode_rate_is_the_median_step_so_one_slow_step_does_not_move_it(monkeypatch):
     """Decode tokens/s come from the median of individually timed steps: one step stalled by 0.5 s (an allocator
     growth, a host hiccup) leaves the rate at that of the other steps, where a total-time rate would drop ~5x."""

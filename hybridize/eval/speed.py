@@ -188,7 +188,8 @@ def cache_gib(cache) -> float | None:
 def _is_oom(e: BaseException) -> bool:
     if isinstance(e, torch.OutOfMemoryError):
         return True
-    return isinstance(e, RuntimeError) and "out of memory" in str(e).lower()
+    # cuBLAS reports a failed workspace allocation as its own status, not as "out of memory"
+    return isinstance(e, RuntimeError) and any(s in str(e).lower() for s in ("out of memory", "alloc_failed"))
 
 
 def cache_fits(model, length: int, device: torch.device, chunk_size: int = DEFAULT_CHUNK) -> tuple[bool, str]:
@@ -209,9 +210,36 @@ def cache_fits(model, length: int, device: torch.device, chunk_size: int = DEFAU
                        f"cannot be allocated beside the weights")
 
 
+def largest_fitting_length(model, device: torch.device, chunk_size: int = DEFAULT_CHUNK, high: int = 1 << 26) -> int:
+    """The longest context (a multiple of `chunk_size`, at most `high`) whose cache and one chunk's activations pass
+    `cache_fits` now, by bisection: an allocation probe, not a prefill (0 when even one chunk does not fit). Lengths
+    whose bytes exceed the device's free memory fail without an allocation attempt."""
+    free = None
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+        free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)  # the allocator's own
+    cfg = model.config
+
+    def fits(length: int) -> bool:
+        need = cache_bytes_estimate(cfg, length) + chunk_size * (3 * cfg.intermediate_size + 2 * cfg.hidden_size) * 2
+        return (free is None or need <= free) and cache_fits(model, length, device, chunk_size)[0]
+
+    lo, hi = 0, high // chunk_size  # in chunks: lo fits (0 trivially), everything above hi is out of range
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if fits(mid * chunk_size):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo * chunk_size
+
+
 def bench_length(model, length: int, *, device, chunk_size: int, decode_batches: list[int], decode_steps: int,
-                 vocab: int, seed: int = 0) -> LengthResult:
-    """One context length: prefill (batch 1), then decode at each batch size. OOM becomes a result."""
+                 vocab: int, seed: int = 0, decode_warmup_steps: int = DECODE_WARMUP_STEPS) -> LengthResult:
+    """One context length: prefill (batch 1), then decode at each batch size (increasing; the first that runs out of
+    memory ends the list, so the last batch that ran is the largest that fits among those asked). OOM becomes a
+    result. Each batch is made from one row of the cache (all rows are the same sequence), so a batch needs memory
+    for itself and one row, not for itself and the batch before it."""
     res = LengthResult(length, "ok")
     fits, why = cache_fits(model, length, device, chunk_size)
     if not fits:
@@ -245,18 +273,21 @@ def bench_length(model, length: int, *, device, chunk_size: int, decode_batches:
         return res
     done_batch = 1
     for b in sorted(decode_batches):
-        if b % done_batch:
+        if b % done_batch and not hasattr(cache, "batch_select_indices"):
             res.decode_tok_s[b] = "skipped"
             continue
         try:
             if b > done_batch:
+                if done_batch > 1 and hasattr(cache, "batch_select_indices"):
+                    cache.batch_select_indices(torch.zeros(1, dtype=torch.long, device=logits.device))
+                    logits, done_batch = logits[:1], 1
                 cache.batch_repeat_interleave(b // done_batch)
                 logits = logits.repeat_interleave(b // done_batch, dim=0)
                 done_batch = b
             nxt = logits.argmax(-1)[:, None]
             # Warm-up steps: Triton compiles a kernel variant per batch size and per divisibility of the growing
             # cache length by 16 (its integer specialisation); 17 steps meet every variant before the timed steps.
-            for _ in range(DECODE_WARMUP_STEPS):
+            for _ in range(decode_warmup_steps):
                 logits, cache = forward_chunk(model, nxt, cache)
                 logits = logits[:, -1]
             step_s = []
@@ -296,12 +327,18 @@ def bench_model(
     progress: bool = True,
     log: Callable[[str], None] | None = None,
     on_result: Callable[[str, LengthResult], None] | None = None,
+    decode_at: dict[int, tuple[int, ...]] | None = None,
+    decode_warmup_steps: int = DECODE_WARMUP_STEPS,
+    cap_from: float | None = None,
 ) -> ModelBench:
     """Benchmark one model over `lengths` (increasing). Stops growing at the first OOM. A warm-up prefill of
     `warmup_length` tokens (0: none) runs first and is not recorded. Default: for a hybrid, the longest length (at
     most WARMUP_CAP): its chunked prefill meets every Triton kernel variant (the sparse selection is specialised per
     power of two of the key-block count) and every prefill shape the fused pieces compile for, so that no
-    compilation falls inside a timed prefill; for a dense model, the shortest length."""
+    compilation falls inside a timed prefill; for a dense model, the shortest length. `decode_at` maps a length to
+    the decode batches run there instead of `decode_batches`; `decode_warmup_steps` untimed steps precede the timed
+    ones at each batch size. `time_cap_s` counts from `cap_from` (a `time.perf_counter()` value, e.g. taken before
+    the model was built) or, without it, from the end of the warm-up."""
     from .loading import model_kind
 
     device = next(model.parameters()).device
@@ -311,10 +348,15 @@ def bench_model(
     if warmup_length is None:  # first calls pay for kernel compilation and allocator growth
         warmup_length = min(max(lengths), WARMUP_CAP) if out.kind == "hybrid" else min(lengths)
     if warmup_length:
+        t0 = time.perf_counter()
         bench_length(model, min(warmup_length, max(lengths)), device=device, chunk_size=chunk_size,
                      decode_batches=[1], decode_steps=2, vocab=vocab)
-    start = time.perf_counter()
-    measured: list[tuple[int, float]] = []
+        if log is not None:
+            log(f"{name}: warm-up at {format_length(min(warmup_length, max(lengths)))} (untimed, compilation "
+                f"included) took {time.perf_counter() - t0:.1f} s")
+    start = time.perf_counter() if cap_from is None else cap_from
+    measured: list[tuple[int, float]] = []  # (length, prefill seconds)
+    decoded: tuple[int, float] | None = None  # (length, seconds per decode batch there, warm-up steps included)
     stopped = ""
 
     def record(r: LengthResult) -> None:
@@ -325,23 +367,29 @@ def bench_model(
             log(f"{name} {format_length(r.length)}: {describe(r)}")
 
     for L in sorted(lengths):
+        batches = (decode_at or {}).get(L, decode_batches)
         reason = stopped
         if not reason and time_cap_s is not None and measured:
+            # the prefill extrapolated; decoding as at the last length that decoded, per batch, scaled by the length
             predicted = _predict(measured, L)
+            if decoded is not None and batches:
+                predicted += decoded[1] * len(batches) * L / decoded[0]
             if time.perf_counter() - start + predicted > time_cap_s:
                 reason = f"predicted {predicted:.0f} s passes the time cap"
         if reason:
             fits, why = cache_fits(model, L, device, chunk_size)  # cheap, and an OOM is still worth recording
             record(LengthResult(L, "skipped", note=reason) if fits else LengthResult(L, "oom", note=why))
             continue
-        r = bench_length(model, L, device=device, chunk_size=chunk_size, decode_batches=list(decode_batches),
-                         decode_steps=decode_steps, vocab=vocab)
+        t_len = time.perf_counter()
+        r = bench_length(model, L, device=device, chunk_size=chunk_size, decode_batches=list(batches),
+                         decode_steps=decode_steps, vocab=vocab, decode_warmup_steps=decode_warmup_steps)
         record(r)
         if r.status == "oom":
             stopped = "a shorter context already ran out of memory"
         elif r.ttft_s is not None:
-            decode_time = sum(b * decode_steps / v for b, v in r.decode_tok_s.items() if isinstance(v, float))
-            measured.append((L, r.ttft_s + decode_time))
+            measured.append((L, r.ttft_s))
+            if r.decode_tok_s:
+                decoded = (L, max(time.perf_counter() - t_len - r.ttft_s, 0.0) / len(r.decode_tok_s))
     return out
 
 
@@ -415,5 +463,5 @@ def run_bench(
 
 __all__ = [
     "SHAPES", "BenchReport", "LengthResult", "ModelBench", "bench_length", "bench_model", "cache_bytes_estimate",
-    "parse_length", "random_model", "run_bench", "shape_builders", "shape_config",
+    "largest_fitting_length", "parse_length", "random_model", "run_bench", "shape_builders", "shape_config",
 ]
