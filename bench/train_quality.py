@@ -122,8 +122,8 @@ def cmd_throughput(args) -> int:
 
     info = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows, "fp32": args.fp32,
             "tokens_per_step": args.tokens_per_step, "loss_chunk": args.loss_chunk,
-            "ops": {k: str(v) for k, v in vars(ops).items() if k.startswith("_") and k.isupper() is False
-                    and isinstance(v, (bool, int, str))}}
+            "kernels": {"lightning_triton": bool(getattr(ops, "_LIGHTNING_TRITON", False)),
+                        "sparse_triton": bool(getattr(ops, "_SPARSE_TRITON", False))}}
     for shape in args.shape:
         torch.manual_seed(0)
         cfg = THROUGHPUT_SHAPES[shape]()
