@@ -111,6 +111,27 @@ def test_select_scores_once_and_reads_the_cache(tmp_path):
     assert sparse_layers_for(model, spec, tokenizer=tok, cache_dir=str(tmp_path / "cache")) == [1, 4]
 
 
+def test_unset_select_places_layers_as_convert_does(tmp_path):
+    """No model.select: a small source with a tokenizer is placed by block influence (convert's default, the measured
+    better placement), one without a tokenizer (nothing to score on) uniformly."""
+    from hybridize.select.placement import uniform_layers
+
+    _, tok, model = S.tiny_teacher(tmp_path, layers=6)
+    recipe = _good(tmp_path)
+    recipe["model"].pop("select", None)
+    recipe["model"].update(ratio="1:2")
+    spec = load_recipe(S.write_recipe(tmp_path / "r.yaml", recipe)).model
+    assert spec.select is None
+    said: list[str] = []
+    chosen = sparse_layers_for(model, spec, tokenizer=tok, cache_dir=str(tmp_path / "cache"), progress=False,
+                               log=said.append)
+    assert len(chosen) == 2 and said and said[-1].startswith("scoring layers (block_influence) once")
+    assert list((tmp_path / "cache" / "scores").glob("block_influence-*.json"))
+    plain = sparse_layers_for(model, spec, tokenizer=None, cache_dir=str(tmp_path / "other"), progress=False,
+                              log=said.append)
+    assert plain == uniform_layers(6, 2) and not (tmp_path / "other").exists()
+
+
 def test_converted_student_loads_with_the_installed_classes_only(tmp_path):
     """A converted folder's own modeling file is never run (it could come from anywhere)."""
     from click.testing import CliRunner

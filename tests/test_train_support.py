@@ -64,7 +64,7 @@ def tiny_teacher(tmp_path: Path, layers: int = 1):
 def tiny_recipe(source: Path, docs: Path, output: Path, cache: Path, **over) -> dict:
     """A two-stage recipe (align new layers by hidden MSE, then KL + CE on everything) for the tiny model, fp32."""
     recipe = {
-        "model": {"source": str(source), "ratio": "1:1"},
+        "model": {"source": str(source), "ratio": "1:1", "select": "uniform"},  # the unset default scores layers
         "teacher": {"dtype": "float32"},
         "data": {"sources": [{"type": "text", "path": str(docs)}], "heldout_fraction": 0.2, "cache_dir": str(cache)},
         "stages": [

@@ -63,6 +63,13 @@ def runs_unasked(ckpt: Checkpoint | None) -> bool:
     return ckpt is None or ckpt.num_parameters <= RUN_UNASKED_MAX_PARAMETERS
 
 
+def default_placement(num_parameters: int, has_tokenizer: bool) -> str:
+    """The placement used when neither a method nor a layer list is given (convert and recipes alike):
+    DEFAULT_SCORED_METHOD for a source small enough to run unasked that has a tokenizer (scoring reads text), else
+    uniform."""
+    return DEFAULT_SCORED_METHOD if num_parameters <= RUN_UNASKED_MAX_PARAMETERS and has_tokenizer else "uniform"
+
+
 def resolve_method(select: str | None, layers: list[int] | None) -> str | None:
     """--select and --layers together: 'layers' for an explicit list, a registered method, or None for convert's
     default, which depends on the source (default_method)."""
@@ -81,9 +88,8 @@ def resolve_method(select: str | None, layers: list[int] | None) -> str | None:
 
 
 def default_method(ckpt: Checkpoint, tokenizer) -> str:
-    """Convert's placement without --select or --layers: DEFAULT_SCORED_METHOD for a source that runs unasked and has
-    a tokenizer (scoring reads text), else uniform."""
-    return DEFAULT_SCORED_METHOD if runs_unasked(ckpt) and tokenizer is not None else "uniform"
+    """Convert's placement without --select or --layers (default_placement of the checkpoint)."""
+    return default_placement(ckpt.num_parameters, tokenizer is not None)
 
 
 def choose_sparse_layers(

@@ -21,16 +21,19 @@ def load_source(source: str, dtype=torch.float32):
 
 def sparse_layers_for(source_model, spec, *, tokenizer=None, cache_dir: str | None = None, progress: bool = True,
                       log=print) -> list[int]:
-    """The sparse layers of the student: `spec.layers`, or the ratio's count placed by `spec.select` through the same
-    selector `convert --select` uses (a scoring method reads `spec.score_report`, or the report scored once per source
+    """The sparse layers of the student: `spec.layers`, or the ratio's count placed by `spec.select` (unset: convert's
+    default placement for this source) through the same selector `convert --select` uses (a scoring method reads `spec.score_report`, or the report scored once per source
     and method: hybridize.select.cache, with `cache_dir` the recipe's data.cache_dir)."""
+    from ..convert.converter import default_placement
+
     num_layers = source_model.config.num_hidden_layers
-    if spec.layers is not None or spec.select == "uniform":
+    method = spec.select or default_placement(sum(p.numel() for p in source_model.parameters()), tokenizer is not None)
+    if spec.layers is not None or method == "uniform":
         return sparse_indices(layer_types_for(num_layers, spec.ratio, spec.layers))
     from ..select.registry import get_selector
 
     try:
-        return get_selector(spec.select)(source_model, sparse_count(num_layers, spec.ratio),
+        return get_selector(method)(source_model, sparse_count(num_layers, spec.ratio),
                                          score_report=spec.score_report, tokenizer=tokenizer, cache_dir=cache_dir,
                                          progress=progress, log=log)
     except (OSError, ValueError) as e:

@@ -44,8 +44,9 @@ class ModelSpec:
     ratio: str = "1:3"
     layers: list[int] | None = None  # explicit sparse layer indices (overrides ratio and select)
     # how the ratio's sparse layers are placed: uniform, or a scoring method of hybridize.select (sala,
-    # block_influence), scored once on the source and cached in data.cache_dir (or read from score_report)
-    select: str = "uniform"
+    # block_influence), scored once on the source and cached in data.cache_dir (or read from score_report); unset:
+    # convert's default for the source (block_influence up to 1.5B parameters, uniform above)
+    select: str | None = None
     score_report: str | None = None  # a report.json written by `hybridize score` (with select: sala|block_influence)
     hype: bool = True
     gates: bool = True
@@ -372,7 +373,8 @@ def validate(recipe: Recipe) -> Recipe:
     _choice(f, "teacher.dtype", recipe.teacher.dtype, DTYPE_NAMES)
     _choice(f, "model.lightning_decay", recipe.model.lightning_decay, ("sala", "layerwise"))
     m = recipe.model
-    _choice(f, "model.select", m.select, SELECT_METHODS)
+    if m.select is not None:
+        _choice(f, "model.select", m.select, SELECT_METHODS)
     if m.score_report is not None and m.select not in ("sala", "block_influence"):
         _fail(f, "model.score_report", f"a score report places layers with select: sala or block_influence, "
                                        f"not {m.select!r}")
