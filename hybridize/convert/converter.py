@@ -72,7 +72,7 @@ def default_placement(num_parameters: int, has_tokenizer: bool) -> str:
 
 def resolve_method(select: str | None, layers: list[int] | None) -> str | None:
     """--select and --layers together: 'layers' for an explicit list, a registered method, or None for convert's
-    default, which depends on the source (default_method)."""
+    default, which depends on the source (default_placement)."""
     if select is None:
         return "layers" if layers is not None else None
     if select not in SELECTORS and select.replace("-", "_") in SELECTORS:
@@ -85,11 +85,6 @@ def resolve_method(select: str | None, layers: list[int] | None) -> str | None:
     if layers is not None:
         raise ValueError(f"give either --layers or --select {select}, not both")
     return select
-
-
-def default_method(ckpt: Checkpoint, tokenizer) -> str:
-    """Convert's placement without --select or --layers (default_placement of the checkpoint)."""
-    return default_placement(ckpt.num_parameters, tokenizer is not None)
 
 
 def choose_sparse_layers(
@@ -190,7 +185,7 @@ def convert(
     `calibrate`: fit the Lightning layers' output norms to the source's attention outputs on the built-in plays
     (select.alignment.calibrate_lightning_outputs; a fresh Lightning layer's output is 3-30x too large); None: when
     the source has a tokenizer and runs unasked (at most RUN_UNASKED_MAX_PARAMETERS parameters: it runs on the CPU).
-    Without `select` and `layers`, the sparse layers are placed by `default_method`."""
+    Without `select` and `layers`, the sparse layers are placed by `default_placement`."""
     output = Path(output)
     inputs = (source, config, students, (select_options or {}).get("score_report"))
     # Cheap checks first: nothing is read when the options are wrong.
@@ -208,7 +203,7 @@ def convert(
     # read once, when first needed: the default placement, scoring and calibration all read text
     tokenizer = functools.cache(lambda: options["tokenizer"] if "tokenizer" in options else source_tokenizer(ckpt))
     if method is None:
-        method = default_method(ckpt, tokenizer())
+        method = default_placement(ckpt.num_parameters, tokenizer() is not None)
         if method != "uniform":  # the CPU settings, scored afresh: a few forward passes, not worth a cache file
             from ..select.api import ScoreSettings
 

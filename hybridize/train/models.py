@@ -22,8 +22,9 @@ def load_source(source: str, dtype=torch.float32):
 def sparse_layers_for(source_model, spec, *, tokenizer=None, cache_dir: str | None = None, progress: bool = True,
                       log=print) -> list[int]:
     """The sparse layers of the student: `spec.layers`, or the ratio's count placed by `spec.select` (unset: convert's
-    default placement for this source) through the same selector `convert --select` uses (a scoring method reads `spec.score_report`, or the report scored once per source
-    and method: hybridize.select.cache, with `cache_dir` the recipe's data.cache_dir)."""
+    default placement for this source) through the same selector `convert --select` uses (a scoring method reads
+    `spec.score_report`, or the report scored once per source and method: hybridize.select.cache, with `cache_dir` the
+    recipe's data.cache_dir)."""
     from ..convert.converter import default_placement
 
     num_layers = source_model.config.num_hidden_layers
@@ -34,8 +35,8 @@ def sparse_layers_for(source_model, spec, *, tokenizer=None, cache_dir: str | No
 
     try:
         return get_selector(method)(source_model, sparse_count(num_layers, spec.ratio),
-                                         score_report=spec.score_report, tokenizer=tokenizer, cache_dir=cache_dir,
-                                         progress=progress, log=log)
+                                    score_report=spec.score_report, tokenizer=tokenizer, cache_dir=cache_dir,
+                                    progress=progress, log=log)
     except (OSError, ValueError) as e:
         if spec.score_report is None:
             raise
