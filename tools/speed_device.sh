@@ -18,7 +18,7 @@
 #                          and a 128K prefill); DENSE_MODES=chunked,one-pass adds the chunked-prefill dense model at
 #                          128K and decodes from that cache as well. bench_model's --budget is SECS_MODEL - 15: a
 #                          length whose predicted time passes its model's cap is recorded as skipped, not cut off.
-#   train  SECS_TRAIN=55   bench/train_quality.py throughput: hybrid vs dense training tokens/s (fwd + bwd + AdamW, bf16
+#   train  SECS_TRAIN=55   bench/train_quality.py throughput (TRAIN_SHAPES picks shapes): hybrid vs dense tokens/s (fwd + bwd + AdamW, bf16
 #                          autocast, loss in 8K-token chunks) at 2K, 8K and 32K, SmolLM2-135M and Llama-3.2-1B shapes.
 #   kernel SECS_KERNEL=55  bench/bench_lightning.py: our Lightning kernels vs fla 0.6.0: forward at 64K vs the memory
 #                          floor, fwd+bwd at 16K and 64K, decode at batch 8 as a CUDA graph.
@@ -97,7 +97,7 @@ touch $W/model.done
 
 if [[ $PARTS == *" train "* ]]; then
   echo "=== [$((SECONDS - T_START)) s] train: throughput (timeout $SECS_TRAIN s)"
-  timeout -k 10 $SECS_TRAIN python3 bench/train_quality.py throughput --out $W/train --shape smollm2 llama3-1b \
+  timeout -k 10 $SECS_TRAIN python3 bench/train_quality.py throughput --out $W/train --shape ${TRAIN_SHAPES:-smollm2 llama3-1b} \
     --lengths 2048 8192 32768 --tokens-per-step $TRAIN_TOKENS --steps ${TRAIN_STEPS:-3} \
     --loss-chunk 8192 > $W/train.log 2>&1
   echo "train_quality.py exit $?"
