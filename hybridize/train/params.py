@@ -7,7 +7,7 @@ import re
 
 from torch import nn
 
-from ..arch.configuration_hybridize import LIGHTNING
+from ..arch.configuration_hybridize import LIGHTNING, SPARSE
 
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.(.+)$")
 
@@ -27,10 +27,17 @@ def is_new_parameter(name: str, config) -> bool:
     return part in ("q_norm", "k_norm") and config.layer_types[layer] == LIGHTNING and not config.qk_norm
 
 
+def mixer_kind(name: str, config) -> str | None:
+    """The layer type (LIGHTNING or SPARSE) whose token mixer owns parameter `name`; None outside token mixers."""
+    m = _LAYER.search(name)
+    if m is None or not m.group(2).startswith("self_attn."):
+        return None
+    return config.layer_types[int(m.group(1))]
+
+
 def is_lightning_parameter(name: str, config) -> bool:
     """Every parameter of a Lightning layer's token mixer (the layers that conversion rewrote)."""
-    m = _LAYER.search(name)
-    return m is not None and config.layer_types[int(m.group(1))] == LIGHTNING and m.group(2).startswith("self_attn.")
+    return mixer_kind(name, config) == LIGHTNING
 
 
 def is_mixer_parameter(name: str) -> bool:
@@ -51,7 +58,7 @@ def parameter_groups(model: nn.Module, lr: float, lr_outside_mixers: float | Non
 
 
 def select_trainable(model: nn.Module, trainable, where: str = "trainable") -> list[str]:
-    """Set requires_grad per the preset ("new", "lightning", "all") or glob patterns; return trained names.
+    """Set requires_grad per the preset ("new", "lightning", "sparse", "all") or glob patterns; return trained names.
     ("lora" is handled by `apply_lora`, which freezes the base model itself.)"""
     config = model.config
     names = [n for n, _ in model.named_parameters()]
@@ -60,9 +67,10 @@ def select_trainable(model: nn.Module, trainable, where: str = "trainable") -> l
             "all": lambda n: True,
             "new": lambda n: is_new_parameter(n, config),
             "lightning": lambda n: is_lightning_parameter(n, config),
+            "sparse": lambda n: mixer_kind(n, config) == SPARSE,
         }.get(trainable)
         if rule is None:
-            raise ValueError(f"{where}: unknown preset {trainable!r}; allowed: new, lightning, all, lora, or patterns")
+            raise ValueError(f"{where}: unknown preset {trainable!r}; allowed: new, lightning, sparse, all, lora, or patterns")
     else:
         unused = [p for p in trainable if not any(fnmatch.fnmatchcase(n, p) for n in names)]
         if unused:

@@ -26,11 +26,11 @@ class RecipeError(ValueError):
 
 
 SCHEDULES = ("constant", "cosine", "linear", "wsd", "exponential")
-PRESETS = ("new", "lightning", "all", "lora")
+PRESETS = ("new", "lightning", "sparse", "all", "lora")
 SOURCE_TYPES = ("text", "jsonl", "json", "parquet", "hf", "teacher")
 PRECISIONS = ("fp32", "bf16")
 KL_DIRECTIONS = ("forward", "reverse")
-HIDDEN_LAYERS = ("all", "lightning")
+HIDDEN_LAYERS = ("all", "lightning", "sparse")
 HIDDEN_INPUTS = ("end_to_end", "teacher_inputs")
 NONFINITE = ("stop", "skip")
 SELECT_METHODS = ("uniform", "sala", "block_influence")
@@ -102,7 +102,7 @@ class LossSpec:
     ce: float = 0.0
     kl_direction: str = "forward"  # forward KL(teacher || student) or reverse KL(student || teacher)
     temperature: float = 1.0
-    hidden_layers: str = "all"  # which layer outputs enter the hidden MSE
+    hidden_layers: str = "all"  # which layer outputs enter the hidden MSE: all, lightning or sparse layers
     # end_to_end: the student runs on its own hidden states; teacher_inputs: every student layer is fed the teacher's
     # (detached) input to that layer, so each layer is aligned on its own (HALO's stage 1)
     hidden_inputs: str = "end_to_end"

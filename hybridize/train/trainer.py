@@ -23,7 +23,7 @@ from types import SimpleNamespace
 
 import torch
 
-from ..arch.configuration_hybridize import LIGHTNING
+from ..arch.configuration_hybridize import LIGHTNING, SPARSE
 from .backend import check_backend, configure_deepspeed, is_deepspeed, is_fsdp, make_accelerator
 from .checkpoint import full_state_dict, list_checkpoints, load_weights, save_checkpoint, usable_checkpoint
 from .data import RecallStream, build_corpus, make_batch
@@ -109,6 +109,14 @@ def teacher_outputs(teacher, batch: dict, need_hidden: bool) -> SimpleNamespace:
 
     return SimpleNamespace(logits=flat(out.logits),
                            hidden_states=tuple(flat(h) for h in out.hidden_states) if need_hidden else None)
+
+
+def hidden_loss_layers(layer_types: list[str], which: str) -> list[int]:
+    """Indices of the layers whose outputs enter the hidden MSE: "all", or only the "lightning" or "sparse" ones."""
+    if which == "all":
+        return list(range(len(layer_types)))
+    kind = {"lightning": LIGHTNING, "sparse": SPARSE}[which]
+    return [i for i, t in enumerate(layer_types) if t == kind]
 
 
 def loss_parts(model, teacher, batch: dict, loss_spec, hidden_layers: list[int]) -> dict[str, tuple]:
@@ -434,8 +442,7 @@ def prepare_stage(run: _Run, k: int, spec: StageSpec, model) -> _Stage:
     if spec.recall > 0:
         stream = RecallStream(stream, spec.recall, spec.recall_span, recipe.seed * 1000 + k)
     eval_seqs = run.corpus.eval_sequences(spec.seq_len, spec.eval_sequences)
-    hidden_layers = list(range(model.config.num_hidden_layers)) if spec.loss.hidden_layers == "all" else [
-        i for i, t in enumerate(acc.unwrap_model(pmodel).config.layer_types) if t == LIGHTNING]
+    hidden_layers = hidden_loss_layers(acc.unwrap_model(pmodel).config.layer_types, spec.loss.hidden_layers)
     start = state.step if resuming_here else 0
     from tqdm.auto import tqdm
 
