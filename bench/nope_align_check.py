@@ -1,6 +1,7 @@
 """Does aligning the NoPE (HyPE) attention layers on long sequences remove the rise of NLL with position?
 
     python bench/nope_align_check.py [--layers 0,4,5,7,15,17,21,29] [--steps 40] [--train-lengths 512,4096]
+        [--length-scale 16] [--no-reference]
 
 On the trained HyPE hybrids the NLL climbs from the first 512 positions to 2K-8K where the source's falls, and the
 same rise appears in the source itself when its sparse layers lose their rotation (bench/results/retention.md).
@@ -61,14 +62,37 @@ def teacher_attention_io(teacher, ids: torch.Tensor, layers: list[int]) -> dict:
     return seen
 
 
+def add_length_scale(model, layers: list[int], offset: float) -> list[torch.nn.Parameter]:
+    """A learned per-head query scale that grows with the number of visible keys, q_t *= 1 + beta_h * ln(1 + t /
+    offset) (beta 0 at the start: the layer is unchanged), so that a NoPE layer can sharpen its attention as the
+    context grows instead of spreading it over more keys (the dilution HALO's fixed log scaling targets)."""
+    betas = []
+    for i in layers:
+        attn = model.model.layers[i].self_attn
+        beta = torch.nn.Parameter(torch.zeros(attn.config.num_attention_heads))
+        attn.q_proj.register_parameter("length_beta", beta)
+
+        def scale(module, args, out, beta=beta):
+            T = out.shape[1]
+            growth = torch.log1p(torch.arange(T, dtype=out.dtype) / offset)
+            heads = out.view(*out.shape[:2], beta.numel(), -1)
+            return (heads * (1 + beta[None, None, :, None] * growth[None, :, None, None])).view(out.shape)
+
+        attn.q_proj.register_forward_hook(scale)
+        betas.append(beta)
+    return betas
+
+
 def fit(teacher, student, layers, text_ids: list[int], length: int, tokens_per_step: int, steps: int, lr: float,
-        seed: int = 0) -> list[float]:
-    params = [p for i in layers for p in student.model.layers[i].self_attn.parameters()]
+        seed: int = 0, extra: list | None = None, extra_lr: float = 1e-2) -> list[float]:
+    params = [p for i in layers for n, p in student.model.layers[i].self_attn.named_parameters()
+              if not n.endswith("length_beta")]
     for p in student.parameters():
         p.requires_grad_(False)
-    for p in params:
+    for p in params + list(extra or []):
         p.requires_grad_(True)
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    groups = [{"params": params, "lr": lr}] + ([{"params": list(extra), "lr": extra_lr}] if extra else [])
+    opt = torch.optim.AdamW(groups, weight_decay=0.0)
     rng = random.Random(seed)
     batch = max(1, tokens_per_step // length)
     losses = []
@@ -101,6 +125,9 @@ def main() -> None:
     ap.add_argument("--train-lengths", default="512,4096")
     ap.add_argument("--eval-length", type=int, default=4096)
     ap.add_argument("--windows", type=int, default=2)
+    ap.add_argument("--length-scale", type=float, default=None, metavar="OFFSET",
+                    help="also learn a per-head query scale 1 + beta * ln(1 + t / OFFSET) in the NoPE layers")
+    ap.add_argument("--no-reference", action="store_true", help="skip measuring the source and the untrained NoPE model")
     args = ap.parse_args()
     torch.set_num_threads(2)
     torch.manual_seed(0)
@@ -119,16 +146,20 @@ def main() -> None:
 
     print(f"wiki NLL by position, {args.windows} window(s) of {args.eval_length}; NoPE layers {layers}")
     print("| model | " + " | ".join(f"{a}-{b}" for a, b in zip(edges[:-1], edges[1:])) + " | last - first |")
-    measure("source", teacher)
     student = copy.deepcopy(teacher)
     make_nope(student, layers)
-    measure("source, those layers NoPE", student)
+    if not args.no_reference:
+        measure("source", teacher)
+        measure("source, those layers NoPE", student)
+    betas = add_length_scale(student, layers, args.length_scale) if args.length_scale else []
     start = {k: v.clone() for k, v in student.state_dict().items()}
     for length in [int(x) for x in args.train_lengths.split(",")]:
         student.load_state_dict(start)
         t = time.perf_counter()
-        fit(teacher, student, layers, text_ids, length, args.tokens_per_step, args.steps, args.lr)
-        measure(f"NoPE layers fitted at {length} ({args.steps} steps, {time.perf_counter() - t:.0f} s)", student)
+        fit(teacher, student, layers, text_ids, length, args.tokens_per_step, args.steps, args.lr, extra=betas)
+        scaled = f", learned length scale (beta per layer: {[round(b.abs().mean().item(), 4) for b in betas]})"
+        measure(f"NoPE layers fitted at {length} ({args.steps} steps, {time.perf_counter() - t:.0f} s)"
+                + (scaled if betas else ""), student)
 
 
 if __name__ == "__main__":

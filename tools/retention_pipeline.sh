@@ -42,10 +42,12 @@ report() {  # $1 name, $2 model spec
   echo "report $1: rc=$?, $(( $(date +%s) - t )) s"
 }
 # The conversion's report waits for the training runs: beside them it slowed the runs that were timing their steps
-# (2026-12-01). One trial per length is enough for it (its retrieval was 0 everywhere).
+# (2026-12-01). One trial per length is enough for it (its retrieval was 0 everywhere); TRIALS_CONVERTED=0 skips it
+# (measured twice: 102x and 120x the source's perplexity, no retrieval, at most 1 probe; retention.md).
 while [ $(ls -d $OUT_DIR/*/done 2>/dev/null | wc -l) -lt ${#VS[@]} ]; do sleep 5; done
 echo "all variants trained: $(( $(date +%s) - t )) s"
-[ -d $OUT_DIR/converted_model ] && TRIALS=${TRIALS_CONVERTED:-1} report converted $OUT_DIR/converted_model &
+[ -d $OUT_DIR/converted_model ] && [ "${TRIALS_CONVERTED:-1}" != 0 ] && \
+  TRIALS=${TRIALS_CONVERTED:-1} report converted $OUT_DIR/converted_model &
 for v in "${VS[@]}"; do
   name=${v%%:*}; [ -d /tmp/ret_$name/model ] && report $name /tmp/ret_$name/model &
 done
