@@ -29,7 +29,7 @@ def _good(tmp_path):
     (lambda r: r["stages"][0].update(global_batch_tokens=100), "stages[0].global_batch_tokens", "multiple of seq_len"),
     (lambda r: r["stages"][0].update(steps=None), "stages[0].tokens", "exactly one of tokens or steps"),
     (lambda r: r["stages"][1]["loss"].update(kl_direction="sideways"), "stages[1].loss.kl_direction", "forward, reverse"),
-    (lambda r: r["stages"][0].update(trainable="some"), "stages[0].trainable", "new, lightning, all, lora"),
+    (lambda r: r["stages"][0].update(trainable="some"), "stages[0].trainable", "new, lightning, sparse, all, lora"),
     (lambda r: r["data"]["sources"][0].update(type="csv"), "data.sources[0].type", "text, jsonl"),
     (lambda r: r.update(precision="fp8"), "precision", "fp32, bf16"),
     (lambda r: r["output"].update(keep_last="two"), "output.keep_last", "must be an integer"),
