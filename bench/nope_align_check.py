@@ -27,18 +27,9 @@ from hybridize.eval.heldout import read_text
 from hybridize.eval.perplexity import position_edges, position_nll
 from hybridize.select.data import shakespeare_files
 
+from position_check import nope_layers
+
 SALA_LAYERS = "0,4,5,7,15,17,21,29"  # SmolLM2-135M's SALA placement (bench/results/retention.md)
-
-
-def identity_rotation(module, args, kwargs):
-    cos, sin = kwargs["position_embeddings"]
-    kwargs["position_embeddings"] = (torch.ones_like(cos), torch.zeros_like(sin))
-    return args, kwargs
-
-
-def make_nope(model, layers: list[int]) -> list:
-    return [model.model.layers[i].self_attn.register_forward_pre_hook(identity_rotation, with_kwargs=True)
-            for i in layers]
 
 
 @torch.no_grad()
@@ -147,7 +138,7 @@ def main() -> None:
     print(f"wiki NLL by position, {args.windows} window(s) of {args.eval_length}; NoPE layers {layers}")
     print("| model | " + " | ".join(f"{a}-{b}" for a, b in zip(edges[:-1], edges[1:])) + " | last - first |")
     student = copy.deepcopy(teacher)
-    make_nope(student, layers)
+    nope_layers(student, layers)
     if not args.no_reference:
         measure("source", teacher)
         measure("source, those layers NoPE", student)

@@ -33,14 +33,16 @@ BLOCK_INFLUENCE = "0,1,8,20,23,24,28,29"  # SmolLM2-135M's block-influence place
 
 
 def nope_layers(model, layers: list[int]) -> list:
-    """Forward pre-hooks that hand the given decoder layers an identity rotation (cos 1, sin 0)."""
+    """Forward pre-hooks that hand the attention of the given layers an identity rotation (cos 1, sin 0), also when
+    that attention is called on its own (bench/nope_align_check.py)."""
 
     def identity_rotation(module, args, kwargs):
         cos, sin = kwargs["position_embeddings"]
         kwargs["position_embeddings"] = (torch.ones_like(cos), torch.zeros_like(sin))
         return args, kwargs
 
-    return [model.model.layers[i].register_forward_pre_hook(identity_rotation, with_kwargs=True) for i in layers]
+    return [model.model.layers[i].self_attn.register_forward_pre_hook(identity_rotation, with_kwargs=True)
+            for i in layers]
 
 
 def calibrated_hybrid(source, tokenizer, layers: list[int], **options):

@@ -24,14 +24,9 @@ from pathlib import Path
 import torch
 
 from hybridize.eval.prefill import forward_chunk, prefill
-from hybridize.eval.speed import parse_length
+from hybridize.eval.speed import parse_length, widen_batch
 
-from profile_prefill import FULL_LAYERS, build
-
-
-def sync(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+from profile_prefill import FULL_LAYERS, build, sync
 
 
 def gpu_kernel_ms(prof) -> float:
@@ -65,11 +60,7 @@ def main() -> None:
     rows = []
     for b in [int(x) for x in args.batches.split(",")]:
         if b > done:
-            if done > 1:
-                cache.batch_select_indices(torch.zeros(1, dtype=torch.long, device=device))
-                logits = logits[:1]
-            cache.batch_repeat_interleave(b)
-            logits, done = logits[:1].repeat_interleave(b, dim=0), b
+            logits, done = widen_batch(cache, logits, done, b), b
         step = lambda lg: forward_chunk(model, lg.argmax(-1)[:, None], cache)  # noqa: E731
         for _ in range(args.steps):  # untimed: Triton compiles per batch size and cache-length divisibility
             logits, cache = step(logits)

@@ -60,12 +60,9 @@ def test_presets_train_exactly_their_parameters(assets, preset):
             return True
         if preset == "new":
             return name not in source_names
-        if preset == "lightning":
+        if preset in ("lightning", "sparse"):
             m = re.match(r"model\.layers\.(\d+)\.self_attn\.", name)
-            return bool(m) and int(m.group(1)) in lightning
-        if preset == "sparse":
-            m = re.match(r"model\.layers\.(\d+)\.self_attn\.", name)
-            return bool(m) and int(m.group(1)) in sparse
+            return bool(m) and int(m.group(1)) in (lightning if preset == "lightning" else sparse)
         return name.endswith(".mlp.up_proj.weight") or name == "model.norm.weight"
 
     assert grads == {n for n in initial if expected(n)}, f"{preset}: trained {sorted(grads)[:4]}..."

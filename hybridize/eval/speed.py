@@ -234,6 +234,17 @@ def largest_fitting_length(model, device: torch.device, chunk_size: int = DEFAUL
     return lo * chunk_size
 
 
+def widen_batch(cache, logits: torch.Tensor, done_batch: int, batch: int) -> torch.Tensor:
+    """Grow `cache` in place, and return `logits`, from `done_batch` rows of one sequence to `batch` rows. A cache that
+    can drop rows is cut to one row first, so a batch needs memory for itself and one row, not for itself and the
+    batch before it; any other cache repeats the rows it has (`batch` must be a multiple of `done_batch`)."""
+    if done_batch > 1 and hasattr(cache, "batch_select_indices"):
+        cache.batch_select_indices(torch.zeros(1, dtype=torch.long, device=logits.device))
+        logits, done_batch = logits[:1], 1
+    cache.batch_repeat_interleave(batch // done_batch)
+    return logits.repeat_interleave(batch // done_batch, dim=0)
+
+
 def bench_length(model, length: int, *, device, chunk_size: int, decode_batches: list[int], decode_steps: int,
                  vocab: int, seed: int = 0, decode_warmup_steps: int = DECODE_WARMUP_STEPS) -> LengthResult:
     """One context length: prefill (batch 1), then decode at each batch size (increasing; the first that runs out of
@@ -278,12 +289,7 @@ def bench_length(model, length: int, *, device, chunk_size: int, decode_batches:
             continue
         try:
             if b > done_batch:
-                if done_batch > 1 and hasattr(cache, "batch_select_indices"):
-                    cache.batch_select_indices(torch.zeros(1, dtype=torch.long, device=logits.device))
-                    logits, done_batch = logits[:1], 1
-                cache.batch_repeat_interleave(b // done_batch)
-                logits = logits.repeat_interleave(b // done_batch, dim=0)
-                done_batch = b
+                logits, done_batch = widen_batch(cache, logits, done_batch, b), b
             nxt = logits.argmax(-1)[:, None]
             # Warm-up steps: Triton compiles a kernel variant per batch size and per divisibility of the growing
             # cache length by 16 (its integer specialisation); 17 steps meet every variant before the timed steps.
@@ -464,4 +470,5 @@ def run_bench(
 __all__ = [
     "SHAPES", "BenchReport", "LengthResult", "ModelBench", "bench_length", "bench_model", "cache_bytes_estimate",
     "largest_fitting_length", "parse_length", "random_model", "run_bench", "shape_builders", "shape_config",
+    "widen_batch",
 ]
