@@ -290,7 +290,7 @@ def cmd_profile(args) -> int:
         x = batch["input_ids"]
 
         def teacher_fwd():  # the trainer's teacher call (on the batch's rows, hidden states where the loss uses them)
-            teacher_outputs(teacher, batch, need_hidden=stage.loss.hidden_mse > 0)
+            teacher_outputs(teacher, batch, need_hidden=stage.loss.hidden_mse > 0, need_logits=stage.loss.kl > 0)
 
         def student_only():
             model(input_ids=x).logits.float().mean().backward()

@@ -290,3 +290,36 @@ def test_teacher_runs_on_the_batch_rows_and_matches_the_flat_row(tiny_pair):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     assert teacher_outputs(teacher, batch, need_hidden=False).hidden_states is None
     assert make_batch([seqs[0], (seqs[1][0][:17], np.array([0]))])["rows"] == 1
+
+
+def test_align_loss_skips_the_vocabulary_projection_and_keeps_its_value(tiny_pair):
+    """A hidden-MSE-only loss projects one position per row onto the vocabulary in both models (no loss reads the
+    logits) and gives the loss of the full forward; a KL loss still projects every position."""
+    from hybridize.convert.build import build_hybrid
+    from hybridize.train.losses import hidden_mse_sum
+
+    _, teacher = tiny_pair
+    student = build_hybrid(teacher, ["linear_attention", "full_attention"] * 2)
+    rng = np.random.default_rng(5)
+    batch = make_batch([(rng.integers(0, 97, 21).astype(np.int32), np.array([0, 9]))])
+    projected = {"student": [], "teacher": []}
+    hooks = [m.lm_head.register_forward_hook(lambda mod, args, out, k=k: projected[k].append(args[0].shape[1]))
+             for k, m in (("student", student), ("teacher", teacher))]
+    layers = list(range(4))
+    try:
+        with torch.no_grad():
+            got = loss_parts(student, teacher, batch, LossSpec(hidden_mse=1.0), layers)["hidden_mse"][0]
+            assert projected == {"student": [1], "teacher": [1]}
+            s = student(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                        cu_seqlens=batch["cu_seqlens"], output_hidden_states=True, use_cache=False)
+            t = teacher(input_ids=batch["input_ids"], position_ids=batch["position_ids"], output_hidden_states=True,
+                        use_cache=False)
+            expected = hidden_mse_sum(s.hidden_states, t.hidden_states, layers)[0]
+            for k in projected:
+                projected[k].clear()
+            loss_parts(student, teacher, batch, LossSpec(kl=1.0), layers)
+            assert projected == {"student": [21], "teacher": [21]}
+    finally:
+        for h in hooks:
+            h.remove()
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)

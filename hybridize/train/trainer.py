@@ -93,16 +93,17 @@ def teacher_inputs(model, teacher_hidden):
 
 
 @torch.no_grad()
-def teacher_outputs(teacher, batch: dict, need_hidden: bool) -> SimpleNamespace:
+def teacher_outputs(teacher, batch: dict, need_hidden: bool, need_logits: bool = True) -> SimpleNamespace:
     """The teacher's logits (and hidden states) for `batch`, shaped like the student's: one row of B*T tokens.
 
     The teacher (a transformers model, no cu_seqlens) sees packed documents through position ids that restart per
     document, from which transformers builds a block-diagonal causal mask. It runs on the batch's B rows of T tokens,
     not on the flat row: the mask and the attention then cover B*T^2 entries instead of (B*T)^2 (at 16 x 2048 the
-    flat call spent 0.36 s per micro-batch in the masked attention alone on an H100, 16 times the work needed)."""
+    flat call spent 0.36 s per micro-batch in the masked attention alone on an H100, 16 times the work needed).
+    Without `need_logits` only the last position's logits are computed (the hidden MSE needs no vocabulary)."""
     rows = batch.get("rows", 1)
     out = teacher(input_ids=batch["input_ids"].view(rows, -1), position_ids=batch["position_ids"].view(rows, -1),
-                  output_hidden_states=need_hidden, use_cache=False)
+                  output_hidden_states=need_hidden, use_cache=False, logits_to_keep=0 if need_logits else 1)
 
     def flat(t):
         return t.reshape(1, -1, t.shape[-1])
@@ -122,15 +123,18 @@ def hidden_loss_layers(layer_types: list[str], which: str) -> list[int]:
 def loss_parts(model, teacher, batch: dict, loss_spec, hidden_layers: list[int]) -> dict[str, tuple]:
     """{"hidden_mse"|"kl"|"ce": (sum, count)} for the terms with a non-zero weight."""
     need_hidden = loss_spec.hidden_mse > 0
+    # An align stage (hidden MSE alone) skips the vocabulary projection of both models: at 64 x 512 tokens that is
+    # two (32K x 49K) float32 logit tensors per micro-batch that no loss reads.
+    need_logits = loss_spec.kl > 0 or loss_spec.ce > 0
     parts = {}
     t_out = None
     if loss_spec.hidden_mse > 0 or loss_spec.kl > 0:
-        t_out = teacher_outputs(teacher, batch, need_hidden)
+        t_out = teacher_outputs(teacher, batch, need_hidden, need_logits=loss_spec.kl > 0)
     swap = (teacher_inputs(model, t_out.hidden_states) if loss_spec.hidden_inputs == "teacher_inputs"
             else contextlib.nullcontext())
     with swap:
         out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], cu_seqlens=batch["cu_seqlens"],
-                    output_hidden_states=need_hidden, use_cache=False)
+                    output_hidden_states=need_hidden, use_cache=False, logits_to_keep=0 if need_logits else 1)
     if loss_spec.hidden_mse > 0:
         parts["hidden_mse"] = hidden_mse_sum(out.hidden_states, t_out.hidden_states, hidden_layers)
     if loss_spec.kl > 0:
