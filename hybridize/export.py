@@ -23,7 +23,8 @@ import hybridize.kernels as _kernels
 
 from . import arch as _arch
 
-ARCH_FILES = ("configuration_hybridize.py", "modeling_hybridize.py", "cache_hybridize.py", "ops.py")
+ARCH_FILES = ("configuration_hybridize.py", "modeling_hybridize.py", "cache_hybridize.py", "decode_graphs.py",
+              "ops.py")
 AUTO_MAP = {
     "AutoConfig": "configuration_hybridize.HybridConfig",
     "AutoModel": "modeling_hybridize.HybridModel",

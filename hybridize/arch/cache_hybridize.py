@@ -11,6 +11,10 @@ waits for the GPU); later steps only append real tokens.
 
 Keys, values and compressed keys live in buffers with headroom (`_headroom`): a decode step writes one position in
 place instead of copying the whole cache, and a buffer is reallocated only when its headroom is used up.
+
+Decoding through CUDA graphs (decode_graphs.py), the Lightning states are the graph runner's buffers, updated in place
+each step: hold a copy (`.clone()`), not the tensor, to keep a state of one step. Whatever replaces `states[i]`
+(`reorder_cache`, `batch_select_indices`, an eager step) is copied into the buffers before the next replayed step.
 """
 
 from __future__ import annotations

@@ -40,6 +40,10 @@ class HybridConfig(PretrainedConfig):
     torch.compile'd fused kernels (the same values; 128K prefill of a Llama-3-8B shape 5.33 -> 3.97 s on an H100,
     bench/results/model-speed.md); false keeps plain PyTorch everywhere. It can be changed at run time
     (`model.config.fused_elementwise = False`).
+    `decode_cuda_graphs`: on CUDA, decode steps of `HybridForCausalLM` (one new token per sequence after a filled
+    cache, no autograd) replay their fixed-shape stretches from CUDA graphs, the sparse layers' attention running
+    between them (decode_graphs.py; the same logits as without); false runs every step as plain PyTorch. It can be
+    changed at run time (`model.config.decode_cuda_graphs = False`).
     """
 
     model_type = "hybridize"
@@ -83,6 +87,7 @@ class HybridConfig(PretrainedConfig):
         sparse_coarse_normalizer: bool = True,
         prefill_chunk_size: int | None = 16384,
         fused_elementwise: bool = True,
+        decode_cuda_graphs: bool = True,
         source_model_type: str | None = None,
         pad_token_id: int | None = None,
         bos_token_id: int | None = 1,
@@ -127,6 +132,7 @@ class HybridConfig(PretrainedConfig):
         self.sparse_coarse_normalizer = sparse_coarse_normalizer
         self.prefill_chunk_size = prefill_chunk_size
         self.fused_elementwise = fused_elementwise
+        self.decode_cuda_graphs = decode_cuda_graphs
         self.source_model_type = source_model_type
         self._validate()
         super().__init__(
@@ -165,6 +171,8 @@ class HybridConfig(PretrainedConfig):
             raise ValueError(f"sparse_select_tokens must be a power of two >= 16, got {n!r}")
         if not isinstance(self.fused_elementwise, bool):
             raise ValueError(f"fused_elementwise must be true or false, got {self.fused_elementwise!r}")
+        if not isinstance(self.decode_cuda_graphs, bool):
+            raise ValueError(f"decode_cuda_graphs must be true or false, got {self.decode_cuda_graphs!r}")
         if not isinstance(self.sparse_coarse_normalizer, bool):
             raise ValueError(f"sparse_coarse_normalizer must be true or false, got {self.sparse_coarse_normalizer!r}")
         if self.sparse_coarse_normalizer and self.sparse_compress_kernel % self.sparse_compress_stride:

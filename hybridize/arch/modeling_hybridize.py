@@ -21,6 +21,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 
 from .cache_hybridize import HybridCache
 from .configuration_hybridize import LIGHTNING, HybridConfig
+from .decode_graphs import DecodeGraphs, DecodeIO, DecodePiece, PieceOutputs, lightning_step_in_place
 from .ops import lightning_attention, output_norm_gate, sparse_attention
 
 try:
@@ -240,6 +241,8 @@ class AttentionContext:
     pad_mask: torch.Tensor | None  # (B, T) True at left-padding positions of this chunk
     cu_seqlens: torch.Tensor | None  # packed documents (B == 1)
     cache: HybridCache | None
+    # Lightning layers update the cache's states in place (a decode graph's kernels were recorded on those buffers)
+    lightning_in_place: bool = False
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -294,12 +297,15 @@ class LightningAttention(nn.Module):
             k = k.masked_fill(ctx.pad_mask[:, None, :, None], 0.0)
         cache = ctx.cache
         state = cache.lightning_state(self.layer_idx) if cache is not None else None
-        o, new_state = lightning_attention(
-            q, k, v, self.log_decay(x.device), scale=self.head_dim ** -0.5, initial_state=state,
-            output_final_state=cache is not None, chunk_size=self.chunk_size, cu_seqlens=ctx.cu_seqlens,
-        )
-        if cache is not None:
-            cache.set_lightning_state(self.layer_idx, new_state)
+        if ctx.lightning_in_place:
+            o = lightning_step_in_place(q, k, v, self.log_decay(x.device), self.head_dim ** -0.5, state)
+        else:
+            o, new_state = lightning_attention(
+                q, k, v, self.log_decay(x.device), scale=self.head_dim ** -0.5, initial_state=state,
+                output_final_state=cache is not None, chunk_size=self.chunk_size, cu_seqlens=ctx.cu_seqlens,
+            )
+            if cache is not None:
+                cache.set_lightning_state(self.layer_idx, new_state)
         o = o.transpose(1, 2).reshape(B, T, -1)
         z = self.z_proj(x) if self.output_gates else None
         o = output_norm_gate(o, z, self.o_norm.weight, self.o_norm.variance_epsilon)  # fused on CUDA
@@ -343,7 +349,14 @@ class SparseAttention(nn.Module):
             coarse=c.sparse_coarse_normalizer, coarse_kernel=coarse_kernel, coarse_stride=coarse_stride,
         )
 
+    # A decode step through CUDA graphs records `project` and `finish` and runs `attend_cached` (whose shapes grow
+    # with the cache) eagerly between them; `forward` is the three in a row.
     def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        q, k, v = self.project(x, ctx)
+        return self.finish(x, self.attend_cached(q, k, v, ctx))
+
+    def project(self, x: torch.Tensor, ctx: AttentionContext):
+        """Queries (B, H, T, D), keys and values (B, Hkv, T, D) of x in the kernels' dtype: all before the cache."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
@@ -358,11 +371,19 @@ class SparseAttention(nn.Module):
             factor = torch.log(ctx.position_ids.float().clamp(min=0) + a) / math.log(a)
             q = (q.float() * factor[:, None, :, None]).to(q.dtype)
         q, k = q.to(v.dtype), k.to(v.dtype)  # one dtype for the kernels, also under autocast
+        return q, k, v
+
+    def attend_cached(self, q, k, v, ctx: AttentionContext) -> torch.Tensor:
+        """The new keys and values appended to the cache (when there is one), then attention: (B, H, T, D)."""
         ckeys = ckeys2 = None
         if ctx.cache is not None:
             k, v, ckeys = ctx.cache.update_sparse(self.layer_idx, k, v)
             ckeys2 = ctx.cache.coarse_keys(self.layer_idx)
-        o = self._attend(q, k, v, ckeys, ckeys2, ctx)
+        return self._attend(q, k, v, ckeys, ckeys2, ctx)
+
+    def finish(self, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+        """Output gate (it reads the layer's input x) and o_proj of the attention output o (B, H, T, D)."""
+        B, _, T, _ = o.shape
         o = o.transpose(1, 2).reshape(B, T, -1)
         if self.output_gates:
             o = _fused_or_eager(self.fused, _sigmoid_mul_math, self.g_proj(x), o)
@@ -407,7 +428,10 @@ class HybridDecoderLayer(_LayerBase):
         self.post_attention_layernorm = HybridRMSNorm(config.hidden_size, config.rms_norm_eps, fused)
 
     def forward(self, hidden_states: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
-        mixed = self.self_attn(self.input_layernorm(hidden_states), ctx)
+        return self.add_mlp(hidden_states, self.self_attn(self.input_layernorm(hidden_states), ctx))
+
+    def add_mlp(self, hidden_states: torch.Tensor, mixed: torch.Tensor) -> torch.Tensor:
+        """The token mixer's output `mixed` added to the residual stream, then the MLP block with its residual."""
         norm = self.post_attention_layernorm
         if self.fused is not None and self.fused.usable(mixed):  # residual add + norm in one pass
             hidden_states, normed = self.fused(_add_rms_norm_math, hidden_states, mixed, norm.weight,
@@ -416,6 +440,16 @@ class HybridDecoderLayer(_LayerBase):
             hidden_states = hidden_states + mixed
             normed = norm(hidden_states)
         return hidden_states + self.mlp(normed)
+
+    # A sparse layer split around its cache update and attention (decode graphs: see SparseAttention.forward).
+    def sparse_inputs(self, hidden_states: torch.Tensor, ctx: AttentionContext):
+        """(normed input x, q, k, v) of a sparse layer."""
+        x = self.input_layernorm(hidden_states)
+        return (x, *self.self_attn.project(x, ctx))
+
+    def sparse_outputs(self, hidden_states: torch.Tensor, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+        """The layer's output from its attention output o and normed input x."""
+        return self.add_mlp(hidden_states, self.self_attn.finish(x, o))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -587,6 +621,15 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, value):
         self.lm_head = value
 
+    @property
+    def decode_graphs(self) -> DecodeGraphs:
+        """This model's CUDA-graph decode steps (decode_graphs.py), created at first use: which path steps took
+        (`paths`, `refusals`), `reset()` to free the recorded graphs and their buffers."""
+        graphs = self.__dict__.get("_decode_graphs")
+        if graphs is None:
+            graphs = self._decode_graphs = DecodeGraphs()
+        return graphs
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -603,6 +646,12 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
         return_dict: bool | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
+        step_cache = cache if cache is not None else past_key_values
+        unusual = _unusual_for_graphs(input_ids, inputs_embeds, position_ids, labels, output_hidden_states, cu_seqlens,
+                                      self.config.use_cache if use_cache is None else use_cache, logits_to_keep)
+        logits = self.decode_graphs.step(self, input_ids, step_cache, unusual)
+        if logits is not None:  # a decode step through the graphs (decode_graphs.py): same logits, cache advanced
+            return CausalLMOutputWithPast(logits=logits, **{_CACHE_FIELD: step_cache})
         out = self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
             past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
@@ -615,6 +664,39 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         return CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=out.hidden_states,
                                       **{_CACHE_FIELD: getattr(out, _BASE_CACHE_FIELD)})
+
+    # --- the pieces of a decode step (decode_graphs.py records them as CUDA graphs and runs the attention between) ---
+    def decode_piece(self, piece: DecodePiece, io: DecodeIO, cache: HybridCache) -> None:
+        """One fixed-shape piece of a decode step: reads the runner's buffers in `io` and the previous piece's outputs,
+        leaves its own in `io.outputs[piece.index]`; the Lightning states of `cache` (the runner's buffers) are updated
+        in place. No host reads, no shapes that change: what a CUDA graph replays. The same arithmetic as `forward`."""
+        model = self.model
+        if piece.index == 0:  # the step's inputs; a decode step's own token is never padding (no pad mask)
+            io.positions = (io.past - io.pad).clamp(min=0)[:, None]
+            io.cos, io.sin = model.rotary_emb(io.positions)
+            hidden = model.embed_tokens(io.ids)
+        else:
+            hidden = io.outputs[piece.index - 1].hidden
+        ctx = AttentionContext(io.positions, io.cos, io.sin, None, None, None, cache, lightning_in_place=True)
+        if piece.finishes is not None:
+            hidden = model.layers[piece.finishes].sparse_outputs(hidden, io.outputs[piece.index - 1].sparse_x,
+                                                                 io.attn_out)
+        for i in piece.lightning:
+            hidden = model.layers[i](hidden, ctx)
+        out = PieceOutputs(hidden)
+        if piece.starts is not None:
+            out.sparse_x, out.q, out.k, out.v = model.layers[piece.starts].sparse_inputs(hidden, ctx)
+        else:
+            out.logits = self.lm_head(model.norm(hidden))
+        io.outputs[piece.index] = out
+
+    def decode_attention(self, piece: DecodePiece, io: DecodeIO, cache: HybridCache) -> torch.Tensor:
+        """The cache update and attention of the sparse layer that `piece` started (shapes grow with the cache: run
+        eagerly between the graphs). Returns the attention output (B, H, 1, D)."""
+        out = io.outputs[piece.index]
+        pad = cache.pad if cache.has_pad else None
+        ctx = AttentionContext(io.positions, io.cos, io.sin, pad, None, None, cache)
+        return self.model.layers[piece.starts].self_attn.attend_cached(out.q, out.k, out.v, ctx)
 
     def prepare_inputs_for_generation(
         self, input_ids, past_key_values=None, attention_mask=None, inputs_embeds=None, cache=None,
@@ -632,6 +714,28 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
         else:
             model_inputs["input_ids"] = input_ids
         return model_inputs
+
+
+def _unusual_for_graphs(input_ids, inputs_embeds, position_ids, labels, output_hidden_states, cu_seqlens, use_cache,
+                        logits_to_keep) -> str | None:
+    """Why these forward arguments are not a plain decode step for the graphs (None when they are)."""
+    if input_ids is None or inputs_embeds is not None:
+        return "inputs_embeds"
+    if input_ids.dim() != 2 or input_ids.shape[1] != 1:
+        return "not one new token per sequence"
+    if not use_cache:
+        return "use_cache off"
+    if labels is not None:
+        return "labels"
+    if output_hidden_states:
+        return "output_hidden_states"
+    if position_ids is not None:
+        return "position_ids given"
+    if cu_seqlens is not None:
+        return "cu_seqlens"
+    if not isinstance(logits_to_keep, int):
+        return "logits_to_keep indices"
+    return None
 
 
 __all__ = ["HybridForCausalLM", "HybridModel", "HybridPreTrainedModel"]

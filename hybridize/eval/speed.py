@@ -6,7 +6,8 @@ Per model and context length L (batch 1 prefill, in chunks):
 - decode tokens/s at each batch size: the prefilled cache is copied to the batch (batch_repeat_interleave), 17
   untimed warm-up steps run, then `decode_steps` tokens are decoded one step at a time, each step timed on its own
   (device synchronised); tokens/s = batch / the median step time (robust to the odd slow step: allocator growth, a
-  host hiccup).
+  host hiccup). The steps go through the model's forward, so a hybrid on CUDA decodes through its CUDA graphs
+  (`config.decode_cuda_graphs`; recorded during the warm-up, dropped after each batch).
 Running out of memory is a result ("oom"), not a crash. Each model has a time cap: a length whose predicted time
 (extrapolated from the lengths before it) would pass the cap is recorded as "skipped".
 
@@ -309,6 +310,7 @@ def bench_length(model, length: int, *, device, chunk_size: int, decode_batches:
             if not _is_oom(e):
                 raise
             oom = True
+        _drop_decode_graphs(model)  # the next batch must fit without this one's graphs and state buffers
         if oom:
             for rest in sorted(decode_batches):
                 if rest >= b:
@@ -317,6 +319,14 @@ def bench_length(model, length: int, *, device, chunk_size: int, decode_batches:
     cache = logits = None
     _free(device)
     return res
+
+
+def _drop_decode_graphs(model) -> None:
+    """Free the hybrid's recorded decode graphs and the Lightning-state buffers their runners hold (one set per batch
+    size decoded, kept for the next generation): the memory a batch or a length needs must not include them."""
+    graphs = getattr(model, "decode_graphs", None)
+    if graphs is not None:
+        graphs.reset()
 
 
 @torch.no_grad()
