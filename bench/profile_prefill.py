@@ -36,14 +36,15 @@ from hybridize.select.placement import layer_types_for
 FULL_LAYERS = {"llama3-8b": 32, "smollm2-135m": 30, "tiny": 4}
 
 
-def build(shape: str, layers: int, dtype, device, hybrid: bool):
+def build(shape: str, layers: int, dtype, device, hybrid: bool, lightning_kv_heads: str = "query"):
     from hybridize.convert.build import hybrid_config_from_source
 
     src = shape_config(shape)
     src.num_hidden_layers = layers
     if not hybrid:
         return random_model(src, dtype, device)
-    return random_model(hybrid_config_from_source(src, layer_types_for(layers, "1:3")), dtype, device)
+    config = hybrid_config_from_source(src, layer_types_for(layers, "1:3"), lightning_kv_heads=lightning_kv_heads)
+    return random_model(config, dtype, device)
 
 
 def layer_kind(layer) -> str:
@@ -229,7 +230,8 @@ def main() -> int:
     ap.add_argument("--hybrid-chunks", default="32K,64K", help="extra chunk sizes to time the fused hybrid with")
     ap.add_argument("--warmup", default="32K")
     ap.add_argument("--top", type=int, default=25)
-    ap.add_argument("--models", default="dense,hybrid-eager,hybrid-fused")
+    ap.add_argument("--models", default="dense,hybrid-eager,hybrid-fused",
+                    help="also hybrid-srckv: the fused hybrid with the source's K/V heads in its Lightning layers")
     ap.add_argument("--out", default="profile-out")
     args = ap.parse_args()
 
@@ -255,7 +257,8 @@ def main() -> int:
     for which in [m for m in args.models.split(",") if m]:
         hybrid = which.startswith("hybrid")
         t0 = time.perf_counter()
-        model = build(args.shape, args.layers, dtype, device, hybrid)
+        model = build(args.shape, args.layers, dtype, device, hybrid,
+                      lightning_kv_heads="source" if which == "hybrid-srckv" else "query")
         if hybrid:
             model.config.fused_elementwise = which != "hybrid-eager"
         chunk = args.chunk if hybrid else 1 << 40  # the dense model: one pass (bench_model.py's one-pass mode)

@@ -131,12 +131,16 @@ def cmd_throughput(args) -> int:
         cfg.max_position_embeddings = max(cfg.max_position_embeddings, max(args.lengths))
         t0 = time.perf_counter()
         dense = LlamaForCausalLM(cfg)  # once per shape: the steps change the weights, not the speed
-        hybrid = build_hybrid(dense, layer_types_for(cfg.num_hidden_layers, "1:3"))  # SmolLM2: 8 of 30 sparse
-        for p in hybrid.parameters():
-            p.data = p.data.clone()
+        models = [("dense", dense)]
+        for kv in args.lightning_kv_heads:
+            hybrid = build_hybrid(dense, layer_types_for(cfg.num_hidden_layers, "1:3"),  # SmolLM2: 8 of 30 sparse
+                                  lightning_kv_heads=kv)
+            for p in hybrid.parameters():
+                p.data = p.data.clone()
+            models.append(("hybrid 1:3" + (" (source K/V)" if kv == "source" else ""), hybrid))
         print(f"{shape}: built in {time.perf_counter() - t0:.1f} s", flush=True)
         for length in args.lengths:
-            for name, model in (("dense", dense), ("hybrid 1:3", hybrid)):
+            for name, model in models:
                 try:
                     r = time_training(model, length, args.tokens_per_step, steps=args.steps, bf16=not args.fp32,
                                       loss_chunk=args.loss_chunk)
@@ -606,6 +610,8 @@ def main() -> int:
     t.add_argument("--shape", nargs="+", default=["smollm2"], choices=sorted(THROUGHPUT_SHAPES),
                    help="model shapes, in order (llama3-1b: Llama-3.2-1B's)")
     t.add_argument("--loss-chunk", type=int, default=0, help="tokens per loss chunk (0: the whole logits at once)")
+    t.add_argument("--lightning-kv-heads", nargs="+", default=["query"], choices=["query", "source"],
+                   help="hybrids to time: K/V expanded per query head (query) and/or the source's K/V heads")
     q = _recipe_parser(sub, "quality", "recipes/retention.yaml", 0)
     q.add_argument("--save-untrained", default=None, help="export the conversion before training to this folder "
                    "(and report it beside the others)")

@@ -15,6 +15,31 @@ TINY_SPARSE = dict(  # block structure small enough that short sequences cross m
     sparse_local_blocks=2,
     sparse_selection="token",  # exact per-token selection: cached decoding reproduces the full forward
 )
+GPU_SPARSE = dict(  # the kernels' block geometry (64-token blocks, compressed keys 32/16), a short dense_len
+    sparse_dense_len=128,
+    sparse_topk=4,
+    sparse_init_blocks=1,
+    sparse_local_blocks=2,
+    sparse_selection="token",
+    prefill_chunk_size=192,
+)
+
+
+def cache_of(out):
+    """The cache of a model output (transformers renamed the field during 5.x)."""
+    return out.past_key_values if "past_key_values" in out else out.cache
+
+
+def left_padded_prompts(lengths, seed: int, vocab: int = 97):
+    """Random prompts of the given lengths, left-padded with 0 to the longest: (ids, attention mask)."""
+    g = torch.Generator().manual_seed(seed)
+    T = max(lengths)
+    ids = torch.zeros(len(lengths), T, dtype=torch.long)
+    mask = torch.zeros(len(lengths), T, dtype=torch.long)
+    for b, n in enumerate(lengths):
+        ids[b, T - n:] = torch.randint(3, vocab, (n,), generator=g)
+        mask[b, T - n:] = 1
+    return ids, mask
 
 
 def tiny_llama(num_kv_heads: int = 2, layers: int = 4, tie: bool = False, vocab: int = 97, seed: int = 0):

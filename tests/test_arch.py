@@ -60,6 +60,49 @@ def test_lightning_layers_are_multi_head_with_expanded_kv():
     assert torch.equal(sparse.k_proj.weight, src.model.layers[1].self_attn.k_proj.weight)
 
 
+@pytest.mark.parametrize("gates", [False, True])
+def test_lightning_kv_heads_of_the_source_keep_the_function_with_fewer_weights(tmp_path, gates):
+    """`lightning_kv_heads="source"` keeps the source's 2 K/V heads in the Lightning layers and shares each among its
+    2 query heads at run time: the same logits as the expanded weights (full forward, cached decode, the exported
+    folder), 2 x (4 - 2) x 16 x 64 fewer weights per Lightning layer, and the shared heads train as one."""
+    src = tiny_llama(num_kv_heads=2)
+    expanded = build_hybrid(src, HYBRID_TYPES, output_gates=gates, **TINY_SPARSE)
+    shared = build_hybrid(src, HYBRID_TYPES, output_gates=gates, lightning_kv_heads="source", **TINY_SPARSE)
+    attn = shared.model.layers[0].self_attn
+    assert attn.k_proj.weight.shape == attn.v_proj.weight.shape == (2 * 16, 64)
+    assert torch.equal(attn.k_proj.weight, src.model.layers[0].self_attn.k_proj.weight)
+    lightning_layers = HYBRID_TYPES.count("lightning")
+    n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert n(expanded) - n(shared) == lightning_layers * 2 * (4 - 2) * 16 * 64
+    ids = torch.randint(3, 97, (2, 70))
+    with torch.no_grad():
+        a = expanded(ids, use_cache=False).logits
+        b = shared(ids, use_cache=False).logits
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+        prompt = ids[:, :30]
+        out = shared(prompt, use_cache=True)
+        cache = out.past_key_values if "past_key_values" in out else out.cache
+        steps = [shared(ids[:, t : t + 1], cache=cache, use_cache=True).logits for t in range(30, 70)]
+    torch.testing.assert_close(torch.cat([out.logits] + steps, 1), b, rtol=1e-4, atol=1e-4)
+    folder = tmp_path / "shared"
+    save_hybrid(shared, folder)
+    from transformers import AutoModelForCausalLM
+
+    loaded = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
+    assert loaded.config.lightning_kv_heads == "source"
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids, use_cache=False).logits, b, rtol=1e-5, atol=1e-5)
+    shared.train()
+    shared(ids[:1, :20], use_cache=False).logits.square().mean().backward()
+    assert attn.k_proj.weight.grad is not None and attn.k_proj.weight.grad.abs().sum() > 0
+
+
+def test_lightning_kv_heads_is_validated():
+    with pytest.raises(ValueError, match="lightning_kv_heads"):
+        HybridConfig(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=64,
+                     lightning_kv_heads="group")
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Lightning attention
 # ---------------------------------------------------------------------------------------------------------------------

@@ -7,19 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import gpu_llama
+from helpers import GPU_SPARSE, gpu_llama
 from hybridize.convert.build import build_hybrid
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
-GPU_SPARSE = dict(  # the kernels' block geometry (64-token blocks, compressed keys 32/16), a short dense_len
-    sparse_dense_len=128,
-    sparse_topk=4,
-    sparse_init_blocks=1,
-    sparse_local_blocks=2,
-    sparse_selection="token",
-    prefill_chunk_size=192,
-)
 
 
 def _model(dtype):

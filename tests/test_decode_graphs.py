@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import copy
 import json
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 
-from helpers import TINY_SPARSE, tiny_llama
+from helpers import TINY_SPARSE, cache_of, left_padded_prompts, tiny_llama
 from hybridize.arch import HybridCache, HybridConfig
 from hybridize.arch.configuration_hybridize import LIGHTNING, SPARSE
 from hybridize.arch.decode_graphs import DecodePiece, plan_pieces
@@ -26,24 +29,11 @@ def _hybrid(types=("lightning", "sparse", "lightning", "sparse"), **options):
     return model
 
 
-def _cache(out):
-    return out.past_key_values if "past_key_values" in out else out.cache
-
-
-def _prompts(lengths, seed):
-    g = torch.Generator().manual_seed(seed)
-    T = max(lengths)
-    ids = torch.zeros(len(lengths), T, dtype=torch.long)
-    mask = torch.zeros(len(lengths), T, dtype=torch.long)
-    for b, n in enumerate(lengths):
-        ids[b, T - n:] = torch.randint(3, 97, (n,), generator=g)
-        mask[b, T - n:] = 1
-    return ids, mask
 
 
 def _prefill(model, ids, mask):
     out = model(ids, attention_mask=mask, use_cache=True)
-    return out.logits[:, -1:], _cache(out)
+    return out.logits[:, -1:], cache_of(out)
 
 
 def _eager_step(model, token, cache):
@@ -103,7 +93,7 @@ MODELS = {
 def test_segmented_greedy_decoding_equals_the_plain_forward(name, lengths):
     options = dict(MODELS[name])
     model = _hybrid(options.pop("types"), **options)
-    ids, mask = _prompts(lengths, seed=len(lengths))
+    ids, mask = left_padded_prompts(lengths, seed=len(lengths))
     with torch.no_grad():
         logits_a, eager = _prefill(model, ids, mask)
         logits_b, segmented = _prefill(model, ids, mask)
@@ -132,7 +122,7 @@ def test_reorder_select_and_a_second_cache_keep_the_segmented_step_exact():
     buffers again, or go to another batch size's runner); a second cache decoding through the same runner hands the
     first its own copies, so the first continues exactly when it comes back."""
     model = _hybrid()
-    ids, mask = _prompts((33, 20, 27), seed=7)
+    ids, mask = left_padded_prompts((33, 20, 27), seed=7)
     with torch.no_grad():
         tok_a, eager = _prefill(model, ids, mask)
         tok_b, segmented = _prefill(model, ids, mask)
@@ -152,7 +142,7 @@ def test_reorder_select_and_a_second_cache_keep_the_segmented_step_exact():
         tok_a, tok_b = tok_a[perm], tok_b[perm]
         steps(6)
         # another generation through the same batch size's runner, then back to the first
-        other_ids, other_mask = _prompts((12, 30, 18), seed=8)
+        other_ids, other_mask = left_padded_prompts((12, 30, 18), seed=8)
         other_logits, other = _prefill(model, other_ids, other_mask)
         other_eager_logits, other_eager = _prefill(model, other_ids, other_mask)
         for _ in range(5):
@@ -175,7 +165,7 @@ def test_runner_buffers_serve_inference_mode_and_no_grad_alike():
     """The runner's buffers are ordinary tensors even when made under inference mode: a later generation under no_grad
     writes them in place through the same runner."""
     model = _hybrid()
-    ids, mask = _prompts((26, 30), seed=9)
+    ids, mask = left_padded_prompts((26, 30), seed=9)
     for mode in (torch.inference_mode, torch.no_grad):
         with mode():
             la, eager = _prefill(model, ids, mask)
@@ -200,7 +190,7 @@ def _plain_forward_ran(model, call) -> bool:
 
 def test_unusual_steps_take_the_plain_forward():
     model = _hybrid()
-    ids, mask = _prompts((30, 22), seed=3)
+    ids, mask = left_padded_prompts((30, 22), seed=3)
     token = torch.randint(3, 97, (2, 1))
     with torch.no_grad():
         _, cache = _prefill(model, ids, mask)
@@ -246,13 +236,13 @@ def test_unusual_steps_take_the_plain_forward():
 def test_peft_adapters_take_the_plain_forward():
     peft = pytest.importorskip("peft")
     model = _hybrid()
-    ids, mask = _prompts((30,), seed=4)
+    ids, mask = left_padded_prompts((30,), seed=4)
     token = torch.randint(3, 97, (1, 1))
     lora = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     lora.eval()
     with torch.no_grad():
         out = lora(input_ids=ids, attention_mask=mask, use_cache=True)
-        cache = _cache(out)
+        cache = cache_of(out)
         assert _plain_forward_ran(model, lambda: lora(input_ids=token, cache=cache, use_cache=True))
 
 
@@ -262,7 +252,7 @@ def test_peft_adapters_take_the_plain_forward():
 def test_generate_through_the_pieces_gives_the_plain_tokens():
     model = _hybrid()
     model.generation_config.pad_token_id = 0
-    ids, mask = _prompts((14, 25, 9), seed=5)
+    ids, mask = left_padded_prompts((14, 25, 9), seed=5)
     kw = dict(attention_mask=mask, max_new_tokens=STEPS, do_sample=False)
     pieces = model.generate(ids, **kw)
     assert model.decode_graphs.paths["segmented"] >= STEPS - 1
@@ -273,7 +263,7 @@ def test_generate_through_the_pieces_gives_the_plain_tokens():
 
 def test_a_copied_or_pickled_model_starts_without_runners(tmp_path):
     model = _hybrid()
-    ids, mask = _prompts((30,), seed=6)
+    ids, mask = left_padded_prompts((30,), seed=6)
     with torch.no_grad():
         logits, cache = _prefill(model, ids, mask)
         _segmented_step(model, logits.argmax(-1), cache)
@@ -300,20 +290,31 @@ def test_config_switch_validated_and_on_when_an_old_folder_lacks_it(tmp_path):
 
 
 def test_an_exported_folder_decodes_through_its_own_pieces(tmp_path):
-    """The folder's own copy of the modeling files (trust_remote_code) takes the piecewise step and gives the
-    tokens of the installed classes."""
-    from transformers import AutoModelForCausalLM
-
+    """The folder's own copy of the modeling files (trust_remote_code, in a process where hybridize cannot be
+    imported) takes the piecewise step and gives the tokens of the installed classes."""
     model = _hybrid()
     save_hybrid(model, tmp_path / "out")
-    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", trust_remote_code=True).eval()
-    assert "hybridize" not in type(loaded).__module__.split(".")[0]
-    loaded.decode_graphs.allow_cpu = True
-    ids, mask = _prompts((20, 13), seed=10)
+    ids, mask = left_padded_prompts((20, 13), seed=10)
     kw = dict(attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0)
-    got = loaded.generate(ids, **kw)
-    assert loaded.decode_graphs.paths["segmented"] >= 1
-    assert torch.equal(got, model.generate(ids, **kw))
+    expected = model.generate(ids, **kw)
+    code = textwrap.dedent(f"""
+        import sys
+        sys.modules["hybridize"] = None  # any import of hybridize fails in this process
+        import torch
+        from transformers import AutoModelForCausalLM
+        loaded = AutoModelForCausalLM.from_pretrained({str(tmp_path / "out")!r}, trust_remote_code=True).eval()
+        assert "hybridize" not in type(loaded).__module__.split(".")[0]
+        loaded.decode_graphs.allow_cpu = True
+        got = loaded.generate(torch.tensor({ids.tolist()}), attention_mask=torch.tensor({mask.tolist()}),
+                              max_new_tokens=12, do_sample=False, pad_token_id=0)
+        print("SEGMENTED", loaded.decode_graphs.paths["segmented"])
+        print("TOKENS", got.tolist())
+    """)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = dict(line.split(" ", 1) for line in result.stdout.splitlines() if line.startswith(("SEGMENTED", "TOKENS")))
+    assert int(lines["SEGMENTED"]) >= 1
+    assert lines["TOKENS"] == str(expected.tolist())
 
 
 def test_export_carries_every_architecture_file():

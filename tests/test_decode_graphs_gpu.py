@@ -8,20 +8,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import gpu_llama
+from helpers import GPU_SPARSE, cache_of, gpu_llama, left_padded_prompts
 from hybridize.arch.decode_graphs import WARMUP_STEPS
 from hybridize.convert.build import build_hybrid
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
-GPU_SPARSE = dict(  # the kernels' block geometry (64-token blocks, compressed keys 32/16), a short dense_len
-    sparse_dense_len=128,
-    sparse_topk=4,
-    sparse_init_blocks=1,
-    sparse_local_blocks=2,
-    sparse_selection="token",
-    prefill_chunk_size=192,
-)
 STEPS = 48  # three compressed-key windows (stride 16) and a coarse one (stride 64) fill on the way
 TOL = 1e-2  # relative; the replayed kernels are the eager ones, so this is far above what is expected (0)
 
@@ -30,19 +22,8 @@ def _model(types=("lightning", "sparse", "lightning", "sparse"), dtype=torch.bfl
     return build_hybrid(gpu_llama(), list(types), **GPU_SPARSE).to("cuda", dtype)
 
 
-def _cache(out):
-    return out.past_key_values if "past_key_values" in out else out.cache
-
-
-def _prompts(lengths, seed):
-    g = torch.Generator().manual_seed(seed)
-    T = max(lengths)
-    ids = torch.zeros(len(lengths), T, dtype=torch.long)
-    mask = torch.zeros(len(lengths), T, dtype=torch.long)
-    for b, n in enumerate(lengths):
-        ids[b, T - n:] = torch.randint(3, 97, (n,), generator=g)
-        mask[b, T - n:] = 1
-    return ids.cuda(), mask.cuda()
+def _cuda_prompts(lengths, seed):
+    return tuple(t.cuda() for t in left_padded_prompts(lengths, seed))
 
 
 def _step(model, token, cache, graphs: bool):
@@ -77,11 +58,11 @@ def _assert_close_caches(a, b):
                                    ("sparse", "lightning", "sparse", "lightning")], ids=["LSLS", "SLSL"])
 def test_gpu_replayed_steps_match_eager_steps(lengths, types):
     model = _model(types)
-    ids, mask = _prompts(lengths, seed=len(lengths))
+    ids, mask = _cuda_prompts(lengths, seed=len(lengths))
     tokens = torch.randint(3, 97, (len(lengths), STEPS), generator=torch.Generator().manual_seed(1)).cuda()
     with torch.no_grad():
-        eager = _cache(model(ids, attention_mask=mask, use_cache=True))
-        graphed = _cache(model(ids, attention_mask=mask, use_cache=True))
+        eager = cache_of(model(ids, attention_mask=mask, use_cache=True))
+        graphed = cache_of(model(ids, attention_mask=mask, use_cache=True))
         _compare_steps(model, eager, graphed, tokens)
     _assert_close_caches(eager, graphed)
     assert model.decode_graphs.paths["graph"] == STEPS - WARMUP_STEPS, model.decode_graphs.refusals
@@ -90,7 +71,7 @@ def test_gpu_replayed_steps_match_eager_steps(lengths, types):
 
 def test_gpu_generate_gives_the_same_tokens_with_graphs_on_and_off():
     model = _model()
-    ids, mask = _prompts((150, 333, 201, 290), seed=5)
+    ids, mask = _cuda_prompts((150, 333, 201, 290), seed=5)
     kw = dict(attention_mask=mask, max_new_tokens=40, do_sample=False, pad_token_id=0)
     with torch.no_grad():
         model.config.decode_cuda_graphs = False
@@ -110,11 +91,11 @@ def test_gpu_generate_gives_the_same_tokens_with_graphs_on_and_off():
 
 def test_gpu_graphs_follow_reorder_cache_and_batch_select_indices():
     model = _model()
-    ids, mask = _prompts((300, 517, 260, 411), seed=7)
+    ids, mask = _cuda_prompts((300, 517, 260, 411), seed=7)
     g = torch.Generator().manual_seed(2)
     with torch.no_grad():
-        eager = _cache(model(ids, attention_mask=mask, use_cache=True))
-        graphed = _cache(model(ids, attention_mask=mask, use_cache=True))
+        eager = cache_of(model(ids, attention_mask=mask, use_cache=True))
+        graphed = cache_of(model(ids, attention_mask=mask, use_cache=True))
         _compare_steps(model, eager, graphed, torch.randint(3, 97, (4, 12), generator=g).cuda())
         perm = torch.tensor([3, 1, 0, 2], device="cuda")
         for cache in (eager, graphed):
@@ -130,7 +111,7 @@ def test_gpu_graphs_follow_reorder_cache_and_batch_select_indices():
 
 def test_gpu_replaced_weights_or_hooks_are_never_replayed_stale():
     model = _model()
-    ids, mask = _prompts((200, 260), seed=9)
+    ids, mask = _cuda_prompts((200, 260), seed=9)
     kw = dict(attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0)
     with torch.no_grad():
         model.generate(ids, **kw)  # records the graphs

@@ -104,3 +104,25 @@ def test_lr_outside_mixers_must_be_positive(assets):
     stage = {"name": "s", "seq_len": 32, "global_batch_tokens": 64, "steps": 1, "lr": 1e-3, "lr_outside_mixers": 0}
     with pytest.raises(RecipeError, match=r"stages\[0\]\.lr_outside_mixers.*positive"):
         recipe_from_dict(S.tiny_recipe(src, docs, root / "out-bad", root / "cache", stages=[stage]))
+
+
+def test_lightning_kv_heads_of_the_source_train_and_export(assets):
+    """`model.lightning_kv_heads: source` converts with the source's 2 K/V heads in the Lightning layers; a real
+    two-step run trains them and the exported folder records the choice."""
+    import json
+
+    root, docs, src = assets
+    stage = {"name": "s", "seq_len": 32, "global_batch_tokens": 64, "micro_batch_size": 2, "steps": 2, "lr": 1e-2,
+             "trainable": "all", "loss": {"ce": 1.0}, "grad_clip": None}
+    recipe = S.tiny_recipe(src, docs, root / "out-kv", root / "cache", stages=[stage])
+    recipe["model"]["lightning_kv_heads"] = "source"
+    recipe = recipe_from_dict(recipe)
+    student, _, _, _ = load_models(recipe, need_teacher=False)
+    lightning = _layers(student.config, "linear_attention")
+    k = student.model.layers[lightning[0]].self_attn.k_proj.weight
+    assert k.shape[0] == student.config.num_key_value_heads * student.config.head_dim < student.config.hidden_size
+    initial = k.detach().clone()
+    result = train(recipe)
+    trained = result.model.model.layers[lightning[0]].self_attn.k_proj.weight
+    assert trained.shape == initial.shape and not torch.equal(trained, initial)
+    assert json.loads((result.model_dir / "config.json").read_text())["lightning_kv_heads"] == "source"

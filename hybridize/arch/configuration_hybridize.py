@@ -15,6 +15,7 @@ SPARSE = "full_attention"
 LAYER_KINDS = (LIGHTNING, SPARSE)
 LAYER_ALIASES = {"lightning": LIGHTNING, "linear": LIGHTNING, "sparse": SPARSE, "attention": SPARSE}
 DECAY_SCHEDULES = ("sala", "layerwise")
+LIGHTNING_KV_HEADS = ("query", "source")
 SPARSE_SELECTIONS = ("token", "block")
 
 
@@ -24,6 +25,9 @@ class HybridConfig(PretrainedConfig):
     `layer_types[i]` is "linear_attention" (Lightning) or "full_attention" (sparse). Lightning options follow MiniCPM-SALA (fixed ALiBi-slope decay, the
     same in every layer, unless `lightning_decay="layerwise"`); sparse options are InfLLM-V2's defaults. With `hype`
     the sparse layers use no positional encoding (NoPE) and the Lightning layers keep RoPE; without it both use RoPE.
+    `lightning_kv_heads`: "query" (SALA: the source's K/V projections expanded in the weights to one head per query
+    head) or "source" (the Lightning layers keep the source's K/V heads and share each among its group of query heads
+    at run time, as GQA does: the same function at conversion, two fewer full-width projections per layer).
     Sparse selection: `sparse_selection="block"` (default: the queries of one `sparse_select_tokens`-aligned group, i.e.
     one 64-token block, share a selection, as block-sparse kernels need for speed; prefill on the GPU is 10x faster than
     per-token selection, bench/results/model-speed.md) or `"token"` (exact per-token selection; a decode step is always
@@ -73,6 +77,7 @@ class HybridConfig(PretrainedConfig):
         hype: bool = True,
         output_gates: bool = True,
         lightning_decay: str = "sala",
+        lightning_kv_heads: str = "query",
         lightning_chunk_size: int = 64,
         sparse_dense_len: int = 8192,
         sparse_block_size: int = 64,
@@ -118,6 +123,7 @@ class HybridConfig(PretrainedConfig):
         self.hype = hype
         self.output_gates = output_gates
         self.lightning_decay = lightning_decay
+        self.lightning_kv_heads = lightning_kv_heads
         self.lightning_chunk_size = lightning_chunk_size
         self.sparse_dense_len = sparse_dense_len
         self.sparse_block_size = sparse_block_size
@@ -153,6 +159,8 @@ class HybridConfig(PretrainedConfig):
             raise ValueError(f"layer_types may contain only {LAYER_KINDS}, got {bad}")
         if self.lightning_decay not in DECAY_SCHEDULES:
             raise ValueError(f"lightning_decay must be one of {DECAY_SCHEDULES}, got {self.lightning_decay!r}")
+        if self.lightning_kv_heads not in LIGHTNING_KV_HEADS:
+            raise ValueError(f"lightning_kv_heads must be one of {LIGHTNING_KV_HEADS}, got {self.lightning_kv_heads!r}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
         if self.sparse_init_blocks + self.sparse_local_blocks > self.sparse_topk:

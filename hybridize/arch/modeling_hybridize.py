@@ -256,14 +256,17 @@ class LightningAttention(nn.Module):
         self.layer_idx = layer_idx
         self.fused = fused
         self.num_heads = config.num_attention_heads
+        # "source": K/V keep the source's heads, each shared by its group of query heads (expanded at run time)
+        self.num_kv_heads = config.num_key_value_heads if config.lightning_kv_heads == "source" else self.num_heads
         self.head_dim = config.head_dim
         self.chunk_size = config.lightning_chunk_size
         self.output_gates = config.output_gates
         hd = self.num_heads * self.head_dim
+        kvd = self.num_kv_heads * self.head_dim
         h = config.hidden_size
         self.q_proj = nn.Linear(h, hd, bias=config.qkv_bias)
-        self.k_proj = nn.Linear(h, hd, bias=config.qkv_bias)
-        self.v_proj = nn.Linear(h, hd, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(h, kvd, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(h, kvd, bias=config.qkv_bias)
         self.o_proj = nn.Linear(hd, h, bias=config.o_bias)
         self.q_norm = HybridRMSNorm(self.head_dim, config.rms_norm_eps)
         self.k_norm = HybridRMSNorm(self.head_dim, config.rms_norm_eps)
@@ -280,9 +283,9 @@ class LightningAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         B, T, _ = x.shape
-        shape = (B, T, self.num_heads, self.head_dim)
-        q, k = self.q_proj(x).view(shape), self.k_proj(x).view(shape)
-        v = self.v_proj(x).view(shape).transpose(1, 2)
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         fused = self.fused
         if fused is not None and fused.usable(q):  # norm + RoPE in one pass per tensor, (B, T, H, D) order kept
             q = fused(_norm_rope_math, q, self.q_norm.weight, self.q_norm.variance_epsilon, ctx.cos, ctx.sin)
@@ -293,6 +296,9 @@ class LightningAttention(nn.Module):
             q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
         # Under autocast the norms (fp32 weights) promote q, k to fp32 while v stays in the autocast dtype.
         q, k = q.to(v.dtype), k.to(v.dtype)
+        group = self.num_heads // self.num_kv_heads
+        if group > 1:  # one state per query head: K/V head j serves query heads j*group .. (j+1)*group - 1
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
         if ctx.pad_mask is not None:  # left padding must not enter the state
             k = k.masked_fill(ctx.pad_mask[:, None, :, None], 0.0)
         cache = ctx.cache

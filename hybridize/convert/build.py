@@ -105,7 +105,7 @@ def map_tensor(name: str, tensor: torch.Tensor, config: HybridConfig) -> Iterato
         return
     layer, rest = int(m.group(1)), m.group(2)
     kind = config.layer_types[layer]
-    if kind == LIGHTNING and rest.split(".")[0] in ("k_proj", "v_proj"):
+    if kind == LIGHTNING and rest.split(".")[0] in ("k_proj", "v_proj") and config.lightning_kv_heads == "query":
         tensor = _expand_heads(tensor, config.num_key_value_heads, config.num_attention_heads)
     if rest == "o_proj.weight" and config.output_gates:
         tensor = tensor * 2.0  # compensates sigmoid(0) = 0.5 of the zero-initialised gate

@@ -51,6 +51,9 @@ class ModelSpec:
     hype: bool = True
     gates: bool = True
     lightning_decay: str = "sala"  # per-head decay of the Lightning layers: "sala" (same in every layer) or "layerwise"
+    # Lightning K/V heads: "query" (expanded in the weights to one per query head, SALA) or "source" (the source's
+    # K/V heads shared by their query heads at run time: fewer projections; the same function at conversion)
+    lightning_kv_heads: str = "query"
     sparse_query_log_scale: float | None = None  # HALO's NoPE query scaling q_t *= log(t + a) / log(a) (a, e.g. 362)
     students: str | None = None  # aligned students (safetensors keyed by hybrid parameter names), loaded strict=False
     # fit each Lightning layer's output-norm weights to its source layer's attention output (least squares on 4 x 512
@@ -372,6 +375,7 @@ def validate(recipe: Recipe) -> Recipe:
     _choice(f, "on_nonfinite", recipe.on_nonfinite, NONFINITE)
     _choice(f, "teacher.dtype", recipe.teacher.dtype, DTYPE_NAMES)
     _choice(f, "model.lightning_decay", recipe.model.lightning_decay, ("sala", "layerwise"))
+    _choice(f, "model.lightning_kv_heads", recipe.model.lightning_kv_heads, ("query", "source"))
     m = recipe.model
     if m.select is not None:
         _choice(f, "model.select", m.select, SELECT_METHODS)
