@@ -30,16 +30,21 @@ def cache_of(out):
     return out.past_key_values if "past_key_values" in out else out.cache
 
 
+def left_padded(prompts, pad_id: int = 0):
+    """Token lists left-padded with `pad_id` to the longest: (ids, attention mask)."""
+    L = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), L), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(prompts), L, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, L - len(p):] = torch.as_tensor(p, dtype=torch.long)
+        mask[i, L - len(p):] = 1
+    return ids, mask
+
+
 def left_padded_prompts(lengths, seed: int, vocab: int = 97):
     """Random prompts of the given lengths, left-padded with 0 to the longest: (ids, attention mask)."""
     g = torch.Generator().manual_seed(seed)
-    T = max(lengths)
-    ids = torch.zeros(len(lengths), T, dtype=torch.long)
-    mask = torch.zeros(len(lengths), T, dtype=torch.long)
-    for b, n in enumerate(lengths):
-        ids[b, T - n:] = torch.randint(3, vocab, (n,), generator=g)
-        mask[b, T - n:] = 1
-    return ids, mask
+    return left_padded([torch.randint(3, vocab, (n,), generator=g) for n in lengths])
 
 
 def tiny_llama(num_kv_heads: int = 2, layers: int = 4, tie: bool = False, vocab: int = 97, seed: int = 0):

@@ -10,7 +10,7 @@ import textwrap
 import pytest
 import torch
 
-from helpers import TINY_SPARSE, tiny_llama
+from helpers import TINY_SPARSE, cache_of, left_padded, tiny_llama
 from hybridize.arch import HybridConfig, HybridForCausalLM
 from hybridize.convert.build import build_hybrid
 from hybridize.export import save_hybrid
@@ -81,7 +81,7 @@ def test_lightning_kv_heads_of_the_source_keep_the_function_with_fewer_weights(t
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
         prompt = ids[:, :30]
         out = shared(prompt, use_cache=True)
-        cache = out.past_key_values if "past_key_values" in out else out.cache
+        cache = cache_of(out)
         steps = [shared(ids[:, t : t + 1], cache=cache, use_cache=True).logits for t in range(30, 70)]
     torch.testing.assert_close(torch.cat([out.logits] + steps, 1), b, rtol=1e-4, atol=1e-4)
     folder = tmp_path / "shared"
@@ -266,16 +266,6 @@ def test_sparse_model_layer_uses_selection_beyond_dense_len():
 # ---------------------------------------------------------------------------------------------------------------------
 # Generation cache
 # ---------------------------------------------------------------------------------------------------------------------
-def _left_padded(prompts, pad_id=0):
-    L = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), L), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(prompts), L, dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, L - len(p):] = torch.tensor(p)
-        mask[i, L - len(p):] = 1
-    return ids, mask
-
-
 @pytest.fixture(scope="module")
 def tiny_hybrid():
     src = tiny_llama()
@@ -285,14 +275,14 @@ def tiny_hybrid():
 def test_cache_prefill_and_steps_match_full_forward(tiny_hybrid):
     torch.manual_seed(1)
     prompts = [torch.randint(3, 97, (n,)).tolist() for n in (7, 19, 12)]
-    ids, mask = _left_padded(prompts)
+    ids, mask = left_padded(prompts)
     steps = torch.randint(3, 97, (3, 40))
     full_ids = torch.cat([ids, steps], 1)
     full_mask = torch.cat([mask, torch.ones_like(steps)], 1)
     with torch.no_grad():
         full = tiny_hybrid(full_ids, attention_mask=full_mask, use_cache=False).logits
         out = tiny_hybrid(ids, attention_mask=mask, use_cache=True)
-        cache = out.past_key_values if "past_key_values" in out else out.cache
+        cache = cache_of(out)
         logits = [out.logits]
         for i in range(40):
             m = full_mask[:, : ids.shape[1] + i + 1]
@@ -328,7 +318,7 @@ def test_decode_steps_append_in_place_without_copying_the_cache(tiny_hybrid):
     sparse_layer = 1
     with torch.no_grad():
         out = tiny_hybrid(ids, use_cache=True)
-        cache = out.past_key_values if "past_key_values" in out else out.cache
+        cache = cache_of(out)
         buf = cache._kbuf[sparse_layer]
         assert buf.shape[2] > 30  # headroom beyond the prompt
         ptrs, nxt = set(), out.logits[:, -1:].argmax(-1)
@@ -342,7 +332,7 @@ def test_decode_steps_append_in_place_without_copying_the_cache(tiny_hybrid):
         assert cache.keys[sparse_layer].shape[2] == 50
         # the cached keys equal the keys a fresh full forward computes for the same 50 tokens
         fresh = tiny_hybrid(torch.cat(seen, 1), use_cache=True)
-        fresh_cache = fresh.past_key_values if "past_key_values" in fresh else fresh.cache
+        fresh_cache = cache_of(fresh)
         torch.testing.assert_close(cache.keys[sparse_layer], fresh_cache.keys[sparse_layer], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(cache.ckeys[sparse_layer], fresh_cache.ckeys[sparse_layer], rtol=1e-5, atol=1e-5)
 
@@ -350,7 +340,7 @@ def test_decode_steps_append_in_place_without_copying_the_cache(tiny_hybrid):
 def test_left_padding_does_not_change_a_sequence(tiny_hybrid):
     torch.manual_seed(2)
     prompts = [torch.randint(3, 97, (n,)).tolist() for n in (5, 30, 17)]
-    ids, mask = _left_padded(prompts)
+    ids, mask = left_padded(prompts)
     with torch.no_grad():
         batched = tiny_hybrid(ids, attention_mask=mask, use_cache=False).logits
         for i, p in enumerate(prompts):
@@ -362,7 +352,7 @@ def test_generate_batched_greedy_sampling_and_beam(tiny_hybrid):
     torch.manual_seed(3)
     tiny_hybrid.generation_config.pad_token_id = 0
     prompts = [torch.randint(3, 97, (n,)).tolist() for n in (4, 11, 8)]
-    ids, mask = _left_padded(prompts)
+    ids, mask = left_padded(prompts)
     greedy = tiny_hybrid.generate(input_ids=ids, attention_mask=mask, max_new_tokens=30, do_sample=False)
     for i, p in enumerate(prompts):
         alone = tiny_hybrid.generate(torch.tensor([p]), max_new_tokens=30, do_sample=False)[0, len(p):].tolist()
@@ -481,13 +471,13 @@ def test_chunked_prefill_equals_one_pass_and_generate_keeps_only_last_logits():
     whole = build_hybrid(src, HYBRID_TYPES, prefill_chunk_size=None, **TINY_SPARSE)
     torch.manual_seed(4)
     prompts = [torch.randint(3, 97, (n,)).tolist() for n in (23, 61, 40)]
-    ids, mask = _left_padded(prompts)
+    ids, mask = left_padded(prompts)
     with torch.no_grad():
         a = chunked(ids, attention_mask=mask, use_cache=True)
         b = whole(ids, attention_mask=mask, use_cache=False)
     real = mask.bool()
     assert (a.logits[real] - b.logits[real]).norm() / b.logits[real].norm() <= 1e-4
-    cache = a.past_key_values if "past_key_values" in a else a.cache
+    cache = cache_of(a)
     assert cache.seq_len == ids.shape[1]
     seen = []
     hook = chunked.lm_head.register_forward_hook(lambda m, i, o: seen.append(o.shape[1]))

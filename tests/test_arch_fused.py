@@ -9,6 +9,7 @@ import warnings
 import pytest
 import torch
 
+from helpers import cache_of
 from hybridize.arch import modeling_hybridize as mh
 from hybridize.arch.configuration_hybridize import HybridConfig
 
@@ -183,15 +184,11 @@ def _gpu_model(dtype):
                         ).to("cuda", dtype)
 
 
-def _cache(out):
-    return out.past_key_values if "past_key_values" in out else out.cache
-
-
 def _run(model, ids, steps):
     """Chunked prefill (2 chunks of 192; the fused pieces) then one token at a time (decode-sized: eager)."""
     with torch.no_grad():
         out = model(ids, use_cache=True)
-        cache, logits = _cache(out), [out.logits.float()]
+        cache, logits = cache_of(out), [out.logits.float()]
         for i in range(steps.shape[1]):
             step = model(steps[:, i : i + 1], cache=cache, use_cache=True)
             logits.append(step.logits.float())

@@ -7,19 +7,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import GPU_SPARSE, gpu_llama
+from helpers import GPU_SPARSE, cache_of, gpu_llama
 from hybridize.convert.build import build_hybrid
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 
-
 def _model(dtype):
     return build_hybrid(gpu_llama(), ["lightning", "sparse", "lightning", "sparse"], **GPU_SPARSE).to("cuda", dtype)
-
-
-def _cache(out):
-    return out.past_key_values if "past_key_values" in out else out.cache
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-2), (torch.bfloat16, 6e-2)])
@@ -39,7 +34,7 @@ def test_gpu_cached_decoding_matches_full_forward(dtype, tol):
     with torch.no_grad():
         full = model(full_ids, attention_mask=full_mask, use_cache=False).logits.float()
         out = model(full_ids[:, :T], attention_mask=full_mask[:, :T], use_cache=True)  # 3 prefill chunks of 192
-        cache, logits = _cache(out), [out.logits.float()]
+        cache, logits = cache_of(out), [out.logits.float()]
         for i in range(steps.shape[1]):
             step = model(full_ids[:, T + i : T + i + 1], attention_mask=full_mask[:, : T + i + 1], cache=cache,
                          use_cache=True)

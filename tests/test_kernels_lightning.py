@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import TINY_SPARSE, require_triton_interpreter, tiny_llama
+from helpers import TINY_SPARSE, cache_of, require_triton_interpreter, tiny_llama
 from hybridize.kernels.lightning_reference import (
     lightning_attn_chunked,
     lightning_attn_recurrent,
@@ -448,7 +448,7 @@ def test_model_logits_same_through_kernels_and_reference(seed, monkeypatch):
     def run():
         with torch.no_grad():
             out = model(ids, use_cache=True)
-            cache = out.past_key_values if "past_key_values" in out else out.cache
+            cache = cache_of(out)
             logits = [out.logits]
             for i in range(steps.shape[1]):
                 logits.append(model(steps[:, i : i + 1], cache=cache, use_cache=True).logits)

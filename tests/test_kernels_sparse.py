@@ -16,7 +16,7 @@ import sys
 import pytest
 import torch
 
-from helpers import require_triton_interpreter
+from helpers import cache_of, require_triton_interpreter
 
 TINY = dict(block_size=16, kernel=8, stride=4, init_blocks=1, local_blocks=2)
 
@@ -495,7 +495,7 @@ def test_model_block_mode_prefill_in_aligned_chunks_equals_one_pass(seed):
     with torch.no_grad():
         full = block(ids, use_cache=False).logits
         out = block(ids[:, :48], use_cache=True)  # 48: a multiple of select_tokens
-        cache = out.past_key_values if "past_key_values" in out else out.cache
+        cache = cache_of(out)
         rest = block(ids[:, 48:], cache=cache, use_cache=True).logits
         exact = token(ids, use_cache=False).logits
     assert (torch.cat([out.logits, rest], 1) - full).abs().max() < 1e-4
