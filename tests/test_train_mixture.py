@@ -53,6 +53,9 @@ def test_stage_weights_skip_heldout_sources(tmp_path):
      "leave prompts out"),
     (lambda r: r["data"]["sources"].append({"type": "teacher", "batch_size": 0}), "data.sources[1].batch_size",
      "must be positive"),
+    (lambda r: r["data"]["sources"].append({"type": "teacher", "unprompted": True, "prompts": ["Once"]}),
+     "data.sources[1].unprompted", "drop `prompts`"),
+    (lambda r: r["data"]["sources"][0].update(unprompted=True), "data.sources[0].unprompted", "only a teacher source"),
 ])
 def test_new_fields_are_validated(tmp_path, mutate, field, words):
     recipe = _good(tmp_path)
@@ -78,6 +81,39 @@ def test_teacher_source_without_prompts_uses_the_builtin_ones(tmp_path):
                                                                   corpus.train[0].offsets[1:])]
     assert all(t.startswith(p) for t, p in zip(texts, prompts[:5]))  # byte-level BPE: prompts come back exactly
     assert len(set(prompts)) == len(prompts) > 500
+
+
+def test_unprompted_teacher_samples_start_from_the_begin_of_text_token_alone(tmp_path):
+    import torch
+
+    _, tok, teacher = S.tiny_teacher(tmp_path)
+    recipe = _good(tmp_path)
+    recipe["data"] = {"sources": [{"type": "teacher", "unprompted": True, "num_samples": 5, "max_new_tokens": 6,
+                                   "batch_size": 2}], "cache_dir": str(tmp_path / "cache")}
+    spec = load_recipe(S.write_recipe(tmp_path / "r.yaml", recipe)).data
+    first_inputs = []
+    teacher.model.embed_tokens.register_forward_hook(
+        lambda module, args, out: first_inputs.append(args[0].clone()) if not first_inputs else None)
+    torch.manual_seed(0)
+    corpus = build_corpus(spec, tok, seed=0, teacher=teacher, teacher_key="tiny")
+    start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+    assert first_inputs[0].tolist() == [[start], [start]]  # one token per sample, once, whatever the tokenizer adds
+    assert corpus.train[0].num_docs == 5
+
+
+def test_unprompted_field_leaves_the_cache_keys_of_earlier_sources_unchanged(tmp_path):
+    from types import SimpleNamespace
+
+    from hybridize.train.data import source_fingerprint
+
+    _, tok, _ = S.tiny_teacher(tmp_path)
+    recipe = _good(tmp_path)
+    recipe["data"]["sources"] = [{"type": "teacher", "num_samples": 3}, {"type": "teacher", "num_samples": 3,
+                                                                          "unprompted": True}]
+    prompted, unprompted = load_recipe(S.write_recipe(tmp_path / "r.yaml", recipe)).data.sources
+    before = SimpleNamespace(**{k: v for k, v in vars(prompted).items() if k != "unprompted"})
+    assert source_fingerprint(prompted, tok, True) == source_fingerprint(before, tok, True)
+    assert source_fingerprint(unprompted, tok, True) != source_fingerprint(prompted, tok, True)
 
 
 def test_text_source_names_a_file_that_is_not_its_encoding(tmp_path):

@@ -109,7 +109,7 @@ def generate_documents(teacher, tokenizer, src, seed: int, progress: bool = True
     device = next(teacher.parameters()).device
     gen = torch.Generator(device="cpu").manual_seed(seed)
     torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
-    pool = src.prompts or builtin_prompts()
+    pool = [_start_token(tokenizer)] if src.unprompted else (src.prompts or builtin_prompts())
     prompts = [pool[i % len(pool)] for i in range(src.num_samples)]
     out = []
     old_side, old_pad = tokenizer.padding_side, tokenizer.pad_token
@@ -140,9 +140,22 @@ def generate_documents(teacher, tokenizer, src, seed: int, progress: bool = True
     return out
 
 
+def _start_token(tokenizer) -> str:
+    """The token a document begins with: begin-of-text, or end-of-text where the vocabulary has none (GPT-2 style)."""
+    token = tokenizer.bos_token or tokenizer.eos_token
+    if token is None:
+        raise ValueError("unprompted teacher samples start from the tokenizer's begin-of-text token, and this tokenizer "
+                         "has neither a bos_token nor an eos_token: give the source prompts instead")
+    return token
+
+
 def _sample(teacher, tokenizer, prompts: list[str], src, device):
     """The teacher's sampled continuations of `prompts` (token ids), or None when they do not fit in memory."""
-    enc = tokenizer(prompts, return_tensors="pt", padding=True).to(device)
+    if src.unprompted:  # the token itself, once: a tokenizer that adds its own BOS would otherwise start with two
+        ids = torch.full((len(prompts), 1), tokenizer.convert_tokens_to_ids(prompts[0]), dtype=torch.long)
+        enc = {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids, device=device)}
+    else:
+        enc = tokenizer(prompts, return_tensors="pt", padding=True).to(device)
     try:
         return teacher.generate(**enc, do_sample=True, temperature=src.temperature, max_new_tokens=src.max_new_tokens,
                                 pad_token_id=tokenizer.pad_token_id)
@@ -181,6 +194,8 @@ def source_fingerprint(src, tokenizer, append_eos: bool, extra: str = "") -> str
     spec = dict(vars(src))
     spec.pop("weight", None)
     spec.pop("heldout", None)
+    if not spec.get("unprompted"):  # keys written before the field existed stay valid: no re-sampling of their text
+        spec.pop("unprompted", None)
     if src.path and resolve_path(src.path).exists():  # local files: their names and contents join the key
         h = hashlib.sha256()
         for f in _files(src.path, src.glob if src.type == "text" else "*", src.include, src.exclude):

@@ -84,6 +84,9 @@ class SourceSpec:
     max_documents: int | None = None
     # teacher-generated text
     prompts: list[str] | None = None  # None: the built-in prompts of many domains (hybridize.train.prompts)
+    # start every sample from the tokenizer's begin-of-text token alone: the teacher writes documents of its own
+    # pre-training kind, in proportions it chose, instead of continuations of prompts someone picked
+    unprompted: bool = False
     num_samples: int = 16
     max_new_tokens: int = 256
     temperature: float = 1.0
@@ -394,8 +397,12 @@ def validate(recipe: Recipe) -> Recipe:
         if s.type == "teacher":
             if s.prompts is not None and not s.prompts:
                 _fail(f, f"{w}.prompts", "an empty list: give prompts, or leave prompts out for the built-in ones")
+            if s.unprompted and s.prompts is not None:
+                _fail(f, f"{w}.unprompted", "samples start from no prompt: drop `prompts` or set unprompted: false")
         elif not s.path:
             _fail(f, f"{w}.path", f"a {s.type} source needs a path")
+        if s.unprompted and s.type != "teacher":
+            _fail(f, f"{w}.unprompted", f"only a teacher source samples text; a {s.type} source reads it")
     if not any(not s.heldout for s in recipe.data.sources):
         _fail(f, "data.sources", "every source is marked heldout: at least one must feed training")
     names = set()
