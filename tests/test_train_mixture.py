@@ -56,6 +56,8 @@ def test_stage_weights_skip_heldout_sources(tmp_path):
     (lambda r: r["data"]["sources"].append({"type": "teacher", "unprompted": True, "prompts": ["Once"]}),
      "data.sources[1].unprompted", "drop `prompts`"),
     (lambda r: r["data"]["sources"][0].update(unprompted=True), "data.sources[0].unprompted", "only a teacher source"),
+    (lambda r: r["data"]["sources"].append({"type": "teacher", "max_new_tokens": 8, "min_new_tokens": 9}),
+     "data.sources[1].min_new_tokens", "more than max_new_tokens"),
 ])
 def test_new_fields_are_validated(tmp_path, mutate, field, words):
     recipe = _good(tmp_path)
@@ -101,7 +103,29 @@ def test_unprompted_teacher_samples_start_from_the_begin_of_text_token_alone(tmp
     assert corpus.train[0].num_docs == 5
 
 
-def test_unprompted_field_leaves_the_cache_keys_of_earlier_sources_unchanged(tmp_path):
+def test_min_new_tokens_holds_off_the_end_of_text(tmp_path):
+    import torch
+
+    from hybridize.train.data import _sample
+
+    _, tok, teacher = S.tiny_teacher(tmp_path)
+    bias = torch.zeros(len(tok))
+    bias[tok.eos_token_id] = 30.0  # a teacher whose first choice is always to end the text, unless held off
+    teacher.lm_head.register_forward_hook(lambda module, args, out: out + bias)
+    recipe = _good(tmp_path)
+    recipe["data"]["sources"] = [{"type": "teacher", "unprompted": True, "max_new_tokens": 7, "temperature": 1.0},
+                                 {"type": "teacher", "unprompted": True, "max_new_tokens": 7, "min_new_tokens": 7,
+                                  "temperature": 1.0}]
+    free, held = load_recipe(S.write_recipe(tmp_path / "r.yaml", recipe)).data.sources
+    start = [tok.bos_token or tok.eos_token] * 6
+    torch.manual_seed(0)
+    ended = _sample(teacher, tok, start, free, "cpu")[:, 1:]
+    kept = _sample(teacher, tok, start, held, "cpu")[:, 1:]
+    assert (ended[:, 0] == tok.eos_token_id).all()  # the control: this teacher does end at once
+    assert kept.shape == (6, 7) and not (kept == tok.eos_token_id).any()
+
+
+def test_later_fields_leave_the_cache_keys_of_earlier_sources_unchanged(tmp_path):
     from types import SimpleNamespace
 
     from hybridize.train.data import source_fingerprint
@@ -111,7 +135,7 @@ def test_unprompted_field_leaves_the_cache_keys_of_earlier_sources_unchanged(tmp
     recipe["data"]["sources"] = [{"type": "teacher", "num_samples": 3}, {"type": "teacher", "num_samples": 3,
                                                                           "unprompted": True}]
     prompted, unprompted = load_recipe(S.write_recipe(tmp_path / "r.yaml", recipe)).data.sources
-    before = SimpleNamespace(**{k: v for k, v in vars(prompted).items() if k != "unprompted"})
+    before = SimpleNamespace(**{k: v for k, v in vars(prompted).items() if k not in ("unprompted", "min_new_tokens")})
     assert source_fingerprint(prompted, tok, True) == source_fingerprint(before, tok, True)
     assert source_fingerprint(unprompted, tok, True) != source_fingerprint(prompted, tok, True)
 

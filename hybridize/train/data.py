@@ -158,7 +158,7 @@ def _sample(teacher, tokenizer, prompts: list[str], src, device):
         enc = tokenizer(prompts, return_tensors="pt", padding=True).to(device)
     try:
         return teacher.generate(**enc, do_sample=True, temperature=src.temperature, max_new_tokens=src.max_new_tokens,
-                                pad_token_id=tokenizer.pad_token_id)
+                                min_new_tokens=src.min_new_tokens, pad_token_id=tokenizer.pad_token_id)
     except torch.OutOfMemoryError:
         return None
 
@@ -194,8 +194,9 @@ def source_fingerprint(src, tokenizer, append_eos: bool, extra: str = "") -> str
     spec = dict(vars(src))
     spec.pop("weight", None)
     spec.pop("heldout", None)
-    if not spec.get("unprompted"):  # keys written before the field existed stay valid: no re-sampling of their text
-        spec.pop("unprompted", None)
+    for name, default in (("unprompted", False), ("min_new_tokens", 0)):  # fields added later, at their defaults:
+        if spec.get(name) == default:  # keys written before they existed stay valid (no re-sampling of that text)
+            spec.pop(name, None)
     if src.path and resolve_path(src.path).exists():  # local files: their names and contents join the key
         h = hashlib.sha256()
         for f in _files(src.path, src.glob if src.type == "text" else "*", src.include, src.exclude):

@@ -89,6 +89,9 @@ class SourceSpec:
     unprompted: bool = False
     num_samples: int = 16
     max_new_tokens: int = 256
+    # the end of text held off for this many new tokens: documents as long as the stages that read them (the teacher
+    # ends most of its own near 400 tokens, and packed documents never attend across a boundary)
+    min_new_tokens: int = 0
     temperature: float = 1.0
     batch_size: int = 64  # sequences sampled at once
 
@@ -250,7 +253,8 @@ CONSTRAINTS: dict[str, dict[str, Any]] = {
     "ModelSpec": {"sparse_query_log_scale": lambda v: None if v > 1 else f"must be a number above 1 (HALO uses 362), "
                                                                            f"got {v}"},
     "SourceSpec": {"weight": _positive, "max_documents": _positive, "num_samples": _positive,
-                   "max_new_tokens": _positive, "temperature": _positive, "batch_size": _positive},
+                   "max_new_tokens": _positive, "min_new_tokens": _non_negative, "temperature": _positive,
+                   "batch_size": _positive},
     "DataSpec": {"heldout_fraction": _in_range(0.0, 1.0, hi_open=True)},
     "LossSpec": {"hidden_mse": _non_negative, "kl": _non_negative, "ce": _non_negative, "temperature": _positive},
     "LoraSpec": {"r": _positive, "alpha": _positive, "dropout": _in_range(0.0, 1.0, hi_open=True)},
@@ -397,6 +401,8 @@ def validate(recipe: Recipe) -> Recipe:
         if s.type == "teacher":
             if s.prompts is not None and not s.prompts:
                 _fail(f, f"{w}.prompts", "an empty list: give prompts, or leave prompts out for the built-in ones")
+            if s.min_new_tokens > s.max_new_tokens:
+                _fail(f, f"{w}.min_new_tokens", f"{s.min_new_tokens} is more than max_new_tokens ({s.max_new_tokens})")
             if s.unprompted and s.prompts is not None:
                 _fail(f, f"{w}.unprompted", "samples start from no prompt: drop `prompts` or set unprompted: false")
         elif not s.path:
