@@ -15,7 +15,10 @@
         `train(recipe)` with step counts calibrated to fill --train-seconds, then the retention report
         (hybridize.eval.retention: perplexity on held-out text from domains no recipe trains on, retrieval by length,
         factual probes, agreement with the source) of the source, the trained hybrid loaded from its exported folder
-        as a user loads it, and with --save-untrained the conversion before training.
+        as a user loads it, and with --save-untrained the conversion before training. The teacher, the conversion and
+        the student after each stage are also measured on the report's held-out sources (its 512 and 2K windows)
+        inside the run, so one run shows what each stage does out of domain (quality.json,
+        heldout_perplexity_by_stage; the time is not counted as training).
 
     python bench/train_quality.py retention --model source=default --model NAME=FOLDER ... --out OUT
         The retention report of the models given (one process, one model at a time; the source is the reference).
@@ -374,6 +377,43 @@ def _training_overlap(corpus, tokenizer) -> dict[str, float]:
     return {s: round(ngram_overlap(texts, read_documents(s)), 5) for s in HELDOUT_SOURCES}
 
 
+class StageEndHeldout:
+    """`train(on_step=...)`: after the last step of each stage, the student's perplexity on the retention report's
+    held-out sources, measured as the report measures it (4 windows of 512 and of 2K tokens each, fp32), so that one
+    run shows what each stage does out of domain. `measure()` also serves the teacher and the untrained conversion."""
+
+    WINDOWS = (512, 2048)
+
+    def __init__(self, student, tokenizer, last_steps: dict[str, int]):
+        self.student, self.tokenizer, self.last_steps = student, tokenizer, last_steps
+        self.results: dict[str, dict] = {}
+        self.seconds = 0.0  # time spent measuring inside training, not training
+
+    @torch.no_grad()
+    def measure(self, model) -> dict[str, dict[str, float]]:
+        from hybridize.eval.heldout import HELDOUT_SOURCES
+        from hybridize.eval.perplexity import perplexity
+
+        modes = {m: m.training for m in model.modules()}
+        dtype = next(model.parameters()).dtype
+        model.eval().float()
+        try:
+            return {src: {str(w): round(perplexity(model, self.tokenizer, src, w, max_windows=4).perplexity, 3)
+                          for w in self.WINDOWS} for src in HELDOUT_SOURCES}
+        finally:
+            model.to(dtype)  # fp32 -> the model's own dtype and back is exact
+            for m, training in modes.items():
+                m.train(training)
+
+    def __call__(self, global_step: int, record: dict) -> None:
+        if record["step"] != self.last_steps.get(record["stage"]):
+            return
+        t = time.perf_counter()
+        self.results[record["stage"]] = self.measure(self.student)
+        self.seconds += time.perf_counter() - t
+        print(f"held-out perplexity after {record['stage']}: {self.results[record['stage']]}", flush=True)
+
+
 def cmd_quality(args) -> int:
     """Train the recipe for --train-seconds and export it; then (unless --no-retention) the retention report of the
     source, the trained hybrid loaded from its exported folder as a user loads it, and the conversion before training
@@ -403,9 +443,11 @@ def cmd_quality(args) -> int:
         steps = calibrate(recipe, student, teacher, args.train_seconds, split, dev, factors)
     for st, n in zip(recipe.stages, steps):
         st.steps, st.tokens = n, None
+    heldout = StageEndHeldout(student, tok, {st.name: st.steps for st in recipe.stages})
+    heldout.results = {"teacher": heldout.measure(teacher), "converted": heldout.measure(student.to(dev))}
     t_train = time.perf_counter()
-    result = train(recipe, models=(student, teacher, tok, desc))
-    train_s = time.perf_counter() - t_train
+    result = train(recipe, models=(student, teacher, tok, desc), on_step=heldout)
+    train_s = time.perf_counter() - t_train - heldout.seconds
     del student, teacher
     history = result.history
     per_stage = {}
@@ -419,6 +461,7 @@ def cmd_quality(args) -> int:
               "train_seconds": train_s, "tokens": result.tokens,
               "tokens_per_s": result.tokens / train_s, "stages": per_stage, "limit_seconds": args.limit_seconds,
               "within_limit": train_s <= args.limit_seconds,
+              "heldout_perplexity_by_stage": heldout.results, "heldout_seconds": heldout.seconds,
               "overrides": [without_machine_paths(x) for x in args.set]}
     (out / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
     (out / "quality.json").write_text(json.dumps(report, indent=1))
