@@ -16,8 +16,8 @@
         (hybridize.eval.retention: perplexity on held-out text from domains no recipe trains on, retrieval by length,
         factual probes, agreement with the source) of the source, the trained hybrid loaded from its exported folder
         as a user loads it, and with --save-untrained the conversion before training. The teacher, the conversion and
-        the student after each stage are also measured on the report's held-out sources (its 512 and 2K windows)
-        inside the run, so one run shows what each stage does out of domain (quality.json,
+        the student after each stage are also measured on the report's held-out sources (its 512 and 2K windows, in
+        the run's precision) inside the run, so one run shows what each stage does out of domain (quality.json,
         heldout_perplexity_by_stage; the time is not counted as training).
 
     python bench/train_quality.py retention --model source=default --model NAME=FOLDER ... --out OUT
@@ -379,13 +379,15 @@ def _training_overlap(corpus, tokenizer) -> dict[str, float]:
 
 class StageEndHeldout:
     """`train(on_step=...)`: after the last step of each stage, the student's perplexity on the retention report's
-    held-out sources, measured as the report measures it (4 windows of 512 and of 2K tokens each, fp32), so that one
-    run shows what each stage does out of domain. `measure()` also serves the teacher and the untrained conversion."""
+    held-out sources (its 4 windows of 512 and of 2K tokens each), so that one run shows what each stage does out of
+    domain. Every model is measured in the run's precision (bf16 autocast inside the trainer: Accelerate wraps the
+    student's forward in it), so these are close to, not the same as, the report's fp32 numbers. `measure()` also
+    serves the teacher and the untrained conversion."""
 
     WINDOWS = (512, 2048)
 
-    def __init__(self, student, tokenizer, last_steps: dict[str, int]):
-        self.student, self.tokenizer, self.last_steps = student, tokenizer, last_steps
+    def __init__(self, student, tokenizer, last_steps: dict[str, int], bf16: bool):
+        self.student, self.tokenizer, self.last_steps, self.bf16 = student, tokenizer, last_steps, bf16
         self.results: dict[str, dict] = {}
         self.seconds = 0.0  # time spent measuring inside training, not training
 
@@ -395,13 +397,13 @@ class StageEndHeldout:
         from hybridize.eval.perplexity import perplexity
 
         modes = {m: m.training for m in model.modules()}
-        dtype = next(model.parameters()).dtype
-        model.eval().float()
+        model.eval()
+        device = next(model.parameters()).device
         try:
-            return {src: {str(w): round(perplexity(model, self.tokenizer, src, w, max_windows=4).perplexity, 3)
-                          for w in self.WINDOWS} for src in HELDOUT_SOURCES}
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                return {src: {str(w): round(perplexity(model, self.tokenizer, src, w, max_windows=4).perplexity, 3)
+                              for w in self.WINDOWS} for src in HELDOUT_SOURCES}
         finally:
-            model.to(dtype)  # fp32 -> the model's own dtype and back is exact
             for m, training in modes.items():
                 m.train(training)
 
@@ -443,7 +445,7 @@ def cmd_quality(args) -> int:
         steps = calibrate(recipe, student, teacher, args.train_seconds, split, dev, factors)
     for st, n in zip(recipe.stages, steps):
         st.steps, st.tokens = n, None
-    heldout = StageEndHeldout(student, tok, {st.name: st.steps for st in recipe.stages})
+    heldout = StageEndHeldout(student, tok, {st.name: st.steps for st in recipe.stages}, recipe.precision == "bf16")
     heldout.results = {"teacher": heldout.measure(teacher), "converted": heldout.measure(student.to(dev))}
     t_train = time.perf_counter()
     result = train(recipe, models=(student, teacher, tok, desc), on_step=heldout)
