@@ -33,6 +33,26 @@ def test_stage_weights_choose_the_sources_it_reads():
     assert only_second == {7}
 
 
+def test_document_reach_is_the_length_half_of_a_stages_tokens_sit_in():
+    corpus = Corpus([_docs(5, 40, 10), _docs(7, 1, 1000)], [1.0, 1.0], None)
+    assert corpus.document_reach([3.0, 1.0]) == 10  # three quarters of the stream from the short documents
+    assert corpus.document_reach([1.0, 3.0]) == 1000
+    assert corpus.document_reach([0.0, 1.0]) == 1000
+    assert corpus.document_reach([1.0, 0.0]) == 10
+
+
+def test_stages_longer_than_their_documents_get_a_note(tmp_path, capsys):
+    from hybridize.train.plan import note_document_reach
+
+    recipe = load_recipe(S.write_recipe(tmp_path / "r.yaml", _good(tmp_path)))  # stages of 32 and 64 tokens
+    short = Corpus([_docs(5, 50, 20)], [1.0], None)  # past half of 64, not of 32
+    notes = note_document_reach(recipe, short, main=True)
+    assert len(notes) == 1 and "'distil' reads 64-token sequences" in notes[0] and "20 tokens" in notes[0]
+    assert capsys.readouterr().out.strip() == notes[0]
+    assert note_document_reach(recipe, short, main=False) == notes and capsys.readouterr().out == ""
+    assert note_document_reach(recipe, Corpus([_docs(5, 10, 64)], [1.0], None), main=True) == []
+
+
 def test_stage_weights_skip_heldout_sources(tmp_path):
     recipe = _good(tmp_path)
     docs = recipe["data"]["sources"][0]

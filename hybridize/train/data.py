@@ -411,6 +411,25 @@ class Corpus:
         keep = [i for i, w in enumerate(weights) if w > 0]
         return MixtureStream([pack(self.train[i], seq_len) for i in keep], [weights[i] for i in keep], seed)
 
+    def document_reach(self, weights: list[float] | None = None) -> int:
+        """The document length that half of a stage's training tokens sit in (or in shorter ones), with the stage's
+        mixture `weights` over the sources: packed documents never attend across a boundary, so this is about as far
+        back as a stage teaches the model to read."""
+        weights = self.weights if weights is None else weights
+        lengths, shares = [], []
+        for docs, w in zip(self.train, weights):
+            if w <= 0 or len(docs.ids) == 0:
+                continue
+            n = np.diff(docs.offsets)
+            lengths.append(n)
+            shares.append(n * (w / n.sum()))  # a source's share of the stream is its weight, spread over its tokens
+        if not lengths:
+            return 0
+        n, share = np.concatenate(lengths), np.concatenate(shares)
+        order = np.argsort(n, kind="stable")
+        cumulative = np.cumsum(share[order])
+        return int(n[order][np.searchsorted(cumulative, cumulative[-1] / 2)])
+
     def eval_sequences(self, seq_len: int, count: int) -> list[tuple[np.ndarray, np.ndarray]]:
         if self.heldout is None:
             return []
