@@ -78,15 +78,14 @@ def note_document_reach(recipe: Recipe, corpus, main: bool) -> list[str]:
     in: such a stage trains a context no longer than its documents, whatever its seq_len (packed documents never
     attend across a boundary). Printed by the main process; returned for callers and tests."""
     notes = []
-    for k, stage in enumerate(recipe.stages):
+    for stage in recipe.stages:
         reach = corpus.document_reach(training_weights(recipe, stage))
         if 0 < reach < stage.seq_len // 2:
             notes.append(f"note: stage {stage.name!r} reads {stage.seq_len}-token sequences, but half of its tokens sit "
                          f"in documents of {reach} tokens or fewer, and attention never crosses a document boundary: "
                          "it trains little context past that (longer documents: more text per document, or "
-                         f"min_new_tokens on teacher sources)")
+                         "min_new_tokens on teacher sources)")
     if main:
         for note in notes:
             print(note, flush=True)
     return notes
-
