@@ -323,3 +323,63 @@ def test_align_loss_skips_the_vocabulary_projection_and_keeps_its_value(tiny_pai
         for h in hooks:
             h.remove()
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
+
+
+def test_mixer_alignment_compares_the_token_mixers_alone_and_skips_the_mlps(tiny_pair):
+    """hidden_at: mixer compares each layer's token-mixer output, every layer fed the teacher's input (HALO's stage
+    1): the loss is the mean over layers of the per-token squared error of those outputs, it does not depend on the
+    student's MLPs, whose blocks do not run, and afterwards the MLPs work again."""
+    from hybridize.convert.build import build_hybrid
+    from hybridize.train.trainer import teacher_inputs
+
+    _, teacher = tiny_pair
+    student = build_hybrid(teacher, ["linear_attention", "full_attention"] * 2)
+    for p in student.parameters():  # build_hybrid reuses the source's tensors; the MLPs are changed below
+        p.data = p.data.clone()
+    rng = np.random.default_rng(6)
+    batch = make_batch([(rng.integers(0, 97, 23).astype(np.int32), np.array([0, 11]))])
+    spec = LossSpec(hidden_mse=1.0, hidden_inputs="teacher_inputs", hidden_at="mixer")
+    layers = list(range(4))
+    kw = dict(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
+
+    def attention_outputs(model, call):
+        outs = []
+        hooks = [layer.self_attn.register_forward_hook(
+            lambda mod, args, out: outs.append(out[0] if isinstance(out, tuple) else out))
+            for layer in model.model.layers]
+        try:
+            call()
+        finally:
+            for h in hooks:
+                h.remove()
+        return [o.reshape(-1, o.shape[-1]) for o in outs]
+
+    mlp_sizes = []
+    sizes = [layer.mlp.register_forward_hook(lambda mod, args, out: mlp_sizes.append(out.numel()))
+             for layer in student.model.layers]
+    with torch.no_grad():
+        got = loss_parts(student, teacher, batch, spec, layers)["hidden_mse"][0]
+        skipped, mlp_sizes[:] = list(mlp_sizes), []
+        t_hidden = teacher(**kw, output_hidden_states=True).hidden_states
+        t_mix = attention_outputs(teacher, lambda: teacher(**kw))
+
+        def student_call():
+            with teacher_inputs(student, [h.reshape(1, -1, h.shape[-1]) for h in t_hidden]):
+                student(**kw, cu_seqlens=batch["cu_seqlens"])
+
+        s_mix = attention_outputs(student, student_call)
+    for h in sizes:
+        h.remove()
+    assert skipped == [1] * 4 and mlp_sizes == [23 * teacher.config.hidden_size] * 4  # skipped, then back
+    expected = sum(((s - t) ** 2).mean(-1).sum() for s, t in zip(s_mix, t_mix)) / 4
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
+    with torch.no_grad():
+        for layer in student.model.layers:
+            layer.mlp.down_proj.weight.mul_(-3.0)
+        again = loss_parts(student, teacher, batch, spec, layers)["hidden_mse"][0]
+    torch.testing.assert_close(again, got, rtol=0, atol=0)
+    student.zero_grad()
+    loss_parts(student, teacher, batch, spec, layers)["hidden_mse"][0].backward()
+    grads = {n for n, p in student.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert any(".self_attn." in n for n in grads)  # the mixers and the norm before them; nothing after them
+    assert not [n for n in grads if ".mlp." in n or "post_attention" in n or "embed" in n or n.startswith("model.norm")]

@@ -36,6 +36,12 @@ def _good(tmp_path):
     (lambda r: r["output"].update(keep_last="two"), "output.keep_last", "must be an integer"),
     (lambda r: r["stages"][1]["loss"].update(hidden_inputs="teacher_inputs"), "stages[1].loss.hidden_inputs",
      "combine it with hidden_mse only"),
+    (lambda r: r["stages"][0]["loss"].update(hidden_at="block"), "stages[0].loss.hidden_at", "layer, mixer"),
+    (lambda r: r["stages"][0]["loss"].update(hidden_at="mixer"), "stages[0].loss.hidden_at",
+     "hidden_inputs: teacher_inputs"),
+    (lambda r: (r["stages"][0]["loss"].update(hidden_at="mixer", hidden_inputs="teacher_inputs"),
+                r["stages"][0].update(gradient_checkpointing=True)), "stages[0].gradient_checkpointing",
+     "leave gradient_checkpointing off"),
 ])
 def test_malformed_recipe_gives_one_line_error_naming_the_field(tmp_path, mutate, field, words):
     recipe = _good(tmp_path)

@@ -32,6 +32,7 @@ PRECISIONS = ("fp32", "bf16")
 KL_DIRECTIONS = ("forward", "reverse")
 HIDDEN_LAYERS = ("all", "lightning", "sparse")
 HIDDEN_INPUTS = ("end_to_end", "teacher_inputs")
+HIDDEN_AT = ("layer", "mixer")
 NONFINITE = ("stop", "skip")
 SELECT_METHODS = ("uniform", "sala", "block_influence")
 DTYPE_NAMES = tuple(DTYPES)
@@ -115,6 +116,9 @@ class LossSpec:
     # end_to_end: the student runs on its own hidden states; teacher_inputs: every student layer is fed the teacher's
     # (detached) input to that layer, so each layer is aligned on its own (HALO's stage 1)
     hidden_inputs: str = "end_to_end"
+    # what the hidden MSE compares: each decoder layer's output, or its token mixer's output alone (HALO's stage 1;
+    # with teacher_inputs the frozen MLPs then add nothing and are not run)
+    hidden_at: str = "layer"
 
 
 @dataclass
@@ -449,6 +453,13 @@ def validate(recipe: Recipe) -> Recipe:
         _choice(f, f"{w}.loss.kl_direction", loss.kl_direction, KL_DIRECTIONS)
         _choice(f, f"{w}.loss.hidden_layers", loss.hidden_layers, HIDDEN_LAYERS)
         _choice(f, f"{w}.loss.hidden_inputs", loss.hidden_inputs, HIDDEN_INPUTS)
+        _choice(f, f"{w}.loss.hidden_at", loss.hidden_at, HIDDEN_AT)
+        if loss.hidden_at == "mixer" and loss.hidden_inputs != "teacher_inputs":
+            _fail(f, f"{w}.loss.hidden_at", "mixer outputs are compared with every layer fed the teacher's input: set "
+                  "hidden_inputs: teacher_inputs")
+        if loss.hidden_at == "mixer" and s.gradient_checkpointing:
+            _fail(f, f"{w}.gradient_checkpointing", "a stage that compares mixer outputs skips the MLPs, which a "
+                  "recomputed layer would run: leave gradient_checkpointing off (the stage keeps few activations)")
         if loss.hidden_inputs == "teacher_inputs" and (loss.kl or loss.ce):
             _fail(f, f"{w}.loss.hidden_inputs", "teacher_inputs aligns layers one by one: combine it with hidden_mse only")
     if recipe.output.dtype is not None:

@@ -92,6 +92,34 @@ def teacher_inputs(model, teacher_hidden):
             h.remove()
 
 
+def _no_mlp(x: torch.Tensor) -> torch.Tensor:
+    return x.new_zeros(())
+
+
+@contextlib.contextmanager
+def mixer_outputs(model, skip_mlp: bool):
+    """While active, collects each decoder layer's token-mixer output (layer order; reshaped to one row of tokens, as
+    the losses see them). With `skip_mlp` the MLP blocks add nothing and do not run: when every layer is fed the
+    teacher's input and only mixer outputs are compared, nothing reads them."""
+    outs, hooks, patched = [], [], []
+    for layer in _decoder_layers(model):
+        def keep(module, args, out):
+            o = out[0] if isinstance(out, tuple) else out  # transformers' attention returns (output, weights)
+            outs.append(o.reshape(1, -1, o.shape[-1]))
+
+        hooks.append(layer.self_attn.register_forward_hook(keep))
+        if skip_mlp:
+            layer.mlp.forward = _no_mlp
+            patched.append(layer.mlp)
+    try:
+        yield outs
+    finally:
+        for h in hooks:
+            h.remove()
+        for m in patched:
+            del m.forward  # the class's forward again
+
+
 @torch.no_grad()
 def teacher_outputs(teacher, batch: dict, need_hidden: bool, need_logits: bool = True) -> SimpleNamespace:
     """The teacher's logits (and hidden states) for `batch`, shaped like the student's: one row of B*T tokens.
@@ -126,16 +154,21 @@ def loss_parts(model, teacher, batch: dict, loss_spec, hidden_layers: list[int])
     # An align stage (hidden MSE alone) skips the vocabulary projection of both models: at 64 x 512 tokens that is
     # two (32K x 49K) float32 logit tensors per micro-batch that no loss reads.
     need_logits = loss_spec.kl > 0 or loss_spec.ce > 0
+    at_mixers = need_hidden and loss_spec.hidden_at == "mixer"
     parts = {}
     t_out = None
     if loss_spec.hidden_mse > 0 or loss_spec.kl > 0:
-        t_out = teacher_outputs(teacher, batch, need_hidden, need_logits=loss_spec.kl > 0)
+        with mixer_outputs(teacher, skip_mlp=False) if at_mixers else contextlib.nullcontext([]) as t_mix:
+            t_out = teacher_outputs(teacher, batch, need_hidden, need_logits=loss_spec.kl > 0)
     swap = (teacher_inputs(model, t_out.hidden_states) if loss_spec.hidden_inputs == "teacher_inputs"
             else contextlib.nullcontext())
-    with swap:
+    with swap, mixer_outputs(model, skip_mlp=True) if at_mixers else contextlib.nullcontext([]) as s_mix:
         out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], cu_seqlens=batch["cu_seqlens"],
-                    output_hidden_states=need_hidden, use_cache=False, logits_to_keep=0 if need_logits else 1)
-    if loss_spec.hidden_mse > 0:
+                    output_hidden_states=need_hidden and not at_mixers, use_cache=False,
+                    logits_to_keep=0 if need_logits else 1)
+    if at_mixers:  # hidden_mse_sum reads layer i at entry i + 1 and counts tokens from entry 0
+        parts["hidden_mse"] = hidden_mse_sum((s_mix[0], *s_mix), (t_mix[0], *t_mix), hidden_layers)
+    elif loss_spec.hidden_mse > 0:
         parts["hidden_mse"] = hidden_mse_sum(out.hidden_states, t_out.hidden_states, hidden_layers)
     if loss_spec.kl > 0:
         parts["kl"] = kl_sum(out.logits, t_out.logits, batch["targets"], temperature=loss_spec.temperature,
