@@ -69,6 +69,12 @@ def interp_norm_gate():
     return _load_interpreted(KERNEL_FILE.with_name("norm_gate_triton.py"))
 
 
+@pytest.fixture(scope="module")
+def interp_norm_rope():
+    """kernels/norm_rope_triton.py under the Triton interpreter."""
+    return _load_interpreted(KERNEL_FILE.with_name("norm_rope_triton.py"))
+
+
 def rel(a, b):
     a, b = a.double(), b.double()
     assert torch.isfinite(a).all()
@@ -339,6 +345,78 @@ def test_norm_gate_refuses_bad_shapes(interp_norm_gate):
         interp_norm_gate.rmsnorm_gate_triton(o, o[:, :4], torch.ones(8), 1e-6)
 
 
+def _norm_rope_case(B, T, H, D, cos_batch, rope, x_dtype, w_dtype, device):
+    """x (B, T, H, D), the model's q_norm module, RoPE tables (cos_batch, T, D) from random positions (or None)."""
+    from hybridize.arch.modeling_hybridize import HybridRMSNorm
+
+    norm = HybridRMSNorm(D, eps=1e-5).to(device=device, dtype=w_dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(D) * 0.5 + 1.0)
+    x = (torch.randn(B, T, H, D, device=device) * 3).to(x_dtype).requires_grad_()
+    cos = sin = None
+    if rope:
+        pos = torch.randint(0, 5000, (cos_batch, T), device=device).float()
+        inv = 1.0 / (10000.0 ** (torch.arange(0, D, 2, device=device).float() / D))
+        emb = torch.cat((pos[..., None] * inv, pos[..., None] * inv), -1)
+        cos, sin = emb.cos(), emb.sin()
+    return norm, x, cos, sin
+
+
+def _norm_rope_model(norm, x, cos, sin, out_dtype):
+    """What the Lightning layer computed before the fused kernel: its norm module, the transpose, apply_rope, the
+    cast to the value dtype."""
+    from hybridize.arch.modeling_hybridize import apply_rope
+
+    y = norm(x).transpose(1, 2)
+    return (y if cos is None else apply_rope(y, cos, sin)).to(out_dtype)
+
+
+def _norm_rope_errors(fn, norm, x, cos, sin, out_dtype):
+    """The fused kernel against the model's composition: output, dx and dw."""
+    y = fn(x, norm.weight, norm.variance_epsilon, cos, sin, out_dtype)
+    y_ref = _norm_rope_model(norm, x, cos, sin, out_dtype)
+    assert y.shape == y_ref.shape and y.dtype == y_ref.dtype and y.is_contiguous()
+    dy = torch.randn_like(y_ref.float())
+    g = torch.autograd.grad((y.float() * dy).sum(), [x, norm.weight])
+    g_ref = torch.autograd.grad((y_ref.float() * dy).sum(), [x, norm.weight])
+    return {"y": rel(y, y_ref), "dx": rel(g[0], g_ref[0]), "dw": rel(g[1], g_ref[1])}
+
+
+@pytest.mark.parametrize("B,T,H,D,cos_batch,rope,programs", [(2, 7, 3, 16, 2, True, 1024), (2, 9, 3, 16, 1, True, 3),
+                                                             (1, 5, 2, 12, 1, False, 1024), (3, 9, 1, 20, 3, True, 2)])
+def test_norm_rope_matches_model_interpreted(interp_norm_rope, seed, B, T, H, D, cos_batch, rope, programs):
+    # D = 12 and 20: half-widths that are not powers of two (masked lanes); programs 2-3: each backward program
+    # walks several row blocks and sums its share of dw
+    norm, x, cos, sin = _norm_rope_case(B, T, H, D, cos_batch, rope, torch.float32, torch.float32, "cpu")
+    fn = functools.partial(interp_norm_rope.norm_rope_triton, max_programs=programs)
+    errs = _norm_rope_errors(fn, norm, x, cos, sin, torch.float32)
+    assert max(errs.values()) < 1e-5, errs
+
+
+@pytest.mark.parametrize("x_dtype,w_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+                                             (torch.bfloat16, torch.bfloat16)])
+def test_norm_rope_reference_is_the_model_composition(seed, x_dtype, w_dtype):
+    from hybridize.kernels.norm_rope_triton import norm_rope_reference
+
+    norm, x, cos, sin = _norm_rope_case(2, 37, 3, 16, 2, True, x_dtype, w_dtype, "cpu")
+    with torch.no_grad():
+        assert torch.equal(norm_rope_reference(x, norm.weight, norm.variance_epsilon, cos, sin, torch.bfloat16),
+                           _norm_rope_model(norm, x, cos, sin, torch.bfloat16))
+
+
+def test_norm_rope_refuses_bad_shapes(interp_norm_rope):
+    x = torch.randn(2, 5, 3, 8)
+    cos = torch.randn(1, 5, 8)
+    with pytest.raises(ValueError, match="D even"):
+        interp_norm_rope.norm_rope_triton(torch.randn(2, 5, 3, 7), torch.ones(7), 1e-6, None, None, torch.float32)
+    with pytest.raises(ValueError, match="weight"):
+        interp_norm_rope.norm_rope_triton(x, torch.ones(6), 1e-6, cos, cos, torch.float32)
+    with pytest.raises(ValueError, match="together"):
+        interp_norm_rope.norm_rope_triton(x, torch.ones(8), 1e-6, cos, None, torch.float32)
+    with pytest.raises(ValueError, match="cos/sin"):
+        interp_norm_rope.norm_rope_triton(x, torch.ones(8), 1e-6, cos[:, :4], cos[:, :4], torch.float32)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # GPU: bf16 and the model's dispatch
 # ---------------------------------------------------------------------------------------------------------------------
@@ -436,6 +514,19 @@ def test_norm_gate_matches_model_gpu(seed, shape, with_gate):
 
 
 @gpu
+@pytest.mark.parametrize("B,T,H,D,cos_batch,w_dtype", [(2, 1000, 9, 64, 1, torch.float32),
+                                                       (1, 333, 4, 128, 1, torch.bfloat16),
+                                                       (3, 77, 5, 48, 3, torch.float32)])
+def test_norm_rope_matches_model_gpu(seed, B, T, H, D, cos_batch, w_dtype):
+    # fp32 weight on bf16 x: training under autocast; bf16 weight: a bf16 model (the rounded path)
+    from hybridize.kernels.norm_rope_triton import norm_rope_triton
+
+    norm, x, cos, sin = _norm_rope_case(B, T, H, D, cos_batch, True, torch.bfloat16, w_dtype, "cuda")
+    errs = _norm_rope_errors(norm_rope_triton, norm, x, cos, sin, torch.bfloat16)
+    assert max(errs.values()) < 2e-2, errs
+
+
+@gpu
 def test_model_logits_same_through_kernels_and_reference(seed, monkeypatch):
     from hybridize.arch import ops
     from hybridize.convert.build import build_hybrid
@@ -457,6 +548,8 @@ def test_model_logits_same_through_kernels_and_reference(seed, monkeypatch):
     assert ops._LIGHTNING_TRITON
     kernel = run()
     monkeypatch.setattr(ops, "_LIGHTNING_TRITON", False)
+    monkeypatch.setattr(ops, "_NORM_ROPE_TRITON", False)
+    monkeypatch.setattr(ops, "_NORM_GATE_TRITON", False)
     reference = run()
     # float32 model: the kernels' tensor-core products run in tf32
     assert rel(kernel, reference) < 3e-3

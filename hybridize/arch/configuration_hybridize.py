@@ -40,10 +40,11 @@ class HybridConfig(PretrainedConfig):
     kernels/sparse_reference.py.
     `prefill_chunk_size`: inference with a cache feeds longer inputs through the model in chunks of this many tokens
     (None: one pass), so a long prompt never materialises a full-length MLP activation.
-    `fused_elementwise`: on CUDA, without autograd, run the small elementwise pieces (norms, RoPE, silu * up, gates) as
-    torch.compile'd fused kernels (the same values; 128K prefill of a Llama-3-8B shape 5.33 -> 3.97 s on an H100,
-    bench/results/model-speed.md); false keeps plain PyTorch everywhere. It can be changed at run time
-    (`model.config.fused_elementwise = False`).
+    `fused_elementwise`: on CUDA, without autograd, run the small elementwise pieces (norms, residual add + norm,
+    silu * up, sparse gates) as torch.compile'd fused kernels (the same values; 128K prefill of a Llama-3-8B shape
+    5.33 -> 3.97 s on an H100, bench/results/model-speed.md); false keeps plain PyTorch there. It can be changed at
+    run time (`model.config.fused_elementwise = False`). The Lightning layers' q/k norm + RoPE and output norm + gate
+    are Triton kernels on CUDA whatever this says (training included; kernels/norm_rope_triton.py, norm_gate_triton.py).
     `decode_cuda_graphs`: on CUDA, decode steps of `HybridForCausalLM` (one new token per sequence after a filled
     cache, no autograd) replay their fixed-shape stretches from CUDA graphs, the sparse layers' attention running
     between them (decode_graphs.py; the same logits as without); false runs every step as plain PyTorch. It can be

@@ -22,7 +22,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from .cache_hybridize import HybridCache
 from .configuration_hybridize import LIGHTNING, HybridConfig
 from .decode_graphs import DecodeGraphs, DecodeIO, DecodePiece, PieceOutputs, lightning_step_in_place
-from .ops import lightning_attention, output_norm_gate, sparse_attention
+from .ops import lightning_attention, norm_rope, output_norm_gate, sparse_attention
 
 try:
     from transformers.modeling_layers import GradientCheckpointingLayer as _LayerBase
@@ -39,17 +39,6 @@ def _rms_norm_math(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.T
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return weight * xf.to(dtype)
-
-
-def _norm_rope_math(x: torch.Tensor, weight: torch.Tensor, eps: float, cos: torch.Tensor,
-                    sin: torch.Tensor) -> torch.Tensor:
-    """Per-head RMSNorm then RoPE of x (B, T, H, D); cos/sin (B, T, D) float32. Result (B, T, H, D) in the norm's
-    output dtype: the arithmetic of `apply_rope(norm(x).transpose(1, 2), cos, sin)` without the transposes."""
-    y = _rms_norm_math(x, weight, eps)
-    yf = y.float()
-    half = yf.shape[-1] // 2
-    rot = torch.cat((-yf[..., half:], yf[..., :half]), dim=-1)
-    return (yf * cos[:, :, None, :] + rot * sin[:, :, None, :]).to(y.dtype)
 
 
 def _add_rms_norm_math(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
@@ -286,16 +275,10 @@ class LightningAttention(nn.Module):
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        fused = self.fused
-        if fused is not None and fused.usable(q):  # norm + RoPE in one pass per tensor, (B, T, H, D) order kept
-            q = fused(_norm_rope_math, q, self.q_norm.weight, self.q_norm.variance_epsilon, ctx.cos, ctx.sin)
-            k = fused(_norm_rope_math, k, self.k_norm.weight, self.k_norm.variance_epsilon, ctx.cos, ctx.sin)
-            q, k = q.transpose(1, 2), k.transpose(1, 2)
-        else:
-            q, k = self.q_norm(q).transpose(1, 2), self.k_norm(k).transpose(1, 2)
-            q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
-        # Under autocast the norms (fp32 weights) promote q, k to fp32 while v stays in the autocast dtype.
-        q, k = q.to(v.dtype), k.to(v.dtype)
+        # per-head norm, RoPE, (B, H, T, D) in v's dtype (under autocast the fp32 norm weights would promote q, k to
+        # fp32 while v stays in the autocast dtype): one fused kernel per tensor on CUDA, training included
+        q = norm_rope(q, self.q_norm.weight, self.q_norm.variance_epsilon, ctx.cos, ctx.sin, v.dtype)
+        k = norm_rope(k, self.k_norm.weight, self.k_norm.variance_epsilon, ctx.cos, ctx.sin, v.dtype)
         group = self.num_heads // self.num_kv_heads
         if group > 1:  # one state per query head: K/V head j serves query heads j*group .. (j+1)*group - 1
             k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)

@@ -45,8 +45,15 @@ except ImportError:
     from hybridize.kernels.norm_gate_triton import HAS_TRITON as _NORM_GATE_TRITON
     from hybridize.kernels.norm_gate_triton import rmsnorm_gate_reference, rmsnorm_gate_triton
 
-__all__ = ["lightning_attention", "sparse_attention", "output_norm_gate", "compress_keys", "coarse_compressed_keys",
-           "num_coarse", "num_compressed"]
+try:  # fused per-head RMSNorm + RoPE of the Lightning layers' queries and keys (the file also holds its reference)
+    from .norm_rope_triton import HAS_TRITON as _NORM_ROPE_TRITON
+    from .norm_rope_triton import norm_rope_reference, norm_rope_triton
+except ImportError:
+    from hybridize.kernels.norm_rope_triton import HAS_TRITON as _NORM_ROPE_TRITON
+    from hybridize.kernels.norm_rope_triton import norm_rope_reference, norm_rope_triton
+
+__all__ = ["lightning_attention", "sparse_attention", "output_norm_gate", "norm_rope", "compress_keys",
+           "coarse_compressed_keys", "num_coarse", "num_compressed"]
 
 # Below this many new tokens with a carried state, the recurrence is cheaper than the chunked form.
 _RECURRENT_MAX_TOKENS = 16
@@ -90,3 +97,12 @@ def output_norm_gate(o, z, weight, eps):
     if _NORM_GATE_TRITON and o.is_cuda:
         return rmsnorm_gate_triton(o, None if z is None else z.to(o.dtype), weight, eps)
     return rmsnorm_gate_reference(o, z, weight, eps)
+
+
+def norm_rope(x, weight, eps, cos, sin, out_dtype):
+    """Per-head RMSNorm of x (B, T, H, D) times `weight`, RoPE with cos/sin (B or 1, T, D) when given, as (B, H, T, D)
+    in `out_dtype`. CUDA tensors go to the fused Triton kernel (one read of x, one write, training included), anything
+    else to its PyTorch reference (the model's norm, transpose and rotation, the same arithmetic)."""
+    if _NORM_ROPE_TRITON and x.is_cuda:
+        return norm_rope_triton(x, weight, eps, cos, sin, out_dtype)
+    return norm_rope_reference(x, weight, eps, cos, sin, out_dtype)
