@@ -112,6 +112,47 @@ def time_training(model, seq_len: int, tokens_per_step: int, steps: int = 6, war
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
 
 
+def compile_regions(model, whole_layers: bool) -> str:
+    """torch.compile each decoder layer (whole_layers) or only its MLP and two norms, in place; returns what was
+    compiled. The hybrid's token mixers call Triton kernels through autograd Functions, which the regional variant
+    leaves outside the compiled graphs."""
+    n = 0
+    for layer in model.model.layers:
+        if whole_layers:
+            layer.compile()
+            n += 1
+            continue
+        for m in (layer.mlp, layer.input_layernorm, layer.post_attention_layernorm):
+            m.compile()
+            n += 1
+    return f"{n} {'layers' if whole_layers else 'MLPs and norms'}"
+
+
+def profile_training_step(model, seq_len: int, tokens_per_step: int, loss_chunk: int, rows: int = 12) -> dict:
+    """One training step under torch.profiler (after time_training warmed it up): wall against the GPU's busy time
+    (the share the host's launching leaves idle), kernel launches, and the ops that take the most device time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    B = max(1, tokens_per_step // seq_len)
+    ids = torch.randint(0, model.config.vocab_size, (B, seq_len), device="cuda")
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = _training_loss(model, ids, loss_chunk)
+        loss.backward()
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - t
+    model.zero_grad(set_to_none=True)
+    events = prof.key_averages()
+    kernels = [e for e in prof.events() if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA]
+    # the kernels' own spans: the ops' device totals count the same kernels again (2026-12-02: busy > wall)
+    busy = sum(e.time_range.elapsed_us() for e in kernels) / 1e6
+    top = sorted(events, key=lambda e: getattr(e, "self_device_time_total", 0) or 0, reverse=True)[:rows]
+    return {"wall_s": wall, "device_busy_s": busy, "kernels": len(kernels),
+            "top": [(e.key[:60], e.count, (e.self_device_time_total or 0) / 1e3) for e in top]}
+
+
 def cmd_throughput(args) -> int:
     from transformers import LlamaForCausalLM
 
@@ -142,19 +183,27 @@ def cmd_throughput(args) -> int:
                 p.data = p.data.clone()
             models.append(("hybrid 1:3" + (" (source K/V)" if kv == "source" else ""), hybrid))
         print(f"{shape}: built in {time.perf_counter() - t0:.1f} s", flush=True)
-        for length in args.lengths:
-            for name, model in models:
+        if args.compile:  # after the eager rows: the same models compiled in place
+            models += [(f"{name} (compiled)", model) for name, model in models]
+        for name, model in models:  # every length of a model in a row: compiling in place ends its eager rows
+            if name.endswith("(compiled)"):
+                print(f"{name}: compiled {compile_regions(model, whole_layers=name.startswith('dense'))}", flush=True)
+            for length in args.lengths:
                 try:
+                    t0 = time.perf_counter()
                     r = time_training(model, length, args.tokens_per_step, steps=args.steps, bf16=not args.fp32,
                                       loss_chunk=args.loss_chunk)
+                    r["first_steps_s"] = time.perf_counter() - t0  # compilation included
+                    if args.profile:
+                        r["profile"] = profile_training_step(model, length, args.tokens_per_step, args.loss_chunk)
                 except torch.OutOfMemoryError:
                     r = {"seq_len": length, "error": "out of memory"}
                 r["model"], r["shape"] = name, shape
                 rows.append(r)
                 print(json.dumps(r), flush=True)
-                model.to("cpu")
-                torch.cuda.empty_cache()
                 (out / "throughput.json").write_text(json.dumps(info, indent=1))  # a run cut short keeps its rows
+            model.to("cpu")  # (a compiled model moved between lengths would compile again)
+            torch.cuda.empty_cache()
         del dense, hybrid
     (out / "throughput.json").write_text(json.dumps(info, indent=1))
     print(f"\n| shape | model | seq len | tokens/step | step ms | tokens/s | peak GiB |  ({info['device']})")
@@ -164,6 +213,13 @@ def cmd_throughput(args) -> int:
         else:
             print(f"| {r['shape']} | {r['model']} | {r['seq_len']} | {r['tokens_per_step']} | "
                   f"{1000 * r['step_s']:.1f} | {r['tokens_per_s']:,.0f} | {r['peak_gib']:.1f} |")
+    for r in rows:
+        if "profile" in r:
+            p = r["profile"]
+            print(f"\n{r['shape']} {r['model']} {r['seq_len']}: one step profiled: wall {1000 * p['wall_s']:.1f} ms, "
+                  f"device busy {1000 * p['device_busy_s']:.1f} ms, {p['kernels']} kernels")
+            for key, count, ms in p["top"]:
+                print(f"  {ms:8.2f} ms  {count:5d}x  {key}")
     return 0
 
 
@@ -655,6 +711,10 @@ def main() -> int:
     t.add_argument("--shape", nargs="+", default=["smollm2"], choices=sorted(THROUGHPUT_SHAPES),
                    help="model shapes, in order (llama3-1b: Llama-3.2-1B's)")
     t.add_argument("--loss-chunk", type=int, default=0, help="tokens per loss chunk (0: the whole logits at once)")
+    t.add_argument("--compile", action="store_true", help="also time each model compiled in place (torch.compile: "
+                   "the dense model's whole layers, the hybrid's MLPs and norms)")
+    t.add_argument("--profile", action="store_true", help="profile one step of each row (device busy time against "
+                   "wall time, kernel launches, the top ops)")
     t.add_argument("--lightning-kv-heads", nargs="+", default=["query"], choices=["query", "source"],
                    help="hybrids to time: K/V expanded per query head (query) and/or the source's K/V heads")
     q = _recipe_parser(sub, "quality", "recipes/retention.yaml", 0)
