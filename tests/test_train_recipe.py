@@ -129,6 +129,21 @@ def test_set_overrides_apply_before_validation(tmp_path):
         load_recipe(path, ["stages[5].lr=1"])
 
 
+def test_set_one_past_the_end_appends_a_data_source(tmp_path):
+    path = S.write_recipe(tmp_path / "r.yaml", _good(tmp_path))
+    n = len(load_recipe(path).data.sources)
+    added = '{"type":"teacher","unprompted":true,"num_samples":3,"max_new_tokens":5,"min_new_tokens":5}'
+    recipe = load_recipe(path, [f"data.sources[{n}]={added}"])
+    assert len(recipe.data.sources) == n + 1
+    new = recipe.data.sources[n]
+    assert (new.type, new.unprompted, new.num_samples, new.min_new_tokens) == ("teacher", True, 3, 5)
+    # a stage's data_weights must then name the new source too
+    with pytest.raises(RecipeError, match=rf"data_weights: give one weight per data source \({n + 1}\)"):
+        load_recipe(path, [f"data.sources[{n}]={added}", f"stages[0].data_weights={[1.0] * n}"])
+    with pytest.raises(RecipeError, match=rf"no list item {n + 1} there \({n} items; index {n} appends\)"):
+        load_recipe(path, [f"data.sources[{n + 1}]={added}"])
+
+
 def test_batch_plan_derives_micro_batches_and_accumulation(tmp_path):
     recipe = load_recipe(S.write_recipe(tmp_path / "r.yaml", _good(tmp_path)), ["stages[0].global_batch_tokens=512",
                                                                                  "stages[0].tokens=5000",

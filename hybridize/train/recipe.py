@@ -468,7 +468,7 @@ def validate(recipe: Recipe) -> Recipe:
 
 
 def set_override(raw: dict, assignment: str, file: str = "--set") -> None:
-    """Apply `a.b[1].c=value` (value parsed as YAML) to a raw recipe mapping in place."""
+    """Apply `a.b[1].c=value` (value parsed as YAML) to a raw recipe mapping in place; `a.b[n]=...` with n items appends."""
     if "=" not in assignment:
         raise RecipeError(f"--set {assignment!r}: expected KEY=VALUE, e.g. stages[0].lr=1e-4")
     key, text = assignment.split("=", 1)
@@ -500,8 +500,13 @@ def set_override(raw: dict, assignment: str, file: str = "--set") -> None:
             node = node.setdefault(p, {} if not isinstance(parts[i + 1], int) else [])
     last = parts[-1]
     if isinstance(last, int):
+        # one past the end appends, so that a run can add a data source without a copy of the recipe
+        if isinstance(node, list) and last == len(node):
+            node.append(value)
+            return
         if not isinstance(node, list) or not -len(node) <= last < len(node):
-            raise RecipeError(f"--set {key}: no list item {last} there")
+            size = f" ({len(node)} items; index {len(node)} appends)" if isinstance(node, list) else ""
+            raise RecipeError(f"--set {key}: no list item {last} there{size}")
         node[last] = value
     elif isinstance(node, dict):
         node[last] = value
