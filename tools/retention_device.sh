@@ -5,6 +5,8 @@
 #   bash tools/retention_device.sh start     carry: .dev_b   (second half, Shakespeare texts, gensim's held-out
 #                                            texts; then starts the pipeline in the background and waits)
 #   bash tools/retention_device.sh wait      (no carry; waits up to WAIT s, prints progress, copies results to $OUT)
+#     Call `wait` at once after `start` returns: a machine left idle for 30 s is given back, the run with it
+#     (2026-12-02: one retention run lost that way).
 #   bash tools/retention_device.sh gputests  (no carry; the kernel and model GPU tests, beside the pipeline)
 # The pipeline: `train_quality.py prepare` (teacher-written corpus and layer scores, cached once), then one
 # `train_quality.py quality` run per entry of VARIANTS="name:--set overrides;..." at the same time on the one GPU,
@@ -79,7 +81,7 @@ start)
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   # default: the recipe alone on the GPU. The five-variant comparison of 2026-12-01 was
   # VARIANTS="sala:;uniform:--set model.select=uniform;block:--set model.select=block_influence;sala_all:--set stages[1].trainable=all --set stages[2].trainable=all;sala_logn:--set model.sparse_query_log_scale=362"
-  VARIANTS=${VARIANTS:-"sala:"}
+  VARIANTS=${VARIANTS-"sala:"}  # set but empty: prepare only (the cache comes back through `wait`)
   setsid nohup bash -c "cd $R/repo && export PYTHONPATH=$SITE:$R/repo PYTHONUNBUFFERED=1 && \
     COMMON='${COMMON:-}' bash tools/retention_pipeline.sh '$VARIANTS' ${SECS:-600} $R/out" > $R/out/pipeline.log 2>&1 < /dev/null &
   MODE=wait

@@ -10,6 +10,8 @@ COMMON=${COMMON:-}  # overrides for prepare and every variant (e.g. --set data.s
 python3 bench/train_quality.py prepare --recipe $RECIPE --set data.cache_dir=$CACHE $COMMON --methods sala,block_influence \
   --out $OUT_DIR/prepare > $OUT_DIR/prepare.log 2>&1 || { echo "prepare failed"; tail -30 $OUT_DIR/prepare.log; touch $OUT_DIR/ALL_DONE; exit 1; }
 echo "prepare: $(( $(date +%s) - t )) s"; tail -5 $OUT_DIR/prepare.log
+# VARIANTS="" prepares only: the corpus and scores come back through `wait` for a later session's cache
+[ -z "$VARIANTS" ] && { touch $OUT_DIR/ALL_DONE; exit 0; }
 export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 IFS=';' read -ra VS <<< "$VARIANTS"
 # several runs sharing the GPU: smaller micro-batches (same global batches, so the same optimisation) fit in memory
