@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .kv_buffer import GENERATE_CACHE_KWARG, buffered_cache
 from .losses import IGNORE
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -156,11 +157,15 @@ def _sample(teacher, tokenizer, prompts: list[str], src, device):
         enc = {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids, device=device)}
     else:
         enc = tokenizer(prompts, return_tensors="pt", padding=True).to(device)
+    cache = buffered_cache(enc["input_ids"].shape[1] + src.max_new_tokens)
     try:
         return teacher.generate(**enc, do_sample=True, temperature=src.temperature, max_new_tokens=src.max_new_tokens,
-                                min_new_tokens=src.min_new_tokens, pad_token_id=tokenizer.pad_token_id)
+                                min_new_tokens=src.min_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                                **{GENERATE_CACHE_KWARG: cache})
     except torch.OutOfMemoryError:
         return None
+    finally:
+        del cache  # its buffers, before a smaller batch tries again
 
 
 # ---------------------------------------------------------------------------------------------------------------------
