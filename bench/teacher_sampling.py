@@ -1,7 +1,7 @@
 """How fast can the teacher write training text? transformers' `generate` with its default growing cache against the
 buffered cache the recipes use (hybridize/train/kv_buffer.py) and a static cache, without and with the forward
-compiled (`generate` compiles it on its own for a static cache on a GPU), on a random model of the source's shape (sampling speed does not depend on the weights; every sample runs to its
-full length, as `min_new_tokens` makes it).
+compiled (`generate` compiles it on its own for a static cache on a GPU), on a random model of the source's shape
+(sampling speed does not depend on the weights; every sample runs to its full length, as `min_new_tokens` makes it).
 
     python bench/teacher_sampling.py --batch 1024 --new-tokens 256 --cases dynamic,buffered,static,static_compiled
     python bench/teacher_sampling.py --batch 512 --new-tokens 2047 --calls 1   (long documents: one call each)
@@ -31,12 +31,13 @@ def smollm2_shape():
 
 def one_call(model, batch: int, new_tokens: int, case: str) -> float:
     ids = torch.full((batch, 1), 1, dtype=torch.long, device="cuda")
-    if case == "buffered":  # what the recipes use since 2026-12-02: buffers allocated once, filled in place
-        extra = {GENERATE_CACHE_KWARG: buffered_cache(1 + new_tokens)}
-    else:
-        extra = {} if case == "dynamic" else {"cache_implementation": "static"}
-    if case == "static":
-        extra["disable_compile"] = True
+    extra = {
+        "dynamic": {},
+        # what the recipes use since 2026-12-02: buffers allocated once, filled in place
+        "buffered": {GENERATE_CACHE_KWARG: buffered_cache(1 + new_tokens)},
+        "static": {"cache_implementation": "static", "disable_compile": True},
+        "static_compiled": {"cache_implementation": "static"},
+    }[case]
     torch.cuda.synchronize()
     start = time.perf_counter()
     out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=0.9,

@@ -108,7 +108,7 @@ def _dense_prefix(Tq: int, Tk: int, o: SparseOptions) -> int:
     """How many leading rows of a call whose queries are every key (Tq == Tk, positions 0..Tk-1) are dense queries
     (key length below dense_len, or no more than topk blocks visible), cut down to whole selection groups in block
     mode so that every later group is the same as in one call (selection is aligned to positions); 0 otherwise."""
-    if Tq != Tk or Tq < 2:
+    if Tq != Tk:
         return 0
     n = min(Tk - 1, max(o.dense_len - 1, o.topk * o.block_size))
     if o.selection == "block":

@@ -164,8 +164,6 @@ def _sample(teacher, tokenizer, prompts: list[str], src, device):
                                 **{GENERATE_CACHE_KWARG: cache})
     except torch.OutOfMemoryError:
         return None
-    finally:
-        del cache  # its buffers, before a smaller batch tries again
 
 
 # ---------------------------------------------------------------------------------------------------------------------
