@@ -393,6 +393,7 @@ def cmd_prepare(args) -> int:
     import dataclasses
 
     from hybridize.train.data import build_corpus
+    from hybridize.train.plan import note_repetition_cut
     from hybridize.train.models import DTYPES, load_source, sparse_layers_for
 
     out = Path(args.out)
@@ -415,8 +416,10 @@ def cmd_prepare(args) -> int:
     report["corpus_s"] = time.perf_counter() - t
     report["train_tokens"] = [int(len(x.ids)) for x in corpus.train]
     report["heldout_tokens"] = 0 if corpus.heldout is None else int(len(corpus.heldout.ids))
+    report["repetition_cut"] = corpus.repetition_cut
     print(f"corpus: {report['train_tokens']} training tokens per source, {report['heldout_tokens']} held out, "
           f"{report['corpus_s']:.0f} s", flush=True)
+    note_repetition_cut(recipe, corpus, True)
     report["heldout_overlap"] = _training_overlap(corpus, tok)
     print(f"13-gram overlap of the retention report's held-out sources with the training text: "
           f"{report['heldout_overlap']}", flush=True)

@@ -10,7 +10,7 @@ import hashlib
 import json
 import os
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +18,7 @@ import torch
 
 from .kv_buffer import GENERATE_CACHE_KWARG, buffered_cache
 from .losses import IGNORE
+from .repetition import cut_repetition
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Documents
@@ -200,6 +201,7 @@ def source_fingerprint(src, tokenizer, append_eos: bool, extra: str = "") -> str
     for name, default in (("unprompted", False), ("min_new_tokens", 0)):  # fields added later, at their defaults:
         if spec.get(name) == default:  # keys written before they existed stay valid (no re-sampling of that text)
             spec.pop(name, None)
+    spec.pop("max_repetition", None)  # applied to the cached tokens, so the cache holds every token
     if src.path and resolve_path(src.path).exists():  # local files: their names and contents join the key
         h = hashlib.sha256()
         for f in _files(src.path, src.glob if src.type == "text" else "*", src.include, src.exclude):
@@ -402,6 +404,8 @@ class Corpus:
     train: list[TokenizedDocs]
     weights: list[float]
     heldout: TokenizedDocs | None
+    # per data source (held-out ones included): tokens cut where the text repeats itself, and the tokens it had
+    repetition_cut: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def train_tokens(self) -> int:
@@ -441,10 +445,15 @@ class Corpus:
 
 
 def build_corpus(data_spec, tokenizer, seed: int, *, teacher=None, teacher_key: str = "") -> Corpus:
-    train, weights, held = [], [], []
+    train, weights, held, cut = [], [], [], []
     for i, src in enumerate(data_spec.sources):
         tok = cached_tokens(src, tokenizer, data_spec.cache_dir, data_spec.append_eos, teacher=teacher,
                             teacher_key=teacher_key, seed=seed)
+        total, removed = len(tok.ids), 0
+        if src.max_repetition is not None:
+            ids, offsets, removed = cut_repetition(tok.ids, tok.offsets, src.max_repetition)
+            tok = TokenizedDocs(ids, offsets)
+        cut.append((removed, total))
         if src.heldout:
             held.append(tok)
             continue
@@ -460,4 +469,4 @@ def build_corpus(data_spec, tokenizer, seed: int, *, teacher=None, teacher_key: 
         for h in held:
             heldout = TokenizedDocs(np.concatenate([heldout.ids, h.ids]),
                                     np.concatenate([heldout.offsets[:-1], h.offsets + len(heldout.ids)]))
-    return Corpus(train, weights, heldout)
+    return Corpus(train, weights, heldout, cut)

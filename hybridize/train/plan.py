@@ -89,3 +89,17 @@ def note_document_reach(recipe: Recipe, corpus, main: bool) -> list[str]:
         for note in notes:
             print(note, flush=True)
     return notes
+
+
+def note_repetition_cut(recipe: Recipe, corpus, main: bool) -> list[str]:
+    """A note for each source cut where its text repeats itself (`max_repetition`): how much of it went. Printed by
+    the main process; returned for callers and tests."""
+    notes = []
+    for i, (src, (removed, total)) in enumerate(zip(recipe.data.sources, corpus.repetition_cut)):
+        if src.max_repetition is not None and total:
+            notes.append(f"note: data.sources[{i}]: {removed:,} of {total:,} tokens ({removed / total:.1%}) cut where the "
+                         f"text repeats itself (max_repetition {src.max_repetition:g})")
+    if main:
+        for note in notes:
+            print(note, flush=True)
+    return notes

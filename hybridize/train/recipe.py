@@ -95,6 +95,9 @@ class SourceSpec:
     min_new_tokens: int = 0
     temperature: float = 1.0
     batch_size: int = 64  # sequences sampled at once
+    # cut each document where it starts to loop: at the first window of 128 tokens in which more than this share of
+    # the 4-grams already occurred in the 128 positions before (hybridize.train.repetition); None keeps every token
+    max_repetition: float | None = None
 
 
 @dataclass
@@ -258,7 +261,7 @@ CONSTRAINTS: dict[str, dict[str, Any]] = {
                                                                            f"got {v}"},
     "SourceSpec": {"weight": _positive, "max_documents": _positive, "num_samples": _positive,
                    "max_new_tokens": _positive, "min_new_tokens": _non_negative, "temperature": _positive,
-                   "batch_size": _positive},
+                   "batch_size": _positive, "max_repetition": _in_range(0.0, 1.0, lo_open=True, hi_open=True)},
     "DataSpec": {"heldout_fraction": _in_range(0.0, 1.0, hi_open=True)},
     "LossSpec": {"hidden_mse": _non_negative, "kl": _non_negative, "ce": _non_negative, "temperature": _positive},
     "LoraSpec": {"r": _positive, "alpha": _positive, "dropout": _in_range(0.0, 1.0, hi_open=True)},

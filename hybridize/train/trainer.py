@@ -30,7 +30,7 @@ from .data import RecallStream, build_corpus, make_batch
 from .losses import IGNORE, cross_entropy_sum, hidden_mse_sum, kl_sum
 from .models import load_models
 from .params import apply_lora, merge_lora, parameter_groups, select_trainable
-from .plan import StagePlan, check_context, note_document_reach, plan_stage, training_weights
+from .plan import StagePlan, check_context, note_document_reach, note_repetition_cut, plan_stage, training_weights
 from .recipe import Recipe, RecipeError, StageSpec, fingerprint_difference, run_fingerprint
 from .rundir import check_output_dir, created_by_this_run, remove_failed_run, trim_metrics
 from .schedule import make_scheduler
@@ -394,6 +394,7 @@ def _setup(recipe: Recipe, output: Path, *, resume, accelerator, on_step, models
     with acc.main_process_first():
         corpus = build_corpus(recipe.data, tokenizer, recipe.seed, teacher=teacher,
                               teacher_key=str(recipe.teacher.source or recipe.model.source))
+    note_repetition_cut(recipe, corpus, acc.is_main_process)
     note_document_reach(recipe, corpus, acc.is_main_process)
     state = RunState(description=description, recipe=fingerprint)
     if ckpt is not None:
