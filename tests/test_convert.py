@@ -353,6 +353,26 @@ def test_gguf_default_model_converts(tmp_path):
     tokenizer_config = json.loads((out / "tokenizer_config.json").read_text())
     assert "chat_template" in tokenizer_config or (out / "chat_template.jinja").is_file()
     assert "SmolLM2" in (out / "README.md").read_text()
+    from transformers import AutoTokenizer
+
+    exported = AutoTokenizer.from_pretrained(out)  # the end of text the model was trained to write, on any version
+    assert (exported.eos_token, exported.eos_token_id) == ("<|im_end|>", config["eos_token_id"])
+
+
+def test_special_tokens_follow_the_model_config(tmp_path):
+    """transformers 5.17 reads SmolLM2's GGUF tokenizer with eos '<|im_start|>'; the config's ids win."""
+    from eval_tools import word_tokenizer
+    from transformers import LlamaConfig
+
+    from hybridize.convert.default_model import align_special_tokens
+
+    tok = word_tokenizer()
+    bos, eos = tok.bos_token_id, tok.eos_token_id
+    tok.eos_token = tok.bos_token  # what 5.17 hands over
+    align_special_tokens(tok, LlamaConfig(bos_token_id=bos, eos_token_id=eos))
+    assert (tok.eos_token, tok.eos_token_id, tok.bos_token_id) == ("</s>", eos, bos)
+    align_special_tokens(tok, LlamaConfig(bos_token_id=None, eos_token_id=[bos, eos]))  # lists and None: kept as is
+    assert (tok.eos_token_id, tok.bos_token_id) == (eos, bos)
 
 
 def test_progress_bar_reports_bytes(tmp_path):

@@ -37,6 +37,7 @@ def load_gguf(path: str | Path, dtype=None):
         detail = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise CorruptCheckpointError(f"{path}: transformers cannot load this GGUF file ({detail}): is it truncated "
                                      "or not a GGUF file? re-download it") from None
+    align_special_tokens(tokenizer, loaded.config)
     config_dict = loaded.config.to_dict()
     config_dict.pop("quantization_config", None)
     config_dict.pop("_name_or_path", None)
@@ -47,6 +48,17 @@ def load_gguf(path: str | Path, dtype=None):
     if dtype is not None:
         model.to(dtype)
     return model.eval(), tokenizer
+
+
+def align_special_tokens(tokenizer, config) -> None:
+    """Give the tokenizer the begin- and end-of-text tokens of the model's config (read from the GGUF header).
+    transformers 5.17 reads SmolLM2's GGUF tokenizer with eos '<|im_start|>' (id 1) where the header says 2
+    ('<|im_end|>'), and 5.24 reads it right: without this, the same source would pack its training text and export its
+    tokenizer differently on different machines."""
+    for name in ("bos", "eos"):
+        want = getattr(config, f"{name}_token_id", None)
+        if isinstance(want, int) and 0 <= want < len(tokenizer) and getattr(tokenizer, f"{name}_token_id") != want:
+            setattr(tokenizer, f"{name}_token", tokenizer.convert_ids_to_tokens(want))
 
 
 def model_from_state(config, state, dtype=None):
