@@ -71,36 +71,49 @@ def _chunk_loss(head, hidden, targets):
     return torch.nn.functional.cross_entropy(head(hidden).float(), targets, reduction="sum")
 
 
-def _training_loss(model, ids, loss_chunk: int):
+def _training_loss(model, ids, loss_chunk: int, packed: dict | None = None):
     """Next-token cross-entropy; with loss_chunk, the logits of loss_chunk tokens at a time, recomputed in backward
-    (never the whole (tokens, vocab) matrix)."""
+    (never the whole (tokens, vocab) matrix). `packed`: position_ids and cu_seqlens of packed documents (the hybrid)."""
+    packed = packed or {}
     if not loss_chunk:
-        out = model(input_ids=ids, use_cache=False)
+        out = model(input_ids=ids, use_cache=False, **packed)
         return torch.nn.functional.cross_entropy(out.logits[:, :-1].float().reshape(-1, out.logits.shape[-1]),
                                                  ids[:, 1:].reshape(-1))
     from torch.utils.checkpoint import checkpoint
 
-    hidden = model.model(input_ids=ids, use_cache=False).last_hidden_state[:, :-1]
+    hidden = model.model(input_ids=ids, use_cache=False, **packed).last_hidden_state[:, :-1]
     hidden, targets = hidden.reshape(-1, hidden.shape[-1]), ids[:, 1:].reshape(-1)
     total = sum(checkpoint(_chunk_loss, model.lm_head, hidden[s:s + loss_chunk], targets[s:s + loss_chunk],
                            use_reentrant=False) for s in range(0, targets.numel(), loss_chunk))
     return total / targets.numel()
 
 
-def time_training(model, seq_len: int, tokens_per_step: int, steps: int = 6, warmup: int = 2, bf16: bool = True,
-                  loss_chunk: int = 0) -> dict:
-    device = "cuda"
-    model = model.to(device).float().train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+def training_batch(model, seq_len: int, tokens_per_step: int, document_tokens: int = 0, device: str = "cuda"):
+    """Random token ids of tokens_per_step // seq_len rows of seq_len, and the keywords that pack them: with
+    `document_tokens`, a hybrid reads them as the trainer hands them over, one flat row of documents of that many
+    tokens (cu_seqlens, positions restarting at each); the dense model reads the rows, as the trainer's teacher does."""
     B = max(1, tokens_per_step // seq_len)
     ids = torch.randint(0, model.config.vocab_size, (B, seq_len), device=device)
+    if not document_tokens or getattr(model.config, "model_type", None) != "hybridize":
+        return ids, {}
+    pos = (torch.arange(seq_len, device=device) % document_tokens).repeat(B)
+    starts = torch.nonzero(pos == 0).flatten()
+    cu = torch.cat([starts, torch.tensor([B * seq_len], device=device)]).to(torch.int32)
+    return ids.reshape(1, -1), {"position_ids": pos[None], "cu_seqlens": cu}
+
+
+def time_training(model, seq_len: int, tokens_per_step: int, steps: int = 6, warmup: int = 2, bf16: bool = True,
+                  loss_chunk: int = 0, document_tokens: int = 0) -> dict:
+    model = model.to("cuda").float().train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    ids, packed = training_batch(model, seq_len, tokens_per_step, document_tokens)
     torch.cuda.reset_peak_memory_stats()
     times = []
     for i in range(warmup + steps):
         torch.cuda.synchronize()
         t = time.perf_counter()
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
-            loss = _training_loss(model, ids, loss_chunk)
+            loss = _training_loss(model, ids, loss_chunk, packed)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -108,8 +121,9 @@ def time_training(model, seq_len: int, tokens_per_step: int, steps: int = 6, war
         if i >= warmup:
             times.append(time.perf_counter() - t)
     med = float(np.median(times))
-    return {"seq_len": seq_len, "tokens_per_step": B * seq_len, "step_s": med, "tokens_per_s": B * seq_len / med,
-            "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+    n = ids.numel()
+    return {"seq_len": seq_len, "tokens_per_step": n, "step_s": med, "tokens_per_s": n / med,
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "document_tokens": document_tokens or None}
 
 
 def compile_regions(model, whole_layers: bool) -> str:
@@ -128,18 +142,18 @@ def compile_regions(model, whole_layers: bool) -> str:
     return f"{n} {'layers' if whole_layers else 'MLPs and norms'}"
 
 
-def profile_training_step(model, seq_len: int, tokens_per_step: int, loss_chunk: int, rows: int = 12) -> dict:
+def profile_training_step(model, seq_len: int, tokens_per_step: int, loss_chunk: int, rows: int = 12,
+                          document_tokens: int = 0) -> dict:
     """One training step under torch.profiler (after time_training warmed it up): wall against the GPU's busy time
     (the share the host's launching leaves idle), kernel launches, and the ops that take the most device time."""
     from torch.profiler import ProfilerActivity, profile
 
-    B = max(1, tokens_per_step // seq_len)
-    ids = torch.randint(0, model.config.vocab_size, (B, seq_len), device="cuda")
+    ids, packed = training_batch(model, seq_len, tokens_per_step, document_tokens)
     torch.cuda.synchronize()
     t = time.perf_counter()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = _training_loss(model, ids, loss_chunk)
+            loss = _training_loss(model, ids, loss_chunk, packed)
         loss.backward()
         torch.cuda.synchronize()
     wall = time.perf_counter() - t
@@ -165,6 +179,7 @@ def cmd_throughput(args) -> int:
     from hybridize.arch import ops
 
     info = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows, "fp32": args.fp32,
+            "document_tokens": args.document_tokens or None,
             "tokens_per_step": args.tokens_per_step, "loss_chunk": args.loss_chunk,
             "kernels": {"lightning_triton": bool(getattr(ops, "_LIGHTNING_TRITON", False)),
                         "sparse_triton": bool(getattr(ops, "_SPARSE_TRITON", False))}}
@@ -192,10 +207,11 @@ def cmd_throughput(args) -> int:
                 try:
                     t0 = time.perf_counter()
                     r = time_training(model, length, args.tokens_per_step, steps=args.steps, bf16=not args.fp32,
-                                      loss_chunk=args.loss_chunk)
+                                      loss_chunk=args.loss_chunk, document_tokens=args.document_tokens)
                     r["first_steps_s"] = time.perf_counter() - t0  # compilation included
                     if args.profile:
-                        r["profile"] = profile_training_step(model, length, args.tokens_per_step, args.loss_chunk)
+                        r["profile"] = profile_training_step(model, length, args.tokens_per_step, args.loss_chunk,
+                                                             document_tokens=args.document_tokens)
                 except torch.OutOfMemoryError:
                     r = {"seq_len": length, "error": "out of memory"}
                 r["model"], r["shape"] = name, shape
@@ -714,6 +730,8 @@ def main() -> int:
     t.add_argument("--shape", nargs="+", default=["smollm2"], choices=sorted(THROUGHPUT_SHAPES),
                    help="model shapes, in order (llama3-1b: Llama-3.2-1B's)")
     t.add_argument("--loss-chunk", type=int, default=0, help="tokens per loss chunk (0: the whole logits at once)")
+    t.add_argument("--document-tokens", type=int, default=0,
+                   help="the hybrid reads packed documents of this many tokens, as in training (cu_seqlens; 0: rows)")
     t.add_argument("--compile", action="store_true", help="also time each model compiled in place (torch.compile: "
                    "the dense model's whole layers, the hybrid's MLPs and norms)")
     t.add_argument("--profile", action="store_true", help="profile one step of each row (device busy time against "

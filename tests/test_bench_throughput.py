@@ -1,0 +1,42 @@
+"""The training-throughput benchmark's batches: packed documents reach the hybrid as the trainer hands them over."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import torch
+
+from helpers import tiny_llama
+from hybridize.arch.configuration_hybridize import default_layer_types
+from hybridize.convert.build import build_hybrid
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def _train_quality(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))  # as when run as a script: its folder's modules import by name
+    spec = importlib.util.spec_from_file_location("bench_train_quality", BENCH / "train_quality.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)  # its dataclasses look themselves up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_packed_documents_are_read_one_by_one_and_the_dense_model_reads_rows(monkeypatch):
+    tq = _train_quality(monkeypatch)
+    dense = tiny_llama()
+    hybrid = build_hybrid(dense, default_layer_types(4)).eval()
+    torch.manual_seed(0)
+    ids, packed = tq.training_batch(hybrid, seq_len=40, tokens_per_step=80, document_tokens=16, device="cpu")
+    assert ids.shape == (1, 80)
+    # documents of 16 tokens, each row of 40 starting one too: 0 16 32 | 40 56 72 | 80
+    assert packed["cu_seqlens"].tolist() == [0, 16, 32, 40, 56, 72, 80]
+    assert packed["position_ids"][0, 30:44].tolist() == [14, 15, 0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3]
+    with torch.no_grad():
+        together = hybrid(input_ids=ids, use_cache=False, **packed).logits
+        alone = hybrid(input_ids=ids[:, 56:72], use_cache=False).logits
+    torch.testing.assert_close(together[:, 56:72], alone, rtol=1e-4, atol=1e-4)
+    rows, none = tq.training_batch(dense, seq_len=40, tokens_per_step=80, document_tokens=16, device="cpu")
+    assert rows.shape == (2, 40) and none == {}
