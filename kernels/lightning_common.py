@@ -25,7 +25,8 @@ class ScanConfig:
     programs); `state_lowp`: with bf16 inputs, multiply a bf16 copy of the carried state (faster) instead of the
     float32 state in tf32; `target_programs`: split each sequence into segments until about this many programs run (a first pass then
     sums each segment's keys and values into a state, and every segment starts from the sum of those before it);
-    `min_segment_chunks`: never cut segments shorter than this many chunks. Forward only: `lookback` runs the
+    `min_segment_chunks`: never cut segments shorter than this many chunks. The one-launch forwards (`lookback`,
+    `overlap`) cut segments of `segment_tokens`, shorter ones only where those leave fewer than `target_programs` walks. Forward only: `lookback` runs the
     one-kernel forward (decoupled look-back across segments of `segment_tokens` tokens; k and v of a segment are read
     twice, the second time mostly from L2) instead of the two-pass segment scan; `l2_hints` marks the first read of k
     and v evict-last and the streaming reads and writes evict-first. `publish_inclusive=False` (a check, slow) lets
@@ -68,7 +69,9 @@ class ScanConfig:
 # v-side decay, the fastest of run D's sweep (2026-11-26, H100): forward 0.149 / 0.343 / 1.32 / 5.40 ms at
 # 4K / 16K / 64K / 256K against the look-back forward's 0.165 / 0.373 / 1.45 / 5.66, and faster forward + backward at
 # every length too. Packed documents (cu_seqlens) take the two-pass forward with the same target_programs.
-DEFAULT_CONFIG = ScanConfig(block_c=64, num_warps=4, num_stages=2, state_lowp=True, target_programs=512,
+# target_programs 256: shorter segments only where 4096-token ones leave fewer walks (a small model's training batch,
+# 2 x 8K tokens and 9 heads: 18), not at the shapes of the sweep (32 heads: 64 walks per 4096 tokens, 2 column tiles).
+DEFAULT_CONFIG = ScanConfig(block_c=64, num_warps=4, num_stages=2, state_lowp=True, target_programs=256,
                             overlap=True, segment_tokens=4096, decay_v=True)
 # the bf16 default of run C (the one-kernel look-back forward, 2048-token segments)
 LOOKBACK_CONFIG = ScanConfig(block_c=128, num_warps=8, num_stages=3, state_lowp=True, target_programs=1024,

@@ -291,9 +291,17 @@ if HAS_TRITON:
                     tl.store(Final + n64 * s_fn + h64 * s_fh + rk[:, None] * s_fr + rc[None, :] * s_fc, X, mask=m2)
 
 
-def _lookback_segments(T: int, chunk: int, config: ScanConfig) -> tuple[int, int]:
+def _lookback_segments(T: int, chunk: int, config: ScanConfig, programs_per_segment: int = 1) -> tuple[int, int]:
+    """(number of segments, chunks per segment): segments of `segment_tokens`, or shorter ones (down to
+    `min_segment_chunks` chunks) where those would leave fewer than `target_programs` walks. A training batch of a
+    small model (2 sequences of 8K tokens, 9 heads: 18 walks of 64 chunks) otherwise walks its chunks one after another
+    on a mostly idle GPU; the shapes the segment length was tuned on (one sequence, 32 heads, 16K tokens and more)
+    keep their segments."""
     segc = max(1, config.segment_tokens // chunk)
     nchunks = max(1, -(-T // chunk))
+    want = -(-config.target_programs // max(1, programs_per_segment))
+    if -(-nchunks // segc) < want:
+        segc = min(segc, max(config.min_segment_chunks, -(-nchunks // want)))
     return -(-nchunks // segc), segc
 
 
@@ -303,11 +311,11 @@ def _ticketed_forward(q, k, v, log_decay, *, init, scale, store_final, save_pref
     `save_prefix` (else None), (nseg, segc) and the flags (one per program and segment, then the ticket counter)."""
     B, H, T, DK = q.shape
     DV = v.shape[-1]
-    nseg, segc = _lookback_segments(T, chunk, config)
     BK = _pow2(DK)
     BC = _block_c(config, DK, DV)
     ncol = triton.cdiv(DV, BC)
     nhc = B * H * ncol
+    nseg, segc = _lookback_segments(T, chunk, config, nhc)
     dev = q.device
     out = _new_out(q, DV, q.dtype)
     final = torch.empty(B, H, DK, DV, device=dev, dtype=torch.float32) if store_final else None

@@ -22,7 +22,9 @@ in float32; states and accumulation are float32; the intra-chunk products run on
 (with `ScanConfig.state_lowp`, bf16 inputs also multiply a bf16 copy of the state: measured rel. error ~3e-3).
 
 Parallelism: at B*H = 32 one program per head walks 1024 chunks at 64K tokens one after another and is latency-bound,
-so long sequences are cut into segments that run in parallel; each needs the state entering it.
+so long sequences are cut into segments that run in parallel; each needs the state entering it. Batches with few
+sequences and heads (a small model's training steps) get segments shorter than the configured length, until about
+`target_programs` walks run (`_lookback_segments`).
 
 - Look-back forward (`_fwd_lookback_kernel`, `ScanConfig(lookback=True)`, `LOOKBACK_CONFIG`): ONE kernel with a decoupled look-back. A program takes a ticket from an
   atomic counter (segments vary slowest), sums its segment's k^T v into U, then obtains the state entering its segment

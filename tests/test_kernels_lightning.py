@@ -8,6 +8,8 @@ bf16 on larger shapes, plus the whole model through the kernel path against the 
 
 from __future__ import annotations
 
+import dataclasses
+
 import functools
 import importlib
 import importlib.util
@@ -228,6 +230,26 @@ def test_overlap_runs_every_program_once_interpreted(interp, seed, lead):
         _, state = lightning_attn_chunked(q[:, :, : 32 * s], k[:, :, : 32 * s], v[:, :, : 32 * s], ld, 0.25, s0,
                                           True, 16)
         assert rel(pref[:, :, s], state) < 1e-5
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_few_walks_cut_shorter_segments_interpreted(interp, seed, overlap):
+    # 2 heads x 19 chunks in one 1024-token segment would be 2 walks; with target_programs 8 the forward cuts 4
+    # segments of 5 chunks instead (never below min_segment_chunks), the dq scan follows them, and the function stays
+    cfg = interp.ScanConfig(overlap=overlap, lookback=not overlap, segment_tokens=1024, block_c=16, target_programs=8)
+    args = _inputs(1, 2, 300, 16, 16, 1, True, torch.float32, "cpu")
+    with torch.no_grad():
+        *_, (nseg, segc), _ = interp._ticketed_forward(*args[:3], args[3].float(), init=args[4], scale=0.25,
+                                                       store_final=True, save_prefix=True, chunk=16, config=cfg)
+    assert (nseg, segc) == (4, 5)
+    enough = dataclasses.replace(cfg, target_programs=2)  # 2 walks already: the segment as long as configured
+    with torch.no_grad():
+        *_, kept, _ = interp._ticketed_forward(*args[:3], args[3].float(), init=args[4], scale=0.25,
+                                               store_final=True, save_prefix=True, chunk=16, config=enough)
+    assert kept == (1, 64)
+    bwd = interp.ScanConfig(block_c=16, target_programs=10 ** 6, min_segment_chunks=1)
+    errs = _run_both(interp.lightning_attn_chunked_triton, *args, None, chunk=16, config=cfg, bwd_config=bwd)
+    assert max(errs.values()) < 1e-5, errs
 
 
 @pytest.mark.parametrize("with_init", [False, True])
