@@ -1,10 +1,10 @@
 """Where a document starts repeating itself.
 
-A small teacher sampled at temperature 0.9 falls into loops: in the retention recipe's corpora (SmolLM2-135M, 2026-12-02)
-about 30% of the tokens of its 768-token samples, and most of the second half of its 2,047-token samples, sit in
-128-token windows where more than 30% of the 4-grams already occurred in the window before; in Shakespeare's plays
-0.08% of such windows do. Distilling on a loop teaches the student to copy the loop, so a source can be cut where it
-begins (`max_repetition`)."""
+A small teacher sampled at temperature 0.9 falls into loops. In the retention recipe's corpora (SmolLM2-135M,
+2026-12-02), 10-12% of the 128-token windows of its 768-token samples are more than half repeated 4-grams (by
+`repeated_ngrams`), against 0.03% in Shakespeare's plays; of the 4-grams in a 500-token stretch of its 2,047-token
+samples, 16% repeat one seen earlier in the stretch at their start and 56% at tokens 1,500-2,000. Distilling on a
+loop teaches the student to copy the loop, so a source can be cut where it begins (`max_repetition`)."""
 
 from __future__ import annotations
 
