@@ -92,14 +92,15 @@ def training_batch(model, seq_len: int, tokens_per_step: int, document_tokens: i
     """Random token ids of tokens_per_step // seq_len rows of seq_len, and the keywords that pack them: with
     `document_tokens`, a hybrid reads them as the trainer hands them over, one flat row of documents of that many
     tokens (cu_seqlens, positions restarting at each); the dense model reads the rows, as the trainer's teacher does."""
+    from hybridize.train.data import make_batch
+
     B = max(1, tokens_per_step // seq_len)
     ids = torch.randint(0, model.config.vocab_size, (B, seq_len), device=device)
     if not document_tokens or getattr(model.config, "model_type", None) != "hybridize":
         return ids, {}
-    pos = (torch.arange(seq_len, device=device) % document_tokens).repeat(B)
-    starts = torch.nonzero(pos == 0).flatten()
-    cu = torch.cat([starts, torch.tensor([B * seq_len], device=device)]).to(torch.int32)
-    return ids.reshape(1, -1), {"position_ids": pos[None], "cu_seqlens": cu}
+    starts = np.arange(0, seq_len, document_tokens)
+    batch = make_batch([(row, starts) for row in ids.cpu().numpy()], device)
+    return batch["input_ids"], {"position_ids": batch["position_ids"], "cu_seqlens": batch["cu_seqlens"]}
 
 
 def time_training(model, seq_len: int, tokens_per_step: int, steps: int = 6, warmup: int = 2, bf16: bool = True,

@@ -26,8 +26,8 @@ class ScanConfig:
     float32 state in tf32; `target_programs`: split each sequence into segments until about this many programs run (a first pass then
     sums each segment's keys and values into a state, and every segment starts from the sum of those before it);
     `min_segment_chunks`: never cut segments shorter than this many chunks. The one-launch forwards (`lookback`,
-    `overlap`) cut segments of `segment_tokens`, shorter ones only where those leave fewer than `target_programs` walks. Forward only: `lookback` runs the
-    one-kernel forward (decoupled look-back across segments of `segment_tokens` tokens; k and v of a segment are read
+    `overlap`) cut segments of `segment_tokens`, shorter ones only where those leave fewer than `target_programs`
+    walks. Forward only: `lookback` runs the one-kernel forward (decoupled look-back across segments of `segment_tokens` tokens; k and v of a segment are read
     twice, the second time mostly from L2) instead of the two-pass segment scan; `l2_hints` marks the first read of k
     and v evict-last and the streaming reads and writes evict-first. `publish_inclusive=False` (a check, slow) lets
     only the first segment publish the state at its end, so every look-back sums the others' own sums back to it:

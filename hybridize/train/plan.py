@@ -85,10 +85,7 @@ def note_document_reach(recipe: Recipe, corpus, main: bool) -> list[str]:
                          f"in documents of {reach} tokens or fewer, and attention never crosses a document boundary: "
                          "it trains little context past that (longer documents: more text per document, or "
                          "min_new_tokens on teacher sources)")
-    if main:
-        for note in notes:
-            print(note, flush=True)
-    return notes
+    return _printed(notes, main)
 
 
 def note_repetition_cut(recipe: Recipe, corpus, main: bool) -> list[str]:
@@ -97,8 +94,13 @@ def note_repetition_cut(recipe: Recipe, corpus, main: bool) -> list[str]:
     notes = []
     for i, (src, (removed, total)) in enumerate(zip(recipe.data.sources, corpus.repetition_cut)):
         if src.max_repetition is not None and total:
-            notes.append(f"note: data.sources[{i}]: {removed:,} of {total:,} tokens ({removed / total:.1%}) cut where the "
-                         f"text repeats itself (max_repetition {src.max_repetition:g})")
+            notes.append(f"note: data.sources[{i}]: {removed:,} of {total:,} tokens ({removed / total:.1%}) cut "
+                         f"where the text repeats itself (max_repetition {src.max_repetition:g})")
+    return _printed(notes, main)
+
+
+def _printed(notes: list[str], main: bool) -> list[str]:
+    """`notes`, printed first by the main process."""
     if main:
         for note in notes:
             print(note, flush=True)

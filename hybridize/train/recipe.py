@@ -471,7 +471,8 @@ def validate(recipe: Recipe) -> Recipe:
 
 
 def set_override(raw: dict, assignment: str, file: str = "--set") -> None:
-    """Apply `a.b[1].c=value` (value parsed as YAML) to a raw recipe mapping in place; `a.b[n]=...` with n items appends."""
+    """Apply `a.b[1].c=value` (value parsed as YAML) to a raw recipe mapping in place; `a.b[n]=...` on a list of n
+    items appends."""
     if "=" not in assignment:
         raise RecipeError(f"--set {assignment!r}: expected KEY=VALUE, e.g. stages[0].lr=1e-4")
     key, text = assignment.split("=", 1)
