@@ -27,7 +27,10 @@ Computes the function of `sparse_reference.py` (same arguments; that file is the
 4. Packed documents (`cu_seqlens`, B == 1): row and key-block tables map every row and key block to its document
    (key offset, K1/K2 offsets, length), so compression, block selection and attention forward/backward handle all
    documents in the same launches; each document has its own positions, compressed keys, init/local blocks and block
-   grid, and never sees another. Token mode runs one document at a time unless every document is dense.
+   grid, and never sees another. Token mode runs one document at a time unless every document is dense. When every
+   document is dense (distillation's packed 2K rows of documents shorter than `dense_len`), one flash varlen call
+   (`torch.nn.attention.varlen.varlen_attn`, where this torch has it) takes the whole row instead: no compression,
+   selection or host synchronisation.
 5. A call whose queries are all its keys (prefill, training) runs its leading dense queries (those that keep every
    block: key length below `dense_len` or at most `topk` blocks, whole selection groups in block mode) as
    one flash SDPA call and only the later rows through 2-3; the function is the same.
@@ -60,6 +63,17 @@ from .sparse_compress import coarse_from_compressed, compress_keys_triton
 from .sparse_decode import decode_attention_triton, decode_select_triton
 from .sparse_reference import SparseOptions
 from .sparse_select import Selection, select_blocks_triton
+
+try:  # flash attention over packed documents (torch >= 2.10 on CUDA); older torch keeps the block kernels
+    import inspect
+
+    from torch.nn.attention.varlen import varlen_attn as _varlen_attn
+
+    # the causal switch was renamed between releases: a window of (-1, 0) keys is causal attention
+    _VARLEN_CAUSAL = ({"window_size": (-1, 0)} if "window_size" in inspect.signature(_varlen_attn).parameters
+                      else {"is_causal": True} if "is_causal" in inspect.signature(_varlen_attn).parameters else None)
+except ImportError:
+    _varlen_attn = _VARLEN_CAUSAL = None
 
 __all__ = [
     "HAS_TRITON",
@@ -104,6 +118,27 @@ def _dense(q, k, v, q_pos, scale):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=causal, scale=scale, enable_gqa=gqa)
 
 
+def _keeps_every_block(length: int, o: SparseOptions) -> bool:
+    """Whether every query of a document of `length` tokens sees all its keys (dense below dense_len or with no more
+    than topk blocks): true of the longest document is true of all."""
+    return length < o.dense_len or -(-length // o.block_size) <= o.topk
+
+
+def _dense_documents(q, k, v, cu_seqlens, longest: int, scale: float) -> torch.Tensor | None:
+    """Causal attention inside each packed document (B == 1) in one flash varlen call, (1, H, T, D); None where
+    this torch or dtype has no such call. The model's q, k, v are (T, H, D) in memory, so the transposes copy nothing;
+    K/V heads are repeated for grouped queries (head h reads K/V head h // group, as SDPA's enable_gqa)."""
+    if _VARLEN_CAUSAL is None or not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16):
+        return None
+    group = q.shape[1] // k.shape[1]
+    qt, kt, vt = (x[0].transpose(0, 1) for x in (q, k, v))
+    if group > 1:
+        kt, vt = kt.repeat_interleave(group, dim=1), vt.repeat_interleave(group, dim=1)
+    cu = cu_seqlens.to(torch.int32)
+    o = _varlen_attn(qt, kt, vt, cu, cu, longest, longest, scale=scale, **_VARLEN_CAUSAL)
+    return o.transpose(0, 1)[None]
+
+
 def _dense_prefix(Tq: int, Tk: int, o: SparseOptions) -> int:
     """How many leading rows of a call whose queries are every key (Tq == Tk, positions 0..Tk-1) are dense queries
     (key length below dense_len, or no more than topk blocks visible), cut down to whole selection groups in block
@@ -127,12 +162,14 @@ def infllm_v2_attention_triton(
     options: SparseOptions | None = None,
     coarse_keys: torch.Tensor | None = None,
     cu_seqlens: torch.Tensor | None = None,
+    longest_document: int | None = None,
     tuning: dict | None = None,
     **fields,
 ) -> torch.Tensor:
     """`infllm_v2_attention` on the Triton kernels (dense SDPA while every query is short).
     `cu_seqlens`: packed documents (B == 1, queries = keys, q_pos ignored: positions restart at each document);
-    block mode runs every document in the same launches, token mode once per document.
+    block mode runs every document in the same launches, token mode once per document, one flash varlen call when
+    every document is dense. `longest_document`: the longest one's length where the caller knows it (no host sync).
     `options` / `fields`: SparseOptions."""
     o = SparseOptions.of(options, **fields)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
@@ -140,8 +177,16 @@ def infllm_v2_attention_triton(
     if cu_seqlens is not None:
         if q.shape[0] != 1 or q.shape[2] != Tk or ckeys is not None or coarse_keys is not None:
             raise ValueError("packed documents (cu_seqlens) need batch 1, as many queries as keys and no cached keys")
+        if longest_document is not None and _keeps_every_block(longest_document, o):
+            out = _dense_documents(q, k, v, cu_seqlens, longest_document, scale)
+            if out is not None:
+                return out
         a, L = _documents(cu_seqlens, Tk)
-        all_dense = bool(((L < o.dense_len) | (-(-L // o.block_size) <= o.topk)).all())
+        all_dense = _keeps_every_block(int(L.max()), o)
+        if all_dense:
+            out = _dense_documents(q, k, v, cu_seqlens, int(L.max()), scale)
+            if out is not None:
+                return out
         if o.selection == "token" and not all_dense:  # per-token selection: one document at a time
             parts = []
             for s, n in zip(a.tolist(), L.tolist()):

@@ -756,3 +756,44 @@ def test_gpu_fused_decode_batch8_default_options(seed, coarse):
 
 if __name__ == "__main__":  # the interpreter child process
     print(json.dumps(run_interpreter_checks(int(sys.argv[1]))))
+
+
+@gpu
+@pytest.mark.parametrize("Hq,Hkv", [(9, 3), (4, 4)])
+def test_gpu_dense_packed_documents_take_flash_without_host_sync(seed, Hq, Hkv):
+    """Packed documents that are all dense (distillation's rows) run as causal attention per document, forward and
+    backward, and with the longest length given the call never waits for the GPU."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    import torch.nn.functional as F
+
+    from hybridize.kernels import sparse_triton as st
+
+    if st._VARLEN_CAUSAL is None:
+        pytest.skip("this torch has no varlen attention")
+    lengths = [401, 1, 777, 64, 805]
+    cu = torch.tensor([0] + lengths, device="cuda").cumsum(0)
+    T = sum(lengths)
+    q, k, v, _ = _gpu_inputs(1, Hq, Hkv, 64, T, T, seed)
+    opts = dict(dense_len=1024, selection="block")
+    qs, ks, vs = (x.clone().requires_grad_() for x in (q, k, v))
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        o = st.infllm_v2_attention_triton(qs, ks, vs, None, cu_seqlens=cu, longest_document=max(lengths), **opts)
+        g = torch.randn_like(o)
+        o.backward(g)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    qd, kd, vd = (x.clone().requires_grad_() for x in (q, k, v))
+    o_d = torch.cat([F.scaled_dot_product_attention(qd[:, :, a:b], kd[:, :, a:b], vd[:, :, a:b], is_causal=True,
+                                                    enable_gqa=Hq != Hkv)
+                     for a, b in zip(cu[:-1].tolist(), cu[1:].tolist())], 2)
+    o_d.backward(g)
+    assert (o.float() - o_d.float()).abs().max() < 2e-2
+    for a, b in ((qs, qd), (ks, kd), (vs, vd)):
+        err = (a.grad.float() - b.grad.float()).abs().max().item()
+        assert err < 2e-2 * max(1.0, b.grad.float().abs().max().item()), err
+    # without the length the call learns it (one host read) and computes the same
+    again = st.infllm_v2_attention_triton(q, k, v, None, cu_seqlens=cu, **opts)
+    assert (again.float() - o.detach().float()).abs().max() < 1e-3
