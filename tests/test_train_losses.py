@@ -192,6 +192,56 @@ def test_packed_documents_give_the_same_losses_as_separate_runs(tiny_pair):
     assert abs(float(leaky["ce"][0]) - sums["ce"]) > 1e-3
 
 
+def test_joined_documents_give_the_losses_of_whole_rows(tiny_pair):
+    """With join_documents each sequence is one segment: the losses equal running each row whole through both models
+    (positions 0..T-1, targets across the documents' boundaries), on the plain batched path (no cu_seqlens), and
+    differ from the same rows with their documents kept apart."""
+    student, teacher = tiny_pair
+    rng = np.random.default_rng(5)
+    seqs = [(rng.integers(0, 97, 24).astype(np.int32), np.array([0, 5, 17])),
+            (rng.integers(0, 97, 24).astype(np.int32), np.array([0, 9]))]
+    batch = make_batch(seqs, join_documents=True)
+    assert batch["cu_seqlens"] is None and batch["rows"] == 2
+    assert batch["position_ids"][0].tolist() == list(range(24)) * 2
+    assert batch["targets"][0, 16].item() == int(seqs[0][0][17])  # across the boundary at 17
+    assert batch["targets"][0, 23].item() == IGNORE and batch["targets"][0, 47].item() == IGNORE
+    spec = LossSpec(hidden_mse=0.7, kl=1.0, ce=0.3)
+    layers = [0, 1, 2, 3]
+    with torch.no_grad():
+        parts = loss_parts(student, teacher, batch, spec, layers)
+        sums = {"hidden_mse": 0.0, "kl": 0.0, "ce": 0.0}
+        for tokens, _ in seqs:
+            ids = torch.from_numpy(tokens.astype(np.int64))[None]
+            so = student(input_ids=ids, output_hidden_states=True, use_cache=False)
+            to = teacher(input_ids=ids, output_hidden_states=True, use_cache=False)
+            targets = torch.cat([ids[:, 1:], torch.full((1, 1), IGNORE)], dim=1)
+            sums["hidden_mse"] += float(hidden_mse_sum(so.hidden_states, to.hidden_states, layers)[0])
+            sums["kl"] += float(kl_sum(so.logits, to.logits, targets)[0])
+            sums["ce"] += float(cross_entropy_sum(so.logits, targets)[0])
+        apart = loss_parts(student, teacher, make_batch(seqs), spec, layers)
+    for k in sums:
+        assert float(parts[k][0]) == pytest.approx(sums[k], rel=1e-4), k
+    assert abs(float(apart["ce"][0]) - sums["ce"]) > 1e-3
+    # unequal lengths cannot be rows: one segment per sequence through cu_seqlens instead
+    uneven = make_batch([seqs[0], (seqs[1][0][:17], np.array([0, 9]))], join_documents=True)
+    assert uneven["rows"] == 1 and uneven["cu_seqlens"].tolist() == [0, 24, 41]
+
+
+def test_joined_rows_feed_each_layer_the_teachers_input(tiny_pair):
+    """The layerwise align loss (teacher inputs) on joined rows: the teacher's flat hidden states are reshaped to the
+    student's rows, and two rows give the sum of the rows alone."""
+    student, teacher = tiny_pair
+    rng = np.random.default_rng(6)
+    seqs = [(rng.integers(0, 97, 20).astype(np.int32), np.array([0, 8])) for _ in range(2)]
+    spec = LossSpec(hidden_mse=1.0, hidden_inputs="teacher_inputs")
+    with torch.no_grad():
+        both = float(loss_parts(student, teacher, make_batch(seqs, join_documents=True), spec, [0, 1, 2, 3])
+                     ["hidden_mse"][0])
+        alone = sum(float(loss_parts(student, teacher, make_batch([x], join_documents=True), spec, [0, 1, 2, 3])
+                          ["hidden_mse"][0]) for x in seqs)
+    assert both == pytest.approx(alone, rel=1e-5) and both > 0
+
+
 def test_teacher_inputs_aligns_each_layer_on_its_own(tiny_pair):
     """Fed the teacher's inputs, a sparse layer converted with RoPE kept (hype off) and no new gates computes exactly
     the teacher's layer, so its layerwise error is ~0, while end to end it inherits the Lightning layers' error."""

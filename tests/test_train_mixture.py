@@ -3,6 +3,8 @@ run once and cached, plain-text sources read without `datasets`."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
@@ -51,6 +53,9 @@ def test_stages_longer_than_their_documents_get_a_note(tmp_path, capsys):
     assert capsys.readouterr().out.strip() == notes[0]
     assert note_document_reach(recipe, short, main=False) == notes and capsys.readouterr().out == ""
     assert note_document_reach(recipe, Corpus([_docs(5, 10, 64)], [1.0], None), main=True) == []
+    joined = _good(tmp_path)
+    joined["stages"][1]["join_documents"] = True  # its documents read each other: nothing to note
+    assert note_document_reach(load_recipe(S.write_recipe(tmp_path / "j.yaml", joined)), short, main=False) == []
 
 
 def test_stage_weights_skip_heldout_sources(tmp_path):
@@ -285,3 +290,28 @@ def test_recall_span_must_fit_the_stage(tmp_path):
     recipe["stages"][0].update(recall=1.5, recall_span=4)
     with pytest.raises(RecipeError, match=r"stages\[0\].recall:"):
         load_recipe(S.write_recipe(tmp_path / "r.yaml", recipe))
+
+
+def test_a_stage_with_joined_documents_trains_and_exports(tmp_path):
+    """A distillation stage whose documents read each other runs end to end (teacher and student on the rows, no
+    cu_seqlens) and logs finite losses."""
+    import json
+
+    from click.testing import CliRunner
+
+    from hybridize.cli import main
+
+    docs = S.write_documents(tmp_path / "docs", count=4, chars=600)  # documents shorter than the sequences
+    src = S.make_tiny_source(tmp_path / "src", docs, layers=2)
+    stage = {"name": "distil", "seq_len": 64, "global_batch_tokens": 256, "micro_batch_size": 2, "steps": 2,
+             "lr": 1e-3, "schedule": "constant", "trainable": "all", "join_documents": True,
+             "loss": {"kl": 1.0, "ce": 0.5}}
+    recipe = S.tiny_recipe(src / "model.safetensors", docs, tmp_path / "out", tmp_path / "cache", stages=[stage])
+    recipe["data"]["heldout_fraction"] = 0.0
+    result = CliRunner().invoke(main, ["train", str(S.write_recipe(tmp_path / "r.yaml", recipe))])
+    assert result.exit_code == 0, result.output
+    assert "attention never crosses" not in result.output
+    rows = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert len(losses) == 2 and all(math.isfinite(x) and x > 0 for x in losses)
+    assert (tmp_path / "out" / "model" / "model.safetensors").is_file()

@@ -290,16 +290,19 @@ def pack(docs: TokenizedDocs, seq_len: int) -> PackedSequences:
     return PackedSequences(tokens, starts)
 
 
-def make_batch(sequences: list[tuple[np.ndarray, np.ndarray]], device=None) -> dict:
+def make_batch(sequences: list[tuple[np.ndarray, np.ndarray]], device=None, join_documents: bool = False) -> dict:
     """Flatten sequences into one row of B*T tokens with `cu_seqlens` over all segments, position ids restarting per
     segment, and next-token targets that never cross a segment boundary (IGNORE at each segment's last token).
     `rows`: how many equal-length rows the flat row splits into (B when all sequences have one length, else 1); a
-    model without cu_seqlens (the teacher) runs on those rows, so its attention never spans the whole flat row."""
+    model without cu_seqlens (the teacher) runs on those rows, so its attention never spans the whole flat row.
+    `join_documents`: each sequence is one segment (its documents read the earlier ones, positions run through it,
+    targets cross the end-of-text tokens between documents, as in most pre-training); with equal lengths
+    `cu_seqlens` is None and every model runs on the `rows`."""
     ids, pos, targets, cu = [], [], [], [0]
     offset = 0
     for tokens, starts in sequences:
         T = len(tokens)
-        bounds = list(starts) + [T]
+        bounds = ([0] if join_documents else list(starts)) + [T]
         p = np.zeros(T, dtype=np.int64)
         t = np.full(T, IGNORE, dtype=np.int64)
         for a, b in zip(bounds[:-1], bounds[1:]):
@@ -319,6 +322,8 @@ def make_batch(sequences: list[tuple[np.ndarray, np.ndarray]], device=None) -> d
     if device is not None:
         batch = {k: v.to(device) for k, v in batch.items()}
     batch["rows"] = len(sequences) if len({len(t) for t, _ in sequences}) == 1 else 1
+    if join_documents and batch["rows"] == len(sequences):
+        batch["cu_seqlens"] = None  # every row is one segment: the plain batched path, no varlen kernels
     return batch
 
 

@@ -79,12 +79,14 @@ def note_document_reach(recipe: Recipe, corpus, main: bool) -> list[str]:
     attend across a boundary). Printed by the main process; returned for callers and tests."""
     notes = []
     for stage in recipe.stages:
+        if stage.join_documents:  # its documents read each other: the sequence is the context
+            continue
         reach = corpus.document_reach(training_weights(recipe, stage))
         if 0 < reach < stage.seq_len // 2:
             notes.append(f"note: stage {stage.name!r} reads {stage.seq_len}-token sequences, but half of its tokens sit "
                          f"in documents of {reach} tokens or fewer, and attention never crosses a document boundary: "
                          "it trains little context past that (longer documents: more text per document, or "
-                         "min_new_tokens on teacher sources)")
+                         "min_new_tokens on teacher sources, or join_documents)")
     return _printed(notes, main)
 
 

@@ -168,6 +168,10 @@ class StageSpec:
     # back over the gap (induction at the stage's length); 0 leaves the text as it is
     recall: float = 0.0
     recall_span: int = 64
+    # the documents of a sequence read the earlier ones (one segment per sequence, positions through it, as in most
+    # pre-training): every sequence trains the stage's whole length of context even where documents are short, and
+    # the teacher reads the same rows; false keeps each document on its own (attention and states never cross)
+    join_documents: bool = False
     # train past the teacher's max_position_embeddings (a long-context stage with HyPE): refused unless set
     past_source_context: bool = False
 

@@ -82,7 +82,7 @@ def teacher_inputs(model, teacher_hidden):
     for i, layer in enumerate(_decoder_layers(model)):
         def swap(module, args, i=i):
             h = args[0]
-            return (teacher_hidden[i].detach().to(h.dtype),) + tuple(args[1:])
+            return (teacher_hidden[i].detach().to(h.dtype).reshape(h.shape),) + tuple(args[1:])
 
         hooks.append(layer.register_forward_pre_hook(swap))
     try:
@@ -133,11 +133,26 @@ def teacher_outputs(teacher, batch: dict, need_hidden: bool, need_logits: bool =
     out = teacher(input_ids=batch["input_ids"].view(rows, -1), position_ids=batch["position_ids"].view(rows, -1),
                   output_hidden_states=need_hidden, use_cache=False, logits_to_keep=0 if need_logits else 1)
 
-    def flat(t):
-        return t.reshape(1, -1, t.shape[-1])
+    return SimpleNamespace(logits=_one_row(out.logits),
+                           hidden_states=tuple(_one_row(h) for h in out.hidden_states) if need_hidden else None)
 
-    return SimpleNamespace(logits=flat(out.logits),
-                           hidden_states=tuple(flat(h) for h in out.hidden_states) if need_hidden else None)
+
+def student_outputs(model, batch: dict, **kwargs) -> SimpleNamespace:
+    """The student's logits and hidden states for `batch` as one row of B*T tokens: one call over the flat row with
+    `cu_seqlens`, or, where the batch has none (joined documents), one call over its B rows, flattened."""
+    if batch["cu_seqlens"] is not None:
+        out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], cu_seqlens=batch["cu_seqlens"],
+                    use_cache=False, **kwargs)
+        return SimpleNamespace(logits=out.logits, hidden_states=out.hidden_states)
+    rows = batch["rows"]
+    out = model(input_ids=batch["input_ids"].view(rows, -1), position_ids=batch["position_ids"].view(rows, -1),
+                use_cache=False, **kwargs)
+    hidden = tuple(_one_row(h) for h in out.hidden_states) if out.hidden_states is not None else None
+    return SimpleNamespace(logits=_one_row(out.logits), hidden_states=hidden)
+
+
+def _one_row(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(1, -1, t.shape[-1])
 
 
 def hidden_loss_layers(layer_types: list[str], which: str) -> list[int]:
@@ -163,9 +178,8 @@ def loss_parts(model, teacher, batch: dict, loss_spec, hidden_layers: list[int])
     swap = (teacher_inputs(model, t_out.hidden_states) if loss_spec.hidden_inputs == "teacher_inputs"
             else contextlib.nullcontext())
     with swap, mixer_outputs(model, skip_mlp=True) if at_mixers else contextlib.nullcontext([]) as s_mix:
-        out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], cu_seqlens=batch["cu_seqlens"],
-                    output_hidden_states=need_hidden and not at_mixers, use_cache=False,
-                    logits_to_keep=0 if need_logits else 1)
+        out = student_outputs(model, batch, output_hidden_states=need_hidden and not at_mixers,
+                              logits_to_keep=0 if need_logits else 1)
     if at_mixers:  # hidden_mse_sum reads layer i at entry i + 1 and counts tokens from entry 0
         parts["hidden_mse"] = hidden_mse_sum((s_mix[0], *s_mix), (t_mix[0], *t_mix), hidden_layers)
     elif loss_spec.hidden_mse > 0:
@@ -519,7 +533,8 @@ def _step_batches(run: _Run, st: _Stage, step: int) -> list[dict]:
     """This process's micro-batches of the step: its contiguous share of the step's globally numbered sequences."""
     plan, acc = st.plan, run.acc
     base = step * plan.sequences_per_step + acc.process_index * plan.per_process
-    return [make_batch([st.stream[base + j * plan.micro_batch + i] for i in range(plan.micro_batch)], acc.device)
+    return [make_batch([st.stream[base + j * plan.micro_batch + i] for i in range(plan.micro_batch)], acc.device,
+                       join_documents=st.spec.join_documents)
             for j in range(plan.accumulation)]
 
 
