@@ -222,6 +222,11 @@ def test_joined_documents_give_the_losses_of_whole_rows(tiny_pair):
     for k in sums:
         assert float(parts[k][0]) == pytest.approx(sums[k], rel=1e-4), k
     assert abs(float(apart["ce"][0]) - sums["ce"]) > 1e-3
+    # a separator replaces the end of each document followed by another, in the inputs and the targets
+    sep = make_batch(seqs, join_documents=True, separator=96)
+    assert [i for i in range(48) if sep["input_ids"][0, i] != batch["input_ids"][0, i]] == [4, 16, 32]
+    assert (sep["input_ids"][0, [4, 16, 32]] == 96).all() and sep["targets"][0, 3].item() == 96
+    assert int(seqs[0][0][4]) != 96  # the caller's tokens are left as they were
     # unequal lengths cannot be rows: one segment per sequence through cu_seqlens instead
     uneven = make_batch([seqs[0], (seqs[1][0][:17], np.array([0, 9]))], join_documents=True)
     assert uneven["rows"] == 1 and uneven["cu_seqlens"].tolist() == [0, 24, 41]

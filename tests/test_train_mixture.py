@@ -305,7 +305,7 @@ def test_a_stage_with_joined_documents_trains_and_exports(tmp_path):
     src = S.make_tiny_source(tmp_path / "src", docs, layers=2)
     stage = {"name": "distil", "seq_len": 64, "global_batch_tokens": 256, "micro_batch_size": 2, "steps": 2,
              "lr": 1e-3, "schedule": "constant", "trainable": "all", "join_documents": True,
-             "loss": {"kl": 1.0, "ce": 0.5}}
+             "document_separator": "a", "loss": {"kl": 1.0, "ce": 0.5}}
     recipe = S.tiny_recipe(src / "model.safetensors", docs, tmp_path / "out", tmp_path / "cache", stages=[stage])
     recipe["data"]["heldout_fraction"] = 0.0
     result = CliRunner().invoke(main, ["train", str(S.write_recipe(tmp_path / "r.yaml", recipe))])
@@ -315,3 +315,28 @@ def test_a_stage_with_joined_documents_trains_and_exports(tmp_path):
     losses = [r["loss"] for r in rows if "loss" in r]
     assert len(losses) == 2 and all(math.isfinite(x) and x > 0 for x in losses)
     assert (tmp_path / "out" / "model" / "model.safetensors").is_file()
+
+
+def test_document_separator_is_checked_against_the_recipe_and_the_tokenizer(tmp_path):
+    from click.testing import CliRunner
+
+    from hybridize.cli import main
+
+    recipe = _good(tmp_path)
+    recipe["stages"][1]["document_separator"] = "<s>"
+    with pytest.raises(RecipeError, match=r"stages\[1\].document_separator: only with join_documents"):
+        load_recipe(S.write_recipe(tmp_path / "a.yaml", recipe))
+    recipe["stages"][1]["join_documents"] = True
+    recipe["data"]["append_eos"] = False
+    with pytest.raises(RecipeError, match=r"stages\[1\].document_separator: replaces the end-of-text token"):
+        load_recipe(S.write_recipe(tmp_path / "b.yaml", recipe))
+    docs = S.write_documents(tmp_path / "docs", count=3, chars=600)
+    src = S.make_tiny_source(tmp_path / "src", docs, layers=2)
+    stage = {"name": "distil", "seq_len": 64, "global_batch_tokens": 128, "micro_batch_size": 2, "steps": 1,
+             "lr": 1e-3, "trainable": "all", "join_documents": True, "document_separator": "<|nothing|>",
+             "loss": {"ce": 1.0}}
+    tiny = S.tiny_recipe(src / "model.safetensors", docs, tmp_path / "out", tmp_path / "cache", stages=[stage])
+    result = CliRunner().invoke(main, ["train", str(S.write_recipe(tmp_path / "c.yaml", tiny))])
+    assert result.exit_code == 2, result.output
+    assert "stages[0].document_separator: the tokenizer has no token '<|nothing|>'" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "out" / "model").exists()

@@ -290,18 +290,23 @@ def pack(docs: TokenizedDocs, seq_len: int) -> PackedSequences:
     return PackedSequences(tokens, starts)
 
 
-def make_batch(sequences: list[tuple[np.ndarray, np.ndarray]], device=None, join_documents: bool = False) -> dict:
+def make_batch(sequences: list[tuple[np.ndarray, np.ndarray]], device=None, join_documents: bool = False,
+               separator: int | None = None) -> dict:
     """Flatten sequences into one row of B*T tokens with `cu_seqlens` over all segments, position ids restarting per
     segment, and next-token targets that never cross a segment boundary (IGNORE at each segment's last token).
     `rows`: how many equal-length rows the flat row splits into (B when all sequences have one length, else 1); a
     model without cu_seqlens (the teacher) runs on those rows, so its attention never spans the whole flat row.
     `join_documents`: each sequence is one segment (its documents read the earlier ones, positions run through it,
-    targets cross the end-of-text tokens between documents, as in most pre-training); with equal lengths
-    `cu_seqlens` is None and every model runs on the `rows`."""
+    targets cross the end-of-text tokens between documents, as pre-training commonly packs text); with equal
+    lengths `cu_seqlens` is None and every model runs on the `rows`. `separator`: with join_documents, the token id
+    that replaces the last token (the end of text) of every document followed by another in the sequence."""
     ids, pos, targets, cu = [], [], [], [0]
     offset = 0
     for tokens, starts in sequences:
         T = len(tokens)
+        if join_documents and separator is not None and len(starts) > 1:
+            tokens = tokens.copy()
+            tokens[np.asarray(starts[1:]) - 1] = separator
         bounds = ([0] if join_documents else list(starts)) + [T]
         p = np.zeros(T, dtype=np.int64)
         t = np.full(T, IGNORE, dtype=np.int64)

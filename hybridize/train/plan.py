@@ -107,3 +107,20 @@ def _printed(notes: list[str], main: bool) -> list[str]:
         for note in notes:
             print(note, flush=True)
     return notes
+
+
+def document_separators(recipe: Recipe, tokenizer) -> list[int | None]:
+    """Each stage's `document_separator` as a token id (None where a stage has none); a token the tokenizer does not
+    know is a RecipeError naming the stage's field."""
+    ids = []
+    for i, stage in enumerate(recipe.stages):
+        token = stage.document_separator
+        if token is None:
+            ids.append(None)
+            continue
+        vocab = tokenizer.get_vocab()
+        if token not in vocab:
+            raise RecipeError(f"stages[{i}].document_separator: the tokenizer has no token {token!r} (its special "
+                              f"tokens: {', '.join(map(repr, tokenizer.all_special_tokens)) or 'none'})")
+        ids.append(vocab[token])
+    return ids

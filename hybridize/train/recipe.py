@@ -172,6 +172,10 @@ class StageSpec:
     # pre-training): every sequence trains the stage's whole length of context even where documents are short, and
     # the teacher reads the same rows; false keeps each document on its own (attention and states never cross)
     join_documents: bool = False
+    # with join_documents: the token put between joined documents in place of each one's end-of-text token (e.g. the
+    # base model's "<|endoftext|>" where the tokenizer's end of text is an instruct model's end of turn); default:
+    # the end-of-text token as cached
+    document_separator: str | None = None
     # train past the teacher's max_position_embeddings (a long-context stage with HyPE): refused unless set
     past_source_context: bool = False
 
@@ -439,6 +443,11 @@ def validate(recipe: Recipe) -> Recipe:
             _fail(f, f"{w}.min_lr", "the exponential schedule needs min_lr > 0")
         if len(s.betas) != 2:
             _fail(f, f"{w}.betas", f"must be two numbers, got {s.betas}")
+        if s.document_separator is not None and not s.join_documents:
+            _fail(f, f"{w}.document_separator", "only with join_documents: true (it stands between joined documents)")
+        if s.document_separator is not None and not recipe.data.append_eos:
+            _fail(f, f"{w}.document_separator", "replaces the end-of-text token each document ends with: needs "
+                                                "data.append_eos: true")
         if s.recall > 0 and 4 * s.recall_span > s.seq_len:
             _fail(f, f"{w}.recall_span", f"a recall copy needs a document of 4 spans: 4 x {s.recall_span} is more "
                                          f"than seq_len {s.seq_len}")

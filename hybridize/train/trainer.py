@@ -30,7 +30,8 @@ from .data import RecallStream, build_corpus, make_batch
 from .losses import IGNORE, cross_entropy_sum, hidden_mse_sum, kl_sum
 from .models import load_models
 from .params import apply_lora, merge_lora, parameter_groups, select_trainable
-from .plan import StagePlan, check_context, note_document_reach, note_repetition_cut, plan_stage, training_weights
+from .plan import (StagePlan, check_context, document_separators, note_document_reach, note_repetition_cut, plan_stage,
+                   training_weights)
 from .recipe import Recipe, RecipeError, StageSpec, fingerprint_difference, run_fingerprint
 from .rundir import check_output_dir, created_by_this_run, remove_failed_run, trim_metrics
 from .schedule import make_scheduler
@@ -345,6 +346,7 @@ class _Run:
     on_step: object
     last_good: str | None = None  # the newest checkpoint written (named when a non-finite loss stops the run)
     stop: StopFlag | None = None
+    separators: list = field(default_factory=list)  # each stage's document_separator token id, or None
 
     @property
     def main(self) -> bool:
@@ -404,6 +406,7 @@ def _setup(recipe: Recipe, output: Path, *, resume, accelerator, on_step, models
     set_seed(recipe.seed)
     check_backend(acc, recipe)
     student, teacher, tokenizer, description = _models(recipe, acc, models)
+    separators = document_separators(recipe, tokenizer)
     default_dense_len = student.config.sparse_dense_len
     with acc.main_process_first():
         corpus = build_corpus(recipe.data, tokenizer, recipe.seed, teacher=teacher,
@@ -426,7 +429,7 @@ def _setup(recipe: Recipe, output: Path, *, resume, accelerator, on_step, models
     if acc.trackers:
         acc.init_trackers("hybridize", config={"stages": len(recipe.stages), "seed": recipe.seed})
     run = _Run(recipe, acc, output, state, TrainResult(output, None), teacher, tokenizer, corpus, student.config,
-               default_dense_len, ckpt, on_step, last_good=str(ckpt) if ckpt else None)
+               default_dense_len, ckpt, on_step, last_good=str(ckpt) if ckpt else None, separators=separators)
     return run, student
 
 
@@ -534,7 +537,7 @@ def _step_batches(run: _Run, st: _Stage, step: int) -> list[dict]:
     plan, acc = st.plan, run.acc
     base = step * plan.sequences_per_step + acc.process_index * plan.per_process
     return [make_batch([st.stream[base + j * plan.micro_batch + i] for i in range(plan.micro_batch)], acc.device,
-                       join_documents=st.spec.join_documents)
+                       join_documents=st.spec.join_documents, separator=run.separators[st.index])
             for j in range(plan.accumulation)]
 
 
