@@ -4,6 +4,7 @@ run once and cached, plain-text sources read without `datasets`."""
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -83,6 +84,8 @@ def test_stage_weights_skip_heldout_sources(tmp_path):
     (lambda r: r["data"]["sources"][0].update(unprompted=True), "data.sources[0].unprompted", "only a teacher source"),
     (lambda r: r["data"]["sources"].append({"type": "teacher", "max_new_tokens": 8, "min_new_tokens": 9}),
      "data.sources[1].min_new_tokens", "more than max_new_tokens"),
+    (lambda r: r["data"]["sources"].append({"type": "teacher", "start_token": "<eos>"}),
+     "data.sources[1].start_token", "only with unprompted"),
 ])
 def test_new_fields_are_validated(tmp_path, mutate, field, words):
     recipe = _good(tmp_path)
@@ -126,6 +129,16 @@ def test_unprompted_teacher_samples_start_from_the_begin_of_text_token_alone(tmp
     start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
     assert first_inputs[0].tolist() == [[start], [start]]  # one token per sample, once, whatever the tokenizer adds
     assert corpus.train[0].num_docs == 5
+    # start_token: another start, a new cache key (nothing of the first corpus is read back)
+    recipe["data"]["sources"][0]["start_token"] = "a"
+    first_inputs.clear()
+    spec = load_recipe(S.write_recipe(tmp_path / "s.yaml", recipe)).data
+    build_corpus(spec, tok, seed=0, teacher=teacher, teacher_key="tiny")
+    assert first_inputs[0].tolist() == [[tok.convert_tokens_to_ids("a")]] * 2
+    recipe["data"]["sources"][0]["start_token"] = "<|nothing|>"
+    with pytest.raises(ValueError, match=re.escape("start_token: the tokenizer has no token '<|nothing|>'")):
+        build_corpus(load_recipe(S.write_recipe(tmp_path / "t.yaml", recipe)).data, tok, seed=0, teacher=teacher,
+                     teacher_key="tiny")
 
 
 def test_min_new_tokens_holds_off_the_end_of_text(tmp_path):
@@ -340,3 +353,10 @@ def test_document_separator_is_checked_against_the_recipe_and_the_tokenizer(tmp_
     assert result.exit_code == 2, result.output
     assert "stages[0].document_separator: the tokenizer has no token '<|nothing|>'" in result.output
     assert "Traceback" not in result.output and not (tmp_path / "out" / "model").exists()
+    # a source's start_token is checked at the same point, before the teacher samples anything
+    stage["document_separator"] = "a"
+    tiny["stages"] = [stage]
+    tiny["data"]["sources"].append({"type": "teacher", "unprompted": True, "start_token": "<|none|>"})
+    result = CliRunner().invoke(main, ["train", str(S.write_recipe(tmp_path / "d.yaml", tiny))])
+    assert result.exit_code == 2, result.output
+    assert "data.sources[1].start_token: the tokenizer has no token '<|none|>'" in result.output

@@ -111,7 +111,9 @@ def generate_documents(teacher, tokenizer, src, seed: int, progress: bool = True
     device = next(teacher.parameters()).device
     gen = torch.Generator(device="cpu").manual_seed(seed)
     torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
-    pool = [_start_token(tokenizer)] if src.unprompted else (src.prompts or builtin_prompts())
+    if src.start_token is not None and src.start_token not in tokenizer.get_vocab():
+        raise ValueError(f"start_token: the tokenizer has no token {src.start_token!r}")
+    pool = [src.start_token or _start_token(tokenizer)] if src.unprompted else (src.prompts or builtin_prompts())
     prompts = [pool[i % len(pool)] for i in range(src.num_samples)]
     out = []
     old_side, old_pad = tokenizer.padding_side, tokenizer.pad_token
@@ -198,7 +200,8 @@ def source_fingerprint(src, tokenizer, append_eos: bool, extra: str = "") -> str
     spec = dict(vars(src))
     spec.pop("weight", None)
     spec.pop("heldout", None)
-    for name, default in (("unprompted", False), ("min_new_tokens", 0)):  # fields added later, at their defaults:
+    for name, default in (("unprompted", False), ("min_new_tokens", 0), ("start_token", None)):  # fields added later,
+        # at their defaults:
         if spec.get(name) == default:  # keys written before they existed stay valid (no re-sampling of that text)
             spec.pop(name, None)
     spec.pop("max_repetition", None)  # applied to the cached tokens, so the cache holds every token

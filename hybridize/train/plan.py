@@ -110,17 +110,19 @@ def _printed(notes: list[str], main: bool) -> list[str]:
 
 
 def document_separators(recipe: Recipe, tokenizer) -> list[int | None]:
-    """Each stage's `document_separator` as a token id (None where a stage has none); a token the tokenizer does not
-    know is a RecipeError naming the stage's field."""
-    ids = []
-    for i, stage in enumerate(recipe.stages):
-        token = stage.document_separator
-        if token is None:
-            ids.append(None)
-            continue
-        vocab = tokenizer.get_vocab()
+    """Each stage's `document_separator` as a token id (None where a stage has none). Every token a recipe names
+    (those and the sources' `start_token`) is checked here, before any sampling or training: one the tokenizer does
+    not know is a RecipeError naming its field."""
+    vocab = tokenizer.get_vocab()
+
+    def known(token, where):
         if token not in vocab:
-            raise RecipeError(f"stages[{i}].document_separator: the tokenizer has no token {token!r} (its special "
-                              f"tokens: {', '.join(map(repr, tokenizer.all_special_tokens)) or 'none'})")
-        ids.append(vocab[token])
-    return ids
+            raise RecipeError(f"{where}: the tokenizer has no token {token!r} (its special tokens: "
+                              f"{', '.join(map(repr, tokenizer.all_special_tokens)) or 'none'})")
+        return vocab[token]
+
+    for i, src in enumerate(recipe.data.sources):
+        if src.start_token is not None:
+            known(src.start_token, f"data.sources[{i}].start_token")
+    return [None if s.document_separator is None else known(s.document_separator, f"stages[{i}].document_separator")
+            for i, s in enumerate(recipe.stages)]

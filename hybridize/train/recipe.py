@@ -88,6 +88,9 @@ class SourceSpec:
     # start every sample from the tokenizer's begin-of-text token alone: the teacher writes documents of its own
     # pre-training kind, in proportions it chose, instead of continuations of prompts someone picked
     unprompted: bool = False
+    # unprompted samples start from this token instead (e.g. the base model's document separator "<|endoftext|>"
+    # where the tokenizer's begin-of-text is an instruct model's start of turn)
+    start_token: str | None = None
     num_samples: int = 16
     max_new_tokens: int = 256
     # the end of text held off for this many new tokens: documents as long as the stages that read them (the teacher
@@ -418,6 +421,8 @@ def validate(recipe: Recipe) -> Recipe:
                 _fail(f, f"{w}.prompts", "an empty list: give prompts, or leave prompts out for the built-in ones")
             if s.min_new_tokens > s.max_new_tokens:
                 _fail(f, f"{w}.min_new_tokens", f"{s.min_new_tokens} is more than max_new_tokens ({s.max_new_tokens})")
+            if s.start_token is not None and not s.unprompted:
+                _fail(f, f"{w}.start_token", "the token unprompted samples start from: only with unprompted: true")
             if s.unprompted and s.prompts is not None:
                 _fail(f, f"{w}.unprompted", "samples start from no prompt: drop `prompts` or set unprompted: false")
         elif not s.path:
