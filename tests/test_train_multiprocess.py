@@ -44,14 +44,16 @@ def test_two_processes_match_one(tmp_path):
 
 
 def test_retention_recipe_parts_under_two_processes(tmp_path):
-    """Teacher-written text, layers placed by a scoring method and a final stage with its own data mixture, recall
-    copies and the sparse path on: two processes follow one process's losses, and only the first scores the layers."""
+    """Teacher-written text, layers placed by a scoring method, distillation on joined documents with another
+    separator, and a final stage with its own data mixture, recall copies and the sparse path on: two processes follow
+    one process's losses, and only the first scores the layers."""
     docs = S.write_documents(tmp_path / "docs")
     src = S.make_tiny_source(tmp_path / "src", docs, layers=4)
     recipe = S.tiny_recipe(src, docs, tmp_path / "one", tmp_path / "cache1")
     recipe["model"].update(select="block_influence", hype=True)
     recipe["data"]["sources"] = [{"type": "teacher", "num_samples": 6, "max_new_tokens": 40, "batch_size": 3},
                                  {"type": "text", "path": str(docs)}]
+    recipe["stages"][1].update(join_documents=True, document_separator="a")
     recipe["stages"].append({"name": "long", "seq_len": 128, "global_batch_tokens": 256, "micro_batch_size": 1,
                              "steps": 2, "lr": 1e-4, "trainable": ["*.self_attn.*"], "sparse": True, "dense_len": 32,
                              "data_weights": [0.0, 1.0], "recall": 0.5, "recall_span": 16, "loss": {"ce": 1.0}})
