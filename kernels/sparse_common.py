@@ -63,8 +63,16 @@ def _count(length, kernel: int, stride: int):
     return 0 if length < kernel else (length - kernel) // stride + 1
 
 
+def _host_to_device(t: torch.Tensor, device, dtype=torch.int32) -> torch.Tensor:
+    """A small host-built table on `device` without waiting for the GPU: a blocking copy synchronises the stream
+    first, an asynchronous one from pageable memory is staged before the call returns, so the CPU tensor may go at
+    once."""
+    return t.to(device, dtype, non_blocking=True)
+
+
 def _documents(cu_seqlens, total: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Packed documents: (starts, lengths) as CPU int64 tensors, validated against the packed length."""
+    """Packed documents: (starts, lengths) as CPU int64 tensors, validated against the packed length. A CPU
+    `cu_seqlens` costs no host synchronisation; a CUDA one waits for the GPU."""
     cu = torch.as_tensor(cu_seqlens).detach().to("cpu", torch.int64).view(-1)
     if cu.numel() < 2 or int(cu[0]) != 0 or int(cu[-1]) != total or bool((cu[1:] < cu[:-1]).any()):
         raise ValueError(f"cu_seqlens must rise from 0 to the packed length {total}, got {cu.tolist()[:8]}...")

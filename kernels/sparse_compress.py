@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from .sparse_common import HAS_TRITON, _coarse_count, _count, _documents, tl, triton
+from .sparse_common import HAS_TRITON, _coarse_count, _count, _documents, _host_to_device, tl, triton
 
 if HAS_TRITON:
 
@@ -49,7 +49,7 @@ def compress_keys_triton(k: torch.Tensor, kernel: int = 32, stride: int = 16, cu
         n = int(nc.sum())
         first = torch.cumsum(nc, 0) - nc
         doc = torch.repeat_interleave(torch.arange(len(nc)), nc)
-        starts = (a[doc] + (torch.arange(n) - first[doc]) * stride).to(device=k.device, dtype=torch.int32)
+        starts = _host_to_device(a[doc] + (torch.arange(n) - first[doc]) * stride, k.device)
     out = torch.empty(B, H, n, D, dtype=torch.float32, device=k.device)
     if n == 0:
         return out
@@ -80,7 +80,8 @@ def coarse_from_compressed(ckeys: torch.Tensor, kernel: int, stride: int, coarse
     else:
         c0 = torch.cumsum(counts, 0) - counts
         doc = torch.repeat_interleave(torch.arange(len(counts)), n2)
-        first = (c0[doc] + (torch.arange(int(n2.sum())) - (torch.cumsum(n2, 0) - n2)[doc]) * step).to(dev)
+        first = _host_to_device(c0[doc] + (torch.arange(int(n2.sum())) - (torch.cumsum(n2, 0) - n2)[doc]) * step,
+                                dev, torch.int64)
     total = int(first.numel())
     if total == 0:
         return ckeys.new_zeros(ckeys.shape[0], ckeys.shape[1], 0, ckeys.shape[3])

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .sparse_common import (_LOG2E, HAS_TRITON, _coarse_count, _count, _documents, _launch_extra, _pow2,
-                            _tiles, tl, triton)
+from .sparse_common import (_LOG2E, HAS_TRITON, _coarse_count, _count, _documents, _host_to_device, _launch_extra,
+                            _pow2, _tiles, tl, triton)
 from .sparse_compress import coarse_from_compressed
 from .sparse_reference import SparseOptions, _choose
 
@@ -305,7 +305,7 @@ def _pack(cu_seqlens, T: int, row_tokens: int, block_size: int, kernel: int, str
     jb = torch.arange(int(nb.sum())) - kb0[kdoc]
     kbt = torch.stack([a[kdoc], jb, L[kdoc], torch.zeros_like(jb)], 1)
     q_pos = torch.arange(T) - torch.repeat_interleave(a, L)
-    return _Packed(rows.to(device, torch.int32), kbt.to(device, torch.int32), q_pos.to(device, torch.int32),
+    return _Packed(_host_to_device(rows, device), _host_to_device(kbt, device), _host_to_device(q_pos, device),
                    int(nb.max()) if nd else 0, int(nc.max()) if nd else 0, nc)
 
 

@@ -58,7 +58,7 @@ import torch
 import torch.nn.functional as F
 
 from .sparse_attention import block_sparse_attention_triton
-from .sparse_common import HAS_TRITON, _documents
+from .sparse_common import HAS_TRITON, _documents, _host_to_device
 from .sparse_compress import coarse_from_compressed, compress_keys_triton
 from .sparse_decode import decode_attention_triton, decode_select_triton
 from .sparse_reference import SparseOptions
@@ -124,7 +124,7 @@ def _keeps_every_block(length: int, o: SparseOptions) -> bool:
     return length < o.dense_len or -(-length // o.block_size) <= o.topk
 
 
-def _dense_documents(q, k, v, cu_seqlens, longest: int, scale: float) -> torch.Tensor | None:
+def _dense_documents(q, k, v, cu_seqlens: torch.Tensor, longest: int, scale: float) -> torch.Tensor | None:
     """Causal attention inside each packed document (B == 1) in one flash varlen call, (1, H, T, D); None where
     this torch or dtype has no such call. The model's q, k, v are (T, H, D) in memory, so the transposes copy nothing;
     K/V heads are repeated for grouped queries (head h reads K/V head h // group, as SDPA's enable_gqa)."""
@@ -134,7 +134,7 @@ def _dense_documents(q, k, v, cu_seqlens, longest: int, scale: float) -> torch.T
     qt, kt, vt = (x[0].transpose(0, 1) for x in (q, k, v))
     if group > 1:
         kt, vt = kt.repeat_interleave(group, dim=1), vt.repeat_interleave(group, dim=1)
-    cu = cu_seqlens.to(torch.int32)
+    cu = _host_to_device(cu_seqlens, q.device)
     o = _varlen_attn(qt, kt, vt, cu, cu, longest, longest, scale=scale, **_VARLEN_CAUSAL)
     return o.transpose(0, 1)[None]
 
@@ -162,14 +162,14 @@ def infllm_v2_attention_triton(
     options: SparseOptions | None = None,
     coarse_keys: torch.Tensor | None = None,
     cu_seqlens: torch.Tensor | None = None,
-    longest_document: int | None = None,
     tuning: dict | None = None,
     **fields,
 ) -> torch.Tensor:
     """`infllm_v2_attention` on the Triton kernels (dense SDPA while every query is short).
     `cu_seqlens`: packed documents (B == 1, queries = keys, q_pos ignored: positions restart at each document);
     block mode runs every document in the same launches, token mode once per document, one flash varlen call when
-    every document is dense. `longest_document`: the longest one's length where the caller knows it (no host sync).
+    every document is dense. A CPU `cu_seqlens` (the model passes one) lets the forward run without waiting for the
+    GPU: the row tables are built on the host and copied asynchronously.
     `options` / `fields`: SparseOptions."""
     o = SparseOptions.of(options, **fields)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
@@ -177,11 +177,8 @@ def infllm_v2_attention_triton(
     if cu_seqlens is not None:
         if q.shape[0] != 1 or q.shape[2] != Tk or ckeys is not None or coarse_keys is not None:
             raise ValueError("packed documents (cu_seqlens) need batch 1, as many queries as keys and no cached keys")
-        if longest_document is not None and _keeps_every_block(longest_document, o):
-            out = _dense_documents(q, k, v, cu_seqlens, longest_document, scale)
-            if out is not None:
-                return out
         a, L = _documents(cu_seqlens, Tk)
+        cu_seqlens = torch.cat([a, a[-1:] + L[-1:]])  # on the host from here: the kernels' tables are built there
         all_dense = _keeps_every_block(int(L.max()), o)
         if all_dense:
             out = _dense_documents(q, k, v, cu_seqlens, int(L.max()), scale)

@@ -762,7 +762,7 @@ if __name__ == "__main__":  # the interpreter child process
 @pytest.mark.parametrize("Hq,Hkv", [(9, 3), (4, 4)])
 def test_gpu_dense_packed_documents_take_flash_without_host_sync(seed, Hq, Hkv):
     """Packed documents that are all dense (distillation's rows) run as causal attention per document, forward and
-    backward, and with the longest length given the call never waits for the GPU."""
+    backward, and with cu_seqlens on the host (as the model passes it) the call never waits for the GPU."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     import torch.nn.functional as F
@@ -773,6 +773,7 @@ def test_gpu_dense_packed_documents_take_flash_without_host_sync(seed, Hq, Hkv):
         pytest.skip("this torch has no varlen attention")
     lengths = [401, 1, 777, 64, 805]
     cu = torch.tensor([0] + lengths, device="cuda").cumsum(0)
+    cu_host = cu.cpu()
     T = sum(lengths)
     q, k, v, _ = _gpu_inputs(1, Hq, Hkv, 64, T, T, seed)
     opts = dict(dense_len=1024, selection="block")
@@ -780,7 +781,7 @@ def test_gpu_dense_packed_documents_take_flash_without_host_sync(seed, Hq, Hkv):
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        o = st.infllm_v2_attention_triton(qs, ks, vs, None, cu_seqlens=cu, longest_document=max(lengths), **opts)
+        o = st.infllm_v2_attention_triton(qs, ks, vs, None, cu_seqlens=cu_host, **opts)
         g = torch.randn_like(o)
         o.backward(g)
     finally:
@@ -794,6 +795,30 @@ def test_gpu_dense_packed_documents_take_flash_without_host_sync(seed, Hq, Hkv):
     for a, b in ((qs, qd), (ks, kd), (vs, vd)):
         err = (a.grad.float() - b.grad.float()).abs().max().item()
         assert err < 2e-2 * max(1.0, b.grad.float().abs().max().item()), err
-    # without the length the call learns it (one host read) and computes the same
+    # cu_seqlens on the GPU: one host read, the same function
     again = st.infllm_v2_attention_triton(q, k, v, None, cu_seqlens=cu, **opts)
     assert (again.float() - o.detach().float()).abs().max() < 1e-3
+
+
+@gpu
+def test_gpu_packed_block_forward_with_host_documents_never_waits(seed):
+    """Packed documents past dense_len (the long stage's rows): with cu_seqlens on the host the forward's tables are
+    built there and copied asynchronously, so compression, selection and attention run without a host sync, and give
+    what the same call with cu_seqlens on the GPU gives."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from hybridize.kernels import sparse_triton as st
+
+    lengths = [3001, 70, 6000, 1, 2100]
+    cu = torch.tensor([0] + lengths).cumsum(0)
+    q, k, v, _ = _gpu_inputs(1, 8, 2, 128, sum(lengths), sum(lengths), seed)
+    opts = dict(topk=16, local_blocks=4, dense_len=1024, selection="block", coarse=True)
+    with torch.no_grad():
+        want = st.infllm_v2_attention_triton(q, k, v, None, cu_seqlens=cu.cuda(), **opts)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            got = st.infllm_v2_attention_triton(q, k, v, None, cu_seqlens=cu, **opts)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    assert (got.float() - want.float()).abs().max() < 1e-3

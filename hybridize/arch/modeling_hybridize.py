@@ -232,8 +232,9 @@ class AttentionContext:
     cache: HybridCache | None
     # Lightning layers update the cache's states in place (a decode graph's kernels were recorded on those buffers)
     lightning_in_place: bool = False
-    # the longest packed document (one host sync per forward instead of one per sparse layer and kernel)
-    longest_document: int | None = None
+    # cu_seqlens on the CPU: the sparse layers build their row tables from it on the host, so one copy per forward
+    # replaces a host synchronisation per sparse layer and kernel
+    cu_seqlens_host: torch.Tensor | None = None
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -385,8 +386,7 @@ class SparseAttention(nn.Module):
         opts = self.sparse_options()
         Tq, Tk = q.shape[2], k.shape[2]
         if ctx.cu_seqlens is not None:  # packed documents: attention never crosses a boundary (one varlen call)
-            return sparse_attention(q, k, v, None, cu_seqlens=ctx.cu_seqlens, longest_document=ctx.longest_document,
-                                    **opts)
+            return sparse_attention(q, k, v, None, cu_seqlens=ctx.cu_seqlens_host, **opts)
         if ctx.pad is None:
             pos = torch.arange(Tk - Tq, Tk, device=q.device)
             return sparse_attention(q, k, v, pos, ckeys, coarse_keys=ckeys2, **opts)
@@ -575,8 +575,8 @@ class HybridModel(HybridPreTrainedModel):
             col = torch.arange(past, past + T, device=inputs_embeds.device).view(1, -1)
             position_ids = (col - pad.view(-1, 1)).clamp(min=0) if pad is not None else col.expand(B, -1)
         cos, sin = self.rotary_emb(position_ids)
-        longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens is not None else None
-        ctx = AttentionContext(position_ids, cos, sin, pad, pad_mask, cu_seqlens, cache, longest_document=longest)
+        host = cu_seqlens.detach().to("cpu", torch.int64) if cu_seqlens is not None else None
+        ctx = AttentionContext(position_ids, cos, sin, pad, pad_mask, cu_seqlens, cache, cu_seqlens_host=host)
 
         hidden = inputs_embeds
         all_hidden = [hidden] if output_hidden_states else None
