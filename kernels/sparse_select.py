@@ -357,18 +357,18 @@ class Selection:
         return kbt
 
     def reverse(self, nbt: int):
-        """For each (b, g, global key block), the rows that read it: (offsets, rows), CSR."""
+        """For each (b, g, global key block), the rows that read it: (offsets, rows), CSR. Fixed sizes, so no host
+        sync: unused list slots sort last under a key past every block and sit past the last offset, unread."""
         if self._reverse is None:
             B, H, R, W = self.lists.shape
             dev = self.lists.device
             valid = torch.arange(W, device=dev) < self.counts.unsqueeze(-1)
             bg = torch.arange(B * H, device=dev).view(B, H, 1, 1)
-            keys = (bg * nbt + self.rows[:, 3].long().view(1, 1, R, 1) + self.lists.long())[valid]
-            rows = torch.arange(R, device=dev, dtype=torch.int32).view(1, 1, R, 1).expand(B, H, R, W)[valid]
+            keys = bg * nbt + self.rows[:, 3].long().view(1, 1, R, 1) + self.lists.long()
+            keys = torch.where(valid, keys, B * H * nbt).view(-1)
             order = torch.argsort(keys, stable=True)
-            counts = torch.bincount(keys, minlength=B * H * nbt)
-            off = torch.zeros(B * H * nbt + 1, dtype=torch.int64, device=dev)
-            off[1:] = torch.cumsum(counts, 0)
+            off = torch.searchsorted(keys[order], torch.arange(B * H * nbt + 1, device=dev))
+            rows = torch.arange(R, device=dev, dtype=torch.int32).view(1, 1, R, 1).expand(B, H, R, W).reshape(-1)
             self._reverse = (off, rows[order].contiguous())
         return self._reverse
 

@@ -804,7 +804,8 @@ def test_gpu_dense_packed_documents_take_flash_without_host_sync(seed, Hq, Hkv):
 def test_gpu_packed_block_forward_with_host_documents_never_waits(seed):
     """Packed documents past dense_len (the long stage's rows): with cu_seqlens on the host the forward's tables are
     built there and copied asynchronously, so compression, selection and attention run without a host sync, and give
-    what the same call with cu_seqlens on the GPU gives."""
+    what the same call with cu_seqlens on the GPU gives; the backward's transposed lists have fixed sizes, so it
+    does not wait either, and its gradients are those of the GPU-side call."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     from hybridize.kernels import sparse_triton as st
@@ -813,12 +814,18 @@ def test_gpu_packed_block_forward_with_host_documents_never_waits(seed):
     cu = torch.tensor([0] + lengths).cumsum(0)
     q, k, v, _ = _gpu_inputs(1, 8, 2, 128, sum(lengths), sum(lengths), seed)
     opts = dict(topk=16, local_blocks=4, dense_len=1024, selection="block", coarse=True)
-    with torch.no_grad():
-        want = st.infllm_v2_attention_triton(q, k, v, None, cu_seqlens=cu.cuda(), **opts)
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            got = st.infllm_v2_attention_triton(q, k, v, None, cu_seqlens=cu, **opts)
-        finally:
-            torch.cuda.set_sync_debug_mode(0)
+    qa, ka, va = (x.clone().requires_grad_() for x in (q, k, v))
+    want = st.infllm_v2_attention_triton(qa, ka, va, None, cu_seqlens=cu.cuda(), **opts)
+    g = torch.randn_like(want)
+    want.backward(g)
+    qs, ks, vs = (x.clone().requires_grad_() for x in (q, k, v))
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = st.infllm_v2_attention_triton(qs, ks, vs, None, cu_seqlens=cu, **opts)
+        got.backward(g)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
     assert (got.float() - want.float()).abs().max() < 1e-3
+    for a, b in ((qs, qa), (ks, ka), (vs, va)):
+        assert (a.grad.float() - b.grad.float()).abs().max() < 1e-3
