@@ -508,7 +508,9 @@ def select_blocks_triton(
         packed = _pack(cu_seqlens, Tq, o.select_tokens, o.block_size, o.kernel, o.stride, o.coarse_kernel,
                        o.coarse_stride, device)
         q_pos = packed.q_pos
-    q_pos = q_pos.to(device=device, dtype=torch.int32).contiguous()
+    # where the caller built q_pos on the host (training and prefill: 0..T-1), its first position costs no sync
+    first = int(q_pos[0]) if packed is None and q_pos.device.type == "cpu" and q_pos.numel() else None
+    q_pos = _host_to_device(q_pos, device).contiguous()
     # K1 in the query dtype for the block-mode score kernel (bf16 tensor-core products); float32 otherwise.
     ck = ckeys.detach()
     if o.coarse:
@@ -526,8 +528,9 @@ def select_blocks_triton(
         ck = ck.to(q.dtype).contiguous()
         ck2 = ck if not o.coarse else ck2.to(q.dtype).contiguous()
         if packed is None:
-            # Groups aligned to absolute positions (q_pos is consecutive: q_pos[0] + arange(Tq)); one host sync.
-            off = int(q_pos[0]) % o.select_tokens
+            # Groups aligned to absolute positions (q_pos is consecutive: q_pos[0] + arange(Tq)); one host sync
+            # unless q_pos came from the host.
+            off = (first if first is not None else int(q_pos[0])) % o.select_tokens
             rows = _rows_single(Tq, o.select_tokens, off, device)
             nb_max, nc_max = nb, nc
         else:

@@ -13,7 +13,8 @@ Computes the function of `sparse_reference.py` (same arguments; that file is the
      key). Keys every row sees skip the causal mask; dense groups skip both passes. Then `_block_topk_kernel`, one
      program per (group, KV group): block max-pool over the overlapping K1 keys, forced init/local blocks, dense rule,
      exact top-k by bisection on the order-preserving integer image of the scores (ties: the later block), ascending
-     block list. Groups are aligned to positions (one host read of q_pos[0]); q_pos must be consecutive.
+     block list. Groups are aligned to positions (one host read of q_pos[0], free when q_pos is a CPU tensor, as
+     the model passes it without a cache); q_pos must be consecutive.
    - "token" (default): each query token has its own selection: `_select_scores_kernel` writes per-token group scores
      (two passes as above, fp32 rows x keys), then max-pool / top-k in PyTorch; the attention tiles walk the union of
      their tokens' selections and mask per token (a bitset per token).
@@ -217,8 +218,8 @@ def infllm_v2_attention_triton(
             q = q.contiguous()
         ck = ckeys if ckeys.stride(-1) == 1 else ckeys.contiguous()
         return decode_attention_triton(
-            q, k if k.stride(-1) == 1 else k.contiguous(), v if v.stride(-1) == 1 else v.contiguous(), q_pos, ck,
-            scale=scale, options=o, coarse_keys=coarse_keys)
+            q, k if k.stride(-1) == 1 else k.contiguous(), v if v.stride(-1) == 1 else v.contiguous(),
+            q_pos.to(q.device), ck, scale=scale, options=o, coarse_keys=coarse_keys)
     sel = select_blocks_triton(q, ckeys, q_pos, num_blocks, scale=scale, options=o, coarse_keys=coarse_keys,
                                tuning=tuning)
     return block_sparse_attention_triton(q, k, v, q_pos, sel, scale=scale, tuning=tuning)

@@ -829,3 +829,32 @@ def test_gpu_packed_block_forward_with_host_documents_never_waits(seed):
     assert (got.float() - want.float()).abs().max() < 1e-3
     for a, b in ((qs, qa), (ks, ka), (vs, va)):
         assert (a.grad.float() - b.grad.float()).abs().max() < 1e-3
+
+
+@gpu
+@pytest.mark.parametrize("selection", ["block", "token"])
+def test_gpu_host_positions_give_the_same_attention(seed, selection):
+    """Positions built on the host (the model's training and one-pass prefill): the same outputs and gradients as
+    positions on the GPU, and in block mode a forward and backward that never wait for the GPU."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from hybridize.kernels import sparse_triton as st
+
+    T = 5000
+    q, k, v, pos = _gpu_inputs(1, 8, 2, 128, T, T, seed)
+    opts = dict(topk=16, local_blocks=4, dense_len=1024, selection=selection)
+    qa, ka, va = (x.clone().requires_grad_() for x in (q, k, v))
+    want = st.infllm_v2_attention_triton(qa, ka, va, pos, **opts)
+    g = torch.randn_like(want)
+    want.backward(g)
+    qs, ks, vs = (x.clone().requires_grad_() for x in (q, k, v))
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error" if selection == "block" else 0)
+    try:
+        got = st.infllm_v2_attention_triton(qs, ks, vs, pos.cpu(), **opts)
+        got.backward(g)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert (got.float() - want.float()).abs().max() < 1e-3
+    for a, b in ((qs, qa), (ks, ka), (vs, va)):
+        assert (a.grad.float() - b.grad.float()).abs().max() < 1e-3

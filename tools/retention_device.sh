@@ -84,9 +84,11 @@ start)
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target $SITE $R/*.whl || exit 1
   rm -rf $R/repo && mkdir -p $R/repo && cp -r . $R/repo && rm -rf $R/repo/.dev_b $R/out && mkdir -p $R/out
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-  # PRECHECK="pytest node ids": GPU tests of code the runs are about to use, before they start (a failure stops here)
+  # PRECHECK="pytest arguments" (shell-quoted, e.g. "tests/x.py -k 'a or b'"): GPU tests of code the runs are about
+  # to use, before they start; a failure stops here (exit 4) with nothing started
   if [ -n "${PRECHECK:-}" ]; then
-    (cd $R/repo && PYTHONPATH=$SITE:$R/repo python3 -m pytest -q -p no:cacheprovider $PRECHECK 2>&1 | tail -6) || exit 4
+    bash -c "cd $R/repo && PYTHONPATH=$SITE:$R/repo python3 -m pytest -q -p no:cacheprovider $PRECHECK" 2>&1 | tail -8 \
+      || exit 4
   fi
   # default: the recipe alone on the GPU. The five-variant comparison of 2026-12-01 was
   # VARIANTS="sala:;uniform:--set model.select=uniform;block:--set model.select=block_influence;sala_all:--set stages[1].trainable=all --set stages[2].trainable=all;sala_logn:--set model.sparse_query_log_scale=362"

@@ -388,7 +388,9 @@ class SparseAttention(nn.Module):
         if ctx.cu_seqlens is not None:  # packed documents: attention never crosses a boundary (one varlen call)
             return sparse_attention(q, k, v, None, cu_seqlens=ctx.cu_seqlens_host, **opts)
         if ctx.pad is None:
-            pos = torch.arange(Tk - Tq, Tk, device=q.device)
+            # without a cache (training, one-pass prefill) the positions stay on the host: block selection reads the
+            # first one there instead of waiting for the GPU; with a cache the kernels keep them on the device
+            pos = torch.arange(Tk - Tq, Tk, device=q.device if ctx.cache is not None else "cpu")
             return sparse_attention(q, k, v, pos, ckeys, coarse_keys=ckeys2, **opts)
         # Left padding: attend on each sequence's own tokens so that blocks and compressed keys ignore padding.
         out = q.new_zeros(q.shape)

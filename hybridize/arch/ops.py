@@ -82,12 +82,14 @@ def sparse_attention(q, k, v, q_pos, ckeys=None, *, options=None, **kwargs):
     (`SparseOptions` as `options=` and/or its fields as keywords: `selection="token"|"block"`, `select_tokens`,
     `coarse`, ... : see sparse_reference.py) and compute the same function. A single query token on CUDA (decode)
     takes the fused four-launch decode path. `cu_seqlens=` (packed documents, B == 1, q_pos None): every document on
-    its own, in one call (a CPU `cu_seqlens` spares the kernels a host synchronisation). Other keywords (`scale`,
-    `coarse_keys`, `cu_seqlens`) pass through."""
+    its own, in one call (a CPU `cu_seqlens`, or a CPU `q_pos` without cached keys, spares the kernels a host
+    synchronisation). Other keywords (`scale`, `coarse_keys`, `cu_seqlens`) pass through."""
     fields = {name: kwargs.pop(name) for name in SparseOptions.__dataclass_fields__ if name in kwargs}
     o = SparseOptions.of(options, **fields)
     if _SPARSE_TRITON and q.is_cuda and _sparse_supports(q, k, block_size=o.block_size, stride=o.stride):
         return infllm_v2_attention_triton(q, k, v, q_pos, ckeys, options=o, **kwargs)
+    if q_pos is not None and q_pos.device != q.device:  # the kernels take host positions; the reference does not
+        q_pos = q_pos.to(q.device)
     return infllm_v2_attention(q, k, v, q_pos, ckeys, options=o, **kwargs)
 
 
