@@ -165,7 +165,27 @@ def profile_training_step(model, seq_len: int, tokens_per_step: int, loss_chunk:
     busy = sum(e.time_range.elapsed_us() for e in kernels) / 1e6
     top = sorted(events, key=lambda e: getattr(e, "self_device_time_total", 0) or 0, reverse=True)[:rows]
     return {"wall_s": wall, "device_busy_s": busy, "kernels": len(kernels),
-            "top": [(e.key[:60], e.count, (e.self_device_time_total or 0) / 1e3) for e in top]}
+            "top": [(e.key[:60], e.count, (e.self_device_time_total or 0) / 1e3) for e in top],
+            "host_top": _host_time(model, ids, loss_chunk, packed, rows)}
+
+
+def _host_time(model, ids, loss_chunk: int, packed, rows: int) -> list:
+    """Where the host spends one more step (Python functions by their own time, cProfile): a launch-bound step's
+    wall is the host's time, so these are what to trim. [(function, calls, own ms)]."""
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = _training_loss(model, ids, loss_chunk, packed)
+    loss.backward()
+    torch.cuda.synchronize()
+    prof.disable()
+    model.zero_grad(set_to_none=True)
+    stats = pstats.Stats(prof).stats  # {(file, line, name): (calls, primitive calls, own s, cumulative s, callers)}
+    top = sorted(stats.items(), key=lambda kv: kv[1][2], reverse=True)[:rows]
+    return [(f"{Path(f).name}:{line}:{name}"[:60], calls, own * 1e3) for (f, line, name), (calls, _, own, _, _) in top]
 
 
 def cmd_throughput(args) -> int:
@@ -236,6 +256,9 @@ def cmd_throughput(args) -> int:
             print(f"\n{r['shape']} {r['model']} {r['seq_len']}: one step profiled: wall {1000 * p['wall_s']:.1f} ms, "
                   f"device busy {1000 * p['device_busy_s']:.1f} ms, {p['kernels']} kernels")
             for key, count, ms in p["top"]:
+                print(f"  {ms:8.2f} ms  {count:5d}x  {key}")
+            print("  host, one more step (own time by Python function; synchronize is the wait for the GPU):")
+            for key, count, ms in p.get("host_top", []):
                 print(f"  {ms:8.2f} ms  {count:5d}x  {key}")
     return 0
 
