@@ -808,21 +808,27 @@ def test_gpu_packed_block_forward_with_host_documents_never_waits(seed):
     does not wait either, and its gradients are those of the GPU-side call."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    from hybridize.kernels import sparse_triton as st
-
     lengths = [3001, 70, 6000, 1, 2100]
     cu = torch.tensor([0] + lengths).cumsum(0)
     q, k, v, _ = _gpu_inputs(1, 8, 2, 128, sum(lengths), sum(lengths), seed)
-    opts = dict(topk=16, local_blocks=4, dense_len=1024, selection="block", coarse=True)
+    opts = dict(q_pos=None, topk=16, local_blocks=4, dense_len=1024, selection="block", coarse=True)
+    _host_facts_give_the_same(q, k, v, dict(cu_seqlens=cu.cuda()), dict(cu_seqlens=cu), opts, no_sync=True)
+
+
+def _host_facts_give_the_same(q, k, v, on_device: dict, on_host: dict, opts: dict, no_sync: bool):
+    """infllm_v2_attention_triton with its position facts on the GPU, then on the host (under sync-debug "error"
+    with `no_sync`): the same outputs and gradients."""
+    from hybridize.kernels import sparse_triton as st
+
     qa, ka, va = (x.clone().requires_grad_() for x in (q, k, v))
-    want = st.infllm_v2_attention_triton(qa, ka, va, None, cu_seqlens=cu.cuda(), **opts)
+    want = st.infllm_v2_attention_triton(qa, ka, va, **on_device, **opts)
     g = torch.randn_like(want)
     want.backward(g)
     qs, ks, vs = (x.clone().requires_grad_() for x in (q, k, v))
     torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
+    torch.cuda.set_sync_debug_mode("error" if no_sync else 0)
     try:
-        got = st.infllm_v2_attention_triton(qs, ks, vs, None, cu_seqlens=cu, **opts)
+        got = st.infllm_v2_attention_triton(qs, ks, vs, **on_host, **opts)
         got.backward(g)
     finally:
         torch.cuda.set_sync_debug_mode(0)
@@ -838,23 +844,7 @@ def test_gpu_host_positions_give_the_same_attention(seed, selection):
     positions on the GPU, and in block mode a forward and backward that never wait for the GPU."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    from hybridize.kernels import sparse_triton as st
-
     T = 5000
     q, k, v, pos = _gpu_inputs(1, 8, 2, 128, T, T, seed)
     opts = dict(topk=16, local_blocks=4, dense_len=1024, selection=selection)
-    qa, ka, va = (x.clone().requires_grad_() for x in (q, k, v))
-    want = st.infllm_v2_attention_triton(qa, ka, va, pos, **opts)
-    g = torch.randn_like(want)
-    want.backward(g)
-    qs, ks, vs = (x.clone().requires_grad_() for x in (q, k, v))
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error" if selection == "block" else 0)
-    try:
-        got = st.infllm_v2_attention_triton(qs, ks, vs, pos.cpu(), **opts)
-        got.backward(g)
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
-    assert (got.float() - want.float()).abs().max() < 1e-3
-    for a, b in ((qs, qa), (ks, ka), (vs, va)):
-        assert (a.grad.float() - b.grad.float()).abs().max() < 1e-3
+    _host_facts_give_the_same(q, k, v, dict(q_pos=pos), dict(q_pos=pos.cpu()), opts, no_sync=selection == "block")
