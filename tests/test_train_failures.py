@@ -118,6 +118,28 @@ def test_resume_accepts_changes_that_do_not_define_the_run(assets, crashed, tmp_
     assert read_state(list_checkpoints(out)[-1])["global_step"] == 5
 
 
+def test_resume_accepts_a_checkpoint_from_before_a_field_existed_while_it_holds_its_default(assets, crashed,
+                                                                                           tmp_path):
+    """A checkpoint written by an older version has no entry for a field added since: it resumes while the recipe
+    leaves that field at its default, and is refused, naming the field, when the recipe sets it."""
+    from hybridize.train.checkpoint import STATE_FILE
+
+    recipe, out = _copy_run(crashed, tmp_path)
+    for ckpt in list_checkpoints(out):
+        state = json.loads((ckpt / STATE_FILE).read_text())
+        for stage in state["recipe"]["stages"]:
+            del stage["join_documents"], stage["document_separator"]
+        del state["recipe"]["data"]["sources"][0]["start_token"]
+        (ckpt / STATE_FILE).write_text(json.dumps(state))
+    changed = copy.deepcopy(recipe)
+    changed["stages"][1]["join_documents"] = True
+    line = _one_error_line(_cli(tmp_path, changed, "--resume")[1])
+    assert "stages[1].join_documents: '(absent)' in the checkpoint, True now" in line, line
+    path, result = _cli(tmp_path, recipe, "--resume")
+    assert result.exit_code == 0, result.output
+    assert read_state(list_checkpoints(out)[-1])["global_step"] == 5
+
+
 def test_resume_without_a_checkpoint_says_so(assets, tmp_path):
     recipe = _recipe(assets, tmp_path / "never-ran")
     path, result = _cli(tmp_path, recipe, "--resume")

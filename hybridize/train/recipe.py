@@ -584,12 +584,38 @@ def run_fingerprint(recipe: Recipe) -> dict:
     return out
 
 
+_SPEC_AT = {"model": ModelSpec, "teacher": TeacherSpec, "data": DataSpec, "data.sources": SourceSpec,
+            "stages": StageSpec, "stages.loss": LossSpec, "stages.lora": LoraSpec}
+_NO_DEFAULT = object()
+
+
+def _field_default(where: str, key: str):
+    """The default of field `key` in the section at fingerprint path `where` ("stages[2].loss" -> LossSpec), as the
+    fingerprint writes it; _NO_DEFAULT where the field has none or is unknown."""
+    spec = _SPEC_AT.get(".".join(part.split("[")[0] for part in where.split(".")))
+    f = {x.name: x for x in dataclasses.fields(spec)}.get(key) if spec else None
+    if f is None:
+        return _NO_DEFAULT
+    if f.default is not dataclasses.MISSING:
+        value = f.default
+    elif f.default_factory is not dataclasses.MISSING:
+        value = f.default_factory()
+        value = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+    else:
+        return _NO_DEFAULT
+    return json.loads(json.dumps(value, default=str))
+
+
 def fingerprint_difference(stored, current, where: str = "") -> str | None:
-    """The first field (dotted path) where two fingerprints differ, with both values; None when they match."""
+    """The first field (dotted path) where two fingerprints differ, with both values; None when they match. A field
+    present on one side only (a checkpoint written before the field existed) matches when it holds its default."""
     if isinstance(stored, dict) and isinstance(current, dict):
         for key in list(stored) + [k for k in current if k not in stored]:
             sub = f"{where}.{key}" if where else key
             if key not in stored or key not in current:
+                present = current[key] if key in current else stored[key]
+                if _field_default(where, key) == present:
+                    continue
                 return f"{sub}: {stored.get(key, '(absent)')!r} in the checkpoint, {current.get(key, '(absent)')!r} now"
             found = fingerprint_difference(stored[key], current[key], sub)
             if found:
