@@ -202,7 +202,14 @@ def test_reports_measured_apart_merge_into_the_report_measured_together():
     # the copy model was measured beside itself: its agreement with the source is not known, the other's is kept
     assert "agreement" not in merged["models"]["copy"] and "agreement" in merged["models"]["other"]
     assert merged["models"]["copy"]["retrieval"]["kv"]["by_length"]["256"]["n"] == 2
-    assert "1.00 / 1.00 (n=2)" in retention_markdown(merged)
+    md = retention_markdown(merged)
+    assert "1.00 / 1.00 (n=2)" in md
+    # the totals over lengths count the probes of every length cell
+    kv = merged["models"]["copy"]["retrieval"]["kv"]["by_length"].values()
+    n, k = sum(c["n"] for c in kv), sum(round(c["accuracy"] * c["n"]) for c in kv)
+    totals = md[md.index("Exact matches over all lengths"):].split("###")[0]
+    row = next(line for line in totals.splitlines() if line.startswith("| kv |"))
+    assert f"{k}/{n} (" in row
     with pytest.raises(ValueError, match="windows"):
         merge_reports([first, retention_report({"copy": models["copy"]}, RetentionSettings.quick(windows=(32,)),
                                                reference="copy")], reference="source")
@@ -302,3 +309,20 @@ def test_reference_measurements_take_only_the_reference(tmp_path):
     (tmp_path / "bad.json").write_text("[1, 2]")
     with pytest.raises(ValueError, match="bad.json: not a retention.json"):
         reference_measurements(tmp_path / "bad.json", "source")
+
+
+def test_wilson_interval_covers_the_rate_and_has_the_textbook_edges():
+    import numpy as np
+
+    from hybridize.eval.report import wilson_interval
+
+    z2 = 1.96 ** 2
+    assert wilson_interval(0, 10) == pytest.approx((0.0, z2 / (10 + z2)))  # no successes: 0 to z^2 / (n + z^2)
+    assert wilson_interval(10, 10) == pytest.approx((10 / (10 + z2), 1.0))
+    lo, hi = wilson_interval(21, 42)
+    assert lo < 0.5 < hi and 0.5 - lo == pytest.approx(hi - 0.5)
+    rng = np.random.default_rng(0)
+    for p, n in ((0.3, 40), (0.9, 12)):
+        draws = rng.binomial(n, p, 4000)
+        covered = np.mean([lo <= p <= hi for lo, hi in (wilson_interval(int(k), n) for k in draws)])
+        assert 0.92 < covered < 0.99, (p, n, covered)

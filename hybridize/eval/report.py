@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -118,6 +119,21 @@ def _frac(num, den) -> str:
     return f"{num / den:.2f} ({num}/{den})" if den else "-"
 
 
+def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion k / n (small n and rates near 0 or 1 included)."""
+    if n == 0:
+        return 0.0, 1.0
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def _counted(k: int, n: int) -> str:
+    lo, hi = wilson_interval(k, n)
+    return f"{k}/{n} ({lo:.2f}-{hi:.2f})"
+
+
 def retention_markdown(results: dict) -> str:
     """Tables of the retention report: summary, perplexity (and ratio to the reference) per source and window,
     retrieval by task x length, probes, agreement, NLL by position, timing, notes."""
@@ -168,6 +184,17 @@ def retention_markdown(results: dict) -> str:
         chance = next(r[t]["chance"] for r in retrieval for t in r)
         out.append(f"\n### Retrieval\n\nGreedy exact match / likelihood choice (chance {chance:.2f}); n probes per "
                    "task and length (depths x trials).\n\n" + _table(["task", "length", "n"] + names, rows))
+        totals = []
+        for t in tasks:
+            cells = []
+            for r in retrieval:
+                by = r[t]["by_length"].values() if t in r else []
+                n = sum(c["n"] for c in by)
+                k = sum(round(c["accuracy"] * c["n"]) for c in by)
+                cells.append(_counted(k, n) if n else "-")
+            totals.append([t] + cells)
+        out.append("\nExact matches over all lengths, with 95% Wilson intervals: two runs whose intervals overlap "
+                   "widely are not told apart by these probes.\n\n" + _table(["task"] + names, totals))
 
     if any("probes" in m for m in models):
         p0 = results["models"][ref].get("probes", {})
