@@ -178,8 +178,8 @@ def infllm_v2_attention_triton(
     if cu_seqlens is not None:
         if q.shape[0] != 1 or q.shape[2] != Tk or ckeys is not None or coarse_keys is not None:
             raise ValueError("packed documents (cu_seqlens) need batch 1, as many queries as keys and no cached keys")
+        cu_seqlens = cu_seqlens.detach().to("cpu", torch.int64)  # the kernels' tables are built on the host
         a, L = _documents(cu_seqlens, Tk)
-        cu_seqlens = torch.cat([a, a[-1:] + L[-1:]])  # on the host from here: the kernels' tables are built there
         all_dense = _keeps_every_block(int(L.max()), o)
         if all_dense:
             out = _dense_documents(q, k, v, cu_seqlens, int(L.max()), scale)

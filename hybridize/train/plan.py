@@ -109,10 +109,10 @@ def _printed(notes: list[str], main: bool) -> list[str]:
     return notes
 
 
-def document_separators(recipe: Recipe, tokenizer) -> list[int | None]:
-    """Each stage's `document_separator` as a token id (None where a stage has none). Every token a recipe names
-    (those and the sources' `start_token`) is checked here, before any sampling or training: one the tokenizer does
-    not know is a RecipeError naming its field."""
+def named_token_ids(recipe: Recipe, tokenizer) -> list[int | None]:
+    """Every token a recipe names (the sources' `start_token`, the stages' `document_separator`) checked against the
+    tokenizer before any sampling or training (one it does not know is a RecipeError naming its field); returns each
+    stage's separator id, None where a stage has none."""
     vocab = tokenizer.get_vocab()
 
     def known(token, where):

@@ -30,7 +30,7 @@ from .data import RecallStream, build_corpus, make_batch
 from .losses import IGNORE, cross_entropy_sum, hidden_mse_sum, kl_sum
 from .models import load_models
 from .params import apply_lora, merge_lora, parameter_groups, select_trainable
-from .plan import (StagePlan, check_context, document_separators, note_document_reach, note_repetition_cut, plan_stage,
+from .plan import (StagePlan, check_context, named_token_ids, note_document_reach, note_repetition_cut, plan_stage,
                    training_weights)
 from .recipe import Recipe, RecipeError, StageSpec, fingerprint_difference, run_fingerprint
 from .rundir import check_output_dir, created_by_this_run, remove_failed_run, trim_metrics
@@ -406,7 +406,7 @@ def _setup(recipe: Recipe, output: Path, *, resume, accelerator, on_step, models
     set_seed(recipe.seed)
     check_backend(acc, recipe)
     student, teacher, tokenizer, description = _models(recipe, acc, models)
-    separators = document_separators(recipe, tokenizer)
+    separators = named_token_ids(recipe, tokenizer)
     default_dense_len = student.config.sparse_dense_len
     with acc.main_process_first():
         corpus = build_corpus(recipe.data, tokenizer, recipe.seed, teacher=teacher,
