@@ -72,3 +72,35 @@ def test_gpu_model_through_kernels_matches_cpu_references():
         got = model.cuda()(ids.cuda(), use_cache=False).logits.cpu()
     rel = ((got - ref).norm() / ref.norm()).item()
     assert rel <= 2e-2, rel
+
+
+def test_gpu_packed_training_step_with_host_offsets_never_waits():
+    """The trainer hands packed documents' cu_seqlens over on the host (make_batch): the model copies them to the GPU
+    itself, and its forward and backward run without one host synchronisation, giving what the same call with
+    cu_seqlens on the GPU gives."""
+    import numpy as np
+
+    from hybridize.train.data import make_batch
+
+    model = _model(torch.bfloat16).train()
+    rng = np.random.default_rng(4)
+    seqs = [(rng.integers(3, 97, 300).astype(np.int32), np.array([0, 90, 200])) for _ in range(2)]
+    batch = make_batch(seqs, "cuda")
+    assert batch["cu_seqlens"].device.type == "cpu" and batch["counted"] == 2 * (300 - 3)
+    kw = dict(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
+    want = model(**kw, cu_seqlens=batch["cu_seqlens"].cuda()).logits
+    want.float().square().mean().backward()
+    want_grads = [None if p.grad is None else p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = model(**kw, cu_seqlens=batch["cu_seqlens"]).logits
+        got.float().square().mean().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert (got.float() - want.float()).abs().max() < 1e-2
+    for p, g in zip(model.parameters(), want_grads):
+        assert (p.grad is None) == (g is None)
+        if g is not None:
+            assert (p.grad.float() - g.float()).abs().max() <= 1e-2 * g.float().abs().max() + 1e-6

@@ -156,6 +156,7 @@ def test_packed_documents_give_the_same_losses_as_separate_runs(tiny_pair):
     spec = LossSpec(hidden_mse=0.7, kl=1.0, ce=0.3, temperature=1.5, kl_direction="reverse")
     batch = make_batch(seqs)
     assert batch["cu_seqlens"].tolist() == [0, 5, 17, 24, 33, 48]
+    assert batch["counted"] == int((batch["targets"] != IGNORE).sum()) == 48 - 5  # one target fewer per segment
     assert batch["position_ids"][0, 17:26].tolist() == list(range(7)) + [0, 1]
     layers = [0, 1, 2, 3]
     with torch.no_grad():

@@ -577,7 +577,11 @@ class HybridModel(HybridPreTrainedModel):
             col = torch.arange(past, past + T, device=inputs_embeds.device).view(1, -1)
             position_ids = (col - pad.view(-1, 1)).clamp(min=0) if pad is not None else col.expand(B, -1)
         cos, sin = self.rotary_emb(position_ids)
-        host = cu_seqlens.detach().to("cpu", torch.int64) if cu_seqlens is not None else None
+        host = None
+        if cu_seqlens is not None:
+            host = cu_seqlens.detach().to("cpu", torch.int64)
+            # a caller that has the offsets on the host passes them so: copied once, without waiting for the GPU
+            cu_seqlens = cu_seqlens.to(inputs_embeds.device, non_blocking=True)
         ctx = AttentionContext(position_ids, cos, sin, pad, pad_mask, cu_seqlens, cache, cu_seqlens_host=host)
 
         hidden = inputs_embeds

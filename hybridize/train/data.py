@@ -299,6 +299,7 @@ def make_batch(sequences: list[tuple[np.ndarray, np.ndarray]], device=None, join
     segment, and next-token targets that never cross a segment boundary (IGNORE at each segment's last token).
     `rows`: how many equal-length rows the flat row splits into (B when all sequences have one length, else 1); a
     model without cu_seqlens (the teacher) runs on those rows, so its attention never spans the whole flat row.
+    `counted`: how many positions have a target (on the host).
     `join_documents`: each sequence is one segment (its documents read the earlier ones, positions run through it,
     targets cross the end-of-text tokens between documents, as pre-training commonly packs text); with equal
     lengths `cu_seqlens` is None and every model runs on the `rows`. `separator`: with join_documents, the token id
@@ -328,8 +329,12 @@ def make_batch(sequences: list[tuple[np.ndarray, np.ndarray]], device=None, join
         "cu_seqlens": torch.tensor(cu, dtype=torch.int32),
     }
     if device is not None:
-        batch = {k: v.to(device) for k, v in batch.items()}
+        # non-blocking: a blocking copy waits for the GPU to finish the previous step; an asynchronous one from
+        # pageable memory is staged before the call returns
+        # cu_seqlens stays on the host: the hybrid reads it there (its sparse layers' row tables) and copies it over
+        batch = {k: v if k == "cu_seqlens" else v.to(device, non_blocking=True) for k, v in batch.items()}
     batch["rows"] = len(sequences) if len({len(t) for t, _ in sequences}) == 1 else 1
+    batch["counted"] = sum(int((t != IGNORE).sum()) for t in targets)  # known here, so no one reads it back
     if join_documents and batch["rows"] == len(sequences):
         batch["cu_seqlens"] = None  # every row is one segment: the plain batched path, no varlen kernels
     return batch

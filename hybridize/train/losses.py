@@ -24,23 +24,24 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 class _ChunkedRowLoss(torch.autograd.Function):
-    """sum over kept rows r of row_loss(student[r], other[r]) with its gradient w.r.t. `student`, computed in chunks.
+    """sum over kept rows r of row_loss(student[r], other[r]) with its gradient w.r.t. `student`, computed in chunks
+    of consecutive rows. Rows not kept are computed and then zeroed (`where`, so that whatever their logits hold
+    cannot leak into the sum): selecting the kept rows would need their number on the host, a wait for the GPU in
+    the middle of every training step.
 
-    `row_fn(s, o) -> (loss per row, d loss / d s)` works on one chunk in the compute dtype."""
+    `row_fn(s, o, need_grad) -> (loss per row, d loss / d s)` works on one chunk in the compute dtype."""
 
     @staticmethod
-    def forward(ctx, student, other, rows, row_fn, chunk):
+    def forward(ctx, student, other, keep, row_fn, chunk):
         need_grad = ctx.needs_input_grad[0]
-        grad = torch.zeros_like(student) if need_grad else None
+        grad = torch.empty_like(student) if need_grad else None
         total = student.new_zeros((), dtype=_compute_dtype(student))
-        for a in range(0, rows.numel(), chunk):
-            idx = rows[a : a + chunk]
-            s = student.index_select(0, idx).to(total.dtype)
-            o = other.index_select(0, idx)
-            loss, g = row_fn(s, o, need_grad)
-            total = total + loss.sum()
+        for a in range(0, student.shape[0], chunk):
+            k = keep[a : a + chunk, None]
+            loss, g = row_fn(student[a : a + chunk].to(total.dtype), other[a : a + chunk], need_grad)
+            total = total + torch.where(k[:, 0], loss, 0.0).sum()
             if need_grad:
-                grad.index_copy_(0, idx, g.to(grad.dtype))
+                grad[a : a + chunk] = torch.where(k, g, 0.0)
         ctx.save_for_backward(grad)
         return total
 
@@ -50,17 +51,18 @@ class _ChunkedRowLoss(torch.autograd.Function):
         return grad * grad_out.to(grad.dtype), None, None, None, None
 
 
-def _kept_rows(targets: torch.Tensor) -> torch.Tensor:
-    return (targets.reshape(-1) != IGNORE).nonzero().squeeze(1)
+def _kept(targets: torch.Tensor) -> torch.Tensor:
+    return targets.reshape(-1) != IGNORE
 
 
 def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """logits (..., V), targets (...) with IGNORE where nothing is predicted."""
     flat = logits.reshape(-1, logits.shape[-1])
     t = targets.reshape(-1).to(flat.device)
-    rows = _kept_rows(t)
+    keep = _kept(t)
 
     def row_fn(s, y, need_grad):
+        y = y.clamp(min=0)  # an ignored row's target is IGNORE; its loss is dropped, any index will do
         log_p = F.log_softmax(s, dim=-1)
         loss = -log_p.gather(1, y[:, None]).squeeze(1)
         g = None
@@ -69,8 +71,8 @@ def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torc
             g.scatter_add_(1, y[:, None], -torch.ones_like(g[:, :1]))
         return loss, g
 
-    total = _ChunkedRowLoss.apply(flat, t, rows, row_fn, CHUNK_ROWS)
-    return total, torch.tensor(rows.numel(), device=flat.device)
+    total = _ChunkedRowLoss.apply(flat, t, keep, row_fn, CHUNK_ROWS)
+    return total, keep.sum()
 
 
 def kl_sum(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor, *,
@@ -87,7 +89,7 @@ def kl_sum(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: 
     V = student_logits.shape[-1]
     flat_s = student_logits.reshape(-1, V)
     flat_t = teacher_logits.reshape(-1, V).to(flat_s.device)
-    rows = _kept_rows(targets.to(flat_s.device))
+    keep = _kept(targets.to(flat_s.device))
     T = float(temperature)
 
     def row_fn(s, t, need_grad):
@@ -107,8 +109,8 @@ def kl_sum(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: 
                 g = p_s * (d - loss[:, None]) * T
         return loss * T**2, g
 
-    total = _ChunkedRowLoss.apply(flat_s, flat_t, rows, row_fn, CHUNK_ROWS)
-    return total, torch.tensor(rows.numel(), device=flat_s.device)
+    total = _ChunkedRowLoss.apply(flat_s, flat_t, keep, row_fn, CHUNK_ROWS)
+    return total, keep.sum()
 
 
 def hidden_mse_sum(student_hidden, teacher_hidden, layers: list[int]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -27,7 +27,7 @@ from ..arch.configuration_hybridize import LIGHTNING, SPARSE
 from .backend import check_backend, configure_deepspeed, is_deepspeed, is_fsdp, make_accelerator
 from .checkpoint import full_state_dict, list_checkpoints, load_weights, save_checkpoint, usable_checkpoint
 from .data import RecallStream, build_corpus, make_batch
-from .losses import IGNORE, cross_entropy_sum, hidden_mse_sum, kl_sum
+from .losses import cross_entropy_sum, hidden_mse_sum, kl_sum
 from .models import load_models
 from .params import apply_lora, merge_lora, parameter_groups, select_trainable
 from .plan import (StagePlan, check_context, named_token_ids, note_document_reach, note_repetition_cut, plan_stage,
@@ -198,7 +198,7 @@ def weighted(parts: dict, totals: dict, loss_spec) -> torch.Tensor:
 
 
 def part_counts(batch: dict, loss_spec) -> dict[str, int]:
-    counted = int((batch["targets"] != IGNORE).sum())
+    counted = batch["counted"]
     out = {}
     if loss_spec.hidden_mse > 0:
         out["hidden_mse"] = int(batch["input_ids"].numel())
@@ -584,8 +584,11 @@ def forward_backward(run: _Run, st: _Stage, batches: list[dict]) -> dict[str, fl
         for key, n in part_counts(b, loss_spec).items():
             local[key] = local.get(key, 0) + n
     keys = sorted(local)
-    totals_t = acc.reduce(torch.tensor([float(local[x]) for x in keys], device=acc.device), "sum")
-    totals = dict(zip(keys, totals_t.tolist()))
+    if acc.num_processes > 1:
+        totals_t = acc.reduce(torch.tensor([float(local[x]) for x in keys], device=acc.device), "sum")
+        totals = dict(zip(keys, totals_t.tolist()))
+    else:  # nothing to add up: keep the host from waiting for the previous step on the GPU
+        totals = {x: float(local[x]) for x in keys}
     sums = torch.zeros(len(keys), dtype=torch.float64, device=acc.device)
     for j, b in enumerate(batches):
         last = j == len(batches) - 1
@@ -639,8 +642,10 @@ def _log(run: _Run, st: _Stage, record: dict) -> None:
 def _stop_or_checkpoint(run: _Run, st: _Stage, step: int) -> None:
     more = step + 1 < st.plan.steps  # the stage's last step is checkpointed by finish_stage
     # Every process must agree on stopping (a signal may reach only some of them).
-    flag = run.acc.reduce(torch.tensor([1.0 if run.stop.signal else 0.0], device=run.acc.device), "sum")
-    if float(flag) > 0 and more:
+    stop = run.stop.signal is not None
+    if run.acc.num_processes > 1:
+        stop = float(run.acc.reduce(torch.tensor([float(stop)], device=run.acc.device), "sum")) > 0
+    if stop and more:
         path = _save(run, st, step + 1, False)
         st.bar.close()
         raise TrainingInterrupted(f"interrupted at stage {st.spec.name!r} step {step + 1}; checkpoint {path} "
