@@ -32,12 +32,15 @@ AUTO_MAP = {
 }
 
 
+TRAINING_KERNELS = ("loss_triton.py",)  # the trainer's losses: nothing a loaded model runs
+
+
 def architecture_files() -> list[Path]:
-    """The files every exported folder carries: the architecture and every kernel module (flat)."""
+    """The files every exported folder carries: the architecture and every kernel module the model runs (flat)."""
     arch_dir = Path(_arch.__file__).parent
     kernel_dir = Path(_kernels.__file__).parent
     files = [arch_dir / name for name in ARCH_FILES]
-    files += sorted(p for p in kernel_dir.glob("*.py") if p.name != "__init__.py")
+    files += sorted(p for p in kernel_dir.glob("*.py") if p.name not in ("__init__.py", *TRAINING_KERNELS))
     return files
 
 

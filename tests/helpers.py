@@ -96,3 +96,36 @@ def require_triton_interpreter() -> None:
     major, minor = (int(x) for x in triton.__version__.split(".")[:2])
     if (major, minor) < (3, 7):
         pytest.skip(f"triton {triton.__version__}'s interpreter cannot run the kernels: pip install 'triton>=3.7'")
+
+
+INTERPRETED_PACKAGE = "_kernels_interpreted"
+
+
+def load_interpreted(path):
+    """A kernel file (a Path in kernels/) with its kernels built for the Triton interpreter (CPU tensors). The kernel
+    files import each other relatively, so the whole kernels/ folder is loaded as a private package (every module of
+    it imported while the flag is set) and the file's module taken from it. TRITON_INTERPRET is set only while it
+    loads (triton reads it when a kernel is decorated), so the rest of the suite keeps the compiled kernels."""
+    import importlib
+    import importlib.util
+    import os
+    import sys
+
+    require_triton_interpreter()
+    old = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        if INTERPRETED_PACKAGE not in sys.modules:
+            spec = importlib.util.spec_from_file_location(INTERPRETED_PACKAGE, path.parent / "__init__.py",
+                                                          submodule_search_locations=[str(path.parent)])
+            package = importlib.util.module_from_spec(spec)
+            sys.modules[spec.name] = package  # dataclasses look their module up there
+            spec.loader.exec_module(package)
+        module = importlib.import_module(f"{INTERPRETED_PACKAGE}.{path.stem}")
+    finally:
+        if old is None:
+            os.environ.pop("TRITON_INTERPRET")
+        else:
+            os.environ["TRITON_INTERPRET"] = old
+    assert module.HAS_TRITON
+    return module

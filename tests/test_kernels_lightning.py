@@ -11,16 +11,12 @@ from __future__ import annotations
 import dataclasses
 
 import functools
-import importlib
-import importlib.util
-import os
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from helpers import TINY_SPARSE, cache_of, require_triton_interpreter, tiny_llama
+from helpers import TINY_SPARSE, cache_of, load_interpreted, tiny_llama
 from hybridize.kernels.lightning_reference import (
     lightning_attn_chunked,
     lightning_attn_recurrent,
@@ -32,49 +28,22 @@ pytest.importorskip("triton")
 KERNEL_FILE = Path(__file__).resolve().parents[1] / "kernels" / "lightning_triton.py"
 
 
-INTERPRETED_PACKAGE = "_kernels_interpreted"
-
-
-def _load_interpreted(path: Path):
-    """A kernel file with its kernels built for the Triton interpreter (CPU tensors). The kernel files import each
-    other relatively, so the whole kernels/ folder is loaded as a private package (every module of it imported while
-    the flag is set) and the file's module taken from it."""
-    require_triton_interpreter()
-    old = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        if INTERPRETED_PACKAGE not in sys.modules:
-            spec = importlib.util.spec_from_file_location(INTERPRETED_PACKAGE, path.parent / "__init__.py",
-                                                          submodule_search_locations=[str(path.parent)])
-            package = importlib.util.module_from_spec(spec)
-            sys.modules[spec.name] = package  # dataclasses look their module up there
-            spec.loader.exec_module(package)
-        module = importlib.import_module(f"{INTERPRETED_PACKAGE}.{path.stem}")
-    finally:
-        if old is None:
-            os.environ.pop("TRITON_INTERPRET")
-        else:
-            os.environ["TRITON_INTERPRET"] = old
-    assert module.HAS_TRITON
-    return module
-
-
 @pytest.fixture(scope="module")
 def interp():
     """kernels/lightning_triton.py under the Triton interpreter."""
-    return _load_interpreted(KERNEL_FILE)
+    return load_interpreted(KERNEL_FILE)
 
 
 @pytest.fixture(scope="module")
 def interp_norm_gate():
     """kernels/norm_gate_triton.py under the Triton interpreter."""
-    return _load_interpreted(KERNEL_FILE.with_name("norm_gate_triton.py"))
+    return load_interpreted(KERNEL_FILE.with_name("norm_gate_triton.py"))
 
 
 @pytest.fixture(scope="module")
 def interp_norm_rope():
     """kernels/norm_rope_triton.py under the Triton interpreter."""
-    return _load_interpreted(KERNEL_FILE.with_name("norm_rope_triton.py"))
+    return load_interpreted(KERNEL_FILE.with_name("norm_rope_triton.py"))
 
 
 def rel(a, b):

@@ -8,14 +8,16 @@ is -100 (a document's last token, padding) count for neither cross-entropy nor K
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+
+from hybridize.kernels.loss_triton import HAS_TRITON, row_loss_reference, row_losses_triton
 
 IGNORE = -100
 
 
-# Rows of logits processed at a time: the full (tokens x vocabulary) matrix is never copied to float32 (at 16K tokens
-# and a 128K vocabulary one float32 copy is 8 GiB); each loss computes its gradient chunk by chunk in the forward pass
-# and keeps only that gradient (in the logits' dtype) for the backward pass.
+# Rows of logits processed at a time by the PyTorch form: the full (tokens x vocabulary) matrix is never copied to
+# float32 (at 16K tokens and a 128K vocabulary one float32 copy is 8 GiB); each loss computes its gradient chunk by
+# chunk in the forward pass and keeps only that gradient (in the logits' dtype) for the backward pass. On a GPU the
+# Triton kernel does the same for all rows in two passes over the logits, with no float32 copy.
 CHUNK_ROWS = 2048
 
 
@@ -23,25 +25,39 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-class _ChunkedRowLoss(torch.autograd.Function):
-    """sum over kept rows r of row_loss(student[r], other[r]) with its gradient w.r.t. `student`, computed in chunks
-    of consecutive rows. Rows not kept are computed and then zeroed (`where`, so that whatever their logits hold
-    cannot leak into the sum): selecting the kept rows would need their number on the host, a wait for the GPU in
-    the middle of every training step.
+def _use_kernel(student: torch.Tensor) -> bool:
+    return HAS_TRITON and student.is_cuda and student.dtype in (torch.float32, torch.bfloat16, torch.float16)
 
-    `row_fn(s, o, need_grad) -> (loss per row, d loss / d s)` works on one chunk in the compute dtype."""
+
+def chunked_row_losses(student, other, keep, mode: str, temperature: float, need_grad: bool):
+    """(sum over kept rows of the `mode` loss, d sum / d student or None) in plain PyTorch, CHUNK_ROWS rows at a
+    time in float32 (float64 for float64 logits): what the Triton kernel computes, on any device. Rows not kept
+    are computed and then zeroed (`where`, so that whatever their logits hold cannot leak into the sum): selecting
+    the kept rows would need their number on the host, a wait for the GPU in the middle of every training step."""
+    grad = torch.empty_like(student) if need_grad else None
+    total = student.new_zeros((), dtype=_compute_dtype(student))
+    for a in range(0, student.shape[0], CHUNK_ROWS):
+        k = keep[a : a + CHUNK_ROWS, None]
+        loss, g = row_loss_reference(student[a : a + CHUNK_ROWS].to(total.dtype), other[a : a + CHUNK_ROWS], mode,
+                                     temperature, need_grad)
+        total = total + torch.where(k[:, 0], loss, 0.0).sum()
+        if need_grad:
+            grad[a : a + CHUNK_ROWS] = torch.where(k, g, 0.0)
+    return total, grad
+
+
+class _RowLoss(torch.autograd.Function):
+    """sum over kept rows of the `mode` loss of student[r] against other[r], with its gradient w.r.t. `student`
+    computed in the forward pass: by the Triton kernel on a GPU (kernels/loss_triton.py), else in chunks."""
 
     @staticmethod
-    def forward(ctx, student, other, keep, row_fn, chunk):
+    def forward(ctx, student, other, keep, mode, temperature):
         need_grad = ctx.needs_input_grad[0]
-        grad = torch.empty_like(student) if need_grad else None
-        total = student.new_zeros((), dtype=_compute_dtype(student))
-        for a in range(0, student.shape[0], chunk):
-            k = keep[a : a + chunk, None]
-            loss, g = row_fn(student[a : a + chunk].to(total.dtype), other[a : a + chunk], need_grad)
-            total = total + torch.where(k[:, 0], loss, 0.0).sum()
-            if need_grad:
-                grad[a : a + chunk] = torch.where(k, g, 0.0)
+        if _use_kernel(student):
+            loss, grad = row_losses_triton(student, other, keep, mode, temperature, need_grad)
+            total = loss.sum()
+        else:
+            total, grad = chunked_row_losses(student, other, keep, mode, temperature, need_grad)
         ctx.save_for_backward(grad)
         return total
 
@@ -60,19 +76,7 @@ def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torc
     flat = logits.reshape(-1, logits.shape[-1])
     t = targets.reshape(-1).to(flat.device)
     keep = _kept(t)
-
-    def row_fn(s, y, need_grad):
-        y = y.clamp(min=0)  # an ignored row's target is IGNORE; its loss is dropped, any index will do
-        log_p = F.log_softmax(s, dim=-1)
-        loss = -log_p.gather(1, y[:, None]).squeeze(1)
-        g = None
-        if need_grad:
-            g = log_p.exp_()
-            g.scatter_add_(1, y[:, None], -torch.ones_like(g[:, :1]))
-        return loss, g
-
-    total = _ChunkedRowLoss.apply(flat, t, keep, row_fn, CHUNK_ROWS)
-    return total, keep.sum()
+    return _RowLoss.apply(flat, t, keep, "ce", 1.0), keep.sum()
 
 
 def kl_sum(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor, *,
@@ -90,27 +94,7 @@ def kl_sum(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: 
     flat_s = student_logits.reshape(-1, V)
     flat_t = teacher_logits.reshape(-1, V).to(flat_s.device)
     keep = _kept(targets.to(flat_s.device))
-    T = float(temperature)
-
-    def row_fn(s, t, need_grad):
-        log_s = F.log_softmax(s / T, dim=-1)
-        log_t = F.log_softmax(t.to(s.dtype) / T, dim=-1)
-        g = None
-        if direction == "forward":
-            p_t = log_t.exp()
-            loss = (p_t * (log_t - log_s)).sum(-1)
-            if need_grad:
-                g = (log_s.exp() - p_t) * T
-        else:
-            p_s = log_s.exp()
-            d = log_s - log_t
-            loss = (p_s * d).sum(-1)
-            if need_grad:
-                g = p_s * (d - loss[:, None]) * T
-        return loss * T**2, g
-
-    total = _ChunkedRowLoss.apply(flat_s, flat_t, keep, row_fn, CHUNK_ROWS)
-    return total, keep.sum()
+    return _RowLoss.apply(flat_s, flat_t, keep, direction, float(temperature)), keep.sum()
 
 
 def hidden_mse_sum(student_hidden, teacher_hidden, layers: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
