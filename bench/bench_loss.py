@@ -13,33 +13,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 
 import torch
 
+from bench_sparse import timed  # bench/ is the script's folder, so on its path
 from hybridize.kernels.loss_triton import row_losses_triton
 from hybridize.train.losses import chunked_row_losses
-
-
-def _time(fn, repeat: int) -> float:
-    for _ in range(2):
-        fn()
-    times = []
-    for _ in range(repeat):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
 
 
 def copy_bandwidth() -> float:
     """Bytes per second of a device-to-device copy of 2 GiB (read + write)."""
     x = torch.empty(2**30, dtype=torch.int16, device="cuda")
     y = torch.empty_like(x)
-    ms = _time(lambda: y.copy_(x), 10)
+    ms = timed(lambda: y.copy_(x), 10, warmup=2)
     return 2 * x.numel() * 2 / (ms / 1e3)
 
 
@@ -66,10 +52,10 @@ def main() -> None:
         reads = (1 if mode == "ce" else 2) * 2 * R * V * 2  # both passes read the logits they need
         floor_ms = (reads + R * V * 2) / bw * 1e3
         torch.cuda.reset_peak_memory_stats()
-        kernel_ms = _time(lambda: row_losses_triton(s, other, keep, mode, 1.0, True), args.repeat)
+        kernel_ms = timed(lambda: row_losses_triton(s, other, keep, mode, 1.0, True), args.repeat, warmup=2)
         kernel_gib = torch.cuda.max_memory_allocated() / 2**30
         torch.cuda.reset_peak_memory_stats()
-        torch_ms = _time(lambda: chunked_row_losses(s, other, keep, mode, 1.0, True), args.repeat)
+        torch_ms = timed(lambda: chunked_row_losses(s, other, keep, mode, 1.0, True), args.repeat, warmup=2)
         torch_gib = torch.cuda.max_memory_allocated() / 2**30
         loss, grad = row_losses_triton(s, other, keep, mode, 1.0, True)
         total, ref = chunked_row_losses(s, other, keep, mode, 1.0, True)
