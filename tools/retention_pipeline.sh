@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Run by tools/retention_device.sh start (in the background): prepare once, then every variant at the same time.
+# Run by tools/retention_device.sh start (in the background): prepare once, then every variant at the same time
+# (SEQUENTIAL=1: one after another).
 # $1 VARIANTS ("name:overrides;..."), $2 training seconds per variant, $3 output folder.
 set -uo pipefail
 VARIANTS=$1; SECS=$2; OUT_DIR=$3
@@ -18,41 +19,59 @@ IFS=';' read -ra VS <<< "$VARIANTS"
 # together (2026-12-01: five at once ran at 13.5-13.9K tokens/s each, bench/results/retention.md)
 # Each run times its steps for SECS while the others start up, so their step counts differ (2026-12-01: 81 vs 37-39
 # long-stage steps; runs overran 600 s by 60-85%): give several runs the same STEPS="align,distil,long" instead.
-[ ${#VS[@]} -gt 1 ] && SHARED=${SHARED:-"--set stages[0].micro_batch_size=16 --set stages[1].micro_batch_size=4 --set stages[2].micro_batch_size=1"}
+# SEQUENTIAL=1: one run after another, each alone on the GPU and all CPUs (at fixed STEPS, shorter ones: screens),
+# each report beside the next run's training
+[ ${#VS[@]} -gt 1 ] && [ "${SEQUENTIAL:-0}" != 1 ] && SHARED=${SHARED:-"--set stages[0].micro_batch_size=16 --set stages[1].micro_batch_size=4 --set stages[2].micro_batch_size=1"}
 SHARED=${SHARED:-}
-PER=$(( $(nproc) / ${#VS[@]} )); i=0
-for v in "${VS[@]}"; do
-  name=${v%%:*}; extra=${v#*:}
-  mkdir -p $OUT_DIR/$name
-  echo "$name: CPUs $((i * PER))-$((i * PER + PER - 1)), overrides: $extra"
-  PIN=$(command -v taskset >/dev/null && echo "taskset -c $((i * PER))-$((i * PER + PER - 1))")
-  ( OMP_NUM_THREADS=$(( PER > 1 ? PER / 2 : 1 )) $PIN \
-      python3 bench/train_quality.py quality --recipe $RECIPE --set data.cache_dir=$CACHE $COMMON \
-      --set output.checkpoint_every=100000 --set 'logging.trackers=[]' --run-dir /tmp/ret_$name $SHARED \
-      --train-seconds $SECS --split ${SPLIT:-0.4,0.4,0.2} --no-retention ${STEPS:+--steps $STEPS} \
-      $([ $i = 0 ] && echo --save-untrained $OUT_DIR/converted_model) $extra \
-      --out $OUT_DIR/$name > $OUT_DIR/$name/quality.log 2>&1; touch $OUT_DIR/$name/done ) &
-  i=$((i + 1))
-done
 # Reports: the source is not measured again (its H200 measurements of 2026-12-01 are in bench/results; it took 459 s
-# beside the training runs); each model is measured in its own process beside it (agreement needs both in memory),
-# all once every run has finished; then one merged report.
+# beside the training runs); each model is measured in its own process beside it (agreement needs both in memory).
 SOURCE_JSON=${SOURCE_JSON:-bench/results/retention-2026-12-01/retention.json}
 report() {  # $1 name, $2 model spec
   python3 bench/train_quality.py retention --model source=default --model $1=$2 --reuse-reference $SOURCE_JSON \
     --trials ${TRIALS:-2} --out $OUT_DIR/retention_$1 > $OUT_DIR/retention_$1.log 2>&1
   echo "report $1: rc=$?, $(( $(date +%s) - t )) s"
 }
-# The conversion's report waits for the training runs: beside them it slowed the runs that were timing their steps
-# (2026-12-01). One trial per length is enough for it (its retrieval was 0 everywhere); TRIALS_CONVERTED=0 skips it
-# (measured twice: 102x and 120x the source's perplexity, no retrieval, at most 1 probe; retention.md).
-while [ $(ls -d $OUT_DIR/*/done 2>/dev/null | wc -l) -lt ${#VS[@]} ]; do sleep 5; done
-echo "all variants trained: $(( $(date +%s) - t )) s"
+train() {  # $1 "name:overrides", $2 first CPU, $3 CPUs, $4 1 for the first run (it also saves the conversion)
+  local name=${1%%:*} extra=${1#*:} cpu=$2 per=$3
+  mkdir -p $OUT_DIR/$name
+  echo "$name: CPUs $cpu-$((cpu + per - 1)), overrides: $extra"
+  PIN=$(command -v taskset >/dev/null && echo "taskset -c $cpu-$((cpu + per - 1))")
+  OMP_NUM_THREADS=$(( per > 1 ? per / 2 : 1 )) $PIN \
+    python3 bench/train_quality.py quality --recipe $RECIPE --set data.cache_dir=$CACHE $COMMON \
+    --set output.checkpoint_every=100000 --set 'logging.trackers=[]' --run-dir /tmp/ret_$name $SHARED \
+    --train-seconds $SECS --split ${SPLIT:-0.4,0.4,0.2} --no-retention ${STEPS:+--steps $STEPS} \
+    $([ $4 = 1 ] && echo --save-untrained $OUT_DIR/converted_model) $extra \
+    --out $OUT_DIR/$name > $OUT_DIR/$name/quality.log 2>&1
+  touch $OUT_DIR/$name/done
+}
+if [ "${SEQUENTIAL:-0}" = 1 ]; then
+  i=0
+  for v in "${VS[@]}"; do
+    name=${v%%:*}
+    train "$v" 0 $(nproc) $([ $i = 0 ] && echo 1 || echo 0)
+    i=$((i + 1))
+    echo "$name trained: $(( $(date +%s) - t )) s"
+    [ -d /tmp/ret_$name/model ] && report $name /tmp/ret_$name/model &
+  done
+  echo "all variants trained: $(( $(date +%s) - t )) s"
+else
+  PER=$(( $(nproc) / ${#VS[@]} )); i=0
+  for v in "${VS[@]}"; do
+    train "$v" $((i * PER)) $PER $([ $i = 0 ] && echo 1 || echo 0) &
+    i=$((i + 1))
+  done
+  # All reports once every run has finished: beside them a report slowed the runs that were timing their steps
+  # (2026-12-01).
+  while [ $(ls -d $OUT_DIR/*/done 2>/dev/null | wc -l) -lt ${#VS[@]} ]; do sleep 5; done
+  echo "all variants trained: $(( $(date +%s) - t )) s"
+  for v in "${VS[@]}"; do
+    name=${v%%:*}; [ -d /tmp/ret_$name/model ] && report $name /tmp/ret_$name/model &
+  done
+fi
+# One trial per length is enough for the conversion's report (its retrieval was 0 everywhere); TRIALS_CONVERTED=0
+# skips it (measured twice: 102x and 120x the source's perplexity, no retrieval, at most 1 probe; retention.md).
 [ -d $OUT_DIR/converted_model ] && [ "${TRIALS_CONVERTED:-1}" != 0 ] && \
   TRIALS=${TRIALS_CONVERTED:-1} report converted $OUT_DIR/converted_model &
-for v in "${VS[@]}"; do
-  name=${v%%:*}; [ -d /tmp/ret_$name/model ] && report $name /tmp/ret_$name/model &
-done
 wait
 python3 bench/train_quality.py merge $OUT_DIR/retention_*/retention.json --out $OUT_DIR/retention > $OUT_DIR/merge.log 2>&1
 for f in $OUT_DIR/retention_*.log; do echo "=== $f"; grep -E "^\[|retention report" $f | tail -3; done
