@@ -103,18 +103,39 @@ def training_batch(model, seq_len: int, tokens_per_step: int, document_tokens: i
     return batch["input_ids"], {"position_ids": batch["position_ids"], "cu_seqlens": batch["cu_seqlens"]}
 
 
+def _graphed_loss(student, ids):
+    """The trainer's path with `cuda_graphs`: the logits from the graphed forward, the loss kernel's cross-entropy."""
+    from hybridize.train.losses import cross_entropy_sum
+
+    pos = torch.arange(ids.shape[1], device=ids.device).expand(ids.shape[0], -1)
+    logits = student(input_ids=ids, position_ids=pos, use_cache=False, logits_to_keep=0).logits
+    targets = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], 1)
+    total, n = cross_entropy_sum(logits, targets)
+    return total / n
+
+
 def time_training(model, seq_len: int, tokens_per_step: int, steps: int = 6, warmup: int = 2, bf16: bool = True,
-                  loss_chunk: int = 0, document_tokens: int = 0) -> dict:
+                  loss_chunk: int = 0, document_tokens: int = 0, graphs: bool = False) -> dict:
+    """`graphs`: forward and backward replayed from CUDA graphs (hybridize/train/graphs.py; rows, no documents),
+    the loss by the trainer's cross-entropy; recorded in the first warm-up step."""
     model = model.to("cuda").float().train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
-    ids, packed = training_batch(model, seq_len, tokens_per_step, document_tokens)
+    ids, packed = training_batch(model, seq_len, tokens_per_step, 0 if graphs else document_tokens)
+    student = None
+    if graphs:
+        from hybridize.train.graphs import GraphedStudent
+
+        student = GraphedStudent(model, model, torch.bfloat16 if bf16 else None)
     torch.cuda.reset_peak_memory_stats()
     times = []
     for i in range(warmup + steps):
         torch.cuda.synchronize()
         t = time.perf_counter()
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
-            loss = _training_loss(model, ids, loss_chunk, packed)
+        if student is not None:  # its own autocast, inside the graph
+            loss = _graphed_loss(student, ids)
+        else:
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+                loss = _training_loss(model, ids, loss_chunk, packed)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -219,18 +240,21 @@ def cmd_throughput(args) -> int:
                 p.data = p.data.clone()
             models.append(("hybrid 1:3" + (" (source K/V)" if kv == "source" else ""), hybrid))
         print(f"{shape}: built in {time.perf_counter() - t0:.1f} s", flush=True)
+        if args.cuda_graphs:  # the same models, forward and backward replayed from CUDA graphs
+            models += [(f"{name} (graphed)", model) for name, model in models]
         if args.compile:  # after the eager rows: the same models compiled in place
-            models += [(f"{name} (compiled)", model) for name, model in models]
+            models += [(f"{name} (compiled)", model) for name, model in models if not name.endswith("(graphed)")]
         for name, model in models:  # every length of a model in a row: compiling in place ends its eager rows
             if name.endswith("(compiled)"):
                 print(f"{name}: compiled {compile_regions(model, whole_layers=name.startswith('dense'))}", flush=True)
             for length in args.lengths:
                 try:
                     t0 = time.perf_counter()
+                    graphs = name.endswith("(graphed)")
                     r = time_training(model, length, args.tokens_per_step, steps=args.steps, bf16=not args.fp32,
-                                      loss_chunk=args.loss_chunk, document_tokens=args.document_tokens)
+                                      loss_chunk=args.loss_chunk, document_tokens=args.document_tokens, graphs=graphs)
                     r["first_steps_s"] = time.perf_counter() - t0  # compilation included
-                    if args.profile:
+                    if args.profile and not graphs:
                         r["profile"] = profile_training_step(model, length, args.tokens_per_step, args.loss_chunk,
                                                              document_tokens=args.document_tokens)
                 except torch.OutOfMemoryError:
@@ -756,6 +780,8 @@ def main() -> int:
     t.add_argument("--loss-chunk", type=int, default=0, help="tokens per loss chunk (0: the whole logits at once)")
     t.add_argument("--document-tokens", type=int, default=0,
                    help="the hybrid reads packed documents of this many tokens, as in training (cu_seqlens; 0: rows)")
+    t.add_argument("--cuda-graphs", action="store_true", help="also time each model's forward and backward replayed "
+                   "from CUDA graphs, as a stage with cuda_graphs trains (rows, the trainer's loss kernel)")
     t.add_argument("--compile", action="store_true", help="also time each model compiled in place (torch.compile: "
                    "the dense model's whole layers, the hybrid's MLPs and norms)")
     t.add_argument("--profile", action="store_true", help="profile one step of each row (device busy time against "

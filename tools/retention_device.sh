@@ -130,7 +130,7 @@ wait)
 gputests)  # the GPU tests of the kernels and the model (issue 17), in the copy the pipeline runs from
   cd $R/repo && timeout ${TEST_SECS:-300} python3 -m pytest -q -p no:cacheprovider ${TESTS:-tests/test_kernels_sparse.py \
     tests/test_kernels_lightning.py tests/test_kernels_loss.py tests/test_arch_gpu.py tests/test_arch_fused.py \
-    tests/test_layout.py tests/test_train_kv_buffer.py tests/test_decode_graphs_gpu.py} 2>&1 \
+    tests/test_layout.py tests/test_train_kv_buffer.py tests/test_train_graphs.py tests/test_decode_graphs_gpu.py} 2>&1 \
     | tee $OUT/gputests.log | tail -25
   ;;
 esac

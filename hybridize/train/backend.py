@@ -39,6 +39,16 @@ def check_backend(accelerator, recipe: Recipe) -> None:
     if any(s.trainable == "lora" for s in recipe.stages) and (is_fsdp(accelerator) or is_deepspeed(accelerator)):
         raise ValueError(f"{recipe.source_file}: trainable: lora is not supported under FSDP or DeepSpeed; run it on "
                          "one process or with DDP (accelerate launch without an FSDP/DeepSpeed config)")
+    for k, s in enumerate(recipe.stages):
+        if not s.cuda_graphs:
+            continue
+        where = f"{recipe.source_file}: stages[{k}].cuda_graphs"
+        if accelerator.device.type != "cuda":
+            raise ValueError(f"{where}: stage {s.name!r} runs on {accelerator.device.type}; CUDA graphs need a GPU: "
+                             "set it false")
+        if accelerator.num_processes > 1 or is_deepspeed(accelerator) or is_fsdp(accelerator):
+            raise ValueError(f"{where}: stage {s.name!r} runs in {accelerator.num_processes} processes or under "
+                             "DeepSpeed / FSDP, whose collectives a graph cannot hold: set it false")
 
 
 def _check_deepspeed(accelerator, recipe: Recipe) -> None:

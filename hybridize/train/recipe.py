@@ -181,6 +181,9 @@ class StageSpec:
     document_separator: str | None = None
     # train past the teacher's max_position_embeddings (a long-context stage with HyPE): refused unless set
     past_source_context: bool = False
+    # the student's forward and backward replayed from CUDA graphs (hybridize/train/graphs.py): one GPU, one process,
+    # joined documents (every batch one shape), a loss on logits only
+    cuda_graphs: bool = False
 
 
 @dataclass
@@ -481,6 +484,12 @@ def validate(recipe: Recipe) -> Recipe:
         if loss.hidden_at == "mixer" and s.gradient_checkpointing:
             _fail(f, f"{w}.gradient_checkpointing", "a stage that compares mixer outputs skips the MLPs, which a "
                   "recomputed layer would run: leave gradient_checkpointing off (the stage keeps few activations)")
+        if s.cuda_graphs and not s.join_documents:
+            _fail(f, f"{w}.cuda_graphs", "a graph replays one shape: needs join_documents: true (packed documents "
+                                          "give every batch its own)")
+        if s.cuda_graphs and (loss.hidden_mse or s.gradient_checkpointing or s.trainable == "lora"):
+            _fail(f, f"{w}.cuda_graphs", "graphs record the student's logits alone: not with hidden_mse, "
+                                          "gradient_checkpointing or lora")
         if loss.hidden_inputs == "teacher_inputs" and (loss.kl or loss.ce):
             _fail(f, f"{w}.loss.hidden_inputs", "teacher_inputs aligns layers one by one: combine it with hidden_mse only")
     if recipe.output.dtype is not None:
@@ -568,7 +577,7 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
 # Fields that change neither the weights nor the data a run sees: a resumed run may set them differently.
 _NOT_DEFINING = {"data": ("cache_dir",),
                  "stages": ("micro_batch_size", "gradient_checkpointing", "eval_every", "eval_sequences",
-                            "past_source_context")}
+                            "past_source_context", "cuda_graphs")}
 
 
 def run_fingerprint(recipe: Recipe) -> dict:

@@ -27,6 +27,7 @@ from ..arch.configuration_hybridize import LIGHTNING, SPARSE
 from .backend import check_backend, configure_deepspeed, is_deepspeed, is_fsdp, make_accelerator
 from .checkpoint import full_state_dict, list_checkpoints, load_weights, save_checkpoint, usable_checkpoint
 from .data import RecallStream, build_corpus, make_batch
+from .graphs import GraphedStudent
 from .losses import cross_entropy_sum, hidden_mse_sum, kl_sum
 from .models import load_models
 from .params import apply_lora, merge_lora, parameter_groups, select_trainable
@@ -369,6 +370,7 @@ class _Stage:
     start: int  # the first step to run (past the checkpoint's when resuming inside this stage)
     bar: object
     t_last: float
+    student: object = None  # what the losses call: the prepared model, or its CUDA-graphed forward (cuda_graphs)
 
 
 def train(recipe: Recipe, *, resume: bool = False, accelerator=None, on_step=None, models=None) -> TrainResult:
@@ -504,8 +506,12 @@ def prepare_stage(run: _Run, k: int, spec: StageSpec, model) -> _Stage:
 
     bar = tqdm(total=plan.steps, initial=start, desc=f"{spec.name}", unit="step", dynamic_ncols=True,
                disable=not (run.main and recipe.logging.progress))
+    student = pmodel
+    if spec.cuda_graphs:  # check_backend refused it where it cannot run
+        student = GraphedStudent(acc.unwrap_model(pmodel), pmodel,
+                                 torch.bfloat16 if recipe.precision == "bf16" else None)
     return _Stage(k, spec, plan, pmodel, optimizer, scheduler, stream, eval_seqs, hidden_layers, start, bar,
-                  time.perf_counter())
+                  time.perf_counter(), student)
 
 
 def train_step(run: _Run, st: _Stage, step: int) -> dict:
@@ -593,7 +599,7 @@ def forward_backward(run: _Run, st: _Stage, batches: list[dict]) -> dict[str, fl
     for j, b in enumerate(batches):
         last = j == len(batches) - 1
         with contextlib.nullcontext() if last else acc.no_sync(st.pmodel):
-            parts = loss_parts(st.pmodel, run.teacher, b, loss_spec, st.hidden_layers)
+            parts = loss_parts(st.student, run.teacher, b, loss_spec, st.hidden_layers)
             loss = weighted(parts, totals, loss_spec) * acc.num_processes
             if is_deepspeed(acc):  # the engine: no second division by the accumulation count (the loss is already
                 # this micro-batch's share of the step), and its update at the last micro-batch
