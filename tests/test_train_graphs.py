@@ -71,14 +71,16 @@ def test_gpu_graphed_student_matches_the_eager_one_over_steps():
             loss, _ = kl_sum(logits, teacher, targets)
             loss.backward()
             losses.append(float(loss))
-            grads = [p.grad.clone() for p in model.parameters()]
+            grads = [None if p.grad is None else p.grad.clone() for p in model.parameters()]
             opt.step()
             opt.zero_grad(set_to_none=True)
             if call is None:
                 eager_grads = grads
         assert losses[1] == pytest.approx(losses[0], rel=1e-2), step
         for a, b in zip(eager_grads, grads):
-            assert (a - b).abs().max() <= 3e-2 * a.abs().max() + 1e-6, step
+            assert (a is None) == (b is None), step
+            if a is not None:
+                assert (a - b).abs().max() <= 3e-2 * a.abs().max() + 1e-6, step
     assert student.graphed is not None and student.shape == (3, 96)
     other = student(input_ids=ids[:2], position_ids=pos[:2], use_cache=False, logits_to_keep=0)  # another shape
     assert other.logits.shape[:2] == (2, 96)
