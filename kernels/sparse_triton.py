@@ -180,9 +180,10 @@ def infllm_v2_attention_triton(
             raise ValueError("packed documents (cu_seqlens) need batch 1, as many queries as keys and no cached keys")
         cu_seqlens = cu_seqlens.detach().to("cpu", torch.int64)  # the kernels' tables are built on the host
         a, L = _documents(cu_seqlens, Tk)
-        all_dense = _keeps_every_block(int(L.max()), o)
+        longest = int(L.max())
+        all_dense = _keeps_every_block(longest, o)
         if all_dense:
-            out = _dense_documents(q, k, v, cu_seqlens, int(L.max()), scale)
+            out = _dense_documents(q, k, v, cu_seqlens, longest, scale)
             if out is not None:
                 return out
         if o.selection == "token" and not all_dense:  # per-token selection: one document at a time
@@ -200,7 +201,7 @@ def infllm_v2_attention_triton(
                                    cu_seqlens=cu_seqlens, tuning=tuning)
         return block_sparse_attention_triton(q, k, v, None, sel, scale=scale, tuning=tuning)
     num_blocks = -(-Tk // o.block_size)
-    if Tk < o.dense_len or num_blocks <= o.topk:
+    if _keeps_every_block(Tk, o):
         return _dense(q, k, v, q_pos, scale)
     n = _dense_prefix(q.shape[2], Tk, o)
     if n:

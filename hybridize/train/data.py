@@ -329,9 +329,9 @@ def make_batch(sequences: list[tuple[np.ndarray, np.ndarray]], device=None, join
         "cu_seqlens": torch.tensor(cu, dtype=torch.int32),
     }
     if device is not None:
-        # non-blocking: a blocking copy waits for the GPU to finish the previous step; an asynchronous one from
-        # pageable memory is staged before the call returns
-        # cu_seqlens stays on the host: the hybrid reads it there (its sparse layers' row tables) and copies it over
+        # non-blocking: a blocking copy waits for the GPU to finish the previous step (an asynchronous one from
+        # pageable memory is staged before the call returns); cu_seqlens stays on the host, where the hybrid reads it
+        # (its sparse layers' row tables) before copying it over itself
         batch = {k: v if k == "cu_seqlens" else v.to(device, non_blocking=True) for k, v in batch.items()}
     batch["rows"] = len(sequences) if len({len(t) for t, _ in sequences}) == 1 else 1
     batch["counted"] = sum(int((t != IGNORE).sum()) for t in targets)  # known here, so no one reads it back

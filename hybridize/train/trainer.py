@@ -590,11 +590,7 @@ def forward_backward(run: _Run, st: _Stage, batches: list[dict]) -> dict[str, fl
         for key, n in part_counts(b, loss_spec).items():
             local[key] = local.get(key, 0) + n
     keys = sorted(local)
-    if acc.num_processes > 1:
-        totals_t = acc.reduce(torch.tensor([float(local[x]) for x in keys], device=acc.device), "sum")
-        totals = dict(zip(keys, totals_t.tolist()))
-    else:  # nothing to add up: keep the host from waiting for the previous step on the GPU
-        totals = {x: float(local[x]) for x in keys}
+    totals = dict(zip(keys, _summed_over_processes(acc, [float(local[x]) for x in keys])))
     sums = torch.zeros(len(keys), dtype=torch.float64, device=acc.device)
     for j, b in enumerate(batches):
         last = j == len(batches) - 1
@@ -611,6 +607,14 @@ def forward_backward(run: _Run, st: _Stage, batches: list[dict]) -> dict[str, fl
         sums += torch.stack([parts[x][0].detach().double() for x in keys])
     sums = acc.reduce(sums, "sum")
     return {x: float(sums[i]) / max(totals[x], 1.0) for i, x in enumerate(keys)}
+
+
+def _summed_over_processes(acc, values: list[float]) -> list[float]:
+    """Host numbers summed over the processes; with one process the numbers themselves, so that the host does not
+    wait for the GPU (a device tensor read back waits for every step queued before it)."""
+    if acc.num_processes == 1:
+        return values
+    return acc.reduce(torch.tensor(values, device=acc.device), "sum").tolist()
 
 
 def _update(run: _Run, st: _Stage, step: int, record: dict) -> None:
@@ -648,9 +652,7 @@ def _log(run: _Run, st: _Stage, record: dict) -> None:
 def _stop_or_checkpoint(run: _Run, st: _Stage, step: int) -> None:
     more = step + 1 < st.plan.steps  # the stage's last step is checkpointed by finish_stage
     # Every process must agree on stopping (a signal may reach only some of them).
-    stop = run.stop.signal is not None
-    if run.acc.num_processes > 1:
-        stop = float(run.acc.reduce(torch.tensor([float(stop)], device=run.acc.device), "sum")) > 0
+    stop = _summed_over_processes(run.acc, [float(run.stop.signal is not None)])[0] > 0
     if stop and more:
         path = _save(run, st, step + 1, False)
         st.bar.close()
