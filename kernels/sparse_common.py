@@ -70,6 +70,16 @@ def _host_to_device(t: torch.Tensor, device, dtype=torch.int32) -> torch.Tensor:
     return t.to(device, dtype, non_blocking=True)
 
 
+def _positions_to_device(q_pos: torch.Tensor, device) -> torch.Tensor:
+    """Host-built positions on `device` as int32. Consecutive ones (training and one-pass prefill: first + 0..T-1) are
+    made there by `arange` instead of copied: nothing read from host memory, so a CUDA graph can record the call."""
+    n = q_pos.numel()
+    if q_pos.device.type == "cpu" and n and bool((q_pos.view(-1)[1:] - q_pos.view(-1)[:-1] == 1).all()):
+        first = int(q_pos.view(-1)[0])
+        return torch.arange(first, first + n, device=device, dtype=torch.int32)
+    return _host_to_device(q_pos, device).contiguous()
+
+
 def _documents(cu_seqlens, total: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Packed documents: (starts, lengths) as CPU int64 tensors, validated against the packed length. A CPU
     `cu_seqlens` costs no host synchronisation; a CUDA one waits for the GPU."""

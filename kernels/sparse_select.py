@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from .sparse_common import (_LOG2E, HAS_TRITON, _coarse_count, _count, _documents, _host_to_device, _launch_extra,
-                            _pow2, _tiles, tl, triton)
+                            _positions_to_device, _pow2, _tiles, tl, triton)
 from .sparse_compress import coarse_from_compressed
 from .sparse_reference import SparseOptions, _choose
 
@@ -510,7 +510,7 @@ def select_blocks_triton(
         q_pos = packed.q_pos
     # where the caller built q_pos on the host (training and prefill: 0..T-1), its first position costs no sync
     first = int(q_pos[0]) if packed is None and q_pos.device.type == "cpu" and q_pos.numel() else None
-    q_pos = _host_to_device(q_pos, device).contiguous()
+    q_pos = _positions_to_device(q_pos, device)
     # K1 in the query dtype for the block-mode score kernel (bf16 tensor-core products); float32 otherwise.
     ck = ckeys.detach()
     if o.coarse:

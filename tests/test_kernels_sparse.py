@@ -848,3 +848,13 @@ def test_gpu_host_positions_give_the_same_attention(seed, selection):
     q, k, v, pos = _gpu_inputs(1, 8, 2, 128, T, T, seed)
     opts = dict(topk=16, local_blocks=4, dense_len=1024, selection=selection)
     _host_facts_give_the_same(q, k, v, dict(q_pos=pos), dict(q_pos=pos.cpu()), opts, no_sync=selection == "block")
+
+
+def test_host_positions_reach_the_device_as_given_consecutive_or_not():
+    from hybridize.kernels.sparse_common import _positions_to_device
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    for pos in (torch.arange(37, 37 + 130), torch.tensor([5]), torch.tensor([0, 1, 2, 7, 8]), torch.arange(9, 0, -1)):
+        out = _positions_to_device(pos, device)
+        assert out.dtype == torch.int32 and out.device.type == device and out.is_contiguous()
+        assert torch.equal(out.cpu(), pos.to(torch.int32))

@@ -54,6 +54,8 @@ class GraphedStudent:
             self.shape = tuple(input_ids.shape)
             torch.cuda.synchronize()
             # allow_unused_input: a parameter no logit depends on (a frozen one, an unused norm) is not an error
-            self.graphed = torch.cuda.make_graphed_callables(self.module, (input_ids, position_ids),
-                                                             allow_unused_input=True)
+            # the sample inputs become the graphs' static inputs, which every replay copies into: they must own
+            # their memory (positions are often one row expanded over the batch, every row the same storage)
+            static = tuple(t.clone(memory_format=torch.contiguous_format) for t in (input_ids, position_ids))
+            self.graphed = torch.cuda.make_graphed_callables(self.module, static, allow_unused_input=True)
         return SimpleNamespace(logits=self.graphed(input_ids, position_ids), hidden_states=None)
