@@ -320,19 +320,27 @@ def _micro_batch(model, stage, micro: int, device: str):
     return make_batch([(ids, np.array([0]))] * micro, device)
 
 
-def _stage_loss_backward(model, teacher, stage, batch) -> None:
-    """One forward + backward of the stage's loss on `batch` (the loss the trainer builds)."""
+def _stage_loss_backward(model, teacher, stage, batch, student=None) -> None:
+    """One forward + backward of the stage's loss on `batch` (the loss the trainer builds); `student`: what the losses
+    call instead of the model (its graphed forward)."""
     from hybridize.train.trainer import loss_parts, part_counts, weighted
 
-    parts = loss_parts(model, teacher, batch, stage.loss, list(range(model.config.num_hidden_layers)))
+    parts = loss_parts(student or model, teacher, batch, stage.loss, list(range(model.config.num_hidden_layers)))
     weighted(parts, part_counts(batch, stage.loss), stage.loss).backward()
 
 
-def _time_micro(model, teacher, stage, micro: int, precision: str, device: str) -> float | None:
-    """Seconds for one forward + backward of `micro` sequences of the stage (best of 2 after a warm-up); None on OOM."""
+def _time_micro(model, teacher, stage, micro: int, precision: str, device: str, graphed: bool = False) -> float | None:
+    """Seconds for one forward + backward of `micro` sequences of the stage (best of 2 after a warm-up); None on OOM.
+    `graphed`: the student replayed from CUDA graphs as the trainer runs a `cuda_graphs` stage (recorded in the
+    warm-up call), so that the steps fill the time they will take."""
+    student = model
+    if graphed and str(device).startswith("cuda"):
+        from hybridize.train.graphs import GraphedStudent
+
+        student = GraphedStudent(model, model, torch.bfloat16 if precision == "bf16" else None)
     try:
         batch = _micro_batch(model, stage, micro, device)
-        return _best_time(lambda: _stage_loss_backward(model, teacher, stage, batch), model, device,
+        return _best_time(lambda: _stage_loss_backward(model, teacher, stage, batch, student), model, device,
                           precision == "bf16")
     except torch.OutOfMemoryError:
         return None
@@ -361,7 +369,7 @@ def calibrate(recipe, student, teacher, seconds: float, split: list[float], devi
             if per_process % micro or micro in tried:
                 continue
             tried.add(micro)
-            t = _time_micro(model, teacher, stage, micro, recipe.precision, device)
+            t = _time_micro(model, teacher, stage, micro, recipe.precision, device, graphed=stage.cuda_graphs)
             print(f"calibration: stage {stage.name}: micro-batch {micro}: "
                   + ("out of memory" if t is None else f"{t:.3f} s, {micro * stage.seq_len / t:,.0f} tokens/s"),
                   flush=True)
