@@ -40,3 +40,29 @@ def test_packed_documents_are_read_one_by_one_and_the_dense_model_reads_rows(mon
     torch.testing.assert_close(together[:, 56:72], alone, rtol=1e-4, atol=1e-4)
     rows, none = tq.training_batch(dense, seq_len=40, tokens_per_step=80, document_tokens=16, device="cpu")
     assert rows.shape == (2, 40) and none == {}
+
+
+def test_step_calibration_fills_the_budget_with_micro_batches_that_divide_each_stage(monkeypatch, tmp_path):
+    """The retention benchmark's calibration on a real tiny recipe: a step count per stage from the measured micro-batch
+    time, the fastest micro-batch that divides the stage's batch written into it; a `cuda_graphs` stage on the CPU is
+    timed eagerly (graphs need CUDA)."""
+    import test_train_support as S
+    from transformers import LlamaForCausalLM
+
+    from hybridize.train.recipe import recipe_from_dict
+
+    tq = _train_quality(monkeypatch)
+    docs = S.write_documents(tmp_path / "docs", count=3)
+    src = S.make_tiny_source(tmp_path / "src", docs)
+    spec = S.tiny_recipe(src, docs, tmp_path / "out", tmp_path / "cache")
+    spec["stages"][1].update(join_documents=True, cuda_graphs=True, gradient_checkpointing=False)
+    recipe = recipe_from_dict(spec)
+    teacher = LlamaForCausalLM.from_pretrained(src).eval()
+    student = build_hybrid(teacher, default_layer_types(4))
+    short = tq.calibrate(recipe, student, teacher, 1e-4, [0.5, 0.5], device="cpu", micro_factors=(1, 2, 4))
+    long = tq.calibrate(recipe, student, teacher, 5000.0, [0.5, 0.5], device="cpu", micro_factors=(1, 2, 4))
+    assert short == [1, 1]  # at least one step, however short the budget
+    assert all(n > 10 for n in long)
+    for stage in recipe.stages:
+        batch = stage.global_batch_tokens // stage.seq_len
+        assert batch % stage.micro_batch_size == 0 and stage.micro_batch_size <= batch
