@@ -127,8 +127,9 @@ wait)
   cd $R/out && tar czf $OUT/results.tar.gz --exclude='*.safetensors' --exclude='*/run/*' . 2>/dev/null; ls -la $OUT
   nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader
   ;;
-gputests)  # the GPU tests of the kernels and the model (issue 17), in the copy the pipeline runs from
-  cd $R/repo && timeout ${TEST_SECS:-300} python3 -m pytest -q -p no:cacheprovider ${TESTS:-tests/test_kernels_sparse.py \
+gputests)  # the GPU tests of the kernels and the model (issue 17), in the copy the pipeline runs from if there is one
+  { [ -d $R/repo ] && cd $R/repo; } || cd "$(dirname "$0")/.."
+  PYTHONPATH=. timeout ${TEST_SECS:-300} python3 -m pytest -q -p no:cacheprovider ${TESTS:-tests/test_kernels_sparse.py \
     tests/test_kernels_lightning.py tests/test_kernels_loss.py tests/test_arch_gpu.py tests/test_arch_fused.py \
     tests/test_layout.py tests/test_train_kv_buffer.py tests/test_train_graphs.py tests/test_decode_graphs_gpu.py} 2>&1 \
     | tee $OUT/gputests.log | tail -25
