@@ -20,9 +20,8 @@ from hybridize.eval.perplexity import perplexity_of_ids, position_edges, positio
 from hybridize.eval.probes import PROBES
 from hybridize.eval.report import retention_markdown
 from hybridize.eval.retention import (
-    RetentionSettings, merge_reports, next_token_agreement, probe_correct, retention_report, run_lm_eval,
-    score_probes,
-    write_retention_report,
+    RetentionSettings, merge_reports, next_token_agreement, probe_correct, probe_echo, retention_report,
+    run_lm_eval, score_probes, write_retention_report,
 )
 from hybridize.eval.retrieval import TASKS, make_probe, run_retrieval
 
@@ -150,6 +149,17 @@ def test_probe_scoring_counts_hand_made_completions():
     assert model["retained_accuracy"] == 0.5 and [i["correct"] for i in model["items"]] == [True, False, True]
 
 
+def test_an_answer_that_repeats_its_prompt_is_told_from_one_that_answers():
+    assert probe_echo("The opposite of up is", " the opposite of up.\n")
+    assert probe_echo("The chemical symbol for gold is", " gold.\n\nThe answer")
+    assert not probe_echo("The chemical symbol for gold is", " Au.\n\nThe gold")  # the prompt's word comes later
+    assert not probe_echo("The capital of France is", " Paris, France.")
+    assert not probe_echo("The opposite of up is", " the")  # function words alone are no content
+    probes = [("o", "The opposite of up is", ("down",)), ("o", "The opposite of big is", ("small",))]
+    scored = score_probes([" the opposite of up.", " small."], probes)
+    assert scored["echoed"] == 1 and [i["echo"] for i in scored["items"]] == [True, False]
+
+
 def test_the_probe_set_is_well_formed():
     assert 60 <= len(PROBES) <= 120
     assert len({p[1] for p in PROBES}) == len(PROBES)
@@ -177,6 +187,8 @@ def test_retention_report_measures_and_writes_the_files(tmp_path):
                   "### NLL by position"):
         assert title in md
     assert re.search(r"\| kv \| 256 \| 1 \| 0\.00 / 0\.00 \| 1\.00 / 1\.00 \|", md)
+    echoes = [str(m["probes"]["echoed"]) for m in (src, copy)]
+    assert f"| answers that repeat the prompt instead (first content word from the prompt) | {' | '.join(echoes)} |" in md
     for name in ("retention_retrieval.png", "retention_position.png"):
         assert (tmp_path / "r" / name).read_bytes()[:8] == PNG
     with pytest.raises(ValueError, match="reference"):

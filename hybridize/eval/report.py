@@ -202,7 +202,9 @@ def retention_markdown(results: dict) -> str:
                 + [_frac(m["probes"]["correct"], m["probes"]["total"]) if "probes" in m else "-" for m in models],
                 [f"the {p0.get('retained_total', '-')} the reference answers"]
                 + [_frac(m["probes"].get("retained_correct", 0), m["probes"].get("retained_total", 0))
-                   if "probes" in m else "-" for m in models]]
+                   if "probes" in m else "-" for m in models],
+                ["answers that repeat the prompt instead (first content word from the prompt)"]
+                + [str(m["probes"]["echoed"]) if "echoed" in m.get("probes", {}) else "-" for m in models]]
         cats = list(p0.get("by_category", {}))
         rows += [[f"{c} ({p0['by_category'][c]['total']})"]
                  + [_fmt(m["probes"]["by_category"][c]["accuracy"]) if "probes" in m else "-" for m in models]

@@ -24,6 +24,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -197,6 +198,22 @@ def probe_correct(completion: str, answers) -> bool:
     return False
 
 
+_FUNCTION_WORDS = frozenset("a an the of is are was were in on at to for and or by as it its this that".split())
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"[a-z]+", text.lower())
+
+
+def probe_echo(prompt: str, completion: str) -> bool:
+    """The completion repeats its prompt instead of answering: its first content word (function words skipped, among
+    its first four words) is one of the prompt's ("The opposite of up is" -> " the opposite of up"). Trained hybrids
+    did this on 15-20 of the 100 probes and in most of their misses, the source on 5 (bench/results/retention.md,
+    twelfth session)."""
+    content = [w for w in _words(completion)[:4] if w not in _FUNCTION_WORDS]
+    return bool(content) and content[0] in set(_words(prompt)) - _FUNCTION_WORDS
+
+
 @torch.no_grad()
 def probe_completions(model, tokenizer, prompts, max_new_tokens: int = 6, chunk_size: int = DEFAULT_CHUNK) -> list[str]:
     """Greedy completions of `prompts`; prompts of the same token length run as one batch (no padding needed)."""
@@ -216,7 +233,8 @@ def probe_completions(model, tokenizer, prompts, max_new_tokens: int = 6, chunk_
 
 
 def score_probes(completions: list[str], probes=PROBES, reference_correct: list[bool] | None = None) -> dict:
-    """Accuracy of `completions` (one per probe), overall, per category, and on the probes the reference got right."""
+    """Accuracy of `completions` (one per probe), overall, per category, and on the probes the reference got right;
+    `echoed`: how many repeat their prompt instead of answering (probe_echo)."""
     correct = [probe_correct(c, p[2]) for c, p in zip(completions, probes)]
     out = {"accuracy": sum(correct) / len(correct), "correct": sum(correct), "total": len(correct)}
     cats: dict[str, list[bool]] = {}
@@ -227,7 +245,10 @@ def score_probes(completions: list[str], probes=PROBES, reference_correct: list[
         kept = [ok for ok, ref in zip(correct, reference_correct) if ref]
         out["retained_correct"], out["retained_total"] = sum(kept), len(kept)
         out["retained_accuracy"] = sum(kept) / len(kept) if kept else None
-    out["items"] = [{"prompt": p[1], "completion": c, "correct": ok} for p, c, ok in zip(probes, completions, correct)]
+    echo = [probe_echo(p[1], c) for c, p in zip(completions, probes)]
+    out["echoed"] = sum(echo)
+    out["items"] = [{"prompt": p[1], "completion": c, "correct": ok, "echo": e}
+                    for p, c, ok, e in zip(probes, completions, correct, echo)]
     return out
 
 
