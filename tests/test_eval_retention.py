@@ -188,6 +188,7 @@ def test_retention_report_measures_and_writes_the_files(tmp_path):
         assert title in md
     assert re.search(r"\| kv \| 256 \| 1 \| 0\.00 / 0\.00 \| 1\.00 / 1\.00 \|", md)
     echoes = [str(m["probes"]["echoed"]) for m in (src, copy)]
+    assert "| knowledge probes: answers that repeat the prompt instead |" in md
     assert f"| answers that repeat the prompt instead (first content word from the prompt) | {' | '.join(echoes)} |" in md
     for name in ("retention_retrieval.png", "retention_position.png"):
         assert (tmp_path / "r" / name).read_bytes()[:8] == PNG

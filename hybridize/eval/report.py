@@ -103,6 +103,7 @@ SUMMARY_LABELS = {
     "heldout_ppl_ratio": "held-out perplexity / reference (geometric mean)",
     "probe_accuracy": "knowledge probes: accuracy",
     "probe_retained": "knowledge probes: accuracy where the reference is right",
+    "probe_echo_rate": "knowledge probes: answers that repeat the prompt instead",
     "top1_agreement": "next-token top-1 agreement with the reference",
     "kl": "KL(reference || model), nats/token",
 }

@@ -547,6 +547,8 @@ def _summary(m: dict, results: dict) -> dict:
     if "probes" in m:
         out["probe_accuracy"] = m["probes"]["accuracy"]
         out["probe_retained"] = m["probes"].get("retained_accuracy")
+        if "echoed" in m["probes"]:
+            out["probe_echo_rate"] = m["probes"]["echoed"] / m["probes"]["total"]
     if m.get("agreement"):
         vals = list(m["agreement"].values())
         out["top1_agreement"] = sum(v["top1"] for v in vals) / len(vals)
