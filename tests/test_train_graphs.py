@@ -85,3 +85,19 @@ def test_gpu_graphed_student_matches_the_eager_one_over_steps():
     assert student.graphed is not None and student.shape == (3, 320)
     other = student(input_ids=ids[:2], position_ids=pos[:2], use_cache=False, logits_to_keep=0)  # another shape
     assert other.logits.shape[:2] == (2, 320)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_a_run_with_a_graphed_stage_trains_as_the_eager_run(tmp_path):
+    """The whole trainer, twice from the same seed: the distillation stage with and without `cuda_graphs`. The graphed
+    run's losses follow the eager run's step by step and it exports a model."""
+    runs = {}
+    for name, graphs in (("eager", False), ("graphed", True)):
+        spec = _graphed_distil(tmp_path / name, cuda_graphs=graphs)
+        result = train(recipe_from_dict(spec))
+        runs[name] = [(h["stage"], h["loss"]) for h in result.history]
+        assert result.model_dir is not None and (result.model_dir / "config.json").is_file()
+    assert [s for s, _ in runs["graphed"]] == [s for s, _ in runs["eager"]]
+    for (stage, a), (_, b) in zip(runs["eager"], runs["graphed"]):
+        assert b == pytest.approx(a, rel=2e-3, abs=1e-4), stage
