@@ -126,6 +126,7 @@ def test_one_in_four_hybrid_loads_and_generates(tmp_path, family):
     result = run_convert(source, "--output", out, "--ratio", "1:3")
     assert result.exit_code == 0, result.output
     assert "1 sparse of 4 layers, placed by uniform: [3]" in result.output  # no tokenizer: nothing to score with
+    assert f"hybridize train recipes/retention.yaml --set model.source={source} (" in result.output
     hybrid = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
     assert hybrid.config.layer_types == ["linear_attention"] * 3 + ["full_attention"]
     generated = hybrid.generate(IDS[:1, :5], max_new_tokens=6, do_sample=False)
@@ -347,6 +348,7 @@ def test_gguf_default_model_converts(tmp_path):
     result = run_convert("--output", out, "--no-sample")
     assert result.exit_code == 0, result.output
     assert "8 sparse of 30 layers, placed by block_influence" in result.output
+    assert "next: train it to recover the source's quality: hybridize train recipes/retention.yaml (" in result.output
     config = json.loads((out / "config.json").read_text())
     assert config["layer_types"].count("full_attention") == 8 and config["tie_word_embeddings"] is True
     assert (out / "tokenizer.json").is_file()
