@@ -7,7 +7,10 @@ to the last W tokens in the linear layers (the sparse layers keep full attention
 inside the Lightning layers would give before any training.
 
     python bench/local_window.py [--windows 16 64 256] [--sparse-layers 0,4,5,7,15,17,21,29] [--seq-lens 512 2048]
-        [--max-windows 4] [--sources wiki news pydoc] [--out results.json]
+        [--max-windows 4] [--sources wiki news pydoc] [--retrieval passkey --lengths 1024 2048 4096] [--out results.json]
+
+With --retrieval, the retention report's retrieval probes (greedy exact match, 3 depths x --trials) instead of
+perplexity: past the window, only the layers with full attention can read a needle.
 
 CPU is enough (SmolLM2-135M, the built-in default model). Prints one row per window and source.
 """
@@ -68,6 +71,9 @@ def main(argv=None) -> dict:
     p.add_argument("--seq-lens", type=int, nargs="+", default=[512, 2048])
     p.add_argument("--max-windows", type=int, default=4)
     p.add_argument("--sources", nargs="+", default=["wiki", "news", "pydoc"])
+    p.add_argument("--retrieval", nargs="*", default=None, help="tasks (passkey, multikey, kv) instead of perplexity")
+    p.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096])
+    p.add_argument("--trials", type=int, default=3)
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
 
@@ -77,6 +83,8 @@ def main(argv=None) -> dict:
     linear = [i for i in range(model.config.num_hidden_layers) if i not in keep]
     rows = []
     settings = [(0, 0)] + [(w, k) for w in args.windows for k in args.sinks]  # (0, 0): the source as it is
+    if args.retrieval is not None:
+        return _retrieval(model, tok, linear, settings, args)
     for window, sinks in settings:
         set_windows(model, {i: window for i in linear} if window else {}, sinks)
         for source in args.sources:
@@ -98,6 +106,38 @@ def main(argv=None) -> dict:
         print(f"| {f'{window} + {sinks}' if window else 'full (the source)'} | " + " | ".join(
             f"{r['perplexity']:.2f} ({r['ratio']:.2f}x)" for r in mine) + f" | {gm:.3f} |")
     result = {"model": args.model, "sparse_layers": sorted(keep), "rows": rows, "torch": torch.__version__}
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+    return result
+
+
+def _retrieval(model, tok, linear, settings, args) -> dict:
+    from hybridize.eval.retention import RetentionSettings
+    from hybridize.eval.retrieval import run_retrieval
+
+    report = RetentionSettings()  # the report's depths, choices, needles and digits
+    rows = []
+    for window, sinks in settings:
+        set_windows(model, {i: window for i in linear} if window else {}, sinks)
+        for task in args.retrieval or ["passkey"]:
+            t = time.perf_counter()
+            with torch.no_grad():
+                r = run_retrieval(model, tok, task, args.lengths, report.depths, trials=args.trials,
+                                  choices=report.choices, needles=report.needles, digits=report.digits)
+            by_length = [sum(row) / len(row) for row in r.grid]
+            rows.append({"window": window, "sinks": sinks, "task": task, "lengths": list(args.lengths),
+                         "exact_by_length": by_length, "exact": r.accuracy, "choice": r.choice_accuracy,
+                         "probes": len(r.probes), "seconds": time.perf_counter() - t})
+            print(json.dumps(rows[-1]), flush=True)
+    print(f"\n| window + sinks in the {len(linear)} linear layers | task | "
+          + " | ".join(str(n) for n in args.lengths) + " | all |")
+    for r in rows:
+        name = f"{r['window']} + {r['sinks']}" if r["window"] else "full (the source)"
+        print(f"| {name} | {r['task']} | " + " | ".join(f"{x:.2f}" for x in r["exact_by_length"])
+              + f" | {r['exact']:.2f} |")
+    result = {"model": args.model, "sparse_layers": sorted(set(range(model.config.num_hidden_layers)) - set(linear)),
+              "retrieval": rows, "torch": torch.__version__}
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
