@@ -1,0 +1,54 @@
+"""Sliding-window softmax attention with attention sinks: the blocked O(T W) form equals the definition (the whole
+mask) on random inputs, forward and backward, for odd lengths, lengths inside one window, GQA and no sinks; and it
+reads exactly the keys the definition names (a key outside them cannot change the output)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hybridize.kernels.window_reference import window_attention, window_attention_reference
+
+
+@pytest.mark.parametrize("T,W,S,H,Hkv", [(37, 8, 4, 4, 2), (8, 8, 4, 2, 2), (5, 8, 2, 2, 1), (64, 16, 0, 4, 4),
+                                         (65, 16, 16, 2, 1), (100, 7, 3, 3, 3)])
+def test_blocked_window_attention_equals_the_definition(T, W, S, H, Hkv):
+    g = torch.Generator().manual_seed(T * 31 + W)
+    q = torch.randn(2, H, T, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(2, Hkv, T, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(2, Hkv, T, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(2, H, T, 16, generator=g, dtype=torch.float64)
+    outs, grads = [], []
+    for fn in (window_attention_reference, window_attention):
+        out = fn(q, k, v, W, S, scale=0.3)
+        outs.append(out.detach())
+        grads.append(torch.autograd.grad(out, (q, k, v), grad))
+    torch.testing.assert_close(outs[1], outs[0])
+    for a, b in zip(grads[1], grads[0]):
+        torch.testing.assert_close(a, b)
+
+
+def test_a_query_reads_the_sinks_and_its_window_and_nothing_else():
+    T, W, S = 40, 6, 3
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 1, T, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    base = window_attention(q, k, v, W, S)
+    i = 30  # reads keys 0-2 (sinks) and 25-30 (its window)
+    for j, read in ((0, True), (2, True), (3, False), (24, False), (25, True), (30, True), (31, False)):
+        v2 = v.clone()
+        v2[0, 0, j] += 10.0
+        changed = not torch.allclose(window_attention(q, k, v2, W, S)[0, 0, i], base[0, 0, i])
+        assert changed == read, j
+    # with the window covering the whole sequence it is plain causal attention
+    full = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    torch.testing.assert_close(window_attention(q, k, v, T, S), full)
+
+
+def test_bad_settings_are_refused_with_their_name():
+    q = torch.zeros(1, 3, 4, 8)
+    with pytest.raises(ValueError, match="window must be at least 1"):
+        window_attention(q, q, q, 0)
+    with pytest.raises(ValueError, match="sinks must be between 0 and the window"):
+        window_attention(q, q, q, 4, 5)
+    with pytest.raises(ValueError, match="3 query heads are not a multiple of 2"):
+        window_attention(q, q[:, :2], q[:, :2], 4)
