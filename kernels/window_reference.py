@@ -44,9 +44,16 @@ def window_attention_reference(q, k, v, window: int, sinks: int = 0, scale: floa
     return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale)
 
 
-def window_attention(q, k, v, window: int, sinks: int = 0, scale: float | None = None) -> torch.Tensor:
-    """The same as window_attention_reference, in blocks of `window` queries: O(T (2 window + sinks)) work."""
+def window_attention(q, k, v, window: int, sinks: int = 0, scale: float | None = None, *, cu_seqlens=None,
+                     starts=None) -> torch.Tensor:
+    """The same as window_attention_reference, in blocks of `window` queries: O(T (2 window + sinks)) work.
+
+    `cu_seqlens` (B == 1, host offsets of packed documents): each document on its own, with its own sinks.
+    `starts` (host, one per row): left padding; row b's sequence begins at starts[b], its sinks are its first tokens
+    and its padded queries get zeros."""
     _check(window, sinks)
+    if cu_seqlens is not None or starts is not None:
+        return _in_pieces(q, k, v, window, sinks, scale, cu_seqlens, starts)
     k, v = _expand_heads(q, k, v)
     B, H, T, D = q.shape
     W = window
@@ -80,3 +87,19 @@ def window_attention(q, k, v, window: int, sinks: int = 0, scale: float | None =
         mask = torch.cat([((b >= 2) & (s <= i)).expand(nb, W, sinks), in_window], dim=2)
     out = F.scaled_dot_product_attention(qb, keys, values, attn_mask=mask, scale=scale)
     return out.reshape(B, H, nb * W, D)[:, :, :T]
+
+
+def _in_pieces(q, k, v, window, sinks, scale, cu_seqlens, starts) -> torch.Tensor:
+    """Packed documents or left-padded rows, one piece at a time (host offsets: no synchronisation)."""
+    out = q.new_zeros(q.shape)
+    if cu_seqlens is not None:
+        if q.shape[0] != 1:
+            raise ValueError(f"packed documents (cu_seqlens) come in one row, got {q.shape[0]}")
+        cu = [int(x) for x in cu_seqlens]
+        pieces = [(0, a, b) for a, b in zip(cu[:-1], cu[1:]) if b > a]
+    else:
+        pieces = [(row, int(a), q.shape[2]) for row, a in enumerate(starts) if int(a) < q.shape[2]]
+    for row, a, b in pieces:
+        part = (slice(row, row + 1), slice(None), slice(a, b))
+        out[part] = window_attention(q[part], k[part], v[part], window, sinks, scale)
+    return out

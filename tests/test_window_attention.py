@@ -52,3 +52,29 @@ def test_bad_settings_are_refused_with_their_name():
         window_attention(q, q, q, 4, 5)
     with pytest.raises(ValueError, match="3 query heads are not a multiple of 2"):
         window_attention(q, q[:, :2], q[:, :2], 4)
+
+
+def test_packed_documents_and_left_padded_rows_each_read_only_their_own_tokens():
+    g = torch.Generator().manual_seed(3)
+    W, S = 5, 2
+    lengths = [7, 1, 12, 4]
+    T = sum(lengths)
+    q = torch.randn(1, 2, T, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(1, 1, T, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(1, 1, T, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    cu = torch.tensor([0, 7, 8, 20, 24])
+    packed = window_attention(q, k, v, W, S, cu_seqlens=cu)
+    alone = torch.cat([window_attention_reference(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], W, S)
+                       for a, b in zip(cu[:-1].tolist(), cu[1:].tolist())], dim=2)
+    torch.testing.assert_close(packed, alone)
+    grads = torch.autograd.grad(packed.sum(), (q, k, v))
+    assert all(torch.isfinite(x).all() for x in grads)
+    # two rows, the second left-padded by 3: its output is its unpadded sequence's, zeros where it is padding
+    rows = torch.randn(2, 2, 11, 8, generator=g, dtype=torch.float64)
+    out = window_attention(rows, rows, rows, W, S, starts=[0, 3])
+    torch.testing.assert_close(out[0], window_attention_reference(rows[:1], rows[:1], rows[:1], W, S)[0])
+    torch.testing.assert_close(out[1, :, 3:], window_attention_reference(rows[1:, :, 3:], rows[1:, :, 3:],
+                                                                         rows[1:, :, 3:], W, S)[0])
+    assert not out[1, :, :3].any()
+    with pytest.raises(ValueError, match="packed documents"):
+        window_attention(rows, rows, rows, W, S, cu_seqlens=torch.tensor([0, 11]))
