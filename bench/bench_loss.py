@@ -16,17 +16,10 @@ import json
 
 import torch
 
-from bench_sparse import timed  # bench/ is the script's folder, so on its path
+from bench_lightning import copy_bandwidth  # bench/ is the script's folder, so on its path
+from bench_sparse import timed
 from hybridize.kernels.loss_triton import row_losses_triton
 from hybridize.train.losses import chunked_row_losses
-
-
-def copy_bandwidth() -> float:
-    """Bytes per second of a device-to-device copy of 2 GiB (read + write)."""
-    x = torch.empty(2**30, dtype=torch.int16, device="cuda")
-    y = torch.empty_like(x)
-    ms = timed(lambda: y.copy_(x), 10, warmup=2)
-    return 2 * x.numel() * 2 / (ms / 1e3)
 
 
 def main() -> None:

@@ -31,17 +31,13 @@ def windowed_sdpa(windows: dict[int, int], sinks: int = 0):
     """A transformers attention function: causal SDPA, limited to the last `windows[layer]` keys in those layers and
     the first `sinks` keys of the sequence (the attention sinks most of a layer's heads park their weight on)."""
 
+    from hybridize.kernels.window_reference import expand_heads, window_mask
+
     def attend(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-        group = query.shape[1] // key.shape[1]
-        if group > 1:
-            key, value = key.repeat_interleave(group, dim=1), value.repeat_interleave(group, dim=1)
+        key, value = expand_heads(query, key, value)
         tq, tk = query.shape[2], key.shape[2]
-        i = torch.arange(tk - tq, tk, device=query.device)[:, None]
-        j = torch.arange(tk, device=query.device)[None, :]
-        allowed = j <= i
-        w = windows.get(module.layer_idx)
-        if w:
-            allowed = allowed & ((j > i - w) | (j < sinks))
+        # a layer without a window reads every earlier key: a window as long as the keys
+        allowed = window_mask(tq, tk, windows.get(module.layer_idx) or tk, sinks, query.device)
         o = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=allowed, scale=scaling)
         return o.transpose(1, 2).contiguous(), None
 
@@ -84,7 +80,7 @@ def main(argv=None) -> dict:
     rows = []
     settings = [(0, 0)] + [(w, k) for w in args.windows for k in args.sinks]  # (0, 0): the source as it is
     if args.retrieval is not None:
-        return _retrieval(model, tok, linear, settings, args)
+        return _retrieval(model, tok, linear, keep, settings, args)
     for window, sinks in settings:
         set_windows(model, {i: window for i in linear} if window else {}, sinks)
         for source in args.sources:
@@ -105,14 +101,18 @@ def main(argv=None) -> dict:
         gm = math.exp(sum(math.log(r["ratio"]) for r in mine) / len(mine))
         print(f"| {f'{window} + {sinks}' if window else 'full (the source)'} | " + " | ".join(
             f"{r['perplexity']:.2f} ({r['ratio']:.2f}x)" for r in mine) + f" | {gm:.3f} |")
-    result = {"model": args.model, "sparse_layers": sorted(keep), "rows": rows, "torch": torch.__version__}
-    if args.out:
-        with open(args.out, "w") as f:
+    return _written({"model": args.model, "sparse_layers": sorted(keep), "rows": rows, "torch": torch.__version__},
+                    args.out)
+
+
+def _written(result: dict, out: str | None) -> dict:
+    if out:
+        with open(out, "w") as f:
             json.dump(result, f, indent=1)
     return result
 
 
-def _retrieval(model, tok, linear, settings, args) -> dict:
+def _retrieval(model, tok, linear, keep, settings, args) -> dict:
     from hybridize.eval.retention import RetentionSettings
     from hybridize.eval.retrieval import run_retrieval
 
@@ -136,12 +136,8 @@ def _retrieval(model, tok, linear, settings, args) -> dict:
         name = f"{r['window']} + {r['sinks']}" if r["window"] else "full (the source)"
         print(f"| {name} | {r['task']} | " + " | ".join(f"{x:.2f}" for x in r["exact_by_length"])
               + f" | {r['exact']:.2f} |")
-    result = {"model": args.model, "sparse_layers": sorted(set(range(model.config.num_hidden_layers)) - set(linear)),
-              "retrieval": rows, "torch": torch.__version__}
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
-    return result
+    return _written({"model": args.model, "sparse_layers": sorted(keep), "retrieval": rows, "torch": torch.__version__},
+                    args.out)
 
 
 if __name__ == "__main__":

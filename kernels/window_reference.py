@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 
-def _expand_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+def expand_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
     """K/V heads shared by groups of query heads (GQA) repeated to one per query head."""
     group = q.shape[1] // k.shape[1]
     if group * k.shape[1] != q.shape[1]:
@@ -33,15 +33,19 @@ def _check(window: int, sinks: int) -> None:
         raise ValueError(f"sinks must be between 0 and the window ({window}), got {sinks}")
 
 
+def window_mask(tq: int, tk: int, window: int, sinks: int = 0, device=None) -> torch.Tensor:
+    """(tq, tk) bool, True where a query reads a key: the queries are the last tq of the tk positions."""
+    i = torch.arange(tk - tq, tk, device=device)[:, None]
+    j = torch.arange(tk, device=device)[None, :]
+    return (j <= i) & ((i - j < window) | (j < sinks))
+
+
 def window_attention_reference(q, k, v, window: int, sinks: int = 0, scale: float | None = None) -> torch.Tensor:
     """q (B, H, T, D), k and v (B, Hkv, T, D) -> (B, H, T, D); the whole mask, O(T^2)."""
     _check(window, sinks)
-    k, v = _expand_heads(q, k, v)
+    k, v = expand_heads(q, k, v)
     T = q.shape[2]
-    i = torch.arange(T, device=q.device)[:, None]
-    j = torch.arange(T, device=q.device)[None, :]
-    allowed = (j <= i) & ((i - j < window) | (j < sinks))
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=window_mask(T, T, window, sinks, q.device), scale=scale)
 
 
 def window_attention(q, k, v, window: int, sinks: int = 0, scale: float | None = None, *, cu_seqlens=None,
@@ -54,7 +58,7 @@ def window_attention(q, k, v, window: int, sinks: int = 0, scale: float | None =
     _check(window, sinks)
     if cu_seqlens is not None or starts is not None:
         return _in_pieces(q, k, v, window, sinks, scale, cu_seqlens, starts)
-    k, v = _expand_heads(q, k, v)
+    k, v = expand_heads(q, k, v)
     B, H, T, D = q.shape
     W = window
     nb = -(-T // W)
