@@ -7,7 +7,8 @@ within 1.04x of the source's (bench/results/retention.md).
 
 `window_attention_reference` builds the whole (T, T) mask: the definition, for tests. `window_attention` does the same
 work in O(T (2W + S)): queries in blocks of `window`, each against the sinks, the block before it and its own block,
-one batched SDPA call.
+one batched SDPA call, packed documents and left-padded rows included. `window_attention_at` takes keys at given
+positions (what a generation cache holds); `window_slots` says which of them such a cache keeps.
 """
 
 from __future__ import annotations
@@ -52,58 +53,98 @@ def window_attention(q, k, v, window: int, sinks: int = 0, scale: float | None =
                      starts=None) -> torch.Tensor:
     """The same as window_attention_reference, in blocks of `window` queries: O(T (2 window + sinks)) work.
 
-    `cu_seqlens` (B == 1, host offsets of packed documents): each document on its own, with its own sinks.
-    `starts` (host, one per row): left padding; row b's sequence begins at starts[b], its sinks are its first tokens
-    and its padded queries get zeros."""
+    `cu_seqlens` (B == 1, offsets of packed documents): each document on its own, with its own sinks.
+    `starts` (one per row): left padding; row b's sequence begins at starts[b], its sinks are its first tokens and its
+    padded queries get zeros. Either may live on the host or the device: nothing here waits for the GPU."""
     _check(window, sinks)
-    if cu_seqlens is not None or starts is not None:
-        return _in_pieces(q, k, v, window, sinks, scale, cu_seqlens, starts)
     k, v = expand_heads(q, k, v)
     B, H, T, D = q.shape
-    W = window
+    W, dev = window, q.device
     nb = -(-T // W)
     pad = nb * W - T
+    t = torch.arange(T, device=dev)
+    # begin[b, t]: where token t's sequence begins (a left-padded row's padding counts as one more sequence at 0)
+    if cu_seqlens is not None:
+        if B != 1:
+            raise ValueError(f"packed documents (cu_seqlens) come in one row, got {B}")
+        cu = torch.as_tensor(cu_seqlens, device=dev).long()
+        begin = cu[torch.searchsorted(cu, t, right=True) - 1][None]
+    elif starts is not None:
+        st = torch.as_tensor(starts, device=dev).long().view(B, 1)
+        begin = torch.where(t[None] >= st, st, 0)
+    else:
+        begin = torch.zeros(1, T, dtype=torch.long, device=dev)
 
-    def blocks(x):  # (B, H, T, D) -> (B, H, nb, W, D), zero-padded at the end
-        return F.pad(x, (0, 0, 0, pad)).view(B, H, nb, W, D)
+    def blocks(x):  # (B, H, T, D) -> (B * nb, H, W, D), zero-padded at the end: four dimensions for SDPA's kernels
+        return F.pad(x, (0, 0, 0, pad)).view(B, H, nb, W, D).transpose(1, 2).reshape(B * nb, H, W, D)
 
     qb, kb, vb = blocks(q), blocks(k), blocks(v)
-    # each block's keys: the sinks, the block before it (zeros before the first), its own block
-    prev_k = torch.cat([kb.new_zeros(B, H, 1, W, D), kb[:, :, :-1]], dim=2)
-    prev_v = torch.cat([vb.new_zeros(B, H, 1, W, D), vb[:, :, :-1]], dim=2)
-    parts_k, parts_v = [prev_k, kb], [prev_v, vb]
-    if sinks:
-        sink_k = k[:, :, :sinks].unsqueeze(2).expand(B, H, nb, sinks, D)
-        sink_v = v[:, :, :sinks].unsqueeze(2).expand(B, H, nb, sinks, D)
-        parts_k.insert(0, sink_k)
-        parts_v.insert(0, sink_v)
-    keys, values = torch.cat(parts_k, dim=3), torch.cat(parts_v, dim=3)
-    # positions: query i = b W + r; window keys p = (b - 1) W + c; sink keys p = s
-    b = torch.arange(nb, device=q.device)[:, None, None]
-    i = b * W + torch.arange(W, device=q.device)[None, :, None]
-    p = (b - 1) * W + torch.arange(2 * W, device=q.device)[None, None, :]
-    # padded keys (p >= T) are zeros that only padded queries (i >= T) can reach: no row is ever empty
-    in_window = (p >= 0) & (p <= i) & ((i - p < W) | (p < sinks))
-    mask = in_window
-    if sinks:
-        # the first two blocks hold the sinks in their window part already: there the copies stay masked
-        s = torch.arange(sinks, device=q.device)[None, None, :]
-        mask = torch.cat([((b >= 2) & (s <= i)).expand(nb, W, sinks), in_window], dim=2)
-    out = F.scaled_dot_product_attention(qb, keys, values, attn_mask=mask, scale=scale)
-    return out.reshape(B, H, nb * W, D)[:, :, :T]
+    # each block's keys: the sinks of the sequence its window part starts in, the block before it, its own block
+    first = B * nb
 
+    def previous(xb):
+        x = xb.view(B, nb, H, W, D)
+        return torch.cat([x.new_zeros(B, 1, H, W, D), x[:, :-1]], dim=1).reshape(first, H, W, D)
 
-def _in_pieces(q, k, v, window, sinks, scale, cu_seqlens, starts) -> torch.Tensor:
-    """Packed documents or left-padded rows, one piece at a time (host offsets: no synchronisation)."""
-    out = q.new_zeros(q.shape)
-    if cu_seqlens is not None:
-        if q.shape[0] != 1:
-            raise ValueError(f"packed documents (cu_seqlens) come in one row, got {q.shape[0]}")
-        cu = [int(x) for x in cu_seqlens]
-        pieces = [(0, a, b) for a, b in zip(cu[:-1], cu[1:]) if b > a]
-    else:
-        pieces = [(row, int(a), q.shape[2]) for row, a in enumerate(starts) if int(a) < q.shape[2]]
-    for row, a, b in pieces:
-        part = (slice(row, row + 1), slice(None), slice(a, b))
-        out[part] = window_attention(q[part], k[part], v[part], window, sinks, scale)
+    parts_k, parts_v = [previous(kb), kb], [previous(vb), vb]
+    blk = torch.arange(nb, device=dev)
+    i = blk[:, None, None] * W + torch.arange(W, device=dev)[None, :, None]  # (nb, W, 1) query positions
+    p = (blk[:, None, None] - 1) * W + torch.arange(2 * W, device=dev)[None, None, :]  # (nb, 1, 2W) key positions
+    begin = begin.expand(B, T)
+    begin_pad = F.pad(begin, (0, nb * W + W - T), value=-1)  # padded positions belong to no sequence
+    bq = begin_pad[:, i.squeeze(-1)][..., None]  # (B, nb, W, 1)
+    bk = begin_pad[:, p.clamp(min=0).squeeze(1)][:, :, None, :]  # (B, nb, 1, 2W)
+    # a key is read from its own sequence, causally, within the window or among that sequence's first `sinks`
+    mask = (p >= 0) & (p <= i) & (bk == bq) & ((i - p < W) | (p - bq < sinks))
+    if sinks:
+        # the sinks of the sequence holding the window part's first key, where they lie before it (else they are
+        # in the window part already and the copies stay masked)
+        lead = begin_pad[:, (blk - 1).clamp(min=0) * W]  # (B, nb)
+        sp = lead[..., None] + torch.arange(sinks, device=dev)  # (B, nb, S)
+        spc = sp.clamp(max=T - 1)
+        gather = lambda x: x.gather(2, spc.view(B, 1, nb * sinks, 1).expand(B, H, -1, D)).view(
+            B, H, nb, sinks, D).transpose(1, 2).reshape(first, H, sinks, D)
+        parts_k.insert(0, gather(k))
+        parts_v.insert(0, gather(v))
+        window_start = ((blk - 1) * W)[None, :, None]
+        bs = begin_pad.gather(1, spc.view(B, -1)).view(B, nb, 1, sinks)
+        smask = (sp < window_start)[:, :, None, :] & (bs == bq) & (sp < T)[:, :, None, :]
+        mask = torch.cat([smask.expand(B, nb, W, sinks), mask.expand(B, nb, W, 2 * W)], dim=3)
+    extra = -mask.shape[-1] % 16  # keys to a multiple of 16, masked: SDPA's memory-efficient kernel takes the mask as is
+    if extra:
+        parts_k.append(kb.new_zeros(first, H, extra, D))
+        parts_v.append(vb.new_zeros(first, H, extra, D))
+        mask = F.pad(mask, (0, extra), value=False)
+    keys, values = torch.cat(parts_k, dim=2), torch.cat(parts_v, dim=2)
+    # every query reads itself (positions past T too: theirs is a zero key of sequence -1), so no row is empty
+    out = F.scaled_dot_product_attention(qb, keys, values, attn_mask=mask.reshape(first, 1, W, -1), scale=scale)
+    out = out.view(B, nb, H, W, D).transpose(1, 2).reshape(B, H, nb * W, D)[:, :, :T]
+    if starts is not None:
+        out = out.masked_fill((t[None] < torch.as_tensor(starts, device=dev).view(B, 1))[:, None, :, None], 0.0)
     return out
+
+
+def window_attention_at(q, k, v, q_pos, k_pos, window: int, sinks: int = 0, scale: float | None = None
+                        ) -> torch.Tensor:
+    """The same rule over keys at arbitrary positions: what a cache holds (the sinks, a ring of recent keys) followed
+    by the new ones. q (B, H, Tq, D), k and v (B, Hkv, Tk, D), q_pos (B, Tq) and k_pos (B, Tk) each row's own token
+    positions, negative for padding or an empty slot. A query reads key j when 0 <= pos_j <= pos_i and (pos_i - pos_j
+    < window or pos_j < sinks); each position must appear at most once among the keys. Padded queries get zeros."""
+    _check(window, sinks)
+    k, v = expand_heads(q, k, v)
+    qp, kp = q_pos[:, :, None], k_pos[:, None, :]
+    mask = (kp >= 0) & (kp <= qp) & ((qp - kp < window) | (kp < sinks))
+    empty = ~mask.any(-1, keepdim=True)  # padded queries: read anything, then zeroed (an all-masked row gives NaN)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=(mask | empty)[:, None], scale=scale)
+    return out.masked_fill(empty[:, None], 0.0)
+
+
+def window_slots(pos: torch.Tensor, window: int, sinks: int) -> torch.Tensor:
+    """Where each key of `pos` (B, N) stays in a cache of `sinks + window` slots, or `sinks + window` (dropped): the
+    sinks in the first slots, the last `window` positions of each row in a ring after them (slot sinks + pos mod
+    window). Kept positions never share a slot."""
+    last = pos.max(dim=1, keepdim=True).values
+    ring = sinks + torch.remainder(pos, window)
+    slot = torch.where(pos < sinks, pos, ring)
+    keep = (pos >= 0) & ((pos < sinks) | (pos > last - window))
+    return torch.where(keep, slot, torch.full_like(slot, sinks + window))

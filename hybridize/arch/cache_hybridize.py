@@ -1,6 +1,8 @@
 """Generation cache of the hybrid model.
 
-Per Lightning layer: the recurrent state (B, H, Dk, Dv), float32, constant size.
+Per Lightning layer: the recurrent state (B, H, Dk, Dv), float32, constant size; with `lightning_window` also the
+keys and values of the softmax window branch, constant size too: each sequence's first `lightning_sinks` tokens and a
+ring of its last `lightning_window` (B, Hkv, sinks + window, D), with the position each slot holds (-1: empty).
 Per sparse layer: keys and values (B, Hkv, T, D) in the padded layout `generate` uses (left padding included), and
 the compressed keys (B, Hkv, Nc, D) computed on each sequence's own tokens (padding excluded), appended as windows fill,
 and with `sparse_coarse_normalizer` the coarse keys (B, Hkv, N2, D) built from them the same way, so that a decode step
@@ -21,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from .ops import coarse_compressed_keys, compress_keys, num_coarse, num_compressed
+from .ops import coarse_compressed_keys, compress_keys, num_coarse, num_compressed, window_slots
 
 
 def _headroom(need: int, incoming: int = 1) -> int:
@@ -69,6 +71,12 @@ class HybridCache:
         self._cbuf: list[torch.Tensor | None] = [None] * n
         self.ckeys2: list[torch.Tensor | None] = [None] * n
         self._c2buf: list[torch.Tensor | None] = [None] * n
+        self.window = int(getattr(config, "lightning_window", 0) or 0)
+        self.sinks = int(getattr(config, "lightning_sinks", 0) or 0)
+        # the Lightning layers' window branch: keys, values (B, Hkv, sinks + window, D) and positions (B, sinks + window)
+        self.window_keys: list[torch.Tensor | None] = [None] * n
+        self.window_values: list[torch.Tensor | None] = [None] * n
+        self.window_pos: list[torch.Tensor | None] = [None] * n
         self.pad: torch.Tensor | None = None  # (B,) left-padding count per sequence
         self.pad_list: list[int] = []  # the same counts on the host
         self.has_pad = False
@@ -100,6 +108,29 @@ class HybridCache:
 
     def set_lightning_state(self, layer_idx: int, state: torch.Tensor) -> None:
         self.states[layer_idx] = state
+
+    def window_store(self, layer_idx: int):
+        """(keys, values, positions) of a Lightning layer's window branch, or None before its first tokens."""
+        if self.window_keys[layer_idx] is None:
+            return None
+        return self.window_keys[layer_idx], self.window_values[layer_idx], self.window_pos[layer_idx]
+
+    def update_window(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> None:
+        """Add new keys and values (B, Hkv, T, D) at positions `pos` (B, T; negative: padding) to the store, which
+        keeps each row's sinks and its last `window` positions."""
+        held = self.window_store(layer_idx)
+        if held is not None:
+            k, v, pos = (torch.cat([a, b], dim=d) for a, b, d in zip(held, (k, v, pos), (2, 2, 1)))
+        B, H, _, D = k.shape
+        size = self.sinks + self.window
+        slot = window_slots(pos, self.window, self.sinks)  # size (dropped) for what leaves the store
+        keys, values = k.new_zeros(B, H, size + 1, D), v.new_zeros(B, H, size + 1, D)
+        index = slot[:, None, :, None].expand(B, H, -1, D)
+        keys.scatter_(2, index, k)
+        values.scatter_(2, index, v)
+        kept = pos.new_full((B, size + 1), -1).scatter_(1, slot, pos)
+        self.window_keys[layer_idx], self.window_values[layer_idx] = keys[:, :, :size], values[:, :, :size]
+        self.window_pos[layer_idx] = kept[:, :size]
 
     # --- sparse layers -----------------------------------------------------------------------------------------
     def update_sparse(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor):
@@ -165,7 +196,8 @@ class HybridCache:
     # --- batch surgery used by generation utilities ------------------------------------------------------------
     def _map(self, fn) -> None:
         """Apply a batch-dimension operation to everything held; buffers shrink to their filled part."""
-        for store in (self.states, self.keys, self.values, self.ckeys, self.ckeys2):
+        for store in (self.states, self.keys, self.values, self.ckeys, self.ckeys2, self.window_keys,
+                      self.window_values, self.window_pos):
             for i, t in enumerate(store):
                 if t is not None:
                     store[i] = fn(t)
@@ -192,7 +224,8 @@ class HybridCache:
     def memory_bytes(self) -> int:
         """Bytes held (buffers with their headroom), for memory reports."""
         total = 0
-        for store in (self.states, self._kbuf, self._vbuf, self._cbuf, self._c2buf):
+        for store in (self.states, self._kbuf, self._vbuf, self._cbuf, self._c2buf, self.window_keys,
+                      self.window_values, self.window_pos):
             total += sum(t.numel() * t.element_size() for t in store if t is not None)
         return total
 

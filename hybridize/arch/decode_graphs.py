@@ -350,6 +350,8 @@ class DecodeGraphs:
     def _refusal(self, model, input_ids, cache) -> str | None:
         if not getattr(model.config, "decode_cuda_graphs", True):
             return "switched off (config.decode_cuda_graphs)"
+        if getattr(model.config, "lightning_window", 0):  # the window store is rebuilt each step: not graphed yet
+            return "Lightning window branch (config.lightning_window)"
         if not isinstance(cache, HybridCache) or cache.seq_len == 0 or cache.pad is None:
             return "no filled HybridCache"
         if model.training:

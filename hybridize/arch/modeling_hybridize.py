@@ -22,7 +22,8 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from .cache_hybridize import HybridCache
 from .configuration_hybridize import LIGHTNING, HybridConfig
 from .decode_graphs import DecodeGraphs, DecodeIO, DecodePiece, PieceOutputs, lightning_step_in_place
-from .ops import lightning_attention, norm_rope, output_norm_gate, sparse_attention
+from .ops import (lightning_attention, norm_rope, output_norm_gate, sparse_attention, window_attention,
+                  window_attention_at)
 
 try:
     from transformers.modeling_layers import GradientCheckpointingLayer as _LayerBase
@@ -260,6 +261,7 @@ class LightningAttention(nn.Module):
         self.head_dim = config.head_dim
         self.chunk_size = config.lightning_chunk_size
         self.output_gates = config.output_gates
+        self.window = getattr(config, "lightning_window", 0)
         hd = self.num_heads * self.head_dim
         kvd = self.num_kv_heads * self.head_dim
         h = config.hidden_size
@@ -282,25 +284,27 @@ class LightningAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        q_raw = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
+        k_raw = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         # per-head norm, RoPE, (B, H, T, D) in v's dtype (under autocast the fp32 norm weights would promote q, k to
         # fp32 while v stays in the autocast dtype): one fused kernel per tensor on CUDA, training included
-        q = norm_rope(q, self.q_norm.weight, self.q_norm.variance_epsilon, ctx.cos, ctx.sin, v.dtype)
-        k = norm_rope(k, self.k_norm.weight, self.k_norm.variance_epsilon, ctx.cos, ctx.sin, v.dtype)
+        q = norm_rope(q_raw, self.q_norm.weight, self.q_norm.variance_epsilon, ctx.cos, ctx.sin, v.dtype)
+        k = norm_rope(k_raw, self.k_norm.weight, self.k_norm.variance_epsilon, ctx.cos, ctx.sin, v.dtype)
+        window = self._window(q, k, q_raw, k_raw, v, ctx) if self.window else None
         group = self.num_heads // self.num_kv_heads
+        kv = v
         if group > 1:  # one state per query head: K/V head j serves query heads j*group .. (j+1)*group - 1
-            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+            k, kv = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
         if ctx.pad_mask is not None:  # left padding must not enter the state
             k = k.masked_fill(ctx.pad_mask[:, None, :, None], 0.0)
         cache = ctx.cache
         state = cache.lightning_state(self.layer_idx) if cache is not None else None
         if ctx.lightning_in_place:
-            o = lightning_step_in_place(q, k, v, self.log_decay(x.device), self.head_dim ** -0.5, state)
+            o = lightning_step_in_place(q, k, kv, self.log_decay(x.device), self.head_dim ** -0.5, state)
         else:
             o, new_state = lightning_attention(
-                q, k, v, self.log_decay(x.device), scale=self.head_dim ** -0.5, initial_state=state,
+                q, k, kv, self.log_decay(x.device), scale=self.head_dim ** -0.5, initial_state=state,
                 output_final_state=cache is not None, chunk_size=self.chunk_size, cu_seqlens=ctx.cu_seqlens,
             )
             if cache is not None:
@@ -308,7 +312,43 @@ class LightningAttention(nn.Module):
         o = o.transpose(1, 2).reshape(B, T, -1)
         z = self.z_proj(x) if self.output_gates else None
         o = output_norm_gate(o, z, self.o_norm.weight, self.o_norm.variance_epsilon)  # fused on CUDA
+        if window is not None:
+            o = o + window.transpose(1, 2).reshape(B, T, -1).to(o.dtype)
         return self.o_proj(o)
+
+    def _window(self, q, k, q_raw, k_raw, v, ctx: AttentionContext) -> torch.Tensor:
+        """The softmax branch (config.lightning_window): the source's attention over each sequence's sinks and its
+        last `window` tokens, (B, H, T, D). The source's queries and keys: its q/k norm when it had one (then the
+        recurrent branch's q, k are exactly those), else the projections with RoPE alone."""
+        if not self.config.qk_norm:
+            q = apply_rope(q_raw.transpose(1, 2), ctx.cos, ctx.sin).to(v.dtype)
+            k = apply_rope(k_raw.transpose(1, 2), ctx.cos, ctx.sin).to(v.dtype)
+        w, sinks, scale = self.window, self.config.lightning_sinks, self.head_dim ** -0.5
+        cache = ctx.cache
+        held = cache.window_store(self.layer_idx) if cache is not None else None
+        if held is None:  # no earlier tokens: the blocked form over the whole input
+            starts = ctx.pad if ctx.cu_seqlens is None else None
+            out = window_attention(q, k, v, w, sinks, scale, cu_seqlens=ctx.cu_seqlens, starts=starts)
+            if cache is not None:
+                cache.update_window(self.layer_idx, k, v, self._positions(ctx))
+            return out
+        # after earlier tokens: pieces of at most `window` new tokens against the store, the store updated after each
+        pos = self._positions(ctx)
+        outs = []
+        for a in range(0, q.shape[2], w):
+            b = min(q.shape[2], a + w)
+            hk, hv, hp = cache.window_store(self.layer_idx)
+            piece_k, piece_v, piece_pos = k[:, :, a:b], v[:, :, a:b], pos[:, a:b]
+            outs.append(window_attention_at(q[:, :, a:b], torch.cat([hk, piece_k], 2), torch.cat([hv, piece_v], 2),
+                                            piece_pos, torch.cat([hp, piece_pos], 1), w, sinks, scale))
+            cache.update_window(self.layer_idx, piece_k, piece_v, piece_pos)
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+
+    @staticmethod
+    def _positions(ctx: AttentionContext) -> torch.Tensor:
+        """Each row's own token positions (B, T), -1 at left padding."""
+        pos = ctx.position_ids
+        return pos.masked_fill(ctx.pad_mask, -1) if ctx.pad_mask is not None else pos
 
 
 class SparseAttention(nn.Module):

@@ -13,10 +13,12 @@ try:  # exported model folder
     from .lightning_reference import lightning_attn_chunked, lightning_attn_recurrent
     from .sparse_reference import (SparseOptions, coarse_compressed_keys, compress_keys, infllm_v2_attention,
                                    num_coarse, num_compressed)
+    from .window_reference import window_attention, window_attention_at, window_slots
 except ImportError:  # the hybridize package
     from hybridize.kernels.lightning_reference import lightning_attn_chunked, lightning_attn_recurrent
     from hybridize.kernels.sparse_reference import (SparseOptions, coarse_compressed_keys, compress_keys,
                                                     infllm_v2_attention, num_coarse, num_compressed)
+    from hybridize.kernels.window_reference import window_attention, window_attention_at, window_slots
 
 try:  # Lightning Triton kernels (HAS_TRITON is False where triton is missing)
     from .lightning_triton import HAS_TRITON as _LIGHTNING_TRITON
@@ -53,7 +55,8 @@ except ImportError:
     from hybridize.kernels.norm_rope_triton import norm_rope_reference, norm_rope_triton
 
 __all__ = ["lightning_attention", "sparse_attention", "output_norm_gate", "norm_rope", "compress_keys",
-           "coarse_compressed_keys", "num_coarse", "num_compressed"]
+           "coarse_compressed_keys", "num_coarse", "num_compressed", "window_attention", "window_attention_at",
+           "window_slots"]
 
 # Below this many new tokens with a carried state, the recurrence is cheaper than the chunked form.
 _RECURRENT_MAX_TOKENS = 16

@@ -10,6 +10,9 @@ Reuse rules (docs/design.md §3.1, §3.2):
 - Sparse layers: every projection copied as is (GQA kept); q/k norms copied when present.
 - Output gates (new): zero-initialised, so sigmoid gives 0.5, and the layer's W_o is doubled to compensate. A fresh
   conversion with gates therefore computes exactly what it computes without them.
+- With a Lightning window (config.lightning_window): the window branch is the source's attention cut to the window,
+  and the recurrent branch starts at zero (output norm zeros; W_o not doubled, as the branch through it is ungated),
+  so a fresh conversion computes the windowed source exactly.
 """
 
 from __future__ import annotations
@@ -107,7 +110,7 @@ def map_tensor(name: str, tensor: torch.Tensor, config: HybridConfig) -> Iterato
     kind = config.layer_types[layer]
     if kind == LIGHTNING and rest.split(".")[0] in ("k_proj", "v_proj") and config.lightning_kv_heads == "query":
         tensor = _expand_heads(tensor, config.num_key_value_heads, config.num_attention_heads)
-    if rest == "o_proj.weight" and config.output_gates:
+    if rest == "o_proj.weight" and config.output_gates and not (kind == LIGHTNING and config.lightning_window):
         tensor = tensor * 2.0  # compensates sigmoid(0) = 0.5 of the zero-initialised gate
     if kind == SPARSE and rest.startswith(("q_norm", "k_norm")) and not config.qk_norm:
         return
@@ -126,7 +129,8 @@ def added_tensors(
             for norm in ("q_norm.weight", "k_norm.weight"):
                 if p + norm not in present:
                     yield p + norm, torch.ones(config.head_dim, dtype=dtype, device=device)
-            yield p + "o_norm.weight", torch.ones(hd, dtype=dtype, device=device)
+            start = torch.zeros if config.lightning_window else torch.ones  # the window branch carries the source
+            yield p + "o_norm.weight", start(hd, dtype=dtype, device=device)
             if config.output_gates:
                 yield p + "z_proj.weight", torch.zeros(hd, config.hidden_size, dtype=dtype, device=device)
         elif config.output_gates:

@@ -177,6 +177,8 @@ def convert(
     students: str | Path | None = None,
     keep_source: bool | Callable[[Checkpoint], bool] = False,
     calibrate: bool | None = None,
+    lightning_window: int = 0,
+    lightning_sinks: int = 4,
 ) -> ConvertResult:
     """Convert `source` (None: the built-in SmolLM2-135M) into a hybrid model folder at `output`.
     `select_options` go to the --select method (e.g. score_report=); a method that needs weights also gets the
@@ -187,6 +189,7 @@ def convert(
     `calibrate`: fit the Lightning layers' output norms to the source's attention outputs on the built-in plays
     (select.alignment.calibrate_lightning_outputs; a fresh Lightning layer's output is 3-30x too large); None: when
     the source has a tokenizer and runs unasked (at most RUN_UNASKED_MAX_PARAMETERS parameters: it runs on the CPU).
+    `lightning_window` / `lightning_sinks`: a softmax window branch in every Lightning layer (HybridConfig; 0: none).
     Without `select` and `layers`, the sparse layers are placed by `default_placement`."""
     output = Path(output)
     inputs = (source, config, students, (select_options or {}).get("score_report"))
@@ -214,16 +217,16 @@ def convert(
     sparse_layers = choose_sparse_layers(num_layers, ratio, layers, method, selector_model, **options)
     loaded = selector_model if selector_model is not None and not isinstance(selector_model, _ConfigOnly) else None
     del selector_model
-    hconfig = hybrid_config_from_source(ckpt.config, layer_types_from(num_layers, sparse_layers), hype=hype,
-                                        output_gates=gates, **family.hybrid_options(ckpt.config))
+    arch = dict(hype=hype, output_gates=gates, lightning_window=lightning_window, lightning_sinks=lightning_sinks,
+                **family.hybrid_options(ckpt.config))
+    hconfig = hybrid_config_from_source(ckpt.config, layer_types_from(num_layers, sparse_layers), **arch)
     out_dtype = chosen_dtype or _source_dtype(ckpt)
     plan, from_source = plan_output(ckpt, family, hconfig, out_dtype)
     aligned = _aligned_students(students, hconfig, plan) if students is not None else {}
     calibration = None
     if students is None and calibrate is not False and wants_calibration(ckpt, calibrate, tokenizer()):
         loaded = loaded if loaded is not None else load_source_model(ckpt)
-        aligned, calibration = calibrated_output_norms(loaded, tokenizer(), hconfig.layer_types, hype=hype,
-                                                       output_gates=gates, **family.hybrid_options(ckpt.config))
+        aligned, calibration = calibrated_output_norms(loaded, tokenizer(), hconfig.layer_types, **arch)
     keep = keep_source(ckpt) if callable(keep_source) else bool(keep_source)
 
     with atomic_folder(output, force=force, inputs=inputs) as tmp:

@@ -152,7 +152,8 @@ def fit_output_norm(attention: LightningAttention, x: torch.Tensor, ctx, target:
     the norm's weight w: out_t = W_o (m_t * w), m_t the normalised, gated activations. per_channel=False scales the
     current weight by one factor; per_channel=True solves for all of w ((W_o^T W_o) * (sum_t m_t m_t^T) w =
     sum_t m_t * (W_o^T a_t)). Either way the error on these tokens is at most what a layer that outputs nothing
-    gets (relative error 1)."""
+    gets (relative error 1). With a window branch (config.lightning_window) the recurrent branch is fitted to the
+    target minus the window branch's output, and the error is that of the whole layer."""
     weight = attention.o_norm.weight
     current = weight.detach().float().clone()
     captured = []
@@ -160,6 +161,9 @@ def fit_output_norm(attention: LightningAttention, x: torch.Tensor, ctx, target:
     try:
         weight.fill_(1.0)
         attention(x, ctx)
+        if attention.window:  # the window branch alone (recurrent branch off): the fit is to what it leaves over
+            weight.zero_()
+            attention(x, ctx)
     finally:
         hook.remove()
     m = captured[0].float().reshape(-1, current.numel())
@@ -167,6 +171,12 @@ def fit_output_norm(attention: LightningAttention, x: torch.Tensor, ctx, target:
     if attention.o_proj.bias is not None:
         a = a - attention.o_proj.bias.float()
     W = attention.o_proj.weight.float()
+    whole = a.pow(2).mean().clamp(min=1e-30)
+    if attention.window:
+        window = captured[1].float().reshape(-1, current.numel())
+        m, a = m - window, a - window @ W.T
+    if not current.abs().any():  # a branch that starts at zero: fit one scale of the plain norm
+        current = torch.ones_like(current)
     if per_channel:
         gram = (W.T @ W) * (m.T @ m)
         ridge = 1e-6 * gram.diagonal().mean().clamp(min=1e-30)
@@ -176,8 +186,7 @@ def fit_output_norm(attention: LightningAttention, x: torch.Tensor, ctx, target:
         out = (m * current) @ W.T
         fitted = current * (out * a).sum() / out.pow(2).sum().clamp(min=1e-30)
     weight.copy_(fitted.to(weight.dtype))
-    err = ((m * fitted) @ W.T - a).pow(2).mean() / a.pow(2).mean().clamp(min=1e-30)
-    return float(err)
+    return float(((m * fitted) @ W.T - a).pow(2).mean() / whole)
 
 
 @torch.no_grad()

@@ -55,6 +55,10 @@ class ModelSpec:
     # Lightning K/V heads: "query" (expanded in the weights to one per query head, SALA) or "source" (the source's
     # K/V heads shared by their query heads at run time: fewer projections; the same function at conversion)
     lightning_kv_heads: str = "query"
+    # softmax attention over each sequence's first `lightning_sinks` and last `lightning_window` tokens in every
+    # Lightning layer, beside the recurrent state (0: none; HybridConfig)
+    lightning_window: int = 0
+    lightning_sinks: int = 4
     sparse_query_log_scale: float | None = None  # HALO's NoPE query scaling q_t *= log(t + a) / log(a) (a, e.g. 362)
     students: str | None = None  # aligned students (safetensors keyed by hybrid parameter names), loaded strict=False
     # fit each Lightning layer's output-norm weights to its source layer's attention output (least squares on 4 x 512
@@ -410,6 +414,13 @@ def validate(recipe: Recipe) -> Recipe:
     if m.score_report is not None and m.select not in ("sala", "block_influence"):
         _fail(f, "model.score_report", f"a score report places layers with select: sala or block_influence, "
                                        f"not {m.select!r}")
+    if m.lightning_window < 0:
+        _fail(f, "model.lightning_window", f"must be 0 (off) or a number of tokens; got {m.lightning_window}")
+    if m.lightning_sinks < 0 or (m.lightning_window and m.lightning_sinks > m.lightning_window):
+        _fail(f, "model.lightning_sinks", f"must be from 0 to model.lightning_window; got {m.lightning_sinks}")
+    if m.lightning_window and m.converted is not None:
+        _fail(f, "model.lightning_window", "applies to a conversion made by the recipe: convert with "
+                                           "--lightning-window instead of giving model.converted")
     if m.source is None and m.converted is None:
         _fail(f, "model.source", "give model.source (a checkpoint to convert) or model.converted (a hybrid folder)")
     if not recipe.stages:
