@@ -510,15 +510,20 @@ def _training_overlap(corpus, tokenizer) -> dict[str, float]:
 
 class StageEndHeldout:
     """`train(on_step=...)`: after the last step of each stage, the student's perplexity on the retention report's
-    held-out sources (its 4 windows of 512 and of 2K tokens each), so that one run shows what each stage does out of
-    domain. Every model is measured in the run's precision (bf16 autocast inside the trainer: Accelerate wraps the
-    student's forward in it), so these are close to, not the same as, the report's fp32 numbers. `measure()` also
-    serves the teacher and the untrained conversion."""
+    held-out sources (its 4 windows of 512 and of 2K tokens each), and with `probes` its answers to the report's 100
+    factual probes (correct, and how many repeat the prompt) and pass-key exact match at 1K and 4K with the needle
+    outside a 256-token window (depths 0.1 and 0.5, 2 trials: 4 probes a length), so that one run shows what each stage
+    does out of domain, to the facts and to retrieval (the window run of the thirteenth session lost both, and only the
+    end was measured). Every model is measured in the run's precision (bf16 autocast inside the trainer: Accelerate
+    wraps the student's forward in it), so these are close to, not the same as, the report's fp32 numbers. `measure()`
+    also serves the teacher and the untrained conversion."""
 
     WINDOWS = (512, 2048)
+    PASSKEY_LENGTHS = (1024, 4096)
 
-    def __init__(self, student, tokenizer, last_steps: dict[str, int], bf16: bool):
+    def __init__(self, student, tokenizer, last_steps: dict[str, int], bf16: bool, probes: bool = False):
         self.student, self.tokenizer, self.last_steps, self.bf16 = student, tokenizer, last_steps, bf16
+        self.probes = probes
         self.results: dict[str, dict] = {}
         self.seconds = 0.0  # time spent measuring inside training, not training
 
@@ -532,11 +537,24 @@ class StageEndHeldout:
         device = next(model.parameters()).device
         try:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.bf16):
-                return {src: {str(w): round(perplexity(model, self.tokenizer, src, w, max_windows=4).perplexity, 3)
-                              for w in self.WINDOWS} for src in HELDOUT_SOURCES}
+                out = {src: {str(w): round(perplexity(model, self.tokenizer, src, w, max_windows=4).perplexity, 3)
+                             for w in self.WINDOWS} for src in HELDOUT_SOURCES}
+                if self.probes:
+                    out.update(self._behaviour(model))
+                return out
         finally:
             for m, training in modes.items():
                 m.train(training)
+
+    def _behaviour(self, model) -> dict:
+        from hybridize.eval.probes import PROBES
+        from hybridize.eval.retention import probe_completions, score_probes
+        from hybridize.eval.retrieval import run_retrieval
+
+        scored = score_probes(probe_completions(model, self.tokenizer, [p[1] for p in PROBES]), PROBES)
+        keys = run_retrieval(model, self.tokenizer, "passkey", self.PASSKEY_LENGTHS, (0.1, 0.5), trials=2)
+        return {"probes_correct": scored["correct"], "probes_echoed": scored["echoed"],
+                "passkey_exact": {str(n): row for n, row in zip(self.PASSKEY_LENGTHS, keys.grid)}}
 
     def __call__(self, global_step: int, record: dict) -> None:
         if record["step"] != self.last_steps.get(record["stage"]):
@@ -576,7 +594,8 @@ def cmd_quality(args) -> int:
         steps = calibrate(recipe, student, teacher, args.train_seconds, split, dev, factors)
     for st, n in zip(recipe.stages, steps):
         st.steps, st.tokens = n, None
-    heldout = StageEndHeldout(student, tok, {st.name: st.steps for st in recipe.stages}, recipe.precision == "bf16")
+    heldout = StageEndHeldout(student, tok, {st.name: st.steps for st in recipe.stages}, recipe.precision == "bf16",
+                              probes=args.stage_probes)
     heldout.results = {"teacher": heldout.measure(teacher), "converted": heldout.measure(student.to(dev))}
     t_train = time.perf_counter()
     result = train(recipe, models=(student, teacher, tok, desc), on_step=heldout)
@@ -800,6 +819,9 @@ def main() -> int:
     q.add_argument("--save-untrained", default=None, help="export the conversion before training to this folder "
                    "(and report it beside the others)")
     q.add_argument("--no-retention", action="store_true", help="train and export only")
+    q.add_argument("--stage-probes", action=argparse.BooleanOptionalAction, default=True,
+                   help="after each stage also the 100 factual probes and pass-key at 1K / 4K (about 20 s a stage on "
+                        "an H200 for SmolLM2; not counted as training)")
     q.add_argument("--quick-retention", action="store_true", help="tiny retention settings (a smoke test)")
     q.add_argument("--train-seconds", type=float, default=480)
     q.add_argument("--split", default="0.4,0.4,0.2", help="share of the training time per stage (for "
