@@ -303,6 +303,9 @@ def test_recall_span_must_fit_the_stage(tmp_path):
     recipe["stages"][0].update(recall=1.5, recall_span=4)
     with pytest.raises(RecipeError, match=r"stages\[0\].recall:"):
         load_recipe(S.write_recipe(tmp_path / "r.yaml", recipe))
+    recipe["stages"][0].update(recall=0.5, recall_span=4, recall_min_gap=28)  # 4 + 28 fill the whole seq_len 32
+    with pytest.raises(RecipeError, match=r"stages\[0\].recall_min_gap: a copy 28 tokens after"):
+        load_recipe(S.write_recipe(tmp_path / "r.yaml", recipe))
 
 
 def test_a_stage_with_joined_documents_trains_and_exports(tmp_path):
@@ -360,3 +363,27 @@ def test_document_separator_is_checked_against_the_recipe_and_the_tokenizer(tmp_
     result = CliRunner().invoke(main, ["train", str(S.write_recipe(tmp_path / "d.yaml", tiny))])
     assert result.exit_code == 2, result.output
     assert "data.sources[1].start_token: the tokenizer has no token '<|none|>'" in result.output
+
+
+def test_recall_with_a_minimum_gap_copies_from_beyond_it_and_joined_rows_use_every_document():
+    from hybridize.train.data import RecallStream
+
+    corpus = Corpus([TokenizedDocs(np.arange(3000, dtype=np.int32), np.array([0, 100, 350, 3000]))], [1.0], None)
+    plain = corpus.stream(256, 0)
+    for joined in (False, True):
+        far = RecallStream(plain, 1.0, 16, seed=5, min_gap=150, joined=joined)
+        gaps, changed = [], 0
+        for i in range(40):
+            (tokens, starts), (out, _) = plain[i], far[i]
+            a = 0 if joined else int(starts[-1])
+            if len(tokens) - 16 - 150 < a:  # no span that far back: untouched
+                assert np.array_equal(out, tokens)
+                continue
+            changed += 1
+            src = int(out[-16]) - int(tokens[0])
+            assert np.array_equal(out[-16:], tokens[src: src + 16]) and np.array_equal(out[:-16], tokens[:-16])
+            assert a <= src and len(tokens) - 16 - src >= 150
+            gaps.append(len(tokens) - 16 - src)
+        assert changed > 0 and max(gaps) > 150
+        if joined:  # spans before the last document's start occur
+            assert any(int(far[i][0][-16]) - int(plain[i][0][0]) < int(plain[i][1][-1]) for i in range(40))

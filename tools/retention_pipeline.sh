@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Run by tools/retention_device.sh start (in the background): prepare once, then every variant at the same time
-# (SEQUENTIAL=1: one after another).
+# (SEQUENTIAL=1: one after another). REPORT=0: no retention reports, only each run's quality.json (held-out
+# perplexity, probes and pass-key after every stage): screens whose stage-end numbers decide, at ~190 s less a run.
 # $1 VARIANTS ("name:overrides;..."), $2 training seconds per variant, $3 output folder.
 set -uo pipefail
 VARIANTS=$1; SECS=$2; OUT_DIR=$3
@@ -51,7 +52,7 @@ if [ "${SEQUENTIAL:-0}" = 1 ]; then
     train "$v" 0 $(nproc) $([ $i = 0 ] && echo 1 || echo 0)
     i=$((i + 1))
     echo "$name trained: $(( $(date +%s) - t )) s"
-    [ -d /tmp/ret_$name/model ] && report $name /tmp/ret_$name/model &
+    [ "${REPORT:-1}" = 1 ] && [ -d /tmp/ret_$name/model ] && report $name /tmp/ret_$name/model &
   done
   echo "all variants trained: $(( $(date +%s) - t )) s"
 else
@@ -65,7 +66,7 @@ else
   while [ $(ls -d $OUT_DIR/*/done 2>/dev/null | wc -l) -lt ${#VS[@]} ]; do sleep 5; done
   echo "all variants trained: $(( $(date +%s) - t )) s"
   for v in "${VS[@]}"; do
-    name=${v%%:*}; [ -d /tmp/ret_$name/model ] && report $name /tmp/ret_$name/model &
+    name=${v%%:*}; [ "${REPORT:-1}" = 1 ] && [ -d /tmp/ret_$name/model ] && report $name /tmp/ret_$name/model &
   done
 fi
 # One trial per length is enough for the conversion's report (its retrieval was 0 everywhere); TRIALS_CONVERTED=0
@@ -73,7 +74,9 @@ fi
 [ -d $OUT_DIR/converted_model ] && [ "${TRIALS_CONVERTED:-1}" != 0 ] && \
   TRIALS=${TRIALS_CONVERTED:-1} report converted $OUT_DIR/converted_model &
 wait
-python3 bench/train_quality.py merge $OUT_DIR/retention_*/retention.json --out $OUT_DIR/retention > $OUT_DIR/merge.log 2>&1
-for f in $OUT_DIR/retention_*.log; do echo "=== $f"; grep -E "^\[|retention report" $f | tail -3; done
-head -25 $OUT_DIR/retention/retention.md
+if [ "${REPORT:-1}" = 1 ]; then
+  python3 bench/train_quality.py merge $OUT_DIR/retention_*/retention.json --out $OUT_DIR/retention > $OUT_DIR/merge.log 2>&1
+  for f in $OUT_DIR/retention_*.log; do echo "=== $f"; grep -E "^\[|retention report" $f | tail -3; done
+  head -25 $OUT_DIR/retention/retention.md
+fi
 touch $OUT_DIR/ALL_DONE

@@ -395,20 +395,34 @@ class MixtureStream:
 class RecallStream:
     """A stream whose sequence i, with probability `fraction` (a seeded draw per i), ends in a copy: the last `span`
     tokens of its last document are replaced by `span` tokens taken from the first half of that document. Sequences
-    whose last document is shorter than 4 spans are left as they are. Pure in i, so a resumed run sees the same."""
+    whose last document is shorter than 4 spans are left as they are. Pure in i, so a resumed run sees the same.
 
-    def __init__(self, stream, fraction: float, span: int, seed: int):
+    `min_gap` > 0: the copied span starts anywhere from the document's start to `min_gap` tokens before the copy (not
+    only in its first half), so that no attention limited to the last `min_gap` tokens can reach it (a Lightning
+    window: the far path has to fetch it); `joined` (the stage's documents read each other): the whole sequence is the
+    document the span may come from. Sequences with no such span are left as they are."""
+
+    def __init__(self, stream, fraction: float, span: int, seed: int, min_gap: int = 0, joined: bool = False):
         self.stream, self.fraction, self.span, self.seed = stream, fraction, span, seed
+        self.min_gap, self.joined = min_gap, joined
 
     def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         tokens, starts = self.stream[i]
         rng = np.random.default_rng([self.seed, 104729, i])
         if rng.random() >= self.fraction:
             return tokens, starts
-        a, T, n = int(starts[-1]), len(tokens), self.span
-        if T - a < 4 * n:
-            return tokens, starts
-        src = a + int(rng.integers(0, (T - a - n) // 2 + 1))
+        T, n = len(tokens), self.span
+        if self.min_gap:
+            a = 0 if self.joined else int(starts[-1])
+            last = T - n - self.min_gap  # the latest start of a span at least min_gap before the copy
+            if last < a:
+                return tokens, starts
+            src = a + int(rng.integers(0, last - a + 1))
+        else:
+            a = int(starts[-1])
+            if T - a < 4 * n:
+                return tokens, starts
+            src = a + int(rng.integers(0, (T - a - n) // 2 + 1))
         out = tokens.copy()
         out[T - n :] = tokens[src : src + n]
         return out, starts
