@@ -310,7 +310,7 @@ def test_recall_span_must_fit_the_stage(tmp_path):
 
 def test_a_stage_with_joined_documents_trains_and_exports(tmp_path):
     """A distillation stage whose documents read each other runs end to end (teacher and student on the rows, no
-    cu_seqlens) and logs finite losses."""
+    cu_seqlens), with far recall copies, and logs finite losses."""
     import json
 
     from click.testing import CliRunner
@@ -321,7 +321,8 @@ def test_a_stage_with_joined_documents_trains_and_exports(tmp_path):
     src = S.make_tiny_source(tmp_path / "src", docs, layers=2)
     stage = {"name": "distil", "seq_len": 64, "global_batch_tokens": 256, "micro_batch_size": 2, "steps": 2,
              "lr": 1e-3, "schedule": "constant", "trainable": "all", "join_documents": True,
-             "document_separator": "a", "loss": {"kl": 1.0, "ce": 0.5}}
+             "document_separator": "a", "loss": {"kl": 1.0, "ce": 0.5},
+             "recall": 1.0, "recall_span": 8, "recall_min_gap": 32}  # copies from any earlier document of the row
     recipe = S.tiny_recipe(src / "model.safetensors", docs, tmp_path / "out", tmp_path / "cache", stages=[stage])
     recipe["data"]["heldout_fraction"] = 0.0
     result = CliRunner().invoke(main, ["train", str(S.write_recipe(tmp_path / "r.yaml", recipe))])
