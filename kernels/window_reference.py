@@ -63,14 +63,14 @@ def window_attention(q, k, v, window: int, sinks: int = 0, scale: float | None =
     nb = -(-T // W)
     pad = nb * W - T
     t = torch.arange(T, device=dev)
+    st = None if starts is None else torch.as_tensor(starts, device=dev).long().view(B, 1)
     # begin[b, t]: where token t's sequence begins (a left-padded row's padding counts as one more sequence at 0)
     if cu_seqlens is not None:
         if B != 1:
             raise ValueError(f"packed documents (cu_seqlens) come in one row, got {B}")
         cu = torch.as_tensor(cu_seqlens, device=dev).long()
         begin = cu[torch.searchsorted(cu, t, right=True) - 1][None]
-    elif starts is not None:
-        st = torch.as_tensor(starts, device=dev).long().view(B, 1)
+    elif st is not None:
         begin = torch.where(t[None] >= st, st, 0)
     else:
         begin = torch.zeros(1, T, dtype=torch.long, device=dev)
@@ -119,8 +119,8 @@ def window_attention(q, k, v, window: int, sinks: int = 0, scale: float | None =
     # every query reads itself (positions past T too: theirs is a zero key of sequence -1), so no row is empty
     out = F.scaled_dot_product_attention(qb, keys, values, attn_mask=mask.reshape(first, 1, W, -1), scale=scale)
     out = out.view(B, nb, H, W, D).transpose(1, 2).reshape(B, H, nb * W, D)[:, :, :T]
-    if starts is not None:
-        out = out.masked_fill((t[None] < torch.as_tensor(starts, device=dev).view(B, 1))[:, None, :, None], 0.0)
+    if st is not None:
+        out = out.masked_fill((t[None] < st)[:, None, :, None], 0.0)
     return out
 
 

@@ -71,8 +71,7 @@ class HybridCache:
         self._cbuf: list[torch.Tensor | None] = [None] * n
         self.ckeys2: list[torch.Tensor | None] = [None] * n
         self._c2buf: list[torch.Tensor | None] = [None] * n
-        self.window = int(getattr(config, "lightning_window", 0) or 0)
-        self.sinks = int(getattr(config, "lightning_sinks", 0) or 0)
+        self.window, self.sinks = config.lightning_window, config.lightning_sinks
         # the Lightning layers' window branch: keys, values (B, Hkv, sinks + window, D) and positions (B, sinks + window)
         self.window_keys: list[torch.Tensor | None] = [None] * n
         self.window_values: list[torch.Tensor | None] = [None] * n
@@ -115,9 +114,10 @@ class HybridCache:
             return None
         return self.window_keys[layer_idx], self.window_values[layer_idx], self.window_pos[layer_idx]
 
-    def update_window(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> None:
+    def update_window(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor):
         """Add new keys and values (B, Hkv, T, D) at positions `pos` (B, T; negative: padding) to the store, which
-        keeps each row's sinks and its last `window` positions."""
+        keeps each row's sinks and its last `window` positions. Returns what the new tokens' queries read: the keys,
+        values and positions held before, followed by the new ones."""
         held = self.window_store(layer_idx)
         if held is not None:
             k, v, pos = (torch.cat([a, b], dim=d) for a, b, d in zip(held, (k, v, pos), (2, 2, 1)))
@@ -131,6 +131,7 @@ class HybridCache:
         kept = pos.new_full((B, size + 1), -1).scatter_(1, slot, pos)
         self.window_keys[layer_idx], self.window_values[layer_idx] = keys[:, :, :size], values[:, :, :size]
         self.window_pos[layer_idx] = kept[:, :size]
+        return k, v, pos
 
     # --- sparse layers -----------------------------------------------------------------------------------------
     def update_sparse(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor):

@@ -261,7 +261,7 @@ class LightningAttention(nn.Module):
         self.head_dim = config.head_dim
         self.chunk_size = config.lightning_chunk_size
         self.output_gates = config.output_gates
-        self.window = getattr(config, "lightning_window", 0)
+        self.window = config.lightning_window
         hd = self.num_heads * self.head_dim
         kvd = self.num_kv_heads * self.head_dim
         h = config.hidden_size
@@ -337,11 +337,8 @@ class LightningAttention(nn.Module):
         outs = []
         for a in range(0, q.shape[2], w):
             b = min(q.shape[2], a + w)
-            hk, hv, hp = cache.window_store(self.layer_idx)
-            piece_k, piece_v, piece_pos = k[:, :, a:b], v[:, :, a:b], pos[:, a:b]
-            outs.append(window_attention_at(q[:, :, a:b], torch.cat([hk, piece_k], 2), torch.cat([hv, piece_v], 2),
-                                            piece_pos, torch.cat([hp, piece_pos], 1), w, sinks, scale))
-            cache.update_window(self.layer_idx, piece_k, piece_v, piece_pos)
+            keys, values, key_pos = cache.update_window(self.layer_idx, k[:, :, a:b], v[:, :, a:b], pos[:, a:b])
+            outs.append(window_attention_at(q[:, :, a:b], keys, values, pos[:, a:b], key_pos, w, sinks, scale))
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
     @staticmethod

@@ -281,7 +281,8 @@ def _not_blank(v):
 CONSTRAINTS: dict[str, dict[str, Any]] = {
     "Recipe": {"seed": _non_negative},
     "ModelSpec": {"sparse_query_log_scale": lambda v: None if v > 1 else f"must be a number above 1 (HALO uses 362), "
-                                                                           f"got {v}"},
+                                                                           f"got {v}",
+                  "lightning_window": _non_negative, "lightning_sinks": _non_negative},
     "SourceSpec": {"weight": _positive, "max_documents": _positive, "num_samples": _positive,
                    "max_new_tokens": _positive, "min_new_tokens": _non_negative, "temperature": _positive,
                    "batch_size": _positive, "max_repetition": _in_range(0.0, 1.0, lo_open=True, hi_open=True)},
@@ -420,9 +421,7 @@ def validate(recipe: Recipe) -> Recipe:
     if m.score_report is not None and m.select not in ("sala", "block_influence"):
         _fail(f, "model.score_report", f"a score report places layers with select: sala or block_influence, "
                                        f"not {m.select!r}")
-    if m.lightning_window < 0:
-        _fail(f, "model.lightning_window", f"must be 0 (off) or a number of tokens; got {m.lightning_window}")
-    if m.lightning_sinks < 0 or (m.lightning_window and m.lightning_sinks > m.lightning_window):
+    if m.lightning_window and m.lightning_sinks > m.lightning_window:
         _fail(f, "model.lightning_sinks", f"must be from 0 to model.lightning_window; got {m.lightning_sinks}")
     if m.lightning_window and m.converted is not None:
         _fail(f, "model.lightning_window", "applies to a conversion made by the recipe: convert with "
