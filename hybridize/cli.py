@@ -70,7 +70,8 @@ def main(ctx):
 @click.option("--select", "select", default=None, metavar="METHOD",
               help="how to place the sparse layers: block_influence (default for models up to 1.5B parameters with "
                    "a tokenizer: the layers that change the residual stream most), uniform (default above; evenly "
-                   "spaced, last layer included), layers (the --layers list), or sala and the other scoring methods "
+                   "spaced, last layer included), layers (the --layers list), window (with --lightning-window: the layers "
+                   "retrieval needs whole when the others see only the window), or sala and the other scoring methods "
                    "registered in hybridize.select.registry (recipes/retention.yaml places by sala: after training it "
                    "retrieved better than block_influence, at a cost of minutes)")
 @click.option("--score-report", default=None, type=click.Path(),

@@ -304,3 +304,80 @@ def test_text_sources(model, tokenizer, tmp_path):
     with pytest.raises(FileNotFoundError, match="--text"):
         score_model(model, tokenizer, tiny_settings(method="block_influence", text=str(tmp_path / "nope")),
                     progress=False)
+
+
+def window_settings(**overrides) -> ScoreSettings:
+    return tiny_settings(**{"method": "window", "window": 48, "sinks": 2, "keep_first_last": False, **overrides})
+
+
+@pytest.fixture(scope="module")
+def window_result(model, tokenizer):
+    return score_model(model, tokenizer, window_settings(), progress=False)
+
+
+def test_window_search_measures_the_hybrid_it_chooses(model, tokenizer, window_result):
+    """The answer log-probabilities the search reports are those of full Llama-shaped forwards of converted hybrids:
+    every layer a fresh windowed Lightning layer (its window branch is the source's attention over the first 2 and
+    last 48 tokens), and the chosen layers given back their full attention. The first pick raised it most of all
+    single layers, and the chosen two beat every pair that shares the first pick."""
+    from hybridize.convert.build import build_hybrid
+    from hybridize.select.probes import build_probes
+
+    s = window_settings()
+    probes = build_probes(tokenizer, s.probes, seed=s.seed)
+    assert min(len(p.input_ids) for p in probes) > 2 * s.window  # answers lie beyond the window
+
+    def answer_logp(whole) -> float:
+        types = ["sparse" if i in whole else "lightning" for i in range(LAYERS)]
+        m = build_hybrid(model, types, hype=False, output_gates=False, lightning_window=s.window,
+                         lightning_sinks=s.sinks)
+        total, count = 0.0, 0
+        for p in probes:
+            with torch.no_grad():
+                lp = torch.log_softmax(m(p.input_ids[None]).logits[0].float(), -1)
+            for a, b in p.answer_spans:
+                total += lp[torch.arange(a - 1, b - 1), p.input_ids[a:b]].sum().item()
+                count += b - a
+        return total / count
+
+    rep = window_result.report
+    search = rep["window_search"]
+    assert rep["method"] == "window" and len(rep["chosen_layers"]) == num_sparse_layers(LAYERS, 1, 3) == 2
+    assert search["all_cut_answer_logp"] == pytest.approx(answer_logp(set()), abs=1e-4)
+    first, second = (r["layer"] for r in search["rounds"])
+    assert rep["chosen_layers"] == sorted([first, second])
+    assert search["rounds"][1]["answer_logp"] == pytest.approx(answer_logp({first, second}), abs=1e-4)
+    singles = {i: answer_logp({i}) for i in range(LAYERS)}
+    assert max(singles, key=singles.get) == first
+    assert search["rounds"][0]["answer_logp"] == pytest.approx(singles[first], abs=1e-4)
+    pairs = {i: answer_logp({first, i}) for i in range(LAYERS) if i != first}
+    assert max(pairs, key=pairs.get) == second
+    # scores: each pick's gain at its round
+    assert rep["layers"][first]["score"] == pytest.approx(singles[first] - search["all_cut_answer_logp"], abs=1e-4)
+    assert rep["layers"][second]["score"] == pytest.approx(pairs[second] - singles[first], abs=1e-4)
+
+
+def test_window_method_refuses_probes_inside_the_window(model, tokenizer):
+    with pytest.raises(ValueError, match="under twice the window"):
+        score_model(model, tokenizer, window_settings(window=128), progress=False)
+    with pytest.raises(ValueError, match="window must be at least 1"):
+        window_settings(window=0).validate()
+
+
+def test_window_selector_caches_per_window(model, tokenizer, tmp_path):
+    """Through the registry (as convert and recipes call it): scored once per window and kept; another window is
+    another report."""
+    pick = get_selector("window")
+    logs: list[str] = []
+    first = pick(model, 2, tokenizer=tokenizer, window=64, sinks=2, cache_dir=tmp_path, progress=False,
+                 log=logs.append)
+    files = sorted(p.name for p in (tmp_path / "scores").iterdir())
+    assert len(files) == 1 and files[0].startswith("window-sinks2-window64-")
+    report = json.loads((tmp_path / "scores" / files[0]).read_text())
+    assert report["settings"]["window"] == 64 and report["chosen_layers"] == first
+    assert min(report["settings"]["probes"]["passkey_lengths"]) >= 2 * 64
+    again = pick(model, 2, tokenizer=tokenizer, window=64, sinks=2, cache_dir=tmp_path, progress=False,
+                 log=logs.append)
+    assert again == first and logs[-1].startswith("layer scores (window)")
+    pick(model, 2, tokenizer=tokenizer, window=128, sinks=2, cache_dir=tmp_path, progress=False, log=logs.append)
+    assert len(list((tmp_path / "scores").iterdir())) == 2

@@ -1,5 +1,9 @@
-"""`hybridize score`: align Lightning students, sweep the layers, score them and choose the sparse ones
-(docs/design.md §3.3).
+"""`hybridize score`: sweep the layers, score them and choose the sparse ones (docs/design.md §3.3).
+
+Methods: `sala` aligns a Lightning student per layer and scores retrieval lost per general ability lost with it
+swapped in; `window` cuts every layer's attention to its first `sinks` and last `window` tokens (what a Lightning
+layer with `lightning_window` keeps of it) and gives full attention back, layer by layer, to those that retrieval
+needs (select/window_search.py); `block_influence` needs no swap.
 
 Library entry points: `score_model(model, tokenizer, settings)` for an in-memory transformers model, and
 `score(source, output, settings)` which reads a checkpoint and writes the report folder
@@ -30,8 +34,9 @@ from .report import CHART_NAME, REPORT_NAME, STUDENTS_NAME, write_chart, write_j
 from .runner import LayerRunner, has_qk_norm, reference_hybrid
 from .scoring import SCORE_CAP, SCORE_EPS, sala_scores, top_layers
 from .sweep import Sweep
+from .window_search import greedy_window_choice, window_cuts
 
-METHODS = ("sala", "block_influence")
+METHODS = ("sala", "block_influence", "window")
 
 
 @dataclass
@@ -51,6 +56,8 @@ class ScoreSettings:
     text: str | None = None  # None: Shakespeare corpus (else the teacher's text); "teacher"; a .txt file or folder
     gates: bool = True  # students carry the output gate (as convert's default hybrid does)
     compare_uniform: bool = False
+    window: int = 256  # the window method's cut: the last `window` tokens and the first `sinks`
+    sinks: int = 4
 
     @classmethod
     def for_gpu(cls, **overrides) -> "ScoreSettings":
@@ -58,6 +65,18 @@ class ScoreSettings:
                    compare_seqs=32, probes=ProbeSettings(passkey_lengths=(512, 2048, 4096), kv_lengths=(512, 2048),
                                                          samples_per_length=8))
         return dataclasses.replace(base, **overrides)
+
+    @classmethod
+    def defaults(cls, method: str, gpu: bool, **overrides) -> "ScoreSettings":
+        """The settings a method runs with by default on this kind of device. The window method's probes are long
+        enough that most answers lie beyond a 256-token window; on a CPU two pass-key probes (each search step is a
+        forward pass over every probe: 3.6 s for SmolLM2-135M on 2 cores, about 200 steps)."""
+        base = cls.for_gpu() if gpu else cls()
+        if method == "window":
+            probes = (ProbeSettings(passkey_lengths=(1024, 2048, 4096), kv_lengths=(1024, 2048), samples_per_length=8)
+                      if gpu else ProbeSettings(passkey_lengths=(1024,), kv_lengths=(), samples_per_length=2))
+            base = dataclasses.replace(base, probes=probes)
+        return dataclasses.replace(base, method=method, **overrides)
 
     def validate(self, num_layers: int | None = None, max_length: int | None = None) -> None:
         if self.method not in METHODS:
@@ -72,6 +91,13 @@ class ScoreSettings:
         self.probes.validate(max_length)
         if num_layers is not None and num_layers < 1:
             raise ValueError("the model has no layers")
+        if self.window < 1 or self.sinks < 0:
+            raise ValueError(f"window must be at least 1 and sinks at least 0, got {self.window} and {self.sinks}")
+        if self.method == "window":
+            short = [n for n in self.probes.passkey_lengths + self.probes.kv_lengths if n < 2 * self.window]
+            if short:
+                raise ValueError(f"probe lengths {short} are under twice the window ({self.window}): their answers "
+                                 "would lie inside it; give longer --passkey-lengths/--kv-lengths or a smaller --window")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -82,6 +108,15 @@ class ScoreResult:
     report: dict
     students: torch.nn.ModuleList | None
     align: AlignResult | None
+
+
+FORMULAS = {
+    "sala": f"score_i = min({SCORE_CAP:g}, (max_j R_j - R_i) / (max_j C_j - C_i + {SCORE_EPS:g})), C = -loss",
+    "block_influence": "block influence: mean over tokens of 1 - cos(layer input, layer output)",
+    "window": "greedy from every layer cut to its window: each round gives full attention back to the layer that "
+              "raises the probes' answer log-probability most; score_i = that gain at the round that picked i "
+              "(unpicked layers: at the last round)",
+}
 
 
 def _max_length(model) -> int | None:
@@ -146,6 +181,7 @@ def score_model(model, tokenizer, settings: ScoreSettings | None = None, *, prog
 
     t = time.perf_counter()
     need_align = settings.method == "sala"
+    need_probes = settings.method in ("sala", "window")
     train_seqs = settings.align.steps * settings.align.batch_size if need_align else 0
     heldout_seqs = settings.heldout_seqs + (settings.compare_seqs if settings.compare_uniform else 0)
     # a single text is split 80/20 (alignment / held out): enough tokens for both parts
@@ -156,7 +192,7 @@ def score_model(model, tokenizer, settings: ScoreSettings | None = None, *, prog
         **text_source(settings.text, model, tokenizer, tokens, settings.seed),
     )
     probe_ids, compare_ids = data.heldout[: settings.heldout_seqs], data.heldout[settings.heldout_seqs:]
-    probes = build_probes(tokenizer, settings.probes, seed=settings.seed) if need_align else []
+    probes = build_probes(tokenizer, settings.probes, seed=settings.seed) if need_probes else []
     runner = LayerRunner(reference_hybrid(model))
     timings["data_s"] = time.perf_counter() - t
 
@@ -179,6 +215,13 @@ def score_model(model, tokenizer, settings: ScoreSettings | None = None, *, prog
         R = [m.R for m in measures]
         scores = sala_scores(C, R)
         chosen = top_layers(scores, n_sparse, keep_first_last=settings.keep_first_last, tie_break=[-c for c in C])
+    elif settings.method == "window":
+        t = time.perf_counter()
+        first_last = ([0, L - 1] if L > 1 else [0])[:n_sparse] if settings.keep_first_last else []
+        search = greedy_window_choice(sweep, window_cuts(model, settings.window, settings.sinks), n_sparse,
+                                      first_last, progress=progress)
+        timings["search_s"] = time.perf_counter() - t
+        scores, chosen = search.gains, search.chosen
     else:
         scores = influence
         chosen = top_layers(scores, n_sparse, keep_first_last=settings.keep_first_last)
@@ -190,8 +233,9 @@ def score_model(model, tokenizer, settings: ScoreSettings | None = None, *, prog
                  "C": None, "R": None, "loss": None, "retrieval": None}
         if measures:
             m = measures[i]
-            entry.update(C=m.C, R=m.R, loss=m.loss, retrieval=m.retrieval,
-                         align_relative_error=align.relative_error[i],
+            entry.update(C=m.C, R=m.R, loss=m.loss, retrieval=m.retrieval, answer_logp=m.answer_logp)
+        if align is not None:
+            entry.update(align_relative_error=align.relative_error[i],
                          align_initial_relative_error=align.initial_relative_error[i],
                          align_output_scale=align.output_scale[i])
         layers.append(entry)
@@ -205,10 +249,12 @@ def score_model(model, tokenizer, settings: ScoreSettings | None = None, *, prog
         "chosen_layers": chosen,
         "forced_layers": forced,
         "uniform_layers": uniform_layers(L, n_sparse),
-        "formula": f"score_i = min({SCORE_CAP:g}, (max_j R_j - R_i) / (max_j C_j - C_i + {SCORE_EPS:g})), C = -loss"
-                   if need_align else "block influence: mean over tokens of 1 - cos(layer input, layer output)",
-        "tie_break": "higher swapped loss first, then lower index" if need_align else "lower index",
-        "teacher": {"loss": teacher.loss, "C": teacher.C, "R": teacher.R, "retrieval": teacher.retrieval},
+        "formula": FORMULAS[settings.method],
+        "tie_break": "higher swapped loss first, then lower index" if measures else "lower index",
+        "window_search": None if settings.method != "window" else {
+            "all_cut_answer_logp": search.all_cut_logp, "rounds": search.rounds},
+        "teacher": {"loss": teacher.loss, "C": teacher.C, "R": teacher.R, "retrieval": teacher.retrieval,
+                    "answer_logp": teacher.answer_logp},
         "layers": layers,
         "calibration": {"source": data.source, "align_tokens": int(data.train.numel()),
                         "heldout_tokens": int(probe_ids.numel()),

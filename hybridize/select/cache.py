@@ -31,22 +31,24 @@ def weights_key(model) -> str:
     return h.hexdigest()[:20]
 
 
-def cached_report(model, method: str, get_tokenizer, *, cache_dir: str | Path | None = None, progress: bool = True,
-                  log=print) -> Path:
+def cached_report(model, method: str, get_tokenizer, *, options: dict | None = None,
+                  cache_dir: str | Path | None = None, progress: bool = True, log=print) -> Path:
     """The path of `method`'s score report for `model`: one cached earlier, or a fresh one (scored on the GPU when
-    there is one, with that device's default settings) written into `cache_dir`/scores. `get_tokenizer()` gives the
-    source's tokenizer, called only when scoring runs."""
+    there is one, with that device's default settings and `options`, ScoreSettings fields such as the window's size)
+    written into `cache_dir`/scores. `get_tokenizer()` gives the source's tokenizer, called only when scoring runs."""
     from .api import ScoreSettings, score_model
     from .report import write_json
 
-    name = f"{method}-{weights_key(model)}.json"
+    options = dict(options or {})
+    tag = "".join(f"-{k}{v}" for k, v in sorted(options.items()))
+    name = f"{method}{tag}-{weights_key(model)}.json"
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     path = cache / "scores" / name
     if path.is_file():
         log(f"layer scores ({method}): {path}")
         return path
     on_gpu = torch.cuda.is_available()
-    settings = dataclasses.replace(ScoreSettings.for_gpu() if on_gpu else ScoreSettings(), method=method)
+    settings = ScoreSettings.defaults(method, on_gpu, **options)
     log(f"scoring layers ({method}) once, on the {'GPU' if on_gpu else 'CPU'}; kept in {path} (--select uniform "
         "skips scoring)")
     device = next(model.parameters()).device

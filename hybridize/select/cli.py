@@ -21,8 +21,12 @@ def _lengths(text: str, option: str) -> tuple[int, ...]:
 @click.argument("source", required=False)
 @click.option("--output", "-o", default="layer-scores", show_default=True,
               help="report folder (report.json, scores.png, students.safetensors)")
-@click.option("--method", type=click.Choice(["sala", "block_influence"]), default="sala", show_default=True,
-              help="sala: align students + sweep (docs/design.md §3.3); block_influence: cheap 1 - cos(in, out) proxy")
+@click.option("--method", type=click.Choice(["sala", "block_influence", "window"]), default="sala", show_default=True,
+              help="sala: align students + sweep (docs/design.md §3.3); window: the layers whose attention cut to "
+                   "--window tokens loses the most retrieval stay attention (no training); block_influence: cheap "
+                   "1 - cos(in, out) proxy")
+@click.option("--window", type=int, default=None, help="the window method's cut: last tokens kept [256]")
+@click.option("--sinks", type=int, default=None, help="the window method's cut: first tokens kept [4]")
 @click.option("--ratio", default="1:3", show_default=True, help="sparse:linear layer ratio")
 @click.option("--keep-first-last/--no-keep-first-last", default=True, show_default=True,
               help="always keep the first and last layers as attention (SALA)")
@@ -32,8 +36,10 @@ def _lengths(text: str, option: str) -> tuple[int, ...]:
 @click.option("--align-steps", type=int, default=None, help="alignment steps [CPU 48, GPU 200]")
 @click.option("--align-batch", type=int, default=None, help="alignment batch size [CPU 2, GPU 8]")
 @click.option("--heldout-seqs", type=int, default=None, help="held-out sequences for the loss probe [CPU 4]")
-@click.option("--passkey-lengths", default=None, help="comma-separated passkey lengths [CPU 256,512]")
-@click.option("--kv-lengths", default=None, help="comma-separated key-value lookup lengths [CPU 256,512]")
+@click.option("--passkey-lengths", default=None,
+              help="comma-separated passkey lengths [CPU 256,512; window method: CPU 1024, GPU 1024,2048,4096]")
+@click.option("--kv-lengths", default=None,
+              help="comma-separated key-value lookup lengths [CPU 256,512; window method: CPU none, GPU 1024,2048]")
 @click.option("--samples", type=int, default=None, help="probe samples per task and length [CPU 2]")
 @click.option("--text", default=None, metavar="SOURCE",
               help="calibration text: a .txt file, a folder of .txt files (the last fifth held out), 'teacher' "
@@ -46,8 +52,9 @@ def _lengths(text: str, option: str) -> tuple[int, ...]:
 @click.option("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 @click.option("--force", is_flag=True, help="replace an existing output folder")
 @click.option("--quiet", is_flag=True, help="no progress bars")
-def score(source, output, method, ratio, keep_first_last, seed, gpu_defaults, seq_len, align_steps, align_batch,
-          heldout_seqs, passkey_lengths, kv_lengths, samples, text, gates, compare_uniform, dtype, threads, force, quiet):
+def score(source, output, method, window, sinks, ratio, keep_first_last, seed, gpu_defaults, seq_len, align_steps,
+          align_batch, heldout_seqs, passkey_lengths, kv_lengths, samples, text, gates, compare_uniform, dtype, threads,
+          force, quiet):
     """Score the layers of SOURCE (default: the built-in SmolLM2-135M) and choose which stay attention."""
     import torch
 
@@ -58,7 +65,8 @@ def score(source, output, method, ratio, keep_first_last, seed, gpu_defaults, se
         if threads < 1:
             raise click.BadParameter("must be at least 1", param_hint="--threads")
         torch.set_num_threads(threads)
-    base = ScoreSettings.for_gpu() if (gpu_defaults or torch.cuda.is_available()) else ScoreSettings()
+    base = ScoreSettings.defaults(method, gpu_defaults or torch.cuda.is_available(),
+                                  **{k: v for k, v in (("window", window), ("sinks", sinks)) if v is not None})
     align = dataclasses.replace(base.align, **{k: v for k, v in (("steps", align_steps), ("batch_size", align_batch))
                                               if v is not None})
     probes = dataclasses.replace(base.probes, **{k: v for k, v in (
@@ -66,7 +74,7 @@ def score(source, output, method, ratio, keep_first_last, seed, gpu_defaults, se
         ("kv_lengths", kv_lengths and _lengths(kv_lengths, "--kv-lengths")),
         ("samples_per_length", samples)) if v is not None})
     overrides = {k: v for k, v in (("seq_len", seq_len), ("heldout_seqs", heldout_seqs)) if v is not None}
-    settings = dataclasses.replace(base, method=method, ratio=ratio, keep_first_last=keep_first_last, seed=seed,
+    settings = dataclasses.replace(base, ratio=ratio, keep_first_last=keep_first_last, seed=seed,
                                    text=text, gates=gates, compare_uniform=compare_uniform, align=align,
                                    probes=probes, **overrides)
     result = _fail_cleanly(run_score, source, output, settings, force=force, progress=not quiet, dtype=dtype)

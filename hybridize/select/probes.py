@@ -135,6 +135,13 @@ def answer_matches(answer_logits: torch.Tensor, sample: ProbeSample) -> list[boo
     return out
 
 
+def answer_logprob(answer_logits: torch.Tensor, sample: ProbeSample) -> float:
+    """Summed log-probability of the answer tokens, from the logits at `answer_positions(sample)`."""
+    target = torch.cat([sample.input_ids[a:b] for a, b in sample.answer_spans]).to(answer_logits.device)
+    lp = torch.log_softmax(answer_logits.float(), -1)
+    return lp.gather(-1, target[:, None]).sum().item()
+
+
 def answer_positions(sample: ProbeSample) -> torch.Tensor:
     """Positions whose logits predict answer tokens (all spans, in order)."""
     return torch.cat([torch.arange(a - 1, b - 1) for a, b in sample.answer_spans])

@@ -28,6 +28,7 @@ SELECTORS: dict[str, Selector] = {
     "uniform": uniform,
     "sala": _scoring.sala,  # kw: score_report=, tokenizer=, score_settings=, keep_first_last=
     "block_influence": _scoring.block_influence,
+    "window": _scoring.window,  # kw: as sala, and window=, sinks=
 }
 
 

@@ -7,7 +7,9 @@ Keyword arguments understood here:
 - `tokenizer`: the source's tokenizer (needed when scoring runs);
 - `score_settings`: a ScoreSettings for a fresh run; without it the device's default settings are scored once per
   model and method and kept (hybridize.select.cache: `cache_dir`, default ~/.cache/hybridize or $HYBRIDIZE_CACHE);
-- `keep_first_last`: override the first/last rule; `log`: where the cache says what it did.
+- `keep_first_last`: override the first/last rule; `log`: where the cache says what it did;
+- `window`, `sinks` (the window method): the cut each layer is measured with, to match the hybrid's
+  `lightning_window` and `lightning_sinks`.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ def _tokenizer_for(model, tokenizer):
 
 
 def _run_or_read(method: str, model, n_sparse: int, *, score_report=None, tokenizer=None, score_settings=None,
-                 keep_first_last=None, progress: bool = True, cache_dir=None, log=print) -> list[int]:
+                 keep_first_last=None, progress: bool = True, cache_dir=None, log=print, **options) -> list[int]:
     if score_report is not None:
         report = read_report(score_report)
         if report["method"] != method:
@@ -62,14 +64,14 @@ def _run_or_read(method: str, model, n_sparse: int, *, score_report=None, tokeni
     if score_settings is None:  # the device's default settings: scored once per model and kept (select.cache)
         from .cache import cached_report
 
-        path = cached_report(model, method, lambda: _tokenizer_for(model, tokenizer), cache_dir=cache_dir,
-                             progress=progress, log=log)
+        path = cached_report(model, method, lambda: _tokenizer_for(model, tokenizer), options=options,
+                             cache_dir=cache_dir, progress=progress, log=log)
         return choose_from_report(read_report(path), n_sparse, keep_first_last)
     import dataclasses
 
     from .api import score_model
 
-    settings = dataclasses.replace(score_settings, method=method)
+    settings = dataclasses.replace(score_settings, method=method, **options)
     result = score_model(model, _tokenizer_for(model, tokenizer), settings, progress=progress)
     return choose_from_report(result.report, n_sparse, keep_first_last)
 
@@ -83,6 +85,19 @@ def sala(model, n_sparse: int, **kw) -> list[int]:
 def block_influence(model, n_sparse: int, **kw) -> list[int]:
     """Cheap proxy: the layers that change the residual stream most (1 - cos(in, out)) stay attention."""
     return _run_or_read("block_influence", model, n_sparse, **_known(kw))
+
+
+def window(model, n_sparse: int, **kw) -> list[int]:
+    """The layers whose attention cut to a window (sinks + last `window` tokens, as a Lightning layer with
+    `lightning_window` keeps it) costs the most retrieval stay attention. No training: a few forward passes per
+    layer over probes longer than the window."""
+    options = {k: kw[k] for k in ("window", "sinks") if kw.get(k) is not None}
+    return _run_or_read("window", model, n_sparse, **_known(kw), **options)
+
+
+def window_cut(lightning_window: int, lightning_sinks: int) -> dict:
+    """The window method's options for a hybrid: its own window when it has one (else the method's default)."""
+    return {"window": lightning_window, "sinks": lightning_sinks} if lightning_window else {}
 
 
 def _known(kw: dict) -> dict:

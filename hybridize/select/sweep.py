@@ -1,4 +1,5 @@
-"""The sweep: swap one layer at a time for its aligned student and measure general (C) and retrieval (R) ability.
+"""The sweep: swap one layer at a time for another module (an aligned Lightning student; the layer's own attention cut
+to a window) and measure general (C) and retrieval (R) ability.
 
 The teacher's residual stream entering each layer is computed once per probe input; a swap at layer i restarts from
 the stream entering layer i, so layers before it are never recomputed.
@@ -13,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .probes import ProbeSample, answer_matches, answer_positions, retrieval_scores
+from .probes import ProbeSample, answer_logprob, answer_matches, answer_positions, retrieval_scores
 from .runner import LayerRunner
 
 
@@ -26,6 +27,8 @@ class Measure:
     C: float  # general ability = -loss
     R: float  # retrieval ability = mean exact-match accuracy over task@length groups
     retrieval: dict[str, float] = field(default_factory=dict)
+    # mean log-probability of the probes' answer tokens: it moves where exact match, all or nothing, does not
+    answer_logp: float = 0.0
 
 
 @dataclass
@@ -47,10 +50,24 @@ class Sweep:
             self.probe_inputs.append(_Input(ids, runner.layer_inputs(ids), answer_positions(s), s))
 
     def _final(self, inp: _Input, layer: int | None, student: nn.Module | None) -> torch.Tensor:
-        if layer is None:
+        return self._replaced(inp, {} if layer is None else {layer: student})
+
+    def _replaced(self, inp: _Input, replace: dict[int, nn.Module]) -> torch.Tensor:
+        """The final normed stream with `replace[i]` as layer i's attention, from the first replaced layer on."""
+        if not replace:
             return self.runner.model.model.norm(inp.states[-1])
-        ctx = self.runner.context(inp.ids)
-        return self.runner.run_from(layer, inp.states[layer], ctx, {layer: student})
+        start = min(replace)
+        return self.runner.run_from(start, inp.states[start], self.runner.context(inp.ids), replace)
+
+    @torch.no_grad()
+    def answer_logp(self, replace: dict[int, nn.Module]) -> float:
+        """Mean log-probability of the probes' answer tokens with several layers replaced at once."""
+        logp, answers = 0.0, 0
+        for inp in self.probe_inputs:
+            hidden = self._replaced(inp, replace)[0]
+            logp += answer_logprob(self.runner.logits(hidden[inp.positions.to(hidden.device)]), inp.sample)
+            answers += len(inp.positions)
+        return logp / max(answers, 1)
 
     @torch.no_grad()
     def measure(self, layer: int | None = None, student: nn.Module | None = None) -> Measure:
@@ -61,15 +78,19 @@ class Sweep:
             total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum").item()
             count += target.numel()
         groups: dict[str, list[bool]] = {}
+        logp, answers = 0.0, 0
         for inp in self.probe_inputs:
             hidden = self._final(inp, layer, student)[0]
             picked = self.runner.logits(hidden[inp.positions.to(hidden.device)])
             groups.setdefault(f"{inp.sample.task}@{inp.sample.length}", []).extend(answer_matches(picked, inp.sample))
+            logp += answer_logprob(picked, inp.sample)
+            answers += len(inp.positions)
         scores = retrieval_scores(groups)
         loss = total / max(count, 1)
-        return Measure(layer, loss, -loss, scores.pop("R"), scores)
+        return Measure(layer, loss, -loss, scores.pop("R"), scores, logp / max(answers, 1))
 
     def sweep(self, students: nn.ModuleList, progress: bool = True) -> list[Measure]:
+        """`students[i]`: the module that replaces layer i's attention."""
         out = []
         for i in tqdm(range(self.runner.num_layers), desc="sweep layers", disable=not progress):
             out.append(self.measure(i, students[i]))

@@ -32,11 +32,13 @@ def sparse_layers_for(source_model, spec, *, tokenizer=None, cache_dir: str | No
     if spec.layers is not None or method == "uniform":
         return sparse_indices(layer_types_for(num_layers, spec.ratio, spec.layers))
     from ..select.registry import get_selector
+    from ..select.selectors import window_cut
 
+    cut = window_cut(spec.lightning_window, spec.lightning_sinks)
     try:
         return get_selector(method)(source_model, sparse_count(num_layers, spec.ratio),
                                     score_report=spec.score_report, tokenizer=tokenizer, cache_dir=cache_dir,
-                                    progress=progress, log=log)
+                                    progress=progress, log=log, **cut)
     except (OSError, ValueError) as e:
         if spec.score_report is None:
             raise
