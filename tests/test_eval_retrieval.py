@@ -62,3 +62,24 @@ def test_eval_report_puts_models_side_by_side(tmp_path):
     paths = write_eval_report(results, tmp_path)
     assert json.loads(paths["json"].read_text())["models"]["copy"]["retrieval"]["accuracy"] == 1.0
     assert paths["heatmap"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_seed_alone_fixes_the_probes_across_processes():
+    """Two interpreters with different string-hash seeds draw the same probes (keys, the asked one, the prompt)."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import random, json; from hybridize.eval.retrieval import make_probe; from eval_tools import "
+            "word_tokenizer; tok = word_tokenizer(); rng = random.Random(5); "
+            "print(json.dumps([(p.answer, p.prompt, p.candidates) for p in "
+            "[make_probe(t, tok, 128, 0.5, rng) for t in ('passkey', 'multikey', 'kv')]]))")
+    here = os.path.dirname(__file__)
+    outs = []
+    for hash_seed in ("1", "2", "3"):
+        env = {**os.environ, "PYTHONHASHSEED": hash_seed, "PYTHONPATH": os.pathsep.join(
+            [here] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])}
+        done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        outs.append(json.loads(done.stdout))
+    assert outs[0] == outs[1] == outs[2]

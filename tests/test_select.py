@@ -381,3 +381,36 @@ def test_window_selector_caches_per_window(model, tokenizer, tmp_path):
     assert again == first and logs[-1].startswith("layer scores (window)")
     pick(model, 2, tokenizer=tokenizer, window=128, sinks=2, cache_dir=tmp_path, progress=False, log=logs.append)
     assert len(list((tmp_path / "scores").iterdir())) == 2
+
+
+def test_convert_places_layers_by_the_window_search_with_its_own_window(model, tokenizer, tmp_path, monkeypatch):
+    """`hybridize convert --select window --lightning-window 64`: the search runs with the hybrid's window (its cached
+    report names it) and the converted folder keeps the layers it chose."""
+    monkeypatch.setenv("HYBRIDIZE_CACHE", str(tmp_path / "cache"))
+    src = tmp_path / "tiny"
+    model.save_pretrained(src)
+    tokenizer.save_pretrained(src)
+    out = tmp_path / "hybrid"
+    res = CliRunner().invoke(main, ["convert", str(src), "--select", "window", "--lightning-window", "64",
+                                    "-o", str(out), "--quiet"])
+    assert res.exit_code == 0, res.output
+    reports = list((tmp_path / "cache" / "scores").glob("window-sinks4-window64-*.json"))
+    assert len(reports) == 1
+    chosen = json.loads(reports[0].read_text())["chosen_layers"]
+    config = json.loads((out / "config.json").read_text())
+    assert [i for i, t in enumerate(config["layer_types"]) if t == "full_attention"] == chosen
+    assert config["lightning_window"] == 64 and config["conversion"]["method"] == "window"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_window_search_on_the_gpu_matches_the_cpu(model, tokenizer, window_result):
+    """The window search with the source on the GPU (as `prepare` and recipes run it) builds its cut layers there
+    and picks the layers the CPU picked, with the same answer log-probabilities."""
+    import copy
+
+    on_gpu = copy.deepcopy(model).to("cuda")
+    rep = score_model(on_gpu, tokenizer, window_settings(), progress=False).report
+    assert rep["chosen_layers"] == window_result.report["chosen_layers"]
+    for a, b in zip(rep["window_search"]["rounds"], window_result.report["window_search"]["rounds"]):
+        assert a["layer"] == b["layer"] and a["answer_logp"] == pytest.approx(b["answer_logp"], abs=2e-3)

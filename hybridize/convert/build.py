@@ -143,8 +143,9 @@ def hybrid_state_dict(source_state: dict[str, torch.Tensor], config: HybridConfi
     for name, tensor in source_state.items():
         for new_name, new_tensor in map_tensor(name, tensor, config):
             out[new_name] = new_tensor
-    dtype = next(iter(source_state.values())).dtype
-    out.update(added_tensors(config, set(out), dtype))
+    first = next(iter(source_state.values()))
+    # on the source's device: a hybrid built from a model on the GPU (the layer scores' swaps) must be whole there
+    out.update(added_tensors(config, set(out), first.dtype, first.device))
     return out
 
 

@@ -79,12 +79,16 @@ def _ids(tokenizer, text: str) -> list[int]:
 
 
 def random_keys(rng: random.Random, digits: int, count: int) -> list[str]:
-    keys: set[str] = set()
+    """`count` distinct keys in the order drawn: the seed alone fixes them (a set's order of strings changes with
+    each process's hash seed, and with it which key a probe asked for)."""
     if count > 9 * 10 ** (digits - 1):
         raise ValueError(f"cannot draw {count} distinct {digits}-digit keys")
+    keys: list[str] = []
     while len(keys) < count:
-        keys.add(str(rng.randint(10 ** (digits - 1), 10**digits - 1)))
-    return sorted(keys, key=lambda _: rng.random())
+        key = str(rng.randint(10 ** (digits - 1), 10**digits - 1))
+        if key not in keys:
+            keys.append(key)
+    return keys
 
 
 def build_haystack(tokenizer, length: int, needles, depths, question, filler: str = FILLER) -> list[int]:
