@@ -74,7 +74,7 @@ def test_stage_weights_skip_heldout_sources(tmp_path):
     (lambda r: r["stages"][0].update(data_weights=[-1.0]), "stages[0].data_weights", "finite and >= 0"),
     (lambda r: r["stages"][0].update(data_weights=[0.0]), "stages[0].data_weights", "no training source"),
     (lambda r: r["model"].update(select="random"), "model.select", "uniform, sala, block_influence"),
-    (lambda r: r["model"].update(score_report="x.json"), "model.score_report", "select: sala or block_influence"),
+    (lambda r: r["model"].update(score_report="x.json"), "model.score_report", "select: sala, block_influence or window"),
     (lambda r: r["data"]["sources"].append({"type": "teacher", "prompts": []}), "data.sources[1].prompts",
      "leave prompts out"),
     (lambda r: r["data"]["sources"].append({"type": "teacher", "batch_size": 0}), "data.sources[1].batch_size",

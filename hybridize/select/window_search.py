@@ -1,11 +1,11 @@
 """The window method: which layers keep their full attention when every other layer sees only a window.
 
 A Lightning layer with `lightning_window` keeps its source layer's attention over the first `sinks` and last `window`
-tokens. Retrieval from further back then rests on the layers that stay attention, and it needs some of them together:
-cutting SmolLM2-135M's layer 18 alone drops the pass-key answer's log-probability from -0.26 to -1.52 per token while
-most single cuts cost under 0.05, yet the eight layers with the costliest single cuts, kept together, leave the answer
-at -0.50 with the other 22 cut. So the layers are chosen greedily on the joint effect: start from every layer cut,
-then give back full attention, one layer per round, to the layer that raises the answers' log-probability most.
+tokens. Retrieval from further back then rests on the layers that stay attention, and it needs some of them together
+(SmolLM2-135M: eight layers chosen by what cutting each alone costs retrieve 1 of 8 pass-keys with the other 22 cut,
+eight chosen by this search 6; bench/results/retention.md, fourteenth session). So the layers are chosen greedily on
+the joint effect: start from every layer cut, then give back full attention, one layer per round, to the layer that
+raises the probes' answer log-probability most.
 """
 
 from __future__ import annotations
