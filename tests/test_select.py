@@ -414,3 +414,22 @@ def test_window_search_on_the_gpu_matches_the_cpu(model, tokenizer, window_resul
     assert rep["chosen_layers"] == window_result.report["chosen_layers"]
     for a, b in zip(rep["window_search"]["rounds"], window_result.report["window_search"]["rounds"]):
         assert a["layer"] == b["layer"] and a["answer_logp"] == pytest.approx(b["answer_logp"], abs=2e-3)
+
+
+def test_cli_window_method(model, tokenizer, tmp_path):
+    src = tmp_path / "tiny"
+    model.save_pretrained(src)
+    tokenizer.save_pretrained(src)
+    base = ["score", str(src), "--method", "window", "--sinks", "2", "--passkey-lengths", "200", "--kv-lengths", "200",
+            "--samples", "1", "--heldout-seqs", "2", "--quiet", "--threads", "1", "--no-keep-first-last"]
+    out = tmp_path / "scores"
+    res = CliRunner().invoke(main, base + ["--window", "48", "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["method"] == "window" and rep["settings"]["window"] == 48 and rep["settings"]["sinks"] == 2
+    assert [r["layer"] for r in rep["window_search"]["rounds"]] and len(rep["chosen_layers"]) == 2
+    assert (out / "scores.png").is_file() and not (out / "students.safetensors").exists()
+    # answers inside the window: refused before reading the model, one line, nothing written
+    res = CliRunner().invoke(main, base + ["--window", "128", "-o", str(tmp_path / "refused")])
+    assert res.exit_code == 2 and "under twice the window" in res.output and len(res.output.strip().splitlines()) == 1
+    assert not (tmp_path / "refused").exists()
