@@ -289,25 +289,27 @@ class LightningAttention(nn.Module):
         v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         return q_raw, k_raw, v
 
+    def _normed(self, q_raw, k_raw, v, ctx: AttentionContext):
+        # per-head norm, RoPE, (B, H, T, D) in v's dtype (under autocast the fp32 norm weights would promote q, k to
+        # fp32 while v stays in the autocast dtype): one fused kernel per tensor on CUDA, training included
+        q = norm_rope(q_raw, self.q_norm.weight, self.q_norm.variance_epsilon, ctx.cos, ctx.sin, v.dtype)
+        k = norm_rope(k_raw, self.k_norm.weight, self.k_norm.variance_epsilon, ctx.cos, ctx.sin, v.dtype)
+        return q, k
+
     def window_only(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         """The window branch alone through o_proj: what a fresh conversion's layer outputs (its recurrent branch's
         output norm starts at zero), without the recurrence's cost (hybridize.select.window_search)."""
         B, T, _ = x.shape
         q_raw, k_raw, v = self._project(x)
-        q = k = None
-        if self.config.qk_norm:  # _window reads the normed q, k only then
-            q = norm_rope(q_raw, self.q_norm.weight, self.q_norm.variance_epsilon, ctx.cos, ctx.sin, v.dtype)
-            k = norm_rope(k_raw, self.k_norm.weight, self.k_norm.variance_epsilon, ctx.cos, ctx.sin, v.dtype)
+        # _window reads the normed q, k only when the source had q/k norms
+        q, k = self._normed(q_raw, k_raw, v, ctx) if self.config.qk_norm else (None, None)
         window = self._window(q, k, q_raw, k_raw, v, ctx)
         return self.o_proj(window.transpose(1, 2).reshape(B, T, -1).to(x.dtype))
 
     def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         B, T, _ = x.shape
         q_raw, k_raw, v = self._project(x)
-        # per-head norm, RoPE, (B, H, T, D) in v's dtype (under autocast the fp32 norm weights would promote q, k to
-        # fp32 while v stays in the autocast dtype): one fused kernel per tensor on CUDA, training included
-        q = norm_rope(q_raw, self.q_norm.weight, self.q_norm.variance_epsilon, ctx.cos, ctx.sin, v.dtype)
-        k = norm_rope(k_raw, self.k_norm.weight, self.k_norm.variance_epsilon, ctx.cos, ctx.sin, v.dtype)
+        q, k = self._normed(q_raw, k_raw, v, ctx)
         window = self._window(q, k, q_raw, k_raw, v, ctx) if self.window else None
         group = self.num_heads // self.num_kv_heads
         kv = v

@@ -88,9 +88,9 @@ def block_influence(model, n_sparse: int, **kw) -> list[int]:
 
 
 def window(model, n_sparse: int, **kw) -> list[int]:
-    """The layers whose attention cut to a window (sinks + last `window` tokens, as a Lightning layer with
-    `lightning_window` keeps it) costs the most retrieval stay attention. No training: a few forward passes per
-    layer over probes longer than the window."""
+    """The layers that retrieval needs whole when every other layer's attention is cut to a window (sinks + last
+    `window` tokens, as a Lightning layer with `lightning_window` keeps it), found by a greedy search from every layer
+    cut (select/window_search.py). No training: forward passes over probes longer than the window."""
     options = {k: kw[k] for k in ("window", "sinks") if kw.get(k) is not None}
     return _run_or_read("window", model, n_sparse, **_known(kw), **options)
 

@@ -49,9 +49,6 @@ class Sweep:
             ids = s.input_ids.view(1, -1)
             self.probe_inputs.append(_Input(ids, runner.layer_inputs(ids), answer_positions(s), s))
 
-    def _final(self, inp: _Input, layer: int | None, student: nn.Module | None) -> torch.Tensor:
-        return self._replaced(inp, {} if layer is None else {layer: student})
-
     def _replaced(self, inp: _Input, replace: dict[int, nn.Module]) -> torch.Tensor:
         """The final normed stream with `replace[i]` as layer i's attention, from the first replaced layer on."""
         if not replace:
@@ -59,29 +56,30 @@ class Sweep:
         start = min(replace)
         return self.runner.run_from(start, inp.states[start], self.runner.context(inp.ids), replace)
 
+    def _answer_logits(self, inp: _Input, replace: dict[int, nn.Module]) -> torch.Tensor:
+        """The logits at the positions that predict the probe's answer tokens."""
+        hidden = self._replaced(inp, replace)[0]
+        return self.runner.logits(hidden[inp.positions.to(hidden.device)])
+
     @torch.no_grad()
     def answer_logp(self, replace: dict[int, nn.Module]) -> float:
         """Mean log-probability of the probes' answer tokens with several layers replaced at once."""
-        logp, answers = 0.0, 0
-        for inp in self.probe_inputs:
-            hidden = self._replaced(inp, replace)[0]
-            logp += answer_logprob(self.runner.logits(hidden[inp.positions.to(hidden.device)]), inp.sample)
-            answers += len(inp.positions)
-        return logp / max(answers, 1)
+        logp = sum(answer_logprob(self._answer_logits(inp, replace), inp.sample) for inp in self.probe_inputs)
+        return logp / max(sum(len(inp.positions) for inp in self.probe_inputs), 1)
 
     @torch.no_grad()
     def measure(self, layer: int | None = None, student: nn.Module | None = None) -> Measure:
+        replace = {} if layer is None else {layer: student}
         total, count = 0.0, 0
         for inp in self.heldout_batches:
-            logits = self.runner.logits(self._final(inp, layer, student)[:, :-1])
+            logits = self.runner.logits(self._replaced(inp, replace)[:, :-1])
             target = inp.ids[:, 1:].to(logits.device)
             total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum").item()
             count += target.numel()
         groups: dict[str, list[bool]] = {}
         logp, answers = 0.0, 0
         for inp in self.probe_inputs:
-            hidden = self._final(inp, layer, student)[0]
-            picked = self.runner.logits(hidden[inp.positions.to(hidden.device)])
+            picked = self._answer_logits(inp, replace)
             groups.setdefault(f"{inp.sample.task}@{inp.sample.length}", []).extend(answer_matches(picked, inp.sample))
             logp += answer_logprob(picked, inp.sample)
             answers += len(inp.positions)

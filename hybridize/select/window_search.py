@@ -85,6 +85,6 @@ def greedy_window_choice(sweep: Sweep, cuts: nn.ModuleList, n_sparse: int, force
     for i, g in trial.items():
         if gains[i] is None:
             gains[i] = g
-    for i in forced:
-        gains[i] = 0.0 if gains[i] is None else gains[i]
+    for i in forced:  # kept before any round: no gain measured
+        gains[i] = 0.0
     return WindowSearch(sorted(whole), [float(g) for g in gains], all_cut, rounds)

@@ -34,7 +34,8 @@ HIDDEN_LAYERS = ("all", "lightning", "sparse")
 HIDDEN_INPUTS = ("end_to_end", "teacher_inputs")
 HIDDEN_AT = ("layer", "mixer")
 NONFINITE = ("stop", "skip")
-SELECT_METHODS = ("uniform", "sala", "block_influence", "window")
+SCORE_METHODS = ("sala", "block_influence", "window")  # hybridize.select.api.METHODS (that import loads the model code)
+SELECT_METHODS = ("uniform", *SCORE_METHODS)
 DTYPE_NAMES = tuple(DTYPES)
 
 
@@ -45,8 +46,8 @@ class ModelSpec:
     ratio: str = "1:3"
     layers: list[int] | None = None  # explicit sparse layer indices (overrides ratio and select)
     # how the ratio's sparse layers are placed: uniform, or a scoring method of hybridize.select (sala,
-    # block_influence, window: measured with lightning_window's cut when set), scored once on the source and cached in data.cache_dir (or read from score_report); unset:
-    # convert's default for the source (block_influence up to 1.5B parameters, uniform above)
+    # block_influence, window: measured with lightning_window's cut when set), scored once on the source and cached
+    # in data.cache_dir (or read from score_report); unset: convert's default for the source (block_influence up to 1.5B parameters, uniform above)
     select: str | None = None
     score_report: str | None = None  # a report.json written by `hybridize score` (with select: sala|block_influence)
     hype: bool = True
@@ -418,7 +419,7 @@ def validate(recipe: Recipe) -> Recipe:
     m = recipe.model
     if m.select is not None:
         _choice(f, "model.select", m.select, SELECT_METHODS)
-    if m.score_report is not None and m.select not in ("sala", "block_influence", "window"):
+    if m.score_report is not None and m.select not in SCORE_METHODS:
         _fail(f, "model.score_report", f"a score report places layers with select: sala, block_influence or window, "
                                        f"not {m.select!r}")
     if m.lightning_window and m.lightning_sinks > m.lightning_window:
