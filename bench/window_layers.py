@@ -12,6 +12,11 @@ attention cut in the layers a 1:3 hybrid makes linear (RoPE kept in the others: 
         at 1K / 4K (depths 0.1 / 0.5, 2 trials: the training's stage-end measure) and held-out perplexity at 512
         (4 windows per source), with the source's perplexity last
 
+    python bench/window_layers.py long 4,7,14,18,20,21,22,23 [--yarn 4] [--lengths 8192,16384]
+        each list kept whole, the rest cut: pass-key exact past the source's context (depths 0.1 / 0.5 / 0.9, one
+        trial each) and held-out perplexity at 512; --yarn F rescales RoPE YaRN-style by F over the source's context
+        (every layer's; the cut layers see 260 positions, where YaRN leaves the fast dimensions as they were)
+
 CPU is enough (SmolLM2-135M, the built-in default model; 2 cores: about 7 s per model for cut-each, 2.5 min per list
 for keep). Prints one line per model; --out writes them as JSON.
 """
@@ -55,12 +60,25 @@ def hybrid(src, whole: set[int], window: int, hype: bool):
                         lightning_window=window, lightning_sinks=4)
 
 
+def with_yarn(model, factor: float) -> None:
+    """RoPE rescaled YaRN-style by `factor` over the source's context, in place."""
+    from hybridize.arch.modeling_hybridize import HybridRotaryEmbedding
+
+    c = model.config
+    c.rope_parameters = {**c.rope_parameters, "rope_type": "yarn", "factor": factor,
+                         "original_max_position_embeddings": c.max_position_embeddings}
+    c.max_position_embeddings = int(c.max_position_embeddings * factor)
+    model.model.rotary_emb = HybridRotaryEmbedding(c)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("mode", choices=["cut-each", "keep"])
+    ap.add_argument("mode", choices=["cut-each", "keep", "long"])
     ap.add_argument("layers", nargs="*", help="keep: comma-separated layer lists")
     ap.add_argument("--window", type=int, default=256)
     ap.add_argument("--hype", action="store_true", help="keep: the kept layers NoPE (HyPE), as convert's default")
+    ap.add_argument("--yarn", type=float, default=None, help="long: YaRN factor over the source's context")
+    ap.add_argument("--lengths", default="8192,16384", help="long: pass-key lengths")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -75,6 +93,21 @@ def main() -> None:
             rows.append({"model": f"cut {i}", "answer_logp": answers(hybrid(src, set(range(L)) - {i}, args.window,
                                                                            False), probes)})
             print(rows[-1], flush=True)
+    elif args.mode == "long":
+        for spec in args.layers:
+            whole = sorted(int(x) for x in spec.split(","))
+            m = hybrid(src, set(whole), args.window, args.hype)
+            if args.yarn:
+                with_yarn(m, args.yarn)
+            t = time.perf_counter()
+            lengths = tuple(int(n) for n in args.lengths.split(","))
+            row = {"model": f"keep {whole}", "hype": args.hype, "yarn": args.yarn,
+                   "passkey": dict(zip(map(str, lengths),
+                                       run_retrieval(m, tok, "passkey", lengths, (0.1, 0.5, 0.9), trials=1).grid)),
+                   "ppl512": {s: round(perplexity(m, tok, s, 512, max_windows=4).perplexity, 3) for s in SOURCES},
+                   "seconds": round(time.perf_counter() - t)}
+            rows.append(row)
+            print(row, flush=True)
     else:
         if not args.layers:
             ap.error("keep needs at least one comma-separated layer list")

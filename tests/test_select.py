@@ -357,6 +357,29 @@ def test_window_search_measures_the_hybrid_it_chooses(model, tokenizer, window_r
     assert rep["layers"][second]["score"] == pytest.approx(pairs[second] - singles[first], abs=1e-4)
 
 
+def test_restoring_each_layer_matches_separate_forwards(model, tokenizer):
+    """The greedy round's shortcut: probes of one length in one batch, each layer's variant run from the stream the
+    base forward kept at that layer; every variant's answer log-probability is what its own forward gives."""
+    from hybridize.select.probes import build_probes
+    from hybridize.select.runner import LayerRunner, reference_hybrid
+    from hybridize.select.sweep import Sweep
+    from hybridize.select.window_search import window_cuts
+
+    s = window_settings()
+    probes = build_probes(tokenizer, s.probes, seed=s.seed)
+    sweep = Sweep(LayerRunner(reference_hybrid(model)), torch.randint(0, len(tokenizer), (2, 64)), probes)
+    batches = sweep.probe_batches()
+    assert sum(len(b) for b in batches) == len(probes) and max(len(b) for b in batches) > 1
+    assert all(len({inp.ids.shape[1] for inp in b}) == 1 for b in batches)
+    cuts = window_cuts(model, s.window, s.sinks)
+    replace = {j: cuts[j] for j in (0, 2, 3, 5)}
+    base, variants = sweep.answer_logp_restoring(replace, [0, 3, 5])
+    assert base == pytest.approx(sweep.answer_logp(replace), abs=1e-5)
+    for i, v in variants.items():
+        assert v == pytest.approx(sweep.answer_logp({j: m for j, m in replace.items() if j != i}), abs=1e-5)
+    assert len(set(round(v, 4) for v in variants.values())) == 3  # the variants differ: each restored its own layer
+
+
 def test_window_method_refuses_probes_inside_the_window(model, tokenizer):
     with pytest.raises(ValueError, match="under twice the window"):
         score_model(model, tokenizer, window_settings(window=128), progress=False)

@@ -123,7 +123,9 @@ wait)
     grep -v -i -E "warn|it/s\]|s/it\]|step/s|batch/s" $d/quality.log 2>/dev/null | tail -3
     [ -f $d/done ] && echo "$name DONE" || echo "$name running"
   done
-  [ -f $R/out/ALL_DONE ] && tar czf $OUT/cache.tar.gz -C $R/cache --exclude=datasets .
+  # every call, not only the last: a session's device time can end before ALL_DONE (2026-12-03: the window
+  # search's 359 s of scores lost with the machine)
+  [ -d $R/cache ] && tar czf $OUT/cache.tar.gz -C $R/cache --exclude=datasets .
   cd $R/out && tar czf $OUT/results.tar.gz --exclude='*.safetensors' --exclude='*/run/*' . 2>/dev/null; ls -la $OUT
   nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader
   ;;

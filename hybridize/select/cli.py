@@ -22,8 +22,9 @@ def _lengths(text: str, option: str) -> tuple[int, ...]:
 @click.option("--output", "-o", default="layer-scores", show_default=True,
               help="report folder (report.json, scores.png, students.safetensors)")
 @click.option("--method", type=click.Choice(["sala", "block_influence", "window"]), default="sala", show_default=True,
-              help="sala: align students + sweep (docs/design.md §3.3); window: the layers whose attention cut to "
-                   "--window tokens loses the most retrieval stay attention (no training); block_influence: cheap "
+              help="sala: align students + sweep (docs/design.md §3.3); window: every layer cut to "
+                   "--window tokens, then full attention given back, one layer a round, where retrieval gains most "
+                   "(no training); block_influence: cheap "
                    "1 - cos(in, out) proxy")
 @click.option("--window", type=int, default=None, help="the window method's cut: last tokens kept [256]")
 @click.option("--sinks", type=int, default=None, help="the window method's cut: first tokens kept [4]")

@@ -57,13 +57,15 @@ class LayerRunner:
         return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
 
     @torch.no_grad()
-    def layer_inputs(self, input_ids: torch.Tensor) -> list[torch.Tensor]:
-        """The teacher's residual stream entering each layer, plus the last layer's output (L + 1 tensors)."""
+    def layer_inputs(self, input_ids: torch.Tensor, replace: dict[int, nn.Module] | None = None) -> list[torch.Tensor]:
+        """The residual stream entering each layer, plus the last layer's output (L + 1 tensors): the teacher's, or
+        with `replace[i]` as layer i's attention."""
+        replace = replace or {}
         ctx = self.context(input_ids)
         hidden = self.embed(input_ids)
         states = [hidden]
         for i in range(self.num_layers):
-            hidden = self.layer(i, hidden, ctx)
+            hidden = self.layer(i, hidden, ctx, replace.get(i))
             states.append(hidden)
         return states
 

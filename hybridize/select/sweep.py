@@ -2,7 +2,8 @@
 to a window) and measure general (C) and retrieval (R) ability.
 
 The teacher's residual stream entering each layer is computed once per probe input; a swap at layer i restarts from
-the stream entering layer i, so layers before it are never recomputed.
+the stream entering layer i, so layers before it are never recomputed. The window search's rounds do the same from
+a forward with its cut layers in place (`answer_logp_restoring`).
 """
 
 from __future__ import annotations
@@ -65,7 +66,47 @@ class Sweep:
     def answer_logp(self, replace: dict[int, nn.Module]) -> float:
         """Mean log-probability of the probes' answer tokens with several layers replaced at once."""
         logp = sum(answer_logprob(self._answer_logits(inp, replace), inp.sample) for inp in self.probe_inputs)
-        return logp / max(sum(len(inp.positions) for inp in self.probe_inputs), 1)
+        return logp / self._answer_count()
+
+    @torch.no_grad()
+    def answer_logp_restoring(self, replace: dict[int, nn.Module], restore: list[int],
+                              on_batch=None) -> tuple[float, dict[int, float]]:
+        """`answer_logp(replace)`, and for each layer i of `restore` (all in `replace`) the same with layer i's own
+        attention back. Per batch of probes, one forward with `replace` keeps the stream entering each layer; the
+        variant for layer i runs from there (layers before i compute what they compute with `replace`), so a round
+        of a greedy search costs about half of `len(restore)` full forwards. `on_batch()` after each batch."""
+        base, variants = 0.0, dict.fromkeys(restore, 0.0)
+        for group in self.probe_batches():
+            ids = torch.cat([inp.ids for inp in group])
+            ctx = self.runner.context(ids)
+            states = self.runner.layer_inputs(ids, replace)
+            base += self._batch_logprob(group, self.runner.model.model.norm(states[-1]))
+            for i in restore:
+                rest = {j: m for j, m in replace.items() if j != i}
+                variants[i] += self._batch_logprob(group, self.runner.run_from(i, states[i], ctx, rest))
+            if on_batch is not None:
+                on_batch()
+        n = self._answer_count()
+        return base / n, {i: v / n for i, v in variants.items()}
+
+    def _batch_logprob(self, group: list[_Input], normed: torch.Tensor) -> float:
+        return sum(answer_logprob(self.runner.logits(normed[b, inp.positions.to(normed.device)]), inp.sample)
+                   for b, inp in enumerate(group))
+
+    def _answer_count(self) -> int:
+        return max(sum(len(inp.positions) for inp in self.probe_inputs), 1)
+
+    def probe_batches(self, max_tokens: int = 16384) -> list[list[_Input]]:
+        """Probes of one token length stacked, up to `max_tokens` a batch: on a GPU one forward of several short
+        probes costs about what one costs."""
+        by_length: dict[int, list[_Input]] = {}
+        for inp in self.probe_inputs:
+            by_length.setdefault(inp.ids.shape[1], []).append(inp)
+        out = []
+        for length, group in by_length.items():
+            size = max(max_tokens // length, 1)
+            out.extend(group[k:k + size] for k in range(0, len(group), size))
+        return out
 
     @torch.no_grad()
     def measure(self, layer: int | None = None, student: nn.Module | None = None) -> Measure:

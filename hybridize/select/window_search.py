@@ -54,33 +54,31 @@ def greedy_window_choice(sweep: Sweep, cuts: nn.ModuleList, n_sparse: int, force
     """`n_sparse` layers kept whole: `forced` first, then greedily by the probes' answer log-probability."""
     L = len(cuts)
 
-    def logp(whole: set[int]) -> float:
-        return sweep.answer_logp({j: cuts[j] for j in range(L) if j not in whole})
+    def cut_except(whole: set[int]) -> dict[int, nn.Module]:
+        return {j: cuts[j] for j in range(L) if j not in whole}
 
     whole: set[int] = set()
-    all_cut = current = logp(whole)
+    all_cut = current = sweep.answer_logp(cut_except(whole))
     rounds = []
     for i in forced:
         whole.add(i)
-        current = logp(whole)
+        current = sweep.answer_logp(cut_except(whole))
         rounds.append({"layer": i, "answer_logp": current})
     gains: list[float | None] = [None] * L
     picks = max(n_sparse - len(whole), 1)  # one round at least, so that every layer has a gain to report
-    bar = tqdm(total=sum(L - len(whole) - r for r in range(picks)), desc="window search", disable=not progress)
+    bar = tqdm(total=picks * len(sweep.probe_batches()), desc="window search (rounds x probe batches)",
+               disable=not progress)
     trial: dict[int, float] = {}
-    for r in range(picks):
-        trial = {}
-        for i in range(L):
-            if i not in whole:
-                trial[i] = logp(whole | {i}) - current
-                bar.update()
+    for _ in range(picks):
+        current, restored = sweep.answer_logp_restoring(cut_except(whole), [i for i in range(L) if i not in whole],
+                                                        on_batch=bar.update)
+        trial = {i: v - current for i, v in restored.items()}
         if len(whole) >= n_sparse:
             break
         best = max(trial, key=lambda i: (trial[i], -i))
         whole.add(best)
         gains[best] = trial[best]
-        current += trial[best]
-        rounds.append({"layer": best, "answer_logp": current})
+        rounds.append({"layer": best, "answer_logp": restored[best]})
     bar.close()
     for i, g in trial.items():
         if gains[i] is None:
