@@ -13,9 +13,10 @@ attention cut in the layers a 1:3 hybrid makes linear (RoPE kept in the others: 
         (4 windows per source), with the source's perplexity last
 
     python bench/window_layers.py long 4,7,14,18,20,21,22,23 [--yarn 4] [--lengths 8192,16384]
-        each list kept whole, the rest cut: pass-key exact past the source's context (depths 0.1 / 0.5 / 0.9, one
-        trial each) and held-out perplexity at 512; --yarn F rescales RoPE YaRN-style by F over the source's context
-        (every layer's; the cut layers see 260 positions, where YaRN leaves the fast dimensions as they were)
+        the source, then each list kept whole (dense at every length) and the rest cut: the pass-key's answer
+        log-probability per token and exact matches (depths 0.1 / 0.5 / 0.9) past the source's context, held-out
+        perplexity at 512; --yarn F (the source row left out) rescales RoPE YaRN-style by F over the source's
+        context (the cut layers see 260 positions, where YaRN leaves the fast dimensions as they were)
 
 CPU is enough (SmolLM2-135M, the built-in default model; 2 cores: about 7 s per model for cut-each, 2.5 min per list
 for keep). Prints one line per model; --out writes them as JSON.
@@ -54,10 +55,10 @@ def answers(model, probes) -> tuple[float, int]:
     return sum(lps) / len(lps), exact
 
 
-def hybrid(src, whole: set[int], window: int, hype: bool):
+def hybrid(src, whole: set[int], window: int, hype: bool, **options):
     L = src.config.num_hidden_layers
     return build_hybrid(src, ["sparse" if i in whole else "lightning" for i in range(L)], hype=hype,
-                        lightning_window=window, lightning_sinks=4)
+                        lightning_window=window, lightning_sinks=4, **options)
 
 
 def with_yarn(model, factor: float) -> None:
@@ -94,16 +95,21 @@ def main() -> None:
                                                                            False), probes)})
             print(rows[-1], flush=True)
     elif args.mode == "long":
-        for spec in args.layers:
-            whole = sorted(int(x) for x in spec.split(","))
-            m = hybrid(src, set(whole), args.window, args.hype)
+        lengths = tuple(int(n) for n in args.lengths.split(","))
+        rng = random.Random(2)
+        long_probes = {n: [make_probe("passkey", tok, n, d, rng) for d in (0.1, 0.5, 0.9)] for n in lengths}
+        models = ([] if args.yarn else [("source", src)]) + [(spec, None) for spec in args.layers]
+        for name, m in models:
+            if m is None:
+                whole = sorted(int(x) for x in name.split(","))
+                # the kept layers dense at every length: whether their positions carry, not InfLLM-V2's selection
+                m = hybrid(src, set(whole), args.window, args.hype, sparse_dense_len=2**62)
+                name = f"keep {whole}"
             if args.yarn:
                 with_yarn(m, args.yarn)
             t = time.perf_counter()
-            lengths = tuple(int(n) for n in args.lengths.split(","))
-            row = {"model": f"keep {whole}", "hype": args.hype, "yarn": args.yarn,
-                   "passkey": dict(zip(map(str, lengths),
-                                       run_retrieval(m, tok, "passkey", lengths, (0.1, 0.5, 0.9), trials=1).grid)),
+            row = {"model": name, "hype": args.hype, "yarn": args.yarn,
+                   "passkey_logp_exact": {str(n): answers(m, ps) for n, ps in long_probes.items()},
                    "ppl512": {s: round(perplexity(m, tok, s, 512, max_windows=4).perplexity, 3) for s in SOURCES},
                    "seconds": round(time.perf_counter() - t)}
             rows.append(row)

@@ -49,6 +49,21 @@ def window_attention_reference(q, k, v, window: int, sinks: int = 0, scale: floa
     return F.scaled_dot_product_attention(q, k, v, attn_mask=window_mask(T, T, window, sinks, q.device), scale=scale)
 
 
+def sequence_begin(B: int, T: int, device, *, cu_seqlens=None, starts=None) -> torch.Tensor:
+    """(B or 1, T) long: where each token's sequence begins. `cu_seqlens` (B == 1): packed documents; `starts` (one
+    per row): left padding, whose tokens count as one more sequence beginning at 0."""
+    t = torch.arange(T, device=device)
+    if cu_seqlens is not None:
+        if B != 1:
+            raise ValueError(f"packed documents (cu_seqlens) come in one row, got {B}")
+        cu = torch.as_tensor(cu_seqlens, device=device).long()
+        return cu[torch.searchsorted(cu, t, right=True) - 1][None]
+    if starts is not None:
+        st = torch.as_tensor(starts, device=device).long().view(B, 1)
+        return torch.where(t[None] >= st, st, 0)
+    return torch.zeros(1, T, dtype=torch.long, device=device)
+
+
 def window_attention(q, k, v, window: int, sinks: int = 0, scale: float | None = None, *, cu_seqlens=None,
                      starts=None) -> torch.Tensor:
     """The same as window_attention_reference, in blocks of `window` queries: O(T (2 window + sinks)) work.
@@ -64,16 +79,7 @@ def window_attention(q, k, v, window: int, sinks: int = 0, scale: float | None =
     pad = nb * W - T
     t = torch.arange(T, device=dev)
     st = None if starts is None else torch.as_tensor(starts, device=dev).long().view(B, 1)
-    # begin[b, t]: where token t's sequence begins (a left-padded row's padding counts as one more sequence at 0)
-    if cu_seqlens is not None:
-        if B != 1:
-            raise ValueError(f"packed documents (cu_seqlens) come in one row, got {B}")
-        cu = torch.as_tensor(cu_seqlens, device=dev).long()
-        begin = cu[torch.searchsorted(cu, t, right=True) - 1][None]
-    elif st is not None:
-        begin = torch.where(t[None] >= st, st, 0)
-    else:
-        begin = torch.zeros(1, T, dtype=torch.long, device=dev)
+    begin = sequence_begin(B, T, dev, cu_seqlens=cu_seqlens, starts=starts)
 
     def blocks(x):  # (B, H, T, D) -> (B * nb, H, W, D), zero-padded at the end: four dimensions for SDPA's kernels
         return F.pad(x, (0, 0, 0, pad)).view(B, H, nb, W, D).transpose(1, 2).reshape(B * nb, H, W, D)

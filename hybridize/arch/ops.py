@@ -13,12 +13,14 @@ try:  # exported model folder
     from .lightning_reference import lightning_attn_chunked, lightning_attn_recurrent
     from .sparse_reference import (SparseOptions, coarse_compressed_keys, compress_keys, infllm_v2_attention,
                                    num_coarse, num_compressed)
-    from .window_reference import window_attention, window_attention_at, window_slots
+    from .window_reference import window_attention as window_attention_sdpa
+    from .window_reference import window_attention_at, window_slots
 except ImportError:  # the hybridize package
     from hybridize.kernels.lightning_reference import lightning_attn_chunked, lightning_attn_recurrent
     from hybridize.kernels.sparse_reference import (SparseOptions, coarse_compressed_keys, compress_keys,
                                                     infllm_v2_attention, num_coarse, num_compressed)
-    from hybridize.kernels.window_reference import window_attention, window_attention_at, window_slots
+    from hybridize.kernels.window_reference import window_attention as window_attention_sdpa
+    from hybridize.kernels.window_reference import window_attention_at, window_slots
 
 try:  # Lightning Triton kernels (HAS_TRITON is False where triton is missing)
     from .lightning_triton import HAS_TRITON as _LIGHTNING_TRITON
@@ -53,6 +55,13 @@ try:  # fused per-head RMSNorm + RoPE of the Lightning layers' queries and keys 
 except ImportError:
     from hybridize.kernels.norm_rope_triton import HAS_TRITON as _NORM_ROPE_TRITON
     from hybridize.kernels.norm_rope_triton import norm_rope_reference, norm_rope_triton
+
+try:  # the Lightning layers' window branch (sliding window + sinks) in Triton
+    from .window_triton import HAS_TRITON as _WINDOW_TRITON
+    from .window_triton import window_attention_triton
+except ImportError:
+    from hybridize.kernels.window_triton import HAS_TRITON as _WINDOW_TRITON
+    from hybridize.kernels.window_triton import window_attention_triton
 
 __all__ = ["lightning_attention", "sparse_attention", "output_norm_gate", "norm_rope", "compress_keys",
            "coarse_compressed_keys", "num_coarse", "num_compressed", "window_attention", "window_attention_at",
@@ -103,6 +112,15 @@ def output_norm_gate(o, z, weight, eps):
     if _NORM_GATE_TRITON and o.is_cuda:
         return rmsnorm_gate_triton(o, None if z is None else z.to(o.dtype), weight, eps)
     return rmsnorm_gate_reference(o, z, weight, eps)
+
+
+def window_attention(q, k, v, window, sinks=0, scale=None, *, cu_seqlens=None, starts=None):
+    """Softmax attention over each sequence's first `sinks` and last `window` keys (kernels/window_reference.py is
+    the spec). CUDA tensors go to the Triton kernel (the band in flash-attention tiles, no mask tensor), anything else
+    to the blocked SDPA form."""
+    if _WINDOW_TRITON and q.is_cuda:
+        return window_attention_triton(q, k, v, window, sinks, scale, cu_seqlens=cu_seqlens, starts=starts)
+    return window_attention_sdpa(q, k, v, window, sinks, scale, cu_seqlens=cu_seqlens, starts=starts)
 
 
 def norm_rope(x, weight, eps, cos, sin, out_dtype):

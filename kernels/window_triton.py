@@ -1,0 +1,268 @@
+"""The Lightning layers' window branch in Triton: softmax attention over a sliding window plus attention sinks.
+
+Computes `window_reference.window_attention` (same arguments; that file is the spec): query i reads key j of its own
+sequence when j <= i and (i - j < window or j is among the sequence's first `sinks`).
+
+- The band (keys of the query's own sequence at most `window - 1` back) runs in flash-attention-style kernels: one
+  program per (block of queries, query head) walks the few key blocks the band touches (window / block + 2), fp32
+  softmax and accumulation in exp2 arithmetic, and writes the output and each row's log-sum-exp. Backward: dq per
+  query block, dk / dv per key block over the query blocks that read it (per query head; a GQA group's heads are summed
+  after), no atomics. Packed documents and left padding enter as one `begin` per token (where its sequence begins):
+  a key is in the band only where its begin equals the query's.
+- The sinks are at most `sinks` keys per query, those lying before its band: gathered and scored in PyTorch
+  (O(T * sinks) work) and merged with the band through the band's log-sum-exp, so autograd covers them; the band's
+  backward takes the log-sum-exp's gradient as well (ds = p * (dp - rowsum(do * o) + dlse)).
+
+Where the SDPA form (window_reference.window_attention) builds blocks of 2 * window + sinks keys per block of window
+queries and a boolean mask over all of them, this reads each key block a few times and no mask.
+This file imports only torch and triton (triton inside try so that machines without it can still import the model).
+"""
+
+from __future__ import annotations
+
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - exercised where triton is missing
+    HAS_TRITON = False
+
+try:  # exported model folder
+    from .window_reference import _check, sequence_begin
+except ImportError:  # the hybridize package
+    from hybridize.kernels.window_reference import _check, sequence_begin
+
+__all__ = ["HAS_TRITON", "window_attention_triton"]
+
+LOG2E = 1.4426950408889634
+
+
+if HAS_TRITON:
+    # reductions through tl.reduce with combiners of this file: triton's own tl.sum / tl.max are jit functions
+    # built when triton is imported, which the interpreter (tests) cannot call unless it was on at that import
+
+    @triton.jit
+    def _add(a, b):
+        return a + b
+
+    @triton.jit
+    def _maxf(a, b):
+        return tl.maximum(a, b)
+
+    @triton.jit
+    def _band_fwd_kernel(Q, K, V, BEG, O, LSE, s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, T, H, GROUP, W, SCALE2,
+                         BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, DP: tl.constexpr):
+        pid_m, bh = tl.program_id(0), tl.program_id(1)
+        b, h = bh // H, bh % H
+        hk = h // GROUP
+        rows = pid_m * BM + tl.arange(0, BM)
+        dims = tl.arange(0, DP)
+        row_ok = rows < T
+        dim_ok = dims < D
+        q = tl.load(Q + b * s_qb + h * s_qh + rows[:, None] * s_qt + dims[None, :],
+                    mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+        bq = tl.load(BEG + b * T + rows, mask=row_ok, other=-1)
+        m_i = tl.full([BM], float("-inf"), dtype=tl.float32)
+        l_i = tl.full([BM], 0.0, dtype=tl.float32)
+        acc = tl.full([BM, DP], 0.0, dtype=tl.float32)
+        lo = (tl.maximum(pid_m * BM - W + 1, 0) // BN) * BN
+        hi = tl.minimum((pid_m + 1) * BM, T)
+        for n0 in range(lo, hi, BN):
+            cols = n0 + tl.arange(0, BN)
+            col_ok = cols < T
+            kv_off = b * s_kb + hk * s_kh + cols[:, None] * s_kt + dims[None, :]
+            k = tl.load(K + kv_off, mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
+            v = tl.load(V + kv_off, mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
+            bk = tl.load(BEG + b * T + cols, mask=col_ok, other=-2)
+            s = tl.dot(q, tl.trans(k)) * SCALE2
+            ok = ((cols[None, :] <= rows[:, None]) & (rows[:, None] - cols[None, :] < W)
+                  & (bk[None, :] == bq[:, None]) & col_ok[None, :])
+            s = tl.where(ok, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.reduce(s, 1, _maxf))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp2(s - m_safe[:, None])
+            alpha = tl.exp2(m_i - m_safe)
+            l_i = l_i * alpha + tl.reduce(p, 1, _add)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+        l_safe = tl.where(l_i > 0.0, l_i, 1.0)
+        out = acc / l_safe[:, None]
+        tl.store(O + b * s_qb + h * s_qh + rows[:, None] * s_qt + dims[None, :], out.to(O.dtype.element_ty),
+                 mask=row_ok[:, None] & dim_ok[None, :])
+        # natural-log log-sum-exp of the scaled logits
+        lse = (m_i + tl.log2(l_safe)) / 1.4426950408889634
+        tl.store(LSE + bh * T + rows, lse, mask=row_ok)
+
+    @triton.jit
+    def _band_bwd_dq_kernel(Q, K, V, BEG, DO, LSE, DELTA, DQ, s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, T, H, GROUP, W,
+                            SCALE2, SCALE, BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, DP: tl.constexpr):
+        pid_m, bh = tl.program_id(0), tl.program_id(1)
+        b, h = bh // H, bh % H
+        hk = h // GROUP
+        rows = pid_m * BM + tl.arange(0, BM)
+        dims = tl.arange(0, DP)
+        row_ok = rows < T
+        dim_ok = dims < D
+        q_off = b * s_qb + h * s_qh + rows[:, None] * s_qt + dims[None, :]
+        q = tl.load(Q + q_off, mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+        do = tl.load(DO + q_off, mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+        bq = tl.load(BEG + b * T + rows, mask=row_ok, other=-1)
+        lse2 = tl.load(LSE + bh * T + rows, mask=row_ok, other=0.0) * 1.4426950408889634
+        delta = tl.load(DELTA + bh * T + rows, mask=row_ok, other=0.0)
+        dq = tl.full([BM, DP], 0.0, dtype=tl.float32)
+        lo = (tl.maximum(pid_m * BM - W + 1, 0) // BN) * BN
+        hi = tl.minimum((pid_m + 1) * BM, T)
+        for n0 in range(lo, hi, BN):
+            cols = n0 + tl.arange(0, BN)
+            col_ok = cols < T
+            kv_off = b * s_kb + hk * s_kh + cols[:, None] * s_kt + dims[None, :]
+            k = tl.load(K + kv_off, mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
+            v = tl.load(V + kv_off, mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
+            bk = tl.load(BEG + b * T + cols, mask=col_ok, other=-2)
+            ok = ((cols[None, :] <= rows[:, None]) & (rows[:, None] - cols[None, :] < W)
+                  & (bk[None, :] == bq[:, None]) & col_ok[None, :] & row_ok[:, None])
+            p = tl.where(ok, tl.exp2(tl.dot(q, tl.trans(k)) * SCALE2 - lse2[:, None]), 0.0)
+            dp = tl.dot(do, tl.trans(v))
+            ds = p * (dp - delta[:, None])
+            dq += tl.dot(ds.to(k.dtype), k)
+        tl.store(DQ + q_off, (dq * SCALE).to(DQ.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
+
+    @triton.jit
+    def _band_bwd_dkdv_kernel(Q, K, V, BEG, DO, LSE, DELTA, DK, DV, s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, T, H, GROUP,
+                              W, SCALE2, SCALE, BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr,
+                              DP: tl.constexpr):
+        # dk, dv per query head (DK, DV laid out like Q): the group's heads are summed by the caller
+        pid_n, bh = tl.program_id(0), tl.program_id(1)
+        b, h = bh // H, bh % H
+        hk = h // GROUP
+        cols = pid_n * BN + tl.arange(0, BN)
+        dims = tl.arange(0, DP)
+        col_ok = cols < T
+        dim_ok = dims < D
+        kv_off = b * s_kb + hk * s_kh + cols[:, None] * s_kt + dims[None, :]
+        k = tl.load(K + kv_off, mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
+        v = tl.load(V + kv_off, mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
+        bk = tl.load(BEG + b * T + cols, mask=col_ok, other=-2)
+        dk = tl.full([BN, DP], 0.0, dtype=tl.float32)
+        dv = tl.full([BN, DP], 0.0, dtype=tl.float32)
+        lo = ((pid_n * BN) // BM) * BM
+        hi = tl.minimum((pid_n + 1) * BN + W - 1, T)
+        for m0 in range(lo, hi, BM):
+            rows = m0 + tl.arange(0, BM)
+            row_ok = rows < T
+            q_off = b * s_qb + h * s_qh + rows[:, None] * s_qt + dims[None, :]
+            q = tl.load(Q + q_off, mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+            do = tl.load(DO + q_off, mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+            bq = tl.load(BEG + b * T + rows, mask=row_ok, other=-1)
+            lse2 = tl.load(LSE + bh * T + rows, mask=row_ok, other=0.0) * 1.4426950408889634
+            delta = tl.load(DELTA + bh * T + rows, mask=row_ok, other=0.0)
+            ok = ((cols[:, None] <= rows[None, :]) & (rows[None, :] - cols[:, None] < W)
+                  & (bk[:, None] == bq[None, :]) & col_ok[:, None] & row_ok[None, :])
+            pt = tl.where(ok, tl.exp2(tl.dot(k, tl.trans(q)) * SCALE2 - lse2[None, :]), 0.0)  # (BN, BM)
+            dv += tl.dot(pt.to(do.dtype), do)
+            dpt = tl.dot(v, tl.trans(do))
+            dst = pt * (dpt - delta[None, :])
+            dk += tl.dot(dst.to(q.dtype), q)
+        out_off = b * s_qb + h * s_qh + cols[:, None] * s_qt + dims[None, :]
+        tl.store(DK + out_off, (dk * SCALE).to(DK.dtype.element_ty), mask=col_ok[:, None] & dim_ok[None, :])
+        tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=col_ok[:, None] & dim_ok[None, :])
+
+
+def _tiles(T: int, D: int) -> tuple[int, int, int]:
+    block = 16 if T <= 16 else 64
+    return block, block, max(16, triton.next_power_of_2(D))
+
+
+class _Band(torch.autograd.Function):
+    """The band alone: (q, k, v, begin) -> (o, lse); lse (B, H, T) float32, natural log of the scaled logits."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, begin, window: int, scale: float):
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        B, H, T, D = q.shape
+        group = H // k.shape[1]
+        o = torch.empty_like(q)
+        lse = torch.empty(B, H, T, device=q.device, dtype=torch.float32)
+        BM, BN, DP = _tiles(T, D)
+        _band_fwd_kernel[(triton.cdiv(T, BM), B * H)](
+            q, k, v, begin, o, lse, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            T, H, group, window, scale * LOG2E, BM=BM, BN=BN, D=D, DP=DP)
+        ctx.save_for_backward(q, k, v, begin, o, lse)
+        ctx.window, ctx.scale = window, scale
+        return o, lse
+
+    @staticmethod
+    def backward(ctx, do, dlse):
+        q, k, v, begin, o, lse = ctx.saved_tensors
+        B, H, T, D = q.shape
+        Hkv = k.shape[1]
+        do = do.contiguous()
+        delta = (do.float() * o.float()).sum(-1)
+        if dlse is not None:
+            delta = delta - dlse.float()
+        delta = delta.contiguous()
+        dq = torch.empty_like(q)
+        dk = torch.empty(B, H, T, D, device=q.device, dtype=torch.float32)
+        dv = torch.empty_like(dk)
+        BM, BN, DP = _tiles(T, D)
+        args = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), T, H, H // Hkv,
+                ctx.window, ctx.scale * LOG2E, ctx.scale)
+        _band_bwd_dq_kernel[(triton.cdiv(T, BM), B * H)](q, k, v, begin, do, lse, delta, dq, *args,
+                                                          BM=BM, BN=BN, D=D, DP=DP)
+        _band_bwd_dkdv_kernel[(triton.cdiv(T, BN), B * H)](q, k, v, begin, do, lse, delta, dk, dv, *args,
+                                                            BM=BM, BN=BN, D=D, DP=DP)
+        dk = dk.view(B, Hkv, H // Hkv, T, D).sum(2).to(k.dtype)
+        dv = dv.view(B, Hkv, H // Hkv, T, D).sum(2).to(v.dtype)
+        return dq, dk, dv, None, None, None
+
+
+def _sinks(q, k, v, begin, window: int, sinks: int, scale: float):
+    """Per query, its sequence's first `sinks` keys that lie before its band: the unnormalised sum of their softmax
+    terms against a per-row shift `m` (detached), their weighted values, and m. (B, Hkv, G, T, ...)."""
+    B, H, T, D = q.shape
+    Hkv = k.shape[1]
+    t = torch.arange(T, device=q.device)
+    pos = begin.expand(B, T)[..., None] + torch.arange(sinks, device=q.device)  # (B, T, S)
+    ok = pos <= (t[None, :, None] - window)
+    idx = pos.clamp(max=T - 1).view(B, 1, T * sinks, 1).expand(B, Hkv, -1, D)
+    ks = k.gather(2, idx).view(B, Hkv, 1, T, sinks, D).float()
+    vs = v.gather(2, idx).view(B, Hkv, 1, T, sinks, D).float()
+    qg = q.view(B, Hkv, H // Hkv, T, 1, D).float()
+    logits = (qg * ks).sum(-1) * scale  # (B, Hkv, G, T, S)
+    ok = ok.view(B, 1, 1, T, sinks)
+    # a large negative finite fill, not -inf: its exp is 0 and so is its gradient (no NaN through empty rows)
+    logits = logits.masked_fill(~ok, -1e30)
+    m = logits.amax(-1).detach().clamp(min=-1e4)
+    e = torch.exp(logits - m[..., None])
+    return e.sum(-1), (e[..., None] * vs).sum(-2), m
+
+
+def window_attention_triton(q, k, v, window: int, sinks: int = 0, scale: float | None = None, *, cu_seqlens=None,
+                            starts=None) -> torch.Tensor:
+    """`window_reference.window_attention` on CUDA (or under the Triton interpreter): q (B, H, T, D), k and v
+    (B, Hkv, T, D) -> (B, H, T, D). `cu_seqlens` (B == 1): packed documents; `starts`: left padding per row."""
+    _check(window, sinks)
+    B, H, T, D = q.shape
+    if H % k.shape[1]:
+        raise ValueError(f"{H} query heads are not a multiple of {k.shape[1]} key/value heads")
+    scale = D ** -0.5 if scale is None else float(scale)
+    begin = sequence_begin(B, T, q.device, cu_seqlens=cu_seqlens, starts=starts).expand(B, T)
+    band, lse = _Band.apply(q, k, v, begin.to(torch.int32).contiguous(), window, scale)
+    if sinks:
+        Hkv = k.shape[1]
+        total, weighted, m = _sinks(q, k, v, begin, window, sinks, scale)
+        lse = lse.view(B, Hkv, H // Hkv, T)
+        top = torch.maximum(lse, m).detach()
+        wb, ws = torch.exp(lse - top), torch.exp(m - top)
+        out = (band.view(B, Hkv, H // Hkv, T, D).float() * wb[..., None] + weighted * ws[..., None]) / (
+            wb + total * ws)[..., None]
+        band = out.view(B, H, T, D).to(q.dtype)
+    if starts is not None:
+        t = torch.arange(T, device=q.device)
+        pad = t[None] < torch.as_tensor(starts, device=q.device).long().view(B, 1)
+        band = band.masked_fill(pad[:, None, :, None], 0.0)
+    return band
