@@ -54,6 +54,18 @@ if HAS_TRITON:
         return tl.maximum(a, b)
 
     @triton.jit
+    def _tile(PTR, base, idx, stride, dims, T, D):
+        """Rows `idx` (masked past T) and columns `dims` (masked past D) of a (T, D) slice at PTR + base."""
+        return tl.load(PTR + base + idx[:, None] * stride + dims[None, :],
+                       mask=(idx < T)[:, None] & (dims < D)[None, :], other=0.0)
+
+    @triton.jit
+    def _in_band(i, j, begin_i, begin_j, W):
+        # query i reads key j through the band: causal, fewer than W back, the same sequence (rows past T carry
+        # begin -1 and columns past T -2, so they match nothing)
+        return (j <= i) & (i - j < W) & (begin_j == begin_i)
+
+    @triton.jit
     def _band_fwd_kernel(Q, K, V, BEG, O, LSE, s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, T, H, GROUP, W, SCALE2,
                          BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, DP: tl.constexpr):
         pid_m, bh = tl.program_id(0), tl.program_id(1)
@@ -63,8 +75,7 @@ if HAS_TRITON:
         dims = tl.arange(0, DP)
         row_ok = rows < T
         dim_ok = dims < D
-        q = tl.load(Q + b * s_qb + h * s_qh + rows[:, None] * s_qt + dims[None, :],
-                    mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+        q = _tile(Q, b * s_qb + h * s_qh, rows, s_qt, dims, T, D)
         bq = tl.load(BEG + b * T + rows, mask=row_ok, other=-1)
         m_i = tl.full([BM], float("-inf"), dtype=tl.float32)
         l_i = tl.full([BM], 0.0, dtype=tl.float32)
@@ -73,15 +84,11 @@ if HAS_TRITON:
         hi = tl.minimum((pid_m + 1) * BM, T)
         for n0 in range(lo, hi, BN):
             cols = n0 + tl.arange(0, BN)
-            col_ok = cols < T
-            kv_off = b * s_kb + hk * s_kh + cols[:, None] * s_kt + dims[None, :]
-            k = tl.load(K + kv_off, mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
-            v = tl.load(V + kv_off, mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
-            bk = tl.load(BEG + b * T + cols, mask=col_ok, other=-2)
+            k = _tile(K, b * s_kb + hk * s_kh, cols, s_kt, dims, T, D)
+            v = _tile(V, b * s_kb + hk * s_kh, cols, s_kt, dims, T, D)
+            bk = tl.load(BEG + b * T + cols, mask=cols < T, other=-2)
             s = tl.dot(q, tl.trans(k)) * SCALE2
-            ok = ((cols[None, :] <= rows[:, None]) & (rows[:, None] - cols[None, :] < W)
-                  & (bk[None, :] == bq[:, None]) & col_ok[None, :])
-            s = tl.where(ok, s, float("-inf"))
+            s = tl.where(_in_band(rows[:, None], cols[None, :], bq[:, None], bk[None, :], W), s, float("-inf"))
             m_new = tl.maximum(m_i, tl.reduce(s, 1, _maxf))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             p = tl.exp2(s - m_safe[:, None])
@@ -107,9 +114,8 @@ if HAS_TRITON:
         dims = tl.arange(0, DP)
         row_ok = rows < T
         dim_ok = dims < D
-        q_off = b * s_qb + h * s_qh + rows[:, None] * s_qt + dims[None, :]
-        q = tl.load(Q + q_off, mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
-        do = tl.load(DO + q_off, mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+        q = _tile(Q, b * s_qb + h * s_qh, rows, s_qt, dims, T, D)
+        do = _tile(DO, b * s_qb + h * s_qh, rows, s_qt, dims, T, D)
         bq = tl.load(BEG + b * T + rows, mask=row_ok, other=-1)
         lse2 = tl.load(LSE + bh * T + rows, mask=row_ok, other=0.0) * 1.4426950408889634
         delta = tl.load(DELTA + bh * T + rows, mask=row_ok, other=0.0)
@@ -118,18 +124,16 @@ if HAS_TRITON:
         hi = tl.minimum((pid_m + 1) * BM, T)
         for n0 in range(lo, hi, BN):
             cols = n0 + tl.arange(0, BN)
-            col_ok = cols < T
-            kv_off = b * s_kb + hk * s_kh + cols[:, None] * s_kt + dims[None, :]
-            k = tl.load(K + kv_off, mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
-            v = tl.load(V + kv_off, mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
-            bk = tl.load(BEG + b * T + cols, mask=col_ok, other=-2)
-            ok = ((cols[None, :] <= rows[:, None]) & (rows[:, None] - cols[None, :] < W)
-                  & (bk[None, :] == bq[:, None]) & col_ok[None, :] & row_ok[:, None])
+            k = _tile(K, b * s_kb + hk * s_kh, cols, s_kt, dims, T, D)
+            v = _tile(V, b * s_kb + hk * s_kh, cols, s_kt, dims, T, D)
+            bk = tl.load(BEG + b * T + cols, mask=cols < T, other=-2)
+            ok = _in_band(rows[:, None], cols[None, :], bq[:, None], bk[None, :], W)
             p = tl.where(ok, tl.exp2(tl.dot(q, tl.trans(k)) * SCALE2 - lse2[:, None]), 0.0)
             dp = tl.dot(do, tl.trans(v))
             ds = p * (dp - delta[:, None])
             dq += tl.dot(ds.to(k.dtype), k)
-        tl.store(DQ + q_off, (dq * SCALE).to(DQ.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
+        dq_ptr = DQ + b * s_qb + h * s_qh + rows[:, None] * s_qt + dims[None, :]
+        tl.store(dq_ptr, (dq * SCALE).to(DQ.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
 
     @triton.jit
     def _band_bwd_dkdv_kernel(Q, K, V, BEG, DO, LSE, DELTA, DK, DV, s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, T, H, GROUP,
@@ -143,9 +147,8 @@ if HAS_TRITON:
         dims = tl.arange(0, DP)
         col_ok = cols < T
         dim_ok = dims < D
-        kv_off = b * s_kb + hk * s_kh + cols[:, None] * s_kt + dims[None, :]
-        k = tl.load(K + kv_off, mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
-        v = tl.load(V + kv_off, mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
+        k = _tile(K, b * s_kb + hk * s_kh, cols, s_kt, dims, T, D)
+        v = _tile(V, b * s_kb + hk * s_kh, cols, s_kt, dims, T, D)
         bk = tl.load(BEG + b * T + cols, mask=col_ok, other=-2)
         dk = tl.full([BN, DP], 0.0, dtype=tl.float32)
         dv = tl.full([BN, DP], 0.0, dtype=tl.float32)
@@ -154,14 +157,12 @@ if HAS_TRITON:
         for m0 in range(lo, hi, BM):
             rows = m0 + tl.arange(0, BM)
             row_ok = rows < T
-            q_off = b * s_qb + h * s_qh + rows[:, None] * s_qt + dims[None, :]
-            q = tl.load(Q + q_off, mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
-            do = tl.load(DO + q_off, mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+            q = _tile(Q, b * s_qb + h * s_qh, rows, s_qt, dims, T, D)
+            do = _tile(DO, b * s_qb + h * s_qh, rows, s_qt, dims, T, D)
             bq = tl.load(BEG + b * T + rows, mask=row_ok, other=-1)
             lse2 = tl.load(LSE + bh * T + rows, mask=row_ok, other=0.0) * 1.4426950408889634
             delta = tl.load(DELTA + bh * T + rows, mask=row_ok, other=0.0)
-            ok = ((cols[:, None] <= rows[None, :]) & (rows[None, :] - cols[:, None] < W)
-                  & (bk[:, None] == bq[None, :]) & col_ok[:, None] & row_ok[None, :])
+            ok = _in_band(rows[None, :], cols[:, None], bq[None, :], bk[:, None], W)
             pt = tl.where(ok, tl.exp2(tl.dot(k, tl.trans(q)) * SCALE2 - lse2[None, :]), 0.0)  # (BN, BM)
             dv += tl.dot(pt.to(do.dtype), do)
             dpt = tl.dot(v, tl.trans(do))
@@ -229,16 +230,15 @@ def _sinks(q, k, v, begin, window: int, sinks: int, scale: float):
     pos = begin.expand(B, T)[..., None] + torch.arange(sinks, device=q.device)  # (B, T, S)
     ok = pos <= (t[None, :, None] - window)
     idx = pos.clamp(max=T - 1).view(B, 1, T * sinks, 1).expand(B, Hkv, -1, D)
-    ks = k.gather(2, idx).view(B, Hkv, 1, T, sinks, D).float()
-    vs = v.gather(2, idx).view(B, Hkv, 1, T, sinks, D).float()
-    qg = q.view(B, Hkv, H // Hkv, T, 1, D).float()
-    logits = (qg * ks).sum(-1) * scale  # (B, Hkv, G, T, S)
+    ks = k.gather(2, idx).view(B, Hkv, T, sinks, D).float()
+    vs = v.gather(2, idx).view(B, Hkv, T, sinks, D).float()
+    logits = torch.einsum("bhgtd,bhtsd->bhgts", q.view(B, Hkv, H // Hkv, T, D).float(), ks) * scale
     ok = ok.view(B, 1, 1, T, sinks)
     # a large negative finite fill, not -inf: its exp is 0 and so is its gradient (no NaN through empty rows)
     logits = logits.masked_fill(~ok, -1e30)
     m = logits.amax(-1).detach().clamp(min=-1e4)
     e = torch.exp(logits - m[..., None])
-    return e.sum(-1), (e[..., None] * vs).sum(-2), m
+    return e.sum(-1), torch.einsum("bhgts,bhtsd->bhgtd", e, vs), m
 
 
 def window_attention_triton(q, k, v, window: int, sinks: int = 0, scale: float | None = None, *, cu_seqlens=None,

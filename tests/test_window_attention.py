@@ -83,13 +83,18 @@ def test_packed_documents_and_left_padded_rows_each_read_only_their_own_tokens()
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])
-def test_gpu_blocked_window_attention_equals_the_definition_forward_and_backward(dtype, tol):
-    """On CUDA SDPA picks its own kernel for the blocked form: the same values and gradients as the definition,
-    packed documents included (the window is the recipe's 256, the documents cross several blocks)."""
+@pytest.mark.parametrize("form", ["sdpa", "triton"])
+def test_gpu_window_attention_equals_the_definition_forward_and_backward(form, dtype, tol):
+    """On CUDA, the blocked SDPA form (SDPA picks its own kernel) and the Triton kernel (kernels/window_triton.py,
+    what the model takes on CUDA): the same values and gradients as the definition, packed documents included (the
+    window is the recipe's 256, the documents cross several blocks)."""
+    from hybridize.kernels.window_triton import window_attention_triton
+
+    fn = window_attention if form == "sdpa" else window_attention_triton
     g = torch.Generator().manual_seed(7)
     q, k, v = (torch.randn(1, h, 1500, 64, generator=g).cuda().to(dtype).requires_grad_() for h in (6, 2, 2))
     cu = torch.tensor([0, 700, 1210, 1500], device="cuda")
-    out = window_attention(q, k, v, 256, 4, cu_seqlens=cu)
+    out = fn(q, k, v, 256, 4, cu_seqlens=cu)
     grads = torch.autograd.grad(out.float().square().sum(), (q, k, v))
     ref_out, ref_grads = [], [torch.zeros_like(x, dtype=torch.float32) for x in (q, k, v)]
     for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
