@@ -72,6 +72,31 @@ def with_yarn(model, factor: float) -> None:
     model.model.rotary_emb = HybridRotaryEmbedding(c)
 
 
+def yarn_in_whole_layers(model, factor: float) -> None:
+    """`with_yarn` for the full-attention layers alone: each gets the YaRN tables in place of the model's."""
+    import copy
+    import dataclasses
+
+    from hybridize.arch.modeling_hybridize import HybridRotaryEmbedding
+
+    c = copy.deepcopy(model.config)
+    c.rope_parameters = {**c.rope_parameters, "rope_type": "yarn", "factor": factor,
+                         "original_max_position_embeddings": c.max_position_embeddings}
+    c.max_position_embeddings = int(c.max_position_embeddings * factor)
+    rotary = HybridRotaryEmbedding(c)
+    for layer, kind in zip(model.model.layers, model.config.layer_types):
+        if kind != "full_attention":
+            continue
+        attn = layer.self_attn
+        forward = attn.forward
+
+        def patched(x, ctx, *a, _forward=forward, **kw):
+            cos, sin = rotary(ctx.position_ids)
+            return _forward(x, dataclasses.replace(ctx, cos=cos.to(ctx.cos.dtype), sin=sin.to(ctx.sin.dtype)), *a,
+                            **kw)
+        attn.forward = patched
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("mode", choices=["cut-each", "keep", "long"])
@@ -79,6 +104,8 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=256)
     ap.add_argument("--hype", action="store_true", help="keep: the kept layers NoPE (HyPE), as convert's default")
     ap.add_argument("--yarn", type=float, default=None, help="long: YaRN factor over the source's context")
+    ap.add_argument("--yarn-whole", action="store_true",
+                    help="long: --yarn in the kept layers only (the cut layers keep the source's RoPE)")
     ap.add_argument("--lengths", default="8192,16384", help="long: pass-key lengths")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=None)
@@ -105,10 +132,12 @@ def main() -> None:
                 # the kept layers dense at every length: whether their positions carry, not InfLLM-V2's selection
                 m = hybrid(src, set(whole), args.window, args.hype, sparse_dense_len=2**62)
                 name = f"keep {whole}"
-            if args.yarn:
+            if args.yarn and args.yarn_whole:
+                yarn_in_whole_layers(m, args.yarn)
+            elif args.yarn:
                 with_yarn(m, args.yarn)
             t = time.perf_counter()
-            row = {"model": name, "hype": args.hype, "yarn": args.yarn,
+            row = {"model": name, "hype": args.hype, "yarn": args.yarn, "yarn_whole_only": args.yarn_whole,
                    "passkey_logp_exact": {str(n): answers(m, ps) for n, ps in long_probes.items()},
                    "ppl512": {s: round(perplexity(m, tok, s, 512, max_windows=4).perplexity, 3) for s in SOURCES},
                    "seconds": round(time.perf_counter() - t)}

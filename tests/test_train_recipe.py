@@ -33,6 +33,8 @@ def _good(tmp_path):
     (lambda r: r["data"]["sources"][0].update(type="csv"), "data.sources[0].type", "text, jsonl"),
     (lambda r: r.update(precision="fp8"), "precision", "fp32, bf16"),
     (lambda r: r["model"].update(lightning_kv_heads="group"), "model.lightning_kv_heads", "query, source"),
+    (lambda r: r["model"].update(rope_yarn=0.5), "model.rope_yarn", "a factor above 1"),
+    (lambda r: r["model"].update(rope_yarn=4, converted="some/hybrid"), "model.rope_yarn", "--rope-yarn"),
     (lambda r: r["output"].update(keep_last="two"), "output.keep_last", "must be an integer"),
     (lambda r: r["stages"][1]["loss"].update(hidden_inputs="teacher_inputs"), "stages[1].loss.hidden_inputs",
      "combine it with hidden_mse only"),

@@ -51,9 +51,11 @@ def hybrid_config_from_source(
     qkv_bias: bool | None = None,
     o_bias: bool | None = None,
     qk_norm: bool = False,
+    rope_yarn: float = 0.0,
     **overrides,
 ) -> HybridConfig:
-    """A HybridConfig with the shape of a Llama-family transformers config `src`."""
+    """A HybridConfig with the shape of a Llama-family transformers config `src`. `rope_yarn` (0: off): RoPE rescaled
+    YaRN-style by that factor over the source's context, in every layer (`yarn_rope`)."""
     heads = src.num_attention_heads
     head_dim = getattr(src, "head_dim", None) or src.hidden_size // heads
     attention_bias = bool(getattr(src, "attention_bias", False))
@@ -86,8 +88,23 @@ def hybrid_config_from_source(
         bos_token_id=getattr(src, "bos_token_id", None),
         eos_token_id=getattr(src, "eos_token_id", None),
     )
+    if rope_yarn:
+        kwargs["rope_parameters"], kwargs["max_position_embeddings"] = yarn_rope(
+            kwargs["rope_parameters"], kwargs["max_position_embeddings"], rope_yarn)
     kwargs.update(overrides)
     return HybridConfig(**kwargs)
+
+
+def yarn_rope(params: dict, context: int, factor: float) -> tuple[dict, int]:
+    """The source's plain RoPE settings rescaled YaRN-style by `factor` over its `context`, and the new context.
+    Measured on SmolLM2 (bench/results/retention.md, fifteenth session): the windowed hybrid's Lightning windows read
+    each sequence's first tokens from any distance, so rescaling the whole layers alone left 16K out of reach."""
+    if not factor > 1:
+        raise ValueError(f"rope_yarn must be above 1 (a factor over the source's context), got {factor}")
+    if params.get("rope_type", "default") != "default":
+        raise ValueError(f"rope_yarn rescales plain RoPE; this source's RoPE is already {params['rope_type']!r}")
+    return ({**params, "rope_type": "yarn", "factor": float(factor), "original_max_position_embeddings": context},
+            int(context * factor))
 
 
 def _expand_heads(t: torch.Tensor, kv_heads: int, heads: int) -> torch.Tensor:

@@ -179,6 +179,7 @@ def convert(
     calibrate: bool | None = None,
     lightning_window: int = 0,
     lightning_sinks: int = 4,
+    rope_yarn: float = 0.0,
 ) -> ConvertResult:
     """Convert `source` (None: the built-in SmolLM2-135M) into a hybrid model folder at `output`.
     `select_options` go to the --select method (e.g. score_report=); a method that needs weights also gets the
@@ -190,6 +191,7 @@ def convert(
     (select.alignment.calibrate_lightning_outputs; a fresh Lightning layer's output is 3-30x too large); None: when
     the source has a tokenizer and runs unasked (at most RUN_UNASKED_MAX_PARAMETERS parameters: it runs on the CPU).
     `lightning_window` / `lightning_sinks`: a softmax window branch in every Lightning layer (HybridConfig; 0: none).
+    `rope_yarn`: RoPE rescaled YaRN-style by that factor over the source's context (build.yarn_rope; 0: none).
     Without `select` and `layers`, the sparse layers are placed by `default_placement`."""
     output = Path(output)
     inputs = (source, config, students, (select_options or {}).get("score_report"))
@@ -200,6 +202,8 @@ def convert(
         parse_ratio(ratio)
     chosen_dtype = parse_dtype(dtype)
     max_bytes = parse_size(max_shard_size)
+    if rope_yarn and not rope_yarn > 1:
+        raise ValueError(f"--rope-yarn must be 0 (off) or a factor above 1 over the source's context, got {rope_yarn}")
 
     ckpt = open_checked(source, config)
     family = ckpt.family
@@ -222,7 +226,7 @@ def convert(
     loaded = selector_model if selector_model is not None and not isinstance(selector_model, _ConfigOnly) else None
     del selector_model
     arch = dict(hype=hype, output_gates=gates, lightning_window=lightning_window, lightning_sinks=lightning_sinks,
-                **family.hybrid_options(ckpt.config))
+                rope_yarn=rope_yarn, **family.hybrid_options(ckpt.config))
     hconfig = hybrid_config_from_source(ckpt.config, layer_types_from(num_layers, sparse_layers), **arch)
     out_dtype = chosen_dtype or _source_dtype(ckpt)
     plan, from_source = plan_output(ckpt, family, hconfig, out_dtype)

@@ -92,7 +92,8 @@ def load_models(recipe, need_teacher: bool):
         student = build_hybrid(source_model, types, hype=spec.hype, output_gates=spec.gates,
                                lightning_decay=spec.lightning_decay, lightning_kv_heads=spec.lightning_kv_heads,
                                sparse_query_log_scale=spec.sparse_query_log_scale,
-                               lightning_window=spec.lightning_window, lightning_sinks=spec.lightning_sinks)
+                               lightning_window=spec.lightning_window, lightning_sinks=spec.lightning_sinks,
+                               rope_yarn=spec.rope_yarn)
         _own_storage(student)
         description = f"{spec.source} converted with sparse layers {layers}"
         if spec.calibrate and not spec.students:

@@ -60,6 +60,8 @@ class ModelSpec:
     # Lightning layer, beside the recurrent state (0: none; HybridConfig)
     lightning_window: int = 0
     lightning_sinks: int = 4
+    # RoPE rescaled YaRN-style by this factor over the source's context in every layer (0: the source's RoPE)
+    rope_yarn: float = 0.0
     sparse_query_log_scale: float | None = None  # HALO's NoPE query scaling q_t *= log(t + a) / log(a) (a, e.g. 362)
     students: str | None = None  # aligned students (safetensors keyed by hybrid parameter names), loaded strict=False
     # fit each Lightning layer's output-norm weights to its source layer's attention output (least squares on 4 x 512
@@ -283,7 +285,8 @@ CONSTRAINTS: dict[str, dict[str, Any]] = {
     "Recipe": {"seed": _non_negative},
     "ModelSpec": {"sparse_query_log_scale": lambda v: None if v > 1 else f"must be a number above 1 (HALO uses 362), "
                                                                            f"got {v}",
-                  "lightning_window": _non_negative, "lightning_sinks": _non_negative},
+                  "lightning_window": _non_negative, "lightning_sinks": _non_negative,
+                  "rope_yarn": lambda v: None if v == 0 or v > 1 else f"must be 0 (off) or a factor above 1, got {v}"},
     "SourceSpec": {"weight": _positive, "max_documents": _positive, "num_samples": _positive,
                    "max_new_tokens": _positive, "min_new_tokens": _non_negative, "temperature": _positive,
                    "batch_size": _positive, "max_repetition": _in_range(0.0, 1.0, lo_open=True, hi_open=True)},
@@ -427,6 +430,9 @@ def validate(recipe: Recipe) -> Recipe:
     if m.lightning_window and m.converted is not None:
         _fail(f, "model.lightning_window", "applies to a conversion made by the recipe: convert with "
                                            "--lightning-window instead of giving model.converted")
+    if m.rope_yarn and m.converted is not None:
+        _fail(f, "model.rope_yarn", "applies to a conversion made by the recipe: convert with --rope-yarn instead "
+                                    "of giving model.converted")
     if m.source is None and m.converted is None:
         _fail(f, "model.source", "give model.source (a checkpoint to convert) or model.converted (a hybrid folder)")
     if not recipe.stages:
