@@ -100,6 +100,8 @@ start)
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   # PRECHECK="pytest arguments" (shell-quoted, e.g. "tests/x.py -k 'a or b'"): GPU tests of code the runs are about
   # to use, before they start; a failure stops here (exit 4) with nothing started
+  # default: the window kernels' GPU tests (the training path takes the Triton window on CUDA); set but empty: none
+  PRECHECK=${PRECHECK-"tests/test_window_attention.py tests/test_lightning_window.py -k gpu"}
   if [ -n "${PRECHECK:-}" ]; then
     bash -c "cd $R/repo && PYTHONPATH=$SITE:$R/repo python3 -m pytest -q -p no:cacheprovider $PRECHECK" 2>&1 | tail -8 \
       || exit 4
