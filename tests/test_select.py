@@ -380,6 +380,27 @@ def test_restoring_each_layer_matches_separate_forwards(model, tokenizer):
     assert len(set(round(v, 4) for v in variants.values())) == 3  # the variants differ: each restored its own layer
 
 
+def test_a_window_report_gives_back_the_layers_its_rounds_picked(window_result):
+    """Re-reading a window search's report (the score cache, --score-report) returns the layers in the order its
+    rounds picked them, even where a layer it passed over has a larger last-round gain than an earlier pick's gain
+    (later gains can be larger: the layers work together)."""
+    import copy
+
+    from hybridize.select.selectors import choose_from_report
+
+    rep = window_result.report
+    picks = [r["layer"] for r in rep["window_search"]["rounds"]]
+    assert choose_from_report(rep, len(picks)) == rep["chosen_layers"] == sorted(picks)
+    assert choose_from_report(rep, 1) == [picks[0]]
+    skewed = copy.deepcopy(rep)
+    passed_over = next(e for e in skewed["layers"] if e["layer"] not in picks)
+    passed_over["score"] = max(e["score"] for e in skewed["layers"]) + 1.0
+    assert choose_from_report(skewed, len(picks)) == sorted(picks)
+    assert choose_from_report(skewed, len(picks) + 1) == sorted(picks + [passed_over["layer"]])
+    with pytest.raises(ValueError, match="keep_first_last=False"):
+        choose_from_report(rep, len(picks), keep_first_last=True)
+
+
 def test_window_method_refuses_probes_inside_the_window(model, tokenizer):
     with pytest.raises(ValueError, match="under twice the window"):
         score_model(model, tokenizer, window_settings(window=128), progress=False)

@@ -25,12 +25,31 @@ _DEFAULT_SHAPE = {"num_hidden_layers": 30, "hidden_size": 576, "vocab_size": 491
 
 
 def choose_from_report(report: dict, n_sparse: int, keep_first_last: bool | None = None) -> list[int]:
-    """Re-rank a saved report's layer scores for `n_sparse` layers (same tie rule as the run that wrote it)."""
+    """Re-rank a saved report's layer scores for `n_sparse` layers (same tie rule as the run that wrote it). A window
+    search's layers come in the order its rounds picked them: a layer's score is its gain at its own round, and a
+    later round's gain can exceed an earlier one's (the layers work together), so ranking the scores could swap a
+    picked layer for one the search passed over."""
+    if report["method"] == "window" and report.get("window_search"):
+        return _greedy_choice(report, n_sparse, keep_first_last)
     layers = sorted(report["layers"], key=lambda e: e["layer"])
     scores = [e["score"] for e in layers]
     tie = [e["loss"] for e in layers] if all(e.get("loss") is not None for e in layers) else None
     keep = report["settings"]["keep_first_last"] if keep_first_last is None else keep_first_last
     return top_layers(scores, n_sparse, keep_first_last=keep, tie_break=tie)
+
+
+def _greedy_choice(report: dict, n_sparse: int, keep_first_last: bool | None) -> list[int]:
+    searched = report["settings"]["keep_first_last"]
+    if keep_first_last is not None and keep_first_last != searched:
+        raise ValueError(f"this window search was run with keep_first_last={searched}: its rounds cannot be replayed "
+                         f"with {keep_first_last}; score again with that setting")
+    order = [r["layer"] for r in report["window_search"]["rounds"]]
+    if n_sparse <= len(order):
+        return sorted(order[:n_sparse])
+    # more layers than the search picked: the rest by their gains in its last round
+    scores = {e["layer"]: e["score"] for e in report["layers"]}
+    rest = sorted((i for i in scores if i not in order), key=lambda i: (-scores[i], i))
+    return sorted(order + rest[: n_sparse - len(order)])
 
 
 def _tokenizer_for(model, tokenizer):
