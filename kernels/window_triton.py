@@ -54,6 +54,15 @@ if HAS_TRITON:
         return tl.maximum(a, b)
 
     @triton.jit
+    def _mm(a, b, IEEE: tl.constexpr):
+        # float32 inputs (tests, fp32 runs) at float32 accuracy; bf16 / fp16 on the tensor cores
+        if IEEE:
+            r = tl.dot(a, b, input_precision="ieee")
+        else:
+            r = tl.dot(a, b)
+        return r
+
+    @triton.jit
     def _tile(PTR, base, idx, stride, dims, T, D):
         """Rows `idx` (masked past T) and columns `dims` (masked past D) of a (T, D) slice at PTR + base."""
         return tl.load(PTR + base + idx[:, None] * stride + dims[None, :],
@@ -67,7 +76,8 @@ if HAS_TRITON:
 
     @triton.jit
     def _band_fwd_kernel(Q, K, V, BEG, O, LSE, s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, T, H, GROUP, W, SCALE2,
-                         BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, DP: tl.constexpr):
+                         BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
+                         IEEE: tl.constexpr):
         pid_m, bh = tl.program_id(0), tl.program_id(1)
         b, h = bh // H, bh % H
         hk = h // GROUP
@@ -87,14 +97,14 @@ if HAS_TRITON:
             k = _tile(K, b * s_kb + hk * s_kh, cols, s_kt, dims, T, D)
             v = _tile(V, b * s_kb + hk * s_kh, cols, s_kt, dims, T, D)
             bk = tl.load(BEG + b * T + cols, mask=cols < T, other=-2)
-            s = tl.dot(q, tl.trans(k)) * SCALE2
+            s = _mm(q, tl.trans(k), IEEE) * SCALE2
             s = tl.where(_in_band(rows[:, None], cols[None, :], bq[:, None], bk[None, :], W), s, float("-inf"))
             m_new = tl.maximum(m_i, tl.reduce(s, 1, _maxf))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             p = tl.exp2(s - m_safe[:, None])
             alpha = tl.exp2(m_i - m_safe)
             l_i = l_i * alpha + tl.reduce(p, 1, _add)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, IEEE)
             m_i = m_new
         l_safe = tl.where(l_i > 0.0, l_i, 1.0)
         out = acc / l_safe[:, None]
@@ -106,7 +116,8 @@ if HAS_TRITON:
 
     @triton.jit
     def _band_bwd_dq_kernel(Q, K, V, BEG, DO, LSE, DELTA, DQ, s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, T, H, GROUP, W,
-                            SCALE2, SCALE, BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, DP: tl.constexpr):
+                            SCALE2, SCALE, BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
+                            IEEE: tl.constexpr):
         pid_m, bh = tl.program_id(0), tl.program_id(1)
         b, h = bh // H, bh % H
         hk = h // GROUP
@@ -128,17 +139,17 @@ if HAS_TRITON:
             v = _tile(V, b * s_kb + hk * s_kh, cols, s_kt, dims, T, D)
             bk = tl.load(BEG + b * T + cols, mask=cols < T, other=-2)
             ok = _in_band(rows[:, None], cols[None, :], bq[:, None], bk[None, :], W)
-            p = tl.where(ok, tl.exp2(tl.dot(q, tl.trans(k)) * SCALE2 - lse2[:, None]), 0.0)
-            dp = tl.dot(do, tl.trans(v))
+            p = tl.where(ok, tl.exp2(_mm(q, tl.trans(k), IEEE) * SCALE2 - lse2[:, None]), 0.0)
+            dp = _mm(do, tl.trans(v), IEEE)
             ds = p * (dp - delta[:, None])
-            dq += tl.dot(ds.to(k.dtype), k)
+            dq += _mm(ds.to(k.dtype), k, IEEE)
         dq_ptr = DQ + b * s_qb + h * s_qh + rows[:, None] * s_qt + dims[None, :]
         tl.store(dq_ptr, (dq * SCALE).to(DQ.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
 
     @triton.jit
     def _band_bwd_dkdv_kernel(Q, K, V, BEG, DO, LSE, DELTA, DK, DV, s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, T, H, GROUP,
                               W, SCALE2, SCALE, BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr,
-                              DP: tl.constexpr):
+                              DP: tl.constexpr, IEEE: tl.constexpr):
         # dk, dv per query head (DK, DV laid out like Q): the group's heads are summed by the caller
         pid_n, bh = tl.program_id(0), tl.program_id(1)
         b, h = bh // H, bh % H
@@ -163,11 +174,11 @@ if HAS_TRITON:
             lse2 = tl.load(LSE + bh * T + rows, mask=row_ok, other=0.0) * 1.4426950408889634
             delta = tl.load(DELTA + bh * T + rows, mask=row_ok, other=0.0)
             ok = _in_band(rows[None, :], cols[:, None], bq[None, :], bk[:, None], W)
-            pt = tl.where(ok, tl.exp2(tl.dot(k, tl.trans(q)) * SCALE2 - lse2[None, :]), 0.0)  # (BN, BM)
-            dv += tl.dot(pt.to(do.dtype), do)
-            dpt = tl.dot(v, tl.trans(do))
+            pt = tl.where(ok, tl.exp2(_mm(k, tl.trans(q), IEEE) * SCALE2 - lse2[None, :]), 0.0)  # (BN, BM)
+            dv += _mm(pt.to(do.dtype), do, IEEE)
+            dpt = _mm(v, tl.trans(do), IEEE)
             dst = pt * (dpt - delta[None, :])
-            dk += tl.dot(dst.to(q.dtype), q)
+            dk += _mm(dst.to(q.dtype), q, IEEE)
         out_off = b * s_qb + h * s_qh + cols[:, None] * s_qt + dims[None, :]
         tl.store(DK + out_off, (dk * SCALE).to(DK.dtype.element_ty), mask=col_ok[:, None] & dim_ok[None, :])
         tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=col_ok[:, None] & dim_ok[None, :])
@@ -191,7 +202,7 @@ class _Band(torch.autograd.Function):
         BM, BN, DP = _tiles(T, D)
         _band_fwd_kernel[(triton.cdiv(T, BM), B * H)](
             q, k, v, begin, o, lse, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            T, H, group, window, scale * LOG2E, BM=BM, BN=BN, D=D, DP=DP)
+            T, H, group, window, scale * LOG2E, BM=BM, BN=BN, D=D, DP=DP, IEEE=q.dtype == torch.float32)
         ctx.save_for_backward(q, k, v, begin, o, lse)
         ctx.window, ctx.scale = window, scale
         return o, lse
@@ -210,12 +221,11 @@ class _Band(torch.autograd.Function):
         dk = torch.empty(B, H, T, D, device=q.device, dtype=torch.float32)
         dv = torch.empty_like(dk)
         BM, BN, DP = _tiles(T, D)
+        consts = dict(BM=BM, BN=BN, D=D, DP=DP, IEEE=q.dtype == torch.float32)
         args = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), T, H, H // Hkv,
                 ctx.window, ctx.scale * LOG2E, ctx.scale)
-        _band_bwd_dq_kernel[(triton.cdiv(T, BM), B * H)](q, k, v, begin, do, lse, delta, dq, *args,
-                                                          BM=BM, BN=BN, D=D, DP=DP)
-        _band_bwd_dkdv_kernel[(triton.cdiv(T, BN), B * H)](q, k, v, begin, do, lse, delta, dk, dv, *args,
-                                                            BM=BM, BN=BN, D=D, DP=DP)
+        _band_bwd_dq_kernel[(triton.cdiv(T, BM), B * H)](q, k, v, begin, do, lse, delta, dq, *args, **consts)
+        _band_bwd_dkdv_kernel[(triton.cdiv(T, BN), B * H)](q, k, v, begin, do, lse, delta, dk, dv, *args, **consts)
         dk = dk.view(B, Hkv, H // Hkv, T, D).sum(2).to(k.dtype)
         dv = dv.view(B, Hkv, H // Hkv, T, D).sum(2).to(v.dtype)
         return dq, dk, dv, None, None, None
