@@ -61,28 +61,17 @@ def hybrid(src, whole: set[int], window: int, hype: bool, **options):
                         lightning_window=window, lightning_sinks=4, **options)
 
 
-def with_yarn(model, factor: float) -> None:
-    """RoPE rescaled YaRN-style by `factor` over the source's context, in place."""
-    from hybridize.arch.modeling_hybridize import HybridRotaryEmbedding
-
-    c = model.config
-    c.rope_parameters = {**c.rope_parameters, "rope_type": "yarn", "factor": factor,
-                         "original_max_position_embeddings": c.max_position_embeddings}
-    c.max_position_embeddings = int(c.max_position_embeddings * factor)
-    model.model.rotary_emb = HybridRotaryEmbedding(c)
-
-
 def yarn_in_whole_layers(model, factor: float) -> None:
-    """`with_yarn` for the full-attention layers alone: each gets the YaRN tables in place of the model's."""
+    """RoPE rescaled YaRN-style by `factor` (convert's `rope_yarn`) in the full-attention layers alone: each gets the
+    YaRN tables in place of the model's."""
     import copy
     import dataclasses
 
     from hybridize.arch.modeling_hybridize import HybridRotaryEmbedding
+    from hybridize.convert.build import yarn_rope
 
     c = copy.deepcopy(model.config)
-    c.rope_parameters = {**c.rope_parameters, "rope_type": "yarn", "factor": factor,
-                         "original_max_position_embeddings": c.max_position_embeddings}
-    c.max_position_embeddings = int(c.max_position_embeddings * factor)
+    c.rope_parameters, c.max_position_embeddings = yarn_rope(c.rope_parameters, c.max_position_embeddings, factor)
     rotary = HybridRotaryEmbedding(c)
     for layer, kind in zip(model.model.layers, model.config.layer_types):
         if kind != "full_attention":
@@ -130,12 +119,11 @@ def main() -> None:
             if m is None:
                 whole = sorted(int(x) for x in name.split(","))
                 # the kept layers dense at every length: whether their positions carry, not InfLLM-V2's selection
-                m = hybrid(src, set(whole), args.window, args.hype, sparse_dense_len=2**62)
+                everywhere = args.yarn if args.yarn and not args.yarn_whole else 0.0
+                m = hybrid(src, set(whole), args.window, args.hype, sparse_dense_len=2**62, rope_yarn=everywhere)
                 name = f"keep {whole}"
             if args.yarn and args.yarn_whole:
                 yarn_in_whole_layers(m, args.yarn)
-            elif args.yarn:
-                with_yarn(m, args.yarn)
             t = time.perf_counter()
             row = {"model": name, "hype": args.hype, "yarn": args.yarn, "yarn_whole_only": args.yarn_whole,
                    "passkey_logp_exact": {str(n): answers(m, ps) for n, ps in long_probes.items()},

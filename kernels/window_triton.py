@@ -15,11 +15,11 @@ sequence when j <= i and (i - j < window or j is among the sequence's first `sin
 
 Where the SDPA form (window_reference.window_attention) builds blocks of 2 * window + sinks keys per block of window
 queries and a boolean mask over all of them, this reads each key block a few times and no mask.
-This file imports only torch and triton (triton inside try so that machines without it can still import the model).
+This file imports torch, triton (inside try so that machines without it can still import the model) and its sibling
+kernel files (window_reference.py; sparse_common.py for the float32-exact product).
 """
 
 from __future__ import annotations
-
 
 import torch
 
@@ -42,6 +42,12 @@ LOG2E = 1.4426950408889634
 
 
 if HAS_TRITON:
+    # float32 inputs (tests, fp32 runs) multiplied at float32 accuracy, bf16 / fp16 on the tensor cores
+    try:
+        from .sparse_common import _dot
+    except ImportError:
+        from hybridize.kernels.sparse_common import _dot
+
     # reductions through tl.reduce with combiners of this file: triton's own tl.sum / tl.max are jit functions
     # built when triton is imported, which the interpreter (tests) cannot call unless it was on at that import
 
@@ -52,15 +58,6 @@ if HAS_TRITON:
     @triton.jit
     def _maxf(a, b):
         return tl.maximum(a, b)
-
-    @triton.jit
-    def _mm(a, b, IEEE: tl.constexpr):
-        # float32 inputs (tests, fp32 runs) at float32 accuracy; bf16 / fp16 on the tensor cores
-        if IEEE:
-            r = tl.dot(a, b, input_precision="ieee")
-        else:
-            r = tl.dot(a, b)
-        return r
 
     @triton.jit
     def _tile(PTR, base, idx, stride, dims, T, D):
@@ -97,14 +94,14 @@ if HAS_TRITON:
             k = _tile(K, b * s_kb + hk * s_kh, cols, s_kt, dims, T, D)
             v = _tile(V, b * s_kb + hk * s_kh, cols, s_kt, dims, T, D)
             bk = tl.load(BEG + b * T + cols, mask=cols < T, other=-2)
-            s = _mm(q, tl.trans(k), IEEE) * SCALE2
+            s = _dot(q, tl.trans(k), IEEE) * SCALE2
             s = tl.where(_in_band(rows[:, None], cols[None, :], bq[:, None], bk[None, :], W), s, float("-inf"))
             m_new = tl.maximum(m_i, tl.reduce(s, 1, _maxf))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             p = tl.exp2(s - m_safe[:, None])
             alpha = tl.exp2(m_i - m_safe)
             l_i = l_i * alpha + tl.reduce(p, 1, _add)
-            acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, IEEE)
+            acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
             m_i = m_new
         l_safe = tl.where(l_i > 0.0, l_i, 1.0)
         out = acc / l_safe[:, None]
@@ -139,10 +136,10 @@ if HAS_TRITON:
             v = _tile(V, b * s_kb + hk * s_kh, cols, s_kt, dims, T, D)
             bk = tl.load(BEG + b * T + cols, mask=cols < T, other=-2)
             ok = _in_band(rows[:, None], cols[None, :], bq[:, None], bk[None, :], W)
-            p = tl.where(ok, tl.exp2(_mm(q, tl.trans(k), IEEE) * SCALE2 - lse2[:, None]), 0.0)
-            dp = _mm(do, tl.trans(v), IEEE)
+            p = tl.where(ok, tl.exp2(_dot(q, tl.trans(k), IEEE) * SCALE2 - lse2[:, None]), 0.0)
+            dp = _dot(do, tl.trans(v), IEEE)
             ds = p * (dp - delta[:, None])
-            dq += _mm(ds.to(k.dtype), k, IEEE)
+            dq += _dot(ds.to(k.dtype), k, IEEE)
         dq_ptr = DQ + b * s_qb + h * s_qh + rows[:, None] * s_qt + dims[None, :]
         tl.store(dq_ptr, (dq * SCALE).to(DQ.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
 
@@ -174,11 +171,11 @@ if HAS_TRITON:
             lse2 = tl.load(LSE + bh * T + rows, mask=row_ok, other=0.0) * 1.4426950408889634
             delta = tl.load(DELTA + bh * T + rows, mask=row_ok, other=0.0)
             ok = _in_band(rows[None, :], cols[:, None], bq[None, :], bk[:, None], W)
-            pt = tl.where(ok, tl.exp2(_mm(k, tl.trans(q), IEEE) * SCALE2 - lse2[None, :]), 0.0)  # (BN, BM)
-            dv += _mm(pt.to(do.dtype), do, IEEE)
-            dpt = _mm(v, tl.trans(do), IEEE)
+            pt = tl.where(ok, tl.exp2(_dot(k, tl.trans(q), IEEE) * SCALE2 - lse2[None, :]), 0.0)  # (BN, BM)
+            dv += _dot(pt.to(do.dtype), do, IEEE)
+            dpt = _dot(v, tl.trans(do), IEEE)
             dst = pt * (dpt - delta[None, :])
-            dk += _mm(dst.to(q.dtype), q, IEEE)
+            dk += _dot(dst.to(q.dtype), q, IEEE)
         out_off = b * s_qb + h * s_qh + cols[:, None] * s_qt + dims[None, :]
         tl.store(DK + out_off, (dk * SCALE).to(DK.dtype.element_ty), mask=col_ok[:, None] & dim_ok[None, :])
         tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=col_ok[:, None] & dim_ok[None, :])

@@ -95,12 +95,18 @@ def hybrid_config_from_source(
     return HybridConfig(**kwargs)
 
 
+def check_rope_yarn(factor: float, *, off_allowed: bool = True) -> None:
+    """`rope_yarn` is a factor above 1, or 0 (off) where `off_allowed`."""
+    if (factor or not off_allowed) and not factor > 1:
+        raise ValueError(f"rope_yarn (--rope-yarn) must be 0 (off) or a factor above 1 over the source's context, "
+                         f"got {factor}")
+
+
 def yarn_rope(params: dict, context: int, factor: float) -> tuple[dict, int]:
     """The source's plain RoPE settings rescaled YaRN-style by `factor` over its `context`, and the new context.
     Measured on SmolLM2 (bench/results/retention.md, fifteenth session): the windowed hybrid's Lightning windows read
     each sequence's first tokens from any distance, so rescaling the whole layers alone left 16K out of reach."""
-    if not factor > 1:
-        raise ValueError(f"rope_yarn must be above 1 (a factor over the source's context), got {factor}")
+    check_rope_yarn(factor, off_allowed=False)
     if params.get("rope_type", "default") != "default":
         raise ValueError(f"rope_yarn rescales plain RoPE; this source's RoPE is already {params['rope_type']!r}")
     return ({**params, "rope_type": "yarn", "factor": float(factor), "original_max_position_embeddings": context},

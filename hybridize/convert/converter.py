@@ -26,7 +26,7 @@ from ..common import parse_dtype
 from ..export import AUTO_MAP, atomic_folder, check_output, copy_architecture
 from ..select.placement import layer_types_for, layer_types_from, parse_ratio, sparse_count, sparse_indices
 from ..select.registry import SELECTORS, get_selector, needs_weights
-from .build import added_tensors, hybrid_config_from_source, map_tensor
+from .build import added_tensors, check_rope_yarn, hybrid_config_from_source, map_tensor
 from .checkpoint import Checkpoint, ignored
 from .families import Family
 from .safetensors_io import ShardedSafetensorsWriter, TensorSpec, parse_size
@@ -202,8 +202,7 @@ def convert(
         parse_ratio(ratio)
     chosen_dtype = parse_dtype(dtype)
     max_bytes = parse_size(max_shard_size)
-    if rope_yarn and not rope_yarn > 1:
-        raise ValueError(f"--rope-yarn must be 0 (off) or a factor above 1 over the source's context, got {rope_yarn}")
+    check_rope_yarn(rope_yarn)
 
     ckpt = open_checked(source, config)
     family = ckpt.family

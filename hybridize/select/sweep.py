@@ -59,8 +59,11 @@ class Sweep:
 
     def _answer_logits(self, inp: _Input, replace: dict[int, nn.Module]) -> torch.Tensor:
         """The logits at the positions that predict the probe's answer tokens."""
-        hidden = self._replaced(inp, replace)[0]
-        return self.runner.logits(hidden[inp.positions.to(hidden.device)])
+        return self._logits_at(inp, self._replaced(inp, replace)[0])
+
+    def _logits_at(self, inp: _Input, normed: torch.Tensor) -> torch.Tensor:
+        """From one probe's final normed stream (T, H), the logits at its answer-predicting positions."""
+        return self.runner.logits(normed[inp.positions.to(normed.device)])
 
     @torch.no_grad()
     def answer_logp(self, replace: dict[int, nn.Module]) -> float:
@@ -90,8 +93,7 @@ class Sweep:
         return base / n, {i: v / n for i, v in variants.items()}
 
     def _batch_logprob(self, group: list[_Input], normed: torch.Tensor) -> float:
-        return sum(answer_logprob(self.runner.logits(normed[b, inp.positions.to(normed.device)]), inp.sample)
-                   for b, inp in enumerate(group))
+        return sum(answer_logprob(self._logits_at(inp, normed[b]), inp.sample) for b, inp in enumerate(group))
 
     def _answer_count(self) -> int:
         return max(sum(len(inp.positions) for inp in self.probe_inputs), 1)

@@ -427,12 +427,10 @@ def validate(recipe: Recipe) -> Recipe:
                                        f"not {m.select!r}")
     if m.lightning_window and m.lightning_sinks > m.lightning_window:
         _fail(f, "model.lightning_sinks", f"must be from 0 to model.lightning_window; got {m.lightning_sinks}")
-    if m.lightning_window and m.converted is not None:
-        _fail(f, "model.lightning_window", "applies to a conversion made by the recipe: convert with "
-                                           "--lightning-window instead of giving model.converted")
-    if m.rope_yarn and m.converted is not None:
-        _fail(f, "model.rope_yarn", "applies to a conversion made by the recipe: convert with --rope-yarn instead "
-                                    "of giving model.converted")
+    for field, flag in (("lightning_window", "--lightning-window"), ("rope_yarn", "--rope-yarn")):
+        if getattr(m, field) and m.converted is not None:
+            _fail(f, f"model.{field}", f"applies to a conversion made by the recipe: convert with {flag} instead of "
+                                       f"giving model.converted")
     if m.source is None and m.converted is None:
         _fail(f, "model.source", "give model.source (a checkpoint to convert) or model.converted (a hybrid folder)")
     if not recipe.stages:
