@@ -565,6 +565,21 @@ class StageEndHeldout:
         print(f"held-out perplexity after {record['stage']}: {self.results[record['stage']]}", flush=True)
 
 
+def set_stage_steps(recipe, text: str) -> None:
+    """--steps "567,382,217": each stage's step count in place of its token budget; 0 leaves a stage out, so that one
+    run can stop after distillation and others start from its export (model.converted) with the long stage alone."""
+    try:
+        steps = [int(x) for x in text.split(",")]
+    except ValueError:
+        steps = []
+    if len(steps) != len(recipe.stages) or min(steps) < 0 or max(steps) < 1:
+        raise SystemExit(f"--steps gives {text!r} for {len(recipe.stages)} stages: one count each (0 leaves a stage "
+                         f"out), at least one positive")
+    for st, n in zip(recipe.stages, steps):
+        st.steps, st.tokens = n, None
+    recipe.stages = [st for st in recipe.stages if st.steps]
+
+
 def cmd_quality(args) -> int:
     """Train the recipe for --train-seconds and export it; then (unless --no-retention) the retention report of the
     source, the trained hybrid loaded from its exported folder as a user loads it, and the conversion before training
@@ -576,24 +591,21 @@ def cmd_quality(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     recipe = _bench_recipe(args, f"output.dir={args.run_dir}")
+    if args.steps:  # the same step counts for runs that share a GPU (timing one beside the others misleads)
+        set_stage_steps(recipe, args.steps)
     t0 = time.perf_counter()
     student, teacher, tok, desc = load_models(recipe, need_teacher=True)
     if args.save_untrained:
         save_hybrid(student, args.save_untrained, tok, force=True)
     dev = args.device
     teacher = teacher.to(dev)
-    split = [float(x) for x in args.split.split(",")]
-    if len(split) != len(recipe.stages):
-        raise SystemExit(f"--split gives {len(split)} shares for {len(recipe.stages)} stages")
-    factors = tuple(int(x) for x in args.micro_factors.split(","))
-    if args.steps:  # the same step counts for runs that share a GPU (timing one beside the others misleads)
-        steps = [int(x) for x in args.steps.split(",")]
-        if len(steps) != len(recipe.stages) or min(steps) < 1:
-            raise SystemExit(f"--steps gives {args.steps!r} for {len(recipe.stages)} stages: one positive count each")
-    else:
-        steps = calibrate(recipe, student, teacher, args.train_seconds, split, dev, factors)
-    for st, n in zip(recipe.stages, steps):
-        st.steps, st.tokens = n, None
+    if not args.steps:
+        split = [float(x) for x in args.split.split(",")]
+        if len(split) != len(recipe.stages):
+            raise SystemExit(f"--split gives {len(split)} shares for {len(recipe.stages)} stages")
+        factors = tuple(int(x) for x in args.micro_factors.split(","))
+        for st, n in zip(recipe.stages, calibrate(recipe, student, teacher, args.train_seconds, split, dev, factors)):
+            st.steps, st.tokens = n, None
     heldout = StageEndHeldout(student, tok, {st.name: st.steps for st in recipe.stages}, recipe.precision == "bf16",
                               probes=args.stage_probes)
     heldout.results = {"teacher": heldout.measure(teacher), "converted": heldout.measure(student.to(dev))}
@@ -827,7 +839,7 @@ def main() -> int:
     q.add_argument("--split", default="0.4,0.4,0.2", help="share of the training time per stage (for "
                    "recipes/retention.yaml 0.4,0.4,0.2 measured better than 0.2,0.6,0.2: bench/results/retention.md)")
     q.add_argument("--steps", default=None, help="step counts per stage (e.g. 40,100,40) instead of calibrating them "
-                   "for --train-seconds: the same counts for runs that share a GPU")
+                   "for --train-seconds: the same counts for runs that share a GPU; 0 leaves a stage out")
     q.add_argument("--limit-seconds", type=float, default=900.0,
                    help="the benchmark's training-time limit (issue 8: 15 minutes); the report says whether the run "
                         "stayed within it (a contended host can make the calibrated plan run long)")

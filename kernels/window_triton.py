@@ -228,17 +228,55 @@ class _Band(torch.autograd.Function):
         return dq, dk, dv, None, None, None
 
 
+class _SinkRows(torch.autograd.Function):
+    """x (B, Hkv, T, D) -> x[..., begin[t] + s, :] for every token t and sink s, (B, Hkv, T, S, D) in float32.
+
+    Its backward sums, for each sink row, the gradients of all the tokens that read it. Through gather's own backward
+    that is an atomic add per token into the same few rows, in x's dtype: on an H200 at 16K tokens of one document,
+    forward + backward took 229 ms (the SDPA form 2.9 ms), gradients off by up to 0.98 in bf16; with this, 16 ms and
+    0.08 (bench/results/training.md, 2026-12-03; the model trains through the SDPA form). Here the
+    tokens reading a row are one run (begin does not decrease along a row, and the run of sequence b starts at token
+    b), so a float32 prefix sum gives each run's total, written once, at its last token."""
+
+    @staticmethod
+    def forward(ctx, x, begin, sinks: int):
+        B, Hkv, T, D = x.shape
+        pos = (begin[..., None] + torch.arange(sinks, device=x.device)).clamp(max=T - 1)  # (B, T, S)
+        ctx.save_for_backward(begin, pos)
+        ctx.dtype = x.dtype
+        return x.gather(2, pos.view(B, 1, T * sinks, 1).expand(B, Hkv, -1, D)).view(B, Hkv, T, sinks, D).float()
+
+    @staticmethod
+    def backward(ctx, g):
+        begin, pos = ctx.saved_tensors
+        B, Hkv, T, S, D = g.shape
+        # the prefix sum along the last dimension: along dim 2 of (B, Hkv, T, S, D) the GPU scans each of the
+        # B * Hkv * S * D columns serially (on an H200 the 16 x 2K packed row's window call took 29.6 ms with it)
+        c = g.float().permute(0, 1, 3, 4, 2).cumsum(-1).permute(0, 1, 4, 2, 3)
+        before = (begin - 1).clamp(min=0).view(B, 1, T, 1, 1).expand(B, Hkv, T, S, D)
+        run = c - torch.where((begin > 0).view(B, 1, T, 1, 1), c.gather(2, before), 0.0)
+        last = torch.ones(B, T, dtype=torch.bool, device=g.device)
+        last[:, :-1] = begin[:, 1:] != begin[:, :-1]
+        # a run's total goes to its sink rows; every other token adds a zero to its own row (at most S + 1 adds
+        # meet in one place)
+        t = torch.arange(T, device=g.device).view(1, T, 1)
+        idx = torch.where(last[..., None], pos, t).view(B, 1, T * S, 1).expand(B, Hkv, -1, D)
+        dx = torch.zeros(B, Hkv, T, D, device=g.device, dtype=torch.float32)
+        dx.scatter_add_(2, idx, (run * last.view(B, 1, T, 1, 1)).reshape(B, Hkv, T * S, D))
+        return dx.to(ctx.dtype), None, None
+
+
 def _sinks(q, k, v, begin, window: int, sinks: int, scale: float):
     """Per query, its sequence's first `sinks` keys that lie before its band: the unnormalised sum of their softmax
     terms against a per-row shift `m` (detached), their weighted values, and m. (B, Hkv, G, T, ...)."""
     B, H, T, D = q.shape
     Hkv = k.shape[1]
     t = torch.arange(T, device=q.device)
-    pos = begin.expand(B, T)[..., None] + torch.arange(sinks, device=q.device)  # (B, T, S)
+    begin = begin.expand(B, T).contiguous()
+    pos = begin[..., None] + torch.arange(sinks, device=q.device)  # (B, T, S)
     ok = pos <= (t[None, :, None] - window)
-    idx = pos.clamp(max=T - 1).view(B, 1, T * sinks, 1).expand(B, Hkv, -1, D)
-    ks = k.gather(2, idx).view(B, Hkv, T, sinks, D).float()
-    vs = v.gather(2, idx).view(B, Hkv, T, sinks, D).float()
+    ks = _SinkRows.apply(k, begin, sinks)
+    vs = _SinkRows.apply(v, begin, sinks)
     logits = torch.einsum("bhgtd,bhtsd->bhgts", q.view(B, Hkv, H // Hkv, T, D).float(), ks) * scale
     ok = ok.view(B, 1, 1, T, sinks)
     # a large negative finite fill, not -inf: its exp is 0 and so is its gradient (no NaN through empty rows)

@@ -87,3 +87,47 @@ def test_stage_end_measurement_records_probes_and_passkey_after_each_stage_only(
     assert set(got["passkey_exact"]) == {"256", "512"}
     assert all(len(row) == 2 and all(0.0 <= x <= 1.0 for x in row) for row in got["passkey_exact"].values())
     assert check.seconds > 0
+
+
+def test_stage_steps_leave_stages_out_so_a_run_can_continue_from_another_runs_export(monkeypatch, tmp_path):
+    """--steps with zeros: one run stops after its first stage and exports; another starts from that folder
+    (model.converted) and trains only the second stage, from the first run's weights (what the second stage leaves
+    frozen is the first run's, not a fresh conversion's). Bad counts exit with a message."""
+    import pytest
+    import test_train_support as S
+    from safetensors.torch import load_file
+
+    from hybridize.train.models import load_models
+    from hybridize.train.recipe import recipe_from_dict
+    from hybridize.train.trainer import train
+
+    tq = _train_quality(monkeypatch)
+    docs = S.write_documents(tmp_path / "docs", count=3)
+    src = S.make_tiny_source(tmp_path / "src", docs)
+    first = recipe_from_dict(S.tiny_recipe(src, docs, tmp_path / "a", tmp_path / "cache"))
+    fresh = {k: v.detach().clone() for k, v in load_models(first, need_teacher=False)[0].state_dict().items()}
+    tq.set_stage_steps(first, "3,0")
+    assert [(s.name, s.steps, s.tokens) for s in first.stages] == [("align", 3, None)]
+    done = train(first)
+    assert [h["stage"] for h in done.history] == ["align"] * 3
+
+    spec = S.tiny_recipe(src, docs, tmp_path / "b", tmp_path / "cache")
+    spec["model"] = {"source": str(src), "converted": str(done.model_dir)}
+    spec["stages"][1]["trainable"] = "sparse"
+    second = recipe_from_dict(spec)
+    tq.set_stage_steps(second, "0,2")
+    then = train(second)
+    assert [h["stage"] for h in then.history] == ["distil"] * 2
+
+    def weights(folder):
+        return {k: v for f in sorted(Path(folder).glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+
+    exported, final = weights(done.model_dir), weights(then.model_dir)
+    aligned = [k for k in exported if k in fresh and not torch.equal(exported[k], fresh[k].to(exported[k].dtype))]
+    moved = [k for k in exported if not torch.equal(exported[k], final[k])]
+    assert aligned and moved and not set(aligned) & set(moved)  # align's work kept, the sparse layers trained on
+    for k in aligned:
+        assert torch.equal(final[k], exported[k])
+    for bad in ("3", "0,0", "2,-1", "a,b"):
+        with pytest.raises(SystemExit, match="one count each"):
+            tq.set_stage_steps(recipe_from_dict(S.tiny_recipe(src, docs, tmp_path / "c", tmp_path / "cache")), bad)

@@ -75,3 +75,25 @@ def test_interpreted_kernel_refuses_bad_settings(interp):
         interp.window_attention_triton(q, q, q, 4, 5)
     with pytest.raises(ValueError, match="3 query heads are not a multiple of 2"):
         interp.window_attention_triton(q, q[:, :2], q[:, :2], 4)
+
+
+@pytest.mark.parametrize("cu,starts", [(None, None), ([0, 700, 701, 3000], None), (None, [0, 1500])])
+def test_sink_rows_sum_many_readers_in_float32(cu, starts):
+    """Thousands of tokens read the same sink rows: their gradient, given bf16 keys, is the float32 sum of every
+    reader's (gather's own backward adds them one by one in bf16)."""
+    from hybridize.kernels.window_reference import sequence_begin
+    from hybridize.kernels.window_triton import _SinkRows
+
+    B, T, S = (1 if cu else 2), 3000, 4
+    x = torch.randn(B, 3, T, 8, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16).requires_grad_()
+    begin = sequence_begin(B, T, "cpu", cu_seqlens=cu, starts=starts).expand(B, T).contiguous()
+    rows = _SinkRows.apply(x, begin, S)
+    grad = torch.randn(rows.shape, generator=torch.Generator().manual_seed(4))
+    (got,) = torch.autograd.grad(rows, x, grad)
+    pos = (begin[..., None] + torch.arange(S)).clamp(max=T - 1).view(B, 1, T * S, 1).expand(B, 3, -1, 8)
+    x64 = x.detach().double().requires_grad_()
+    want_rows = x64.gather(2, pos).view(rows.shape)
+    (want,) = torch.autograd.grad(want_rows, x64, grad.double())
+    assert rows.dtype == torch.float32 and torch.equal(rows, want_rows.float())
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.double(), want, atol=0.0, rtol=2 ** -8)  # bf16's rounding of the exact sum

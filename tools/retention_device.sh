@@ -94,6 +94,8 @@ start)
   mkdir -p $R/cache && for c in $R/cache*.tar.gz .dev_b/cache*.tar.gz; do [ -f $c ] && tar xzf $c -C $R/cache; done
   CACHE=${CACHE:-bench/cache/retention-teacher-2026-12-02b.tar.gz}
   [ -z "$(ls $R/cache)" ] && [ -f "$CACHE" ] && tar xzf $CACHE -C $R/cache
+  # layer scores committed one by one beside it (bench/cache/scores: the ones found after the tarball was made)
+  mkdir -p $R/cache/scores && cp -n bench/cache/scores/*.json $R/cache/scores/ 2>/dev/null
   ls $R/cache
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target $SITE $R/*.whl || exit 1
   rm -rf $R/repo && mkdir -p $R/repo && cp -r . $R/repo && rm -rf $R/repo/.dev_b $R/out && mkdir -p $R/out

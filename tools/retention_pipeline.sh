@@ -2,6 +2,11 @@
 # Run by tools/retention_device.sh start (in the background): prepare once, then every variant at the same time
 # (SEQUENTIAL=1: one after another). REPORT=0: no retention reports, only each run's quality.json (held-out
 # perplexity, probes and pass-key after every stage): screens whose stage-end numbers decide, at ~190 s less a run.
+# NO_REPORT="name ...": variants whose report is skipped (a base run that later variants continue from: its
+# stage-end numbers are the screens' starting point).
+# Long-stage screens from one distilled model, one machine: VARIANTS="base:--set model.lightning_window=256
+# --steps 567,382,0;a:--set model.converted=/tmp/ret_base/model --steps 0,0,217 ...;b:..." NO_REPORT=base
+# SEQUENTIAL=1 (each run's export is /tmp/ret_NAME/model; `--steps` 0 leaves a stage out).
 # $1 VARIANTS ("name:overrides;..."), $2 training seconds per variant, $3 output folder.
 set -uo pipefail
 VARIANTS=$1; SECS=$2; OUT_DIR=$3
@@ -29,6 +34,7 @@ SHARED=${SHARED:-}
 # beside the training runs); each model is measured in its own process beside it (agreement needs both in memory).
 SOURCE_JSON=${SOURCE_JSON:-bench/results/retention-2026-12-01/retention.json}
 report() {  # $1 name, $2 model spec
+  [[ " ${NO_REPORT:-} " == *" $1 "* ]] && return
   python3 bench/train_quality.py retention --model source=default --model $1=$2 --reuse-reference $SOURCE_JSON \
     --trials ${TRIALS:-2} --out $OUT_DIR/retention_$1 > $OUT_DIR/retention_$1.log 2>&1
   echo "report $1: rc=$?, $(( $(date +%s) - t )) s"
