@@ -193,6 +193,40 @@ def test_packed_documents_give_the_same_losses_as_separate_runs(tiny_pair):
     assert abs(float(leaky["ce"][0]) - sums["ce"]) > 1e-3
 
 
+def test_kl_max_position_takes_the_teacher_only_at_earlier_positions(tiny_pair):
+    """loss.kl_max_position: the KL term sums, and counts, only the positions below it in each segment (the same
+    sums as the segments run alone and cut there); the cross-entropy still reads every position."""
+    student, teacher = tiny_pair
+    rng = np.random.default_rng(2)
+    seqs = [(rng.integers(0, 97, 24).astype(np.int32), np.array([0, 14])),
+            (rng.integers(0, 97, 24).astype(np.int32), np.array([0]))]
+    cut = 9
+    spec = LossSpec(kl=1.0, ce=0.5, kl_max_position=cut)
+    batch = make_batch(seqs, kl_max_position=cut)
+    # segments of 14, 10 and 24 tokens: positions 0-8 of each have a target (position 9 of the 10-token one is its
+    # last token, which predicts nothing)
+    assert batch["counted_kl"] == 3 * cut and batch["counted"] == 48 - 3
+    assert part_counts(batch, spec) == {"kl": 3 * cut, "ce": 45}
+    with torch.no_grad():
+        parts = loss_parts(student, teacher, batch, spec, [])
+        kl_total, n_kl, ce_total = 0.0, 0, 0.0
+        for tokens, starts in seqs:
+            bounds = list(starts) + [len(tokens)]
+            for a, b in zip(bounds[:-1], bounds[1:]):
+                ids = torch.from_numpy(tokens[a:b].astype(np.int64))[None]
+                so, to = student(input_ids=ids, use_cache=False), teacher(input_ids=ids, use_cache=False)
+                targets = torch.cat([ids[:, 1:], torch.full((1, 1), IGNORE)], dim=1)
+                early = targets.masked_fill(torch.arange(b - a)[None] >= cut, IGNORE)
+                k, n = kl_sum(so.logits, to.logits, early)
+                kl_total, n_kl = kl_total + float(k), n_kl + int(n)
+                ce_total += float(cross_entropy_sum(so.logits, targets)[0])
+        everywhere = loss_parts(student, teacher, batch, LossSpec(kl=1.0, ce=0.5), [])
+    assert int(parts["kl"][1]) == n_kl == 3 * cut
+    assert float(parts["kl"][0]) == pytest.approx(kl_total, rel=1e-4)
+    assert float(parts["ce"][0]) == pytest.approx(ce_total, rel=1e-4)
+    assert float(everywhere["kl"][0]) > float(parts["kl"][0]) * 1.2  # the later positions did count before
+
+
 def test_joined_documents_give_the_losses_of_whole_rows(tiny_pair):
     """With join_documents each sequence is one segment: the losses equal running each row whole through both models
     (positions 0..T-1, targets across the documents' boundaries), on the plain batched path (no cu_seqlens), and
@@ -439,3 +473,27 @@ def test_mixer_alignment_compares_the_token_mixers_alone_and_skips_the_mlps(tiny
     grads = {n for n, p in student.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
     assert any(".self_attn." in n for n in grads)  # the mixers and the norm before them; nothing after them
     assert not [n for n in grads if ".mlp." in n or "post_attention" in n or "embed" in n or n.startswith("model.norm")]
+
+
+def test_a_stage_with_kl_max_position_trains_its_kl_on_the_early_positions_alone(tmp_path):
+    """Through the trainer: the same run with the teacher's KL cut at position 16 of 64-token rows logs another KL
+    from its first step on (the same data, seed and weights) and the same cross-entropy (which reads every position);
+    the per-position sums themselves are checked against separate runs above."""
+    import test_train_support as S
+
+    from hybridize.train.recipe import recipe_from_dict
+    from hybridize.train.trainer import train
+
+    docs = S.write_documents(tmp_path / "docs", count=3)
+    src = S.make_tiny_source(tmp_path / "src", docs)
+    logs = {}
+    for name, cut in (("all", None), ("cut", 16)):
+        spec = S.tiny_recipe(src, docs, tmp_path / name, tmp_path / "cache")
+        spec["stages"] = spec["stages"][1:]  # distillation alone: the converted model is the same for both
+        spec["stages"][0]["loss"]["kl_max_position"] = cut
+        result = train(recipe_from_dict(spec))
+        logs[name] = [h for h in result.history if h["stage"] == "distil"]
+    first_all, first_cut = logs["all"][0], logs["cut"][0]
+    assert first_all["ce"] == pytest.approx(first_cut["ce"], rel=1e-5)  # the cross-entropy reads every position
+    assert first_all["kl"] != pytest.approx(first_cut["kl"], rel=1e-3)
+    assert all(math.isfinite(h["kl"]) for h in logs["cut"])

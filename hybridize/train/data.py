@@ -294,7 +294,7 @@ def pack(docs: TokenizedDocs, seq_len: int) -> PackedSequences:
 
 
 def make_batch(sequences: list[tuple[np.ndarray, np.ndarray]], device=None, join_documents: bool = False,
-               separator: int | None = None) -> dict:
+               separator: int | None = None, kl_max_position: int | None = None) -> dict:
     """Flatten sequences into one row of B*T tokens with `cu_seqlens` over all segments, position ids restarting per
     segment, and next-token targets that never cross a segment boundary (IGNORE at each segment's last token).
     `rows`: how many equal-length rows the flat row splits into (B when all sequences have one length, else 1); a
@@ -303,7 +303,9 @@ def make_batch(sequences: list[tuple[np.ndarray, np.ndarray]], device=None, join
     `join_documents`: each sequence is one segment (its documents read the earlier ones, positions run through it,
     targets cross the end-of-text tokens between documents, as pre-training commonly packs text); with equal
     lengths `cu_seqlens` is None and every model runs on the `rows`. `separator`: with join_documents, the token id
-    that replaces the last token (the end of text) of every document followed by another in the sequence."""
+    that replaces the last token (the end of text) of every document followed by another in the sequence.
+    `kl_max_position`: also `counted_kl`, how many counted positions lie below it (the teacher's KL reads only
+    those, loss.kl_max_position)."""
     ids, pos, targets, cu = [], [], [], [0]
     offset = 0
     for tokens, starts in sequences:
@@ -335,6 +337,8 @@ def make_batch(sequences: list[tuple[np.ndarray, np.ndarray]], device=None, join
         batch = {k: v if k == "cu_seqlens" else v.to(device, non_blocking=True) for k, v in batch.items()}
     batch["rows"] = len(sequences) if len({len(t) for t, _ in sequences}) == 1 else 1
     batch["counted"] = sum(int((t != IGNORE).sum()) for t in targets)  # known here, so no one reads it back
+    if kl_max_position is not None:
+        batch["counted_kl"] = sum(int(((t != IGNORE) & (p < kl_max_position)).sum()) for t, p in zip(targets, pos))
     if join_documents and batch["rows"] == len(sequences):
         batch["cu_seqlens"] = None  # every row is one segment: the plain batched path, no varlen kernels
     return batch

@@ -132,6 +132,9 @@ class LossSpec:
     # what the hidden MSE compares: each decoder layer's output, or its token mixer's output alone (HALO's stage 1;
     # with teacher_inputs the frozen MLPs then add nothing and are not run)
     hidden_at: str = "layer"
+    # the teacher's KL only at positions below this (counted from each segment's start); the row's later tokens train
+    # on the other terms alone: a stage past the source's context keeps the teacher where its positions were trained
+    kl_max_position: int | None = None
 
 
 @dataclass
@@ -291,7 +294,8 @@ CONSTRAINTS: dict[str, dict[str, Any]] = {
                    "max_new_tokens": _positive, "min_new_tokens": _non_negative, "temperature": _positive,
                    "batch_size": _positive, "max_repetition": _in_range(0.0, 1.0, lo_open=True, hi_open=True)},
     "DataSpec": {"heldout_fraction": _in_range(0.0, 1.0, hi_open=True)},
-    "LossSpec": {"hidden_mse": _non_negative, "kl": _non_negative, "ce": _non_negative, "temperature": _positive},
+    "LossSpec": {"hidden_mse": _non_negative, "kl": _non_negative, "ce": _non_negative, "temperature": _positive,
+                 "kl_max_position": _positive},
     "LoraSpec": {"r": _positive, "alpha": _positive, "dropout": _in_range(0.0, 1.0, hi_open=True)},
     "StageSpec": {"seq_len": _positive, "global_batch_tokens": _positive, "lr": _positive, "tokens": _positive,
                   "lr_outside_mixers": _positive,
@@ -499,6 +503,12 @@ def validate(recipe: Recipe) -> Recipe:
         if not (loss.hidden_mse or loss.kl or loss.ce):
             _fail(f, f"{w}.loss", "all loss weights are 0: set hidden_mse, kl or ce")
         _choice(f, f"{w}.loss.kl_direction", loss.kl_direction, KL_DIRECTIONS)
+        if loss.kl_max_position is not None and not loss.kl:
+            _fail(f, f"{w}.loss.kl_max_position", "limits the teacher's KL term, which this stage does not have: set "
+                  "loss.kl above 0 or drop kl_max_position")
+        if loss.kl_max_position is not None and (loss.ce or loss.hidden_mse) == 0 and loss.kl_max_position < s.seq_len:
+            _fail(f, f"{w}.loss.kl_max_position", f"leaves positions {loss.kl_max_position}-{s.seq_len - 1} of each "
+                  "row without a loss: add ce (or raise it to seq_len)")
         _choice(f, f"{w}.loss.hidden_layers", loss.hidden_layers, HIDDEN_LAYERS)
         _choice(f, f"{w}.loss.hidden_inputs", loss.hidden_inputs, HIDDEN_INPUTS)
         _choice(f, f"{w}.loss.hidden_at", loss.hidden_at, HIDDEN_AT)

@@ -28,7 +28,7 @@ from .backend import check_backend, configure_deepspeed, is_deepspeed, is_fsdp, 
 from .checkpoint import full_state_dict, list_checkpoints, load_weights, save_checkpoint, usable_checkpoint
 from .data import RecallStream, build_corpus, make_batch
 from .graphs import GraphedStudent
-from .losses import cross_entropy_sum, hidden_mse_sum, kl_sum
+from .losses import IGNORE, cross_entropy_sum, hidden_mse_sum, kl_sum
 from .models import load_models
 from .params import apply_lora, merge_lora, parameter_groups, select_trainable
 from .plan import (StagePlan, check_context, named_token_ids, note_document_reach, note_repetition_cut, plan_stage,
@@ -187,7 +187,10 @@ def loss_parts(model, teacher, batch: dict, loss_spec, hidden_layers: list[int])
     elif loss_spec.hidden_mse > 0:
         parts["hidden_mse"] = hidden_mse_sum(out.hidden_states, t_out.hidden_states, hidden_layers)
     if loss_spec.kl > 0:
-        parts["kl"] = kl_sum(out.logits, t_out.logits, batch["targets"], temperature=loss_spec.temperature,
+        targets = batch["targets"]
+        if loss_spec.kl_max_position is not None:
+            targets = targets.masked_fill(batch["position_ids"] >= loss_spec.kl_max_position, IGNORE)
+        parts["kl"] = kl_sum(out.logits, t_out.logits, targets, temperature=loss_spec.temperature,
                              direction=loss_spec.kl_direction)
     if loss_spec.ce > 0:
         parts["ce"] = cross_entropy_sum(out.logits, batch["targets"])
@@ -204,7 +207,7 @@ def part_counts(batch: dict, loss_spec) -> dict[str, int]:
     if loss_spec.hidden_mse > 0:
         out["hidden_mse"] = int(batch["input_ids"].numel())
     if loss_spec.kl > 0:
-        out["kl"] = counted
+        out["kl"] = counted if loss_spec.kl_max_position is None else batch["counted_kl"]
     if loss_spec.ce > 0:
         out["ce"] = counted
     return out
@@ -544,7 +547,8 @@ def _step_batches(run: _Run, st: _Stage, step: int) -> list[dict]:
     plan, acc = st.plan, run.acc
     base = step * plan.sequences_per_step + acc.process_index * plan.per_process
     return [make_batch([st.stream[base + j * plan.micro_batch + i] for i in range(plan.micro_batch)], acc.device,
-                       join_documents=st.spec.join_documents, separator=run.separators[st.index])
+                       join_documents=st.spec.join_documents, separator=run.separators[st.index],
+                       kl_max_position=st.spec.loss.kl_max_position)
             for j in range(plan.accumulation)]
 
 
