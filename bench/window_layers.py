@@ -12,7 +12,7 @@ attention cut in the layers a 1:3 hybrid makes linear (RoPE kept in the others: 
         at 1K / 4K (depths 0.1 / 0.5, 2 trials: the training's stage-end measure) and held-out perplexity at 512
         (4 windows per source), with the source's perplexity last
 
-    python bench/window_layers.py long 4,7,14,18,20,21,22,23 [--yarn 4] [--lengths 8192,16384]
+    python bench/window_layers.py long 4,7,14,18,20,21,22,23 [--yarn 4 [--yarn-whole]] [--sink-reach N] [--lengths 8192,16384]
         the source, then each list kept whole (dense at every length) and the rest cut: the pass-key's answer
         log-probability per token and exact matches (depths 0.1 / 0.5 / 0.9) past the source's context, held-out
         perplexity at 512; --yarn F (the source row left out) rescales RoPE YaRN-style by F over the source's
@@ -96,6 +96,9 @@ def main() -> None:
     ap.add_argument("--yarn-whole", action="store_true",
                     help="long: --yarn in the kept layers only (the cut layers keep the source's RoPE)")
     ap.add_argument("--lengths", default="8192,16384", help="long: pass-key lengths")
+    ap.add_argument("--sink-reach", type=int, default=None,
+                    help="long: the window branch's lightning_sink_reach (default: the conversion's, the source's "
+                         "context; 0: sinks read at their true distance, as before 2026-12-03's sixteenth session)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -120,12 +123,15 @@ def main() -> None:
                 whole = sorted(int(x) for x in name.split(","))
                 # the kept layers dense at every length: whether their positions carry, not InfLLM-V2's selection
                 everywhere = args.yarn if args.yarn and not args.yarn_whole else 0.0
-                m = hybrid(src, set(whole), args.window, args.hype, sparse_dense_len=2**62, rope_yarn=everywhere)
+                reach = {} if args.sink_reach is None else {"lightning_sink_reach": args.sink_reach}
+                m = hybrid(src, set(whole), args.window, args.hype, sparse_dense_len=2**62, rope_yarn=everywhere,
+                           **reach)
                 name = f"keep {whole}"
             if args.yarn and args.yarn_whole:
                 yarn_in_whole_layers(m, args.yarn)
             t = time.perf_counter()
             row = {"model": name, "hype": args.hype, "yarn": args.yarn, "yarn_whole_only": args.yarn_whole,
+                   "sink_reach": getattr(m.config, "lightning_sink_reach", None),
                    "passkey_logp_exact": {str(n): answers(m, ps) for n, ps in long_probes.items()},
                    "ppl512": {s: round(perplexity(m, tok, s, 512, max_windows=4).perplexity, 3) for s in SOURCES},
                    "seconds": round(time.perf_counter() - t)}

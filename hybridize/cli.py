@@ -96,6 +96,10 @@ def main(ctx):
                    "window and the first --lightning-sinks tokens")
 @click.option("--lightning-sinks", type=click.IntRange(min=0), default=4, show_default=True,
               help="first tokens of each sequence that the Lightning window branch always reads")
+@click.option("--lightning-sink-reach", type=click.IntRange(min=0), default=None, metavar="TOKENS",
+              help="the window branch reads a sink further back than this as if it lay this far back (default: the "
+                   "source's context, so that past it the branch sees no distance the source was not trained on; "
+                   "0: the true distance)")
 @click.option("--rope-yarn", type=float, default=0.0, show_default=True, metavar="FACTOR",
               help="rescale RoPE YaRN-style by FACTOR over the source's context in every layer, for reading past it "
                    "(0: the source's RoPE)")
@@ -103,7 +107,7 @@ def main(ctx):
               help="print a before/after generation (default: on for models up to 1.5B parameters)")
 @click.option("--quiet", "-q", is_flag=True, help="no progress bars")
 def convert(source, ratio, layers, select, score_report, students, config, output, dtype, max_shard_size, force, hype,
-            gates, calibrate, lightning_window, lightning_sinks, rope_yarn, sample, quiet):
+            gates, calibrate, lightning_window, lightning_sinks, lightning_sink_reach, rope_yarn, sample, quiet):
     """Convert SOURCE into a hybrid model folder.
 
     SOURCE: a Hugging Face model folder or a hub id in the local cache; a .safetensors/.bin/.pt/.ckpt/.pth state
@@ -127,7 +131,8 @@ def convert(source, ratio, layers, select, score_report, students, config, outpu
         gates=gates, dtype=dtype, force=force, max_shard_size=max_shard_size, progress=not quiet,
         select_options={"score_report": score_report} if score_report else None, students=students,
         keep_source=lambda ckpt: wants_sample(ckpt, sample), calibrate=calibrate,
-        lightning_window=lightning_window, lightning_sinks=lightning_sinks, rope_yarn=rope_yarn,
+        lightning_window=lightning_window, lightning_sinks=lightning_sinks, lightning_sink_reach=lightning_sink_reach,
+        rope_yarn=rope_yarn,
     )
     click.echo(f"wrote {result.output} ({len(result.sparse_layers)} sparse of {result.num_layers} layers, placed by "
                f"{result.method}: {result.sparse_layers})")

@@ -55,3 +55,16 @@ def read_text_files(paths: list[Path], max_chars: int) -> str:
         if total >= max_chars:
             break
     return "\n".join(parts)[:max_chars]
+
+
+def source_context(config) -> int | None:
+    """How many positions the source model was trained for: max_position_embeddings, or the length its RoPE
+    scaling reaches when that is longer (yarn/linear/dynamic configs keep the original length there)."""
+    limit = getattr(config, "max_position_embeddings", None)
+    if not limit:
+        return None
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    factor = rope.get("factor") if isinstance(rope, dict) else None
+    if factor and rope.get("rope_type", rope.get("type")) not in (None, "default"):
+        limit = max(limit, int(rope.get("original_max_position_embeddings", limit) * float(factor)))
+    return int(limit)

@@ -9,6 +9,12 @@ within 1.04x of the source's (bench/results/retention.md).
 work in O(T (2W + S)): queries in blocks of `window`, each against the sinks, the block before it and its own block,
 one batched SDPA call, packed documents and left-padded rows included. `window_attention_at` takes keys at given
 positions (what a generation cache holds); `window_slots` says which of them such a cache keeps.
+
+`far = (reach, q_far, k_far)` (every form): a sink read from more than `reach` positions back is scored q_far . k_far
+instead of q . k. With RoPE, q_far rotated at position `reach` and k_far at position 0 score it as if it lay `reach`
+back: the sinks are never read from further than the distance the source was trained on (its context), so the
+function is the source's up to there and stays in its range beyond (StreamingLLM reads its sinks at cache positions
+for the same reason).
 """
 
 from __future__ import annotations
@@ -27,11 +33,23 @@ def expand_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
     return k, v
 
 
-def _check(window: int, sinks: int) -> None:
+def _check(window: int, sinks: int, far=None) -> None:
     if window < 1:
         raise ValueError(f"window must be at least 1, got {window}")
     if not 0 <= sinks <= window:
         raise ValueError(f"sinks must be between 0 and the window ({window}), got {sinks}")
+    if far is not None and far[0] < 2 * window:
+        # the blocked form reads sinks that lie in a block's window part (2 windows) with the near scoring
+        raise ValueError(f"the sinks' reach ({far[0]}) must be at least twice the window ({window})")
+
+
+def _far_logits(q, k, far, far_read: torch.Tensor, scale: float) -> torch.Tensor:
+    """Scaled logits q . k (B, H, Tq, Tk), q_far . k_far where `far_read` (broadcast to them) is True."""
+    _, qf, kf = far
+    kf = kf.repeat_interleave(q.shape[1] // kf.shape[1], dim=1)
+    dt = torch.promote_types(q.dtype, torch.float32)
+    near = q.to(dt) @ k.to(dt).transpose(-1, -2)
+    return torch.where(far_read, qf.to(dt) @ kf.to(dt).transpose(-1, -2), near) * scale
 
 
 def window_mask(tq: int, tk: int, window: int, sinks: int = 0, device=None) -> torch.Tensor:
@@ -41,12 +59,19 @@ def window_mask(tq: int, tk: int, window: int, sinks: int = 0, device=None) -> t
     return (j <= i) & ((i - j < window) | (j < sinks))
 
 
-def window_attention_reference(q, k, v, window: int, sinks: int = 0, scale: float | None = None) -> torch.Tensor:
-    """q (B, H, T, D), k and v (B, Hkv, T, D) -> (B, H, T, D); the whole mask, O(T^2)."""
-    _check(window, sinks)
+def window_attention_reference(q, k, v, window: int, sinks: int = 0, scale: float | None = None,
+                               far=None) -> torch.Tensor:
+    """q (B, H, T, D), k and v (B, Hkv, T, D) -> (B, H, T, D); the whole mask, O(T^2). `far`: the module's."""
+    _check(window, sinks, far)
     k, v = expand_heads(q, k, v)
     T = q.shape[2]
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=window_mask(T, T, window, sinks, q.device), scale=scale)
+    mask = window_mask(T, T, window, sinks, q.device)
+    if far is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    i, j = torch.arange(T, device=q.device)[:, None], torch.arange(T, device=q.device)[None, :]
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    logits = _far_logits(q, k, far, (j < sinks) & (i - j > far[0]), scale).masked_fill(~mask, float("-inf"))
+    return (torch.softmax(logits, dim=-1) @ v.to(logits.dtype)).to(q.dtype)
 
 
 def sequence_begin(B: int, T: int, device, *, cu_seqlens=None, starts=None) -> torch.Tensor:
@@ -65,32 +90,43 @@ def sequence_begin(B: int, T: int, device, *, cu_seqlens=None, starts=None) -> t
 
 
 def window_attention(q, k, v, window: int, sinks: int = 0, scale: float | None = None, *, cu_seqlens=None,
-                     starts=None) -> torch.Tensor:
+                     starts=None, far=None) -> torch.Tensor:
     """The same as window_attention_reference, in blocks of `window` queries: O(T (2 window + sinks)) work.
 
     `cu_seqlens` (B == 1, offsets of packed documents): each document on its own, with its own sinks.
     `starts` (one per row): left padding; row b's sequence begins at starts[b], its sinks are its first tokens and its
-    padded queries get zeros. Either may live on the host or the device: nothing here waits for the GPU."""
-    _check(window, sinks)
+    padded queries get zeros. Either may live on the host or the device: nothing here waits for the GPU.
+    `far` (the module's): where a row is long enough for a sink to lie beyond the reach, queries and keys carry both
+    scorings side by side ([q, q_far] against [k, 0] or [0, k_far]), each sink twice, each copy masked where the other
+    applies: one SDPA call still, at twice the width."""
+    _check(window, sinks, far)
     k, v = expand_heads(q, k, v)
     B, H, T, D = q.shape
     W, dev = window, q.device
+    split = far is not None and sinks > 0 and T - 1 > far[0]
+    if split:
+        scale = D ** -0.5 if scale is None else scale
+        qf = far[1]
+        kf = far[2].repeat_interleave(H // far[2].shape[1], dim=1)
+        zeros = torch.zeros_like(k)
+        q, k, kf, v = (torch.cat(x, dim=-1) for x in ((q, qf), (k, zeros), (zeros, kf), (v, torch.zeros_like(v))))
+    E = q.shape[-1]
     nb = -(-T // W)
     pad = nb * W - T
     t = torch.arange(T, device=dev)
     st = None if starts is None else torch.as_tensor(starts, device=dev).long().view(B, 1)
     begin = sequence_begin(B, T, dev, cu_seqlens=cu_seqlens, starts=starts)
 
-    def blocks(x):  # (B, H, T, D) -> (B * nb, H, W, D), zero-padded at the end: four dimensions for SDPA's kernels
-        return F.pad(x, (0, 0, 0, pad)).view(B, H, nb, W, D).transpose(1, 2).reshape(B * nb, H, W, D)
+    def blocks(x):  # (B, H, T, E) -> (B * nb, H, W, E), zero-padded at the end: four dimensions for SDPA's kernels
+        return F.pad(x, (0, 0, 0, pad)).view(B, H, nb, W, E).transpose(1, 2).reshape(B * nb, H, W, E)
 
     qb, kb, vb = blocks(q), blocks(k), blocks(v)
     # each block's keys: the sinks of the sequence its window part starts in, the block before it, its own block
     first = B * nb
 
     def previous(xb):
-        x = xb.view(B, nb, H, W, D)
-        return torch.cat([x.new_zeros(B, 1, H, W, D), x[:, :-1]], dim=1).reshape(first, H, W, D)
+        x = xb.view(B, nb, H, W, E)
+        return torch.cat([x.new_zeros(B, 1, H, W, E), x[:, :-1]], dim=1).reshape(first, H, W, E)
 
     parts_k, parts_v = [previous(kb), kb], [previous(vb), vb]
     blk = torch.arange(nb, device=dev)
@@ -108,40 +144,53 @@ def window_attention(q, k, v, window: int, sinks: int = 0, scale: float | None =
         lead = begin_pad[:, (blk - 1).clamp(min=0) * W]  # (B, nb)
         sp = lead[..., None] + torch.arange(sinks, device=dev)  # (B, nb, S)
         spc = sp.clamp(max=T - 1)
-        gather = lambda x: x.gather(2, spc.view(B, 1, nb * sinks, 1).expand(B, H, -1, D)).view(
-            B, H, nb, sinks, D).transpose(1, 2).reshape(first, H, sinks, D)
-        parts_k.insert(0, gather(k))
-        parts_v.insert(0, gather(v))
+        gather = lambda x: x.gather(2, spc.view(B, 1, nb * sinks, 1).expand(B, H, -1, E)).view(
+            B, H, nb, sinks, E).transpose(1, 2).reshape(first, H, sinks, E)
         window_start = ((blk - 1) * W)[None, :, None]
         bs = begin_pad.gather(1, spc.view(B, -1)).view(B, nb, 1, sinks)
-        smask = (sp < window_start)[:, :, None, :] & (bs == bq) & (sp < T)[:, :, None, :]
-        mask = torch.cat([smask.expand(B, nb, W, sinks), mask.expand(B, nb, W, 2 * W)], dim=3)
+        smask = ((sp < window_start)[:, :, None, :] & (bs == bq) & (sp < T)[:, :, None, :]).expand(B, nb, W, sinks)
+        smasks = [smask]
+        parts_k.insert(0, gather(k))
+        parts_v.insert(0, gather(v))
+        if split:  # the far copies after the near ones, each read where the other is not
+            beyond = (i[None] - sp[:, :, None, :]) > far[0]  # (B, nb, W, S)
+            smasks = [smask & ~beyond, smask & beyond]
+            parts_k.insert(1, gather(kf))
+            parts_v.insert(1, gather(v))
+        mask = torch.cat([*smasks, mask.expand(B, nb, W, 2 * W)], dim=3)
     extra = -mask.shape[-1] % 16  # keys to a multiple of 16, masked: SDPA's memory-efficient kernel takes the mask as is
     if extra:
-        parts_k.append(kb.new_zeros(first, H, extra, D))
-        parts_v.append(vb.new_zeros(first, H, extra, D))
+        parts_k.append(kb.new_zeros(first, H, extra, E))
+        parts_v.append(vb.new_zeros(first, H, extra, E))
         mask = F.pad(mask, (0, extra), value=False)
     keys, values = torch.cat(parts_k, dim=2), torch.cat(parts_v, dim=2)
     # every query reads itself (positions past T too: theirs is a zero key of sequence -1), so no row is empty
     out = F.scaled_dot_product_attention(qb, keys, values, attn_mask=mask.reshape(first, 1, W, -1), scale=scale)
-    out = out.view(B, nb, H, W, D).transpose(1, 2).reshape(B, H, nb * W, D)[:, :, :T]
+    out = out.view(B, nb, H, W, E).transpose(1, 2).reshape(B, H, nb * W, E)[:, :, :T, :D]
     if st is not None:
         out = out.masked_fill((t[None] < st)[:, None, :, None], 0.0)
     return out
 
 
-def window_attention_at(q, k, v, q_pos, k_pos, window: int, sinks: int = 0, scale: float | None = None
-                        ) -> torch.Tensor:
+def window_attention_at(q, k, v, q_pos, k_pos, window: int, sinks: int = 0, scale: float | None = None,
+                        far=None) -> torch.Tensor:
     """The same rule over keys at arbitrary positions: what a cache holds (the sinks, a ring of recent keys) followed
     by the new ones. q (B, H, Tq, D), k and v (B, Hkv, Tk, D), q_pos (B, Tq) and k_pos (B, Tk) each row's own token
     positions, negative for padding or an empty slot. A query reads key j when 0 <= pos_j <= pos_i and (pos_i - pos_j
-    < window or pos_j < sinks); each position must appear at most once among the keys. Padded queries get zeros."""
-    _check(window, sinks)
+    < window or pos_j < sinks); each position must appear at most once among the keys. Padded queries get zeros.
+    `far` (the module's; k_far laid out like k, read at the sinks' slots only): the few keys' logits written out."""
+    _check(window, sinks, far)
     k, v = expand_heads(q, k, v)
     qp, kp = q_pos[:, :, None], k_pos[:, None, :]
     mask = (kp >= 0) & (kp <= qp) & ((qp - kp < window) | (kp < sinks))
     empty = ~mask.any(-1, keepdim=True)  # padded queries: read anything, then zeroed (an all-masked row gives NaN)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=(mask | empty)[:, None], scale=scale)
+    if far is None:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=(mask | empty)[:, None], scale=scale)
+    else:
+        scale = q.shape[-1] ** -0.5 if scale is None else scale
+        logits = _far_logits(q, k, far, ((kp < sinks) & (qp - kp > far[0]))[:, None], scale)
+        logits = logits.masked_fill(~(mask | empty)[:, None], float("-inf"))
+        out = (torch.softmax(logits, dim=-1) @ v.to(logits.dtype)).to(q.dtype)
     return out.masked_fill(empty[:, None], 0.0)
 
 

@@ -266,9 +266,10 @@ class _SinkRows(torch.autograd.Function):
         return dx.to(ctx.dtype), None, None
 
 
-def _sinks(q, k, v, begin, window: int, sinks: int, scale: float):
+def _sinks(q, k, v, begin, window: int, sinks: int, scale: float, far=None):
     """Per query, its sequence's first `sinks` keys that lie before its band: the unnormalised sum of their softmax
-    terms against a per-row shift `m` (detached), their weighted values, and m. (B, Hkv, G, T, ...)."""
+    terms against a per-row shift `m` (detached), their weighted values, and m. (B, Hkv, G, T, ...). `far`:
+    window_reference's (q_far . k_far for the sinks beyond its reach)."""
     B, H, T, D = q.shape
     Hkv = k.shape[1]
     t = torch.arange(T, device=q.device)
@@ -278,6 +279,12 @@ def _sinks(q, k, v, begin, window: int, sinks: int, scale: float):
     ks = _SinkRows.apply(k, begin, sinks)
     vs = _SinkRows.apply(v, begin, sinks)
     logits = torch.einsum("bhgtd,bhtsd->bhgts", q.view(B, Hkv, H // Hkv, T, D).float(), ks) * scale
+    if far is not None and T - 1 > far[0]:
+        reach, qf, kf = far
+        far_logits = torch.einsum("bhgtd,bhtsd->bhgts", qf.reshape(B, Hkv, H // Hkv, T, D).float(),
+                                  _SinkRows.apply(kf.contiguous(), begin, sinks)) * scale
+        beyond = (t[None, :, None] - pos > reach).view(B, 1, 1, T, sinks)
+        logits = torch.where(beyond, far_logits, logits)
     ok = ok.view(B, 1, 1, T, sinks)
     # a large negative finite fill, not -inf: its exp is 0 and so is its gradient (no NaN through empty rows)
     logits = logits.masked_fill(~ok, -1e30)
@@ -287,10 +294,11 @@ def _sinks(q, k, v, begin, window: int, sinks: int, scale: float):
 
 
 def window_attention_triton(q, k, v, window: int, sinks: int = 0, scale: float | None = None, *, cu_seqlens=None,
-                            starts=None) -> torch.Tensor:
+                            starts=None, far=None) -> torch.Tensor:
     """`window_reference.window_attention` on CUDA (or under the Triton interpreter): q (B, H, T, D), k and v
-    (B, Hkv, T, D) -> (B, H, T, D). `cu_seqlens` (B == 1): packed documents; `starts`: left padding per row."""
-    _check(window, sinks)
+    (B, Hkv, T, D) -> (B, H, T, D). `cu_seqlens` (B == 1): packed documents; `starts`: left padding per row; `far`:
+    window_reference's (the sinks beyond its reach, in the PyTorch part)."""
+    _check(window, sinks, far)
     B, H, T, D = q.shape
     if H % k.shape[1]:
         raise ValueError(f"{H} query heads are not a multiple of {k.shape[1]} key/value heads")
@@ -299,7 +307,7 @@ def window_attention_triton(q, k, v, window: int, sinks: int = 0, scale: float |
     band, lse = _Band.apply(q, k, v, begin.to(torch.int32).contiguous(), window, scale)
     if sinks:
         Hkv = k.shape[1]
-        total, weighted, m = _sinks(q, k, v, begin, window, sinks, scale)
+        total, weighted, m = _sinks(q, k, v, begin, window, sinks, scale, far)
         lse = lse.view(B, Hkv, H // Hkv, T)
         top = torch.maximum(lse, m).detach()
         wb, ws = torch.exp(lse - top), torch.exp(m - top)

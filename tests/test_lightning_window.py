@@ -23,9 +23,11 @@ from hybridize.select.runner import LayerRunner, reference_hybrid
 TYPES = ["lightning", "sparse", "lightning", "lightning"]
 
 
-def _windowed_source(src, layers: set[int], window: int, sinks: int, name: str):
+def _windowed_source(src, layers: set[int], window: int, sinks: int, name: str, reach: int = 0):
     """The source with its attention in `layers` cut to the first `sinks` and the last `window` keys (its own mask,
-    written out here rather than taken from the code under test)."""
+    written out here rather than taken from the code under test); `reach`: a sink further back than that is scored
+    with its key turned on by the source's own RoPE as if it lay `reach` back."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
     def attend(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         group = query.shape[1] // key.shape[1]
@@ -36,6 +38,14 @@ def _windowed_source(src, layers: set[int], window: int, sinks: int, name: str):
         if module.layer_idx in layers:
             allowed = allowed & ((i - j < window) | (j < sinks))
         scores = (query @ key.transpose(-1, -2)) * scaling
+        if module.layer_idx in layers and reach:
+            for s in range(sinks):
+                far = (i[:, 0] - s > reach).nonzero()[:, 0]
+                if len(far):  # the key at s rotated on by (i - s - reach) for each far query i
+                    cos, sin = src.model.rotary_emb(key, (far - s - reach)[None])
+                    moved, _ = apply_rotary_pos_emb(key[:, :, s:s + 1].expand(-1, -1, len(far), -1), key[:, :, :1],
+                                                    cos, sin)
+                    scores[:, :, far, s] = (query[:, :, far] * moved).sum(-1) * scaling
         probs = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
         return (probs @ value).transpose(1, 2).contiguous(), None
 
@@ -71,6 +81,25 @@ def test_a_fresh_conversion_is_the_source_with_its_attention_cut_to_the_window(w
     assert layer.o_norm.weight.abs().max() == 0  # the recurrent branch starts at zero
 
 
+def test_a_sink_reach_reads_far_sinks_as_if_they_lay_that_far_back():
+    """lightning_sink_reach: the fresh conversion is the source with its attention cut to the window and each sink
+    further back than the reach scored as if it lay exactly that far back (RoPE turned on in the test by the
+    source's own rotary code); within the reach nothing changes."""
+    window, sinks, reach = 6, 2, 14
+    hybrid = build_hybrid(tiny_llama(), TYPES, hype=False, lightning_window=window, lightning_sinks=sinks,
+                          lightning_sink_reach=reach)
+    plain = build_hybrid(tiny_llama(), TYPES, hype=False, lightning_window=window, lightning_sinks=sinks)
+    expected_model = _windowed_source(tiny_llama(), {0, 2, 3}, window, sinks, "test_sink_reach", reach=reach)
+    ids = torch.randint(3, 97, (2, 41))
+    with torch.no_grad():
+        expected = expected_model(ids).logits
+        got = hybrid(ids, use_cache=False).logits
+        unreached = plain(ids, use_cache=False).logits
+    assert (expected - got).abs().max() <= 1e-4
+    assert (unreached[:, reach + 1:] - got[:, reach + 1:]).abs().max() > 1e-3  # past the reach it matters
+    torch.testing.assert_close(got[:, : reach + 1], unreached[:, : reach + 1])  # up to it, nothing changes
+
+
 def test_packed_documents_and_left_padding_read_their_own_sinks_and_window():
     hybrid = _trained_looking(build_hybrid(tiny_llama(), TYPES, lightning_window=6, lightning_sinks=2, **TINY_SPARSE))
     docs = [torch.randint(3, 97, (n,)) for n in (11, 30, 4)]
@@ -96,12 +125,12 @@ def _trained_looking(hybrid):
     return hybrid
 
 
-@pytest.mark.parametrize("chunk", [None, 16])
-def test_cached_generation_equals_the_full_forward(chunk):
+@pytest.mark.parametrize("chunk,reach", [(None, 0), (16, 0), (None, 20), (16, 20)])
+def test_cached_generation_equals_the_full_forward(chunk, reach):
     """Left-padded prompts prefilled (in one pass, or in chunks longer than the window, which go through the store
-    piece by piece) and decoded one token at a time give the full forward's logits; the store holds each row's sinks
-    and its last `window` positions."""
-    options = dict(TINY_SPARSE, prefill_chunk_size=chunk)
+    piece by piece) and decoded one token at a time give the full forward's logits, a sink reach crossed on the way
+    included; the store holds each row's sinks and its last `window` positions."""
+    options = dict(TINY_SPARSE, prefill_chunk_size=chunk, lightning_sink_reach=reach)
     hybrid = _trained_looking(build_hybrid(tiny_llama(), TYPES, lightning_window=8, lightning_sinks=2, **options))
     torch.manual_seed(1)
     lengths = (7, 37, 12)
@@ -174,7 +203,8 @@ def test_training_reaches_both_branches_from_the_fresh_conversion():
 
 def test_window_options_are_validated():
     for bad in (dict(lightning_window=-1), dict(lightning_window=4, lightning_sinks=5),
-                dict(lightning_window=True)):
+                dict(lightning_window=True), dict(lightning_window=8, lightning_sink_reach=15),
+                dict(lightning_sink_reach=-1)):
         with pytest.raises(ValueError, match="lightning_"):
             HybridConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, **bad)
 
@@ -249,3 +279,42 @@ def test_a_recipe_with_a_window_trains_both_branches_and_exports_them(tmp_path, 
     ids = torch.randint(3, 300, (1, 40))
     with torch.no_grad():
         torch.testing.assert_close(model(ids, use_cache=False).logits, result.model(ids, use_cache=False).logits)
+
+
+@pytest.mark.parametrize("flags, reach", [([], 1024), (["--lightning-sink-reach", "0"], 0),
+                                          (["--lightning-sink-reach", "40"], 40)])
+def test_convert_holds_the_sinks_at_the_source_context_unless_told(tmp_path, flags, reach):
+    """A windowed conversion reads its sinks from at most the source's context (tiny_llama's 1024) by default; the
+    flag sets another reach or 0 (off); a reach under twice the window is refused in one line, nothing written."""
+    from click.testing import CliRunner
+
+    from hybridize.cli import main
+
+    tiny_llama().save_pretrained(tmp_path / "src")
+    out = tmp_path / "out"
+    args = ["convert", str(tmp_path / "src"), "--layers", "1", "--lightning-window", "16", "--no-calibrate",
+            "--no-sample", "-q", "-o", str(out)]
+    res = CliRunner().invoke(main, args + flags)
+    assert res.exit_code == 0, res.output
+    assert json.loads((out / "config.json").read_text())["lightning_sink_reach"] == reach
+    bad = CliRunner().invoke(main, args + ["--lightning-sink-reach", "31", "-o", str(tmp_path / "bad")])
+    assert bad.exit_code == 2 and len(bad.output.strip().splitlines()) == 1, bad.output
+    assert "at least twice" in bad.output and not (tmp_path / "bad").exists()
+
+
+def test_a_recipe_converts_with_the_sinks_reach(tmp_path):
+    """model.lightning_sink_reach reaches the student a recipe converts; unset, it is the source's context."""
+    import test_train_support as S
+
+    from hybridize.train.models import load_models
+    from hybridize.train.recipe import recipe_from_dict
+
+    docs = S.write_documents(tmp_path / "docs")
+    src = S.make_tiny_source(tmp_path / "src", docs)
+    recipe = S.tiny_recipe(src, docs, tmp_path / "run", tmp_path / "cache")
+    context = json.loads((src / "config.json").read_text())["max_position_embeddings"]
+    for reach, want in ((None, max(context, 16)), (24, 24)):
+        recipe["model"].update(lightning_window=8, lightning_sink_reach=reach)
+        student = load_models(recipe_from_dict(recipe), need_teacher=False)[0]
+        assert student.config.lightning_sink_reach == want
+

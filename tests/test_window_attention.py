@@ -80,6 +80,54 @@ def test_packed_documents_and_left_padded_rows_each_read_only_their_own_tokens()
         window_attention(rows, rows, rows, W, S, cu_seqlens=torch.tensor([0, 11]))
 
 
+def _far_inputs(B, H, Hkv, T, D, seed):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(B, h, T, D, generator=g, dtype=torch.float64, requires_grad=True)
+            for h in (H, Hkv, Hkv, H, Hkv)]
+
+
+def test_far_sinks_are_scored_by_their_own_pair_beyond_the_reach_in_every_form():
+    """`far = (reach, q_far, k_far)`: the definition scores a sink read from more than `reach` back as q_far . k_far
+    (checked against the softmax written out); the blocked form and the cache form equal it, forward and backward
+    (q_far and k_far included), with packed documents and left padding; a reach past the row changes nothing."""
+    from hybridize.kernels.window_reference import window_attention_at
+
+    W, S, R, T = 8, 3, 19, 61
+    q, k, v, qf, kf = _far_inputs(2, 4, 2, T, 16, seed=3)
+    far = (R, qf, kf)
+    want = window_attention_reference(q, k, v, W, S, 0.3, far=far)
+    # written out for one query far from its sinks (position 40) in row 1, head 3 (key/value head 1)
+    i, kk, vv = 40, k[1, 1], v[1, 1]
+    keys = list(range(S)) + list(range(i - W + 1, i + 1))
+    logit = torch.stack([(qf[1, 3, i] @ kf[1, 1, j] if j < S else q[1, 3, i] @ kk[j]) * 0.3 for j in keys])
+    torch.testing.assert_close(want[1, 3, i], torch.softmax(logit, 0) @ vv[keys])
+    assert not torch.allclose(want, window_attention_reference(q, k, v, W, S, 0.3))
+    grad = torch.randn_like(want)
+    want_grads = torch.autograd.grad(want, (q, k, v, qf, kf), grad)
+    got = window_attention(q, k, v, W, S, 0.3, far=far)
+    torch.testing.assert_close(got, want)
+    for a, b in zip(torch.autograd.grad(got, (q, k, v, qf, kf), grad), want_grads):
+        torch.testing.assert_close(a, b)
+    pos = torch.arange(T)[None].expand(2, T)
+    last = window_attention_at(q[:, :, -6:], k, v, pos[:, -6:], pos, W, S, 0.3, far=(R, qf[:, :, -6:], kf))
+    torch.testing.assert_close(last, want[:, :, -6:])
+    torch.testing.assert_close(window_attention(q, k, v, W, S, 0.3, far=(T, qf, kf)),
+                               window_attention_reference(q, k, v, W, S, 0.3))
+    cu = torch.tensor([0, 9, 10, 41, 61])
+    packed = window_attention(q[:1], k[:1], v[:1], W, S, 0.3, cu_seqlens=cu, far=(R, qf[:1], kf[:1]))
+    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        doc = window_attention_reference(*(x[:1, :, a:b] for x in (q, k, v)), W, S, 0.3,
+                                         far=(R, qf[:1, :, a:b], kf[:1, :, a:b]))
+        torch.testing.assert_close(packed[:, :, a:b], doc)
+    padded = window_attention(q, k, v, W, S, 0.3, starts=[0, 13], far=far)
+    row = window_attention_reference(*(x[1:, :, 13:] for x in (q, k, v)), W, S, 0.3,
+                                     far=(R, qf[1:, :, 13:], kf[1:, :, 13:]))
+    torch.testing.assert_close(padded[1:, :, 13:], row)
+    assert padded[1:, :, :13].abs().max() == 0
+    with pytest.raises(ValueError, match="twice the window"):
+        window_attention(q, k, v, W, S, far=(2 * W - 1, qf, kf))
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])

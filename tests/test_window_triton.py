@@ -97,3 +97,24 @@ def test_sink_rows_sum_many_readers_in_float32(cu, starts):
     assert rows.dtype == torch.float32 and torch.equal(rows, want_rows.float())
     assert got.dtype == torch.bfloat16
     torch.testing.assert_close(got.double(), want, atol=0.0, rtol=2 ** -8)  # bf16's rounding of the exact sum
+
+
+def test_interpreted_kernel_scores_far_sinks_by_their_own_pair(interp):
+    """window_reference's `far`: the sinks read from beyond the reach scored q_far . k_far, forward and every
+    gradient (q_far and k_far included), packed documents too."""
+    W, S, R = 8, 3, 17
+    g = torch.Generator().manual_seed(9)
+    q, k, v, qf, kf = [torch.randn(1, h, 60, 16, generator=g).requires_grad_() for h in (4, 2, 2, 4, 2)]
+    grad = torch.randn(1, 4, 60, 16, generator=g)
+    for cu in (None, torch.tensor([0, 30, 31, 60])):
+        got = interp.window_attention_triton(q, k, v, W, S, 0.3, cu_seqlens=cu, far=(R, qf, kf))
+        if cu is None:
+            want = window_attention_reference(q, k, v, W, S, 0.3, far=(R, qf, kf))
+        else:
+            want = torch.cat([window_attention_reference(*(x[:, :, a:b] for x in (q, k, v)), W, S, 0.3,
+                                                         far=(R, qf[:, :, a:b], kf[:, :, a:b]))
+                              for a, b in zip(cu[:-1].tolist(), cu[1:].tolist())], dim=2)
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+        for name, a, b in zip(["q", "k", "v", "q_far", "k_far"], torch.autograd.grad(got, (q, k, v, qf, kf), grad),
+                              torch.autograd.grad(want, (q, k, v, qf, kf), grad)):
+            torch.testing.assert_close(a, b, atol=5e-5, rtol=1e-4, msg=f"d{name}")

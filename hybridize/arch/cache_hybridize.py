@@ -121,13 +121,13 @@ class HybridCache:
         held = self.window_store(layer_idx)
         if held is not None:
             k, v, pos = (torch.cat([a, b], dim=d) for a, b, d in zip(held, (k, v, pos), (2, 2, 1)))
-        B, H, _, D = k.shape
+        B, H = k.shape[:2]
         size = self.sinks + self.window
         slot = window_slots(pos, self.window, self.sinks)  # size (dropped) for what leaves the store
-        keys, values = k.new_zeros(B, H, size + 1, D), v.new_zeros(B, H, size + 1, D)
-        index = slot[:, None, :, None].expand(B, H, -1, D)
-        keys.scatter_(2, index, k)
-        values.scatter_(2, index, v)
+        # keys may be wider than values: with lightning_sink_reach the layer stores [k, k_far] side by side
+        keys, values = k.new_zeros(B, H, size + 1, k.shape[-1]), v.new_zeros(B, H, size + 1, v.shape[-1])
+        keys.scatter_(2, slot[:, None, :, None].expand(B, H, -1, k.shape[-1]), k)
+        values.scatter_(2, slot[:, None, :, None].expand(B, H, -1, v.shape[-1]), v)
         kept = pos.new_full((B, size + 1), -1).scatter_(1, slot, pos)
         self.window_keys[layer_idx], self.window_values[layer_idx] = keys[:, :, :size], values[:, :, :size]
         self.window_pos[layer_idx] = kept[:, :size]

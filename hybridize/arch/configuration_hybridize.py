@@ -34,6 +34,9 @@ class HybridConfig(PretrainedConfig):
     conversion starts the recurrent branch at zero, so it computes the source with its attention cut to that window
     (SmolLM2 with 256 + 4: 1.04x the held-out perplexity untrained, bench/results/retention.md); the recurrent branch
     learns what lies further back. The cache holds the sinks and a ring of the last `lightning_window` keys per layer.
+    `lightning_sink_reach` (0: off; else at least twice the window): the window branch reads a sink that lies further
+    back than this as if it lay this far back (RoPE at that distance), so that past the source's context (convert sets
+    it there) the branch sees no distance the source was not trained on; up to it the function is unchanged.
     Sparse selection: `sparse_selection="block"` (default: the queries of one `sparse_select_tokens`-aligned group, i.e.
     one 64-token block, share a selection, as block-sparse kernels need for speed; prefill on the GPU is 10x faster than
     per-token selection, bench/results/model-speed.md) or `"token"` (exact per-token selection; a decode step is always
@@ -88,6 +91,7 @@ class HybridConfig(PretrainedConfig):
         lightning_chunk_size: int = 64,
         lightning_window: int = 0,
         lightning_sinks: int = 4,
+        lightning_sink_reach: int = 0,
         sparse_dense_len: int = 8192,
         sparse_block_size: int = 64,
         sparse_compress_kernel: int = 32,
@@ -136,6 +140,7 @@ class HybridConfig(PretrainedConfig):
         self.lightning_chunk_size = lightning_chunk_size
         self.lightning_window = lightning_window
         self.lightning_sinks = lightning_sinks
+        self.lightning_sink_reach = lightning_sink_reach
         self.sparse_dense_len = sparse_dense_len
         self.sparse_block_size = sparse_block_size
         self.sparse_compress_kernel = sparse_compress_kernel
@@ -177,6 +182,10 @@ class HybridConfig(PretrainedConfig):
             raise ValueError(f"lightning_window must be a non-negative integer (0: off), got {w!r}")
         if not isinstance(s, int) or isinstance(s, bool) or s < 0 or (w and s > w):
             raise ValueError(f"lightning_sinks must be an integer from 0 to lightning_window ({w}), got {s!r}")
+        r = self.lightning_sink_reach
+        if not isinstance(r, int) or isinstance(r, bool) or r < 0 or (r and r < 2 * w):
+            raise ValueError(f"lightning_sink_reach must be 0 (off) or an integer of at least twice lightning_window "
+                             f"({2 * w}), got {r!r}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
         if self.sparse_init_blocks + self.sparse_local_blocks > self.sparse_topk:

@@ -243,6 +243,8 @@ class AttentionContext:
     # cu_seqlens on the CPU: the sparse layers build their row tables from it on the host, so one copy per forward
     # replaces a host synchronisation per sparse layer and kernel
     cu_seqlens_host: torch.Tensor | None = None
+    # cos, sin (1, 2, D) at positions 0 and config.lightning_sink_reach: the window branch's far sink scoring
+    far_rope: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -345,20 +347,40 @@ class LightningAttention(nn.Module):
         w, sinks, scale = self.window, self.config.lightning_sinks, self.head_dim ** -0.5
         cache = ctx.cache
         held = cache.window_store(self.layer_idx) if cache is not None else None
+        T, D = q.shape[2], self.head_dim
+        # far sink scoring where some query may lie beyond the reach; with a cache, k_far always (its store keeps
+        # [k, k_far] side by side, so that later tokens find their sinks' k_far)
+        reach = self.config.lightning_sink_reach if ctx.far_rope is not None else 0
+        far_needed = bool(reach) and (cache.seq_len if cache is not None else 0) + T - 1 > reach
+        q_far = self._rotated_at(q_raw, self.q_norm, ctx.far_rope, 1, v) if far_needed else None
+        k_far = self._rotated_at(k_raw, self.k_norm, ctx.far_rope, 0, v) if far_needed or (reach and cache is not None) else None
+        stored = torch.cat([k, k_far], dim=-1) if reach and cache is not None else k
         if held is None:  # no earlier tokens: the blocked form over the whole input
             starts = ctx.pad if ctx.cu_seqlens is None else None
-            out = window_attention(q, k, v, w, sinks, scale, cu_seqlens=ctx.cu_seqlens, starts=starts)
+            out = window_attention(q, k, v, w, sinks, scale, cu_seqlens=ctx.cu_seqlens, starts=starts,
+                                   far=(reach, q_far, k_far) if far_needed else None)
             if cache is not None:
-                cache.update_window(self.layer_idx, k, v, self._positions(ctx))
+                cache.update_window(self.layer_idx, stored, v, self._positions(ctx))
             return out
         # after earlier tokens: pieces of at most `window` new tokens against the store, the store updated after each
         pos = self._positions(ctx)
         outs = []
-        for a in range(0, q.shape[2], w):
-            b = min(q.shape[2], a + w)
-            keys, values, key_pos = cache.update_window(self.layer_idx, k[:, :, a:b], v[:, :, a:b], pos[:, a:b])
-            outs.append(window_attention_at(q[:, :, a:b], keys, values, pos[:, a:b], key_pos, w, sinks, scale))
+        for a in range(0, T, w):
+            b = min(T, a + w)
+            keys, values, key_pos = cache.update_window(self.layer_idx, stored[:, :, a:b], v[:, :, a:b], pos[:, a:b])
+            far = (reach, q_far[:, :, a:b], keys[..., D:]) if far_needed else None
+            outs.append(window_attention_at(q[:, :, a:b], keys[..., :D], values, pos[:, a:b], key_pos, w, sinks,
+                                            scale, far=far))
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+
+    def _rotated_at(self, raw, norm, far_rope, which: int, v) -> torch.Tensor:
+        """`raw` (B, T, H, D) as the window branch takes it (its norm where the source had one), rotated at one
+        position for every token: far_rope's position 0 (which=0) or config.lightning_sink_reach (which=1)."""
+        B, T = raw.shape[:2]
+        cos, sin = (t[:, which : which + 1].expand(1, T, -1).contiguous() for t in far_rope)
+        if self.config.qk_norm:
+            return norm_rope(raw, norm.weight, norm.variance_epsilon, cos, sin, v.dtype)
+        return apply_rope(raw.transpose(1, 2), cos, sin).to(v.dtype)
 
     @staticmethod
     def _positions(ctx: AttentionContext) -> torch.Tensor:
@@ -646,6 +668,9 @@ class HybridModel(HybridPreTrainedModel):
             # a caller that has the offsets on the host passes them so: copied once, without waiting for the GPU
             cu_seqlens = cu_seqlens.to(inputs_embeds.device, non_blocking=True)
         ctx = AttentionContext(position_ids, cos, sin, pad, pad_mask, cu_seqlens, cache, cu_seqlens_host=host)
+        reach = self.config.lightning_sink_reach if self.config.lightning_window else 0
+        if reach:
+            ctx.far_rope = self.rotary_emb(torch.tensor([[0, reach]], device=inputs_embeds.device))
 
         hidden = inputs_embeds
         all_hidden = [hidden] if output_hidden_states else None

@@ -114,15 +114,15 @@ def output_norm_gate(o, z, weight, eps):
     return rmsnorm_gate_reference(o, z, weight, eps)
 
 
-def window_attention(q, k, v, window, sinks=0, scale=None, *, cu_seqlens=None, starts=None):
+def window_attention(q, k, v, window, sinks=0, scale=None, *, cu_seqlens=None, starts=None, far=None):
     """Softmax attention over each sequence's first `sinks` and last `window` keys (kernels/window_reference.py is
     the spec). CUDA tensors without a gradient to take (prefill, decode, evaluation) go to the Triton kernel (the band
     in flash-attention tiles, no mask tensor), anything else to the blocked SDPA form: on an H200 the kernel's forward
     took 0.72-0.92x the SDPA form's time, its forward + backward 4.5-8.2x (bench/results/training.md, 2026-12-03)."""
     training = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     if _WINDOW_TRITON and q.is_cuda and not training:
-        return window_attention_triton(q, k, v, window, sinks, scale, cu_seqlens=cu_seqlens, starts=starts)
-    return window_attention_sdpa(q, k, v, window, sinks, scale, cu_seqlens=cu_seqlens, starts=starts)
+        return window_attention_triton(q, k, v, window, sinks, scale, cu_seqlens=cu_seqlens, starts=starts, far=far)
+    return window_attention_sdpa(q, k, v, window, sinks, scale, cu_seqlens=cu_seqlens, starts=starts, far=far)
 
 
 def norm_rope(x, weight, eps, cos, sin, out_dtype):

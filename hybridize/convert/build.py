@@ -23,6 +23,7 @@ from typing import Iterator
 import torch
 
 from ..arch.configuration_hybridize import LIGHTNING, SPARSE, HybridConfig
+from ..common import source_context
 
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.self_attn\.(.+)$")
 
@@ -55,7 +56,8 @@ def hybrid_config_from_source(
     **overrides,
 ) -> HybridConfig:
     """A HybridConfig with the shape of a Llama-family transformers config `src`. `rope_yarn` (0: off): RoPE rescaled
-    YaRN-style by that factor over the source's context, in every layer (`yarn_rope`)."""
+    YaRN-style by that factor over the source's context, in every layer (`yarn_rope`). With a `lightning_window`
+    override and no `lightning_sink_reach`, the reach is the source's context (at least twice the window)."""
     heads = src.num_attention_heads
     head_dim = getattr(src, "head_dim", None) or src.hidden_size // heads
     attention_bias = bool(getattr(src, "attention_bias", False))
@@ -92,7 +94,11 @@ def hybrid_config_from_source(
         kwargs["rope_parameters"], kwargs["max_position_embeddings"] = yarn_rope(
             kwargs["rope_parameters"], kwargs["max_position_embeddings"], rope_yarn)
     kwargs.update(overrides)
-    return HybridConfig(**kwargs)
+    reach = kwargs.pop("lightning_sink_reach", None)
+    if reach is None and kwargs.get("lightning_window"):
+        # default: the window branch's sinks read from at most the source's context (HybridConfig's field)
+        reach = max(source_context(src) or 0, 2 * kwargs["lightning_window"])
+    return HybridConfig(**kwargs, **({} if reach is None else {"lightning_sink_reach": reach}))
 
 
 def check_rope_yarn(factor: float, *, off_allowed: bool = True) -> None:

@@ -179,6 +179,7 @@ def convert(
     calibrate: bool | None = None,
     lightning_window: int = 0,
     lightning_sinks: int = 4,
+    lightning_sink_reach: int | None = None,
     rope_yarn: float = 0.0,
 ) -> ConvertResult:
     """Convert `source` (None: the built-in SmolLM2-135M) into a hybrid model folder at `output`.
@@ -190,7 +191,8 @@ def convert(
     `calibrate`: fit the Lightning layers' output norms to the source's attention outputs on the built-in plays
     (select.alignment.calibrate_lightning_outputs; a fresh Lightning layer's output is 3-30x too large); None: when
     the source has a tokenizer and runs unasked (at most RUN_UNASKED_MAX_PARAMETERS parameters: it runs on the CPU).
-    `lightning_window` / `lightning_sinks`: a softmax window branch in every Lightning layer (HybridConfig; 0: none).
+    `lightning_window` / `lightning_sinks`: a softmax window branch in every Lightning layer (HybridConfig; 0: none);
+    `lightning_sink_reach`: how far back its sinks are read from at most (None: the source's context; 0: off).
     `rope_yarn`: RoPE rescaled YaRN-style by that factor over the source's context (build.yarn_rope; 0: none).
     Without `select` and `layers`, the sparse layers are placed by `default_placement`."""
     output = Path(output)
@@ -203,6 +205,9 @@ def convert(
     chosen_dtype = parse_dtype(dtype)
     max_bytes = parse_size(max_shard_size)
     check_rope_yarn(rope_yarn)
+    if lightning_window and lightning_sink_reach and lightning_sink_reach < 2 * lightning_window:
+        raise ValueError(f"--lightning-sink-reach must be 0 (off) or at least twice --lightning-window "
+                         f"({2 * lightning_window}), got {lightning_sink_reach}")
 
     ckpt = open_checked(source, config)
     family = ckpt.family
@@ -225,7 +230,7 @@ def convert(
     loaded = selector_model if selector_model is not None and not isinstance(selector_model, _ConfigOnly) else None
     del selector_model
     arch = dict(hype=hype, output_gates=gates, lightning_window=lightning_window, lightning_sinks=lightning_sinks,
-                rope_yarn=rope_yarn, **family.hybrid_options(ckpt.config))
+                lightning_sink_reach=lightning_sink_reach, rope_yarn=rope_yarn, **family.hybrid_options(ckpt.config))
     hconfig = hybrid_config_from_source(ckpt.config, layer_types_from(num_layers, sparse_layers), **arch)
     out_dtype = chosen_dtype or _source_dtype(ckpt)
     plan, from_source = plan_output(ckpt, family, hconfig, out_dtype)

@@ -93,7 +93,7 @@ def load_models(recipe, need_teacher: bool):
                                lightning_decay=spec.lightning_decay, lightning_kv_heads=spec.lightning_kv_heads,
                                sparse_query_log_scale=spec.sparse_query_log_scale,
                                lightning_window=spec.lightning_window, lightning_sinks=spec.lightning_sinks,
-                               rope_yarn=spec.rope_yarn)
+                               lightning_sink_reach=spec.lightning_sink_reach, rope_yarn=spec.rope_yarn)
         _own_storage(student)
         description = f"{spec.source} converted with sparse layers {layers}"
         if spec.calibrate and not spec.students:

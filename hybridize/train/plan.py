@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from ..common import source_context
 from .recipe import Recipe, RecipeError, StageSpec
 
 
@@ -41,19 +42,6 @@ def training_weights(recipe: Recipe, stage: StageSpec) -> list[float] | None:
     if stage.data_weights is None:
         return None
     return [w for w, src in zip(stage.data_weights, recipe.data.sources) if not src.heldout]
-
-
-def source_context(config) -> int | None:
-    """How many positions the source model was trained for: max_position_embeddings, or the length its RoPE
-    scaling reaches when that is longer (yarn/linear/dynamic configs keep the original length there)."""
-    limit = getattr(config, "max_position_embeddings", None)
-    if not limit:
-        return None
-    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-    factor = rope.get("factor") if isinstance(rope, dict) else None
-    if factor and rope.get("rope_type", rope.get("type")) not in (None, "default"):
-        limit = max(limit, int(rope.get("original_max_position_embeddings", limit) * float(factor)))
-    return int(limit)
 
 
 def check_context(recipe: Recipe, config, main: bool) -> None:

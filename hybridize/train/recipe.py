@@ -60,6 +60,9 @@ class ModelSpec:
     # Lightning layer, beside the recurrent state (0: none; HybridConfig)
     lightning_window: int = 0
     lightning_sinks: int = 4
+    # the window branch reads a sink further back than this as if it lay this far back (None: the source's context;
+    # 0: the true distance; HybridConfig)
+    lightning_sink_reach: int | None = None
     # RoPE rescaled YaRN-style by this factor over the source's context in every layer (0: the source's RoPE)
     rope_yarn: float = 0.0
     sparse_query_log_scale: float | None = None  # HALO's NoPE query scaling q_t *= log(t + a) / log(a) (a, e.g. 362)
@@ -289,6 +292,7 @@ CONSTRAINTS: dict[str, dict[str, Any]] = {
     "ModelSpec": {"sparse_query_log_scale": lambda v: None if v > 1 else f"must be a number above 1 (HALO uses 362), "
                                                                            f"got {v}",
                   "lightning_window": _non_negative, "lightning_sinks": _non_negative,
+                  "lightning_sink_reach": _non_negative,
                   "rope_yarn": lambda v: None if v == 0 or v > 1 else f"must be 0 (off) or a factor above 1, got {v}"},
     "SourceSpec": {"weight": _positive, "max_documents": _positive, "num_samples": _positive,
                    "max_new_tokens": _positive, "min_new_tokens": _non_negative, "temperature": _positive,
@@ -431,7 +435,11 @@ def validate(recipe: Recipe) -> Recipe:
                                        f"not {m.select!r}")
     if m.lightning_window and m.lightning_sinks > m.lightning_window:
         _fail(f, "model.lightning_sinks", f"must be from 0 to model.lightning_window; got {m.lightning_sinks}")
-    for field, flag in (("lightning_window", "--lightning-window"), ("rope_yarn", "--rope-yarn")):
+    if m.lightning_window and m.lightning_sink_reach and m.lightning_sink_reach < 2 * m.lightning_window:
+        _fail(f, "model.lightning_sink_reach", f"must be 0 (off) or at least twice model.lightning_window "
+                                               f"({2 * m.lightning_window}); got {m.lightning_sink_reach}")
+    for field, flag in (("lightning_window", "--lightning-window"), ("lightning_sink_reach", "--lightning-sink-reach"),
+                        ("rope_yarn", "--rope-yarn")):
         if getattr(m, field) and m.converted is not None:
             _fail(f, f"model.{field}", f"applies to a conversion made by the recipe: convert with {flag} instead of "
                                        f"giving model.converted")
