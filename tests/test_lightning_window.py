@@ -233,13 +233,15 @@ def test_the_exported_folder_runs_the_window_without_hybridize(tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_gpu_windowed_model_decodes_as_its_full_forward_through_the_kernels():
+@pytest.mark.parametrize("reach", [0, 300])
+def test_gpu_windowed_model_decodes_as_its_full_forward_through_the_kernels(reach):
     """The Lightning Triton kernels with the window branch beside them: chunked prefill of left-padded prompts
-    longer than the window, then decode steps, against the full forward, in bfloat16."""
+    longer than the window, then decode steps, against the full forward, in bfloat16 (a sink reach crossed on the
+    way too)."""
     from helpers import GPU_SPARSE, gpu_llama
 
     model = _trained_looking(build_hybrid(gpu_llama(), TYPES, lightning_window=64, lightning_sinks=4,
-                                          **GPU_SPARSE)).to("cuda", torch.bfloat16)
+                                          lightning_sink_reach=reach, **GPU_SPARSE)).to("cuda", torch.bfloat16)
     g = torch.Generator().manual_seed(3)
     ids, mask = left_padded([torch.randint(3, 97, (n,), generator=g).tolist() for n in (230, 411)])
     steps = torch.randint(3, 97, (2, 20), generator=g)

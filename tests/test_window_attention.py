@@ -132,22 +132,26 @@ def test_far_sinks_are_scored_by_their_own_pair_beyond_the_reach_in_every_form()
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("form", ["sdpa", "triton"])
-def test_gpu_window_attention_equals_the_definition_forward_and_backward(form, dtype, tol):
+@pytest.mark.parametrize("reach", [0, 600])
+def test_gpu_window_attention_equals_the_definition_forward_and_backward(form, dtype, tol, reach):
     """On CUDA, the blocked SDPA form (SDPA picks its own kernel) and the Triton kernel (kernels/window_triton.py,
     what the model takes on CUDA): the same values and gradients as the definition, packed documents included (the
-    window is the recipe's 256, the documents cross several blocks)."""
+    window is the recipe's 256, the documents cross several blocks), with far sinks past a reach of 600 too."""
     from hybridize.kernels.window_triton import window_attention_triton
 
     fn = window_attention if form == "sdpa" else window_attention_triton
     g = torch.Generator().manual_seed(7)
-    q, k, v = (torch.randn(1, h, 1500, 64, generator=g).cuda().to(dtype).requires_grad_() for h in (6, 2, 2))
+    q, k, v, qf, kf = (torch.randn(1, h, 1500, 64, generator=g).cuda().to(dtype).requires_grad_()
+                       for h in (6, 2, 2, 6, 2))
+    inputs = (q, k, v, qf, kf) if reach else (q, k, v)
     cu = torch.tensor([0, 700, 1210, 1500], device="cuda")
-    out = fn(q, k, v, 256, 4, cu_seqlens=cu)
-    grads = torch.autograd.grad(out.float().square().sum(), (q, k, v))
-    ref_out, ref_grads = [], [torch.zeros_like(x, dtype=torch.float32) for x in (q, k, v)]
+    out = fn(q, k, v, 256, 4, cu_seqlens=cu, far=(reach, qf, kf) if reach else None)
+    grads = torch.autograd.grad(out.float().square().sum(), inputs)
+    ref_out, ref_grads = [], [torch.zeros_like(x, dtype=torch.float32) for x in inputs]
     for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
-        piece = [x.detach()[:, :, a:b].float().requires_grad_() for x in (q, k, v)]
-        o = window_attention_reference(*piece, 256, 4)
+        piece = [x.detach()[:, :, a:b].float().requires_grad_() for x in inputs]
+        far = (reach, piece[3], piece[4]) if reach else None
+        o = window_attention_reference(*piece[:3], 256, 4, far=far)
         for acc, gr in zip(ref_grads, torch.autograd.grad(o.square().sum(), piece)):
             acc[:, :, a:b] = gr
         ref_out.append(o)
