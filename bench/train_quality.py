@@ -608,7 +608,11 @@ def cmd_quality(args) -> int:
             st.steps, st.tokens = n, None
     heldout = StageEndHeldout(student, tok, {st.name: st.steps for st in recipe.stages}, recipe.precision == "bf16",
                               probes=args.stage_probes)
-    heldout.results = {"teacher": heldout.measure(teacher), "converted": heldout.measure(student.to(dev))}
+    # the teacher's and the starting model's numbers: a run that continues another's export (model.converted) has
+    # both in that run's quality.json already (--no-start-measures saves about 40 s on an H200)
+    student = student.to(dev)
+    heldout.results = ({"teacher": heldout.measure(teacher), "converted": heldout.measure(student)}
+                       if args.start_measures else {})
     t_train = time.perf_counter()
     result = train(recipe, models=(student, teacher, tok, desc), on_step=heldout)
     train_s = time.perf_counter() - t_train - heldout.seconds
@@ -834,6 +838,8 @@ def main() -> int:
     q.add_argument("--stage-probes", action=argparse.BooleanOptionalAction, default=True,
                    help="after each stage also the 100 factual probes and pass-key at 1K / 4K (about 20 s a stage on "
                         "an H200 for SmolLM2; not counted as training)")
+    q.add_argument("--start-measures", action=argparse.BooleanOptionalAction, default=True,
+                   help="the stage-end measures of the teacher and of the model before training too")
     q.add_argument("--quick-retention", action="store_true", help="tiny retention settings (a smoke test)")
     q.add_argument("--train-seconds", type=float, default=480)
     q.add_argument("--split", default="0.4,0.4,0.2", help="share of the training time per stage (for "
