@@ -353,8 +353,9 @@ class LightningAttention(nn.Module):
         reach = self.config.lightning_sink_reach if ctx.far_rope is not None else 0
         far_needed = bool(reach) and (cache.seq_len if cache is not None else 0) + T - 1 > reach
         q_far = self._rotated_at(q_raw, self.q_norm, ctx.far_rope, 1, v) if far_needed else None
-        k_far = self._rotated_at(k_raw, self.k_norm, ctx.far_rope, 0, v) if far_needed or (reach and cache is not None) else None
-        stored = torch.cat([k, k_far], dim=-1) if reach and cache is not None else k
+        keep_far = bool(reach) and cache is not None
+        k_far = self._rotated_at(k_raw, self.k_norm, ctx.far_rope, 0, v) if far_needed or keep_far else None
+        stored = torch.cat([k, k_far], dim=-1) if keep_far else k
         if held is None:  # no earlier tokens: the blocked form over the whole input
             starts = ctx.pad if ctx.cu_seqlens is None else None
             out = window_attention(q, k, v, w, sinks, scale, cu_seqlens=ctx.cu_seqlens, starts=starts,
