@@ -70,14 +70,15 @@ def test_step_calibration_fills_the_budget_with_micro_batches_that_divide_each_s
 
 def test_stage_end_measurement_records_probes_and_passkey_after_each_stage_only(monkeypatch, tmp_path):
     """The quality benchmark's per-stage check: nothing until a stage's last step, then held-out perplexity, the factual
-    probes (how many right, how many repeat the prompt) and pass-key exact match by length, for the student."""
+    probes (how many right, how many repeat the prompt) and pass-key exact match and likelihood choice by length, for
+    the student."""
     import test_train_support as S
 
     tq = _train_quality(monkeypatch)
     _, tok, source = S.tiny_teacher(tmp_path, layers=2)
     hybrid = build_hybrid(source, ["lightning", "sparse"]).eval()
-    check = tq.StageEndHeldout(hybrid, tok, {"align": 3}, bf16=False, probes=True)
-    check.PASSKEY_LENGTHS = (256, 512)  # the tiny model's context
+    check = tq.StageEndHeldout(hybrid, tok, {"align": 3}, bf16=False, probes=True,
+                               passkey_lengths=(256, 512))  # the tiny model's context
     check(2, {"stage": "align", "step": 2})
     assert check.results == {}
     check(3, {"stage": "align", "step": 3})
@@ -86,6 +87,8 @@ def test_stage_end_measurement_records_probes_and_passkey_after_each_stage_only(
     assert 0 <= got["probes_echoed"] <= 100 and 0 <= got["probes_correct"] <= 100
     assert set(got["passkey_exact"]) == {"256", "512"}
     assert all(len(row) == 2 and all(0.0 <= x <= 1.0 for x in row) for row in got["passkey_exact"].values())
+    assert set(got["passkey_choice"]) == {"256", "512"}
+    assert all(len(row) == 2 and all(0.0 <= x <= 1.0 for x in row) for row in got["passkey_choice"].values())
     assert check.seconds > 0
 
 
