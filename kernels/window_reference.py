@@ -43,13 +43,16 @@ def _check(window: int, sinks: int, far=None) -> None:
         raise ValueError(f"the sinks' reach ({far[0]}) must be at least twice the window ({window})")
 
 
-def _far_logits(q, k, far, far_read: torch.Tensor, scale: float) -> torch.Tensor:
-    """Scaled logits q . k (B, H, Tq, Tk), q_far . k_far where `far_read` (broadcast to them) is True."""
+def _attend_far(q, k, v, far, far_read: torch.Tensor, allowed: torch.Tensor, scale: float | None) -> torch.Tensor:
+    """Softmax attention written out, k and v expanded to q's heads: logits q . k, or q_far . k_far where `far_read`
+    is True, over the keys `allowed` reads (both broadcast to (B, H, Tq, Tk)); at least float32."""
     _, qf, kf = far
     kf = kf.repeat_interleave(q.shape[1] // kf.shape[1], dim=1)
     dt = torch.promote_types(q.dtype, torch.float32)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
     near = q.to(dt) @ k.to(dt).transpose(-1, -2)
-    return torch.where(far_read, qf.to(dt) @ kf.to(dt).transpose(-1, -2), near) * scale
+    logits = torch.where(far_read, qf.to(dt) @ kf.to(dt).transpose(-1, -2), near) * scale
+    return (torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1) @ v.to(dt)).to(q.dtype)
 
 
 def window_mask(tq: int, tk: int, window: int, sinks: int = 0, device=None) -> torch.Tensor:
@@ -69,9 +72,7 @@ def window_attention_reference(q, k, v, window: int, sinks: int = 0, scale: floa
     if far is None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     i, j = torch.arange(T, device=q.device)[:, None], torch.arange(T, device=q.device)[None, :]
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    logits = _far_logits(q, k, far, (j < sinks) & (i - j > far[0]), scale).masked_fill(~mask, float("-inf"))
-    return (torch.softmax(logits, dim=-1) @ v.to(logits.dtype)).to(q.dtype)
+    return _attend_far(q, k, v, far, (j < sinks) & (i - j > far[0]), mask, scale)
 
 
 def sequence_begin(B: int, T: int, device, *, cu_seqlens=None, starts=None) -> torch.Tensor:
@@ -187,10 +188,7 @@ def window_attention_at(q, k, v, q_pos, k_pos, window: int, sinks: int = 0, scal
     if far is None:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=(mask | empty)[:, None], scale=scale)
     else:
-        scale = q.shape[-1] ** -0.5 if scale is None else scale
-        logits = _far_logits(q, k, far, ((kp < sinks) & (qp - kp > far[0]))[:, None], scale)
-        logits = logits.masked_fill(~(mask | empty)[:, None], float("-inf"))
-        out = (torch.softmax(logits, dim=-1) @ v.to(logits.dtype)).to(q.dtype)
+        out = _attend_far(q, k, v, far, ((kp < sinks) & (qp - kp > far[0]))[:, None], (mask | empty)[:, None], scale)
     return out.masked_fill(empty[:, None], 0.0)
 
 

@@ -94,15 +94,14 @@ start)
   mkdir -p $R/cache && for c in $R/cache*.tar.gz .dev_b/cache*.tar.gz; do [ -f $c ] && tar xzf $c -C $R/cache; done
   CACHE=${CACHE:-bench/cache/retention-teacher-2026-12-02b.tar.gz}
   [ -z "$(ls $R/cache)" ] && [ -f "$CACHE" ] && tar xzf $CACHE -C $R/cache
-  # layer scores committed one by one beside it (bench/cache/scores: the ones found after the tarball was made)
-  mkdir -p $R/cache/scores && cp -n bench/cache/scores/*.json $R/cache/scores/ 2>/dev/null
   ls $R/cache
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target $SITE $R/*.whl || exit 1
   rm -rf $R/repo && mkdir -p $R/repo && cp -r . $R/repo && rm -rf $R/repo/.dev_b $R/out && mkdir -p $R/out
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   # PRECHECK="pytest arguments" (shell-quoted, e.g. "tests/x.py -k 'a or b'"): GPU tests of code the runs are about
   # to use, before they start; a failure stops here (exit 4) with nothing started
-  # default: the window kernels' GPU tests (the training path takes the Triton window on CUDA); set but empty: none
+  # default: the window's GPU tests (both forms on CUDA, the sink reach included; training takes the SDPA form, the
+  # model's inference the Triton kernel); set but empty: none
   PRECHECK=${PRECHECK-"tests/test_window_attention.py tests/test_lightning_window.py -k gpu"}
   if [ -n "${PRECHECK:-}" ]; then
     bash -c "cd $R/repo && PYTHONPATH=$SITE:$R/repo python3 -m pytest -q -p no:cacheprovider $PRECHECK" 2>&1 | tail -8 \

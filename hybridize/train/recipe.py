@@ -514,7 +514,7 @@ def validate(recipe: Recipe) -> Recipe:
         if loss.kl_max_position is not None and not loss.kl:
             _fail(f, f"{w}.loss.kl_max_position", "limits the teacher's KL term, which this stage does not have: set "
                   "loss.kl above 0 or drop kl_max_position")
-        if loss.kl_max_position is not None and (loss.ce or loss.hidden_mse) == 0 and loss.kl_max_position < s.seq_len:
+        if loss.kl_max_position is not None and not (loss.ce or loss.hidden_mse) and loss.kl_max_position < s.seq_len:
             _fail(f, f"{w}.loss.kl_max_position", f"leaves positions {loss.kl_max_position}-{s.seq_len - 1} of each "
                   "row without a loss: add ce (or raise it to seq_len)")
         _choice(f, f"{w}.loss.hidden_layers", loss.hidden_layers, HIDDEN_LAYERS)
