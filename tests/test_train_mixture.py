@@ -8,6 +8,7 @@ import re
 
 import numpy as np
 import pytest
+import torch
 
 import test_train_support as S
 from hybridize.train.data import Corpus, TokenizedDocs, build_corpus
@@ -295,6 +296,38 @@ def test_recall_copies_a_span_of_the_same_document_over_its_end():
     assert all(np.array_equal(never[i][0], plain[i][0]) for i in range(5))
 
 
+def test_a_recall_cue_leaves_the_copys_first_tokens_without_a_target():
+    """The same copies as without a cue; only the targets that predict the copy's first `cue` tokens are gone, and
+    the cross-entropy of a real model over the batch is its sum without those positions."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from hybridize.train.data import RecallStream, make_batch
+    from hybridize.train.losses import cross_entropy_sum
+
+    corpus = Corpus([TokenizedDocs(np.arange(1000, dtype=np.int32) % 97, np.array([0, 100, 1000]))], [1.0], None)
+    plain = corpus.stream(256, 0)
+    bare, cued = RecallStream(plain, 1.0, 16, seed=3), RecallStream(plain, 1.0, 16, seed=3, cue=5)
+    copied = [i for i in range(20) if len(cued[i]) == 3]
+    assert copied and all(len(cued[i]) == 2 for i in range(20) if i not in copied)  # no copy: nothing unscored
+    i = copied[0]
+    assert np.array_equal(bare[i][0], cued[i][0])
+    with_cue, without = make_batch([cued[i], plain[i + 1]]), make_batch([bare[i], plain[i + 1]])
+    gone = (with_cue["targets"] != without["targets"])[0].nonzero().flatten().tolist()
+    assert gone == list(range(256 - 16 - 1, 256 - 16 - 1 + 5))  # the targets that are the copy's tokens 0-4
+    assert (with_cue["targets"][0, gone] == -100).all() and with_cue["counted"] == without["counted"] - 5
+    assert torch.equal(with_cue["input_ids"], without["input_ids"]) and with_cue["rows"] == 2
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2))
+    with torch.no_grad():
+        logits = model(input_ids=without["input_ids"].view(2, -1)).logits.reshape(1, 512, -1)
+        full, n_full = cross_entropy_sum(logits, without["targets"])
+        cut, n_cut = cross_entropy_sum(logits, with_cue["targets"])
+        lost = torch.nn.functional.cross_entropy(logits[0, gone], without["targets"][0, gone], reduction="sum")
+    assert int(n_full) - int(n_cut) == 5
+    torch.testing.assert_close(cut, full - lost, rtol=1e-5, atol=1e-4)
+
+
 def test_recall_span_must_fit_the_stage(tmp_path):
     recipe = _good(tmp_path)
     recipe["stages"][0].update(recall=0.5, recall_span=16)  # seq_len 32 holds no 4 spans of 16
@@ -305,6 +338,9 @@ def test_recall_span_must_fit_the_stage(tmp_path):
         load_recipe(S.write_recipe(tmp_path / "r.yaml", recipe))
     recipe["stages"][0].update(recall=0.5, recall_span=4, recall_min_gap=28)  # 4 + 28 fill the whole seq_len 32
     with pytest.raises(RecipeError, match=r"stages\[0\].recall_min_gap: a copy 28 tokens after"):
+        load_recipe(S.write_recipe(tmp_path / "r.yaml", recipe))
+    recipe["stages"][0].update(recall=0.5, recall_span=4, recall_min_gap=0, recall_cue=4)
+    with pytest.raises(RecipeError, match=r"stages\[0\].recall_cue: 4 unscored tokens leave nothing"):
         load_recipe(S.write_recipe(tmp_path / "r.yaml", recipe))
 
 
@@ -322,7 +358,8 @@ def test_a_stage_with_joined_documents_trains_and_exports(tmp_path):
     stage = {"name": "distil", "seq_len": 64, "global_batch_tokens": 256, "micro_batch_size": 2, "steps": 2,
              "lr": 1e-3, "schedule": "constant", "trainable": "all", "join_documents": True,
              "document_separator": "a", "loss": {"kl": 1.0, "ce": 0.5},
-             "recall": 1.0, "recall_span": 8, "recall_min_gap": 32}  # copies from any earlier document of the row
+             "recall": 1.0, "recall_span": 8, "recall_min_gap": 32,  # copies from any earlier document of the row
+             "recall_cue": 3}
     recipe = S.tiny_recipe(src / "model.safetensors", docs, tmp_path / "out", tmp_path / "cache", stages=[stage])
     recipe["data"]["heldout_fraction"] = 0.0
     result = CliRunner().invoke(main, ["train", str(S.write_recipe(tmp_path / "r.yaml", recipe))])

@@ -293,10 +293,12 @@ def pack(docs: TokenizedDocs, seq_len: int) -> PackedSequences:
     return PackedSequences(tokens, starts)
 
 
-def make_batch(sequences: list[tuple[np.ndarray, np.ndarray]], device=None, join_documents: bool = False,
+def make_batch(sequences: list[tuple], device=None, join_documents: bool = False,
                separator: int | None = None, kl_max_position: int | None = None) -> dict:
     """Flatten sequences into one row of B*T tokens with `cu_seqlens` over all segments, position ids restarting per
     segment, and next-token targets that never cross a segment boundary (IGNORE at each segment's last token).
+    A sequence is (tokens, starts) or (tokens, starts, unscored): `unscored` holds positions whose target is IGNORE
+    (a recall copy's cue, RecallStream).
     `rows`: how many equal-length rows the flat row splits into (B when all sequences have one length, else 1); a
     model without cu_seqlens (the teacher) runs on those rows, so its attention never spans the whole flat row.
     `counted`: how many positions have a target (on the host).
@@ -308,7 +310,7 @@ def make_batch(sequences: list[tuple[np.ndarray, np.ndarray]], device=None, join
     those, loss.kl_max_position)."""
     ids, pos, targets, cu = [], [], [], [0]
     offset = 0
-    for tokens, starts in sequences:
+    for tokens, starts, *unscored in sequences:
         T = len(tokens)
         if join_documents and separator is not None and len(starts) > 1:
             tokens = tokens.copy()
@@ -320,6 +322,8 @@ def make_batch(sequences: list[tuple[np.ndarray, np.ndarray]], device=None, join
             p[a:b] = np.arange(b - a)
             t[a : b - 1] = tokens[a + 1 : b]
             cu.append(offset + b)
+        for u in unscored:
+            t[u] = IGNORE
         ids.append(tokens.astype(np.int64))
         pos.append(p)
         targets.append(t)
@@ -335,7 +339,7 @@ def make_batch(sequences: list[tuple[np.ndarray, np.ndarray]], device=None, join
         # pageable memory is staged before the call returns); cu_seqlens stays on the host, where the hybrid reads it
         # (its sparse layers' row tables) before copying it over itself
         batch = {k: v if k == "cu_seqlens" else v.to(device, non_blocking=True) for k, v in batch.items()}
-    batch["rows"] = len(sequences) if len({len(t) for t, _ in sequences}) == 1 else 1
+    batch["rows"] = len(sequences) if len({len(s[0]) for s in sequences}) == 1 else 1
     batch["counted"] = sum(int((t != IGNORE).sum()) for t in targets)  # known here, so no one reads it back
     if kl_max_position is not None:
         batch["counted_kl"] = sum(int(((t != IGNORE) & (p < kl_max_position)).sum()) for t, p in zip(targets, pos))
@@ -404,11 +408,17 @@ class RecallStream:
     `min_gap` > 0: the copied span starts anywhere from the document's start to `min_gap` tokens before the copy (not
     only in its first half), so that no attention limited to the last `min_gap` tokens can reach it (a Lightning
     window: the far path has to fetch it); `joined` (the stage's documents read each other): the whole sequence is the
-    document the span may come from. Sequences with no such span are left as they are."""
+    document the span may come from. Sequences with no such span are left as they are.
 
-    def __init__(self, stream, fraction: float, span: int, seed: int, min_gap: int = 0, joined: bool = False):
+    `cue` > 0: the first `cue` tokens of a copy are returned as unscored positions (make_batch gives them no
+    target): nothing in the text announces a copy, so a loss on its first tokens trains jumping back to earlier text
+    unprompted (a model that repeats its prompt), where the loss on the rest trains continuing a span once it is
+    recognised, as a pass-key's answer continues its question."""
+
+    def __init__(self, stream, fraction: float, span: int, seed: int, min_gap: int = 0, joined: bool = False,
+                 cue: int = 0):
         self.stream, self.fraction, self.span, self.seed = stream, fraction, span, seed
-        self.min_gap, self.joined = min_gap, joined
+        self.min_gap, self.joined, self.cue = min_gap, joined, cue
 
     def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         tokens, starts = self.stream[i]
@@ -429,6 +439,8 @@ class RecallStream:
             src = a + int(rng.integers(0, (T - a - n) // 2 + 1))
         out = tokens.copy()
         out[T - n :] = tokens[src : src + n]
+        if self.cue:  # the targets at T - n - 1 ... predict the copy's first tokens
+            return out, starts, np.arange(T - n - 1, T - n - 1 + self.cue)
         return out, starts
 
 

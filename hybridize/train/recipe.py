@@ -189,6 +189,10 @@ class StageSpec:
     # recurrent state and the sparse layers must. With 0 the span comes from the first half of the last document:
     # 168-336 tokens before the copy in a 400-token teacher document, partly within a 256-token window's reach
     recall_min_gap: int = 0
+    # > 0: the first recall_cue tokens of each copy carry no loss. Nothing announces a copy, so a loss on its first
+    # tokens trains jumping back to earlier text unprompted (a model that repeats its prompt); the rest of the copy
+    # trains continuing a span once it is recognised
+    recall_cue: int = 0
     # the documents of a sequence read the earlier ones (one segment per sequence, positions through it, as in most
     # pre-training): every sequence trains the stage's whole length of context even where documents are short, and
     # the teacher reads the same rows; false keeps each document on its own (attention and states never cross)
@@ -308,7 +312,7 @@ CONSTRAINTS: dict[str, dict[str, Any]] = {
                   "weight_decay": _non_negative, "betas": _each(_in_range(0.0, 1.0, hi_open=True)),
                   "grad_clip": _non_negative, "dense_len": _non_negative, "eval_every": _positive,
                   "eval_sequences": _non_negative, "recall": _in_range(0.0, 1.0), "recall_span": _positive,
-                  "recall_min_gap": _non_negative},
+                  "recall_min_gap": _non_negative, "recall_cue": _non_negative},
     "OutputSpec": {"dir": _not_blank, "checkpoint_every": _positive, "keep_last": _positive},
     "LoggingSpec": {"log_every": _positive},
 }
@@ -492,6 +496,9 @@ def validate(recipe: Recipe) -> Recipe:
         if s.recall > 0 and s.recall_min_gap and s.recall_span + s.recall_min_gap >= s.seq_len:
             _fail(f, f"{w}.recall_min_gap", f"a copy {s.recall_min_gap} tokens after its span does not fit "
                                             f"seq_len {s.seq_len} with recall_span {s.recall_span}")
+        if s.recall_cue >= s.recall_span:
+            _fail(f, f"{w}.recall_cue", f"{s.recall_cue} unscored tokens leave nothing of a {s.recall_span}-token copy "
+                                        "to train: set it below recall_span")
         if s.recall > 0 and 4 * s.recall_span > s.seq_len:
             _fail(f, f"{w}.recall_span", f"a recall copy needs a document of 4 spans: 4 x {s.recall_span} is more "
                                          f"than seq_len {s.seq_len}")

@@ -502,7 +502,7 @@ def prepare_stage(run: _Run, k: int, spec: StageSpec, model) -> _Stage:
     stream = run.corpus.stream(spec.seq_len, recipe.seed * 1000 + k, training_weights(recipe, spec))
     if spec.recall > 0:
         stream = RecallStream(stream, spec.recall, spec.recall_span, recipe.seed * 1000 + k, spec.recall_min_gap,
-                              spec.join_documents)
+                              spec.join_documents, spec.recall_cue)
     eval_seqs = run.corpus.eval_sequences(spec.seq_len, spec.eval_sequences)
     hidden_layers = hidden_loss_layers(acc.unwrap_model(pmodel).config.layer_types, spec.loss.hidden_layers)
     start = state.step if resuming_here else 0
