@@ -557,7 +557,10 @@ class StageEndHeldout:
         # while greedy decoding misses a digit (2026-12-03: choice 1.00 at 1K-16K, exact 0.17-0.67)
         return {"probes_correct": scored["correct"], "probes_echoed": scored["echoed"],
                 "passkey_exact": {str(n): row for n, row in zip(self.passkey_lengths, keys.grid)},
-                "passkey_choice": {str(n): row for n, row in zip(self.passkey_lengths, keys.choice_grid)}}
+                "passkey_choice": {str(n): row for n, row in zip(self.passkey_lengths, keys.choice_grid)},
+                # greedy misses that never began the key (its leading space token lost to another word)
+                "passkey_first_token_misses": {str(n): sum(p.length == n and p.first_miss == 0 for p in keys.probes)
+                                               for n in self.passkey_lengths}}
 
     def __call__(self, global_step: int, record: dict) -> None:
         if record["step"] != self.last_steps.get(record["stage"]):

@@ -49,7 +49,7 @@ def answers(model, probes) -> tuple[float, int]:
     """Mean answer log-probability per token, and greedy exact matches."""
     lps, exact = [], 0
     for p in probes:
-        logp, greedy = score_candidates(model, p.prompt, p.candidates[:1])
+        logp, greedy, _ = score_candidates(model, p.prompt, p.candidates[:1])
         lps.append(float(logp[0]) / len(p.candidates[0]))
         exact += bool(greedy[0])
     return sum(lps) / len(lps), exact

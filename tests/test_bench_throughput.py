@@ -89,6 +89,9 @@ def test_stage_end_measurement_records_probes_and_passkey_after_each_stage_only(
     assert all(len(row) == 2 and all(0.0 <= x <= 1.0 for x in row) for row in got["passkey_exact"].values())
     assert set(got["passkey_choice"]) == {"256", "512"}
     assert all(len(row) == 2 and all(0.0 <= x <= 1.0 for x in row) for row in got["passkey_choice"].values())
+    # the untrained hybrid misses at most its 4 probes per length, and no more at the first token than it misses (exact < 1)
+    for n, first in got["passkey_first_token_misses"].items():
+        assert 0 <= first <= 4 - round(4 * sum(got["passkey_exact"][n]) / 2)
     assert check.seconds > 0
 
 

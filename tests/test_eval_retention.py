@@ -187,6 +187,13 @@ def test_retention_report_measures_and_writes_the_files(tmp_path):
                   "### NLL by position"):
         assert title in md
     assert re.search(r"\| kv \| 256 \| 1 \| 0\.00 / 0\.00 \| 1\.00 / 1\.00 \|", md)
+    # where greedy decoding leaves the answer: the random source misses every probe, some at the first token
+    probes = src["retrieval"]["passkey"]["probes"]
+    first = sum(p["first_miss"] == 0 for p in probes)
+    assert all(p["first_miss"] >= 0 for p in probes) and all(p["first_miss"] == -1
+                                                              for p in copy["retrieval"]["passkey"]["probes"])
+    misses = md[md.index("Greedy misses that fail at the answer's first token"):].split("###")[0]
+    assert f"| passkey | {first} of {len(probes)} | 0 of 0 |" in misses
     echoes = [str(m["probes"]["echoed"]) for m in (src, copy)]
     assert "| knowledge probes: answers that repeat the prompt instead |" in md
     assert f"| answers that repeat the prompt instead (first content word from the prompt) | {' | '.join(echoes)} |" in md

@@ -8,7 +8,7 @@ from helpers import TINY_SPARSE, tiny_llama
 from hybridize.arch.configuration_hybridize import default_layer_types
 from hybridize.convert.build import build_hybrid
 from hybridize.eval.report import eval_table, write_eval_report
-from hybridize.eval.retrieval import build_probe, passkey_retrieval
+from hybridize.eval.retrieval import build_probe, passkey_retrieval, score_candidates
 
 LENGTHS = (64, 128, 256)
 
@@ -32,6 +32,21 @@ def test_copy_model_retrieves_every_key():
     r = passkey_retrieval(model, tok, LENGTHS, trials=1, chunk_size=48)  # several chunks per prompt
     assert r.accuracy == 1.0 and r.choice_accuracy == 1.0
     assert r.grid == [[1.0] * 5] * 3
+    assert all(p.first_miss == -1 for p in r.probes)
+
+
+def test_first_miss_is_where_greedy_decoding_leaves_the_answer():
+    """The copying model writes the key it read: scored against the key with one token changed, greedy decoding
+    leaves that answer at the changed token and no earlier."""
+    tok = word_tokenizer()
+    model = CopyModel(CopyConfig(vocab_size=len(tok)))
+    prompt, key = build_probe(tok, 96, 0.5, "90817")
+    other = [t for t in tok(" 1 2 3", add_special_tokens=False)["input_ids"] if t not in key][0]
+    changed = [key[:j] + [other] + key[j + 1:] for j in range(len(key))]
+    logp, greedy, first_miss = score_candidates(model, prompt, [key] + changed, chunk_size=40)
+    assert greedy.tolist() == [True] + [False] * len(key)
+    assert first_miss.tolist() == [-1] + list(range(len(key)))
+    assert logp[0] > logp[1:].max()
 
 
 def test_random_models_score_near_chance():

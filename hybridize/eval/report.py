@@ -196,6 +196,18 @@ def retention_markdown(results: dict) -> str:
             totals.append([t] + cells)
         out.append("\nExact matches over all lengths, with 95% Wilson intervals: two runs whose intervals overlap "
                    "widely are not told apart by these probes.\n\n" + _table(["task"] + names, totals))
+        misses = []
+        for t in tasks:
+            cells = []
+            for r in retrieval:
+                by = list(r[t]["by_length"].values()) if t in r else []
+                wrong = sum(c["n"] - round(c["accuracy"] * c["n"]) for c in by)
+                first_token = [c["first_token_misses"] for c in by if "first_token_misses" in c]
+                cells.append(f"{sum(first_token)} of {wrong}" if len(first_token) == len(by) and by else "-")
+            misses.append([t] + cells)
+        out.append("\nGreedy misses that fail at the answer's first token (for a pass key the space before its "
+                   "digits), of all misses: such a model may still copy the rest once the answer is begun.\n\n"
+                   + _table(["task"] + names, misses))
 
     if any("probes" in m for m in models):
         p0 = results["models"][ref].get("probes", {})

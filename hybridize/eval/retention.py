@@ -356,7 +356,9 @@ def _retrieval(loaded: LoadedModel, settings: RetentionSettings) -> dict:
                           progress=settings.progress).to_dict()
         per = len(r["depths"]) * r["trials"]
         r["by_length"] = {str(L): {"accuracy": sum(r["grid"][i]) / len(r["depths"]),
-                                   "choice_accuracy": sum(r["choice_grid"][i]) / len(r["depths"]), "n": per}
+                                   "choice_accuracy": sum(r["choice_grid"][i]) / len(r["depths"]), "n": per,
+                                   "first_token_misses": sum(p["length"] == L and p["first_miss"] == 0
+                                                             for p in r["probes"])}
                           for i, L in enumerate(r["lengths"])}
         out[task] = r
     return out

@@ -53,6 +53,9 @@ class ProbeResult:
     correct: bool  # greedy decoding gives the key
     chosen: bool  # the key is the most likely of the choices
     key_logprob: float
+    # the answer token at which greedy decoding first departs from the answer; -1: it writes all of it. A miss at 0
+    # is one that never started the answer (a pass key's leading space token lost to " a").
+    first_miss: int = -1
 
 
 @dataclass
@@ -185,8 +188,9 @@ def make_probe(task: str, tokenizer, length: int, depth: float, rng: random.Rand
 
 @torch.no_grad()
 def score_candidates(model, prompt: list[int], candidates: list[list[int]], chunk_size: int = DEFAULT_CHUNK):
-    """Log-likelihood of each candidate continuation of `prompt`, and whether greedy decoding follows each one.
-    Returns (logprobs (K,), greedy (K,) bool)."""
+    """Log-likelihood of each candidate continuation of `prompt`, whether greedy decoding follows each one, and the
+    first of its tokens where it does not. Returns (logprobs (K,), greedy (K,) bool, first_miss (K,) long, -1 where
+    greedy follows the whole candidate)."""
     device = next(model.parameters()).device
     ids = torch.tensor([prompt], dtype=torch.long, device=device)
     state = prefill(model, ids, chunk_size)
@@ -196,7 +200,7 @@ def score_candidates(model, prompt: list[int], candidates: list[list[int]], chun
     n = int(lengths.max())
     cand = torch.tensor([c + [c[-1]] * (n - len(c)) for c in candidates], dtype=torch.long, device=device)  # (K, n)
     logp = first[cand[:, 0]]
-    greedy = cand[:, 0] == first.argmax()
+    hits = (cand[:, :1] == first.argmax())  # (K, 1), then (K, n): does greedy write token j of each candidate
     if n > 1:
         cache = state.cache
         cache.batch_repeat_interleave(K)
@@ -204,11 +208,12 @@ def score_candidates(model, prompt: list[int], candidates: list[list[int]], chun
         lp = torch.log_softmax(logits.float(), -1)
         target = cand[:, 1:]
         tok_lp = lp.gather(-1, target[..., None])[..., 0]
-        hit = lp.argmax(-1) == target
         valid = torch.arange(1, n, device=device)[None, :] < lengths[:, None]
         logp = logp + (tok_lp * valid).sum(-1)
-        greedy = greedy & (hit | ~valid).all(-1)
-    return logp.cpu(), greedy.cpu()
+        hits = torch.cat([hits, (lp.argmax(-1) == target) | ~valid], dim=1)
+    missed = ~hits
+    first_miss = torch.where(missed.any(-1), missed.float().argmax(-1), torch.full_like(lengths, -1))
+    return logp.cpu(), hits.all(-1).cpu(), first_miss.cpu()
 
 
 def run_retrieval(
@@ -244,11 +249,12 @@ def run_retrieval(
     for li, di, _ in cells:
         probe = make_probe(task, tokenizer, lengths[li], depths[di], rng, choices=choices, digits=digits,
                            needles=needles)
-        logp, greedy = score_candidates(model, probe.prompt, probe.candidates, chunk_size)
+        logp, greedy, first_miss = score_candidates(model, probe.prompt, probe.candidates, chunk_size)
         # per token: kv answers of one form tokenize to different lengths, and a sum favours the shorter ones
         per_token = logp / torch.tensor([len(c) for c in probe.candidates], dtype=logp.dtype)
         is_chosen = bool(per_token[0] > per_token[1:].max())
-        probes.append(ProbeResult(lengths[li], depths[di], probe.answer, bool(greedy[0]), is_chosen, float(logp[0])))
+        probes.append(ProbeResult(lengths[li], depths[di], probe.answer, bool(greedy[0]), is_chosen, float(logp[0]),
+                                  int(first_miss[0])))
         hits[li][di] += float(greedy[0]) / trials
         chosen[li][di] += float(is_chosen) / trials
     n = len(probes)
