@@ -559,8 +559,7 @@ class StageEndHeldout:
                 "passkey_exact": {str(n): row for n, row in zip(self.passkey_lengths, keys.grid)},
                 "passkey_choice": {str(n): row for n, row in zip(self.passkey_lengths, keys.choice_grid)},
                 # greedy misses that never began the key (its leading space token lost to another word)
-                "passkey_first_token_misses": {str(n): sum(p.length == n and p.first_miss == 0 for p in keys.probes)
-                                               for n in self.passkey_lengths}}
+                "passkey_first_token_misses": dict(zip(map(str, self.passkey_lengths), keys.first_token_misses))}
 
     def __call__(self, global_step: int, record: dict) -> None:
         if record["step"] != self.last_steps.get(record["stage"]):

@@ -357,8 +357,7 @@ def _retrieval(loaded: LoadedModel, settings: RetentionSettings) -> dict:
         per = len(r["depths"]) * r["trials"]
         r["by_length"] = {str(L): {"accuracy": sum(r["grid"][i]) / len(r["depths"]),
                                    "choice_accuracy": sum(r["choice_grid"][i]) / len(r["depths"]), "n": per,
-                                   "first_token_misses": sum(p["length"] == L and p["first_miss"] == 0
-                                                             for p in r["probes"])}
+                                   "first_token_misses": r["first_token_misses"][i]}
                           for i, L in enumerate(r["lengths"])}
         out[task] = r
     return out

@@ -69,6 +69,7 @@ class RetrievalResult:
     chance: float  # choice accuracy of a model that knows nothing
     grid: list[list[float]]  # accuracy per [length][depth]
     choice_grid: list[list[float]]
+    first_token_misses: list[int]  # per length: probes whose greedy answer never began (first_miss 0)
     probes: list[ProbeResult] = field(default_factory=list)
     task: str = "passkey"
     trials: int = 1  # probes per [length][depth] cell
@@ -200,7 +201,7 @@ def score_candidates(model, prompt: list[int], candidates: list[list[int]], chun
     n = int(lengths.max())
     cand = torch.tensor([c + [c[-1]] * (n - len(c)) for c in candidates], dtype=torch.long, device=device)  # (K, n)
     logp = first[cand[:, 0]]
-    hits = (cand[:, :1] == first.argmax())  # (K, 1), then (K, n): does greedy write token j of each candidate
+    hits = cand[:, :1] == first.argmax()  # (K, 1), then (K, n): does greedy write token j of each candidate
     if n > 1:
         cache = state.cache
         cache.batch_repeat_interleave(K)
@@ -258,12 +259,13 @@ def run_retrieval(
         hits[li][di] += float(greedy[0]) / trials
         chosen[li][di] += float(is_chosen) / trials
     n = len(probes)
+    first_token = [sum(p.length == L and p.first_miss == 0 for p in probes) for L in lengths]
     return RetrievalResult(
         lengths, depths, digits, choices,
         accuracy=sum(p.correct for p in probes) / n,
         choice_accuracy=sum(p.chosen for p in probes) / n,
         chance=1.0 / choices,
-        grid=hits, choice_grid=chosen, probes=probes, task=task, trials=trials,
+        grid=hits, choice_grid=chosen, first_token_misses=first_token, probes=probes, task=task, trials=trials,
     )
 
 

@@ -411,9 +411,10 @@ class RecallStream:
     document the span may come from. Sequences with no such span are left as they are.
 
     `cue` > 0: the first `cue` tokens of a copy are returned as unscored positions (make_batch gives them no
-    target): nothing in the text announces a copy, so a loss on its first tokens trains jumping back to earlier text
-    unprompted (a model that repeats its prompt), where the loss on the rest trains continuing a span once it is
-    recognised, as a pass-key's answer continues its question."""
+    target): nothing in the text announces a copy, so the loss on its first tokens rewards jumping back unprompted,
+    where the loss on the rest rewards continuing a span once it is recognised. Meant against the prompt echoes the
+    long stage teaches; on a CPU stand-in of that stage a cue of 4 left them unchanged (bench/results/retention.md,
+    seventeenth session)."""
 
     def __init__(self, stream, fraction: float, span: int, seed: int, min_gap: int = 0, joined: bool = False,
                  cue: int = 0):

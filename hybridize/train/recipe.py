@@ -189,9 +189,9 @@ class StageSpec:
     # recurrent state and the sparse layers must. With 0 the span comes from the first half of the last document:
     # 168-336 tokens before the copy in a 400-token teacher document, partly within a 256-token window's reach
     recall_min_gap: int = 0
-    # > 0: the first recall_cue tokens of each copy carry no loss. Nothing announces a copy, so a loss on its first
-    # tokens trains jumping back to earlier text unprompted (a model that repeats its prompt); the rest of the copy
-    # trains continuing a span once it is recognised
+    # > 0: the first recall_cue tokens of each copy carry no loss. Nothing announces a copy, so the loss on its
+    # first tokens rewards jumping back unprompted; the rest rewards continuing a recognised span. It did not reduce
+    # the long stage's prompt echoes on a CPU stand-in (cue 4; recipes/README.md)
     recall_cue: int = 0
     # the documents of a sequence read the earlier ones (one segment per sequence, positions through it, as in most
     # pre-training): every sequence trains the stage's whole length of context even where documents are short, and
