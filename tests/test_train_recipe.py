@@ -39,6 +39,8 @@ def _good(tmp_path):
      "at least twice"),
     (lambda r: r["model"].update(lightning_sink_reach=64, converted="some/hybrid"), "model.lightning_sink_reach",
      "--lightning-sink-reach"),
+    (lambda r: r["model"].update(lightning_window=64, converted="some/hybrid"), "model.lightning_window",
+     "set model.lightning_window to 0"),
     (lambda r: r["output"].update(keep_last="two"), "output.keep_last", "must be an integer"),
     (lambda r: r["stages"][0]["loss"].update(kl_max_position=16), "stages[0].loss.kl_max_position",
      "does not have: set loss.kl"),

@@ -38,6 +38,11 @@ report() {  # $1 name, $2 model spec
   python3 bench/train_quality.py retention --model source=default --model $1=$2 --reuse-reference $SOURCE_JSON \
     --trials ${TRIALS:-2} --out $OUT_DIR/retention_$1 > $OUT_DIR/retention_$1.log 2>&1
   echo "report $1: rc=$?, $(( $(date +%s) - t )) s"
+  # where a greedy pass-key answer is lost, token by token (the report counts first-token misses; this shows the
+  # margin by which the key's first token loses, a few seconds on a GPU)
+  python3 bench/passkey_tokens.py $2 --lengths ${PK_LENGTHS:-1024,4096,16384} --depths 0.1,0.5,0.9 \
+    --out $OUT_DIR/retention_$1/passkey_tokens.json > $OUT_DIR/passkey_tokens_$1.log 2>&1
+  echo "passkey tokens $1: rc=$?"
 }
 train() {  # $1 "name:overrides", $2 first CPU, $3 CPUs, $4 1 for the first run (it also saves the conversion)
   local name=${1%%:*} extra=${1#*:} cpu=$2 per=$3

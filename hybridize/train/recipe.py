@@ -445,8 +445,9 @@ def validate(recipe: Recipe) -> Recipe:
     for field, flag in (("lightning_window", "--lightning-window"), ("lightning_sink_reach", "--lightning-sink-reach"),
                         ("rope_yarn", "--rope-yarn")):
         if getattr(m, field) and m.converted is not None:
-            _fail(f, f"model.{field}", f"applies to a conversion made by the recipe: convert with {flag} instead of "
-                                       f"giving model.converted")
+            _fail(f, f"model.{field}", f"applies to a conversion made by the recipe, and a converted folder keeps its "
+                                       f"own: with model.converted set model.{field} to 0 (e.g. --set "
+                                       f"model.{field}=0), or convert with {flag}")
     if m.source is None and m.converted is None:
         _fail(f, "model.source", "give model.source (a checkpoint to convert) or model.converted (a hybrid folder)")
     if not recipe.stages:
