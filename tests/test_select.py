@@ -427,6 +427,31 @@ def test_window_selector_caches_per_window(model, tokenizer, tmp_path):
     assert len(list((tmp_path / "scores").iterdir())) == 2
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU side of the cache: a GPU scores with other settings")
+def test_a_cpu_reads_a_gpu_scored_report_but_writes_its_own_apart(model, tokenizer, tmp_path):
+    """A CPU's smaller settings can choose other layers than a GPU's: a report it scores is named "-cpu-" (so that a
+    GPU never takes it for its own), while a report scored on a GPU (the plain name, as committed caches hold) serves
+    the CPU without scoring again."""
+    pick = get_selector("window")
+    logs: list[str] = []
+    first = pick(model, 2, tokenizer=tokenizer, window=64, sinks=2, cache_dir=tmp_path, progress=False,
+                 log=logs.append)
+    (cpu_file,) = (tmp_path / "scores").iterdir()
+    assert cpu_file.name.startswith("window-sinks2-window64-cpu-"), cpu_file.name
+    # the same report under the GPU's name, its chosen layers changed: the CPU now reads that one
+    gpu_file = cpu_file.with_name(cpu_file.name.replace("-cpu-", "-"))
+    report = json.loads(cpu_file.read_text())
+    other = [i for i in range(model.config.num_hidden_layers) if i not in first][:2]
+    report["chosen_layers"] = sorted(other)
+    for rnd, layer in zip(report["window_search"]["rounds"], sorted(other)):
+        rnd["layer"] = layer
+    gpu_file.write_text(json.dumps(report))
+    again = pick(model, 2, tokenizer=tokenizer, window=64, sinks=2, cache_dir=tmp_path, progress=False,
+                 log=logs.append)
+    assert again == sorted(other) != first
+    assert logs[-1] == f"layer scores (window): {gpu_file}"
+
+
 def test_convert_places_layers_by_the_window_search_with_its_own_window(model, tokenizer, tmp_path, monkeypatch):
     """`hybridize convert --select window --lightning-window 64`: the search runs with the hybrid's window (its cached
     report names it) and the converted folder keeps the layers it chose."""

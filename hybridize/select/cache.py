@@ -41,13 +41,17 @@ def cached_report(model, method: str, get_tokenizer, *, options: dict | None = N
 
     options = dict(options or {})
     tag = "".join(f"-{k}{v}" for k, v in sorted(options.items()))
-    name = f"{method}{tag}-{weights_key(model)}.json"
+    key = weights_key(model)
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    path = cache / "scores" / name
-    if path.is_file():
-        log(f"layer scores ({method}): {path}")
-        return path
     on_gpu = torch.cuda.is_available()
+    # A CPU scores with smaller settings (fewer probes and steps) and can choose other layers. A report scored on a
+    # GPU serves a CPU too; one scored on a CPU (named "-cpu-") serves only CPUs, so a GPU never takes it for its own.
+    gpu_path, cpu_path = (cache / "scores" / f"{method}{tag}{d}-{key}.json" for d in ("", "-cpu"))
+    for found in (gpu_path,) if on_gpu else (gpu_path, cpu_path):
+        if found.is_file():
+            log(f"layer scores ({method}): {found}")
+            return found
+    path = gpu_path if on_gpu else cpu_path
     settings = ScoreSettings.defaults(method, on_gpu, **options)
     log(f"scoring layers ({method}) once, on the {'GPU' if on_gpu else 'CPU'}; kept in {path} (--select uniform "
         "skips scoring)")
