@@ -39,7 +39,7 @@ report() {  # $1 name, $2 model spec
     --trials ${TRIALS:-2} --out $OUT_DIR/retention_$1 > $OUT_DIR/retention_$1.log 2>&1
   echo "report $1: rc=$?, $(( $(date +%s) - t )) s"
   # where a greedy pass-key answer is lost, token by token (the report counts first-token misses; this shows the
-  # margin by which the key's first token loses, a few seconds on a GPU)
+  # margin by which the key's first token loses; nine forward passes, not yet timed)
   python3 bench/passkey_tokens.py $2 --lengths ${PK_LENGTHS:-1024,4096,16384} --depths 0.1,0.5,0.9 \
     --out $OUT_DIR/retention_$1/passkey_tokens.json > $OUT_DIR/passkey_tokens_$1.log 2>&1
   echo "passkey tokens $1: rc=$?"
