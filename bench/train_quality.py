@@ -317,7 +317,7 @@ def _micro_batch(model, stage, micro: int, device: str):
     from hybridize.train.data import make_batch
 
     ids = np.random.default_rng(0).integers(0, min(1000, model.config.vocab_size), stage.seq_len).astype(np.int32)
-    return make_batch([(ids, np.array([0]))] * micro, device)
+    return make_batch([(ids, np.array([0]))] * micro, device, kl_max_position=stage.loss.kl_max_position)
 
 
 def _stage_loss_backward(model, teacher, stage, batch, student=None) -> None:

@@ -45,7 +45,8 @@ def test_packed_documents_are_read_one_by_one_and_the_dense_model_reads_rows(mon
 def test_step_calibration_fills_the_budget_with_micro_batches_that_divide_each_stage(monkeypatch, tmp_path):
     """The retention benchmark's calibration on a real tiny recipe: a step count per stage from the measured micro-batch
     time, the fastest micro-batch that divides the stage's batch written into it; a `cuda_graphs` stage on the CPU is
-    timed eagerly (graphs need CUDA)."""
+    timed eagerly (graphs need CUDA); a KL cut at a position (`kl_max_position`) is timed as the trainer weighs it
+    (2026-12-03: its batches lacked the count, so calibration failed on the H200 after 7 minutes of preparation)."""
     import test_train_support as S
     from transformers import LlamaForCausalLM
 
@@ -56,6 +57,7 @@ def test_step_calibration_fills_the_budget_with_micro_batches_that_divide_each_s
     src = S.make_tiny_source(tmp_path / "src", docs)
     spec = S.tiny_recipe(src, docs, tmp_path / "out", tmp_path / "cache")
     spec["stages"][1].update(join_documents=True, cuda_graphs=True, gradient_checkpointing=False)
+    spec["stages"][1]["loss"]["kl_max_position"] = 8
     recipe = recipe_from_dict(spec)
     teacher = LlamaForCausalLM.from_pretrained(src).eval()
     student = build_hybrid(teacher, default_layer_types(4))
