@@ -315,12 +315,24 @@ def window_result(model, tokenizer):
     return score_model(model, tokenizer, window_settings(), progress=False)
 
 
-def test_window_search_measures_the_hybrid_it_chooses(model, tokenizer, window_result):
-    """The answer log-probabilities the search reports are those of full Llama-shaped forwards of converted hybrids:
-    every layer a fresh windowed Lightning layer (its window branch is the source's attention over the first 2 and
-    last 48 tokens), and the chosen layers given back their full attention. The first pick raised it most of all
-    single layers, and the chosen two beat every pair that shares the first pick."""
+def _hybrid_answer_logp(model, probes, s: ScoreSettings, whole: set[int], hype: bool) -> float:
+    """The probes' mean answer log-probability under a converted hybrid: every layer not in `whole` a fresh windowed
+    Lightning layer, the `whole` ones sparse (dense at these lengths; NoPE with `hype`)."""
     from hybridize.convert.build import build_hybrid
+
+    types = ["sparse" if i in whole else "lightning" for i in range(LAYERS)]
+    m = build_hybrid(model, types, hype=hype, output_gates=False, lightning_window=s.window, lightning_sinks=s.sinks)
+    total, count = 0.0, 0
+    for p in probes:
+        with torch.no_grad():
+            lp = torch.log_softmax(m(p.input_ids[None]).logits[0].float(), -1)
+        for a, b in p.answer_spans:
+            total += lp[torch.arange(a - 1, b - 1), p.input_ids[a:b]].sum().item()
+            count += b - a
+    return total / count
+
+
+def _assert_search_measures_hybrids(model, tokenizer, report, hype: bool) -> None:
     from hybridize.select.probes import build_probes
 
     s = window_settings()
@@ -328,24 +340,13 @@ def test_window_search_measures_the_hybrid_it_chooses(model, tokenizer, window_r
     assert min(len(p.input_ids) for p in probes) > 2 * s.window  # answers lie beyond the window
 
     def answer_logp(whole) -> float:
-        types = ["sparse" if i in whole else "lightning" for i in range(LAYERS)]
-        m = build_hybrid(model, types, hype=False, output_gates=False, lightning_window=s.window,
-                         lightning_sinks=s.sinks)
-        total, count = 0.0, 0
-        for p in probes:
-            with torch.no_grad():
-                lp = torch.log_softmax(m(p.input_ids[None]).logits[0].float(), -1)
-            for a, b in p.answer_spans:
-                total += lp[torch.arange(a - 1, b - 1), p.input_ids[a:b]].sum().item()
-                count += b - a
-        return total / count
+        return _hybrid_answer_logp(model, probes, s, whole, hype)
 
-    rep = window_result.report
-    search = rep["window_search"]
-    assert rep["method"] == "window" and len(rep["chosen_layers"]) == num_sparse_layers(LAYERS, 1, 3) == 2
+    search = report["window_search"]
+    assert report["method"] == "window" and len(report["chosen_layers"]) == num_sparse_layers(LAYERS, 1, 3) == 2
     assert search["all_cut_answer_logp"] == pytest.approx(answer_logp(set()), abs=1e-4)
     first, second = (r["layer"] for r in search["rounds"])
-    assert rep["chosen_layers"] == sorted([first, second])
+    assert report["chosen_layers"] == sorted([first, second])
     assert search["rounds"][1]["answer_logp"] == pytest.approx(answer_logp({first, second}), abs=1e-4)
     singles = {i: answer_logp({i}) for i in range(LAYERS)}
     assert max(singles, key=singles.get) == first
@@ -353,8 +354,34 @@ def test_window_search_measures_the_hybrid_it_chooses(model, tokenizer, window_r
     pairs = {i: answer_logp({first, i}) for i in range(LAYERS) if i != first}
     assert max(pairs, key=pairs.get) == second
     # scores: each pick's gain at its round
-    assert rep["layers"][first]["score"] == pytest.approx(singles[first] - search["all_cut_answer_logp"], abs=1e-4)
-    assert rep["layers"][second]["score"] == pytest.approx(pairs[second] - singles[first], abs=1e-4)
+    assert report["layers"][first]["score"] == pytest.approx(singles[first] - search["all_cut_answer_logp"], abs=1e-4)
+    assert report["layers"][second]["score"] == pytest.approx(pairs[second] - singles[first], abs=1e-4)
+
+
+def test_window_search_measures_the_hybrid_it_chooses(model, tokenizer, window_result):
+    """The answer log-probabilities the search reports are those of full Llama-shaped forwards of converted hybrids:
+    every layer a fresh windowed Lightning layer (its window branch is the source's attention over the first 2 and
+    last 48 tokens), and the chosen layers given back their full attention. The first pick raised it most of all
+    single layers, and the chosen two beat every pair that shares the first pick."""
+    _assert_search_measures_hybrids(model, tokenizer, window_result.report, hype=False)
+
+
+def test_window_search_with_nope_measures_the_hype_hybrid(model, tokenizer, window_result):
+    """`nope`: the kept layers are measured as a HyPE hybrid runs its sparse layers (their attention without RoPE), so
+    every reported number is a HyPE hybrid's forward; the runner's own attention keeps RoPE for everything else."""
+    from hybridize.select.runner import LayerRunner, reference_hybrid
+    from hybridize.select.window_search import nope_attention
+
+    nope = score_model(model, tokenizer, window_settings(nope=True), progress=False).report
+    assert nope["settings"]["nope"] is True
+    _assert_search_measures_hybrids(model, tokenizer, nope, hype=True)
+    # NoPE changes what the kept layers give (little in this random model: 7e-4 nats)
+    assert nope["window_search"]["rounds"][0]["answer_logp"] != pytest.approx(
+        window_result.report["window_search"]["rounds"][0]["answer_logp"], abs=1e-5)
+    runner = LayerRunner(reference_hybrid(model))
+    copies = nope_attention(runner)
+    assert all(layer.self_attn.use_rope for layer in runner.layers) and not any(a.use_rope for a in copies)
+    assert all(a.q_proj.weight is layer.self_attn.q_proj.weight for a, layer in zip(copies, runner.layers))
 
 
 def test_restoring_each_layer_matches_separate_forwards(model, tokenizer):
@@ -453,22 +480,26 @@ def test_a_cpu_reads_a_gpu_scored_report_but_writes_its_own_apart(model, tokeniz
 
 
 def test_convert_places_layers_by_the_window_search_with_its_own_window(model, tokenizer, tmp_path, monkeypatch):
-    """`hybridize convert --select window --lightning-window 64`: the search runs with the hybrid's window (its cached
-    report names it) and the converted folder keeps the layers it chose."""
+    """`hybridize convert --select window --lightning-window 64`: the search runs with the hybrid's window and its
+    positions (HyPE, the default: the kept layers measured without RoPE; --no-hype: with it), its cached report names
+    both, and the converted folder keeps the layers it chose."""
     monkeypatch.setenv("HYBRIDIZE_CACHE", str(tmp_path / "cache"))
     src = tmp_path / "tiny"
     model.save_pretrained(src)
     tokenizer.save_pretrained(src)
-    out = tmp_path / "hybrid"
-    res = CliRunner().invoke(main, ["convert", str(src), "--select", "window", "--lightning-window", "64",
-                                    "-o", str(out), "--quiet"])
-    assert res.exit_code == 0, res.output
-    reports = list((tmp_path / "cache" / "scores").glob("window-sinks4-window64-*.json"))
-    assert len(reports) == 1
-    chosen = json.loads(reports[0].read_text())["chosen_layers"]
-    config = json.loads((out / "config.json").read_text())
-    assert [i for i, t in enumerate(config["layer_types"]) if t == "full_attention"] == chosen
-    assert config["lightning_window"] == 64 and config["conversion"]["method"] == "window"
+    for flag, name in (("--hype", "window-nope-sinks4-window64-"), ("--no-hype", "window-sinks4-window64-")):
+        out = tmp_path / f"hybrid{flag}"
+        res = CliRunner().invoke(main, ["convert", str(src), "--select", "window", "--lightning-window", "64", flag,
+                                        "-o", str(out), "--quiet"])
+        assert res.exit_code == 0, res.output
+        reports = list((tmp_path / "cache" / "scores").glob(f"{name}*.json"))
+        assert len(reports) == 1, [p.name for p in (tmp_path / "cache" / "scores").iterdir()]
+        report = json.loads(reports[0].read_text())
+        assert report["settings"]["nope"] is (flag == "--hype")
+        config = json.loads((out / "config.json").read_text())
+        assert [i for i, t in enumerate(config["layer_types"]) if t == "full_attention"] == report["chosen_layers"]
+        assert config["lightning_window"] == 64 and config["conversion"]["method"] == "window"
+        assert config["hype"] is (flag == "--hype")
 
 
 @pytest.mark.gpu

@@ -224,7 +224,7 @@ def convert(
     if method == "window":
         from ..select.selectors import window_cut
 
-        options = {**window_cut(lightning_window, lightning_sinks), **options}
+        options = {**window_cut(lightning_window, lightning_sinks, hype), **options}
     selector_model = _selector_model(ckpt, method, options, progress, tokenizer)
     sparse_layers = choose_sparse_layers(num_layers, ratio, layers, method, selector_model, **options)
     loaded = selector_model if selector_model is not None and not isinstance(selector_model, _ConfigOnly) else None

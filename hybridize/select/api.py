@@ -34,7 +34,7 @@ from .report import CHART_NAME, REPORT_NAME, STUDENTS_NAME, write_chart, write_j
 from .runner import LayerRunner, has_qk_norm, reference_hybrid
 from .scoring import SCORE_CAP, SCORE_EPS, sala_scores, top_layers
 from .sweep import Sweep
-from .window_search import greedy_window_choice, window_cuts
+from .window_search import greedy_window_choice, nope_attention, window_cuts
 
 METHODS = ("sala", "block_influence", "window")
 
@@ -58,6 +58,8 @@ class ScoreSettings:
     compare_uniform: bool = False
     window: int = 256  # the window method's cut: the last `window` tokens and the first `sinks`
     sinks: int = 4
+    # the window method: the layers it keeps whole are measured without RoPE, as a HyPE hybrid runs its sparse layers
+    nope: bool = False
 
     @classmethod
     def for_gpu(cls, **overrides) -> "ScoreSettings":
@@ -219,7 +221,8 @@ def score_model(model, tokenizer, settings: ScoreSettings | None = None, *, prog
         t = time.perf_counter()
         first_last = ([0, L - 1] if L > 1 else [0])[:n_sparse] if settings.keep_first_last else []
         search = greedy_window_choice(sweep, window_cuts(model, settings.window, settings.sinks), n_sparse,
-                                      first_last, progress=progress)
+                                      first_last, progress=progress,
+                                      wholes=nope_attention(runner) if settings.nope else None)
         timings["search_s"] = time.perf_counter() - t
         scores, chosen = search.gains, search.chosen
     else:

@@ -40,7 +40,7 @@ def cached_report(model, method: str, get_tokenizer, *, options: dict | None = N
     from .report import write_json
 
     options = dict(options or {})
-    tag = "".join(f"-{k}{v}" for k, v in sorted(options.items()))
+    tag = "".join(f"-{k}" if v is True else f"-{k}{v}" for k, v in sorted(options.items()))
     key = weights_key(model)
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     on_gpu = torch.cuda.is_available()

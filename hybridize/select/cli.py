@@ -46,6 +46,9 @@ def _lengths(text: str, option: str) -> tuple[int, ...]:
               help="calibration text: a .txt file, a folder of .txt files (the last fifth held out), 'teacher' "
                    "(sampled from the model) or 'shakespeare' [default: the Shakespeare corpus, else 'teacher']")
 @click.option("--gates/--no-gates", default=True, show_default=True, help="students carry the output gate")
+@click.option("--hype/--no-hype", default=True, show_default=True,
+              help="the window method: measure the layers it keeps whole without RoPE, as a HyPE hybrid (convert's "
+                   "default) runs its sparse layers")
 @click.option("--compare-uniform", is_flag=True,
               help="also report held-out loss of the chosen and the uniform hybrid, both with the aligned students")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True,
@@ -54,7 +57,8 @@ def _lengths(text: str, option: str) -> tuple[int, ...]:
 @click.option("--force", is_flag=True, help="replace an existing output folder")
 @click.option("--quiet", is_flag=True, help="no progress bars")
 def score(source, output, method, window, sinks, ratio, keep_first_last, seed, gpu_defaults, seq_len, align_steps,
-          align_batch, heldout_seqs, passkey_lengths, kv_lengths, samples, text, gates, compare_uniform, dtype, threads,
+          align_batch, heldout_seqs, passkey_lengths, kv_lengths, samples, text, gates, hype, compare_uniform, dtype,
+          threads,
           force, quiet):
     """Score the layers of SOURCE (default: the built-in SmolLM2-135M) and choose which stay attention."""
     import torch
@@ -77,6 +81,7 @@ def score(source, output, method, window, sinks, ratio, keep_first_last, seed, g
     overrides = {k: v for k, v in (("seq_len", seq_len), ("heldout_seqs", heldout_seqs)) if v is not None}
     settings = dataclasses.replace(base, ratio=ratio, keep_first_last=keep_first_last, seed=seed,
                                    text=text, gates=gates, compare_uniform=compare_uniform, align=align,
+                                   nope=hype and method == "window",
                                    probes=probes, **overrides)
     result = _fail_cleanly(run_score, source, output, settings, force=force, progress=not quiet, dtype=dtype)
     rep = result.report

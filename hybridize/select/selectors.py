@@ -9,7 +9,8 @@ Keyword arguments understood here:
   model and method and kept (hybridize.select.cache: `cache_dir`, default ~/.cache/hybridize or $HYBRIDIZE_CACHE);
 - `keep_first_last`: override the first/last rule; `log`: where the cache says what it did;
 - `window`, `sinks` (the window method): the cut each layer is measured with, to match the hybrid's
-  `lightning_window` and `lightning_sinks`.
+  `lightning_window` and `lightning_sinks`; `nope`: the kept layers measured without RoPE, as the hybrid's HyPE runs
+  them.
 """
 
 from __future__ import annotations
@@ -111,12 +112,18 @@ def window(model, n_sparse: int, **kw) -> list[int]:
     `window` tokens, as a Lightning layer with `lightning_window` keeps it), found by a greedy search from every layer
     cut (select/window_search.py). No training: forward passes over probes longer than the window."""
     options = {k: kw[k] for k in ("window", "sinks") if kw.get(k) is not None}
+    if kw.get("nope"):
+        options["nope"] = True
     return _run_or_read("window", model, n_sparse, **_known(kw), **options)
 
 
-def window_cut(lightning_window: int, lightning_sinks: int) -> dict:
-    """The window method's options for a hybrid: its own window when it has one (else the method's default)."""
-    return {"window": lightning_window, "sinks": lightning_sinks} if lightning_window else {}
+def window_cut(lightning_window: int, lightning_sinks: int, hype: bool = False) -> dict:
+    """The window method's options for a hybrid: its own window when it has one (else the method's default), and its
+    kept layers measured as they will run: without RoPE under HyPE. (SmolLM2-135M on a CPU: the layers searched that
+    way give the untrained HyPE hybrid's pass-key answer its first token at -1.5 nats, against -4.1 for the layers
+    searched with RoPE; bench/results/retention.md, nineteenth session.)"""
+    cut = {"window": lightning_window, "sinks": lightning_sinks} if lightning_window else {}
+    return {**cut, "nope": True} if hype else cut
 
 
 def _known(kw: dict) -> dict:

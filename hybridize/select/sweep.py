@@ -72,10 +72,10 @@ class Sweep:
         return logp / self._answer_count()
 
     @torch.no_grad()
-    def answer_logp_restoring(self, replace: dict[int, nn.Module], restore: list[int],
-                              on_batch=None) -> tuple[float, dict[int, float]]:
+    def answer_logp_restoring(self, replace: dict[int, nn.Module], restore: list[int], on_batch=None,
+                              restored=None) -> tuple[float, dict[int, float]]:
         """`answer_logp(replace)`, and for each layer i of `restore` (all in `replace`) the same with layer i's own
-        attention back. Per batch of probes, one forward with `replace` keeps the stream entering each layer; the
+        attention back (`restored[i]` instead where given). Per batch of probes, one forward with `replace` keeps the stream entering each layer; the
         variant for layer i runs from there (layers before i compute what they compute with `replace`), so a round
         of a greedy search costs about half of `len(restore)` full forwards. `on_batch()` after each batch."""
         base, variants = 0.0, dict.fromkeys(restore, 0.0)
@@ -86,6 +86,8 @@ class Sweep:
             base += self._batch_logprob(group, self.runner.model.model.norm(states[-1]))
             for i in restore:
                 rest = {j: m for j, m in replace.items() if j != i}
+                if restored is not None:
+                    rest[i] = restored[i]
                 variants[i] += self._batch_logprob(group, self.runner.run_from(i, states[i], ctx, rest))
             if on_batch is not None:
                 on_batch()

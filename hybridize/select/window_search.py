@@ -10,6 +10,7 @@ raises the probes' answer log-probability most.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 import torch
@@ -40,6 +41,17 @@ def window_cuts(model, window: int, sinks: int) -> nn.ModuleList:
     return nn.ModuleList(_WindowBranch(layer.self_attn) for layer in cut.model.layers)
 
 
+def nope_attention(runner) -> nn.ModuleList:
+    """Per layer, its own full attention without RoPE: what a sparse layer of a HyPE hybrid computes (below its dense
+    length). Shares the runner's weights."""
+    out = []
+    for layer in runner.layers:
+        attention = copy.copy(layer.self_attn)  # a shallow copy: the same parameters, its own use_rope
+        attention.use_rope = False
+        out.append(attention)
+    return nn.ModuleList(out)
+
+
 @dataclass
 class WindowSearch:
     chosen: list[int]
@@ -50,12 +62,14 @@ class WindowSearch:
 
 @torch.no_grad()
 def greedy_window_choice(sweep: Sweep, cuts: nn.ModuleList, n_sparse: int, forced: list[int],
-                         progress: bool = True) -> WindowSearch:
-    """`n_sparse` layers kept whole: `forced` first, then greedily by the probes' answer log-probability."""
+                         progress: bool = True, wholes: nn.ModuleList | None = None) -> WindowSearch:
+    """`n_sparse` layers kept whole: `forced` first, then greedily by the probes' answer log-probability. `wholes`:
+    what a kept layer computes (e.g. `nope_attention`, as HyPE runs it); None: the source's own attention."""
     L = len(cuts)
 
     def cut_except(whole: set[int]) -> dict[int, nn.Module]:
-        return {j: cuts[j] for j in range(L) if j not in whole}
+        kept = {j: wholes[j] for j in whole} if wholes is not None else {}
+        return {**kept, **{j: cuts[j] for j in range(L) if j not in whole}}
 
     whole: set[int] = set()
     all_cut = current = sweep.answer_logp(cut_except(whole))
@@ -71,7 +85,7 @@ def greedy_window_choice(sweep: Sweep, cuts: nn.ModuleList, n_sparse: int, force
     trial: dict[int, float] = {}
     for _ in range(picks):
         current, restored = sweep.answer_logp_restoring(cut_except(whole), [i for i in range(L) if i not in whole],
-                                                        on_batch=bar.update)
+                                                        on_batch=bar.update, restored=wholes)
         trial = {i: v - current for i, v in restored.items()}
         if len(whole) >= n_sparse:
             break

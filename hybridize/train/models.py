@@ -34,7 +34,7 @@ def sparse_layers_for(source_model, spec, *, tokenizer=None, cache_dir: str | No
     from ..select.registry import get_selector
     from ..select.selectors import window_cut
 
-    cut = window_cut(spec.lightning_window, spec.lightning_sinks)
+    cut = window_cut(spec.lightning_window, spec.lightning_sinks, spec.hype)
     try:
         return get_selector(method)(source_model, sparse_count(num_layers, spec.ratio),
                                     score_report=spec.score_report, tokenizer=tokenizer, cache_dir=cache_dir,
