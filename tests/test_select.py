@@ -504,15 +504,17 @@ def test_convert_places_layers_by_the_window_search_with_its_own_window(model, t
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_window_search_on_the_gpu_matches_the_cpu(model, tokenizer, window_result):
-    """The window search with the source on the GPU (as `prepare` and recipes run it) builds its cut layers there
-    and picks the layers the CPU picked, with the same answer log-probabilities."""
+@pytest.mark.parametrize("nope", [False, True])
+def test_window_search_on_the_gpu_matches_the_cpu(model, tokenizer, nope):
+    """The window search with the source on the GPU (as `prepare` and recipes run it) builds its cut layers (and, with
+    `nope`, its NoPE kept layers) there and picks the layers the CPU picked, with the same answer log-probabilities."""
     import copy
 
+    on_cpu = score_model(model, tokenizer, window_settings(nope=nope), progress=False).report
     on_gpu = copy.deepcopy(model).to("cuda")
-    rep = score_model(on_gpu, tokenizer, window_settings(), progress=False).report
-    assert rep["chosen_layers"] == window_result.report["chosen_layers"]
-    for a, b in zip(rep["window_search"]["rounds"], window_result.report["window_search"]["rounds"]):
+    rep = score_model(on_gpu, tokenizer, window_settings(nope=nope), progress=False).report
+    assert rep["chosen_layers"] == on_cpu["chosen_layers"]
+    for a, b in zip(rep["window_search"]["rounds"], on_cpu["window_search"]["rounds"]):
         assert a["layer"] == b["layer"] and a["answer_logp"] == pytest.approx(b["answer_logp"], abs=2e-3)
 
 

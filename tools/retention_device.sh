@@ -101,8 +101,9 @@ start)
   # PRECHECK="pytest arguments" (shell-quoted, e.g. "tests/x.py -k 'a or b'"): GPU tests of code the runs are about
   # to use, before they start; a failure stops here (exit 4) with nothing started
   # default: the window's GPU tests (both forms on CUDA, the sink reach included; training takes the SDPA form, the
-  # model's inference the Triton kernel); set but empty: none
-  PRECHECK=${PRECHECK-"tests/test_window_attention.py tests/test_lightning_window.py -k gpu"}
+  # model's inference the Triton kernel) and the window search's on the GPU (RoPE and NoPE kept layers, as prepare
+  # runs it); set but empty: none
+  PRECHECK=${PRECHECK-"tests/test_window_attention.py tests/test_lightning_window.py tests/test_select.py -k gpu"}
   if [ -n "${PRECHECK:-}" ]; then
     bash -c "cd $R/repo && PYTHONPATH=$SITE:$R/repo python3 -m pytest -q -p no:cacheprovider $PRECHECK" 2>&1 | tail -8 \
       || exit 4
