@@ -75,9 +75,10 @@ class Sweep:
     def answer_logp_restoring(self, replace: dict[int, nn.Module], restore: list[int], on_batch=None,
                               restored=None) -> tuple[float, dict[int, float]]:
         """`answer_logp(replace)`, and for each layer i of `restore` (all in `replace`) the same with layer i's own
-        attention back (`restored[i]` instead where given). Per batch of probes, one forward with `replace` keeps the stream entering each layer; the
-        variant for layer i runs from there (layers before i compute what they compute with `replace`), so a round
-        of a greedy search costs about half of `len(restore)` full forwards. `on_batch()` after each batch."""
+        attention back (`restored[i]` instead where given). Per batch of probes, one forward with `replace` keeps the
+        stream entering each layer; the variant for layer i runs from there (layers before i compute what they compute
+        with `replace`), so a round of a greedy search costs about half of `len(restore)` full forwards. `on_batch()`
+        after each batch."""
         base, variants = 0.0, dict.fromkeys(restore, 0.0)
         for group in self.probe_batches():
             ids = torch.cat([inp.ids for inp in group])
