@@ -21,7 +21,7 @@
 #                                            earlier `wait` brought back) exists, it splits that over both, the rest
 #                                            into .dev_c (a call carries 64 MiB, the working tree included). Without
 #                                            it `start` unpacks the committed cache (CACHE, default bench/cache/
-#                                            retention-teacher-2026-12-03.tar.gz: the recipe's two teacher corpora
+#                                            retention-teacher-2026-12-03b.tar.gz: the recipe's two teacher corpora
 #                                            and layer scores), which travels with the working tree anyway (carried
 #                                            again, it put .dev_b over 64 MiB). The pieces are ignored through
 #                                            .git/info/exclude.
@@ -92,7 +92,7 @@ start)
   # .dev_cache/, which `pieces` splits into .dev_a/cache_a.tar.gz and .dev_b/cache_b.tar.gz): preparation then skips
   # the teacher sampling and SALA scoring
   mkdir -p $R/cache && for c in $R/cache*.tar.gz .dev_b/cache*.tar.gz; do [ -f $c ] && tar xzf $c -C $R/cache; done
-  CACHE=${CACHE:-bench/cache/retention-teacher-2026-12-03.tar.gz}
+  CACHE=${CACHE:-bench/cache/retention-teacher-2026-12-03b.tar.gz}
   [ -z "$(ls $R/cache)" ] && [ -f "$CACHE" ] && tar xzf $CACHE -C $R/cache
   ls $R/cache
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target $SITE $R/*.whl || exit 1
