@@ -15,8 +15,8 @@ CACHE=$OUT_DIR/../cache
 t=$(date +%s)
 COMMON=${COMMON:-}  # overrides for prepare and every variant (e.g. --set data.sources[0].num_samples=4096)
 # METHODS: the placements whose layer scores prepare caches (the variants' model.select reads them from the cache;
-# bench/cache's tarball holds sala's, block_influence's and the RoPE window search's, not yet the NoPE window search
-# the recipe runs with HyPE on: ~290 s on an H200 until a run brings it back)
+# bench/cache's tarball holds sala's, block_influence's and both window searches' for the default model: with RoPE
+# and, what the recipe reads with HyPE on, without it; a window search with other options runs once, ~290 s on an H200)
 python3 bench/train_quality.py prepare --recipe $RECIPE --set data.cache_dir=$CACHE $COMMON --methods ${METHODS:-window,sala,block_influence} \
   --out $OUT_DIR/prepare > $OUT_DIR/prepare.log 2>&1 || { echo "prepare failed"; tail -30 $OUT_DIR/prepare.log; touch $OUT_DIR/ALL_DONE; exit 1; }
 echo "prepare: $(( $(date +%s) - t )) s"; tail -5 $OUT_DIR/prepare.log
