@@ -38,9 +38,9 @@ TRAINING_KERNELS = ("loss_triton.py",)  # the trainer's losses: nothing a loaded
 def architecture_files() -> list[Path]:
     """The files every exported folder carries: the architecture and every kernel module the model runs (flat)."""
     arch_dir = Path(_arch.__file__).parent
-    kernel_dir = Path(_kernels.__file__).parent
+    kernel_dir = Path(next(iter(_kernels.__path__)))  # a namespace package: no __init__.py (tests/test_layout.py)
     files = [arch_dir / name for name in ARCH_FILES]
-    files += sorted(p for p in kernel_dir.glob("*.py") if p.name not in ("__init__.py", *TRAINING_KERNELS))
+    files += sorted(p for p in kernel_dir.glob("*.py") if p.name not in TRAINING_KERNELS)
     return files
 
 

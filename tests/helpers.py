@@ -107,6 +107,7 @@ def load_interpreted(path):
     it imported while the flag is set) and the file's module taken from it. TRITON_INTERPRET is set only while it
     loads (triton reads it when a kernel is decorated), so the rest of the suite keeps the compiled kernels."""
     import importlib
+    import importlib.machinery
     import importlib.util
     import os
     import sys
@@ -116,11 +117,11 @@ def load_interpreted(path):
     os.environ["TRITON_INTERPRET"] = "1"
     try:
         if INTERPRETED_PACKAGE not in sys.modules:
-            spec = importlib.util.spec_from_file_location(INTERPRETED_PACKAGE, path.parent / "__init__.py",
-                                                          submodule_search_locations=[str(path.parent)])
+            # kernels/ has no __init__.py (tests/test_layout.py): an empty package over the folder
+            spec = importlib.machinery.ModuleSpec(INTERPRETED_PACKAGE, None, is_package=True)
+            spec.submodule_search_locations = [str(path.parent)]
             package = importlib.util.module_from_spec(spec)
             sys.modules[spec.name] = package  # dataclasses look their module up there
-            spec.loader.exec_module(package)
         module = importlib.import_module(f"{INTERPRETED_PACKAGE}.{path.stem}")
     finally:
         if old is None:

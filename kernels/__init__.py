@@ -1,1 +1,0 @@
-"""Triton kernels and their plain-PyTorch references (installed as hybridize.kernels)."""
