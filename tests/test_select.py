@@ -407,6 +407,59 @@ def test_restoring_each_layer_matches_separate_forwards(model, tokenizer):
     assert len(set(round(v, 4) for v in variants.values())) == 3  # the variants differ: each restored its own layer
 
 
+def _hybrid_text_logp(model, ids: torch.Tensor, s: ScoreSettings, whole: set[int], hype: bool) -> float:
+    """Mean next-token log-probability of `ids` under the converted hybrid `_hybrid_answer_logp` builds."""
+    from hybridize.convert.build import build_hybrid
+
+    types = ["sparse" if i in whole else "lightning" for i in range(LAYERS)]
+    m = build_hybrid(model, types, hype=hype, output_gates=False, lightning_window=s.window, lightning_sinks=s.sinks)
+    with torch.no_grad():
+        lp = torch.log_softmax(m(ids).logits[:, :-1].float(), -1)
+    return lp.gather(-1, ids[:, 1:, None]).mean().item()
+
+
+@pytest.mark.parametrize("weight", [1.0, 1000.0])
+def test_window_search_with_general_weight_measures_text_beside_answers(model, tokenizer, weight):
+    """`general_weight`: each round adds the held-out text's next-token log-probability (times the weight) to the
+    probes' answer log-probability. Every number a round reports is a converted HyPE hybrid's forward, and each pick
+    is the best layer by that sum over all candidates (at a weight of 1000 the text decides alone)."""
+    from hybridize.select.data import calibration_data
+    from hybridize.select.probes import build_probes
+
+    s = window_settings(nope=True, general_weight=weight, heldout_seq_len=120)
+    report = score_model(model, tokenizer, s, progress=False).report
+    probes = build_probes(tokenizer, s.probes, seed=s.seed)
+    text = calibration_data(tokenizer, train_seqs=0, heldout_seqs=s.heldout_seqs, seq_len=s.seq_len,
+                            heldout_seq_len=s.heldout_seq_len, seed=s.seed).heldout
+    assert text.shape == (2, 120)
+
+    def measured(whole) -> tuple[float, float]:
+        return (_hybrid_answer_logp(model, probes, s, whole, True), _hybrid_text_logp(model, text, s, whole, True))
+
+    rounds = report["window_search"]["rounds"]
+    first, second = (r["layer"] for r in rounds)
+    singles = {i: measured({i}) for i in range(LAYERS)}
+    assert rounds[0]["answer_logp"] == pytest.approx(singles[first][0], abs=1e-4)
+    assert rounds[0]["text_logp"] == pytest.approx(singles[first][1], abs=1e-4)
+    assert rounds[0]["objective"] == pytest.approx(singles[first][0] + weight * singles[first][1], rel=1e-5)
+    assert max(singles, key=lambda i: singles[i][0] + weight * singles[i][1]) == first
+    pairs = {i: measured({first, i}) for i in range(LAYERS) if i != first}
+    assert max(pairs, key=lambda i: pairs[i][0] + weight * pairs[i][1]) == second
+    assert rounds[1]["text_logp"] == pytest.approx(pairs[second][1], abs=1e-4)
+    if weight > 100:
+        assert first == max(singles, key=lambda i: singles[i][1])
+    # the text measure is not the answers' in disguise: the layers rank differently by each
+    by_text = sorted(range(LAYERS), key=lambda i: singles[i][1])
+    assert by_text != sorted(range(LAYERS), key=lambda i: singles[i][0])
+
+
+def test_general_weight_needs_text_past_the_window(model, tokenizer):
+    with pytest.raises(ValueError, match="must exceed the window"):
+        score_model(model, tokenizer, window_settings(general_weight=1.0, heldout_seq_len=50), progress=False)
+    with pytest.raises(ValueError, match="general_weight must be at least 0"):
+        window_settings(general_weight=-1.0).validate()
+
+
 def test_a_window_report_gives_back_the_layers_its_rounds_picked(window_result):
     """Re-reading a window search's report (the score cache, --score-report) returns the layers in the order its
     rounds picked them, even where a layer it passed over has a larger last-round gain than an earlier pick's gain
@@ -452,6 +505,14 @@ def test_window_selector_caches_per_window(model, tokenizer, tmp_path):
     assert again == first and logs[-1].startswith("layer scores (window)")
     pick(model, 2, tokenizer=tokenizer, window=128, sinks=2, cache_dir=tmp_path, progress=False, log=logs.append)
     assert len(list((tmp_path / "scores").iterdir())) == 2
+    # another objective is another report too: the held-out text beside the answers
+    pick(model, 2, tokenizer=tokenizer, window=64, sinks=2, general_weight=1.0, cache_dir=tmp_path, progress=False,
+         log=logs.append)
+    weighted = [p for p in (tmp_path / "scores").iterdir() if p.name.startswith("window-general_weight1.0-sinks2-")]
+    assert len(weighted) == 1 and len(list((tmp_path / "scores").iterdir())) == 3
+    report = json.loads(weighted[0].read_text())
+    assert report["settings"]["general_weight"] == 1.0 and report["settings"]["heldout_seq_len"] > 64 + 2
+    assert all("text_logp" in r for r in report["window_search"]["rounds"])
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU side of the cache: a GPU scores with other settings")
@@ -535,3 +596,11 @@ def test_cli_window_method(model, tokenizer, tmp_path):
     res = CliRunner().invoke(main, base + ["--window", "128", "-o", str(tmp_path / "refused")])
     assert res.exit_code == 2 and "under twice the window" in res.output and len(res.output.strip().splitlines()) == 1
     assert not (tmp_path / "refused").exists()
+    # --general-weight: the rounds also carry the held-out text's log-probability, which enters the objective
+    res = CliRunner().invoke(main, base + ["--window", "48", "--general-weight", "2", "-o", str(tmp_path / "gw")])
+    assert res.exit_code == 0, res.output
+    rounds = json.loads((tmp_path / "gw" / "report.json").read_text())["window_search"]["rounds"]
+    assert all(r["objective"] == pytest.approx(r["answer_logp"] + 2 * r["text_logp"]) for r in rounds)
+    res = CliRunner().invoke(main, base + ["--general-weight", "-1", "-o", str(tmp_path / "bad")])
+    assert res.exit_code == 2 and "general_weight must be at least 0" in res.output
+    assert not (tmp_path / "bad").exists()

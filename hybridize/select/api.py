@@ -60,6 +60,9 @@ class ScoreSettings:
     sinks: int = 4
     # the window method: the layers it keeps whole are measured without RoPE, as a HyPE hybrid runs its sparse layers
     nope: bool = False
+    # the window method: each round's objective adds this times the held-out text's next-token log-probability to the
+    # probes' answer log-probability (both nats per token), so that layers the text needs beyond the window count too
+    general_weight: float = 0.0
 
     @classmethod
     def for_gpu(cls, **overrides) -> "ScoreSettings":
@@ -70,14 +73,16 @@ class ScoreSettings:
 
     @classmethod
     def defaults(cls, method: str, gpu: bool, **overrides) -> "ScoreSettings":
-        """The settings a method runs with by default on this kind of device. The window method's probes are long
-        enough that most answers lie beyond a 256-token window; on a CPU two pass-key probes (each search step is a
-        forward pass over every probe: 3.6 s for SmolLM2-135M on 2 cores, about 200 steps)."""
+        """The settings a method runs with by default on this kind of device. The window method's probes and held-out
+        text are long enough that most answers and tokens lie beyond a 256-token window; on a CPU two pass-key probes
+        (each search step is a forward pass over every probe: 3.6 s for SmolLM2-135M on 2 cores, about 200 steps)."""
         base = cls.for_gpu() if gpu else cls()
         if method == "window":
             probes = (ProbeSettings(passkey_lengths=(1024, 2048, 4096), kv_lengths=(1024, 2048), samples_per_length=8)
                       if gpu else ProbeSettings(passkey_lengths=(1024,), kv_lengths=(), samples_per_length=2))
-            base = dataclasses.replace(base, probes=probes)
+            # held-out text mostly past the window, for general_weight (2 x 1024 tokens: as many as the CPU's probes)
+            text = dict(heldout_seqs=8, heldout_seq_len=2048) if gpu else dict(heldout_seqs=2, heldout_seq_len=1024)
+            base = dataclasses.replace(base, probes=probes, **text)
         return dataclasses.replace(base, method=method, **overrides)
 
     def validate(self, num_layers: int | None = None, max_length: int | None = None) -> None:
@@ -93,6 +98,11 @@ class ScoreSettings:
         self.probes.validate(max_length)
         if num_layers is not None and num_layers < 1:
             raise ValueError("the model has no layers")
+        if self.general_weight < 0:
+            raise ValueError(f"general_weight must be at least 0, got {self.general_weight}")
+        if self.method == "window" and self.general_weight and self.heldout_seq_len <= self.window + self.sinks:
+            raise ValueError(f"heldout_seq_len ({self.heldout_seq_len}) must exceed the window and its sinks "
+                             f"({self.window} + {self.sinks}) for general_weight to measure anything the cut loses")
         if self.window < 1 or self.sinks < 0:
             raise ValueError(f"window must be at least 1 and sinks at least 0, got {self.window} and {self.sinks}")
         if self.method == "window":
@@ -116,8 +126,8 @@ FORMULAS = {
     "sala": f"score_i = min({SCORE_CAP:g}, (max_j R_j - R_i) / (max_j C_j - C_i + {SCORE_EPS:g})), C = -loss",
     "block_influence": "block influence: mean over tokens of 1 - cos(layer input, layer output)",
     "window": "greedy from every layer cut to its window: each round gives full attention back to the layer that "
-              "raises the probes' answer log-probability most; score_i = that gain at the round that picked i "
-              "(unpicked layers: at the last round)",
+              "raises the probes' answer log-probability (plus general_weight x the held-out text's) most; score_i = "
+              "that gain at the round that picked i (unpicked layers: at the last round)",
 }
 
 
@@ -222,7 +232,8 @@ def score_model(model, tokenizer, settings: ScoreSettings | None = None, *, prog
         first_last = ([0, L - 1] if L > 1 else [0])[:n_sparse] if settings.keep_first_last else []
         search = greedy_window_choice(sweep, window_cuts(model, settings.window, settings.sinks), n_sparse,
                                       first_last, progress=progress,
-                                      wholes=nope_attention(runner) if settings.nope else None)
+                                      wholes=nope_attention(runner) if settings.nope else None,
+                                      general_weight=settings.general_weight)
         timings["search_s"] = time.perf_counter() - t
         scores, chosen = search.gains, search.chosen
     else:

@@ -49,6 +49,10 @@ def _lengths(text: str, option: str) -> tuple[int, ...]:
 @click.option("--hype/--no-hype", default=True, show_default=True,
               help="the window method: measure the layers it keeps whole without RoPE, as a HyPE hybrid (convert's "
                    "default) runs its sparse layers")
+@click.option("--general-weight", type=float, default=None,
+              help="the window method: each round adds this times the held-out text's next-token log-probability "
+                   "(text past the window) to the probes' answer log-probability, so that layers the text needs "
+                   "count too [0]")
 @click.option("--compare-uniform", is_flag=True,
               help="also report held-out loss of the chosen and the uniform hybrid, both with the aligned students")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True,
@@ -57,8 +61,8 @@ def _lengths(text: str, option: str) -> tuple[int, ...]:
 @click.option("--force", is_flag=True, help="replace an existing output folder")
 @click.option("--quiet", is_flag=True, help="no progress bars")
 def score(source, output, method, window, sinks, ratio, keep_first_last, seed, gpu_defaults, seq_len, align_steps,
-          align_batch, heldout_seqs, passkey_lengths, kv_lengths, samples, text, gates, hype, compare_uniform, dtype,
-          threads, force, quiet):
+          align_batch, heldout_seqs, passkey_lengths, kv_lengths, samples, text, gates, hype, general_weight, compare_uniform,
+          dtype, threads, force, quiet):
     """Score the layers of SOURCE (default: the built-in SmolLM2-135M) and choose which stay attention."""
     import torch
 
@@ -77,7 +81,8 @@ def score(source, output, method, window, sinks, ratio, keep_first_last, seed, g
         ("passkey_lengths", passkey_lengths and _lengths(passkey_lengths, "--passkey-lengths")),
         ("kv_lengths", kv_lengths and _lengths(kv_lengths, "--kv-lengths")),
         ("samples_per_length", samples)) if v is not None})
-    overrides = {k: v for k, v in (("seq_len", seq_len), ("heldout_seqs", heldout_seqs)) if v is not None}
+    overrides = {k: v for k, v in (("seq_len", seq_len), ("heldout_seqs", heldout_seqs),
+                                   ("general_weight", general_weight)) if v is not None}
     settings = dataclasses.replace(base, ratio=ratio, keep_first_last=keep_first_last, seed=seed,
                                    text=text, gates=gates, compare_uniform=compare_uniform, align=align,
                                    nope=hype and method == "window",

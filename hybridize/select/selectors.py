@@ -10,7 +10,7 @@ Keyword arguments understood here:
 - `keep_first_last`: override the first/last rule; `log`: where the cache says what it did;
 - `window`, `sinks` (the window method): the cut each layer is measured with, to match the hybrid's
   `lightning_window` and `lightning_sinks`; `nope`: the kept layers measured without RoPE, as the hybrid's HyPE runs
-  them.
+  them; `general_weight`: the held-out text's log-probability beside the probes' answers in each round.
 """
 
 from __future__ import annotations
@@ -114,6 +114,8 @@ def window(model, n_sparse: int, **kw) -> list[int]:
     options = {k: kw[k] for k in ("window", "sinks") if kw.get(k) is not None}
     if kw.get("nope"):
         options["nope"] = True
+    if kw.get("general_weight"):  # part of the cache file's name: a search by another objective never stands in
+        options["general_weight"] = float(kw["general_weight"])
     return _run_or_read("window", model, n_sparse, **_known(kw), **options)
 
 

@@ -79,21 +79,37 @@ class Sweep:
         stream entering each layer; the variant for layer i runs from there (layers before i compute what they compute
         with `replace`), so a round of a greedy search costs about half of `len(restore)` full forwards. `on_batch()`
         after each batch."""
+        return self._restoring(self.probe_batches(), self._batch_logprob, self._answer_count(), replace, restore,
+                               on_batch, restored)
+
+    @torch.no_grad()
+    def heldout_logp_restoring(self, replace: dict[int, nn.Module], restore: list[int], on_batch=None,
+                               restored=None) -> tuple[float, dict[int, float]]:
+        """As `answer_logp_restoring`, for the held-out text's mean next-token log-probability (minus its loss)."""
+        count = max(sum(inp.ids[:, 1:].numel() for inp in self.heldout_batches), 1)
+        return self._restoring([[inp] for inp in self.heldout_batches], self._text_logprob, count, replace, restore,
+                               on_batch, restored)
+
+    def _restoring(self, batches, metric, count: int, replace, restore, on_batch, restored):
         base, variants = 0.0, dict.fromkeys(restore, 0.0)
-        for group in self.probe_batches():
+        for group in batches:
             ids = torch.cat([inp.ids for inp in group])
             ctx = self.runner.context(ids)
             states = self.runner.layer_inputs(ids, replace)
-            base += self._batch_logprob(group, self.runner.model.model.norm(states[-1]))
+            base += metric(group, self.runner.model.model.norm(states[-1]))
             for i in restore:
                 rest = {j: m for j, m in replace.items() if j != i}
                 if restored is not None:
                     rest[i] = restored[i]
-                variants[i] += self._batch_logprob(group, self.runner.run_from(i, states[i], ctx, rest))
+                variants[i] += metric(group, self.runner.run_from(i, states[i], ctx, rest))
             if on_batch is not None:
                 on_batch()
-        n = self._answer_count()
-        return base / n, {i: v / n for i, v in variants.items()}
+        return base / count, {i: v / count for i, v in variants.items()}
+
+    def _text_logprob(self, group: list[_Input], normed: torch.Tensor) -> float:
+        ids = torch.cat([inp.ids for inp in group]).to(normed.device)
+        logits = self.runner.logits(normed[:, :-1])
+        return -F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum").item()
 
     def _batch_logprob(self, group: list[_Input], normed: torch.Tensor) -> float:
         return sum(answer_logprob(self._logits_at(inp, normed[b]), inp.sample) for b, inp in enumerate(group))

@@ -55,44 +55,63 @@ def nope_attention(runner) -> nn.ModuleList:
 @dataclass
 class WindowSearch:
     chosen: list[int]
-    gains: list[float]  # per layer: answer log-prob gained by its full attention, at the round that picked it (or last)
-    all_cut_logp: float  # every layer cut (the forced ones too)
-    rounds: list[dict] = field(default_factory=list)  # {"layer", "answer_logp"} per pick, forced ones first
+    gains: list[float]  # per layer: objective gained by its full attention, at the round that picked it (or last)
+    all_cut_logp: float  # every layer cut (the forced ones too): the probes' answer log-probability
+    # {"layer", "answer_logp"} per pick, forced ones first; with a general weight also "text_logp" and "objective"
+    rounds: list[dict] = field(default_factory=list)
 
 
 @torch.no_grad()
 def greedy_window_choice(sweep: Sweep, cuts: nn.ModuleList, n_sparse: int, forced: list[int],
-                         progress: bool = True, wholes: nn.ModuleList | None = None) -> WindowSearch:
-    """`n_sparse` layers kept whole: `forced` first, then greedily by the probes' answer log-probability. `wholes`:
-    what a kept layer computes (e.g. `nope_attention`, as HyPE runs it); None: the source's own attention."""
+                         progress: bool = True, wholes: nn.ModuleList | None = None,
+                         general_weight: float = 0.0) -> WindowSearch:
+    """`n_sparse` layers kept whole: `forced` first, then greedily by the probes' answer log-probability plus
+    `general_weight` times the held-out text's next-token log-probability (both nats per token: retrieval and what the
+    text needs beyond the window). `wholes`: what a kept layer computes (e.g. `nope_attention`, as HyPE runs it);
+    None: the source's own attention."""
     L = len(cuts)
 
     def cut_except(whole: set[int]) -> dict[int, nn.Module]:
         kept = {j: wholes[j] for j in whole} if wholes is not None else {}
         return {**kept, **{j: cuts[j] for j in range(L) if j not in whole}}
 
+    def measured(whole: set[int], restore: list[int], on_batch=None) -> tuple[dict, dict[int, dict]]:
+        replace = cut_except(whole)
+        answer, answers = sweep.answer_logp_restoring(replace, restore, on_batch=on_batch, restored=wholes)
+        if not general_weight:
+            return {"answer_logp": answer}, {i: {"answer_logp": v} for i, v in answers.items()}
+        text, texts = sweep.heldout_logp_restoring(replace, restore, on_batch=on_batch, restored=wholes)
+
+        def both(a: float, t: float) -> dict:
+            return {"answer_logp": a, "text_logp": t, "objective": a + general_weight * t}
+
+        return both(answer, text), {i: both(answers[i], texts[i]) for i in restore}
+
+    def objective(m: dict) -> float:
+        return m.get("objective", m["answer_logp"])
+
     whole: set[int] = set()
-    all_cut = current = sweep.answer_logp(cut_except(whole))
+    current, _ = measured(whole, [])
+    all_cut = current["answer_logp"]
     rounds = []
     for i in forced:
         whole.add(i)
-        current = sweep.answer_logp(cut_except(whole))
-        rounds.append({"layer": i, "answer_logp": current})
+        current, _ = measured(whole, [])
+        rounds.append({"layer": i, **current})
     gains: list[float | None] = [None] * L
     picks = max(n_sparse - len(whole), 1)  # one round at least, so that every layer has a gain to report
-    bar = tqdm(total=picks * len(sweep.probe_batches()), desc="window search (rounds x probe batches)",
-               disable=not progress)
+    per_round = len(sweep.probe_batches()) + (len(sweep.heldout_batches) if general_weight else 0)
+    bar = tqdm(total=picks * per_round, desc="window search (rounds x batches)", disable=not progress)
     trial: dict[int, float] = {}
     for _ in range(picks):
-        current, restored = sweep.answer_logp_restoring(cut_except(whole), [i for i in range(L) if i not in whole],
-                                                        on_batch=bar.update, restored=wholes)
-        trial = {i: v - current for i, v in restored.items()}
+        current, restored = measured(whole, [i for i in range(L) if i not in whole], on_batch=bar.update)
+        trial = {i: objective(m) - objective(current) for i, m in restored.items()}
         if len(whole) >= n_sparse:
             break
         best = max(trial, key=lambda i: (trial[i], -i))
         whole.add(best)
         gains[best] = trial[best]
-        rounds.append({"layer": best, "answer_logp": restored[best]})
+        rounds.append({"layer": best, **restored[best]})
     bar.close()
     for i, g in trial.items():
         if gains[i] is None:
