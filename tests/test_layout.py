@@ -52,6 +52,6 @@ def test_the_kernels_folder_never_shadows_the_hub_kernels_package():
     Hugging Face `kernels` distribution that transformers (5.25) imports; without one it is at most a namespace
     portion, which an installed regular package always beats (PEP 420)."""
     assert not (KERNELS / "__init__.py").exists()
-    done = subprocess.run([sys.executable, "-c", "import transformers.activations, hybridize.kernels.lightning_reference"],
-                          cwd=ROOT, capture_output=True, text=True)
+    imports = "import transformers.activations, hybridize.kernels.lightning_reference"
+    done = subprocess.run([sys.executable, "-c", imports], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]

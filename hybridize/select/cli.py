@@ -61,8 +61,8 @@ def _lengths(text: str, option: str) -> tuple[int, ...]:
 @click.option("--force", is_flag=True, help="replace an existing output folder")
 @click.option("--quiet", is_flag=True, help="no progress bars")
 def score(source, output, method, window, sinks, ratio, keep_first_last, seed, gpu_defaults, seq_len, align_steps,
-          align_batch, heldout_seqs, passkey_lengths, kv_lengths, samples, text, gates, hype, general_weight, compare_uniform,
-          dtype, threads, force, quiet):
+          align_batch, heldout_seqs, passkey_lengths, kv_lengths, samples, text, gates, hype, general_weight,
+          compare_uniform, dtype, threads, force, quiet):
     """Score the layers of SOURCE (default: the built-in SmolLM2-135M) and choose which stay attention."""
     import torch
 

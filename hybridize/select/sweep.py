@@ -86,9 +86,8 @@ class Sweep:
     def heldout_logp_restoring(self, replace: dict[int, nn.Module], restore: list[int], on_batch=None,
                                restored=None) -> tuple[float, dict[int, float]]:
         """As `answer_logp_restoring`, for the held-out text's mean next-token log-probability (minus its loss)."""
-        count = max(sum(inp.ids[:, 1:].numel() for inp in self.heldout_batches), 1)
-        return self._restoring([[inp] for inp in self.heldout_batches], self._text_logprob, count, replace, restore,
-                               on_batch, restored)
+        return self._restoring([[inp] for inp in self.heldout_batches], self._text_logprob, self._text_count(),
+                               replace, restore, on_batch, restored)
 
     def _restoring(self, batches, metric, count: int, replace, restore, on_batch, restored):
         base, variants = 0.0, dict.fromkeys(restore, 0.0)
@@ -114,6 +113,9 @@ class Sweep:
     def _batch_logprob(self, group: list[_Input], normed: torch.Tensor) -> float:
         return sum(answer_logprob(self._logits_at(inp, normed[b]), inp.sample) for b, inp in enumerate(group))
 
+    def _text_count(self) -> int:
+        return max(sum(inp.ids[:, 1:].numel() for inp in self.heldout_batches), 1)
+
     def _answer_count(self) -> int:
         return max(sum(len(inp.positions) for inp in self.probe_inputs), 1)
 
@@ -132,12 +134,7 @@ class Sweep:
     @torch.no_grad()
     def measure(self, layer: int | None = None, student: nn.Module | None = None) -> Measure:
         replace = {} if layer is None else {layer: student}
-        total, count = 0.0, 0
-        for inp in self.heldout_batches:
-            logits = self.runner.logits(self._replaced(inp, replace)[:, :-1])
-            target = inp.ids[:, 1:].to(logits.device)
-            total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum").item()
-            count += target.numel()
+        text_logp = sum(self._text_logprob([inp], self._replaced(inp, replace)) for inp in self.heldout_batches)
         groups: dict[str, list[bool]] = {}
         logp, answers = 0.0, 0
         for inp in self.probe_inputs:
@@ -146,7 +143,7 @@ class Sweep:
             logp += answer_logprob(picked, inp.sample)
             answers += len(inp.positions)
         scores = retrieval_scores(groups)
-        loss = total / max(count, 1)
+        loss = -text_logp / self._text_count()
         return Measure(layer, loss, -loss, scores.pop("R"), scores, logp / max(answers, 1))
 
     def sweep(self, students: nn.ModuleList, progress: bool = True) -> list[Measure]:
