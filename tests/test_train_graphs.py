@@ -44,7 +44,8 @@ def test_a_run_without_a_gpu_refuses_graphs_naming_the_field(tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_gpu_graphed_student_matches_the_eager_one_over_steps():
+@pytest.mark.parametrize("window", [0, 48])  # 48: the Lightning layers' softmax window, as recipes/retention.yaml's
+def test_gpu_graphed_student_matches_the_eager_one_over_steps(window):
     from helpers import gpu_llama
     from hybridize.convert.build import build_hybrid
     from hybridize.train.graphs import GraphedStudent
@@ -52,7 +53,8 @@ def test_gpu_graphed_student_matches_the_eager_one_over_steps():
 
     def make():
         return build_hybrid(gpu_llama(), ["lightning", "sparse", "lightning", "sparse"], sparse_dense_len=64,
-                            sparse_topk=4, sparse_init_blocks=1, sparse_local_blocks=2).cuda().float().train()
+                            sparse_topk=4, sparse_init_blocks=1, sparse_local_blocks=2,
+                            lightning_window=window).cuda().float().train()
 
     eager, graphed = make(), make()
     graphed.load_state_dict(eager.state_dict())
@@ -89,12 +91,15 @@ def test_gpu_graphed_student_matches_the_eager_one_over_steps():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_gpu_a_run_with_a_graphed_stage_trains_as_the_eager_run(tmp_path):
-    """The whole trainer, twice from the same seed: the distillation stage with and without `cuda_graphs`. The graphed
-    run's losses follow the eager run's step by step and it exports a model."""
+@pytest.mark.parametrize("window", [0, 16])
+def test_gpu_a_run_with_a_graphed_stage_trains_as_the_eager_run(tmp_path, window):
+    """The whole trainer, twice from the same seed: the distillation stage with and without `cuda_graphs`, with and
+    without the Lightning layers' softmax window. The graphed run's losses follow the eager run's step by step and it
+    exports a model."""
     runs = {}
     for name, graphs in (("eager", False), ("graphed", True)):
         spec = _graphed_distil(tmp_path / name, cuda_graphs=graphs)
+        spec["model"]["lightning_window"] = window
         result = train(recipe_from_dict(spec))
         runs[name] = [(h["stage"], h["loss"]) for h in result.history]
         assert result.model_dir is not None and (result.model_dir / "config.json").is_file()
