@@ -112,7 +112,7 @@ start)
   # VARIANTS="sala:;uniform:--set model.select=uniform;block:--set model.select=block_influence;sala_all:--set stages[1].trainable=all --set stages[2].trainable=all;sala_logn:--set model.sparse_query_log_scale=362"
   VARIANTS=${VARIANTS-"sala:"}  # set but empty: prepare only (the cache comes back through `wait`)
   setsid nohup bash -c "cd $R/repo && export PYTHONPATH=$SITE:$R/repo PYTHONUNBUFFERED=1 && \
-    COMMON='${COMMON:-}' bash tools/retention_pipeline.sh '$VARIANTS' ${SECS:-600} $R/out" > $R/out/pipeline.log 2>&1 < /dev/null &
+    COMMON='${COMMON:-}' bash tools/retention_pipeline.sh '$VARIANTS' ${SECS:-840} $R/out" > $R/out/pipeline.log 2>&1 < /dev/null &
   MODE=wait
   ;&
 wait)

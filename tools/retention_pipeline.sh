@@ -35,10 +35,12 @@ SHARED=${SHARED:-}
 # Reports: the source is not measured again (its H200 measurements of 2026-12-01 are in bench/results; it took 459 s
 # beside the training runs); each model is measured in its own process beside it (agreement needs both in memory).
 SOURCE_JSON=${SOURCE_JSON:-bench/results/retention-2026-12-01/retention.json}
+# TRIALS (default 3, as the stored source's): 9 probes per retrieval task and length against the source's 9 (2 trials
+# gave 6: one probe moved a cell by 0.17; retrieval took 193 s with 2 on an H200, twenty-first session)
 report() {  # $1 name, $2 model spec
   [[ " ${NO_REPORT:-} " == *" $1 "* ]] && return
   python3 bench/train_quality.py retention --model source=default --model $1=$2 --reuse-reference $SOURCE_JSON \
-    --trials ${TRIALS:-2} --out $OUT_DIR/retention_$1 > $OUT_DIR/retention_$1.log 2>&1
+    --trials ${TRIALS:-3} --out $OUT_DIR/retention_$1 > $OUT_DIR/retention_$1.log 2>&1
   echo "report $1: rc=$?, $(( $(date +%s) - t )) s"
   # where a greedy pass-key answer is lost, token by token (the report counts first-token misses; this shows the
   # margin by which the key's first token loses; nine forward passes, not yet timed)
@@ -46,6 +48,7 @@ report() {  # $1 name, $2 model spec
     --out $OUT_DIR/retention_$1/passkey_tokens.json > $OUT_DIR/passkey_tokens_$1.log 2>&1
   echo "passkey tokens $1: rc=$?"
 }
+# SPLIT: the stages' shares of SECS (default: recipes/retention.yaml's, whose token budgets are 840 s of it)
 train() {  # $1 "name:overrides", $2 first CPU, $3 CPUs, $4 1 for the first run (it also saves the conversion)
   local name=${1%%:*} extra=${1#*:} cpu=$2 per=$3
   mkdir -p $OUT_DIR/$name
@@ -54,7 +57,7 @@ train() {  # $1 "name:overrides", $2 first CPU, $3 CPUs, $4 1 for the first run 
   OMP_NUM_THREADS=$(( per > 1 ? per / 2 : 1 )) $PIN \
     python3 bench/train_quality.py quality --recipe $RECIPE --set data.cache_dir=$CACHE $COMMON \
     --set output.checkpoint_every=100000 --set 'logging.trackers=[]' --run-dir /tmp/ret_$name $SHARED \
-    --train-seconds $SECS --split ${SPLIT:-0.4,0.4,0.2} --no-retention ${STEPS:+--steps $STEPS} \
+    --train-seconds $SECS --split ${SPLIT:-0.35,0.35,0.3} --no-retention ${STEPS:+--steps $STEPS} \
     $([ $4 = 1 ] && echo --save-untrained $OUT_DIR/converted_model) $extra \
     --out $OUT_DIR/$name > $OUT_DIR/$name/quality.log 2>&1
   touch $OUT_DIR/$name/done
