@@ -9,9 +9,18 @@ sequence when j <= i and (i - j < window or j is among the sequence's first `sin
   query block, dk / dv per key block over the query blocks that read it (per query head; a GQA group's heads are summed
   after), no atomics. Packed documents and left padding enter as one `begin` per token (where its sequence begins):
   a key is in the band only where its begin equals the query's.
-- The sinks are at most `sinks` keys per query, those lying before its band: gathered and scored in PyTorch
-  (O(T * sinks) work) and merged with the band through the band's log-sum-exp, so autograd covers them; the band's
-  backward takes the log-sum-exp's gradient as well (ds = p * (dp - rowsum(do * o) + dlse)).
+- The sinks are at most `sinks` keys per query (its sequence's first, where they lie before its band), read in the
+  same kernels: a block's rows reading sinks belong to few sequences (one from window >= block - 1 on, the recipe's
+  case), so their sinks form one small key tile per block (sequences x sinks keys, masked per row by its begin),
+  scored and folded into the same online softmax as the band, and the log-sum-exp covers both (autograd sees one
+  attention). The dq kernel takes the tile's dq and also sums each tile key's dk / dv over the block's rows, as the
+  dk / dv kernel does per key block; those (blocks x tile) sums are added onto the sink rows in float32 after it
+  (torch's scatter-add, atomic on CUDA, of T / block + documents sums per sink row: the readers of one sink row run
+  to the end of its document, which no one program walks). A pair is band or sink, never both, so each is counted once.
+- With `far` (window_reference's: the sinks beyond a reach scored by another pair) the kernels run the band alone
+  and the sinks are gathered and scored in PyTorch (O(T * sinks) work), merged with the band through its
+  log-sum-exp, so autograd covers them; the band's backward takes the log-sum-exp's gradient as well
+  (ds = p * (dp - rowsum(do * o) + dlse)).
 
 Where the SDPA form (window_reference.window_attention) builds blocks of 2 * window + sinks keys per block of window
 queries and a boolean mask over all of them, this reads each key block a few times and no mask.
@@ -72,9 +81,43 @@ if HAS_TRITON:
         return (j <= i) & (i - j < W) & (begin_j == begin_i)
 
     @triton.jit
+    def _fold(s, v, m_i, l_i, acc, IEEE: tl.constexpr):
+        """Base-2 scores s (rows x keys, -inf where not read) and the keys' values v into the running softmax."""
+        m_new = tl.maximum(m_i, tl.reduce(s, 1, _maxf))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        return m_new, l_i * alpha + tl.reduce(p, 1, _add), acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
+
+    @triton.jit
+    def _sequences(rows, bq, row_ok, W, m0):
+        # the rows reading a sink (sink 0 at least: W or more past their begin) and the index, among the sequences
+        # with such rows in this block, of each one's sequence: each such sequence has one first reading row here
+        # (the block's first row or its begin + W), so that index is the count of first rows up to the row, less one
+        reads = row_ok & (rows - bq >= W)
+        first = reads & ((rows - bq == W) | (rows == m0))
+        return first, tl.associative_scan(first.to(tl.int32), 0, _add) - 1
+
+    @triton.jit
+    def _sink_tile(K, V, base, keys, first, seq, rows, bq, row_ok, s_kt, dims, D, W, S: tl.constexpr, NS):
+        # a tile of sink keys shared by the block's rows: key c is sink c % S of the block's (c // S)-th sequence
+        # reading sinks (c < NS). Returns their positions (0 where unused), keys, values, and which row reads which:
+        # its own sequence's, before its band (so a pair is never both band and sink)
+        kb = tl.reduce(tl.where((seq[None, :] == (keys // S)[:, None]) & first[None, :], bq[None, :], -1), 1, _maxf)
+        pos = kb + keys % S
+        used = (kb >= 0) & (keys < NS)
+        ks = tl.load(K + base + pos[:, None] * s_kt + dims[None, :], mask=used[:, None] & (dims < D)[None, :],
+                     other=0.0)
+        vs = tl.load(V + base + pos[:, None] * s_kt + dims[None, :], mask=used[:, None] & (dims < D)[None, :],
+                     other=0.0)
+        reads = (bq[:, None] == kb[None, :]) & (pos[None, :] <= rows[:, None] - W) & (row_ok[:, None] & used[None, :])
+        return tl.where(used, pos, 0), ks, vs, reads
+
+    @triton.jit
     def _band_fwd_kernel(Q, K, V, BEG, O, LSE, s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, T, H, GROUP, W, SCALE2,
                          BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
-                         IEEE: tl.constexpr):
+                         IEEE: tl.constexpr, S: tl.constexpr, NSEG: tl.constexpr, NK: tl.constexpr):
+        # S sinks per sequence (0: none), of at most NSEG sequences per block, in tiles of NK keys
         pid_m, bh = tl.program_id(0), tl.program_id(1)
         b, h = bh // H, bh % H
         hk = h // GROUP
@@ -87,6 +130,14 @@ if HAS_TRITON:
         m_i = tl.full([BM], float("-inf"), dtype=tl.float32)
         l_i = tl.full([BM], 0.0, dtype=tl.float32)
         acc = tl.full([BM, DP], 0.0, dtype=tl.float32)
+        # the sinks into the same running softmax as the band: the log-sum-exp covers all a row reads, so autograd
+        # sees one attention and there is nothing to merge
+        first, seq = _sequences(rows, bq, row_ok, W, pid_m * BM)
+        for c0 in range(0, NSEG * S, NK):
+            _, ks, vs, ok = _sink_tile(K, V, b * s_kb + hk * s_kh, c0 + tl.arange(0, NK), first, seq, rows, bq,
+                                       row_ok, s_kt, dims, D, W, S, NSEG * S)
+            s = tl.where(ok, _dot(q, tl.trans(ks), IEEE) * SCALE2, float("-inf"))
+            m_i, l_i, acc = _fold(s, vs, m_i, l_i, acc, IEEE)
         lo = (tl.maximum(pid_m * BM - W + 1, 0) // BN) * BN
         hi = tl.minimum((pid_m + 1) * BM, T)
         for n0 in range(lo, hi, BN):
@@ -96,13 +147,7 @@ if HAS_TRITON:
             bk = tl.load(BEG + b * T + cols, mask=cols < T, other=-2)
             s = _dot(q, tl.trans(k), IEEE) * SCALE2
             s = tl.where(_in_band(rows[:, None], cols[None, :], bq[:, None], bk[None, :], W), s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.reduce(s, 1, _maxf))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.exp2(s - m_safe[:, None])
-            alpha = tl.exp2(m_i - m_safe)
-            l_i = l_i * alpha + tl.reduce(p, 1, _add)
-            acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
-            m_i = m_new
+            m_i, l_i, acc = _fold(s, v, m_i, l_i, acc, IEEE)
         l_safe = tl.where(l_i > 0.0, l_i, 1.0)
         out = acc / l_safe[:, None]
         tl.store(O + b * s_qb + h * s_qh + rows[:, None] * s_qt + dims[None, :], out.to(O.dtype.element_ty),
@@ -112,9 +157,13 @@ if HAS_TRITON:
         tl.store(LSE + bh * T + rows, lse, mask=row_ok)
 
     @triton.jit
-    def _band_bwd_dq_kernel(Q, K, V, BEG, DO, LSE, DELTA, DQ, s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, T, H, GROUP, W,
-                            SCALE2, SCALE, BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
-                            IEEE: tl.constexpr):
+    def _band_bwd_dq_kernel(Q, K, V, BEG, DO, LSE, DELTA, DQ, DKS, DVS, POS, s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, T,
+                            H, GROUP, W, SCALE2, SCALE, BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr,
+                            DP: tl.constexpr, IEEE: tl.constexpr, S: tl.constexpr, NSEG: tl.constexpr,
+                            NK: tl.constexpr):
+        # with sinks, also the sink keys' dk / dv from this block's rows: each sink tile's (NK, D) sums, as the band
+        # writes them per key block, into DKS / DVS ((B, H, blocks, NSEG * S, D)) and the keys' positions into POS,
+        # for the caller to add onto those rows (a sink row gets one sum per block whose rows read it)
         pid_m, bh = tl.program_id(0), tl.program_id(1)
         b, h = bh // H, bh % H
         hk = h // GROUP
@@ -128,6 +177,21 @@ if HAS_TRITON:
         lse2 = tl.load(LSE + bh * T + rows, mask=row_ok, other=0.0) * 1.4426950408889634
         delta = tl.load(DELTA + bh * T + rows, mask=row_ok, other=0.0)
         dq = tl.full([BM, DP], 0.0, dtype=tl.float32)
+        first, seq = _sequences(rows, bq, row_ok, W, pid_m * BM)
+        for c0 in range(0, NSEG * S, NK):
+            keys = c0 + tl.arange(0, NK)
+            pos, ks, vs, ok = _sink_tile(K, V, b * s_kb + hk * s_kh, keys, first, seq, rows, bq, row_ok, s_kt, dims,
+                                         D, W, S, NSEG * S)
+            p = tl.where(ok, tl.exp2(_dot(q, tl.trans(ks), IEEE) * SCALE2 - lse2[:, None]), 0.0)
+            ds = p * (_dot(do, tl.trans(vs), IEEE) - delta[:, None])
+            dq += _dot(ds.to(ks.dtype), ks, IEEE)
+            out = (bh * ((T + BM - 1) // BM) + pid_m) * (NSEG * S) + keys
+            out_ok = keys < NSEG * S
+            tl.store(DKS + out[:, None] * D + dims[None, :], _dot(tl.trans(ds).to(q.dtype), q, IEEE) * SCALE,
+                     mask=out_ok[:, None] & dim_ok[None, :])
+            tl.store(DVS + out[:, None] * D + dims[None, :], _dot(tl.trans(p).to(do.dtype), do, IEEE),
+                     mask=out_ok[:, None] & dim_ok[None, :])
+            tl.store(POS + out, pos, mask=out_ok)
         lo = (tl.maximum(pid_m * BM - W + 1, 0) // BN) * BN
         hi = tl.minimum((pid_m + 1) * BM, T)
         for n0 in range(lo, hi, BN):
@@ -186,29 +250,42 @@ def _tiles(T: int, D: int) -> tuple[int, int, int]:
     return block, block, max(16, triton.next_power_of_2(D))
 
 
+def _sink_tiles(BM: int, window: int, sinks: int) -> tuple[int, int]:
+    """How many sequences a block's rows reading sinks can belong to, and the sink tile's width for S sinks each.
+
+    A row reads sinks only from `window` past its sequence's begin; every such sequence but the block's first
+    begins inside the block after the one before it has a reading row there, so each next one lies at least
+    window + 1 further: 1 + (BM - 1) // (window + 1) of them (one from window BM - 1 up)."""
+    nseg = 1 + (BM - 1) // (window + 1)
+    return nseg, min(64, max(16, triton.next_power_of_2(max(nseg * sinks, 1))))
+
+
 class _Band(torch.autograd.Function):
-    """The band alone: (q, k, v, begin) -> (o, lse); lse (B, H, T) float32, natural log of the scaled logits."""
+    """The band and the first `sinks` keys of each sequence: (q, k, v, begin) -> (o, lse); lse (B, H, T) float32,
+    natural log of the scaled logits. The PyTorch sinks (`far`) come with sinks=0: o and lse are the band's alone."""
 
     @staticmethod
-    def forward(ctx, q, k, v, begin, window: int, scale: float):
+    def forward(ctx, q, k, v, begin, window: int, scale: float, sinks: int = 0):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         B, H, T, D = q.shape
         group = H // k.shape[1]
         o = torch.empty_like(q)
         lse = torch.empty(B, H, T, device=q.device, dtype=torch.float32)
         BM, BN, DP = _tiles(T, D)
+        nseg, nk = _sink_tiles(BM, window, sinks)
         _band_fwd_kernel[(triton.cdiv(T, BM), B * H)](
             q, k, v, begin, o, lse, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            T, H, group, window, scale * LOG2E, BM=BM, BN=BN, D=D, DP=DP, IEEE=q.dtype == torch.float32)
+            T, H, group, window, scale * LOG2E, BM=BM, BN=BN, D=D, DP=DP, IEEE=q.dtype == torch.float32, S=sinks,
+            NSEG=nseg, NK=nk)
         ctx.save_for_backward(q, k, v, begin, o, lse)
-        ctx.window, ctx.scale = window, scale
+        ctx.window, ctx.scale, ctx.sinks = window, scale, sinks
         return o, lse
 
     @staticmethod
     def backward(ctx, do, dlse):
         q, k, v, begin, o, lse = ctx.saved_tensors
         B, H, T, D = q.shape
-        Hkv = k.shape[1]
+        Hkv, S = k.shape[1], ctx.sinks
         do = do.contiguous()
         delta = (do.float() * o.float()).sum(-1)
         if dlse is not None:
@@ -218,14 +295,25 @@ class _Band(torch.autograd.Function):
         dk = torch.empty(B, H, T, D, device=q.device, dtype=torch.float32)
         dv = torch.empty_like(dk)
         BM, BN, DP = _tiles(T, D)
+        nseg, nk = _sink_tiles(BM, ctx.window, S)
+        # the sink keys' dk / dv per block of queries (the dk / dv kernel covers the band's pairs only)
+        dks = torch.empty(B, H, triton.cdiv(T, BM), nseg * S, D, device=q.device, dtype=torch.float32)
+        dvs = torch.empty_like(dks)
+        pos = torch.empty(B, H, triton.cdiv(T, BM), nseg * S, device=q.device, dtype=torch.int32)
         consts = dict(BM=BM, BN=BN, D=D, DP=DP, IEEE=q.dtype == torch.float32)
         args = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), T, H, H // Hkv,
                 ctx.window, ctx.scale * LOG2E, ctx.scale)
-        _band_bwd_dq_kernel[(triton.cdiv(T, BM), B * H)](q, k, v, begin, do, lse, delta, dq, *args, **consts)
+        _band_bwd_dq_kernel[(triton.cdiv(T, BM), B * H)](q, k, v, begin, do, lse, delta, dq, dks, dvs, pos, *args,
+                                                         S=S, NSEG=nseg, NK=nk, **consts)
         _band_bwd_dkdv_kernel[(triton.cdiv(T, BN), B * H)](q, k, v, begin, do, lse, delta, dk, dv, *args, **consts)
+        if S:
+            # T / BM + (sequences) sums per sink row at most, added in float32 (unused tile keys add zeros to row 0)
+            idx = pos.view(B, H, -1, 1).long().expand(B, H, -1, D)
+            dk.scatter_add_(2, idx, dks.view(B, H, -1, D))
+            dv.scatter_add_(2, idx, dvs.view(B, H, -1, D))
         dk = dk.view(B, Hkv, H // Hkv, T, D).sum(2).to(k.dtype)
         dv = dv.view(B, Hkv, H // Hkv, T, D).sum(2).to(v.dtype)
-        return dq, dk, dv, None, None, None
+        return dq, dk, dv, None, None, None, None
 
 
 class _SinkRows(torch.autograd.Function):
@@ -304,8 +392,8 @@ def window_attention_triton(q, k, v, window: int, sinks: int = 0, scale: float |
         raise ValueError(f"{H} query heads are not a multiple of {k.shape[1]} key/value heads")
     scale = D ** -0.5 if scale is None else float(scale)
     begin = sequence_begin(B, T, q.device, cu_seqlens=cu_seqlens, starts=starts).expand(B, T)
-    band, lse = _Band.apply(q, k, v, begin.to(torch.int32).contiguous(), window, scale)
-    if sinks:
+    band, lse = _Band.apply(q, k, v, begin.to(torch.int32).contiguous(), window, scale, sinks if far is None else 0)
+    if sinks and far is not None:
         Hkv = k.shape[1]
         total, weighted, m = _sinks(q, k, v, begin, window, sinks, scale, far)
         lse = lse.view(B, Hkv, H // Hkv, T)

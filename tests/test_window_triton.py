@@ -1,5 +1,6 @@
 """The window branch's Triton kernel against the definition (kernels/window_reference.py): forward and every gradient
-on random inputs, odd lengths and head sizes, GQA, no sinks, packed documents and left-padded rows.
+on random inputs, odd lengths and head sizes, GQA, no sinks, packed documents and left-padded rows; the sinks (read in
+the kernels) of many short documents in one block, sinks that are band keys of earlier queries, in the last block.
 
 On the CPU the kernels run under the Triton interpreter in float32 on small shapes (tests/helpers.load_interpreted);
 on a GPU, tests/test_window_attention.py checks it in bf16 at the recipe's window and bench/bench_window.py times it."""
@@ -118,3 +119,81 @@ def test_interpreted_kernel_scores_far_sinks_by_their_own_pair(interp):
         for name, a, b in zip(["q", "k", "v", "q_far", "k_far"], torch.autograd.grad(got, (q, k, v, qf, kf), grad),
                               torch.autograd.grad(want, (q, k, v, qf, kf), grad)):
             torch.testing.assert_close(a, b, atol=5e-5, rtol=1e-4, msg=f"d{name}")
+
+
+def definition_by_sequence(q, k, v, W, S, cu=None, starts=None):
+    """window_attention_reference on each sequence alone (packed documents, or each row's tokens after its left
+    padding, whose queries get zeros), put back in place: differentiable, so its gradients are the definition's."""
+    if cu is not None:
+        pieces = [(slice(None), a, b) for a, b in zip(cu[:-1], cu[1:])]
+    else:
+        pieces = [(slice(r, r + 1), st, q.shape[2]) for r, st in enumerate(starts or [0] * q.shape[0])]
+    out = torch.zeros_like(q)
+    for rows, a, b in pieces:
+        out = out.index_put((torch.arange(q.shape[0])[rows, None, None], torch.arange(q.shape[1])[None, :, None],
+                             torch.arange(a, b)[None, None, :]),
+                            window_attention_reference(*(x[rows, :, a:b] for x in (q, k, v)), W, S, 0.3))
+    return out
+
+
+def check_sinks_case(interp, B, T, W, S, H, Hkv, D, cu=None, starts=None):
+    q, k, v = random_qkv(B, H, Hkv, T, D, seed=T * 31 + W * 7 + S)
+    grad = torch.randn(B, H, T, D, generator=torch.Generator().manual_seed(W + S))
+    got, got_grads = outputs_and_grads(interp.window_attention_triton, q, k, v, grad, window=W, sinks=S, scale=0.3,
+                                       cu_seqlens=None if cu is None else torch.tensor(cu), starts=starts)
+    want, want_grads = outputs_and_grads(definition_by_sequence, q, k, v, grad, W=W, S=S, cu=cu, starts=starts)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+    for name, a, b in zip("qkv", got_grads, want_grads):
+        torch.testing.assert_close(a, b, atol=5e-5, rtol=1e-4, msg=f"d{name}")
+
+
+@pytest.mark.parametrize("cu,W,S", [([0, 3, 23, 24, 69, 78], 4, 4), ([0, 3, 23, 24, 69, 78], 5, 1),
+                                    ([0, 3, 23, 24, 69, 78], 6, 3), ([0, 3, 23, 24, 69, 78], 8, 2),
+                                    ([0, 3, 23, 24, 69, 78], 7, 4), ([0, 5, 6, 13, 16], 2, 2),
+                                    ([0, 5, 6, 13, 16], 3, 1)])
+def test_interpreted_kernel_sinks_of_short_documents_sharing_a_block(interp, cu, W, S):
+    """Packed documents shorter and longer than the window, several of them reading their own sinks in one block of
+    queries (64 rows, and 16 when T <= 16): the kernels' sink tile holds each one's, every sink row's dk / dv sums
+    its readers across documents and blocks."""
+    check_sinks_case(interp, 1, cu[-1], W, S, 2, 1, 16, cu=cu)
+
+
+@pytest.mark.parametrize("B,T,W,S,cu,starts", [
+    (1, 150, 70, 4, None, None),  # sink 3 lies in the band of queries 3..72 and is a sink of 73 on
+    (1, 150, 70, 70, None, None),  # sinks == window, 70 sink keys: two tiles
+    (1, 150, 20, 20, None, None),  # up to 4 sequences x 20 sinks per block: two tiles
+    (1, 150, 6, 3, [0, 131, 150], None),  # the last document's sinks and readers in the last, partial block
+    (2, 150, 4, 4, None, [0, 140]),  # left padding up to the last block: its sinks there, the padding zeros
+    (2, 40, 3, 3, None, [0, 9]),  # window < block, sinks == window, left padding
+])
+def test_interpreted_kernel_sinks_across_and_inside_blocks(interp, B, T, W, S, cu, starts):
+    """Sinks that are also band keys of earlier queries, windows wider and narrower than a block, sinks in the last
+    partial block, left padding: forward and every gradient against the definition."""
+    check_sinks_case(interp, B, T, W, S, 2, 1, 8, cu=cu, starts=starts)
+
+
+def test_sink_tile_bound_holds_for_any_packing():
+    """The kernels give each block of queries one sink tile of `_sink_tiles`'s count of sequences: no packing puts
+    more sequences with rows reading sinks into one block (documents of window + 1 tokens, the tightest, included)."""
+    from hybridize.kernels.window_reference import sequence_begin
+    from hybridize.kernels.window_triton import _sink_tiles
+
+    g = torch.Generator().manual_seed(0)
+    for BM in (16, 64):
+        for W in (1, 2, 3, 5, 8, 15, 16, 31, 62, 63, 64):
+            nseg, _ = _sink_tiles(BM, W, 1)
+            n = 3 * BM // (W + 1) + 3
+            packings = [[W + 1] * n, [W + 1, 1] * n, [1] * 3 + [W + 1] * n]
+            packings += [torch.randint(1, 2 * W + 3, (60,), generator=g).tolist() for _ in range(20)]
+            for lengths in packings:
+                cu = torch.tensor([0] + lengths).cumsum(0)
+                T = int(cu[-1])
+                most = 0
+                for shift in range(min(BM, W + 2)):  # the documents at every offset against the blocks
+                    begin = sequence_begin(1, T + shift, "cpu", cu_seqlens=torch.cat([cu[:1], cu + shift]))[0]
+                    reading = torch.arange(T + shift) - begin >= W
+                    most = max(most, *(len(set(begin[a:a + BM][reading[a:a + BM]].tolist()))
+                                       for a in range(0, T + shift, BM)))
+                assert most <= nseg, (BM, W, lengths)
+                if lengths == [W + 1] * n:
+                    assert most == nseg  # and reached
