@@ -106,10 +106,9 @@ if HAS_TRITON:
         kb = tl.reduce(tl.where((seq[None, :] == (keys // S)[:, None]) & first[None, :], bq[None, :], -1), 1, _maxf)
         pos = kb + keys % S
         used = (kb >= 0) & (keys < NS)
-        ks = tl.load(K + base + pos[:, None] * s_kt + dims[None, :], mask=used[:, None] & (dims < D)[None, :],
-                     other=0.0)
-        vs = tl.load(V + base + pos[:, None] * s_kt + dims[None, :], mask=used[:, None] & (dims < D)[None, :],
-                     other=0.0)
+        at, at_ok = base + pos[:, None] * s_kt + dims[None, :], used[:, None] & (dims < D)[None, :]
+        ks = tl.load(K + at, mask=at_ok, other=0.0)
+        vs = tl.load(V + at, mask=at_ok, other=0.0)
         reads = (bq[:, None] == kb[None, :]) & (pos[None, :] <= rows[:, None] - W) & (row_ok[:, None] & used[None, :])
         return tl.where(used, pos, 0), ks, vs, reads
 
@@ -187,10 +186,9 @@ if HAS_TRITON:
             dq += _dot(ds.to(ks.dtype), ks, IEEE)
             out = (bh * ((T + BM - 1) // BM) + pid_m) * (NSEG * S) + keys
             out_ok = keys < NSEG * S
-            tl.store(DKS + out[:, None] * D + dims[None, :], _dot(tl.trans(ds).to(q.dtype), q, IEEE) * SCALE,
-                     mask=out_ok[:, None] & dim_ok[None, :])
-            tl.store(DVS + out[:, None] * D + dims[None, :], _dot(tl.trans(p).to(do.dtype), do, IEEE),
-                     mask=out_ok[:, None] & dim_ok[None, :])
+            at, at_ok = out[:, None] * D + dims[None, :], out_ok[:, None] & dim_ok[None, :]
+            tl.store(DKS + at, _dot(tl.trans(ds).to(q.dtype), q, IEEE) * SCALE, mask=at_ok)
+            tl.store(DVS + at, _dot(tl.trans(p).to(do.dtype), do, IEEE), mask=at_ok)
             tl.store(POS + out, pos, mask=out_ok)
         lo = (tl.maximum(pid_m * BM - W + 1, 0) // BN) * BN
         hi = tl.minimum((pid_m + 1) * BM, T)

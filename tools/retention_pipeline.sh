@@ -48,7 +48,7 @@ report() {  # $1 name, $2 model spec
     --out $OUT_DIR/retention_$1/passkey_tokens.json > $OUT_DIR/passkey_tokens_$1.log 2>&1
   echo "passkey tokens $1: rc=$?"
 }
-# SPLIT: the stages' shares of SECS (default: recipes/retention.yaml's, whose token budgets are 840 s of it)
+# SPLIT: the stages' shares of SECS (unset: bench/train_quality.py's default, recipes/retention.yaml's split)
 train() {  # $1 "name:overrides", $2 first CPU, $3 CPUs, $4 1 for the first run (it also saves the conversion)
   local name=${1%%:*} extra=${1#*:} cpu=$2 per=$3
   mkdir -p $OUT_DIR/$name
@@ -57,7 +57,7 @@ train() {  # $1 "name:overrides", $2 first CPU, $3 CPUs, $4 1 for the first run 
   OMP_NUM_THREADS=$(( per > 1 ? per / 2 : 1 )) $PIN \
     python3 bench/train_quality.py quality --recipe $RECIPE --set data.cache_dir=$CACHE $COMMON \
     --set output.checkpoint_every=100000 --set 'logging.trackers=[]' --run-dir /tmp/ret_$name $SHARED \
-    --train-seconds $SECS --split ${SPLIT:-0.35,0.35,0.3} --no-retention ${STEPS:+--steps $STEPS} \
+    --train-seconds $SECS ${SPLIT:+--split $SPLIT} --no-retention ${STEPS:+--steps $STEPS} \
     $([ $4 = 1 ] && echo --save-untrained $OUT_DIR/converted_model) $extra \
     --out $OUT_DIR/$name > $OUT_DIR/$name/quality.log 2>&1
   touch $OUT_DIR/$name/done
